@@ -1,0 +1,1 @@
+"""Dataset pruning: SSP, SemDeDup, DBP, KD-aided random subsets."""

@@ -1,0 +1,1 @@
+"""Where prunekit meets its users: shard filtering, generate wrappers, RAG components."""

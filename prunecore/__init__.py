@@ -1,0 +1,1 @@
+"""Shared tools: embedding, faiss clustering and search, selection utilities, devices."""

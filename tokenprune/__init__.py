@@ -1,0 +1,29 @@
+"""Token and context pruning at inference: FoPru, FTP, Provence, LocalLeap.
+
+Names are resolved lazily so that importing :mod:`tokenprune` never pulls in transformers
+or a model; each method lives in its own module.
+"""
+from importlib import import_module
+
+_EXPORTS = {
+    "fopru_scores": "tokenprune.fopru",
+    "fopru_select": "tokenprune.fopru",
+    "FoPru": "tokenprune.fopru_hf",
+    "localleap_transfer": "tokenprune.localleap",
+    "localleap_generate": "tokenprune.localleap",
+    "llada_topk": "tokenprune.localleap",
+    "fastdllm_threshold": "tokenprune.localleap",
+    "eb_sampler": "tokenprune.localleap",
+    "provence_sentences": "tokenprune.provence",
+    "ProvencePruner": "tokenprune.provence",
+    "ftp": "tokenprune.ftp",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'tokenprune' has no attribute {name!r}")
+    module = import_module(_EXPORTS[name])
+    return module if name == "ftp" else getattr(module, name)
