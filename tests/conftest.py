@@ -1,0 +1,26 @@
+"""Shared fixtures. Real data lives outside the project (``../shared/data`` or $PRUNEKIT_DATA)."""
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path | None:
+    """Folder with the read-only real data (CIFAR-10 shards, MNIST, QA, text), or None."""
+    env = os.environ.get("PRUNEKIT_DATA")
+    candidates = [Path(env)] if env else []
+    candidates.append(REPO.parent / "shared" / "data")
+    for path in candidates:
+        if path.is_dir():
+            return path
+    return None
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    path = shared_data_dir()
+    if path is None:
+        pytest.skip("real data folder absent: set PRUNEKIT_DATA or place ../shared/data")
+    return path
