@@ -1,0 +1,187 @@
+"""SemDeDup: semantic de-duplication inside k-means clusters, exact and blockwise.
+
+Within each cluster rows are walked in an order (``hard``: farthest from the centroid
+first). Two rules (spec: specs/dataprune.md):
+
+* ``rule="reference"`` (facebookresearch/SemDeDup code): row j is dropped iff its cosine
+  similarity to ANY earlier row of its cluster is ``> 1 - eps``, even a dropped one. This only
+  needs ``M_j = max_{i<j} cos(x_i, x_j)``, so every eps is answered from one pass.
+* ``rule="greedy"`` (paper wording): keep a row unless it is ``> 1 - eps`` similar to an
+  earlier KEPT row. Exact sequential semantics, resolved block by block.
+
+Similarities are computed in (block x block) tiles, so memory is O(cluster x d + block^2),
+and the result is exact across the whole cluster (no chunk boundaries miss a pair).
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from prunecore.cluster import Clustering, l2_normalize
+from prunecore.device import resolve_device
+
+from ._clusters import check_embeddings, cluster_sorted_order, ensure_clustering, group_bounds
+from .selection import Selection
+
+RULES = ("reference", "greedy")
+
+
+def semdedup(emb, eps: float | Sequence[float], *, clustering: Clustering | None = None,
+             k: int | None = None, order: str = "hard", rule: str = "reference",
+             block_size: int = 2048, seed: int = 1234, device: str = "auto",
+             progress: bool = False) -> Selection | dict[float, Selection]:
+    """De-duplicate ``emb`` (n, d) within clusters.
+
+    eps: one threshold (returns a :class:`Selection`) or several (returns ``{eps: Selection}``
+    from a single pass). A pair is a duplicate when cosine ``> 1 - eps``.
+    clustering / k: a precomputed :class:`~prunecore.cluster.Clustering` or a k for
+    :func:`prunecore.kmeans` (seeded by ``seed``).
+    Scores are ``M_j``, the highest cosine of row j to an earlier row of its cluster in walk
+    order (NaN for the first row of each cluster). Dropped rows carry reason ``"duplicate"``;
+    ``stats["semdedup"]`` has per-cluster size and kept counts (for the first eps).
+    """
+    emb = check_embeddings(emb)
+    eps_list = _check_eps(eps)
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    clustering = ensure_clustering(emb, clustering, k, seed=seed, device=device)
+    dev = resolve_device(device)
+    thresholds = torch.tensor([1.0 - e for e in eps_list], dtype=torch.float32, device=dev)
+
+    n = emb.shape[0]
+    walk = cluster_sorted_order(clustering.labels, clustering.sim, order, seed)
+    bounds = group_bounds(clustering.labels[walk], clustering.k)
+    max_prev = np.full(n, np.nan, dtype=np.float32)
+    dropped = np.zeros((len(eps_list), n), dtype=bool)
+    clusters = np.flatnonzero(np.diff(bounds) > 1)
+    if progress:
+        from tqdm.auto import tqdm
+        clusters = tqdm(clusters, desc="semdedup clusters")
+    for c in clusters:
+        rows = walk[bounds[c]:bounds[c + 1]]
+        x = torch.from_numpy(_gather_unit_rows(emb, rows)).to(dev)
+        if rule == "reference":
+            m = max_similarity_to_earlier(x, block_size)
+            drop = m.unsqueeze(0) > thresholds.unsqueeze(1)
+        else:
+            m, drop = greedy_duplicates(x, thresholds, block_size)
+        max_prev[rows[1:]] = m[1:].cpu().numpy()
+        dropped[:, rows] = drop.cpu().numpy()
+
+    sizes = clustering.sizes
+    selections = {}
+    for i, e in enumerate(eps_list):
+        keep = ~dropped[i]
+        kept_per_cluster = np.bincount(clustering.labels[keep], minlength=clustering.k)
+        stats = pd.DataFrame({"cluster": np.arange(clustering.k), "size": sizes,
+                              "kept": kept_per_cluster, "eps": e})
+        selections[e] = Selection.from_mask(keep, "duplicate", scores=max_prev,
+                                            stats={"semdedup": stats})
+    return selections[eps_list[0]] if isinstance(eps, numbers.Real) else selections
+
+
+def _check_eps(eps) -> list[float]:
+    values = [eps] if isinstance(eps, numbers.Real) else list(eps)
+    if not values:
+        raise ValueError("eps: give at least one threshold")
+    for e in values:
+        if isinstance(e, bool) or not isinstance(e, numbers.Real) or not 0 <= e < 2:
+            raise ValueError(f"eps must be a number in [0, 2), got {e!r}")
+    return [float(e) for e in values]
+
+
+def _gather_unit_rows(emb, rows: np.ndarray) -> np.ndarray:
+    """Unit-norm float32 rows ``emb[rows]`` in the given order, read in ascending row order."""
+    read_order = np.argsort(rows, kind="stable")
+    block = np.empty((rows.shape[0], emb.shape[1]), dtype=np.float32)
+    block[read_order] = np.asarray(emb[rows[read_order]], dtype=np.float32)
+    return l2_normalize(block, row_ids=rows)
+
+
+def max_similarity_to_earlier(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``M_j = max_{i<j} x_i . x_j`` for unit rows x (m, d); ``-inf`` for j = 0. Returns (m,).
+
+    Computed over lower-triangular (block x block) tiles: memory O(block^2).
+    """
+    m = x.shape[0]
+    out = torch.full((m,), float("-inf"), dtype=x.dtype, device=x.device)
+    for r0 in range(0, m, block_size):
+        r1 = min(r0 + block_size, m)
+        rows = x[r0:r1]
+        for c0 in range(0, r1, block_size):
+            c1 = min(c0 + block_size, r1)
+            sim = rows @ x[c0:c1].T
+            if c1 > r0:  # tile touches the diagonal: keep only columns i < j
+                sim.masked_fill_(_not_earlier(r0, r1, c0, c1, x.device), float("-inf"))
+            torch.maximum(out[r0:r1], sim.max(dim=1).values, out=out[r0:r1])
+    return out
+
+
+def _not_earlier(r0: int, r1: int, c0: int, c1: int, device) -> torch.Tensor:
+    """Mask (r1-r0, c1-c0): True where column index >= row index (not an earlier row)."""
+    row_ids = torch.arange(r0, r1, device=device).unsqueeze(1)
+    col_ids = torch.arange(c0, c1, device=device).unsqueeze(0)
+    return col_ids >= row_ids
+
+
+def greedy_duplicates(x: torch.Tensor, thresholds: torch.Tensor,
+                      block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy rule over unit rows x (m, d) in walk order, for thresholds (E,) at once.
+
+    Row j is dropped iff ``x_i . x_j > t`` for some earlier KEPT row i. Returns ``M`` (m,)
+    (max similarity to any earlier row, as in the reference rule) and ``drop`` (E, m) bool.
+    Tiles of earlier blocks are masked to the kept columns; inside a block the sequential
+    walk is resolved by fixed-point rounds (each round settles at least the earliest
+    undecided row), all vectorised.
+    """
+    m = x.shape[0]
+    n_thr = thresholds.shape[0]
+    max_prev = torch.full((m,), float("-inf"), dtype=x.dtype, device=x.device)
+    drop = torch.zeros((n_thr, m), dtype=torch.bool, device=x.device)
+    for r0 in range(0, m, block_size):
+        r1 = min(r0 + block_size, m)
+        rows = x[r0:r1]
+        hit_kept = torch.zeros((n_thr, r1 - r0), dtype=torch.bool, device=x.device)
+        for c0 in range(0, r0, block_size):
+            c1 = min(c0 + block_size, r0)
+            sim = rows @ x[c0:c1].T
+            torch.maximum(max_prev[r0:r1], sim.max(dim=1).values, out=max_prev[r0:r1])
+            over = sim.unsqueeze(0) > thresholds.view(-1, 1, 1)          # (E, b, c)
+            over &= ~drop[:, c0:c1].unsqueeze(1)                          # kept columns only
+            hit_kept |= over.any(dim=2)
+        sim = rows @ rows.T
+        earlier = ~_not_earlier(r0, r1, r0, r1, x.device)
+        torch.maximum(max_prev[r0:r1],
+                      sim.masked_fill(~earlier, float("-inf")).max(dim=1).values,
+                      out=max_prev[r0:r1])
+        edges = (sim.unsqueeze(0) > thresholds.view(-1, 1, 1)) & earlier.unsqueeze(0)
+        drop[:, r0:r1] = _resolve_block(edges, hit_kept)
+    return max_prev, drop
+
+
+def _resolve_block(edges: torch.Tensor, dropped_before: torch.Tensor) -> torch.Tensor:
+    """Sequential greedy walk inside one block, vectorised.
+
+    edges: (E, b, b) bool, ``edges[e, j, i]`` = row i is earlier than j and too similar.
+    dropped_before: (E, b) rows already dropped by kept rows of earlier blocks.
+    Returns drop (E, b). A row is kept iff no kept earlier row is linked to it.
+    """
+    drop = dropped_before.clone()
+    undecided = ~dropped_before
+    kept = torch.zeros_like(undecided)
+    while undecided.any():
+        # rows linked to a kept row are dropped; rows linked to no live row are kept
+        linked_kept = (edges & kept.unsqueeze(1)).any(dim=2)
+        linked_live = (edges & (kept | undecided).unsqueeze(1)).any(dim=2)
+        newly_dropped = undecided & linked_kept
+        newly_kept = undecided & ~linked_live
+        drop |= newly_dropped
+        kept |= newly_kept
+        undecided &= ~(newly_dropped | newly_kept)
+    return drop

@@ -1,0 +1,111 @@
+"""Row sources: one interface over in-memory arrays, ``.npy`` memmaps and chunked files.
+
+Every streaming stage (normalisation, assignment, scoring) reads rows through
+:func:`as_rows`, so memory stays O(batch) whatever the dataset size.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+
+class ChunkedRows:
+    """Read-only concatenation of 2-D ``.npy`` chunks (opened as memmaps) along rows.
+
+    Shapes: chunk i is (n_i, d); the whole is (sum n_i, d). Only the rows asked for are read.
+    """
+
+    def __init__(self, chunks: Sequence[np.ndarray]):
+        if not chunks:
+            raise ValueError("no embedding chunks given")
+        dims = {c.shape[1] if c.ndim == 2 else None for c in chunks}
+        if None in dims or len(dims) != 1:
+            raise ValueError(f"embedding chunks must all be 2-D with one width, got shapes "
+                             f"{[c.shape for c in chunks]}")
+        self.chunks = list(chunks)
+        self.offsets = np.concatenate([[0], np.cumsum([c.shape[0] for c in chunks])])
+        self.shape = (int(self.offsets[-1]), dims.pop())
+        self.dtype = np.result_type(*[c.dtype for c in chunks])
+        self.ndim = 2
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index) -> np.ndarray:
+        if isinstance(index, slice):
+            return self.take(np.arange(*index.indices(self.shape[0])))
+        return self.take(np.asarray(index))
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """Rows (m,) -> array (m, d) in the order given."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.shape[0]):
+            raise IndexError(f"row index out of range [0, {self.shape[0]})")
+        out = np.empty((rows.shape[0], self.shape[1]), dtype=self.dtype)
+        chunk_of = np.searchsorted(self.offsets, rows, side="right") - 1
+        for c in np.unique(chunk_of):
+            sel = chunk_of == c
+            out[sel] = self.chunks[c][rows[sel] - self.offsets[c]]
+        return out
+
+
+def open_embeddings(source) -> np.ndarray | ChunkedRows:
+    """Open precomputed embeddings without loading them.
+
+    ``source``: an array (returned as is), a path to one ``.npy`` (memmap), or a list of
+    ``.npy`` paths (a :class:`ChunkedRows`). A directory means its ``*.npy`` files, sorted.
+    """
+    if isinstance(source, (np.ndarray, ChunkedRows)):
+        return source
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if path.is_dir():
+            paths = sorted(path.glob("*.npy"))
+            if not paths:
+                raise FileNotFoundError(f"no .npy files in {path}")
+            return open_embeddings(paths)
+        return _open_npy(path)
+    paths = list(source)
+    if len(paths) == 1:
+        return _open_npy(Path(paths[0]))
+    return ChunkedRows([_open_npy(Path(p)) for p in paths])
+
+
+def _open_npy(path: Path) -> np.ndarray:
+    if not path.exists():
+        raise FileNotFoundError(f"embedding file not found: {path}")
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as exc:
+        raise ValueError(f"{path} is not a readable .npy array: {exc}") from exc
+    if arr.ndim != 2:
+        raise ValueError(f"{path}: embeddings must be 2-D (n, d), got shape {arr.shape}")
+    return arr
+
+
+def as_rows(x) -> np.ndarray | ChunkedRows:
+    """Validate a row source: 2-D, floating, non-empty width. Lists become arrays."""
+    if not isinstance(x, (np.ndarray, ChunkedRows)):
+        if hasattr(x, "detach"):  # torch tensor
+            x = x.detach().cpu().numpy()
+        else:
+            x = np.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"embeddings must be 2-D (n, d), got shape {tuple(x.shape)}")
+    if not np.issubdtype(x.dtype, np.floating):
+        raise TypeError(f"embeddings must be floating point, got dtype {x.dtype}")
+    if x.shape[1] == 0:
+        raise ValueError("embeddings have zero width (d = 0)")
+    return x
+
+
+def iter_row_batches(x, batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield ``(start, rows[start:start+batch_size])`` over a row source."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    n = x.shape[0]
+    for start in range(0, n, batch_size):
+        yield start, np.asarray(x[start:min(start + batch_size, n)])
