@@ -131,7 +131,7 @@ def max_similarity_to_earlier(x: torch.Tensor, block_size: int) -> torch.Tensor:
         r1 = min(r0 + block_size, m)
         sim = x[r0:r1] @ x[:r1].T
         sim[:, r0:].masked_fill_(_not_earlier(r0, r1, x.device), float("-inf"))
-        out[r0:r1] = sim.max(dim=1).values
+        out[r0:r1] = sim.amax(dim=1)
     return out
 
 
@@ -159,7 +159,7 @@ def greedy_duplicates(x: torch.Tensor, thresholds: torch.Tensor,
         sim = x[r0:r1] @ x[:r1].T
         earlier = ~_not_earlier(r0, r1, x.device)
         sim[:, r0:].masked_fill_(~earlier, float("-inf"))
-        max_prev[r0:r1] = sim.max(dim=1).values
+        max_prev[r0:r1] = sim.amax(dim=1)
         over = sim.unsqueeze(0) > thresholds.view(-1, 1, 1)              # (E, b, r1)
         hit_kept = (over[:, :, :r0] & ~drop[:, :r0].unsqueeze(1)).any(dim=2)
         drop[:, r0:r1] = _resolve_block(over[:, :, r0:], hit_kept)

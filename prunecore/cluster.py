@@ -1,4 +1,4 @@
-"""faiss k-means and streaming assignment over L2-normalised embeddings."""
+"""k-means (faiss or torch) and streaming assignment over L2-normalised embeddings."""
 from __future__ import annotations
 
 import numbers
@@ -6,8 +6,9 @@ from dataclasses import dataclass, field
 
 import faiss
 import numpy as np
+import torch
 
-from .device import faiss_use_gpu
+from .device import faiss_use_gpu, resolve_device
 from .rows import as_rows, iter_row_batches
 
 
@@ -67,28 +68,43 @@ class Clustering:
                           sim=self.sim[rows], params=dict(self.params))
 
 
+BACKENDS = ("auto", "torch", "faiss")
+
+
+def resolve_backend(backend: str, device: str = "auto") -> str:
+    """``"auto"``: faiss where faiss-gpu can run on the GPU, else torch (its BLAS measured
+    5-8x faster than faiss-cpu's bundled OpenBLAS on 2 cores; see README)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "faiss" if faiss_use_gpu(device) else "torch"
+    return backend
+
+
 def kmeans(x, k: int, *, niter: int = 20, seed: int = 1234, spherical: bool = True,
-           max_points_per_centroid: int = 256, device: str = "auto",
+           max_points_per_centroid: int = 256, device: str = "auto", backend: str = "auto",
            batch_size: int = 65536, verbose: bool = False) -> Clustering:
-    """Seeded faiss k-means on L2-normalised rows, then assignment of every row.
+    """Seeded k-means on L2-normalised rows, then assignment of every row.
 
     x: (n, d) array, memmap or :class:`~prunecore.rows.ChunkedRows` (never normalised in
     place). Training (:func:`train_centroids`) uses at most ``k * max_points_per_centroid``
     rows; all rows are then assigned in batches of ``batch_size`` with :func:`assign`.
     ``spherical=True`` keeps centroids unit norm (assignment by inner product = cosine).
-    Runs on GPU when ``device`` resolves to CUDA and faiss-gpu is installed.
+    ``backend``: ``"faiss"`` (faiss.Kmeans; faiss-gpu when ``device`` resolves to CUDA and it
+    is installed), ``"torch"`` (the same Lloyd iterations in torch, CPU or GPU) or ``"auto"``.
     """
     centroids, params = train_centroids(x, k, niter=niter, seed=seed, spherical=spherical,
                                         max_points_per_centroid=max_points_per_centroid,
-                                        device=device, verbose=verbose)
-    labels, sim = assign(x, centroids, batch_size=batch_size, spherical=spherical)
+                                        device=device, backend=backend, verbose=verbose)
+    labels, sim = assign(x, centroids, batch_size=batch_size, spherical=spherical,
+                         device=device, backend=backend)
     return Clustering(centroids=centroids, labels=labels, sim=sim, params=params)
 
 
 def train_centroids(x, k: int, *, niter: int = 20, seed: int = 1234, spherical: bool = True,
                     max_points_per_centroid: int = 256, device: str = "auto",
-                    verbose: bool = False) -> tuple[np.ndarray, dict]:
-    """faiss k-means training only: centroids (k, d) float32 and the parameters used.
+                    backend: str = "auto", verbose: bool = False) -> tuple[np.ndarray, dict]:
+    """k-means training only: centroids (k, d) float32 and the parameters used.
 
     Trains on a seeded uniform sample of ``min(n, k * max_points_per_centroid)`` rows drawn
     here (so a memmap is never loaded whole); the sample size is recorded as ``n_train``.
@@ -103,24 +119,74 @@ def train_centroids(x, k: int, *, niter: int = 20, seed: int = 1234, spherical: 
         raise ValueError(f"k={k} clusters requested for only n={n} rows (need k <= n)")
     if max_points_per_centroid < 1:
         raise ValueError("max_points_per_centroid must be >= 1")
+    if niter < 1:
+        raise ValueError(f"niter must be >= 1, got {niter}")
+    backend = resolve_backend(backend, device)
     n_train = min(n, k * max_points_per_centroid)
     if n_train == n:
         train = l2_normalize(np.asarray(x))
     else:
         rows = np.sort(np.random.default_rng(seed).choice(n, size=n_train, replace=False))
         train = l2_normalize(x[rows], row_ids=rows)
-    use_gpu = faiss_use_gpu(device)
-    km = faiss.Kmeans(d, k, niter=niter, seed=seed, spherical=spherical, gpu=use_gpu,
-                      max_points_per_centroid=max_points_per_centroid, verbose=verbose)
-    km.train(train)
-    params = dict(k=k, niter=niter, seed=seed, spherical=spherical,
+    use_gpu = backend == "faiss" and faiss_use_gpu(device)
+    if backend == "faiss":
+        km = faiss.Kmeans(d, k, niter=niter, seed=seed, spherical=spherical, gpu=use_gpu,
+                          max_points_per_centroid=max_points_per_centroid, verbose=verbose)
+        km.train(train)
+        centroids = np.ascontiguousarray(km.centroids, dtype=np.float32)
+    else:
+        centroids = lloyd_torch(torch.from_numpy(train).to(resolve_device(device)), k,
+                                niter=niter, seed=seed, spherical=spherical).cpu().numpy()
+    params = dict(k=k, niter=niter, seed=seed, spherical=spherical, backend=backend,
                   max_points_per_centroid=max_points_per_centroid, n_train=n_train,
-                  gpu=use_gpu)
-    return np.ascontiguousarray(km.centroids, dtype=np.float32), params
+                  gpu=use_gpu or (backend == "torch" and resolve_device(device).type == "cuda"))
+    return centroids, params
 
 
-def assign(x, centroids: np.ndarray, *, batch_size: int = 65536,
-           spherical: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def nearest_centroid(x: torch.Tensor, centroids: torch.Tensor, *, spherical: bool = True,
+                     max_block_elems: int = 1 << 24) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best centroid per row of unit rows x (n, d) against centroids (k, d), blockwise.
+
+    Spherical: argmax of ``x . c``; else argmin of ``||x - c||^2`` (argmax of
+    ``x . c - ||c||^2 / 2``). Returns labels (n,) int64 and that score (n,).
+    Ties go to the lowest centroid id. Memory O(block x k).
+    """
+    bias = None if spherical else -0.5 * (centroids * centroids).sum(1)
+    block = max(1, max_block_elems // centroids.shape[0])
+    labels = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
+    score = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
+    for start in range(0, x.shape[0], block):
+        sims = x[start:start + block] @ centroids.T
+        if bias is not None:
+            sims += bias
+        score[start:start + block], labels[start:start + block] = sims.max(dim=1)
+    return labels, score
+
+
+def lloyd_torch(x: torch.Tensor, k: int, *, niter: int, seed: int,
+                spherical: bool = True) -> torch.Tensor:
+    """Lloyd's k-means on unit rows x (n, d) in torch; returns centroids (k, d) float32.
+
+    Seeded init from k distinct rows. An empty cluster is re-seeded at the row currently
+    worst served by its centroid (lowest score), so all k centroids stay in use.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    centroids = x[torch.randperm(x.shape[0], generator=generator)[:k].to(x.device)].clone()
+    for _ in range(niter):
+        labels, score = nearest_centroid(x, centroids, spherical=spherical)
+        sums = torch.zeros_like(centroids).index_add_(0, labels, x)
+        counts = torch.bincount(labels, minlength=k)
+        centroids = sums / counts.clamp_min(1).unsqueeze(1).to(sums.dtype)
+        empty = torch.nonzero(counts == 0).flatten()
+        if empty.numel():
+            centroids[empty] = x[torch.topk(score, empty.numel(), largest=False).indices]
+        if spherical:
+            centroids = torch.nn.functional.normalize(centroids, dim=1)
+    return centroids.float()
+
+
+def assign(x, centroids: np.ndarray, *, batch_size: int = 65536, spherical: bool = True,
+           device: str = "auto", backend: str = "auto") -> tuple[np.ndarray, np.ndarray]:
     """Nearest centroid for every row, streamed in batches.
 
     x: (n, d) rows (normalised per batch here); centroids: (k, d). Returns labels (n,) int64
@@ -134,18 +200,28 @@ def assign(x, centroids: np.ndarray, *, batch_size: int = 65536,
                          f"width d={x.shape[1]}")
     if not np.isfinite(centroids).all():
         raise ValueError("centroids contain NaN/inf")
+    backend = resolve_backend(backend, device)
     unit_centroids = l2_normalize(centroids)
-    index = faiss.IndexFlatIP(x.shape[1]) if spherical else faiss.IndexFlatL2(x.shape[1])
-    index.add(np.ascontiguousarray(unit_centroids if spherical else centroids))
+    search_centroids = unit_centroids if spherical else centroids
+    if backend == "faiss":
+        index = faiss.IndexFlatIP(x.shape[1]) if spherical else faiss.IndexFlatL2(x.shape[1])
+        index.add(np.ascontiguousarray(search_centroids))
+    else:
+        dev = resolve_device(device)
+        torch_centroids = torch.from_numpy(search_centroids).to(dev)
     n = x.shape[0]
     labels = np.empty(n, dtype=np.int64)
     sim = np.empty(n, dtype=np.float32)
     for start, batch in iter_row_batches(x, batch_size):
         unit = l2_normalize(batch, row_ids=start)
-        _, nearest = index.search(unit, 1)
+        if backend == "faiss":
+            nearest = index.search(unit, 1)[1][:, 0]
+        else:
+            nearest = nearest_centroid(torch.from_numpy(unit).to(dev), torch_centroids,
+                                       spherical=spherical)[0].cpu().numpy()
         stop = start + unit.shape[0]
-        labels[start:stop] = nearest[:, 0]
-        sim[start:stop] = np.einsum("nd,nd->n", unit, unit_centroids[nearest[:, 0]])
+        labels[start:stop] = nearest
+        sim[start:stop] = np.einsum("nd,nd->n", unit, unit_centroids[nearest])
     return labels, sim
 
 

@@ -12,7 +12,53 @@ from typing import Iterator, Sequence
 import numpy as np
 
 
-class ChunkedRows:
+class LazyRows:
+    """Base of read-only row views: ``shape``/``dtype``/``ndim``, ``rows[idx]`` via ``take``."""
+
+    shape: tuple[int, int]
+    dtype: np.dtype
+    ndim = 2
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index) -> np.ndarray:
+        if isinstance(index, slice):
+            return self.take(np.arange(*index.indices(self.shape[0])))
+        return self.take(np.asarray(index))
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def _check(self, rows) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.shape[0]):
+            raise IndexError(f"row index out of range [0, {self.shape[0]})")
+        return rows
+
+
+class RowSubset(LazyRows):
+    """The rows ``rows`` (m,) of a row source, read only when asked: shape (m, d).
+
+    Lets a later stage (e.g. DBP after SemDeDup) run on survivors without copying them.
+    """
+
+    def __init__(self, source, rows: np.ndarray):
+        self.source = as_rows(source)
+        self.rows = np.asarray(rows, dtype=np.int64)
+        if self.rows.ndim != 1:
+            raise ValueError(f"rows must be 1-D, got shape {self.rows.shape}")
+        if self.rows.size and (self.rows.min() < 0 or self.rows.max() >= self.source.shape[0]):
+            raise IndexError(f"row index out of range [0, {self.source.shape[0]})")
+        self.shape = (int(self.rows.shape[0]), int(self.source.shape[1]))
+        self.dtype = self.source.dtype
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """Rows (k,) of the subset -> array (k, d) in the order given."""
+        return np.asarray(self.source[self.rows[self._check(rows)]])
+
+
+class ChunkedRows(LazyRows):
     """Read-only concatenation of 2-D ``.npy`` chunks (opened as memmaps) along rows.
 
     Shapes: chunk i is (n_i, d); the whole is (sum n_i, d). Only the rows asked for are read.
@@ -29,21 +75,10 @@ class ChunkedRows:
         self.offsets = np.concatenate([[0], np.cumsum([c.shape[0] for c in chunks])])
         self.shape = (int(self.offsets[-1]), dims.pop())
         self.dtype = np.result_type(*[c.dtype for c in chunks])
-        self.ndim = 2
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, index) -> np.ndarray:
-        if isinstance(index, slice):
-            return self.take(np.arange(*index.indices(self.shape[0])))
-        return self.take(np.asarray(index))
 
     def take(self, rows: np.ndarray) -> np.ndarray:
         """Rows (m,) -> array (m, d) in the order given."""
-        rows = np.asarray(rows, dtype=np.int64)
-        if rows.size and (rows.min() < 0 or rows.max() >= self.shape[0]):
-            raise IndexError(f"row index out of range [0, {self.shape[0]})")
+        rows = self._check(rows)
         out = np.empty((rows.shape[0], self.shape[1]), dtype=self.dtype)
         chunk_of = np.searchsorted(self.offsets, rows, side="right") - 1
         for c in np.unique(chunk_of):
@@ -52,13 +87,13 @@ class ChunkedRows:
         return out
 
 
-def open_embeddings(source) -> np.ndarray | ChunkedRows:
+def open_embeddings(source) -> np.ndarray | LazyRows:
     """Open precomputed embeddings without loading them.
 
     ``source``: an array (returned as is), a path to one ``.npy`` (memmap), or a list of
     ``.npy`` paths (a :class:`ChunkedRows`). A directory means its ``*.npy`` files, sorted.
     """
-    if isinstance(source, (np.ndarray, ChunkedRows)):
+    if isinstance(source, (np.ndarray, LazyRows)):
         return source
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
@@ -86,9 +121,9 @@ def _open_npy(path: Path) -> np.ndarray:
     return arr
 
 
-def as_rows(x) -> np.ndarray | ChunkedRows:
+def as_rows(x) -> np.ndarray | LazyRows:
     """Validate a row source: 2-D, floating, non-empty width. Lists become arrays."""
-    if not isinstance(x, (np.ndarray, ChunkedRows)):
+    if not isinstance(x, (np.ndarray, LazyRows)):
         if hasattr(x, "detach"):  # torch tensor
             x = x.detach().cpu().numpy()
         else:

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from prunecore import (ChunkedRows, assign, keep_count, kmeans, l2_normalize, open_embeddings,
+from prunecore import (ChunkedRows, RowSubset, assign, keep_count, kmeans, l2_normalize, open_embeddings,
                        top_k_mask)
 
 
@@ -33,11 +33,12 @@ def brute_assign(x, centroids):
     return sims.argmax(1), sims.max(1)
 
 
-def test_assign_streams_and_matches_brute_force():
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_assign_streams_and_matches_brute_force(backend):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1000, 16)).astype(np.float32) * 5
     cents = rng.standard_normal((7, 16)).astype(np.float32)
-    labels, sim = assign(x, cents, batch_size=33)
+    labels, sim = assign(x, cents, batch_size=33, backend=backend)
     want_labels, want_sim = brute_assign(x, cents)
     np.testing.assert_array_equal(labels, want_labels)
     np.testing.assert_allclose(sim, want_sim, rtol=1e-5, atol=1e-6)
@@ -55,12 +56,13 @@ def test_assign_shape_mismatch():
         assign(np.ones((3, 4), np.float32), np.ones((2, 5), np.float32))
 
 
-def test_kmeans_separates_planted_clusters_and_is_seeded():
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_kmeans_separates_planted_clusters_and_is_seeded(backend):
     rng = np.random.default_rng(1)
     centers = np.eye(8, dtype=np.float32)[:4] * 10
     x = np.concatenate([c + rng.standard_normal((50, 8)).astype(np.float32) for c in centers])
-    a = kmeans(x, 4, seed=3)
-    b = kmeans(x, 4, seed=3)
+    a = kmeans(x, 4, seed=3, backend=backend)
+    b = kmeans(x, 4, seed=3, backend=backend)
     np.testing.assert_array_equal(a.labels, b.labels)
     # each planted group maps to one cluster
     for g in range(4):
@@ -71,6 +73,30 @@ def test_kmeans_separates_planted_clusters_and_is_seeded():
     np.testing.assert_array_equal(a.labels, want_labels)
     np.testing.assert_allclose(a.sim, want_sim, rtol=1e-5)
     assert a.params["max_points_per_centroid"] == 256 and a.params["n_train"] == 200
+
+
+def test_torch_lloyd_reseeds_empty_clusters():
+    # 5 distinct points, two of them 40x more frequent: a random init picks duplicates,
+    # leaving clusters empty unless they are re-seeded
+    pts = np.eye(5, dtype=np.float32)
+    x = np.concatenate([np.repeat(pts[:2], 40, axis=0), pts[2:]])
+    for seed in range(5):
+        c = kmeans(x, 5, seed=seed, backend="torch")
+        assert (c.sizes > 0).all()
+        np.testing.assert_allclose(c.sim, 1.0, atol=1e-6)  # every point sits on a centroid
+
+
+def test_non_spherical_assign_uses_euclidean_distance():
+    # x at 30 degrees; c0 at 0 degrees (norm 1), c1 at 50 degrees but norm 3: nearer in angle,
+    # farther in Euclidean distance from the (unit) row
+    angle = np.deg2rad([30.0, 50.0])
+    x = np.array([[np.cos(angle[0]), np.sin(angle[0])]], np.float32)
+    cents = np.array([[1.0, 0.0], 3 * np.array([np.cos(angle[1]), np.sin(angle[1])])], np.float32)
+    for backend in ("torch", "faiss"):
+        assert assign(x, cents, spherical=True, backend=backend)[0].tolist() == [1]
+        assert assign(x, cents, spherical=False, backend=backend)[0].tolist() == [0]
+    with pytest.raises(ValueError, match="backend"):
+        assign(x, cents, backend="sklearn")
 
 
 def test_kmeans_samples_at_most_k_times_max_points():
@@ -120,6 +146,18 @@ def test_chunked_rows_read_like_one_array(tmp_path):
     labels, _ = assign(rows, whole[[0, 7]].astype(np.float32), batch_size=4)
     want, _ = brute_assign(whole.astype(np.float32), whole[[0, 7]].astype(np.float32))
     np.testing.assert_array_equal(labels, want)
+
+
+def test_row_subset_reads_lazily_like_fancy_indexing():
+    x = np.arange(40, dtype=np.float32).reshape(10, 4)
+    sub = RowSubset(x, np.array([9, 2, 5]))
+    assert sub.shape == (3, 4) and len(sub) == 3
+    np.testing.assert_array_equal(sub[[2, 0]], x[[5, 9]])
+    np.testing.assert_array_equal(sub[1:], x[[2, 5]])
+    with pytest.raises(IndexError):
+        sub[[3]]
+    with pytest.raises(IndexError):
+        RowSubset(x, np.array([10]))
 
 
 def test_open_embeddings_errors(tmp_path):
