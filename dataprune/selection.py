@@ -34,16 +34,16 @@ class Selection:
     stats: dict[str, pd.DataFrame] = field(default_factory=dict)
 
     def __post_init__(self):
-        self.keep = np.asarray(self.keep, dtype=bool)
+        self.keep = np.array(self.keep, dtype=bool)  # copies: a Selection owns its arrays
         if self.keep.ndim != 1:
             raise ValueError(f"keep mask must be 1-D, got shape {self.keep.shape}")
         n = self.keep.shape[0]
         if self.scores is None:
             self.scores = np.full(n, np.nan, dtype=np.float32)
-        self.scores = np.asarray(self.scores, dtype=np.float32)
+        self.scores = np.array(self.scores, dtype=np.float32)
         if self.reasons is None:
             self.reasons = np.where(self.keep, KEPT, "dropped").astype(object)
-        self.reasons = np.asarray(self.reasons, dtype=object)
+        self.reasons = np.array(self.reasons, dtype=object)
         if self.scores.shape != (n,) or self.reasons.shape != (n,):
             raise ValueError(f"scores {self.scores.shape} and reasons {self.reasons.shape} "
                              f"must match keep ({n},)")
