@@ -87,7 +87,7 @@ def kmeans(x, k: int, *, niter: int = 20, seed: int = 1234, spherical: bool = Tr
     rng = np.random.default_rng(seed)
     train_rows = np.sort(rng.choice(n, size=n_train, replace=False)) if n_train < n else None
     if train_rows is None:
-        train = l2_normalize(np.asarray(x))
+        train = l2_normalize(np.asarray(x[0:n]))  # a slice: also loads a ChunkedRows
     else:
         train = l2_normalize(x[train_rows], row_ids=train_rows)
     use_gpu = faiss_use_gpu(device)
