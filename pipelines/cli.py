@@ -35,6 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "hf:PATH for a transformers vision model")
     g.add_argument("--pretrained", help="open_clip pretrained tag or local checkpoint path "
                    "(omit for random weights: testing only)")
+    g.add_argument("--encoder", help="MODULE:FACTORY of your own encoder (an object with "
+                   ".fingerprint and .encode_images(list of PIL images) -> (B, d)); "
+                   "replaces --model")
+    g.add_argument("--encoder-kwargs", default="{}", help="JSON keyword arguments of the "
+                   "--encoder factory")
     g.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
     g.add_argument("--model-seed", type=int, default=0, help="seed of random weights")
     g.add_argument("--batch-size", type=int, default=64)
@@ -111,7 +116,10 @@ def _filter(args) -> int:
         torch.set_num_threads(args.threads)
     if not args.shards and not args.embeddings:
         raise ValueError("give shards and/or --embeddings")
-    if args.embeddings is None and args.model is None:
+    encoder = None
+    if args.encoder:
+        encoder = load_encoder_factory(args.encoder, args.encoder_kwargs)
+    elif args.embeddings is None and args.model is None:
         raise ValueError("give --model (and --pretrained) to embed, or --embeddings")
     steps = default_steps(dedup_eps=args.dedup_eps, method=args.method, keep=args.keep,
                           temperature=args.temperature, n_neighbors=args.n_neighbors,
@@ -119,7 +127,8 @@ def _filter(args) -> int:
                           seed=args.seed, clip_score_min=args.clip_score_min,
                           clip_score_keep=args.clip_score_keep)
     result = run_filter(
-        args.shards or None, args.out, model=args.model, pretrained=args.pretrained,
+        args.shards or None, args.out, encoder=encoder, model=args.model,
+        pretrained=args.pretrained,
         precision=args.precision, model_seed=args.model_seed, embeddings=args.embeddings,
         metadata=args.metadata, text_embeddings=args.text_embeddings,
         key_column=args.key_column, batch_size=args.batch_size, dtype=args.dtype,
@@ -134,6 +143,25 @@ def _filter(args) -> int:
     if result.manifest:
         print(f"filtered shards: {result.out / 'write'} (manifest.json)")
     return 0
+
+
+def load_encoder_factory(spec: str, kwargs_json: str = "{}"):
+    """``"package.module:factory"`` -> ``factory(**kwargs)`` (an encoder object)."""
+    import importlib
+    import json
+
+    module, _, attr = spec.partition(":")
+    if not module or not attr:
+        raise ValueError(f"--encoder must look like MODULE:FACTORY, got {spec!r}")
+    try:
+        factory = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"cannot import encoder factory {spec!r}: {exc}") from exc
+    encoder = factory(**json.loads(kwargs_json))
+    if not hasattr(encoder, "fingerprint") or not hasattr(encoder, "encode_images"):
+        raise TypeError(f"{spec} returned {type(encoder).__name__}, which lacks .fingerprint "
+                        "or .encode_images")
+    return encoder
 
 
 def _report(args) -> int:

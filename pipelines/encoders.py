@@ -163,6 +163,36 @@ class CallableEncoder:
         return feats / np.linalg.norm(feats, axis=1, keepdims=True).clip(1e-12)
 
 
+class PixelProjectionEncoder:
+    """Weight-free fallback: images resized to ``size`` x ``size`` RGB, centred per image,
+    then a seeded Gaussian random projection to ``dim``; rows (B, dim) unit norm.
+
+    Not semantic (it sees pixels), but deterministic, instant and offline: good for exact and
+    near-exact duplicates, tests, and as a baseline encoder.
+    """
+
+    has_text = False
+
+    def __init__(self, size: int = 16, dim: int = 64, seed: int = 0):
+        self.size, self.dim, self.seed = int(size), int(dim), int(seed)
+        rng = np.random.default_rng(self.seed)
+        self.proj = rng.standard_normal((3 * self.size * self.size, self.dim)).astype(np.float32)
+        self.fingerprint = {"kind": "pixel_projection", "size": self.size, "dim": self.dim,
+                            "seed": self.seed}
+
+    def encode_images(self, images: Sequence) -> np.ndarray:
+        from PIL import Image
+
+        px = np.stack([np.asarray(im.convert("RGB").resize((self.size, self.size),
+                                                           Image.BILINEAR), dtype=np.float32)
+                       for im in images]).reshape(len(images), -1) / 255.0
+        px -= px.mean(axis=1, keepdims=True)
+        feats = px @ self.proj
+        flat = np.linalg.norm(feats, axis=1) < 1e-9
+        feats[flat, 0] = 1.0  # a uniform image has no pattern: one shared direction
+        return feats / np.linalg.norm(feats, axis=1, keepdims=True)
+
+
 def make_encoder(model: str, pretrained: str | None = None, *, device: str = "auto",
                  precision: str = "fp32", seed: int = 0):
     """``"hf:PATH"`` -> :class:`HFImageEncoder`; anything else -> :class:`OpenClipEncoder`."""
