@@ -110,18 +110,20 @@ def waterfill(target: np.ndarray, total: float, lb: np.ndarray, ub: np.ndarray) 
     return np.clip(target + mu, lb, ub)
 
 
-def round_to_total(x: np.ndarray, total: int, lb: np.ndarray, ub: np.ndarray) -> np.ndarray:
+def round_to_total(x: np.ndarray, total: int, lb: np.ndarray, ub: np.ndarray,
+                   priority: np.ndarray | None = None) -> np.ndarray:
     """Integer vector (k,) within [lb, ub] summing exactly to ``total``, closest to ``x``.
 
-    Floors, then gives the missing units to the largest fractional remainders (ties: lower
-    index) among entries still below ub.
+    Floors, then gives the missing units to the largest fractional remainders among entries
+    still below ub; ties go to the larger ``priority`` (k,), then to the lower index.
     """
     base = np.clip(np.floor(x + 1e-9), lb, ub).astype(np.int64)
     missing = int(total - base.sum())
     if missing < 0:
         raise AssertionError("floored quotas exceed the total")  # impossible for x feasible
     remainder = np.where(base < ub, x - base, -np.inf)
-    grant = np.argsort(-remainder, kind="stable")[:missing]
+    tie_break = np.zeros_like(x) if priority is None else -np.asarray(priority, dtype=np.float64)
+    grant = np.lexsort((tie_break, -remainder))[:missing]
     if missing and not np.isfinite(remainder[grant]).all():
         raise ValueError("cannot place all quota units: clusters are full")
     base[grant] += 1
@@ -157,7 +159,7 @@ def dbp_quotas(sizes: np.ndarray, complexity: np.ndarray, n_keep: int, *, temper
                          f"{n_keep} are kept: lower min_per_cluster/balance or keep more")
     p = softmax(complexity, temperature)
     x = waterfill(p * n_keep, n_keep, lb, ub)
-    return round_to_total(x, n_keep, lb, ub)
+    return round_to_total(x, n_keep, lb, ub, priority=complexity)
 
 
 def take_per_cluster(labels: np.ndarray, sim: np.ndarray, quotas: np.ndarray, *,

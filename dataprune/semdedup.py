@@ -9,8 +9,9 @@ first). Two rules (spec: specs/dataprune.md):
 * ``rule="greedy"`` (paper wording): keep a row unless it is ``> 1 - eps`` similar to an
   earlier KEPT row. Exact sequential semantics, resolved block by block.
 
-Similarities are computed in (block x block) tiles, so memory is O(cluster x d + block^2),
-and the result is exact across the whole cluster (no chunk boundaries miss a pair).
+Each block of rows is compared with all earlier rows of its cluster in one matrix product,
+so the upper triangle is never computed, memory is O(cluster x block), and the result is
+exact across the whole cluster (no chunk boundary misses a pair).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ RULES = ("reference", "greedy")
 
 def semdedup(emb, eps: float | Sequence[float], *, clustering: Clustering | None = None,
              k: int | None = None, order: str = "hard", rule: str = "reference",
-             block_size: int = 2048, seed: int = 1234, device: str = "auto",
+             block_size: int | None = None, seed: int = 1234, device: str = "auto",
              progress: bool = False) -> Selection | dict[float, Selection]:
     """De-duplicate ``emb`` (n, d) within clusters.
 
@@ -40,6 +41,7 @@ def semdedup(emb, eps: float | Sequence[float], *, clustering: Clustering | None
     from a single pass). A pair is a duplicate when cosine ``> 1 - eps``.
     clustering / k: a precomputed :class:`~prunecore.cluster.Clustering` or a k for
     :func:`prunecore.kmeans` (seeded by ``seed``).
+    block_size: rows per similarity block (None = automatic, see :func:`auto_block_size`).
     Scores are ``M_j``, the highest cosine of row j to an earlier row of its cluster in walk
     order (NaN for the first row of each cluster). Dropped rows carry reason ``"duplicate"``;
     ``stats["semdedup"]`` has per-cluster size and kept counts (for the first eps).
@@ -48,7 +50,7 @@ def semdedup(emb, eps: float | Sequence[float], *, clustering: Clustering | None
     eps_list = _check_eps(eps)
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
-    if block_size < 1:
+    if block_size is not None and block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     clustering = ensure_clustering(emb, clustering, k, seed=seed, device=device)
     dev = resolve_device(device)
@@ -66,11 +68,12 @@ def semdedup(emb, eps: float | Sequence[float], *, clustering: Clustering | None
     for c in clusters:
         rows = walk[bounds[c]:bounds[c + 1]]
         x = torch.from_numpy(_gather_unit_rows(emb, rows)).to(dev)
+        block = auto_block_size(rows.shape[0], block_size)
         if rule == "reference":
-            m = max_similarity_to_earlier(x, block_size)
+            m = max_similarity_to_earlier(x, block)
             drop = m.unsqueeze(0) > thresholds.unsqueeze(1)
         else:
-            m, drop = greedy_duplicates(x, thresholds, block_size)
+            m, drop = greedy_duplicates(x, thresholds, block)
         max_prev[rows[1:]] = m[1:].cpu().numpy()
         dropped[:, rows] = drop.cpu().numpy()
 
@@ -104,30 +107,38 @@ def _gather_unit_rows(emb, rows: np.ndarray) -> np.ndarray:
     return l2_normalize(block, row_ids=rows)
 
 
+def auto_block_size(m: int, block_size: int | None, max_block_elems: int = 1 << 25) -> int:
+    """Rows per block for a cluster of ``m`` rows.
+
+    Auto (``block_size=None``): about m/8 rounded up to 64 (so the skipped upper triangle
+    saves ~40% of the products), within [64, 1024], and at most ``max_block_elems / m`` rows
+    so the (block x m) similarity slab stays bounded (128 MiB in float32).
+    """
+    if block_size is None:
+        block_size = min(1024, max(64, -(-m // 8 // 64) * 64))
+    return max(1, min(block_size, max(1, max_block_elems // max(m, 1))))
+
+
 def max_similarity_to_earlier(x: torch.Tensor, block_size: int) -> torch.Tensor:
     """``M_j = max_{i<j} x_i . x_j`` for unit rows x (m, d); ``-inf`` for j = 0. Returns (m,).
 
-    Computed over lower-triangular (block x block) tiles: memory O(block^2).
+    One product per row block against all earlier rows, (block x r1): the upper triangle is
+    never computed and memory is O(block x m).
     """
     m = x.shape[0]
-    out = torch.full((m,), float("-inf"), dtype=x.dtype, device=x.device)
+    out = torch.empty((m,), dtype=x.dtype, device=x.device)
     for r0 in range(0, m, block_size):
         r1 = min(r0 + block_size, m)
-        rows = x[r0:r1]
-        for c0 in range(0, r1, block_size):
-            c1 = min(c0 + block_size, r1)
-            sim = rows @ x[c0:c1].T
-            if c1 > r0:  # tile touches the diagonal: keep only columns i < j
-                sim.masked_fill_(_not_earlier(r0, r1, c0, c1, x.device), float("-inf"))
-            torch.maximum(out[r0:r1], sim.max(dim=1).values, out=out[r0:r1])
+        sim = x[r0:r1] @ x[:r1].T
+        sim[:, r0:].masked_fill_(_not_earlier(r0, r1, x.device), float("-inf"))
+        out[r0:r1] = sim.max(dim=1).values
     return out
 
 
-def _not_earlier(r0: int, r1: int, c0: int, c1: int, device) -> torch.Tensor:
-    """Mask (r1-r0, c1-c0): True where column index >= row index (not an earlier row)."""
-    row_ids = torch.arange(r0, r1, device=device).unsqueeze(1)
-    col_ids = torch.arange(c0, c1, device=device).unsqueeze(0)
-    return col_ids >= row_ids
+def _not_earlier(r0: int, r1: int, device) -> torch.Tensor:
+    """Mask (r1-r0, r1-r0) over a diagonal tile: True where column >= row (not earlier)."""
+    ids = torch.arange(r0, r1, device=device)
+    return ids.unsqueeze(0) >= ids.unsqueeze(1)
 
 
 def greedy_duplicates(x: torch.Tensor, thresholds: torch.Tensor,
@@ -136,32 +147,22 @@ def greedy_duplicates(x: torch.Tensor, thresholds: torch.Tensor,
 
     Row j is dropped iff ``x_i . x_j > t`` for some earlier KEPT row i. Returns ``M`` (m,)
     (max similarity to any earlier row, as in the reference rule) and ``drop`` (E, m) bool.
-    Tiles of earlier blocks are masked to the kept columns; inside a block the sequential
+    Columns of earlier blocks are masked to the kept rows; inside a block the sequential
     walk is resolved by fixed-point rounds (each round settles at least the earliest
     undecided row), all vectorised.
     """
     m = x.shape[0]
-    n_thr = thresholds.shape[0]
-    max_prev = torch.full((m,), float("-inf"), dtype=x.dtype, device=x.device)
-    drop = torch.zeros((n_thr, m), dtype=torch.bool, device=x.device)
+    max_prev = torch.empty((m,), dtype=x.dtype, device=x.device)
+    drop = torch.zeros((thresholds.shape[0], m), dtype=torch.bool, device=x.device)
     for r0 in range(0, m, block_size):
         r1 = min(r0 + block_size, m)
-        rows = x[r0:r1]
-        hit_kept = torch.zeros((n_thr, r1 - r0), dtype=torch.bool, device=x.device)
-        for c0 in range(0, r0, block_size):
-            c1 = min(c0 + block_size, r0)
-            sim = rows @ x[c0:c1].T
-            torch.maximum(max_prev[r0:r1], sim.max(dim=1).values, out=max_prev[r0:r1])
-            over = sim.unsqueeze(0) > thresholds.view(-1, 1, 1)          # (E, b, c)
-            over &= ~drop[:, c0:c1].unsqueeze(1)                          # kept columns only
-            hit_kept |= over.any(dim=2)
-        sim = rows @ rows.T
-        earlier = ~_not_earlier(r0, r1, r0, r1, x.device)
-        torch.maximum(max_prev[r0:r1],
-                      sim.masked_fill(~earlier, float("-inf")).max(dim=1).values,
-                      out=max_prev[r0:r1])
-        edges = (sim.unsqueeze(0) > thresholds.view(-1, 1, 1)) & earlier.unsqueeze(0)
-        drop[:, r0:r1] = _resolve_block(edges, hit_kept)
+        sim = x[r0:r1] @ x[:r1].T
+        earlier = ~_not_earlier(r0, r1, x.device)
+        sim[:, r0:].masked_fill_(~earlier, float("-inf"))
+        max_prev[r0:r1] = sim.max(dim=1).values
+        over = sim.unsqueeze(0) > thresholds.view(-1, 1, 1)              # (E, b, r1)
+        hit_kept = (over[:, :, :r0] & ~drop[:, :r0].unsqueeze(1)).any(dim=2)
+        drop[:, r0:r1] = _resolve_block(over[:, :, r0:], hit_kept)
     return max_prev, drop
 
 

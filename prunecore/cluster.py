@@ -60,6 +60,12 @@ class Clustering:
         """Rows per cluster, (k,) int64 (zero for empty clusters)."""
         return np.bincount(self.labels, minlength=self.k).astype(np.int64)
 
+    def subset(self, rows: np.ndarray) -> "Clustering":
+        """The same centroids restricted to ``rows`` (m,): labels and sim of those rows."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return Clustering(centroids=self.centroids, labels=self.labels[rows],
+                          sim=self.sim[rows], params=dict(self.params))
+
 
 def kmeans(x, k: int, *, niter: int = 20, seed: int = 1234, spherical: bool = True,
            max_points_per_centroid: int = 256, device: str = "auto",
@@ -67,11 +73,25 @@ def kmeans(x, k: int, *, niter: int = 20, seed: int = 1234, spherical: bool = Tr
     """Seeded faiss k-means on L2-normalised rows, then assignment of every row.
 
     x: (n, d) array, memmap or :class:`~prunecore.rows.ChunkedRows` (never normalised in
-    place). Training uses at most ``k * max_points_per_centroid`` rows, a seeded uniform
-    sample drawn here (so a memmap is never loaded whole); all rows are then assigned in
-    batches of ``batch_size`` with :func:`assign`. ``spherical=True`` keeps centroids unit
-    norm (assignment by inner product = cosine). Runs on GPU when ``device`` resolves to CUDA
-    and faiss-gpu is installed.
+    place). Training (:func:`train_centroids`) uses at most ``k * max_points_per_centroid``
+    rows; all rows are then assigned in batches of ``batch_size`` with :func:`assign`.
+    ``spherical=True`` keeps centroids unit norm (assignment by inner product = cosine).
+    Runs on GPU when ``device`` resolves to CUDA and faiss-gpu is installed.
+    """
+    centroids, params = train_centroids(x, k, niter=niter, seed=seed, spherical=spherical,
+                                        max_points_per_centroid=max_points_per_centroid,
+                                        device=device, verbose=verbose)
+    labels, sim = assign(x, centroids, batch_size=batch_size, spherical=spherical)
+    return Clustering(centroids=centroids, labels=labels, sim=sim, params=params)
+
+
+def train_centroids(x, k: int, *, niter: int = 20, seed: int = 1234, spherical: bool = True,
+                    max_points_per_centroid: int = 256, device: str = "auto",
+                    verbose: bool = False) -> tuple[np.ndarray, dict]:
+    """faiss k-means training only: centroids (k, d) float32 and the parameters used.
+
+    Trains on a seeded uniform sample of ``min(n, k * max_points_per_centroid)`` rows drawn
+    here (so a memmap is never loaded whole); the sample size is recorded as ``n_train``.
     """
     x = as_rows(x)
     n, d = x.shape
@@ -84,22 +104,19 @@ def kmeans(x, k: int, *, niter: int = 20, seed: int = 1234, spherical: bool = Tr
     if max_points_per_centroid < 1:
         raise ValueError("max_points_per_centroid must be >= 1")
     n_train = min(n, k * max_points_per_centroid)
-    rng = np.random.default_rng(seed)
-    train_rows = np.sort(rng.choice(n, size=n_train, replace=False)) if n_train < n else None
-    if train_rows is None:
+    if n_train == n:
         train = l2_normalize(np.asarray(x[0:n]))  # a slice: also loads a ChunkedRows
     else:
-        train = l2_normalize(x[train_rows], row_ids=train_rows)
+        rows = np.sort(np.random.default_rng(seed).choice(n, size=n_train, replace=False))
+        train = l2_normalize(x[rows], row_ids=rows)
     use_gpu = faiss_use_gpu(device)
     km = faiss.Kmeans(d, k, niter=niter, seed=seed, spherical=spherical, gpu=use_gpu,
                       max_points_per_centroid=max_points_per_centroid, verbose=verbose)
     km.train(train)
-    centroids = np.ascontiguousarray(km.centroids, dtype=np.float32)
-    labels, sim = assign(x, centroids, batch_size=batch_size, spherical=spherical)
     params = dict(k=k, niter=niter, seed=seed, spherical=spherical,
                   max_points_per_centroid=max_points_per_centroid, n_train=n_train,
                   gpu=use_gpu)
-    return Clustering(centroids=centroids, labels=labels, sim=sim, params=params)
+    return np.ascontiguousarray(km.centroids, dtype=np.float32), params
 
 
 def assign(x, centroids: np.ndarray, *, batch_size: int = 65536,
