@@ -613,7 +613,7 @@ def subset_rows(rows, idx: np.ndarray):
 
 STEP_DEFAULTS = {
     "clipscore": {"min": None, "keep": None},
-    "semdedup": {"eps": 0.05, "order": "hard", "rule": "reference", "block_size": 2048},
+    "semdedup": {"eps": 0.05, "order": "hard", "rule": "reference", "block_size": None},
     "dbp": {"keep": 0.3, "temperature": 0.5, "n_neighbors": 20, "balance": 0.0, "order": "hard",
             "min_per_cluster": 1, "seed": 1234},
     "ssp": {"keep": 0.5, "mode": "hard"},

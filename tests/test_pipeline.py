@@ -423,3 +423,18 @@ def test_kmeans_accepts_chunked_rows_when_all_rows_train():
     a, b = kmeans(rows, 3, niter=5), kmeans(x, 3, niter=5)
     np.testing.assert_array_equal(a.labels, b.labels)
     np.testing.assert_allclose(a.centroids, b.centroids)
+
+
+def test_report_writes_html_and_plots(e2e):
+    from pipelines.cli import main
+
+    out, res = e2e
+    assert main(["report", str(out), "--clusters-shown", "2"]) == 0
+    page = (out / "report" / "index.html").read_text()
+    for png in ("cluster_sizes.png", "complexity_quota.png", "kept_fraction.png",
+                "examples.png", "duplicates.png"):
+        assert f"src='{png}'" in page
+        assert (out / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    n_dup = int((res.keep["reason"] == "duplicate").sum())
+    assert f"<td>duplicate</td><td>{n_dup:,}</td>" in page
+    assert f"{int(res.keep['kept'].sum()):,} kept" in page
