@@ -1,4 +1,4 @@
-"""``prunekit`` command line: ``prunekit filter SHARDS --out OUT ...`` and ``prunekit report OUT``."""
+"""``prunekit`` command line: ``prunekit filter SHARDS --out OUT ...``, ``prunekit report OUT``."""
 from __future__ import annotations
 
 import argparse

@@ -4,9 +4,10 @@
    (PNG + class + caption per sample), with 250 planted near-duplicates (re-noised copies
    of random digits, shuffled in) so that SemDeDup has something known to find.
 2. Embeds them with an offline encoder. There are no CLIP weights offline, so the demo
-   trains a small MLP autoencoder on the digits (at most 10 epochs or 20 s on CPU; its
-   centred 32-d bottleneck is the embedding) — or, with ``--encoder pca``, projects pixels on their
-   top 32 principal axes. A user runs the same pipeline with an open_clip model instead
+   projects the pixels on their top 32 principal axes (PCA, fitted here in under a second;
+   the default), or with ``--encoder autoencoder`` trains a small MLP autoencoder on the
+   digits (at most 10 epochs or 20 s on CPU) and uses its centred 32-d bottleneck.
+   A user runs the same pipeline with an open_clip model instead
    (``prunekit filter ... --model ViT-B-32 --pretrained PATH``).
 3. Runs the pipeline (embed -> cluster -> SemDeDup -> DBP -> write) into ``--out``, writes
    the HTML report, and prints a summary table. Rerunning skips every finished stage.

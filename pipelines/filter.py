@@ -53,7 +53,8 @@ class FilterResult:
                        f"largest {s.get('largest_cluster')}, empty {s.get('empty_clusters')}")
             elif name == "select":
                 drops = ", ".join(f"{k}: {v:,}" for k, v in s.get("dropped", {}).items())
-                res = f"kept {s.get('kept', 0):,} / {s.get('samples', 0):,} ({drops or 'none dropped'})"
+                res = (f"kept {s.get('kept', 0):,} / {s.get('samples', 0):,} "
+                       f"({drops or 'none dropped'})")
             else:
                 res = (f"{s.get('samples', 0):,} samples in {s.get('output_shards', 0)} shard(s), "
                        f"{s.get('bytes', 0) / 1e6:.1f} MB")

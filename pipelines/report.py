@@ -186,8 +186,10 @@ def write_report(out: str | Path, *, clusters_shown: int = 4, images_per_row: in
     for name in ("embed", "cluster", "select", "write"):
         rec = _stage(out, name)
         if rec:
-            stage_html += (f"<tr><td>{name}</td><td><code>{html.escape(json.dumps(rec.get('params', {}), default=str))[:600]}</code></td>"
-                           f"<td><code>{html.escape(json.dumps(rec.get('summary', {}), default=str))[:600]}</code></td></tr>")
+            params = html.escape(json.dumps(rec.get("params", {}), default=str))[:600]
+            summary = html.escape(json.dumps(rec.get("summary", {}), default=str))[:600]
+            stage_html += (f"<tr><td>{name}</td><td><code>{params}</code></td>"
+                           f"<td><code>{summary}</code></td></tr>")
     body = [f"<h1>prunekit filter report</h1><p>{html.escape(str(out.resolve()))}: "
             f"{len(keep):,} samples, {int(keep['kept'].sum()):,} kept.</p>",
             "<h2>Why rows were dropped</h2><table><tr><th>reason</th><th>rows</th><th>share</th>"

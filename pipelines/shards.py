@@ -199,6 +199,17 @@ def iter_shard_headers(shard: str, scan: ShardScan | None = None
     scan.n_samples = index + 1
 
 
+def copy_tarinfo(info: tarfile.TarInfo, size: int) -> tarfile.TarInfo:
+    """A fresh regular-file header with the input's name, mtime, mode and owner."""
+    out = tarfile.TarInfo(info.name)
+    out.size = size
+    out.mtime = int(info.mtime)
+    out.mode = info.mode
+    out.uid, out.gid = info.uid, info.gid
+    out.uname, out.gname = info.uname, info.gname
+    return out
+
+
 def write_tar(path: str | os.PathLike, samples: Iterable[RawSample]) -> tuple[int, int]:
     """Write samples to a plain tar at ``path``, each member with its input header fields
     (name, size, mtime, mode, owner) and exact bytes. Deterministic. Returns (samples, bytes).
@@ -210,13 +221,7 @@ def write_tar(path: str | os.PathLike, samples: Iterable[RawSample]) -> tuple[in
         with tarfile.open(fileobj=fh, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for sample in samples:
                 for info, data in sample.members.values():
-                    out = tarfile.TarInfo(info.name)
-                    out.size = len(data)
-                    out.mtime = int(info.mtime)
-                    out.mode = info.mode
-                    out.uid, out.gid = info.uid, info.gid
-                    out.uname, out.gname = info.uname, info.gname
-                    tar.addfile(out, io.BytesIO(data))
+                    tar.addfile(copy_tarinfo(info, len(data)), io.BytesIO(data))
                 count += 1
         size = fh.tell()
     return count, size

@@ -36,8 +36,8 @@ from prunecore.cluster import Clustering, kmeans
 from prunecore.io import atomic_path
 from prunecore.rows import ChunkedRows, open_embeddings
 
-from .shards import (IMAGE_EXTS, TEXT_EXTS, RawSample, ShardError, ShardScan, file_fingerprint,
-                     iter_shard, iter_shard_headers, plan_output_shards)
+from .shards import (IMAGE_EXTS, TEXT_EXTS, RawSample, ShardScan, copy_tarinfo,
+                     file_fingerprint, iter_shard, iter_shard_headers, plan_output_shards)
 
 STAGE_FILE = "_stage.json"
 VERSION = 1
@@ -570,7 +570,8 @@ class ClusterStage(Stage):
                      pd.DataFrame({"row": np.arange(n, dtype=np.int64), "cluster": clu.labels,
                                    "sim": clu.sim}), {"kmeans": clu.params})
         sizes = clu.sizes
-        return {"k": clu.k, "n_train": clu.params["n_train"], "empty_clusters": int((sizes == 0).sum()),
+        return {"k": clu.k, "n_train": clu.params["n_train"],
+                "empty_clusters": int((sizes == 0).sum()),
                 "largest_cluster": int(sizes.max()), "median_cluster": float(np.median(sizes))}
 
     def load(self) -> ClusterArtifact:
@@ -873,16 +874,8 @@ class OutputShard:
         self.count = 0
 
     def add(self, sample: RawSample) -> None:
-        import tarfile
-
         for info, data in sample.members.values():
-            out = tarfile.TarInfo(info.name)
-            out.size = len(data)
-            out.mtime = int(info.mtime)
-            out.mode = info.mode
-            out.uid, out.gid = info.uid, info.gid
-            out.uname, out.gname = info.uname, info.gname
-            self.tar.addfile(out, io.BytesIO(data))
+            self.tar.addfile(copy_tarinfo(info, len(data)), io.BytesIO(data))
         self.count += 1
 
     def close(self) -> dict:

@@ -266,7 +266,8 @@ def test_precomputed_embeddings_give_the_same_keep_list(e2e, shard_dir, tmp_path
         np.save(tmp_path / f"img_emb_{i}.npy", emb.take(part))
         pd.DataFrame({"key": keys["key"].to_numpy()[part], "url": "x"}).to_parquet(
             tmp_path / f"metadata_{i}.parquet")
-    res2 = run_filter(pattern(shard_dir), tmp_path / "out", embeddings=str(tmp_path / "img_emb_*.npy"),
+    res2 = run_filter(pattern(shard_dir), tmp_path / "out",
+                      embeddings=str(tmp_path / "img_emb_*.npy"),
                       metadata=str(tmp_path / "metadata_*.parquet"), clusters=K,
                       max_points_per_centroid=10**6, steps=STEPS, shard_max_count=40,
                       progress=False, log=lambda *_: None)
@@ -279,7 +280,8 @@ def test_precomputed_embeddings_give_the_same_keep_list(e2e, shard_dir, tmp_path
     # exact equality when the row order is the same as the embed stage's
     np.save(tmp_path / "same.npy", emb.take(np.arange(emb.shape[0])))
     keys[["key"]].to_parquet(tmp_path / "same.parquet")
-    res3 = run_filter(pattern(shard_dir), tmp_path / "out3", embeddings=str(tmp_path / "same.npy"),
+    res3 = run_filter(pattern(shard_dir), tmp_path / "out3",
+                      embeddings=str(tmp_path / "same.npy"),
                       metadata=str(tmp_path / "same.parquet"), clusters=K, steps=STEPS,
                       shard_max_count=40, progress=False, log=lambda *_: None)
     pd.testing.assert_frame_equal(res3.keep, res.keep)

@@ -3,7 +3,6 @@ on a local Ray with 2 CPUs. Real images (CIFAR-10 when present), tiny random ope
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pandas as pd
