@@ -440,3 +440,56 @@ def test_report_writes_html_and_plots(e2e):
     n_dup = int((res.keep["reason"] == "duplicate").sum())
     assert f"<td>duplicate</td><td>{n_dup:,}</td>" in page
     assert f"{int(res.keep['kept'].sum()):,} kept" in page
+
+
+def test_clip_score_step_uses_caption_embeddings(shard_dir, tiny_model, tmp_path):
+    out = tmp_path / "clip"
+    first = run_filter(pattern(shard_dir), out, model=tiny_model, clusters=K,
+                       steps=[{"method": "clipscore", "keep": 0.5}], batch_size=32,
+                       write=False, progress=False, log=lambda *_: None)
+    img = np.concatenate([np.load(p) for p in sorted((out / "embed/chunks").glob("*.img.npy"))])
+    txt = np.concatenate([np.load(p) for p in sorted((out / "embed/chunks").glob("*.txt.npy"))])
+    assert img.shape == txt.shape
+    a = img.astype(np.float32) / np.linalg.norm(img.astype(np.float32), axis=1, keepdims=True)
+    b = txt.astype(np.float32) / np.linalg.norm(txt.astype(np.float32), axis=1, keepdims=True)
+    cos = (a * b).sum(1)
+    keep = first.keep
+    np.testing.assert_allclose(keep["score"].to_numpy(), cos, rtol=0, atol=1e-5)
+    assert keep["kept"].sum() == int(np.floor(0.5 * len(keep) + 0.5))
+    assert cos[keep["kept"]].min() >= cos[~keep["kept"]].max()
+    assert set(keep.loc[~keep["kept"], "reason"]) == {"low_clip_score"}
+    # a threshold instead of a fraction: select reruns, the embeddings are reused
+    thr = float(np.median(cos))
+    res = run_filter(pattern(shard_dir), out, model=tiny_model, clusters=K,
+                     steps=[{"method": "clipscore", "min": thr}], batch_size=32,
+                     write=False, progress=False, log=lambda *_: None)
+    assert res.stages["embed"].skipped and not res.stages["select"].skipped
+    np.testing.assert_array_equal(res.keep["kept"].to_numpy(), cos >= thr)
+
+
+def test_hf_vision_encoder_from_local_folder(tmp_path):
+    import torch
+    from PIL import Image
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    from pipelines.encoders import make_encoder
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
+                    num_attention_heads=2, intermediate_size=64)
+    model = ViTModel(cfg).eval()
+    model.save_pretrained(tmp_path / "vit")
+    proc = ViTImageProcessor(size={"height": 32, "width": 32})
+    proc.save_pretrained(tmp_path / "vit")
+    enc = make_encoder("hf:" + str(tmp_path / "vit"), device="cpu")
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8))
+              for _ in range(3)]
+    got = enc.encode_images(images)
+    with torch.no_grad():
+        ref = model(pixel_values=proc(images=images, return_tensors="pt")["pixel_values"])
+    ref = torch.nn.functional.normalize(ref.pooler_output, dim=-1).numpy()
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+    assert enc.fingerprint["kind"] == "hf" and enc.fingerprint["files"]
+    with pytest.raises(ValueError, match="unknown transformers image model"):
+        make_encoder("hf:" + str(tmp_path / "missing"), device="cpu")
