@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,11 @@ class FilterResult:
         return "\n".join(lines)
 
 
+def _natural(path: str):
+    """Sort key: ``img_emb_2`` before ``img_emb_10`` (numbers compared as numbers)."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path)]
+
+
 def _glob_files(spec) -> list[str]:
     if spec is None:
         return []
@@ -72,7 +78,7 @@ def _glob_files(spec) -> list[str]:
         item = os.fspath(item)
         if os.path.isdir(item):
             raise ValueError(f"{item} is a folder: give a glob such as {item}/img_emb_*.npy")
-        matched = sorted(glob.glob(item)) if glob.has_magic(item) else [item]
+        matched = sorted(glob.glob(item), key=_natural) if glob.has_magic(item) else [item]
         for m in matched:
             if not os.path.isfile(m):
                 raise FileNotFoundError(f"no file matched {m!r}")
