@@ -124,7 +124,7 @@ def train_centroids(x, k: int, *, niter: int = 20, seed: int = 1234, spherical: 
     backend = resolve_backend(backend, device)
     n_train = min(n, k * max_points_per_centroid)
     if n_train == n:
-        train = l2_normalize(np.asarray(x))
+        train = l2_normalize(np.asarray(x[0:n]))  # a slice: also loads a ChunkedRows
     else:
         rows = np.sort(np.random.default_rng(seed).choice(n, size=n_train, replace=False))
         train = l2_normalize(x[rows], row_ids=rows)

@@ -1,0 +1,205 @@
+"""Image (and caption) encoders for the embed stage, behind one small interface.
+
+An encoder has ``fingerprint`` (a JSON-able dict that identifies its weights: it goes into
+the embed stage's fingerprint), ``encode_images(list[PIL.Image]) -> (B, d) float32`` unit
+rows, and optionally ``encode_texts(list[str]) -> (B, d)`` (``has_text``).
+
+* :class:`OpenClipEncoder`: an open_clip model by name (``"ViT-B-32"``) or by a model
+  config JSON path (a custom/tiny architecture), with a pretrained tag or a local checkpoint;
+  ``pretrained=None`` gives seeded random weights (tests).
+* :class:`HFImageEncoder`: a transformers vision model folder (``hf:PATH`` on the CLI).
+* :class:`CallableEncoder`: wrap your own function (the demo's offline encoder).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from prunecore.device import resolve_device
+from prunecore.embed import embed_images, embed_texts_clip, load_open_clip
+
+
+def _file_id(path: str) -> dict:
+    st = os.stat(path)
+    return {"path": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+class OpenClipEncoder:
+    """open_clip image/text towers. ``model``: a name from ``open_clip.list_models()`` or a
+    path to a model config ``.json`` (registered under its file stem). ``pretrained``: a tag,
+    a local checkpoint path, or None for random weights seeded with ``seed``."""
+
+    has_text = True
+
+    def __init__(self, model: str, pretrained: str | None = None, *, device: str = "auto",
+                 precision: str = "fp32", seed: int = 0):
+        import open_clip
+
+        fingerprint = {"kind": "open_clip", "model": model, "precision": precision}
+        name = model
+        if str(model).endswith(".json"):
+            if not os.path.isfile(model):
+                raise ValueError(f"open_clip model config {model!r} does not exist")
+            text = Path(model).read_text()
+            fingerprint["config_sha256"] = hashlib.sha256(text.encode()).hexdigest()
+            open_clip.add_model_config(model)
+            name = Path(model).stem
+        if pretrained is not None and os.path.exists(pretrained):
+            fingerprint["pretrained"] = _file_id(pretrained)
+        else:
+            fingerprint["pretrained"] = pretrained
+            if pretrained is None:
+                fingerprint["seed"] = seed
+        if name not in open_clip.list_models():
+            raise ValueError(f"unknown open_clip model {model!r}: not in open_clip.list_models() "
+                             "and not a model config .json path")
+        resolve_device(device)  # fail early on an impossible device
+        self.name, self.pretrained, self.config = name, pretrained, None
+        if str(model).endswith(".json"):
+            self.config = text
+        self.device_request, self.precision, self.seed = device, precision, seed
+        self.fingerprint = fingerprint
+        self.model = None  # loaded on first use: a skipped embed stage never loads weights
+
+    def _load(self):
+        if self.model is not None:
+            return
+        import open_clip
+
+        if self.config is not None and self.name not in open_clip.list_models():
+            tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"{self.name}.json"
+            tmp.write_text(self.config)  # re-register in a fresh process (Ray workers)
+            open_clip.add_model_config(str(tmp))
+        self.device = resolve_device(self.device_request)
+        state = torch.random.get_rng_state()
+        torch.manual_seed(self.seed)
+        try:
+            self.model, self.preprocess, self.tokenizer = load_open_clip(
+                self.name, self.pretrained, device=str(self.device), precision=self.precision)
+        except RuntimeError as exc:
+            raise ValueError(f"cannot load open_clip model {self.name!r} with pretrained="
+                             f"{self.pretrained!r}: {exc}") from exc
+        finally:
+            torch.random.set_rng_state(state)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.update(model=None, preprocess=None, tokenizer=None)  # workers reload
+        return state
+
+    def encode_images(self, images: Sequence) -> np.ndarray:
+        self._load()
+        return embed_images(self.model, images, self.preprocess, batch_size=max(len(images), 1),
+                            device=str(self.device), out_dtype=np.float32, progress=False)
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        self._load()
+        return embed_texts_clip(self.model, self.tokenizer, list(texts),
+                                batch_size=max(len(texts), 1), device=str(self.device),
+                                out_dtype=np.float32, progress=False)
+
+
+class HFImageEncoder:
+    """A transformers vision model from a local folder (or hub name where a hub is reachable).
+
+    Features: ``get_image_features`` when the model has it (CLIP/SigLIP), else
+    ``pooler_output``, else the mean of ``last_hidden_state``; L2-normalised.
+    """
+
+    has_text = False
+
+    def __init__(self, name_or_path: str, *, device: str = "auto",
+                 trust_remote_code: bool = False):
+        from transformers import AutoImageProcessor, AutoModel
+
+        try:
+            self.processor = AutoImageProcessor.from_pretrained(
+                name_or_path, trust_remote_code=trust_remote_code)
+            model = AutoModel.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"unknown transformers image model {name_or_path!r}: {exc}") from exc
+        self.device = resolve_device(device)
+        self.model = model.to(self.device).eval()
+        fp = {"kind": "hf", "model": name_or_path}
+        if os.path.isdir(name_or_path):
+            fp["files"] = [_file_id(str(p)) for p in sorted(Path(name_or_path).iterdir())
+                           if p.is_file()]
+        self.fingerprint = fp
+
+    @torch.inference_mode()
+    def encode_images(self, images: Sequence) -> np.ndarray:
+        pixels = self.processor(images=list(images), return_tensors="pt")["pixel_values"]
+        pixels = pixels.to(self.device, next(self.model.parameters()).dtype)
+        if hasattr(self.model, "get_image_features"):
+            feats = self.model.get_image_features(pixel_values=pixels)
+            if not torch.is_tensor(feats):
+                feats = feats.pooler_output
+        else:
+            out = self.model(pixel_values=pixels)
+            pooled = getattr(out, "pooler_output", None)
+            feats = pooled if pooled is not None else out.last_hidden_state.mean(1)
+        feats = torch.nn.functional.normalize(feats.float().flatten(1), dim=-1)
+        return feats.cpu().numpy()
+
+
+class CallableEncoder:
+    """Wrap ``fn(list[PIL.Image]) -> (B, d)`` array; ``fingerprint`` must identify the weights
+    (e.g. a hash of them) so that a changed encoder re-runs the embed stage."""
+
+    has_text = False
+
+    def __init__(self, fn: Callable[[list], np.ndarray], fingerprint: dict):
+        self.fn = fn
+        self.fingerprint = {"kind": "callable", **fingerprint}
+
+    def encode_images(self, images: Sequence) -> np.ndarray:
+        feats = np.asarray(self.fn(list(images)), dtype=np.float32)
+        return feats / np.linalg.norm(feats, axis=1, keepdims=True).clip(1e-12)
+
+
+class PixelProjectionEncoder:
+    """Weight-free fallback: images resized to ``size`` x ``size`` RGB, centred per image,
+    then a seeded Gaussian random projection to ``dim``; rows (B, dim) unit norm.
+
+    Not semantic (it sees pixels), but deterministic, instant and offline: good for exact and
+    near-exact duplicates, tests, and as a baseline encoder.
+    """
+
+    has_text = False
+
+    def __init__(self, size: int = 16, dim: int = 64, seed: int = 0):
+        self.size, self.dim, self.seed = int(size), int(dim), int(seed)
+        rng = np.random.default_rng(self.seed)
+        self.proj = rng.standard_normal((3 * self.size * self.size, self.dim)).astype(np.float32)
+        self.fingerprint = {"kind": "pixel_projection", "size": self.size, "dim": self.dim,
+                            "seed": self.seed}
+
+    def encode_images(self, images: Sequence) -> np.ndarray:
+        from PIL import Image
+
+        px = np.stack([np.asarray(im.convert("RGB").resize((self.size, self.size),
+                                                           Image.BILINEAR), dtype=np.float32)
+                       for im in images]).reshape(len(images), -1) / 255.0
+        px -= px.mean(axis=1, keepdims=True)
+        feats = px @ self.proj
+        flat = np.linalg.norm(feats, axis=1) < 1e-9
+        feats[flat, 0] = 1.0  # a uniform image has no pattern: one shared direction
+        return feats / np.linalg.norm(feats, axis=1, keepdims=True)
+
+
+def make_encoder(model: str, pretrained: str | None = None, *, device: str = "auto",
+                 precision: str = "fp32", seed: int = 0):
+    """``"hf:PATH"`` -> :class:`HFImageEncoder`; anything else -> :class:`OpenClipEncoder`."""
+    if model.startswith("hf:"):
+        return HFImageEncoder(model[3:], device=device)
+    return OpenClipEncoder(model, pretrained, device=device, precision=precision, seed=seed)
+
+
+def fingerprint_text(fp: dict) -> str:
+    return hashlib.sha256(json.dumps(fp, sort_keys=True, default=str).encode()).hexdigest()

@@ -1,0 +1,173 @@
+"""``--backend ray``: embed, SemDeDup scoring and write as Ray Data jobs.
+
+* **embed**: a Ray Data job over the input shards (one task per shard, one chunk per shard,
+  the same function as the local backend, so the chunks are the same files).
+* **cluster**: k-means runs on the driver on the seeded sample, assignment streams there too
+  (faiss on the driver's GPU when there is one).
+* **select**: SemDeDup, the per-cluster O(m^2 d) part, is a ``groupby("cluster")
+  .map_groups(...)`` over clusters; each group reads its rows from the embedding memmaps and
+  runs :func:`dataprune.semdedup` on that one cluster (the walk order is the same as the
+  local one, so the decisions are identical). DBP/SSP/random/CLIP-score steps need global
+  quantities (quotas, a global ranking) and are linear-time: they run on the driver with the
+  same pure functions, streaming over the memmaps.
+* **write**: a Ray Data job over output shards; output shard j holds the same samples as in
+  the local backend (the plan is computed on the driver), so the output files are the same.
+
+The output folder must be on storage every node sees (NFS, a mounted bucket). Workers
+import prunekit: on a cluster install it in the nodes' environment, or let this backend ship
+the packages (``py_modules``) when ``address`` is given.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .stages import run_step, select_chain, write_outputs
+
+_ART_CACHE: dict = {}
+
+
+def _repo_root() -> str:
+    return str(Path(__file__).resolve().parents[1])
+
+
+class RayBackend:
+    """Connect to (or start) Ray. ``address=None`` starts a local Ray (``num_cpus`` CPUs)
+    unless ``RAY_ADDRESS`` is set; ``"auto"`` or ``"ray://host:10001"`` joins a cluster."""
+
+    def __init__(self, address: str | None = None, num_cpus: int | None = None):
+        import ray
+
+        self.address = address or os.environ.get("RAY_ADDRESS")
+        if not ray.is_initialized():
+            if self.address:
+                import dataprune
+                import pipelines
+                import prunecore
+
+                runtime_env = {"py_modules": [os.path.dirname(m.__file__)
+                                              for m in (prunecore, dataprune, pipelines)]}
+                ray.init(address=self.address, runtime_env=runtime_env, log_to_driver=False)
+            else:
+                path = os.pathsep.join(p for p in (_repo_root(), os.environ.get("PYTHONPATH"))
+                                       if p)
+                ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                         runtime_env={"env_vars": {"PYTHONPATH": path}})
+
+    def __getstate__(self):
+        return {"address": self.address}
+
+    # ----------------------------------------------------------------- embed
+    def embed(self, stage, todo: list[int]) -> None:
+        import ray
+        from tqdm.auto import tqdm
+
+        shipped = copy.copy(stage)
+        shipped.backend = None
+
+        def embed_task(row):
+            shipped.embed_one(int(row["i"]))
+            return {"i": int(row["i"])}
+
+        ds = ray.data.from_items([{"i": int(i)} for i in todo]).map(embed_task)
+        with tqdm(total=len(todo), desc="embed shards (ray)", unit="shard",
+                  disable=not stage.progress) as bar:
+            for _ in ds.iter_rows():
+                bar.update(1)
+
+    # ----------------------------------------------------------------- select
+    def select(self, embed, clustering, steps):
+        embed_dir = str(embed.dir)
+
+        def runner(step, rows, clu, texts, device="auto", progress=False):
+            if step["method"] == "semdedup" and step["order"] in ("hard", "easy"):
+                idx = rows.idx if hasattr(rows, "idx") else np.arange(rows.shape[0])
+                return ray_semdedup(embed_dir, step, idx, clu)
+            return run_step(step, rows, clu, texts, device=device, progress=progress)
+
+        return select_chain(embed, clustering, steps, step_runner=runner)
+
+    # ----------------------------------------------------------------- write
+    def write(self, stage, plan: pd.DataFrame, todo: list[int]) -> None:
+        import ray
+        from tqdm.auto import tqdm
+
+        spec = _WriterSpec(stage.dir, stage.shards, stage.params["prefix"])
+        parts = {int(j): plan[plan["out_shard"] == j] for j in todo}
+
+        def write_task(row):
+            j = int(row["j"])
+            write_outputs(spec, parts[j], [j], progress=False)
+            return {"j": j}
+
+        ds = ray.data.from_items([{"j": int(j)} for j in todo]).map(write_task)
+        with tqdm(total=len(todo), desc="write shards (ray)", unit="shard",
+                  disable=not stage.progress) as bar:
+            for _ in ds.iter_rows():
+                bar.update(1)
+
+
+class _WriterSpec:
+    """What a write task needs from the WriteStage (small to ship)."""
+
+    def __init__(self, dir, shards, prefix):
+        self.dir, self.shards, self.prefix = Path(dir), list(shards), prefix
+
+    def out_name(self, j: int) -> str:
+        return f"{self.prefix}-{j:06d}.tar"
+
+
+def _embeddings(embed_dir: str):
+    from .stages import load_embed_artifact
+
+    if embed_dir not in _ART_CACHE:
+        _ART_CACHE[embed_dir] = load_embed_artifact(Path(embed_dir), "").images
+    return _ART_CACHE[embed_dir]
+
+
+def _semdedup_group(group: pd.DataFrame, embed_dir: str, step: dict) -> pd.DataFrame:
+    """One cluster: rows (global ids, ascending) -> keep + score, via dataprune.semdedup."""
+    from dataprune import semdedup
+    from prunecore import Clustering
+
+    from .stages import RowSubset
+
+    group = group.sort_values("local", kind="stable")
+    m = len(group)
+    rows = RowSubset(_embeddings(embed_dir), group["row"].to_numpy(np.int64))
+    clu = Clustering(centroids=np.zeros((1, rows.shape[1]), np.float32),
+                     labels=np.zeros(m, np.int64), sim=group["sim"].to_numpy(np.float32))
+    sel = semdedup(rows, step["eps"], clustering=clu, order=step["order"], rule=step["rule"],
+                   block_size=step["block_size"], device="cpu")
+    return pd.DataFrame({"local": group["local"].to_numpy(np.int64), "keep": sel.keep,
+                         "score": sel.scores})
+
+
+def ray_semdedup(embed_dir: str, step: dict, idx: np.ndarray, clustering):
+    """SemDeDup over rows ``idx`` (m,) of the embeddings as a Ray groupby over clusters.
+    Returns the same Selection (m,) as :func:`dataprune.semdedup` with that clustering."""
+    import ray
+
+    from dataprune import Selection
+
+    m = idx.shape[0]
+    df = pd.DataFrame({"row": idx.astype(np.int64), "local": np.arange(m, dtype=np.int64),
+                       "cluster": clustering.labels.astype(np.int64),
+                       "sim": clustering.sim.astype(np.float32)})
+    ds = ray.data.from_pandas(df).groupby("cluster").map_groups(
+        _semdedup_group, fn_args=(embed_dir, step), batch_format="pandas")
+    out = ds.to_pandas()
+    keep = np.ones(m, dtype=bool)
+    scores = np.full(m, np.nan, dtype=np.float32)
+    local = out["local"].to_numpy(np.int64)
+    keep[local] = out["keep"].to_numpy(bool)
+    scores[local] = out["score"].to_numpy(np.float32)
+    sizes = clustering.sizes
+    stats = pd.DataFrame({"cluster": np.arange(clustering.k), "size": sizes,
+                          "kept": np.bincount(clustering.labels[keep], minlength=clustering.k),
+                          "eps": float(step["eps"])})
+    return Selection.from_mask(keep, "duplicate", scores=scores, stats={"semdedup": stats})
