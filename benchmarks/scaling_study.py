@@ -687,7 +687,7 @@ def main(argv=None):
     if args.results_json:
         write_json(args.results_json, {"recipe": study.recipe, "results": results,
                                        "teacher": teacher, "ssl": ssl})
-    return {"results": results, "table": md, "trained": study.trained, "dir": study.dir}
+    return {"results": results, "table": md, "trained": study.trained, "study": study}
 
 
 if __name__ == "__main__":
