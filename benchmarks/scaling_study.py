@@ -452,8 +452,13 @@ class Study:
                         points.append((m, None, f, seed, None))
             for seed in a.extra_seeds:
                 if f <= a.cheap_fraction:
-                    points += [(m, None, f, seed, None) for m in a.methods
-                               if m in ("random", "random_kd")]
+                    for m in a.methods:
+                        if m not in a.extra_seed_methods:
+                            continue
+                        if m in EMB_METHODS:
+                            points += [(m, e, f, seed, None) for e in a.embeddings]
+                        else:
+                            points.append((m, None, f, seed, None))
         for f in a.sweep_fractions:
             for alpha in a.sweep_alphas:
                 points.append(("random_kd", None, f, a.seeds[0], alpha))
@@ -582,7 +587,8 @@ def plot(results, args, out_dir: Path):
     grid_acc = alpha_grid(results)
     if any(r["method"] == "random_kd" for r in results):
         fs = sorted(f for f in grid_acc if len(grid_acc[f]) > 1)
-        best = [max(grid_acc[f], key=grid_acc[f].get) for f in fs]
+        swept = [f for f in fs if len(grid_acc[f]) > 2]  # a "best alpha" needs a real sweep
+        best = [max(grid_acc[f], key=grid_acc[f].get) for f in swept]
         fig, ax = plt.subplots(figsize=(5.5, 3.8))
         grid = np.linspace(0.05, 1.0, 100)
         ax.plot(grid * 100, [kd_alpha(f) for f in grid], "k-", lw=1, label="kd_alpha(f) default")
@@ -593,7 +599,7 @@ def plot(results, args, out_dir: Path):
             for al, acc in zip(als, accs):
                 ax.annotate(f"{100 * acc:.1f}", (f * 100, al), fontsize=6,
                             xytext=(4, -2), textcoords="offset points")
-        ax.plot(np.array(fs) * 100, best, "rs", ms=7, mfc="none", label="best α measured")
+        ax.plot(np.array(swept) * 100, best, "rs", ms=9, mfc="none", label="best α measured")
         ax.set_xlabel("kept fraction (%)")
         ax.set_ylabel("KD weight α")
         ax.set_title(f"{args.dataset}: KD weight vs. kept fraction")
@@ -621,7 +627,9 @@ def parse_args(argv=None):
     p.add_argument("--embeddings", nargs="+", default=["ssl", "sup"], choices=["ssl", "sup"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--extra-seeds", type=int, nargs="*", default=[1, 2],
-                   help="more seeds for random / random_kd at fractions <= --cheap-fraction")
+                   help="more seeds for --extra-seed-methods at fractions <= --cheap-fraction")
+    p.add_argument("--extra-seed-methods", nargs="+", default=["random", "random_kd"],
+                   choices=ALL_METHODS)
     p.add_argument("--cheap-fraction", type=float, default=0.3)
     p.add_argument("--sweep-fractions", type=float, nargs="*", default=[0.1, 0.7])
     p.add_argument("--sweep-alphas", type=float, nargs="*", default=[0.0, 0.25, 0.5, 0.75, 1.0])
