@@ -652,6 +652,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--plots", type=Path, default=None, help="folder for the PNG plots")
     p.add_argument("--results-json", type=Path, default=None)
+    p.add_argument("--report-cached", action="store_true",
+                   help="table/plots over every cached point of this recipe, not just the grid")
     p.add_argument("--quick", action="store_true", help="tiny slice, seconds (CI)")
     p.add_argument("--silent", action="store_true")
     args = p.parse_args(argv)
@@ -678,6 +680,11 @@ def main(argv=None):
     study = Study(args)
     t0 = time.time()
     results = study.run()
+    if args.report_cached:  # every point of this recipe trained so far, from any grid
+        results = [json.loads(f.read_text())
+                   for f in sorted((study.dir / "points").glob("*.json"))]
+        results = [r for r in results if r["fraction"] in args.fractions
+                   or r["method"] == "random_kd"]
     md = table(results, args.fractions, method_labels(args))
     teacher = json.loads((study.dir / "teacher.json").read_text()) \
         if (study.dir / "teacher.json").exists() else {}
