@@ -220,17 +220,22 @@ RULES = ("llada", "fastdllm", "localleap", "eb")
 
 def confidence_from_logits(logits: torch.Tensor, *, temperature: float = 0.0,
                            generator: torch.Generator | None = None,
-                           need_entropy: bool = False):
+                           need_entropy: bool = False, exclude_id: int | None = None):
     """Proposals and confidences from logits.
 
     Args:
         logits: ``(B, L, V)``.
         temperature: 0 -> ``x0 = argmax(logits)``; > 0 -> Gumbel-max sampling at that
             temperature, computed in float64 (LLaDA convention).
+        exclude_id: a token that may never be proposed (the mask id: committing it would
+            leave the position masked forever); its logit is set to -inf first.
     Returns:
         ``(x0, conf, entropy)``: ``(B, L)`` int64, ``(B, L)`` float32 ``softmax(logits)[x0]``,
         and ``(B, L)`` float32 entropy of ``softmax(logits)`` (or None).
     """
+    if exclude_id is not None and 0 <= exclude_id < logits.shape[-1]:
+        logits = logits.clone()
+        logits[..., exclude_id] = float("-inf")
     logp = torch.log_softmax(logits.float(), dim=-1)
     if temperature > 0:
         u = torch.rand(logits.shape, dtype=torch.float64, device=logits.device,
@@ -466,7 +471,8 @@ def localleap_generate(model: Callable, input_ids, *, gen_length: int = 256,
                 row_nfe += masked.any(-1).long()
                 x0, conf, ent = confidence_from_logits(block_logits, temperature=temperature,
                                                        generator=generator,
-                                                       need_entropy=need_entropy)
+                                                       need_entropy=need_entropy,
+                                                       exclude_id=int(mask_id))
                 if rule == "localleap":
                     commit = localleap_transfer(conf, masked, threshold=threshold,
                                                 relaxed_threshold=relaxed_threshold,
