@@ -225,10 +225,14 @@ def train(*, steps: int = 3000, batch_size: int = 64, lr: float = 1e-3, seed: in
     return model
 
 
+def weights_path(steps: int) -> Path:
+    return cache_dir() / f"testbed_d{DIGITS}_g{GEN_LENGTH}_s{steps}.pt"
+
+
 def load_or_train(*, steps: int = 3000, retrain: bool = False, threads: int = 2,
                   verbose: bool = True) -> TestbedDLLM:
     """Load the cached weights (``safetensors``-free plain state dict, ``weights_only``) or train."""
-    path = cache_dir() / f"testbed_d{DIGITS}_g{GEN_LENGTH}_s{steps}.pt"
+    path = weights_path(steps)
     model = TestbedDLLM()
     if path.exists() and not retrain:
         model.load_state_dict(torch.load(path, weights_only=True))
@@ -236,7 +240,7 @@ def load_or_train(*, steps: int = 3000, retrain: bool = False, threads: int = 2,
         return model
     if verbose:
         print(f"training the testbed dLLM ({steps} steps) -> {path}", flush=True)
-    model = train(steps=steps, threads=threads, log_every=250 if verbose else 0)
+    model = train(steps=steps, threads=threads, log_every=100 if verbose else 0)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save(model.state_dict(), tmp)
