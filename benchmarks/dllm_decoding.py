@@ -1,8 +1,9 @@
 """dLLM parallel decoding on a really trained masked diffusion LM: LLaDA vs Fast-dLLM vs
 LocalLeap vs EB-sampler, same prompts, one run.
 
-The model is the testbed of ``benchmarks/dllm_testbed.py`` (reversed multi-digit addition,
-trained here on CPU if ``~/.cache/prunekit/dllm_testbed`` has no weights yet). For each
+The models are the testbeds of ``benchmarks/dllm_testbed.py`` (one per task: reversed
+multi-digit addition ``add`` and running digit sums ``runsum``), trained here on CPU when
+``~/.cache/prunekit/dllm_testbed`` has no weights yet. For each
 decoding rule: exact-match accuracy, mean forward passes per sample (NFE), NFE as % of the
 one-token-per-step LLaDA baseline, tokens committed per forward, and the wall-clock
 tokens/s ratio to the baseline (batch size 1, same machine, same run).
@@ -39,19 +40,19 @@ def methods(gen_length: int):
     ]
 
 
-def run(model, tok, pairs, *, block_length: int, batch_size: int, n_time: int,
+def run(model, tok, problems, *, block_length: int, batch_size: int, n_time: int,
         extra_methods=()):
-    ids, P = tb.make_batch(pairs, tok)
+    ids, P = tb.make_batch(problems, tok)
     prompts = ids[:, :P]
     G = tb.GEN_LENGTH
     rows = []
     for name, kw in list(methods(G)) + list(extra_methods):
         correct, row_nfe = [], []
-        for i in range(0, len(pairs), batch_size):
+        for i in range(0, len(problems), batch_size):
             res = localleap_generate(model, prompts[i:i + batch_size], gen_length=G,
                                      block_length=block_length, mask_id=tok.mask_token_id,
                                      eos_id=tok.eos_token_id, **kw)
-            correct.append(tb.exact_match(res.generated, pairs[i:i + batch_size], tok))
+            correct.append(tb.exact_match(res.generated, problems[i:i + batch_size], tok))
             row_nfe.append(res.row_nfe)
         acc = torch.cat(correct).float().mean().item()
         nfe = torch.cat(row_nfe).float().mean().item()
@@ -75,6 +76,7 @@ def run(model, tok, pairs, *, block_length: int, batch_size: int, n_time: int,
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="seconds-long smoke run")
+    ap.add_argument("--task", default="all", choices=["all"] + sorted(tb.TASKS))
     ap.add_argument("--n", type=int, default=500, help="test problems")
     ap.add_argument("--n-time", type=int, default=100, help="problems timed at batch size 1")
     ap.add_argument("--block-length", type=int, default=8)
@@ -85,24 +87,29 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     tok = tb.TestbedTokenizer()
+    tasks = sorted(tb.TASKS) if args.task == "all" else [args.task]
     if args.quick:
         args.n, args.n_time = 16, 2
-        path_ok = tb.weights_path(args.train_steps).exists()
-        model = (tb.load_or_train(steps=args.train_steps, threads=args.threads) if path_ok
-                 else tb.train(steps=10, log_every=0, threads=args.threads))
-        note = "cached testbed weights" if path_ok else "UNTRAINED smoke model (10 steps)"
-    else:
-        model = tb.load_or_train(steps=args.train_steps, threads=args.threads)
-        note = f"testbed trained {args.train_steps} steps"
-    pairs = tb.make_problems(args.n, generator=torch.Generator().manual_seed(args.seed))
-    t0 = time.time()
-    rows, table = run(model, tok, pairs, block_length=args.block_length,
-                      batch_size=args.batch_size, n_time=args.n_time)
-    print(f"\n### dLLM decoding on the testbed ({note}; {args.n} problems, "
-          f"{tb.DIGITS}-digit reversed addition, gen_length {tb.GEN_LENGTH}, block "
-          f"{args.block_length}, torch threads {args.threads}, {time.time() - t0:.0f}s)\n")
-    print(table)
-    return rows
+    results = {}
+    for task in tasks:
+        cached = tb.weights_path(task, args.train_steps).exists()
+        if args.quick and not cached:
+            model = tb.train(task=task, steps=10, log_every=0, threads=args.threads)
+            note = "UNTRAINED smoke model (10 steps)"
+        else:
+            model = tb.load_or_train(task=task, steps=args.train_steps, threads=args.threads)
+            note = f"testbed trained {args.train_steps} steps"
+        problems = tb.make_problems(args.n, task=task,
+                                    generator=torch.Generator().manual_seed(args.seed))
+        t0 = time.time()
+        rows, table = run(model, tok, problems, block_length=args.block_length,
+                          batch_size=args.batch_size, n_time=args.n_time)
+        print(f"\n### task {task!r} ({note}; {args.n} problems, gen_length {tb.GEN_LENGTH}, "
+              f"block {args.block_length}, torch threads {args.threads}, "
+              f"{time.time() - t0:.0f}s)\n")
+        print(table, flush=True)
+        results[task] = rows
+    return results
 
 
 if __name__ == "__main__":

@@ -150,35 +150,59 @@ class TestbedDLLM(nn.Module):
         return TestbedOutput(logits=logits, past_key_values=tuple(new_cache) if use_cache else None)
 
 
-# ------------------------------------------------------------------------------ task
-def make_problems(n: int, *, digits: int = DIGITS, generator: torch.Generator | None = None):
-    """Random operands: (n, 2) int64 with 1..digits digits each (length uniform)."""
-    lens = torch.randint(1, digits + 1, (n, 2), generator=generator)
+# ------------------------------------------------------------------------------ tasks
+# A problem is a (prompt, answer) pair of strings; exact match compares the generated text
+# before the first <eos> with the answer.
+RUNSUM_DIGITS = 12
+
+
+def _add_problems(n, generator):
+    lens = torch.randint(1, DIGITS + 1, (n, 2), generator=generator)
     lo = (10 ** (lens - 1)).double()
     hi = (10 ** lens).double()
     u = torch.rand((n, 2), generator=generator, dtype=torch.float64)
-    vals = (lo + u * (hi - lo)).floor().long()
-    return torch.where(lens == 1, (u * 10).floor().long(), vals)
+    vals = torch.where(lens == 1, (u * 10).floor().long(), (lo + u * (hi - lo)).floor().long())
+    return [(f"{str(a).zfill(DIGITS)[::-1]}+{str(b).zfill(DIGITS)[::-1]}=", str(a + b)[::-1])
+            for a, b in vals.tolist()]
 
 
-def prompt_text(a: int, b: int, digits: int = DIGITS) -> str:
-    return f"{str(a).zfill(digits)[::-1]}+{str(b).zfill(digits)[::-1]}="
+def _runsum_problems(n, generator):
+    d = torch.randint(0, 10, (n, RUNSUM_DIGITS), generator=generator)
+    s = d.cumsum(-1) % 10
+    return [("".join(map(str, a)) + "=", "".join(map(str, b)))
+            for a, b in zip(d.tolist(), s.tolist())]
 
 
-def answer_text(a: int, b: int) -> str:
-    return str(a + b)[::-1]
+TASKS = {
+    # reversed addition: a, b of 1..6 digits, least-significant digit first, zero-padded;
+    # answer = reversed sum. The carry is the only long-range dependency.
+    "add": _add_problems,
+    # running sum mod 10 of 12 digits ("worked steps" of a digit sum): s_i = s_{i-1} + d_i;
+    # each answer digit is easy given its left neighbour, hard from the prompt alone.
+    "runsum": _runsum_problems,
+}
 
 
-def make_batch(pairs, tok: TestbedTokenizer, *, digits: int = DIGITS,
-               gen_length: int = GEN_LENGTH):
+def make_problems(n: int, *, task: str = "add", generator: torch.Generator | None = None):
+    """``n`` random (prompt, answer) string pairs of ``task`` (see :data:`TASKS`)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {sorted(TASKS)}")
+    return TASKS[task](n, generator)
+
+
+def make_batch(problems, tok: TestbedTokenizer, *, gen_length: int = GEN_LENGTH):
     """Token ids ``(n, P + gen_length)`` (prompt, answer, eos fill) and the prompt length P."""
     rows = []
-    for a, b in pairs.tolist():  # data preparation, once per example
-        p = tok.encode(prompt_text(a, b, digits))
-        ans = tok.encode(answer_text(a, b), add_special_tokens=False)
-        rows.append(p + ans + [tok.eos_token_id] * (gen_length - len(ans)))
-    ids = torch.tensor(rows, dtype=torch.long)
-    return ids, len(tok.encode(prompt_text(0, 0, digits)))
+    P = None
+    for prompt, ans in problems:  # data preparation, once per example
+        p = tok.encode(prompt)
+        a = tok.encode(ans, add_special_tokens=False)
+        if P is None:
+            P = len(p)
+        if len(p) != P or len(a) > gen_length:
+            raise ValueError("prompts of a task must share one length; answers fit gen_length")
+        rows.append(p + a + [tok.eos_token_id] * (gen_length - len(a)))
+    return torch.tensor(rows, dtype=torch.long), P
 
 
 def cache_dir() -> Path:
@@ -186,7 +210,7 @@ def cache_dir() -> Path:
     return root / "dllm_testbed"
 
 
-def train(*, steps: int = 3000, batch_size: int = 64, lr: float = 1e-3, seed: int = 0,
+def train(*, task: str = "add", steps: int = 3000, batch_size: int = 64, lr: float = 1e-3, seed: int = 0,
           threads: int = 2, log_every: int = 250, config: TestbedConfig | None = None):
     """Train the testbed dLLM; returns the model (eval mode)."""
     torch.set_num_threads(threads)
@@ -201,7 +225,7 @@ def train(*, steps: int = 3000, batch_size: int = 64, lr: float = 1e-3, seed: in
     t0 = time.time()
     model.train()
     for step in range(steps):
-        ids, P = make_batch(make_problems(batch_size, generator=g), tok)
+        ids, P = make_batch(make_problems(batch_size, task=task, generator=g), tok)
         t = torch.rand(batch_size, 1, generator=g)
         noise = torch.rand(ids.shape, generator=g)
         mask = (noise < t) & (torch.arange(ids.shape[1]) >= P)
@@ -218,29 +242,29 @@ def train(*, steps: int = 3000, batch_size: int = 64, lr: float = 1e-3, seed: in
             msg = f"step {step:5d}  loss {loss.item():.4f}  {time.time() - t0:6.1f}s"
             if step and (step % (4 * log_every) == 0 or step == steps - 1):
                 model.eval()
-                msg += f"  one-per-step acc {quick_accuracy(model, tok, n=64):.3f}"
+                msg += f"  one-per-step acc {quick_accuracy(model, tok, task=task, n=64):.3f}"
                 model.train()
             print(msg, flush=True)
     model.eval()
     return model
 
 
-def weights_path(steps: int) -> Path:
-    return cache_dir() / f"testbed_d{DIGITS}_g{GEN_LENGTH}_s{steps}.pt"
+def weights_path(task: str, steps: int) -> Path:
+    return cache_dir() / f"testbed_{task}_g{GEN_LENGTH}_s{steps}.pt"
 
 
-def load_or_train(*, steps: int = 3000, retrain: bool = False, threads: int = 2,
+def load_or_train(*, task: str = "add", steps: int = 3000, retrain: bool = False, threads: int = 2,
                   verbose: bool = True) -> TestbedDLLM:
     """Load the cached weights (``safetensors``-free plain state dict, ``weights_only``) or train."""
-    path = weights_path(steps)
+    path = weights_path(task, steps)
     model = TestbedDLLM()
     if path.exists() and not retrain:
         model.load_state_dict(torch.load(path, weights_only=True))
         model.eval()
         return model
     if verbose:
-        print(f"training the testbed dLLM ({steps} steps) -> {path}", flush=True)
-    model = train(steps=steps, threads=threads, log_every=100 if verbose else 0)
+        print(f"training the testbed dLLM on {task!r} ({steps} steps) -> {path}", flush=True)
+    model = train(task=task, steps=steps, threads=threads, log_every=100 if verbose else 0)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save(model.state_dict(), tmp)
@@ -248,31 +272,32 @@ def load_or_train(*, steps: int = 3000, retrain: bool = False, threads: int = 2,
     return model
 
 
-def quick_accuracy(model, tok, *, n: int = 64, seed: int = 123) -> float:
+def quick_accuracy(model, tok, *, task: str = "add", n: int = 64, seed: int = 123) -> float:
     """Exact match of LLaDA one-token-per-step decoding on ``n`` fresh problems."""
     from tokenprune.localleap import localleap_generate
 
-    pairs = make_problems(n, generator=torch.Generator().manual_seed(seed))
+    pairs = make_problems(n, task=task, generator=torch.Generator().manual_seed(seed))
     ids, P = make_batch(pairs, tok)
     res = localleap_generate(model, ids[:, :P], gen_length=GEN_LENGTH, block_length=GEN_LENGTH,
                              mask_id=tok.mask_token_id, rule="llada")
     return exact_match(res.generated, pairs, tok).float().mean().item()
 
 
-def exact_match(generated: torch.Tensor, pairs, tok: TestbedTokenizer) -> torch.Tensor:
-    """(n,) bool: the text before the first ``<eos>`` equals the reversed sum."""
+def exact_match(generated: torch.Tensor, problems, tok: TestbedTokenizer) -> torch.Tensor:
+    """(n,) bool: the generated text before the first ``<eos>`` equals the answer."""
     out = []
-    for row, (a, b) in zip(generated.tolist(), pairs.tolist()):
+    for row, (_, ans) in zip(generated.tolist(), problems):
         if tok.eos_token_id in row:
             row = row[: row.index(tok.eos_token_id)]
-        out.append(tok.decode(row) == answer_text(a, b))
+        out.append(tok.decode(row) == ans)
     return torch.tensor(out)
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--task", default="add", choices=sorted(TASKS))
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--retrain", action="store_true")
     args = ap.parse_args()
-    load_or_train(steps=args.steps, retrain=args.retrain, threads=args.threads)
+    load_or_train(task=args.task, steps=args.steps, retrain=args.retrain, threads=args.threads)

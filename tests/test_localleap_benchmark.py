@@ -11,7 +11,8 @@ def test_dllm_decoding_quick(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PRUNEKIT_CACHE", str(tmp_path))  # no cached weights: smoke model
     import dllm_decoding
 
-    rows = dllm_decoding.main(["--quick", "--threads", "1"])
+    results = dllm_decoding.main(["--quick", "--threads", "1", "--task", "runsum"])
+    rows = results["runsum"]
     out = capsys.readouterr().out
     assert "| decoding | exact match |" in out and "UNTRAINED" in out
     names = [r["method"] for r in rows]
