@@ -99,7 +99,8 @@ def dllm_generate(model, tokenizer, prompt, *, rule: str = "localleap", gen_leng
         mask_id, eos_id: override what the tokenizer/config say.
         chat: wrap a str prompt in the chat template (default: no).
         **kwargs: passed to :func:`localleap_generate` (threshold, relaxed_threshold, radius,
-            gamma, steps, temperature, early_stop, use_cache, generator).
+            gamma, steps, temperature, early_stop, use_cache, shift_logits, generator).
+            ``shift_logits`` defaults to True for ``config.model_type == "dream"``.
     Returns:
         :class:`DLLMGeneration`; the text stops at the first EOS.
     """
@@ -112,6 +113,9 @@ def dllm_generate(model, tokenizer, prompt, *, rule: str = "localleap", gen_leng
     encoded = [_encode(tokenizer, p, chat) for p in prompts]
     pad = getattr(tokenizer, "pad_token_id", None)
     pad = pad if pad is not None else (eid if eid is not None else mid)
+    cfg = getattr(model, "config", None)
+    if "shift_logits" not in kwargs and str(getattr(cfg, "model_type", "")).lower() == "dream":
+        kwargs["shift_logits"] = True  # Dream predicts token i from the logits at i - 1
     res = localleap_generate(model, encoded, gen_length=gen_length, block_length=block_length,
                              mask_id=mid, rule=rule, eos_id=eid, pad_id=pad, **kwargs)
     gen = res.generated

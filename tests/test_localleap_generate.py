@@ -205,6 +205,18 @@ def test_early_stop_fills_eos_without_more_passes():
     assert full.block_nfe == [1, 1, 1, 1] and torch.equal(full.ids, res.ids)
 
 
+def test_shift_logits_dream_convention():
+    P, gen = 3, 8
+    model = _toy(P, gen, 2)
+    res = localleap_generate(model, torch.zeros(1, P, dtype=torch.long), gen_length=gen,
+                             block_length=8, mask_id=MASK, shift_logits=True)
+    # position p takes the proposal made at p - 1: token (p - 1) % 4
+    assert res.generated[0].tolist() == [(p - 1) % 4 for p in range(P, P + gen)]
+    with pytest.raises(ValueError, match="use_cache"):
+        localleap_generate(model, torch.zeros(1, P, dtype=torch.long), gen_length=gen,
+                           block_length=8, mask_id=MASK, shift_logits=True, use_cache=True)
+
+
 def test_left_padding_equals_single_runs():
     torch.manual_seed(0)
     model = tb.TestbedDLLM(tb.TestbedConfig(d_model=32, n_layers=2, n_heads=2)).eval()

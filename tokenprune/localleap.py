@@ -325,6 +325,7 @@ def localleap_generate(model: Callable, input_ids, *, gen_length: int = 256,
                        temperature: float = 0.0, eos_id: int | None = None,
                        early_stop: bool = False, attention_mask: torch.Tensor | None = None,
                        pad_id: int | None = None, use_cache: bool = False,
+                       shift_logits: bool = False,
                        generator: torch.Generator | None = None) -> DecodeResult:
     """Semi-autoregressive masked-diffusion decoding with a pluggable commit rule.
 
@@ -361,6 +362,9 @@ def localleap_generate(model: Callable, input_ids, *, gen_length: int = 256,
             feed only ``canvas[:, block_start:]`` with ``past_key_values``. The model must
             accept ``use_cache``/``past_key_values`` and return ``.past_key_values`` (a tuple
             of per-layer ``(k, v)`` with positions on dim -2, or an object with ``crop``).
+        shift_logits: the model predicts position ``i`` from the logits at ``i - 1`` (Dream,
+            which is initialised from an autoregressive LM); logits are shifted right by one
+            before use. Not combinable with ``use_cache``.
         generator: torch generator for the Gumbel noise.
     Returns:
         :class:`DecodeResult` (unpacks as ``ids, nfe``).
@@ -384,6 +388,8 @@ def localleap_generate(model: Callable, input_ids, *, gen_length: int = 256,
             raise ValueError("relaxed_threshold must be <= threshold")
     if early_stop and eos_id is None:
         raise ValueError("early_stop=True needs eos_id")
+    if shift_logits and use_cache:
+        raise ValueError("shift_logits (Dream) is not supported together with use_cache")
 
     prompt, am = _left_pad(input_ids, attention_mask, pad_id if pad_id is not None else
                            (eos_id if eos_id is not None else mask_id))
@@ -431,6 +437,8 @@ def localleap_generate(model: Callable, input_ids, *, gen_length: int = 256,
         if logits.shape[:2] != inp.shape:
             raise ValueError(f"model returned logits of shape {tuple(logits.shape)} for input "
                              f"{tuple(inp.shape)}; it must score every canvas position")
+        if shift_logits:
+            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
         return logits, getattr(out, "past_key_values", None)
 
     with torch.no_grad():
