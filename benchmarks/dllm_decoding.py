@@ -2,7 +2,7 @@
 LocalLeap vs EB-sampler, same prompts, one run.
 
 The models are the testbeds of ``benchmarks/dllm_testbed.py`` (one per task: reversed
-multi-digit addition ``add`` and running digit sums ``runsum``), trained here on CPU when
+multi-digit addition ``add`` and running parity ``parity``), trained here on CPU when
 ``~/.cache/prunekit/dllm_testbed`` has no weights yet. For each
 decoding rule: exact-match accuracy, mean forward passes per sample (NFE), NFE as % of the
 one-token-per-step LLaDA baseline, tokens committed per forward, and the wall-clock

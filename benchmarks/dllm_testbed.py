@@ -1,15 +1,13 @@
 """A small, really trained masked diffusion LM (dLLM) to test dLLM decoding rules honestly.
 
 No diffusion-LM weights exist offline, so this module trains one: a bidirectional transformer
-with an MDLM/LLaDA-style masking objective on reversed multi-digit addition, a task whose
-answers are checked exactly and which has local structure (the carry chain).
+with an MDLM/LLaDA-style masking objective on tasks whose answers are checked exactly and
+which have local structure (see :data:`TASKS`):
 
-Task: ``a+b=`` with ``a, b`` of 1..``DIGITS`` digits, each written least-significant digit
-first and zero-padded to ``DIGITS`` digits; the answer is ``a+b`` written least-significant
-digit first (no padding zeros), then ``<eos>`` up to ``gen_length``. Example (DIGITS=8)::
-
-    prompt  <bos>32100000+58000000=
-    answer  8060<eos><eos>...          (123 + 85 = 208 -> "802", wait: see make_batch)
+* ``add``: ``a+b=`` with ``a, b`` of 1..``DIGITS`` digits, each written least-significant
+  digit first and zero-padded; the answer is ``a+b`` least-significant digit first, then
+  ``<eos>`` up to ``GEN_LENGTH``: ``829000+508600=`` -> ``3377`` (928 + 6805 = 7733).
+* ``parity``: 12 bits; the answer is the running parity ``s_i = s_{i-1} xor d_i``.
 
 Training (LLaDA SFT convention): the prompt is never masked; each generated-region token is
 replaced by ``<mask>`` with probability ``t ~ U(0, 1)`` per sample, and the loss is the
@@ -153,7 +151,7 @@ class TestbedDLLM(nn.Module):
 # ------------------------------------------------------------------------------ tasks
 # A problem is a (prompt, answer) pair of strings; exact match compares the generated text
 # before the first <eos> with the answer.
-RUNSUM_DIGITS = 12
+PARITY_BITS = 12
 
 
 def _add_problems(n, generator):
@@ -166,9 +164,9 @@ def _add_problems(n, generator):
             for a, b in vals.tolist()]
 
 
-def _runsum_problems(n, generator):
-    d = torch.randint(0, 10, (n, RUNSUM_DIGITS), generator=generator)
-    s = d.cumsum(-1) % 10
+def _parity_problems(n, generator):
+    d = torch.randint(0, 2, (n, PARITY_BITS), generator=generator)
+    s = d.cumsum(-1) % 2
     return [("".join(map(str, a)) + "=", "".join(map(str, b)))
             for a, b in zip(d.tolist(), s.tolist())]
 
@@ -177,9 +175,9 @@ TASKS = {
     # reversed addition: a, b of 1..6 digits, least-significant digit first, zero-padded;
     # answer = reversed sum. The carry is the only long-range dependency.
     "add": _add_problems,
-    # running sum mod 10 of 12 digits ("worked steps" of a digit sum): s_i = s_{i-1} + d_i;
-    # each answer digit is easy given its left neighbour, hard from the prompt alone.
-    "runsum": _runsum_problems,
+    # running parity of 12 bits ("worked steps" of a parity): s_i = s_{i-1} xor d_i; each
+    # answer bit is easy given its left neighbour, hard from the prompt alone (parity).
+    "parity": _parity_problems,
 }
 
 

@@ -11,8 +11,8 @@ def test_dllm_decoding_quick(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PRUNEKIT_CACHE", str(tmp_path))  # no cached weights: smoke model
     import dllm_decoding
 
-    results = dllm_decoding.main(["--quick", "--threads", "1", "--task", "runsum"])
-    rows = results["runsum"]
+    results = dllm_decoding.main(["--quick", "--threads", "1", "--task", "parity"])
+    rows = results["parity"]
     out = capsys.readouterr().out
     assert "| decoding | exact match |" in out and "UNTRAINED" in out
     names = [r["method"] for r in rows]
