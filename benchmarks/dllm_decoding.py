@@ -81,7 +81,8 @@ def main(argv=None):
     ap.add_argument("--n-time", type=int, default=100, help="problems timed at batch size 1")
     ap.add_argument("--block-length", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=100)
-    ap.add_argument("--train-steps", type=int, default=3000)
+    ap.add_argument("--train-steps", type=int, default=None,
+                    help="default: the testbed's TRAIN_STEPS per task")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=2024)
     args = ap.parse_args(argv)
@@ -92,13 +93,14 @@ def main(argv=None):
         args.n, args.n_time = 16, 2
     results = {}
     for task in tasks:
-        cached = tb.weights_path(task, args.train_steps).exists()
+        steps = args.train_steps or tb.TRAIN_STEPS[task]
+        cached = tb.weights_path(task, steps).exists()
         if args.quick and not cached:
             model = tb.train(task=task, steps=10, log_every=0, threads=args.threads)
             note = "UNTRAINED smoke model (10 steps)"
         else:
-            model = tb.load_or_train(task=task, steps=args.train_steps, threads=args.threads)
-            note = f"testbed trained {args.train_steps} steps"
+            model = tb.load_or_train(task=task, steps=steps, threads=args.threads)
+            note = f"testbed trained {steps} steps"
         problems = tb.make_problems(args.n, task=task,
                                     generator=torch.Generator().manual_seed(args.seed))
         t0 = time.time()

@@ -181,6 +181,10 @@ TASKS = {
 }
 
 
+# training steps per task (the default of load_or_train and of the benchmark)
+TRAIN_STEPS = {"add": 3000, "parity": 6000}
+
+
 def make_problems(n: int, *, task: str = "add", generator: torch.Generator | None = None):
     """``n`` random (prompt, answer) string pairs of ``task`` (see :data:`TASKS`)."""
     if task not in TASKS:
@@ -251,9 +255,10 @@ def weights_path(task: str, steps: int) -> Path:
     return cache_dir() / f"testbed_{task}_g{GEN_LENGTH}_s{steps}.pt"
 
 
-def load_or_train(*, task: str = "add", steps: int = 3000, retrain: bool = False, threads: int = 2,
+def load_or_train(*, task: str = "add", steps: int | None = None, retrain: bool = False, threads: int = 2,
                   verbose: bool = True) -> TestbedDLLM:
     """Load the cached weights (``safetensors``-free plain state dict, ``weights_only``) or train."""
+    steps = TRAIN_STEPS[task] if steps is None else steps
     path = weights_path(task, steps)
     model = TestbedDLLM()
     if path.exists() and not retrain:
@@ -294,7 +299,7 @@ def exact_match(generated: torch.Tensor, problems, tok: TestbedTokenizer) -> tor
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--task", default="add", choices=sorted(TASKS))
-    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--steps", type=int, default=None, help="default: TRAIN_STEPS[task]")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--retrain", action="store_true")
     args = ap.parse_args()
