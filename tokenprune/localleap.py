@@ -393,8 +393,8 @@ def localleap_generate(model: Callable, input_ids, *, gen_length: int = 256,
 
     prompt, am = _left_pad(input_ids, attention_mask, pad_id if pad_id is not None else
                            (eos_id if eos_id is not None else mask_id))
-    device = prompt.device if isinstance(prompt, torch.Tensor) else None
-    try:
+    device = prompt.device
+    try:  # follow the model's device when it has parameters
         device = next(model.parameters()).device
     except (AttributeError, StopIteration, TypeError):
         pass
