@@ -1,0 +1,130 @@
+"""Generate with a masked diffusion LLM (LLaDA, Dream, ...) and a parallel-decoding rule.
+
+Thin adapter around :func:`tokenprune.localleap.localleap_generate`: it turns a prompt (or a
+chat ``messages`` list, or a batch of prompts) into ids with the user's tokenizer, finds the
+mask and EOS ids from the tokenizer/config, runs the loop and decodes text.
+
+    >>> from transformers import AutoModel, AutoTokenizer
+    >>> tok = AutoTokenizer.from_pretrained(path)             # e.g. a local LLaDA folder
+    >>> model = AutoModel.from_pretrained(path, trust_remote_code=True)  # the caller's choice
+    >>> out = dllm_generate(model, tok, "What is 12*7?", rule="localleap", gen_length=128)
+    >>> out.text, out.stats["nfe"]
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from tokenprune.localleap import RULES, localleap_generate
+
+__all__ = ["DLLMGeneration", "resolve_mask_id", "resolve_eos_id", "dllm_generate"]
+
+
+@dataclass
+class DLLMGeneration:
+    """``text`` (str, or list for a batch), ``ids`` (B, gen_length) and ``stats``.
+
+    ``stats``: ``nfe``, ``row_nfe`` (list), ``block_nfe`` (list), ``tokens_per_forward``,
+    ``gen_length``, ``rule``.
+    """
+
+    text: str | list
+    ids: torch.Tensor
+    stats: dict = field(default_factory=dict)
+
+
+def _sources(model, tokenizer):
+    cfg = getattr(model, "config", None)
+    gen_cfg = getattr(model, "generation_config", None)
+    return [tokenizer, cfg, gen_cfg]
+
+
+def resolve_mask_id(model, tokenizer=None, mask_id: int | None = None) -> int:
+    """The mask token id: explicit > ``tokenizer.mask_token_id`` > ``config.mask_token_id`` >
+    ``generation_config.mask_token_id``. Raises ValueError when none has one."""
+    if mask_id is not None:
+        return int(mask_id)
+    for src in _sources(model, tokenizer):
+        val = getattr(src, "mask_token_id", None) if src is not None else None
+        if val is not None:
+            return int(val)
+    raise ValueError(
+        "this model has no mask token: neither the tokenizer nor model.config / "
+        "generation_config defines mask_token_id. A masked diffusion LM (LLaDA, Dream) is "
+        "needed; pass mask_id=... explicitly if you know it.")
+
+
+def resolve_eos_id(model, tokenizer=None, eos_id: int | None = None) -> int | None:
+    """EOS id: explicit > tokenizer > config > generation_config (first of a list), or None."""
+    if eos_id is not None:
+        return int(eos_id)
+    for src in _sources(model, tokenizer):
+        val = getattr(src, "eos_token_id", None) if src is not None else None
+        if isinstance(val, (list, tuple)):
+            val = val[0] if val else None
+        if val is not None:
+            return int(val)
+    return None
+
+
+def _encode(tokenizer, prompt, chat: bool | None):
+    is_messages = isinstance(prompt, list) and prompt and isinstance(prompt[0], dict)
+    if is_messages or (chat and isinstance(prompt, str)):
+        if not hasattr(tokenizer, "apply_chat_template"):
+            raise TypeError("messages need a tokenizer with apply_chat_template")
+        msgs = prompt if is_messages else [{"role": "user", "content": prompt}]
+        ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
+    if isinstance(prompt, str):
+        return list(tokenizer.encode(prompt))
+    raise TypeError(f"prompt must be a str or a list of chat messages, got {type(prompt)}")
+
+
+def dllm_generate(model, tokenizer, prompt, *, rule: str = "localleap", gen_length: int = 256,
+                  block_length: int = 32, mask_id: int | None = None,
+                  eos_id: int | None = None, chat: bool | None = None,
+                  skip_special_tokens: bool = True, **kwargs) -> DLLMGeneration:
+    """Generate text from a loaded dLLM + tokenizer with a parallel-decoding rule.
+
+    Args:
+        model: a masked diffusion LM (``model(input_ids, attention_mask) -> .logits``).
+        tokenizer: its tokenizer (``encode``/``decode``; ``apply_chat_template`` for chats).
+        prompt: a str, a list of chat messages (``[{"role": ..., "content": ...}]``), or a
+            list of those for a batch (left-padded).
+        rule: ``"localleap"``, ``"fastdllm"``, ``"llada"`` or ``"eb"`` (or a callable).
+        gen_length, block_length: canvas and block sizes (defaults 256 / 32).
+        mask_id, eos_id: override what the tokenizer/config say.
+        chat: wrap a str prompt in the chat template (default: no).
+        **kwargs: passed to :func:`localleap_generate` (threshold, relaxed_threshold, radius,
+            gamma, steps, temperature, early_stop, use_cache, shift_logits, generator).
+            ``shift_logits`` defaults to True for ``config.model_type == "dream"``.
+    Returns:
+        :class:`DLLMGeneration`; the text stops at the first EOS.
+    """
+    if isinstance(rule, str) and rule not in RULES:
+        raise ValueError(f"unknown rule {rule!r}; expected one of {RULES}")
+    mid = resolve_mask_id(model, tokenizer, mask_id)
+    eid = resolve_eos_id(model, tokenizer, eos_id)
+    batch = isinstance(prompt, (list, tuple)) and prompt and not isinstance(prompt[0], dict)
+    prompts = list(prompt) if batch else [prompt]
+    encoded = [_encode(tokenizer, p, chat) for p in prompts]
+    pad = getattr(tokenizer, "pad_token_id", None)
+    pad = pad if pad is not None else (eid if eid is not None else mid)
+    cfg = getattr(model, "config", None)
+    if "shift_logits" not in kwargs and str(getattr(cfg, "model_type", "")).lower() == "dream":
+        kwargs["shift_logits"] = True  # Dream predicts token i from the logits at i - 1
+    res = localleap_generate(model, encoded, gen_length=gen_length, block_length=block_length,
+                             mask_id=mid, rule=rule, eos_id=eid, pad_id=pad, **kwargs)
+    gen = res.generated
+    texts = []
+    for row in gen.tolist():  # one decode per sequence
+        if eid is not None and eid in row:
+            row = row[: row.index(eid)]
+        texts.append(tokenizer.decode(row, skip_special_tokens=skip_special_tokens))
+    stats = {"nfe": res.nfe, "row_nfe": res.row_nfe.tolist(), "block_nfe": res.block_nfe,
+             "tokens_per_forward": res.tokens_per_forward, "gen_length": gen_length,
+             "rule": rule if isinstance(rule, str) else getattr(rule, "__name__", "custom")}
+    return DLLMGeneration(text=texts if batch else texts[0], ids=gen, stats=stats)
