@@ -247,3 +247,16 @@ def test_validation_errors(llava):
         fopru_generate(llava, inp, keep=0.5, strategy="row", grid=(4, 8 * 3), **GEN)
     with pytest.raises(ValueError, match="entries"):
         fopru_generate(llava, inp, keep=[0.5], **GEN)
+
+
+def test_speed_benchmark_quick_path():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "fopru_speed.py"
+    spec = importlib.util.spec_from_file_location("fopru_speed_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    med = mod.main(["--quick", "--threads", "1"])
+    assert set(med) == {1.0, 0.5, 0.25, 0.1}
+    assert all(p > 0 and g > 0 for p, g in med.values())

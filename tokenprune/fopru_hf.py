@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from numbers import Integral
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -315,6 +316,15 @@ def select_visual_tokens(
     return out  # type: ignore[return-value]
 
 
+def _validate_keep(keep) -> None:
+    """Check ``keep`` before N is known (counts are re-checked against N at selection)."""
+    if isinstance(keep, Integral) and not isinstance(keep, bool):
+        if keep < 1:
+            raise ValueError(f"keep={keep} tokens is out of range: need keep >= 1")
+        return
+    keep_to_count(10**6, keep)  # fraction range / type errors
+
+
 def _default_grid(n: int) -> tuple[int, int] | None:
     side = int(math.isqrt(n))
     return (side, side) if side * side == n else None
@@ -554,8 +564,8 @@ class FoPru:
         )
         # validate early (clear errors before any forward)
         _vision_tower(model)
-        if not isinstance(keep, (list, tuple)):
-            keep_to_count(10**9, keep) if not isinstance(keep, bool) else keep_to_count(1, keep)
+        for kp in keep if isinstance(keep, (list, tuple)) else [keep]:
+            _validate_keep(kp)
         self.history: list[FoPruStats] = []
         self._capture: AttentionRowCapture | None = None
         self._had_attr = False
