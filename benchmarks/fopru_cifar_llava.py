@@ -123,9 +123,16 @@ def build_model(attn="sdpa"):
     return m
 
 
-def train(model, x_tr, y_tr, *, vis_steps, llm_steps, llm_images, batch, log):
+def train(model, x_tr, y_tr, *, vis_steps, llm_steps, llm_images, batch, llm_batch, log, vision_cache=None,
+          reuse_vision=True):
     gen = torch.Generator().manual_seed(0)
     tower = model.model.vision_tower
+    if reuse_vision and vision_cache is not None and vision_cache.exists():
+        from safetensors.torch import load_file
+
+        tower.load_state_dict(load_file(str(vision_cache)))
+        log(f"  stage A skipped: vision tower loaded from {vision_cache}")
+        vis_steps = 0
     d = tower.config.hidden_size
     head = torch.nn.Linear(d, 10)
     params = list(tower.parameters()) + list(head.parameters())
@@ -149,6 +156,11 @@ def train(model, x_tr, y_tr, *, vis_steps, llm_steps, llm_images, batch, log):
     tower.eval()
     for p in tower.parameters():
         p.requires_grad_(False)
+    if vision_cache is not None and vis_steps:
+        from safetensors.torch import save_file
+
+        vision_cache.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in tower.state_dict().items()}, str(vision_cache))
 
     # stage B: projector + LLM on the frozen tower's layer -2 features. The tower is frozen,
     # so its features are computed once (no augmentation) and reused: the loss is exactly the
@@ -172,9 +184,9 @@ def train(model, x_tr, y_tr, *, vis_steps, llm_steps, llm_images, batch, log):
         m_.train()
     t0 = time.time()
     for step in range(llm_steps):
-        idx = torch.randint(0, n_b, (batch,), generator=gen)
+        idx = torch.randint(0, n_b, (llm_batch,), generator=gen)
         ans = torch.tensor([answer_ids(int(c)) for c in y_tr[idx.numpy()]])
-        ids = torch.cat([prompt.expand(batch, -1), ans], 1)
+        ids = torch.cat([prompt.expand(llm_batch, -1), ans], 1)
         img = model.model.multi_modal_projector(feats[idx])
         emb = embed(ids).masked_scatter((ids == IMG_ID)[..., None], img)
         hid = model.model.language_model(inputs_embeds=emb).last_hidden_state
@@ -246,10 +258,12 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--n-train", type=int, default=40000)
     ap.add_argument("--n-test", type=int, default=1000)
-    ap.add_argument("--vis-steps", type=int, default=250)
-    ap.add_argument("--llm-steps", type=int, default=300)
+    ap.add_argument("--vis-steps", type=int, default=170)
+    ap.add_argument("--llm-steps", type=int, default=250)
     ap.add_argument("--llm-images", type=int, default=10000)
-    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=128, help="vision-stage batch")
+    ap.add_argument("--llm-batch", type=int, default=64)
+    ap.add_argument("--retrain-vision", action="store_true")
     ap.add_argument("--json", type=str, default=None, help="write results here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -260,7 +274,7 @@ def main(argv=None):
         raise SystemExit(f"CIFAR-10 shards not found under {data_dir() / 'cifar10'} (set PRUNEKIT_DATA)")
     if args.quick:
         args.n_train, args.n_test, args.vis_steps, args.llm_steps, args.batch = 512, 64, 3, 3, 32
-        args.llm_images = 256
+        args.llm_images, args.llm_batch = 256, 32
     t0 = time.time()
     x_te, y_te = load_shards(shards[-1:], limit=args.n_test)  # held-out: last shard
     model = build_model()
@@ -277,7 +291,9 @@ def main(argv=None):
         log(f"data: {len(x_tr)} train / {len(x_te)} held-out images ({time.time() - t0:.0f}s)")
         t1 = time.time()
         train(model, x_tr, y_tr, vis_steps=args.vis_steps, llm_steps=args.llm_steps, llm_images=args.llm_images,
-              batch=args.batch, log=log)
+              batch=args.batch, llm_batch=args.llm_batch, log=log,
+              vision_cache=None if args.quick else CACHE / "vision_tower.safetensors",
+              reuse_vision=not args.retrain_vision)
         train_s = time.time() - t1
         if not args.quick:
             from safetensors.torch import save_file
