@@ -107,7 +107,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=16)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -144,7 +144,8 @@ def main(argv=None):
     tower = model.model.vision_tower
     attn = cap.module
     with torch.no_grad():
-        for r in range(args.repeats + 1):  # first round is warm-up
+        fopru_generate(model, inp, keep=0.1, max_new_tokens=2, do_sample=False)  # warm-up
+        for r in range(1, args.repeats + 1):
             # vision tower alone, and FoPru's own work on the same q/k
             dt, _ = _t(tower, pixel_values=pv, output_hidden_states=True)
             qk = {}
