@@ -276,7 +276,10 @@ def main(argv=None):
         args.n_train, args.n_test, args.vis_steps, args.llm_steps, args.batch = 512, 64, 3, 3, 32
         args.llm_images, args.llm_batch = 256, 32
     t0 = time.time()
-    x_te, y_te = load_shards(shards[-1:], limit=args.n_test)  # held-out: last shard
+    # held-out: a random subset of the last shard (shards are grouped by class: never take a prefix)
+    x_te, y_te = load_shards(shards[-1:], limit=None if not args.quick else 2000)
+    pick = np.random.default_rng(0).permutation(len(x_te))[: args.n_test]
+    x_te, y_te = x_te[pick], y_te[pick]
     model = build_model()
     cache = CACHE / "model.safetensors"
     if cache.exists() and not args.retrain and not args.quick:
@@ -288,6 +291,8 @@ def main(argv=None):
         train_s = json.loads((CACHE / "meta.json").read_text()).get("train_s", float("nan"))
     else:
         x_tr, y_tr = load_shards(shards[:-1], limit=args.n_train)
+        perm = np.random.default_rng(1).permutation(len(x_tr))  # stage B takes a prefix
+        x_tr, y_tr = x_tr[perm], y_tr[perm]
         log(f"data: {len(x_tr)} train / {len(x_te)} held-out images ({time.time() - t0:.0f}s)")
         t1 = time.time()
         train(model, x_tr, y_tr, vis_steps=args.vis_steps, llm_steps=args.llm_steps, llm_images=args.llm_images,
