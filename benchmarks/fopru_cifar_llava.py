@@ -106,6 +106,17 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return pad[:, :, dy : dy + 32, dx : dx + 32]
 
 
+def stage_a_draws(n: int, vis_steps: int, batch: int) -> np.ndarray:
+    """Indices stage A draws (replays its generator calls exactly, see :func:`train`)."""
+    gen = torch.Generator().manual_seed(0)
+    seen = np.zeros(n, dtype=bool)
+    for _ in range(vis_steps):
+        seen[torch.randint(0, n, (batch,), generator=gen).numpy()] = True
+        torch.rand(batch, generator=gen)  # augment(): flips
+        torch.randint(0, 9, (2,), generator=gen)  # augment(): crop offset
+    return seen
+
+
 def build_model(attn="sdpa"):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
@@ -123,7 +134,7 @@ def build_model(attn="sdpa"):
     return m
 
 
-def train(model, x_tr, y_tr, *, vis_steps, llm_steps, llm_images, batch, llm_batch, log, vision_cache=None,
+def train(model, x_tr, y_tr, *, vis_steps, llm_steps, llm_pool, batch, llm_batch, log, vision_cache=None,
           reuse_vision=True):
     gen = torch.Generator().manual_seed(0)
     tower = model.model.vision_tower
@@ -165,12 +176,13 @@ def train(model, x_tr, y_tr, *, vis_steps, llm_steps, llm_images, batch, llm_bat
     # stage B: projector + LLM on the frozen tower's layer -2 features. The tower is frozen,
     # so its features are computed once (no augmentation) and reused: the loss is exactly the
     # model's forward (projector -> placeholder scatter -> LLM -> lm_head).
-    n_b = min(n, llm_images)
+    x_b, y_b = x_tr[llm_pool], y_tr[llm_pool]
+    n_b = len(llm_pool)
     feats = []
     t0 = time.time()
     with torch.no_grad():
         for s in range(0, n_b, 256):
-            out = model.get_image_features(pixel_values=to_pixels(x_tr[s : s + 256]), return_dict=True)
+            out = model.get_image_features(pixel_values=to_pixels(x_b[s : s + 256]), return_dict=True)
             feats.append(out.hidden_states[model.config.vision_feature_layer][:, 1:].clone())
     feats = torch.cat(feats)
     log(f"  cached layer-2 features of {n_b} images ({time.time() - t0:.0f}s)")
@@ -185,7 +197,7 @@ def train(model, x_tr, y_tr, *, vis_steps, llm_steps, llm_images, batch, llm_bat
     t0 = time.time()
     for step in range(llm_steps):
         idx = torch.randint(0, n_b, (llm_batch,), generator=gen)
-        ans = torch.tensor([answer_ids(int(c)) for c in y_tr[idx.numpy()]])
+        ans = torch.tensor([answer_ids(int(c)) for c in y_b[idx.numpy()]])
         ids = torch.cat([prompt.expand(llm_batch, -1), ans], 1)
         img = model.model.multi_modal_projector(feats[idx])
         emb = embed(ids).masked_scatter((ids == IMG_ID)[..., None], img)
@@ -276,10 +288,17 @@ def main(argv=None):
         args.n_train, args.n_test, args.vis_steps, args.llm_steps, args.batch = 512, 64, 3, 3, 32
         args.llm_images, args.llm_batch = 256, 32
     t0 = time.time()
-    # held-out: a random subset of the last shard (shards are grouped by class: never take a prefix)
-    x_te, y_te = load_shards(shards[-1:], limit=None if not args.quick else 2000)
-    pick = np.random.default_rng(0).permutation(len(x_te))[: args.n_test]
-    x_te, y_te = x_te[pick], y_te[pick]
+    # CIFAR shards are grouped by class (2 classes per shard): shards 0-3 = classes 0-7 are used.
+    # Held-out: random images that stage A never draws (replayed) and stage B excludes.
+    x_all, y_all = load_shards(shards[:-1] if not args.quick else shards[:1], limit=args.n_train)
+    seen = stage_a_draws(len(x_all), args.vis_steps, args.batch)
+    rng = np.random.default_rng(0)
+    test_idx = rng.permutation(np.flatnonzero(~seen))[: args.n_test]
+    pool = np.setdiff1d(np.arange(len(x_all)), test_idx)
+    llm_pool = rng.permutation(pool)[: args.llm_images]
+    x_te, y_te = x_all[test_idx], y_all[test_idx]
+    log(f"data: {len(x_all)} images of classes {sorted(set(y_all.tolist()))}, {len(test_idx)} held out "
+        f"({time.time() - t0:.0f}s)")
     model = build_model()
     cache = CACHE / "model.safetensors"
     if cache.exists() and not args.retrain and not args.quick:
@@ -290,12 +309,8 @@ def main(argv=None):
         log(f"loaded cached weights from {cache}")
         train_s = json.loads((CACHE / "meta.json").read_text()).get("train_s", float("nan"))
     else:
-        x_tr, y_tr = load_shards(shards[:-1], limit=args.n_train)
-        perm = np.random.default_rng(1).permutation(len(x_tr))  # stage B takes a prefix
-        x_tr, y_tr = x_tr[perm], y_tr[perm]
-        log(f"data: {len(x_tr)} train / {len(x_te)} held-out images ({time.time() - t0:.0f}s)")
         t1 = time.time()
-        train(model, x_tr, y_tr, vis_steps=args.vis_steps, llm_steps=args.llm_steps, llm_images=args.llm_images,
+        train(model, x_all, y_all, vis_steps=args.vis_steps, llm_steps=args.llm_steps, llm_pool=llm_pool,
               batch=args.batch, llm_batch=args.llm_batch, log=log,
               vision_cache=None if args.quick else CACHE / "vision_tower.safetensors",
               reuse_vision=not args.retrain_vision)
@@ -313,8 +328,8 @@ def main(argv=None):
     keeps = [1.0, 0.5, 0.25, 0.1, 0.05]
     res = evaluate(model, eager, x_te, y_te, keeps, batch=250 if not args.quick else 32, log=log)
     print()
-    print(f"Tiny LLaVA on CIFAR-10 (trained {train_s:.0f}s on CPU), class accuracy (%) from generated text, "
-          f"{len(x_te)} held-out images, 64 visual tokens")
+    print(f"Tiny LLaVA on CIFAR-10 classes 0-7 (trained {train_s:.0f}s on CPU), class accuracy (%) from generated "
+          f"text, {len(x_te)} held-out images, 64 visual tokens")
     print()
     print("| selection | " + " | ".join(f"keep {int(k * 100)}% (K={max(1, round(k * N_PATCH))})" for k in keeps) + " |")
     print("|---|" + "---|" * len(keeps))
