@@ -260,3 +260,11 @@ def test_speed_benchmark_quick_path():
     med = mod.main(["--quick", "--threads", "1"])
     assert set(med) == {1.0, 0.5, 0.25, 0.1}
     assert all(p > 0 and g > 0 for p, g in med.values())
+
+
+def test_pipelines_entry_reexports():
+    from pipelines import generate_lvlm
+    from tokenprune import fopru_hf
+
+    assert generate_lvlm.fopru_generate is fopru_hf.fopru_generate
+    assert generate_lvlm.FoPru is fopru_hf.FoPru
