@@ -580,7 +580,10 @@ class FoPru:
         if self._active:
             raise RuntimeError("FoPru context is already active")
         m = self.model
-        self._capture = AttentionRowCapture.for_model(m, layer=self.options["layer"] if self.options["layer"] is not None else m.config.vision_feature_layer, method=self.options["method"]).attach()
+        layer = self.options["layer"]
+        if layer is None:
+            layer = m.config.vision_feature_layer
+        self._capture = AttentionRowCapture.for_model(m, layer=layer, method=self.options["method"]).attach()
         self._had_attr = "generate" in m.__dict__
         self._prev_attr = m.__dict__.get("generate")
         orig = m.generate
@@ -590,7 +593,8 @@ class FoPru:
                 kwargs = {"input_ids": args[0], **kwargs}
             if kwargs.get("pixel_values") is None:  # text-only call: nothing to prune
                 return orig(**kwargs)
-            inputs = {k: kwargs.pop(k) for k in ("input_ids", "pixel_values", "attention_mask", "image_sizes") if k in kwargs}
+            names = ("input_ids", "pixel_values", "attention_mask", "image_sizes")
+            inputs = {k: kwargs.pop(k) for k in names if k in kwargs}
             out, st = fopru_generate(m, inputs, _generate=orig, _capture=self._capture, **self.options, **kwargs)
             self.history.append(st)
             return out
