@@ -113,8 +113,9 @@ def train_router(model, router: TokenRouter, schedules, batches: torch.Tensor, *
         model: transformers causal LM (FTP not attached; it is attached for the run and
             detached after).
         router: :class:`TokenRouter` to train (in place).
-        schedules: one (L,) schedule or a list of them; steps cycle through them so a single
-            router learns several targets (the target sparsity is one of its inputs).
+        schedules: one (L,) schedule, a list of them (steps cycle through them), or a callable
+            ``step -> schedule``; a single router learns several targets (the target sparsity
+            is one of its inputs).
         batches: (N, T) long calibration windows; a step uses ``batch_size`` of them.
         steps, lr, weight_decay: optimisation (AdamW).
         w_distill, w_sparsity: loss weights; the guide weight decays from ``guide_start`` to
@@ -128,16 +129,22 @@ def train_router(model, router: TokenRouter, schedules, batches: torch.Tensor, *
         raise TypeError(f"train_router trains a TokenRouter, got {type(router).__name__}")
     if get_handle(model) is not None:
         raise ValueError("detach FTP before training; train_router attaches it itself")
-    if isinstance(schedules, np.ndarray) and schedules.ndim == 1 or (
-            len(schedules) and isinstance(schedules[0], (int, float))):
-        schedules = [schedules]
-    schedules = [[float(s) for s in sch] for sch in schedules]
+    if callable(schedules):
+        sampler = schedules
+    else:
+        if isinstance(schedules, np.ndarray) and schedules.ndim == 1 or (
+                len(schedules) and isinstance(schedules[0], (int, float))):
+            schedules = [schedules]
+        fixed = [[float(s) for s in sch] for sch in schedules]
+
+        def sampler(step):
+            return fixed[step % len(fixed)]
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     base = model.model if hasattr(model, "model") else model
     head = getattr(model, "lm_head", None)
     opt = torch.optim.AdamW(router.parameters(), lr=lr, weight_decay=weight_decay)
-    handle: FTPHandle = attach_ftp(model, router, schedules[0])
+    handle: FTPHandle = attach_ftp(model, router, sampler(0))
     st = handle.state
     history, t0 = [], time.time()
     bar = None
@@ -152,7 +159,7 @@ def train_router(model, router: TokenRouter, schedules, batches: torch.Tensor, *
             for step in range(steps):
                 idx = rng.choice(batches.shape[0], size=batch_size, replace=False)
                 x = batches[torch.as_tensor(idx)]
-                sched = schedules[step % len(schedules)]
+                sched = [float(v) for v in sampler(step)]
                 handle.set_schedule(sched)
                 with torch.no_grad(), handle.paused():
                     teacher = base(input_ids=x, use_cache=False).last_hidden_state
