@@ -44,7 +44,8 @@ from tokenprune.ftp import (RandomRouter, StaticRouter, TokenRouter, attach_ftp,
                             find_decoder)
 from tokenprune.ftp.schedule import project_to_mean, search_schedule  # noqa: E402
 from tokenprune.ftp.train import (calibration_fitness, calibration_windows,  # noqa: E402
-                                  contiguous_windows, lm_eval, train_router)
+                                  contiguous_windows, continuation_eval, init_from_static, lm_eval,
+                                  train_router)
 
 CACHE = Path(os.environ.get("PRUNEKIT_CACHE", Path.home() / ".cache" / "prunekit"))
 TARGETS = (0.1, 0.2, 0.3, 0.4)
@@ -111,9 +112,9 @@ def load_testbed(quick: bool):
 def settings(quick: bool) -> dict:
     if quick:
         return dict(cal_n=2, cal_len=32, pop=4, gens=1, ref_pop=3, ref_gens=1, train_n=8, train_len=32,
-                    steps=4, eval_n=2, eval_len=64, lat_lens=(64, 128), lat_reps=1, bi_n=2)
+                    steps=4, init_steps=20, eval_n=2, eval_len=64, cont_tail=8, lat_lens=(64, 128), lat_reps=1, bi_n=2)
     return dict(cal_n=2, cal_len=128, pop=8, gens=4, ref_pop=6, ref_gens=2, train_n=48, train_len=128,
-                steps=150, eval_n=4, eval_len=512, lat_lens=(512, 1024), lat_reps=3, bi_n=2)
+                steps=100, init_steps=400, eval_n=4, eval_len=512, cont_tail=64, lat_lens=(512, 1024), lat_reps=3, bi_n=2)
 
 
 def _save_json(path: Path, obj) -> None:
@@ -159,14 +160,17 @@ def stage_train(model, train_ids, cfg, out: Path, seed: int = 0) -> Path:
         t = TARGETS[step % len(TARGETS)]
         return project_to_mean(t + rng.normal(0.0, 0.12, n), t, 0.0, 0.9).tolist()
 
+    torch.manual_seed(seed)
     router = TokenRouter(hidden=64)
     t0 = time.time()
-    hist = train_router(model, router, sampler, batches, steps=cfg["steps"], lr=3e-3, guide_start=1.0,
-                        guide_end=0.0, w_sparsity=1.0, w_distill=1.0, seed=seed, log_every=5,
-                        time_limit_s=25 * 60)
+    init = init_from_static(router, steps=cfg["init_steps"], seed=seed)
+    print(f"[train] static initialisation: {init} {time.time() - t0:.0f}s", flush=True)
+    hist = train_router(model, router, sampler, batches, steps=cfg["steps"], lr=2e-3, guide_start=1.0,
+                        guide_end=0.05, w_sparsity=1.0, w_distill=1.0, seed=seed, log_every=5,
+                        time_limit_s=20 * 60)
     secs = time.time() - t0
     print(f"[train] {len(hist)} logged steps, {secs:.0f}s; last {hist[-1]}", flush=True)
-    router.save(path, extra={"train_history": hist, "train_seconds": secs, "steps": cfg["steps"],
+    router.save(path, extra={"train_history": hist, "static_init": init, "train_seconds": secs, "steps": cfg["steps"],
                              "train_tokens_per_step": cfg["train_len"]})
     return path
 
@@ -258,12 +262,16 @@ def stage_eval(model, train_ids, eval_ids, ga: dict, router_path: Path, cfg, out
         }
     res_path = out / "quality.json"
     quality = json.loads(res_path.read_text()) if res_path.is_file() else {}
+    n_ctx = cfg["eval_len"] - cfg["cont_tail"]
     if "dense" not in quality:
         d = lm_eval(model, ev, batch_size=1)
-        quality["dense"] = {"ppl": d["ppl"], "nll": d["nll"]}
+        c = continuation_eval(model, ev, n_ctx)
+        quality["dense"] = {"ppl": d["ppl"], "nll": d["nll"], "cont_ppl": c["ppl"]}
         torch.save([a for a in d["argmax"]], out / "dense_argmax.pt")
+        torch.save(c["argmax"], out / "dense_cont_argmax.pt")
         _save_json(res_path, quality)
     dense_argmax = torch.load(out / "dense_argmax.pt", weights_only=True)
+    dense_cont = torch.load(out / "dense_cont_argmax.pt", weights_only=True)
     for key, ms in methods.items():
         for name, (r, sched, full) in ms.items():
             k2 = f"{key}|{name}"
@@ -271,10 +279,12 @@ def stage_eval(model, train_ids, eval_ids, ga: dict, router_path: Path, cfg, out
                 continue
             with attach_ftp(model, r, sched, allow_full=full) as m:
                 q = lm_eval(m, ev, batch_size=1, dense_logits=dense_argmax)
-            quality[k2] = {"ppl": q["ppl"], "nll": q["nll"], "agree": q["agree"]}
+                c = continuation_eval(m, ev, n_ctx, dense_argmax=dense_cont)
+            quality[k2] = {"ppl": q["ppl"], "nll": q["nll"], "agree": q["agree"],
+                           "cont_ppl": c["ppl"], "cont_agree": c["agree"]}
             _save_json(res_path, quality)
-            print(f"[eval] s={key} {name}: ppl {q['ppl']:.2f} agree {q['agree']:.3f} {time.time() - t0:.0f}s",
-                  flush=True)
+            print(f"[eval] s={key} {name}: ppl {q['ppl']:.2f} agree {q['agree']:.3f} cont ppl {c['ppl']:.2f} "
+                  f"cont agree {c['agree']:.3f} {time.time() - t0:.0f}s", flush=True)
     # latency: everything interleaved in one measurement loop per length
     lat_path = out / "latency.json"
     if lat_path.is_file():
@@ -295,16 +305,18 @@ def stage_eval(model, train_ids, eval_ids, ga: dict, router_path: Path, cfg, out
 
 def table(res: dict, lengths, name: str) -> str:
     q, lat = res["quality"], res["latency"]
-    lines = [f"Model: {name}. Dense perplexity {q['dense']['ppl']:.3f}.", "",
-             "| sparsity | method | ppl | ppl / dense | top-1 agree | " +
+    lines = [f"Model: {name}. Dense perplexity {q['dense']['ppl']:.3f} (all positions), "
+             f"{q['dense']['cont_ppl']:.3f} (continuation after a routed prefill).", "",
+             "| sparsity | method | ppl | ppl / dense | top-1 agree | cont. ppl / dense | cont. top-1 agree | " +
              " | ".join(f"prefill speedup @{T}" for T in lengths) + " |",
-             "|---|---|---|---|---|" + "---|" * len(lengths)]
+             "|---|---|---|---|---|---|---|" + "---|" * len(lengths)]
     for key, names in res["methods"].items():
         for nm in names:
             r = q[f"{key}|{nm}"]
             sp = [lat[key][str(T)]["dense"] / lat[key][str(T)][nm] for T in lengths]
             lines.append(f"| {float(key):.0%} | {nm} | {r['ppl']:.3f} | {r['ppl'] / q['dense']['ppl']:.3f} | "
-                         f"{r['agree']:.3f} | " + " | ".join(f"{v:.2f}x" for v in sp) + " |")
+                         f"{r['agree']:.3f} | {r['cont_ppl'] / q['dense']['cont_ppl']:.3f} | {r['cont_agree']:.3f} | "
+                         + " | ".join(f"{v:.2f}x" for v in sp) + " |")
     return "\n".join(lines)
 
 

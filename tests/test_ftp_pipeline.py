@@ -106,3 +106,35 @@ def test_ftp_generate_pipeline(tmp_path):
         ftp_generate(model, "the cat", tokenizer=tok, router="static")
     with pytest.raises(ValueError, match="outside"):
         ftp_generate(model, "the cat", tokenizer=tok, router="static", schedule=1.5)
+
+
+def test_training_forward_equals_inference_forward():
+    model = _tiny()
+    x = torch.randint(3, 64, (2, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), attach_ftp(model, TokenRouter(), [0.2, 0.5, 0.3, 0.4]) as m:
+        h = get_handle(m)
+        inf = m.model(input_ids=x).last_hidden_state
+        h.state.training = True
+        h.state.clear_train()
+        tr = m.model(input_ids=x).last_hidden_state
+        h.state.training = False
+        assert all(p is not None for p in h.state.probs[1:])
+    assert torch.allclose(inf, tr, atol=1e-5)
+
+
+def test_continuation_eval_matches_full_forward_when_dense():
+    from tokenprune.ftp.train import continuation_eval
+    model = _tiny()
+    x = torch.randint(3, 64, (2, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = model(x).logits[:, 9:-1]
+        want = torch.nn.functional.cross_entropy(full.reshape(-1, 64), x[:, 10:].reshape(-1)).item()
+        dense = continuation_eval(model, x, 10)
+        with attach_ftp(model, StaticRouter(), 0.0):
+            routed0 = continuation_eval(model, x, 10, dense_argmax=dense["argmax"])
+        with attach_ftp(model, TokenRouter(), 0.4):
+            routed = continuation_eval(model, x, 10, dense_argmax=dense["argmax"])
+    assert dense["nll"] == pytest.approx(want, rel=1e-4)
+    assert routed0["agree"] == 1.0 and routed0["nll"] == pytest.approx(dense["nll"], rel=1e-6)
+    assert routed["nll"] != pytest.approx(dense["nll"], rel=1e-6)
+    assert dense["argmax"].shape == (2, 6)

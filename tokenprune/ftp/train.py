@@ -7,6 +7,7 @@ losses (:func:`train_router`), then refine the schedule with the trained router.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import time
 
 import numpy as np
@@ -70,6 +71,40 @@ def lm_eval(model, batches: torch.Tensor, *, batch_size: int = 4, dense_logits=N
     return out
 
 
+@torch.no_grad()
+def continuation_eval(model, windows: torch.Tensor, n_ctx: int, *, dense_argmax=None) -> dict:
+    """Serving-style quality: prefill ``windows[:, :n_ctx]`` (routed as a prefill), then decode
+    the rest one token at a time with the KV cache (routed as decode steps), scoring each
+    next-token prediction. All rows go together (B = N, no padding).
+
+    Args:
+        windows: (N, T) long.
+        n_ctx: prompt length (1 <= n_ctx < T).
+        dense_argmax: (N, T - n_ctx) argmax predictions of the dense model for agreement.
+    Returns:
+        ``{"nll", "ppl", "argmax" (N, T - n_ctx), "agree"?}``.
+    """
+    N, T = windows.shape
+    if not 1 <= n_ctx < T:
+        raise ValueError(f"n_ctx must be in [1, {T - 1}], got {n_ctx}")
+    out = model(input_ids=windows[:, :n_ctx], use_cache=True)
+    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    logits = [out.logits[:, -1].float()]
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    for t in range(n_ctx, T - 1):
+        out = model(input_ids=windows[:, t:t + 1], use_cache=True, **{cache_kw: cache})
+        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        logits.append(out.logits[:, -1].float())
+    lg = torch.stack(logits, 1)                                   # (N, T - n_ctx, V)
+    tgt = windows[:, n_ctx:]
+    nll = float(F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tgt.reshape(-1)))
+    am = lg.argmax(-1)
+    res = {"nll": nll, "ppl": float(np.exp(nll)), "argmax": am}
+    if dense_argmax is not None:
+        res["agree"] = float((am == dense_argmax).float().mean())
+    return res
+
+
 def calibration_fitness(model, batches: torch.Tensor, *, router=None, batch_size: int = 4):
     """Fitness for the schedule GA: calibration NLL of the model routed by ``router``.
 
@@ -87,6 +122,49 @@ def calibration_fitness(model, batches: torch.Tensor, *, router=None, batch_size
         return lm_eval(model, batches, batch_size=batch_size)["nll"]
 
     return fitness
+
+
+def init_from_static(router: TokenRouter, *, steps: int = 300, seq_len: int = 128, batch: int = 32,
+                     lr: float = 1e-2, max_sparsity: float = 0.9, seed: int = 0) -> dict:
+    """Initialise the learned router as the static router (no LLM needed).
+
+    Trains on synthetic factors (uniform positions, random scores and their ranks, target
+    sparsity ~ U(0, max_sparsity) per row) to reproduce the static router's top-k decisions
+    (sink token, then the most recent ``round((1 - s) * T) - 1`` tokens), with BCE.
+    Returns ``{"bce": final loss, "agreement": fraction of matching top-k decisions}``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(router.parameters(), lr=lr)
+    T = seq_len
+    ar = torch.arange(T)
+    pos = (ar.float() / (T - 1)).expand(batch, T)
+
+    def sample():
+        s = torch.rand(batch, 1, generator=g) * max_sparsity
+        raw = torch.rand(batch, T, generator=g) ** 3
+        score = torch.log1p(raw / raw.sum(1, keepdim=True) * T)
+        rank = raw.argsort(1, descending=True).argsort(1).float() / (T - 1)
+        feats = torch.stack([pos, score, rank, s.expand(batch, T)], -1)
+        k = torch.round((1 - s) * T).long()                       # (B, 1)
+        target = (ar[None] == 0) & (k >= 1) | (ar[None] >= T - (k - 1)) & (k >= 2)
+        return feats, target.float(), k
+
+    router.train()
+    for _ in range(steps):
+        feats, target, _ = sample()
+        loss = F.binary_cross_entropy(router(feats).clamp(1e-6, 1 - 1e-6), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    router.eval()
+    with torch.no_grad():
+        feats, target, k = sample()
+        p = router(feats)
+        order = torch.argsort(p, dim=1, descending=True, stable=True).argsort(1)
+        keep = order < k
+        agree = float((keep == target.bool()).float().mean())
+        bce = float(F.binary_cross_entropy(p.clamp(1e-6, 1 - 1e-6), target))
+    return {"bce": bce, "agreement": agree}
 
 
 @contextlib.contextmanager
