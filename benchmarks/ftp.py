@@ -113,7 +113,7 @@ def settings(quick: bool) -> dict:
     if quick:
         return dict(cal_n=2, cal_len=32, pop=4, gens=1, ref_pop=3, ref_gens=1, train_n=8, train_len=32,
                     steps=4, init_steps=20, eval_n=2, eval_len=64, cont_tail=8, lat_lens=(64, 128), lat_reps=1, bi_n=2)
-    return dict(cal_n=2, cal_len=128, pop=8, gens=4, ref_pop=6, ref_gens=2, train_n=48, train_len=128,
+    return dict(cal_n=2, cal_len=128, pop=8, gens=4, ref_pop=4, ref_gens=2, train_n=48, train_len=128,
                 steps=100, init_steps=400, eval_n=4, eval_len=512, cont_tail=64, lat_lens=(512, 1024), lat_reps=3, bi_n=2)
 
 
@@ -224,7 +224,8 @@ def prefill_latency(model, configs: dict, lengths, reps: int, vocab: int, seed: 
     return out
 
 
-def stage_eval(model, train_ids, eval_ids, ga: dict, router_path: Path, cfg, out: Path, seed: int = 0) -> dict:
+def stage_eval(model, train_ids, eval_ids, ga: dict, router_path: Path, cfg, out: Path, seed: int = 0,
+               parts=("refine", "quality", "latency")) -> dict:
     n = len(find_decoder(model)[1])
     router = TokenRouter.load(router_path)
     cal = calibration_windows(train_ids, cfg["cal_len"], cfg["cal_n"], seed=seed + 11)
@@ -234,6 +235,8 @@ def stage_eval(model, train_ids, eval_ids, ga: dict, router_path: Path, cfg, out
     ref_path = out / "refined.json"
     refined = json.loads(ref_path.read_text()) if ref_path.is_file() else {}
     if len(refined) < len(TARGETS):
+        if "refine" not in parts:
+            raise SystemExit("schedules not refined yet: run the refine part first")
         with attach_ftp(model, router, 0.0):
             fit = calibration_fitness(model, cal, batch_size=cfg["cal_n"])
             for s in TARGETS:
@@ -262,17 +265,25 @@ def stage_eval(model, train_ids, eval_ids, ga: dict, router_path: Path, cfg, out
         }
     res_path = out / "quality.json"
     quality = json.loads(res_path.read_text()) if res_path.is_file() else {}
+    if "quality" not in parts and "latency" not in parts:
+        return {}
     n_ctx = cfg["eval_len"] - cfg["cont_tail"]
-    if "dense" not in quality:
+    if "quality" not in parts:
+        methods_only = True
+    else:
+        methods_only = False
+    if "dense" not in quality and not methods_only:
         d = lm_eval(model, ev, batch_size=1)
         c = continuation_eval(model, ev, n_ctx)
         quality["dense"] = {"ppl": d["ppl"], "nll": d["nll"], "cont_ppl": c["ppl"]}
         torch.save([a for a in d["argmax"]], out / "dense_argmax.pt")
         torch.save(c["argmax"], out / "dense_cont_argmax.pt")
         _save_json(res_path, quality)
-    dense_argmax = torch.load(out / "dense_argmax.pt", weights_only=True)
-    dense_cont = torch.load(out / "dense_cont_argmax.pt", weights_only=True)
     for key, ms in methods.items():
+        if methods_only:
+            break
+        dense_argmax = torch.load(out / "dense_argmax.pt", weights_only=True)
+        dense_cont = torch.load(out / "dense_cont_argmax.pt", weights_only=True)
         for name, (r, sched, full) in ms.items():
             k2 = f"{key}|{name}"
             if k2 in quality:
@@ -289,6 +300,8 @@ def stage_eval(model, train_ids, eval_ids, ga: dict, router_path: Path, cfg, out
     lat_path = out / "latency.json"
     if lat_path.is_file():
         lat = json.loads(lat_path.read_text())
+    elif "latency" not in parts:
+        lat = None
     else:
         vocab = model.config.vocab_size
         lat = {}
@@ -327,7 +340,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", type=Path, default=None, help="artifact folder")
     ap.add_argument("--redo", action="store_true", help="ignore cached artifacts")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--lat-reps", type=int, default=3, help="latency repeats (min is reported)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--parts", default="refine,quality,latency",
+                    help="eval parts to compute (comma list of refine, quality, latency)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = args.out or (CACHE / ("ftp_bench_quick" if args.quick else "ftp_bench"))
@@ -336,6 +352,8 @@ def main(argv=None) -> dict:
             f.unlink()
     out.mkdir(parents=True, exist_ok=True)
     cfg = settings(args.quick)
+    if args.stage == "eval" and not args.quick:
+        cfg["lat_reps"] = args.lat_reps
     model, train_ids, eval_ids, name = load_testbed(args.quick)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -352,7 +370,11 @@ def main(argv=None) -> dict:
             p.requires_grad_(True)
         router_path = stage_train(model, train_ids, cfg, out, args.seed)
     if args.stage in ("eval", "all"):
-        res = stage_eval(model, train_ids, eval_ids, ga, router_path, cfg, out, args.seed)
+        parts = tuple(p.strip() for p in args.parts.split(","))
+        res = stage_eval(model, train_ids, eval_ids, ga, router_path, cfg, out, args.seed, parts=parts)
+        if not res or res["latency"] is None or len(res["quality"]) < 1 + 5 * len(TARGETS):
+            print(f"[ftp] parts {parts} done; run again with all parts for the table")
+            return res
         res["table"] = table(res, cfg["lat_lens"], name)
         res["ga_seconds"] = ga.get("seconds")
         res["train_seconds"] = TokenRouter.load_extra(router_path).get("train_seconds")
