@@ -1,7 +1,8 @@
 """FTP routed layers on tiny random Llama / Qwen2 models: exactness, sparsity, cache, padding."""
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM)
 
 from tokenprune.ftp import (RandomRouter, StaticRouter, TokenRouter, attach_ftp, detach_ftp,
                             ftp_routing, get_handle)
@@ -27,7 +28,16 @@ def _qwen2():
     return Qwen2ForCausalLM(cfg).eval()
 
 
-MODELS = {"llama": _llama, "llama_eager": lambda: _llama("eager"), "qwen2": _qwen2}
+def _mistral(window=8):
+    torch.manual_seed(2)
+    cfg = MistralConfig(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                        sliding_window=window, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    cfg._attn_implementation = "sdpa"
+    return MistralForCausalLM(cfg).eval()
+
+
+MODELS = {"llama": _llama, "llama_eager": lambda: _llama("eager"), "qwen2": _qwen2, "mistral": _mistral}
 
 
 def _ids(B, T, seed=0):
@@ -35,7 +45,7 @@ def _ids(B, T, seed=0):
     return torch.randint(3, V, (B, T), generator=g)
 
 
-def _reference_logits(model, ids, decisions):
+def _reference_logits(model, ids, decisions, window=None):
     """Brute force: every layer runs densely with an explicit mask (kept keys only, causal,
     plus the token itself), then skipped tokens are reset to their input."""
     base = model.model
@@ -50,7 +60,7 @@ def _reference_logits(model, ids, decisions):
             for q in range(T):
                 allowed[b, 0, q, q] = True
                 for k in range(q + 1):
-                    if keep[b, k]:
+                    if keep[b, k] and (window is None or k > q - window):
                         allowed[b, 0, q, k] = True
         mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
         out = layer(h, attention_mask=mask, position_embeddings=pe, position_ids=pid)
@@ -86,7 +96,10 @@ def test_routed_matches_brute_force_reference(name):
             out = model(ids).logits
         dec = h.decisions()
         h.detach()
-        ref = _reference_logits(model, ids, dec)
+        ref = _reference_logits(model, ids, dec, window=getattr(model.config, "sliding_window", None)
+                                if name == "mistral" else None)
+        if name == "mistral":
+            assert model.config.sliding_window < ids.shape[1]     # the window really bites
     assert torch.allclose(out, ref, atol=2e-5, rtol=1e-4)
     # a routed model differs from the dense one
     assert not torch.allclose(out, model(ids).logits, atol=1e-3)
@@ -141,6 +154,22 @@ def test_bad_schedule_errors(bad):
         attach_ftp(model, StaticRouter(), bad)
     assert get_handle(model) is None
     assert all(type(m).__name__ == "LlamaDecoderLayer" for m in model.model.layers)
+
+
+def test_mistral_generate_beyond_sliding_window():
+    model = _mistral(window=8)
+    dec, T0 = _greedy_replay_check(model, RandomRouter(seed=3), [0.2, 0.5, 0.4], _ids(1, 11), steps=6)
+    assert T0 + 6 > model.config.sliding_window
+
+
+def test_qwen2_sliding_layers_refused():
+    qcfg = Qwen2Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                       num_key_value_heads=1, use_sliding_window=True, sliding_window=4, max_window_layers=0)
+    qcfg._attn_implementation = "sdpa"
+    q = Qwen2ForCausalLM(qcfg).eval()
+    with pytest.raises(ValueError, match="sliding-window"):
+        attach_ftp(q, StaticRouter(), 0.3)
+    assert all(type(m).__name__ == "Qwen2DecoderLayer" for m in q.model.layers)
 
 
 def test_bad_router_and_model_errors():
@@ -203,9 +232,9 @@ def _greedy_replay_check(model, router, sched, ids, am=None, steps=6):
     return dec, T0
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "llama_eager"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "llama_eager", "mistral"])
 def test_generate_with_cache_equals_full_recompute(name):
-    model = MODELS[name]()
+    model = _mistral(window=64) if name == "mistral" else MODELS[name]()
     n = len(model.model.layers)
     dec, T0 = _greedy_replay_check(model, RandomRouter(seed=2), [0.2, 0.5, 0.4, 0.3][:n], _ids(1, 11))
     decode = torch.cat([d[:, T0:] for d in dec[1:]])

@@ -28,8 +28,12 @@ tokens are never routed into a block.
 Exactness: when a layer keeps every valid token and its cache has no holes, the original
 layer is called with the original arguments (so sparsity 0 gives bit-identical logits).
 
-Not supported (clear error at attach): sliding-window attention layers, attention
-implementations other than ``sdpa``/``eager``, partial rotary embeddings.
+Mistral-style sliding windows (``config.sliding_window``) are applied in the masks, also
+with the sliding-window cache (it returns only the last slots; the gather accounts for the
+offset). Not supported
+(clear error at attach): per-layer sliding-window layers (Qwen2 ``use_sliding_window``),
+attention implementations other than ``sdpa``/``eager``. Partial rotary embeddings are not
+supported.
 """
 from __future__ import annotations
 
@@ -165,9 +169,10 @@ class _ProxyCache:
     of the key slots the layer may attend to, ``(B, H_kv, K, D)``.
     """
 
-    def __init__(self, real, *, T, q_keep=None, q_ok=None, k_idx=None):
+    def __init__(self, real, *, T, S_total=None, q_keep=None, q_ok=None, k_idx=None):
         self.real = real
         self.T = T
+        self.S_total = T if S_total is None else S_total
         self.q_keep = q_keep      # (B, T) bool or None (= identity, all T queries in order)
         self.q_ok = q_ok          # (B, Tq) bool
         self.k_idx = k_idx        # (B, K) long slots to return, or None (= everything)
@@ -186,7 +191,11 @@ class _ProxyCache:
         if self.real is not None:
             k, v = self.real.update(k, v, layer_idx, *args, **kwargs)
         if self.k_idx is not None:
-            idx = self.k_idx[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+            # a sliding-window cache returns only the last slots; older ones are outside the
+            # window of every query of this call (masked), so clamping their index is harmless
+            offset = self.S_total - k.shape[2]
+            kidx = (self.k_idx - offset).clamp_min(0)
+            idx = kidx[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
             k, v = k.gather(2, idx), v.gather(2, idx)
         self.keys = k
         return k, v
@@ -214,6 +223,8 @@ class RoutedLayer(nn.Module):
             raise ValueError(f"decoder layer {layer_idx} ({type(layer).__name__}) has no self_attn.q_proj")
         if getattr(attn, "sliding_window", None) or getattr(layer, "attention_type", "full_attention") != "full_attention":
             raise ValueError(f"decoder layer {layer_idx} uses sliding-window attention; FTP supports full attention only")
+        # Mistral-style: the window lives in the config and applies to every layer
+        self.window = None if hasattr(attn, "sliding_window") else getattr(attn.config, "sliding_window", None)
         self._attn = attn
         self.head_dim = int(attn.head_dim)
         cfg = attn.config
@@ -335,6 +346,8 @@ class RoutedLayer(nn.Module):
         k_idx, k_ok = _bool_rows(key_valid)                                  # (B, K)
         q_slot = q_idx + past
         allowed = k_ok[:, None, :] & (k_idx[:, None, :] <= q_slot[:, :, None])
+        if self.window is not None:
+            allowed &= k_idx[:, None, :] > q_slot[:, :, None] - self.window
         allowed[:, :, 0] |= ~q_ok                                           # padded rows: no NaN
         mask = torch.zeros(allowed.shape, dtype=hidden_states.dtype, device=hidden_states.device)
         mask.masked_fill_(~allowed, torch.finfo(hidden_states.dtype).min)
@@ -354,7 +367,7 @@ class RoutedLayer(nn.Module):
             kw["position_ids"] = pg
         if "cache_position" in kw and kw["cache_position"] is not None:
             pass  # the real cache is updated with all T slots, so cache_position stays valid
-        proxy = _ProxyCache(cache, T=T, q_keep=keep, q_ok=q_ok, k_idx=k_idx)
+        proxy = _ProxyCache(cache, T=T, S_total=past + T, q_keep=keep, q_ok=q_ok, k_idx=k_idx)
         kw[ckey] = proxy
         out_g = self._call(h, kw)
         out = hidden_states.clone()
@@ -379,6 +392,8 @@ class RoutedLayer(nn.Module):
             raise ValueError("FTP training mode does not take a filled KV cache")
         ar = torch.arange(T, device=hidden.device)
         causal = ar[None, :] <= ar[:, None]
+        if self.window is not None:
+            causal = causal & (ar[None, :] > ar[:, None] - self.window)
         allowed = (keep[:, None, :] & causal[None]) | torch.eye(T, dtype=torch.bool, device=hidden.device)[None]
         mask = torch.zeros(allowed.shape, dtype=hidden.dtype, device=hidden.device)
         mask.masked_fill_(~allowed, torch.finfo(hidden.dtype).min)
@@ -413,6 +428,7 @@ class RoutedLayer(nn.Module):
         if q is None or proxy.keys is None:
             return
         B, Tq = q_idx.shape
+        self._T_call = st.valid.shape[1] - st.n_past
         has = q_ok.any(1)
         last = (Tq - 1) - q_ok.flip(1).to(torch.uint8).argmax(1)            # (B,) last computed row
         rows = torch.arange(B, device=q.device)
@@ -433,7 +449,7 @@ class RoutedLayer(nn.Module):
         q_slot = past + q_idx[rows, last]                                   # (B,)
         if key_slots is None:
             S = keys.shape[2]
-            slots = torch.arange(S, device=q.device).expand(B, S)
+            slots = (torch.arange(S, device=q.device) + (past + self._T_call - S)).expand(B, S)
             if key_valid is not None:
                 kv = torch.cat([self.kv_valid[:, :past], key_valid], 1)[:, -S:] if past else key_valid
             else:
@@ -443,6 +459,8 @@ class RoutedLayer(nn.Module):
             slots, ok = key_slots
             ok = ok.clone()
         ok &= slots <= q_slot[:, None]
+        if self.window is not None:
+            ok &= slots > q_slot[:, None] - self.window
         ok &= has[:, None]
         logits = logits.masked_fill(~ok[:, None, :], -float("inf"))
         a = torch.softmax(logits, dim=-1).nan_to_num(0.0).mean(1)            # (B, K)
