@@ -114,7 +114,7 @@ def settings(quick: bool) -> dict:
         return dict(cal_n=2, cal_len=32, pop=4, gens=1, ref_pop=3, ref_gens=1, train_n=8, train_len=32,
                     steps=4, init_steps=20, eval_n=2, eval_len=64, cont_tail=8, lat_lens=(64, 128), lat_reps=1, bi_n=2)
     return dict(cal_n=2, cal_len=128, pop=8, gens=4, ref_pop=4, ref_gens=2, train_n=48, train_len=128,
-                steps=100, init_steps=400, eval_n=4, eval_len=512, cont_tail=64, lat_lens=(512, 1024), lat_reps=3, bi_n=2)
+                steps=50, init_steps=400, eval_n=2, eval_len=512, cont_tail=32, lat_lens=(512, 1024), lat_reps=3, bi_n=2)
 
 
 def _save_json(path: Path, obj) -> None:
@@ -165,9 +165,9 @@ def stage_train(model, train_ids, cfg, out: Path, seed: int = 0) -> Path:
     t0 = time.time()
     init = init_from_static(router, steps=cfg["init_steps"], seed=seed)
     print(f"[train] static initialisation: {init} {time.time() - t0:.0f}s", flush=True)
-    hist = train_router(model, router, sampler, batches, steps=cfg["steps"], lr=2e-3, guide_start=1.0,
-                        guide_end=0.05, w_sparsity=1.0, w_distill=1.0, seed=seed, log_every=5,
-                        time_limit_s=20 * 60)
+    hist = train_router(model, router, sampler, batches, steps=cfg["steps"], lr=1e-3, guide_start=1.0,
+                        guide_end=0.2, w_sparsity=1.0, w_distill=1.0, seed=seed, log_every=5,
+                        time_limit_s=12 * 60)
     secs = time.time() - t0
     print(f"[train] {len(hist)} logged steps, {secs:.0f}s; last {hist[-1]}", flush=True)
     router.save(path, extra={"train_history": hist, "static_init": init, "train_seconds": secs, "steps": cfg["steps"],
@@ -227,14 +227,16 @@ def prefill_latency(model, configs: dict, lengths, reps: int, vocab: int, seed: 
 def stage_eval(model, train_ids, eval_ids, ga: dict, router_path: Path, cfg, out: Path, seed: int = 0,
                parts=("refine", "quality", "latency")) -> dict:
     n = len(find_decoder(model)[1])
-    router = TokenRouter.load(router_path)
+    router = TokenRouter.load(router_path) if router_path is not None else None
     cal = calibration_windows(train_ids, cfg["cal_len"], cfg["cal_n"], seed=seed + 11)
     ev = contiguous_windows(eval_ids, cfg["eval_len"], cfg["eval_n"])
     t0 = time.time()
     # refinement of the schedules with the trained router (paper: after router training)
     ref_path = out / "refined.json"
     refined = json.loads(ref_path.read_text()) if ref_path.is_file() else {}
-    if len(refined) < len(TARGETS):
+    if router is None:
+        refined = {k: ga[k] for k in ga if k != "seconds"}
+    elif len(refined) < len(TARGETS):
         if "refine" not in parts:
             raise SystemExit("schedules not refined yet: run the refine part first")
         with attach_ftp(model, router, 0.0):
@@ -256,8 +258,9 @@ def stage_eval(model, train_ids, eval_ids, ga: dict, router_path: Path, cfg, out
         key = f"{s:.2f}"
         removed = sorted(order[: int(round(s * n))].tolist())
         short = [1.0 if i in removed else 0.0 for i in range(n)]
-        methods[key] = {
-            "a FTP (searched+refined, trained router)": (router, refined[key]["schedule"], False),
+        methods[key] = {} if router is None else {
+            "a FTP (searched+refined, trained router)": (router, refined[key]["schedule"], False)}
+        methods[key] |= {
             "b static, searched": (StaticRouter(), ga[key]["schedule"], False),
             "c static, uniform": (StaticRouter(), [s] * n, False),
             "d random, searched": (RandomRouter(seed), ga[key]["schedule"], False),
@@ -342,6 +345,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--lat-reps", type=int, default=3, help="latency repeats (min is reported)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-router", action="store_true",
+                    help="eval only the baselines (b)-(e) (no trained router needed)")
     ap.add_argument("--parts", default="refine,quality,latency",
                     help="eval parts to compute (comma list of refine, quality, latency)")
     args = ap.parse_args(argv)
@@ -363,7 +368,7 @@ def main(argv=None) -> dict:
         if args.stage == "eval" and not (out / "ga.json").is_file():
             raise SystemExit("run --stage ga first")
         ga = stage_ga(model, train_ids, cfg, out, args.seed)
-    if args.stage in ("train", "all", "eval"):
+    if args.stage in ("train", "all", "eval") and not args.no_router:
         if args.stage == "eval" and not (out / "router.safetensors").is_file():
             raise SystemExit("run --stage train first")
         for p in model.parameters():
@@ -372,7 +377,7 @@ def main(argv=None) -> dict:
     if args.stage in ("eval", "all"):
         parts = tuple(p.strip() for p in args.parts.split(","))
         res = stage_eval(model, train_ids, eval_ids, ga, router_path, cfg, out, args.seed, parts=parts)
-        if not res or res["latency"] is None or len(res["quality"]) < 1 + 5 * len(TARGETS):
+        if args.no_router or not res or res["latency"] is None or len(res["quality"]) < 1 + 5 * len(TARGETS):
             print(f"[ftp] parts {parts} done; run again with all parts for the table")
             return res
         res["table"] = table(res, cfg["lat_lens"], name)

@@ -1,4 +1,6 @@
 """FTP routed layers on tiny random Llama / Qwen2 models: exactness, sparsity, cache, padding."""
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
@@ -305,3 +307,31 @@ def test_fully_skipped_block_allow_full():
         layers[1] = orig
     assert torch.allclose(out, ref, atol=1e-5)
     assert g.shape == (1, 13)
+
+
+def test_learned_router_keeps_sink_in_prefill():
+    model = _llama()
+    ids, am = _pad_left([_ids(1, 12, seed=11)[0], _ids(1, 7, seed=12)[0]])
+    r = TokenRouter()
+    with torch.no_grad():                      # probability increasing with position
+        r.net[0].weight.zero_()
+        r.net[0].weight[:, 0] = 1.0
+        r.net[0].bias.zero_()
+        r.net[2].weight.fill_(0.05)
+        r.net[2].bias.fill_(-5.0)
+
+    def run(router):
+        with torch.no_grad(), attach_ftp(model, router, 0.6) as m:
+            h = get_handle(m)
+            with h.recording():
+                m(ids, attention_mask=am)
+            return h.decisions()
+
+    dec = run(r)
+    assert dec[2][0, 0] and dec[2][1, 5]          # first valid token of each row
+    assert dec[2].sum(1).tolist() == [round(0.4 * 12), round(0.4 * 7)]
+    assert dec[2][0, -4:].all()                   # then the highest-probability (latest) ones
+    r.keep_sink = False
+    dec = run(r)
+    assert not dec[2][0, 0] and not dec[2][1, 5]
+    assert TokenRouter.load(r.save(Path(__import__("tempfile").mkdtemp()) / "r.safetensors")).keep_sink is False

@@ -276,7 +276,11 @@ class RoutedLayer(nn.Module):
         if st.decode:
             keep = st.router.decode_keep(prob, inputs)
         else:
-            keep = keep_topk(prob.detach(), valid_new, s)
+            pri = prob.detach()
+            if getattr(st.router, "keep_sink", False):
+                first = valid_new & (st.valid.long().cumsum(1)[:, past:] == 1)
+                pri = torch.where(first, torch.full_like(pri, 2.0), pri)
+            keep = keep_topk(pri, valid_new, s)
         static = None
         if st.training:
             static = keep_topk(StaticRouter().keep_prob(inputs), valid_new, s)

@@ -121,9 +121,14 @@ def keep_topk(prob: torch.Tensor, valid: torch.Tensor, sparsity: float) -> torch
 
 
 class Router:
-    """Interface: ``keep_prob(inputs) -> (B, T)`` in [0, 1]; ``decode_keep`` for new tokens."""
+    """Interface: ``keep_prob(inputs) -> (B, T)`` in [0, 1]; ``decode_keep`` for new tokens.
+
+    ``keep_sink``: in prefill the first valid token of each row is always kept (it counts
+    toward the kept budget).
+    """
 
     needs_scores = False
+    keep_sink = False
 
     def keep_prob(self, inputs: RouteInputs) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
@@ -179,16 +184,19 @@ class TokenRouter(nn.Module, Router):
     Args:
         hidden: hidden width (paper: 64).
         threshold: decode keep threshold.
+        keep_sink: always keep the first (sink) token in prefill (reconstruction: the static
+            router does; losing the attention sink in a block is very costly).
     """
 
     needs_scores = True
 
-    def __init__(self, hidden: int = 64, threshold: float = 0.5):
+    def __init__(self, hidden: int = 64, threshold: float = 0.5, keep_sink: bool = True):
         nn.Module.__init__(self)
         if hidden < 1:
             raise ValueError(f"hidden must be >= 1, got {hidden}")
         self.hidden = int(hidden)
         self.threshold = float(threshold)
+        self.keep_sink = bool(keep_sink)
         self.net = nn.Sequential(nn.Linear(N_FEATURES, hidden), nn.GELU(), nn.Linear(hidden, 1))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -206,7 +214,7 @@ class TokenRouter(nn.Module, Router):
 
     def config(self) -> dict:
         return {"type": "TokenRouter", "hidden": self.hidden, "threshold": self.threshold,
-                "n_features": N_FEATURES}
+                "keep_sink": self.keep_sink, "n_features": N_FEATURES}
 
     def save(self, path: str | Path, extra: dict | None = None) -> Path:
         """Write the weights and config (as safetensors metadata) to ``path``."""
@@ -239,7 +247,8 @@ class TokenRouter(nn.Module, Router):
         cfg = json.loads(meta["config"])
         if cfg.get("type") != "TokenRouter":
             raise ValueError(f"{path} holds a {cfg.get('type')!r}, not a TokenRouter")
-        router = cls(hidden=cfg["hidden"], threshold=cfg.get("threshold", 0.5))
+        router = cls(hidden=cfg["hidden"], threshold=cfg.get("threshold", 0.5),
+                     keep_sink=cfg.get("keep_sink", False))
         router.load_state_dict(load_file(str(path)))
         return router
 
