@@ -225,7 +225,8 @@ def prefill_latency(model, configs: dict, lengths, reps: int, vocab: int, seed: 
 
 
 def stage_eval(model, train_ids, eval_ids, ga: dict, router_path: Path, cfg, out: Path, seed: int = 0,
-               parts=("refine", "quality", "latency")) -> dict:
+               parts=("refine", "quality", "latency"), letters: str = "abcde",
+               quality_file: str = "quality.json") -> dict:
     n = len(find_decoder(model)[1])
     router = TokenRouter.load(router_path) if router_path is not None else None
     cal = calibration_windows(train_ids, cfg["cal_len"], cfg["cal_n"], seed=seed + 11)
@@ -266,8 +267,13 @@ def stage_eval(model, train_ids, eval_ids, ga: dict, router_path: Path, cfg, out
             "d random, searched": (RandomRouter(seed), ga[key]["schedule"], False),
             "e ShortGPT block removal": (StaticRouter(), short, True),
         }
-    res_path = out / "quality.json"
+    res_path = out / quality_file
     quality = json.loads(res_path.read_text()) if res_path.is_file() else {}
+    for extra in sorted(out.glob("quality_*.json")):     # rows computed by parallel runs
+        if extra != res_path:
+            quality = json.loads(extra.read_text()) | quality
+    if (out / "quality.json").is_file() and res_path.name != "quality.json":
+        quality = json.loads((out / "quality.json").read_text()) | quality
     if "quality" not in parts and "latency" not in parts:
         return {}
     n_ctx = cfg["eval_len"] - cfg["cont_tail"]
@@ -289,13 +295,15 @@ def stage_eval(model, train_ids, eval_ids, ga: dict, router_path: Path, cfg, out
         dense_cont = torch.load(out / "dense_cont_argmax.pt", weights_only=True)
         for name, (r, sched, full) in ms.items():
             k2 = f"{key}|{name}"
-            if k2 in quality:
+            if k2 in quality or name[0] not in letters:
                 continue
             with attach_ftp(model, r, sched, allow_full=full) as m:
                 q = lm_eval(m, ev, batch_size=1, dense_logits=dense_argmax)
                 c = continuation_eval(m, ev, n_ctx, dense_argmax=dense_cont)
             quality[k2] = {"ppl": q["ppl"], "nll": q["nll"], "agree": q["agree"],
                            "cont_ppl": c["ppl"], "cont_agree": c["agree"]}
+            if res_path.is_file():  # merge with rows written meanwhile by another process
+                quality = json.loads(res_path.read_text()) | quality
             _save_json(res_path, quality)
             print(f"[eval] s={key} {name}: ppl {q['ppl']:.2f} agree {q['agree']:.3f} cont ppl {c['ppl']:.2f} "
                   f"cont agree {c['agree']:.3f} {time.time() - t0:.0f}s", flush=True)
@@ -345,6 +353,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--lat-reps", type=int, default=3, help="latency repeats (min is reported)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--methods", default="abcde", help="letters of the methods to evaluate")
+    ap.add_argument("--quality-file", default="quality.json", help="json file for quality rows")
     ap.add_argument("--no-router", action="store_true",
                     help="eval only the baselines (b)-(e) (no trained router needed)")
     ap.add_argument("--parts", default="refine,quality,latency",
@@ -376,7 +386,8 @@ def main(argv=None) -> dict:
         router_path = stage_train(model, train_ids, cfg, out, args.seed)
     if args.stage in ("eval", "all"):
         parts = tuple(p.strip() for p in args.parts.split(","))
-        res = stage_eval(model, train_ids, eval_ids, ga, router_path, cfg, out, args.seed, parts=parts)
+        res = stage_eval(model, train_ids, eval_ids, ga, router_path, cfg, out, args.seed, parts=parts,
+                         letters=args.methods, quality_file=args.quality_file)
         if args.no_router or not res or res["latency"] is None or len(res["quality"]) < 1 + 5 * len(TARGETS):
             print(f"[ftp] parts {parts} done; run again with all parts for the table")
             return res
