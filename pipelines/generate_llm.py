@@ -1,0 +1,141 @@
+"""FTP-routed ``generate`` for transformers decoder-only LLMs (thin adapter).
+
+``ftp_generate(model_or_path, prompts, router=..., schedule=...)`` loads the model (by local
+path or hub name through transformers, never with remote code), attaches FTP
+(:mod:`tokenprune.ftp`), generates, detaches, and returns the texts plus statistics:
+achieved sparsity per block (prefill and decode separately) and the FLOPs saved in the
+decoder layers' linear maps.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class FTPGenerateResult:
+    """texts: generated continuations; sequences: (B, S) ids incl. the prompt; stats: dict."""
+
+    texts: list
+    sequences: torch.Tensor
+    stats: dict = field(default_factory=dict)
+
+
+def load_causal_lm(model_or_path, *, gguf_file: str | None = None, tokenizer=None,
+                   dtype: torch.dtype | None = None, attn_implementation: str = "sdpa"):
+    """(model, tokenizer) from a loaded model or a name/path; ``trust_remote_code`` stays off."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if isinstance(model_or_path, torch.nn.Module):
+        model = model_or_path
+        if tokenizer is None:
+            name = getattr(model.config, "_name_or_path", None)
+            if not name or not Path(str(name)).exists():
+                raise ValueError("pass tokenizer= when giving a model object without a local path")
+            tokenizer = AutoTokenizer.from_pretrained(name)
+        return model, tokenizer
+    kw = {"attn_implementation": attn_implementation}
+    if gguf_file:
+        kw["gguf_file"] = gguf_file
+    if dtype is not None:
+        kw["dtype"] = dtype
+    model = AutoModelForCausalLM.from_pretrained(model_or_path, **kw).eval()
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(model_or_path, **({"gguf_file": gguf_file} if gguf_file else {}))
+    return model, tokenizer
+
+
+def _resolve_router(router, schedule, n_layers):
+    from tokenprune.ftp import RandomRouter, StaticRouter, TokenRouter
+
+    if isinstance(router, str) and router in ("static", "random"):
+        r = StaticRouter() if router == "static" else RandomRouter(0)
+    elif isinstance(router, (str, Path)):
+        r = TokenRouter.load(router)
+        if schedule is None or isinstance(schedule, (int, float)):
+            extra = TokenRouter.load_extra(router).get("schedules", {})
+            key = None if schedule is None else f"{float(schedule):.2f}"
+            if key in extra:
+                schedule = extra[key]
+            elif schedule is None and extra:
+                schedule = next(iter(extra.values()))
+    else:
+        r = router
+    if schedule is None:
+        raise ValueError("give schedule= (a float or one sparsity per block)")
+    return r, schedule
+
+
+def _split_stats(decisions, valid, T0, flops):
+    """Per-block sparsity in prefill / decode and FLOPs saved, from recorded decisions."""
+    out = {}
+    for part, sl in (("prefill", slice(0, T0)), ("decode", slice(T0, None))):
+        v = valid[:, sl]
+        n = int(v.sum())
+        kept = [int((d[:, sl] & v).sum()) for d in decisions]
+        sp = [1.0 - k / n if n else 0.0 for k in kept]
+        dense = n * sum(flops)
+        saved = sum((n - k) * f for k, f in zip(kept, flops))
+        out[part] = {"sparsity_per_block": sp, "mean_sparsity": (sum(sp) / len(sp)) if n else 0.0,
+                     "tokens": n, "layer_flops_dense": dense, "layer_flops_saved": saved,
+                     "flops_saved_frac": saved / dense if dense else 0.0}
+    return out
+
+
+def ftp_generate(model_or_path, prompts, *, router="static", schedule=None, tokenizer=None,
+                 gguf_file: str | None = None, max_new_tokens: int = 32, chat: bool = False,
+                 do_sample: bool = False, allow_full: bool = False, **generate_kwargs) -> FTPGenerateResult:
+    """Load a causal LM, attach FTP, generate, and report routing statistics.
+
+    Args:
+        model_or_path: a loaded ``*ForCausalLM`` or a local path / name for transformers.
+        prompts: a string or a list of strings (batched with left padding).
+        router: ``"static"``, ``"random"``, a :class:`~tokenprune.ftp.TokenRouter`, or the path of
+            a router ``.safetensors`` file (its stored schedules are used when ``schedule`` is
+            None or a float matching a stored target).
+        schedule: a float (uniform) or one sparsity per decoder layer.
+        chat: wrap each prompt with the tokenizer's chat template.
+    Returns:
+        :class:`FTPGenerateResult` with ``stats = {"prefill": {...}, "decode": {...},
+        "schedule": [...]}``.
+    """
+    from tokenprune.ftp import attach_ftp, find_decoder
+    from tokenprune.ftp.attach import layer_linear_flops
+
+    model, tok = load_causal_lm(model_or_path, gguf_file=gguf_file, tokenizer=tokenizer)
+    single = isinstance(prompts, str)
+    prompts = [prompts] if single else list(prompts)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise TypeError("prompts must be a string or a non-empty list of strings")
+    if chat:
+        prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                           add_generation_prompt=True) for p in prompts]
+    old_side = tok.padding_side
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    try:
+        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=not chat)
+    finally:
+        tok.padding_side = old_side
+    _, layers = find_decoder(model)
+    r, schedule = _resolve_router(router, schedule, len(layers))
+    handle = attach_ftp(model, r, schedule, allow_full=allow_full)
+    try:
+        with torch.no_grad(), handle.recording():
+            seq = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                 pad_token_id=tok.pad_token_id, **generate_kwargs)
+        decisions = handle.decisions()
+        sched = list(handle.state.schedule)
+        flops = list(handle.flops_per_token)
+    finally:
+        handle.detach()
+    T0 = enc["input_ids"].shape[1]
+    S = decisions[0].shape[1]
+    valid = torch.cat([enc["attention_mask"].bool(), torch.ones(seq.shape[0], S - T0, dtype=torch.bool)], 1)
+    stats = _split_stats(decisions, valid, T0, flops)
+    stats["schedule"] = sched
+    texts = tok.batch_decode(seq[:, T0:], skip_special_tokens=True)
+    return FTPGenerateResult(texts=texts, sequences=seq, stats=stats)

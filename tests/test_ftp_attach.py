@@ -1,0 +1,337 @@
+"""FTP routed layers on tiny random Llama / Qwen2 models: exactness, sparsity, cache, padding."""
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM)
+
+from tokenprune.ftp import (RandomRouter, StaticRouter, TokenRouter, attach_ftp, detach_ftp,
+                            ftp_routing, get_handle)
+
+V = 97
+
+
+def _llama(attn="sdpa", layers=4):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    cfg._attn_implementation = attn
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _qwen2():
+    torch.manual_seed(1)
+    cfg = Qwen2Config(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    cfg._attn_implementation = "sdpa"
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+def _mistral(window=8):
+    torch.manual_seed(2)
+    cfg = MistralConfig(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                        sliding_window=window, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    cfg._attn_implementation = "sdpa"
+    return MistralForCausalLM(cfg).eval()
+
+
+MODELS = {"llama": _llama, "llama_eager": lambda: _llama("eager"), "qwen2": _qwen2, "mistral": _mistral}
+
+
+def _ids(B, T, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, V, (B, T), generator=g)
+
+
+def _reference_logits(model, ids, decisions, window=None):
+    """Brute force: every layer runs densely with an explicit mask (kept keys only, causal,
+    plus the token itself), then skipped tokens are reset to their input."""
+    base = model.model
+    h = base.embed_tokens(ids)
+    B, T = ids.shape
+    pid = torch.arange(T)[None].expand(B, T)
+    pe = base.rotary_emb(h, position_ids=pid)
+    for l, layer in enumerate(base.layers):
+        keep = decisions[l]
+        allowed = torch.zeros(B, 1, T, T, dtype=torch.bool)
+        for b in range(B):
+            for q in range(T):
+                allowed[b, 0, q, q] = True
+                for k in range(q + 1):
+                    if keep[b, k] and (window is None or k > q - window):
+                        allowed[b, 0, q, k] = True
+        mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+        out = layer(h, attention_mask=mask, position_embeddings=pe, position_ids=pid)
+        h = torch.where(keep[..., None], out, h)
+    return model.lm_head(base.norm(h))
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("router", ["static", "learned"])
+def test_sparsity_zero_bit_identical(name, router):
+    model = MODELS[name]()
+    ids = _ids(2, 17)
+    with torch.no_grad():
+        ref = model(ids).logits
+        r = StaticRouter() if router == "static" else TokenRouter()
+        with attach_ftp(model, r, 0.0) as m:
+            out = m(ids).logits
+            gen = m.generate(ids[:1], max_new_tokens=4, do_sample=False)
+        dense_gen = model.generate(ids[:1], max_new_tokens=4, do_sample=False)
+    assert torch.equal(out, ref)
+    assert torch.equal(gen, dense_gen)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_routed_matches_brute_force_reference(name):
+    model = MODELS[name]()
+    n = len(model.model.layers)
+    ids = _ids(2, 12, seed=3)
+    sched = [0.0, 0.5, 0.25, 0.4][:n]
+    with torch.no_grad():
+        h = attach_ftp(model, TokenRouter(), sched)
+        with h.recording():
+            out = model(ids).logits
+        dec = h.decisions()
+        h.detach()
+        ref = _reference_logits(model, ids, dec, window=getattr(model.config, "sliding_window", None)
+                                if name == "mistral" else None)
+        if name == "mistral":
+            assert model.config.sliding_window < ids.shape[1]     # the window really bites
+    assert torch.allclose(out, ref, atol=2e-5, rtol=1e-4)
+    # a routed model differs from the dense one
+    assert not torch.allclose(out, model(ids).logits, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_achieved_sparsity_per_block(name):
+    model = MODELS[name]()
+    n = len(model.model.layers)
+    sched = [0.1, 0.3, 0.55, 0.2][:n]
+    ids = _ids(3, 40)
+    with torch.no_grad(), ftp_routing(model, TokenRouter(), sched) as h:
+        with h.recording():
+            model(ids)
+        st = h.stats()
+        dec = h.decisions()
+    for l, s in enumerate(sched):
+        assert st["sparsity_per_block"][l] == pytest.approx(s, abs=0.5 / 40 + 1e-9)
+        assert (dec[l].sum(1) == round((1 - s) * 40)).all()
+    assert 0 < st["flops_saved_frac"] < 1
+    assert st["flops_saved_frac"] == pytest.approx(sum(sched) / n, abs=0.02)
+
+
+def test_detach_restores_modules_and_context_manager():
+    model = _llama()
+    originals = list(model.model.layers)
+    ids = _ids(1, 9)
+    ref = model(ids).logits
+    h = attach_ftp(model, StaticRouter(), 0.3)
+    assert get_handle(model) is h
+    assert all(type(m).__name__ == "RoutedLayer" for m in model.model.layers)
+    assert model.model.layers[1].self_attn is originals[1].self_attn
+    assert model.model.layers[1].hidden_size == originals[1].hidden_size
+    with pytest.raises(ValueError, match="already attached"):
+        attach_ftp(model, StaticRouter(), 0.3)
+    detach_ftp(model)
+    assert all(a is b for a, b in zip(model.model.layers, originals))
+    assert get_handle(model) is None
+    assert not model.model._forward_pre_hooks
+    assert not any(m._forward_hooks for m in model.modules())
+    with attach_ftp(model, StaticRouter(), 0.5) as m:
+        assert m is model and type(m.model.layers[0]).__name__ == "RoutedLayer"
+        assert not torch.allclose(m(ids).logits, ref)
+    assert all(a is b for a, b in zip(model.model.layers, originals))
+    assert torch.equal(model(ids).logits, ref)
+
+
+@pytest.mark.parametrize("bad", [1.0, -0.1, float("nan"), [0.1, 0.2], [0.1, 0.2, 0.3, 1.2]])
+def test_bad_schedule_errors(bad):
+    model = _llama()
+    with pytest.raises(ValueError, match="schedule|outside"):
+        attach_ftp(model, StaticRouter(), bad)
+    assert get_handle(model) is None
+    assert all(type(m).__name__ == "LlamaDecoderLayer" for m in model.model.layers)
+
+
+def test_mistral_generate_beyond_sliding_window():
+    model = _mistral(window=8)
+    dec, T0 = _greedy_replay_check(model, RandomRouter(seed=3), [0.2, 0.5, 0.4], _ids(1, 11), steps=6)
+    assert T0 + 6 > model.config.sliding_window
+
+
+def test_qwen2_sliding_layers_refused():
+    qcfg = Qwen2Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                       num_key_value_heads=1, use_sliding_window=True, sliding_window=4, max_window_layers=0)
+    qcfg._attn_implementation = "sdpa"
+    q = Qwen2ForCausalLM(qcfg).eval()
+    with pytest.raises(ValueError, match="sliding-window"):
+        attach_ftp(q, StaticRouter(), 0.3)
+    assert all(type(m).__name__ == "Qwen2DecoderLayer" for m in q.model.layers)
+
+
+def test_bad_router_and_model_errors():
+    model = _llama()
+    with pytest.raises(TypeError, match="router"):
+        attach_ftp(model, "static", 0.2)
+    with pytest.raises(ValueError, match="decoder layers"):
+        attach_ftp(torch.nn.Linear(3, 3), StaticRouter(), 0.2)
+    h = attach_ftp(model, StaticRouter(), 0.2, allow_full=True)
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(_ids(1, 5), attention_mask=torch.ones(1, 1, 5, 5))
+    with pytest.raises(ValueError, match="entries"):
+        h.set_schedule([0.1])
+    h.detach()
+
+
+def _pad_left(rows):
+    T = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), T, dtype=torch.long)
+    am = torch.zeros(len(rows), T, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, T - len(r):] = r
+        am[i, T - len(r):] = 1
+    return ids, am
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_padded_batch_rows_match_single_rows(name):
+    model = MODELS[name]()
+    rows = [_ids(1, 14, seed=5)[0], _ids(1, 9, seed=6)[0], _ids(1, 3, seed=7)[0]]
+    ids, am = _pad_left(rows)
+    n = len(model.model.layers)
+    with torch.no_grad(), attach_ftp(model, StaticRouter(), [0.3, 0.5, 0.2, 0.4][:n]) as m:
+        batched = m(ids, attention_mask=am).logits
+        st = get_handle(m).stats()
+        for i, r in enumerate(rows):
+            single = m(r[None]).logits[0]
+            assert torch.allclose(batched[i, -len(r):], single, atol=1e-4), i
+    assert all(t == 14 + 9 + 3 for t in st["tokens_routed"])
+    # per-row top-k on valid tokens: round(0.7*14) + round(0.7*9) + round(0.7*3) kept in block 0
+    assert st["tokens_kept"][0] == 10 + 6 + 2
+
+
+def _greedy_replay_check(model, router, sched, ids, am=None, steps=6):
+    with torch.no_grad(), attach_ftp(model, router, sched) as m:
+        h = get_handle(m)
+        with h.recording():
+            out = m.generate(ids, attention_mask=am, max_new_tokens=steps, do_sample=False,
+                             output_scores=True, return_dict_in_generate=True, pad_token_id=0)
+        dec = h.decisions()
+        seq = out.sequences
+        T0 = ids.shape[1]
+        assert all(d.shape == (ids.shape[0], seq.shape[1] - 1) for d in dec)
+        with h.forced(dec):
+            for t in range(T0, seq.shape[1]):
+                a = None if am is None else torch.cat([am, torch.ones(am.shape[0], t - T0, dtype=am.dtype)], 1)
+                logits = m(seq[:, :t], attention_mask=a, use_cache=False).logits[:, -1]
+                assert torch.equal(logits.argmax(-1), seq[:, t])
+                assert torch.allclose(logits, out.scores[t - T0], atol=1e-4, rtol=1e-4)
+    return dec, T0
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "llama_eager", "mistral"])
+def test_generate_with_cache_equals_full_recompute(name):
+    model = _mistral(window=64) if name == "mistral" else MODELS[name]()
+    n = len(model.model.layers)
+    dec, T0 = _greedy_replay_check(model, RandomRouter(seed=2), [0.2, 0.5, 0.4, 0.3][:n], _ids(1, 11))
+    decode = torch.cat([d[:, T0:] for d in dec[1:]])
+    assert decode.any() and not decode.all()     # decode steps really skipped some blocks
+
+
+def test_generate_padded_batch_cache_consistency():
+    model = _llama()
+    rows = [_ids(1, 10, seed=8)[0], _ids(1, 6, seed=9)[0]]
+    ids, am = _pad_left(rows)
+    dec, T0 = _greedy_replay_check(model, RandomRouter(seed=4), [0.3, 0.5, 0.2, 0.4], ids, am)
+    assert not dec[0][1, :4].any()                # padding never routed into a block
+
+
+def _cache_kw(model, cache):
+    import inspect
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache}
+
+
+def test_skipped_kv_are_never_attended():
+    import copy
+    model = _llama()
+    ids = _ids(1, 12)
+    with torch.no_grad(), attach_ftp(model, StaticRouter(), [0.0, 0.5, 0.5, 0.0]) as m:
+        out = m(ids, use_cache=True)
+        cache = getattr(out, "cache", None) or out.past_key_values
+        h = get_handle(m)
+        kv_valid = m.model.layers[1].kv_valid[0]
+        assert kv_valid.sum() == 6 and not kv_valid[1:6].any()
+        keys = cache.layers[1].keys
+        assert keys.shape[2] == 12                  # true length kept in every layer
+        assert torch.count_nonzero(keys[0, :, 1:6]) == 0
+        saved = [w.kv_valid.clone() for w in m.model.layers]
+        sv, ss = h.state.valid.clone(), h.state.score.clone()
+        c2 = copy.deepcopy(cache)
+        nxt = torch.tensor([[5]])
+        a = m(nxt, use_cache=True, **_cache_kw(m, cache)).logits
+        # garbage where the skipped tokens' K/V sit: the next step must not change
+        c2.layers[1].keys[:, :, 1:6] = 1e4
+        c2.layers[1].values[:, :, 1:6] = -1e4
+        for w, kv in zip(m.model.layers, saved):
+            w.kv_valid = kv
+        h.state.valid, h.state.score = sv, ss
+        b = m(nxt, use_cache=True, **_cache_kw(m, c2)).logits
+    assert torch.equal(a, b)
+
+
+def test_fully_skipped_block_allow_full():
+    model = _llama()
+    ids = _ids(1, 10)
+    with torch.no_grad():
+        with attach_ftp(model, StaticRouter(), [0.0, 1.0, 0.0, 0.0], allow_full=True) as m:
+            out = m(ids).logits
+            g = m.generate(ids, max_new_tokens=3, do_sample=False)
+        # reference: block 1 replaced by identity
+        layers = model.model.layers
+        orig = layers[1]
+
+        class Identity(torch.nn.Module):
+            attention_type = "full_attention"
+
+            def forward(self, h, *a, **k):
+                return h
+
+        layers[1] = Identity()
+        ref = model(ids).logits
+        layers[1] = orig
+    assert torch.allclose(out, ref, atol=1e-5)
+    assert g.shape == (1, 13)
+
+
+def test_learned_router_keeps_sink_in_prefill():
+    model = _llama()
+    ids, am = _pad_left([_ids(1, 12, seed=11)[0], _ids(1, 7, seed=12)[0]])
+    r = TokenRouter()
+    with torch.no_grad():                      # probability increasing with position
+        r.net[0].weight.zero_()
+        r.net[0].weight[:, 0] = 1.0
+        r.net[0].bias.zero_()
+        r.net[2].weight.fill_(0.05)
+        r.net[2].bias.fill_(-5.0)
+
+    def run(router):
+        with torch.no_grad(), attach_ftp(model, router, 0.6) as m:
+            h = get_handle(m)
+            with h.recording():
+                m(ids, attention_mask=am)
+            return h.decisions()
+
+    dec = run(r)
+    assert dec[2][0, 0] and dec[2][1, 5]          # first valid token of each row
+    assert dec[2].sum(1).tolist() == [round(0.4 * 12), round(0.4 * 7)]
+    assert dec[2][0, -4:].all()                   # then the highest-probability (latest) ones
+    r.keep_sink = False
+    dec = run(r)
+    assert not dec[2][0, 0] and not dec[2][1, 5]
+    assert TokenRouter.load(r.save(Path(__import__("tempfile").mkdtemp()) / "r.safetensors")).keep_sink is False

@@ -1,0 +1,140 @@
+"""FTP trainer (tiny model) and the ftp_generate pipeline (tiny model saved to a folder)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from tokenprune.ftp import StaticRouter, TokenRouter, attach_ftp, get_handle
+from tokenprune.ftp.schedule import search_schedule
+from tokenprune.ftp.train import calibration_fitness, calibration_windows, lm_eval, train_router
+
+
+def _tiny(layers=4):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=96, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    cfg._attn_implementation = "sdpa"
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_train_router_learns_and_roundtrips(tmp_path):
+    model = _tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(3, 64, (3000,), generator=torch.Generator().manual_seed(0))
+    batches = calibration_windows(ids, 24, 8, seed=0)
+    router = TokenRouter()
+    w0 = [p.detach().clone() for p in router.parameters()]
+    hist = train_router(model, router, [[0.1, 0.3, 0.4, 0.2], [0.2, 0.4, 0.5, 0.3]], batches, steps=30,
+                        lr=5e-3, progress=False, log_every=1, guide_start=2.0)
+    assert len(hist) == 30
+    assert all(np.isfinite(h["loss"]) for h in hist)
+    assert hist[-1]["guide_weight"] == pytest.approx(0.0)
+    # the router moved toward the static decisions, the LLM did not move
+    assert np.mean([h["guide"] for h in hist[-5:]]) < np.mean([h["guide"] for h in hist[:5]])
+    assert any(not torch.equal(a, b) for a, b in zip(w0, router.parameters()))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert get_handle(model) is None and all(p.requires_grad for p in model.parameters())
+    path = router.save(tmp_path / "r.safetensors", extra={"schedules": {"0.30": [0.3] * 4}})
+    r2 = TokenRouter.load(path)
+    x = batches[:2]
+    with torch.no_grad():
+        with attach_ftp(model, router, 0.3):
+            a = model(x).logits
+        with attach_ftp(model, r2, 0.3):
+            b = model(x).logits
+    assert torch.equal(a, b)
+    with pytest.raises(TypeError):
+        train_router(model, StaticRouter(), [0.1] * 4, batches, steps=1, progress=False)
+
+
+def test_ga_with_static_calibration_fitness():
+    model = _tiny()
+    ids = torch.randint(3, 64, (2000,), generator=torch.Generator().manual_seed(1))
+    batches = calibration_windows(ids, 20, 4, seed=0)
+    with attach_ftp(model, StaticRouter(), 0.0):
+        fit = calibration_fitness(model, batches)
+        s1, h1 = search_schedule(fit, 4, 0.3, population=6, generations=2, seed=0, progress=False)
+        s2, h2 = search_schedule(fit, 4, 0.3, population=6, generations=2, seed=0, progress=False)
+        assert fit(s1) == h1[-1]["best"]
+    assert np.array_equal(s1, s2) and s1.mean() == pytest.approx(0.3)
+    assert h1[-1]["best"] <= h1[0]["best"]
+    dense = lm_eval(model, batches)
+    assert dense["ppl"] == pytest.approx(np.exp(dense["nll"]))
+
+
+def _word_tokenizer(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    vocab = {"<pad>": 0, "</s>": 1, "<s>": 2, "<unk>": 3}
+    for i, w in enumerate("the a cat dog sat on mat ran far away and then".split()):
+        vocab[w] = 4 + i
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", bos_token="<s>",
+                                   unk_token="<unk>")
+
+
+def test_ftp_generate_pipeline(tmp_path):
+    from pipelines.generate_llm import ftp_generate
+    model = _tiny()
+    tok = _word_tokenizer(tmp_path)
+    folder = tmp_path / "tiny"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    router = TokenRouter()
+    rpath = router.save(tmp_path / "router.safetensors", extra={"schedules": {"0.30": [0.1, 0.4, 0.4, 0.3]}})
+    prompts = ["the cat sat on the mat and then ran far away", "a dog ran"]
+    res = ftp_generate(str(folder), prompts, router=str(rpath), schedule=0.3, max_new_tokens=5)
+    assert len(res.texts) == 2 and res.sequences.shape[0] == 2
+    pre = res.stats["prefill"]
+    assert res.stats["schedule"] == [0.1, 0.4, 0.4, 0.3]
+    assert pre["tokens"] == 11 + 3
+    want = [(11 - round(0.9 * 11) + 3 - round(0.9 * 3)) / 14, None, None, None]
+    assert pre["sparsity_per_block"][0] == pytest.approx(want[0])
+    assert 0 < pre["flops_saved_frac"] < 1
+    json.dumps(res.stats)
+    dense = ftp_generate(str(folder), prompts, router="static", schedule=0.0, max_new_tokens=5)
+    assert dense.stats["prefill"]["flops_saved_frac"] == 0.0
+    with torch.no_grad():
+        enc = tok(prompts[:1], return_tensors="pt")
+        ref = model.generate(**enc, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(dense.sequences[0, -5:], ref[0, -5:])
+    with pytest.raises(ValueError, match="schedule"):
+        ftp_generate(model, "the cat", tokenizer=tok, router="static")
+    with pytest.raises(ValueError, match="outside"):
+        ftp_generate(model, "the cat", tokenizer=tok, router="static", schedule=1.5)
+
+
+def test_training_forward_equals_inference_forward():
+    model = _tiny()
+    x = torch.randint(3, 64, (2, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), attach_ftp(model, TokenRouter(), [0.2, 0.5, 0.3, 0.4]) as m:
+        h = get_handle(m)
+        inf = m.model(input_ids=x).last_hidden_state
+        h.state.training = True
+        h.state.clear_train()
+        tr = m.model(input_ids=x).last_hidden_state
+        h.state.training = False
+        assert all(p is not None for p in h.state.probs[1:])
+    assert torch.allclose(inf, tr, atol=1e-5)
+
+
+def test_continuation_eval_matches_full_forward_when_dense():
+    from tokenprune.ftp.train import continuation_eval
+    model = _tiny()
+    x = torch.randint(3, 64, (2, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = model(x).logits[:, 9:-1]
+        want = torch.nn.functional.cross_entropy(full.reshape(-1, 64), x[:, 10:].reshape(-1)).item()
+        dense = continuation_eval(model, x, 10)
+        with attach_ftp(model, StaticRouter(), 0.0):
+            routed0 = continuation_eval(model, x, 10, dense_argmax=dense["argmax"])
+        with attach_ftp(model, TokenRouter(), 0.4):
+            routed = continuation_eval(model, x, 10, dense_argmax=dense["argmax"])
+    assert dense["nll"] == pytest.approx(want, rel=1e-4)
+    assert routed0["agree"] == 1.0 and routed0["nll"] == pytest.approx(dense["nll"], rel=1e-6)
+    assert routed["nll"] != pytest.approx(dense["nll"], rel=1e-6)
+    assert dense["argmax"].shape == (2, 6)

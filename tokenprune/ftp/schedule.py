@@ -1,0 +1,143 @@
+"""Search of per-block sparsity schedules under a global target (FTP's scheduler).
+
+(paper) a genetic algorithm over per-block sparsity vectors whose mean equals the global
+target, fitness = calibration loss with the static router; after router training the schedule
+is refined with the trained router. Population size, generations, tournament selection,
+blend crossover, Gaussian mutation, elitism and the per-block bounds are parameters
+(reconstruction). Everything is seeded; the fitness function is the caller's (lower = better).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+
+def project_to_mean(x: np.ndarray, target: float, lo: float = 0.0, hi: float = 0.9,
+                    iters: int = 60) -> np.ndarray:
+    """Project rows onto ``{v : mean(v) = target, lo <= v <= hi}`` by a common shift.
+
+    Finds per row the shift ``tau`` with ``mean(clip(x + tau, lo, hi)) = target`` (bisection;
+    this is the Euclidean projection onto the box-constrained hyperplane).
+
+    Args:
+        x: (P, L) or (L,) float.
+    Returns:
+        same shape, float64.
+    """
+    if not lo <= target <= hi:
+        raise ValueError(f"target {target} outside the per-block bounds [{lo}, {hi}]")
+    a = np.atleast_2d(np.asarray(x, dtype=np.float64))
+    if not np.isfinite(a).all():
+        raise ValueError("schedule candidates contain NaN/inf")
+    t_lo = (lo - a.max(1))[:, None] - 1e-9
+    t_hi = (hi - a.min(1))[:, None] + 1e-9
+    for _ in range(iters):
+        mid = 0.5 * (t_lo + t_hi)
+        m = np.clip(a + mid, lo, hi).mean(1, keepdims=True)
+        below = m < target
+        t_lo = np.where(below, mid, t_lo)
+        t_hi = np.where(below, t_hi, mid)
+    out = np.clip(a + 0.5 * (t_lo + t_hi), lo, hi)
+    # remove the residual of the bisection exactly on the free coordinates
+    resid = target - out.mean(1, keepdims=True)
+    free = (out > lo) & (out < hi)
+    nfree = free.sum(1, keepdims=True)
+    out = np.where(free, out + resid * a.shape[1] / np.maximum(nfree, 1), out)
+    out = np.clip(out, lo, hi)
+    return out if np.ndim(x) == 2 else out[0]
+
+
+def search_schedule(fitness: Callable[[np.ndarray], float], n_layers: int, target: float, *,
+                    population: int = 16, generations: int = 10, mutation_rate: float = 0.3,
+                    mutation_scale: float = 0.08, crossover_rate: float = 0.7, elite: int = 2,
+                    tournament: int = 3, bounds: tuple[float, float] = (0.0, 0.9), init=None,
+                    init_scale: float | None = None, seed: int = 0, progress: bool = True,
+                    desc: str = "FTP schedule GA"):
+    """Genetic search of a per-block sparsity schedule with ``mean == target``.
+
+    Args:
+        fitness: ``schedule (L,) float64 -> loss`` (lower is better); called once per distinct
+            candidate (results are memoised).
+        n_layers: L.
+        target: global target sparsity (mean of the schedule).
+        population, generations, mutation_rate (per gene), mutation_scale (Gaussian std),
+        crossover_rate, elite (kept unchanged), tournament (selection size): GA parameters.
+        bounds: per-block (lo, hi) sparsity.
+        init: optional (L,) schedule placed in the first population (refinement); the rest of
+            the population is sampled around it (or around the uniform schedule).
+        init_scale: std of the initial perturbations (default ``2 * mutation_scale``).
+        seed: RNG seed; the search is deterministic for a seed and a deterministic fitness.
+    Returns:
+        ``(schedule (L,) float64, history)``; history is a list of per-generation dicts
+        ``{"generation", "best", "mean", "best_schedule"}`` (generation 0 = initial population).
+    """
+    if n_layers < 1:
+        raise ValueError(f"n_layers must be >= 1, got {n_layers}")
+    lo, hi = map(float, bounds)
+    if not 0.0 <= lo <= target <= hi <= 1.0:
+        raise ValueError(f"need 0 <= lo <= target <= hi <= 1, got bounds {bounds} and target {target}")
+    if population < 2 or generations < 0 or not 0 <= elite < population or tournament < 1:
+        raise ValueError("need population >= 2, generations >= 0, 0 <= elite < population, tournament >= 1")
+    rng = np.random.default_rng(seed)
+    center = np.full(n_layers, float(target)) if init is None else np.asarray(init, dtype=np.float64)
+    if center.shape != (n_layers,):
+        raise ValueError(f"init must have shape ({n_layers},), got {center.shape}")
+    scale = 2 * mutation_scale if init_scale is None else init_scale
+    pop = center[None] + rng.normal(0.0, scale, size=(population, n_layers))
+    pop[0] = center
+    if init is not None and population > 1:
+        pop[1] = target
+    pop = project_to_mean(pop, target, lo, hi)
+    cache: dict = {}
+
+    def score(v):
+        key = tuple(np.round(v, 6))
+        if key not in cache:
+            cache[key] = float(fitness(np.asarray(key)))
+        return cache[key]
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=generations + 1, desc=desc, leave=False)
+    history = []
+    fit = np.array([score(v) for v in pop])
+
+    def log(g):
+        b = int(np.argmin(fit))
+        history.append({"generation": g, "best": float(fit[b]), "mean": float(fit.mean()),
+                        "best_schedule": pop[b].tolist()})
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(best=f"{fit[b]:.4f}")
+
+    log(0)
+    for g in range(1, generations + 1):
+        order = np.argsort(fit, kind="stable")
+        new = [pop[i] for i in order[:elite]]
+        n_child = population - elite
+        # tournament selection of parent pairs
+        cand = rng.integers(0, population, size=(n_child, 2, tournament))
+        winners = np.take_along_axis(cand, np.argmin(fit[cand], axis=2)[..., None], 2)[..., 0]
+        pa, pb = pop[winners[:, 0]], pop[winners[:, 1]]
+        do_x = rng.random(n_child) < crossover_rate
+        alpha = rng.random((n_child, n_layers))
+        child = np.where(do_x[:, None], alpha * pa + (1 - alpha) * pb, pa)
+        mut = rng.random((n_child, n_layers)) < mutation_rate
+        child = child + mut * rng.normal(0.0, mutation_scale, size=child.shape)
+        child = project_to_mean(child, target, lo, hi)
+        pop = np.concatenate([np.stack(new), child]) if elite else child
+        fit = np.array([score(v) for v in pop])
+        log(g)
+    if bar is not None:
+        bar.close()
+    b = int(np.argmin(fit))
+    return pop[b].copy(), history
+
+
+def uniform_schedule(n_layers: int, target: float) -> np.ndarray:
+    """(L,) schedule with every block at ``target``."""
+    if not 0.0 <= target < 1.0:
+        raise ValueError(f"target sparsity {target} outside [0, 1)")
+    return np.full(n_layers, float(target))
