@@ -1,0 +1,30 @@
+"""One place for the inference-time wrappers around ``generate``.
+
+* LVLMs (LLaVA): :func:`fopru_generate` and the :class:`FoPru` context manager prune visual
+  tokens with FoPru before the language model sees them (``pipelines.generate_lvlm``).
+* LLMs (Llama/Qwen2/Mistral-style): :func:`ftp_generate` loads a model, attaches FTP token
+  routing and generates, returning sparsity and FLOPs stats (``pipelines.generate_llm``).
+* Diffusion LLMs (LLaDA/Dream-style): :func:`dllm_generate` decodes with LocalLeap or another
+  parallel commit rule and returns text plus NFE stats (``pipelines.generate_dllm``).
+
+Names resolve lazily so importing this module loads no model code.
+"""
+from importlib import import_module
+
+_EXPORTS = {
+    "fopru_generate": "pipelines.generate_lvlm",
+    "FoPru": "pipelines.generate_lvlm",
+    "FoPruStats": "pipelines.generate_lvlm",
+    "ftp_generate": "pipelines.generate_llm",
+    "load_causal_lm": "pipelines.generate_llm",
+    "dllm_generate": "pipelines.generate_dllm",
+    "DLLMGeneration": "pipelines.generate_dllm",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'pipelines.generate' has no attribute {name!r}")
+    return getattr(import_module(_EXPORTS[name]), name)
