@@ -201,7 +201,8 @@ def test_assemble_pruned_exact_substrings():
     assert assemble_pruned(text, sents, [1, 1, 1, 1, 1]) == text
     assert assemble_pruned(text, sents, [0, 1, 1, 0, 0]) == "First one. Second one."
     out = assemble_pruned(text, sents, [1, 0, 1, 0, 1])
-    assert out == "Title\nSecond one.  Fourth."
+    assert out == "Title\nSecond one.\nFourth."  # line breaks are preserved
+    assert assemble_pruned(text, sents, [0, 1, 0, 1, 0]) == "First one. Third one."
     assert assemble_pruned(text, sents, [0] * 5) == ""
     assert compression(text, out) == pytest.approx(1 - len(out) / len(text))
     assert compression("", "") == 0.0

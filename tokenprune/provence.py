@@ -231,24 +231,28 @@ def stitch_blocks(block_offsets, block_probs, block_scores):
 def assemble_pruned(text: str, sentence_spans, keep) -> str:
     """Join the kept sentences using only exact substrings of ``text``.
 
-    Kept sentence i contributes ``text[start_i:end_i]``; between two kept sentences the
-    original separator that followed the first one (``text[end_i:start_{i+1}]``, usually a space
-    or a line break) is inserted, so runs of adjacent kept sentences come out verbatim.
+    Kept sentence i contributes ``text[start_i:end_i]``. Between two kept sentences one of the
+    original separators is inserted: the one that follows the first sentence, unless only the
+    one that precedes the second contains a line break (so titles and paragraph breaks survive).
+    Runs of adjacent kept sentences therefore come out verbatim.
+
+    Args:
+        text: the context. sentence_spans: (S, 2) character spans. keep: (S,) bool.
     """
     spans = np.asarray(sentence_spans, dtype=np.int64).reshape(-1, 2)
     keep = np.asarray(keep, dtype=bool).reshape(-1)
     if keep.shape[0] != spans.shape[0]:
         raise ValueError(f"keep has {keep.shape[0]} entries for {spans.shape[0]} sentences")
-    idx = np.flatnonzero(keep)
+    idx = np.flatnonzero(keep).tolist()
     parts = []
-    for j, i in enumerate(idx.tolist()):
-        a, b = spans[i]
+    for j, i in enumerate(idx):
         if j > 0:
             prev = idx[j - 1]
-            nxt = prev + 1
-            sep = text[spans[prev, 1]:spans[nxt, 0]] if nxt < len(spans) else " "
-            parts.append(sep if sep else "")
-        parts.append(text[a:b])
+            after_prev = text[spans[prev, 1]:spans[prev + 1, 0]]
+            before_next = text[spans[i - 1, 1]:spans[i, 0]]
+            has_nl = ("\n" in after_prev) or ("\n" not in before_next)
+            parts.append(after_prev if has_nl else before_next)
+        parts.append(text[spans[i, 0]:spans[i, 1]])
     return "".join(parts)
 
 
