@@ -375,7 +375,17 @@ class ProvencePruner:
             sentence indices), ``compression`` (share of characters removed), and with
             ``reorder=True`` also ``context_index`` (original positions).
         """
-        mode = mode or self.mode
+        scored = self.score(question, context, title=title, batch_size=batch_size)
+        return self.decide(scored, threshold=threshold, always_select_title=always_select_title,
+                           reorder=reorder, top_k=top_k, mode=mode)
+
+    def score(self, question, context, *, title="first_sentence", batch_size: int = 32) -> dict:
+        """The model part of :meth:`process`: token keep probabilities and reranking scores.
+
+        Returns an opaque dict for :meth:`decide` (so several thresholds can be applied to one
+        forward pass); ``scored["items"][q][c]`` holds ``text``, ``sents`` (S, 2), ``offsets``
+        (T, 2), ``probs`` (T,) and ``score`` of each context.
+        """
         questions, contexts, shape = _normalise_inputs(question, context)
         titles = _normalise_titles(title, contexts, shape)
         pairs_q, pairs_t, owners, per_ctx = [], [], [], []
@@ -392,8 +402,7 @@ class ProvencePruner:
                 enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
                 off = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
                 tok_spans = token_sentence_spans(off, sents)
-                blocks = plan_blocks(tok_spans[:, 0], len(off), budget)
-                for a, b in blocks:
+                for a, b in plan_blocks(tok_spans[:, 0], len(off), budget):
                     ca = 0 if a == 0 else int(off[a, 0])
                     cb = len(text) if b >= len(off) else int(off[b, 0])
                     pairs_q.append(qn)
@@ -403,21 +412,35 @@ class ProvencePruner:
                                 "title_idx": title_idx if len(sents) else None})
         raw = self._run_pairs(pairs_q, pairs_t, batch_size) if pairs_q else []
         grouped: list[list] = [[] for _ in per_ctx]
-        for (k, ca), (off, probs, score) in zip(owners, raw):
-            grouped[k].append((off + ca, probs, score))
-        out = [[None] * len(c) for c in contexts]
+        for (k, ca), (off, probs, sc) in zip(owners, raw):
+            grouped[k].append((off + ca, probs, sc))
+        items = [[None] * len(c) for c in contexts]
         for k, info in enumerate(per_ctx):
-            offs, probs, score = stitch_blocks(*zip(*grouped[k]))
-            spans = token_sentence_spans(offs, info["sents"])
-            keep = provence_sentences(probs, spans, threshold=threshold, mode=mode)
-            keep = apply_title_rule(keep, title_index=info["title_idx"],
-                                    always_select_title=always_select_title)
-            pruned = assemble_pruned(info["text"], info["sents"], keep)
-            out[info["q"]][info["c"]] = {
-                "pruned_context": pruned, "reranking_score": score,
-                "kept_sentences": np.flatnonzero(keep).tolist(),
-                "compression": compression(info["ctx"], pruned) if info["ctx"] else 0.0}
-        return _shape_outputs(out, shape, reorder, top_k)
+            offs, probs, sc = stitch_blocks(*zip(*grouped[k]))
+            info.update(offsets=offs, probs=probs, score=sc,
+                        n_blocks=len(grouped[k]))
+            items[info["q"]][info["c"]] = info
+        return {"items": items, "shape": shape}
+
+    def decide(self, scored: dict, *, threshold: float = 0.1, always_select_title: bool = False,
+               reorder: bool = False, top_k: int = 5, mode: str | None = None):
+        """The sentence part of :meth:`process`, applied to the output of :meth:`score`."""
+        mode = mode or self.mode
+        out = []
+        for row in scored["items"]:
+            new_row = []
+            for info in row:
+                spans = token_sentence_spans(info["offsets"], info["sents"])
+                keep = provence_sentences(info["probs"], spans, threshold=threshold, mode=mode)
+                keep = apply_title_rule(keep, title_index=info["title_idx"],
+                                        always_select_title=always_select_title)
+                pruned = assemble_pruned(info["text"], info["sents"], keep)
+                new_row.append({
+                    "pruned_context": pruned, "reranking_score": info["score"],
+                    "kept_sentences": np.flatnonzero(keep).tolist(),
+                    "compression": compression(info["text"], pruned)})
+            out.append(new_row)
+        return _shape_outputs(out, scored["shape"], reorder, top_k)
 
     __call__ = process
 

@@ -176,11 +176,14 @@ def train_provence(model, tokenizer, records: Sequence[dict], *, max_length: int
                    batch_size: int = 16, lr: float = 5e-5, steps: int | None = None,
                    epochs: float = 1.0, warmup: float = 0.1, weight_decay: float = 0.01,
                    rank_weight: float = 0.05, seed: int = 0, device="cpu",
-                   freeze_embeddings: bool = False, log_every: int = 0,
+                   freeze_embeddings: bool = False, trainable_layers: int | None = None,
+                   log_every: int = 0,
                    log=print, callback=None) -> list[float]:
     """Plain torch training loop (AdamW, linear warmup + linear decay).
 
     ``freeze_embeddings`` keeps the input embedding matrix fixed (much cheaper on CPU).
+    ``trainable_layers=N`` freezes the embeddings and all but the top N encoder layers (the
+    pooler and both heads stay trainable): backward then stops N layers down.
     ``callback(step, losses)`` runs after every step; returning True stops training early.
     Returns the per-step losses. The model is left in eval mode.
     """
@@ -190,8 +193,10 @@ def train_provence(model, tokenizer, records: Sequence[dict], *, max_length: int
     encoded = [encode_record(tokenizer, r, max_length) for r in records]
     n_steps = steps or max(1, math.ceil(len(encoded) * epochs / batch_size))
     model.to(device).train()
-    if freeze_embeddings:
+    if freeze_embeddings or trainable_layers is not None:
         model.ranker.get_input_embeddings().weight.requires_grad_(False)
+    if trainable_layers is not None:
+        _freeze_lower_layers(model, trainable_layers)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     n_warm = int(warmup * n_steps)
@@ -226,6 +231,24 @@ def train_provence(model, tokenizer, records: Sequence[dict], *, max_length: int
             break
     model.eval()
     return losses
+
+
+def _freeze_lower_layers(model, n_trainable: int) -> None:
+    base = model.ranker.base_model
+    n_layers = int(model.config.num_hidden_layers)
+    stacks = [m for m in base.modules()
+              if isinstance(m, torch.nn.ModuleList) and len(m) == n_layers]
+    if not stacks:
+        raise ValueError("could not find the encoder layer list to freeze")
+    for p in base.parameters():
+        p.requires_grad_(False)
+    for layer in list(stacks[0])[max(0, n_layers - n_trainable):]:
+        for p in layer.parameters():
+            p.requires_grad_(True)
+    for name, module in base.named_children():  # pooler / final norm after the layers
+        if name in ("pooler", "final_norm", "norm"):
+            for p in module.parameters():
+                p.requires_grad_(True)
 
 
 # ------------------------------------------------------------------ extractive QA -> records
