@@ -176,6 +176,7 @@ def train_provence(model, tokenizer, records: Sequence[dict], *, max_length: int
                    batch_size: int = 16, lr: float = 5e-5, steps: int | None = None,
                    epochs: float = 1.0, warmup: float = 0.1, weight_decay: float = 0.01,
                    rank_weight: float = 0.05, seed: int = 0, device="cpu",
+                   head_lr: float | None = None,
                    freeze_embeddings: bool = False, trainable_layers: int | None = None,
                    log_every: int = 0,
                    log=print, callback=None) -> list[float]:
@@ -184,6 +185,8 @@ def train_provence(model, tokenizer, records: Sequence[dict], *, max_length: int
     ``freeze_embeddings`` keeps the input embedding matrix fixed (much cheaper on CPU).
     ``trainable_layers=N`` freezes the embeddings and all but the top N encoder layers (the
     pooler and both heads stay trainable): backward then stops N layers down.
+    ``head_lr`` (default ``lr``) is the learning rate of the freshly initialised heads
+    (``token_classifier`` and the ranking ``classifier``).
     ``callback(step, losses)`` runs after every step; returning True stops training early.
     Returns the per-step losses. The model is left in eval mode.
     """
@@ -198,7 +201,12 @@ def train_provence(model, tokenizer, records: Sequence[dict], *, max_length: int
     if trainable_layers is not None:
         _freeze_lower_layers(model, trainable_layers)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    head_ids = {id(p) for n, p in model.named_parameters()
+                if n.startswith("token_classifier.") or ".classifier." in n
+                or n.startswith("ranker.classifier.")}
+    groups = [{"params": [p for p in params if id(p) not in head_ids], "lr": lr},
+              {"params": [p for p in params if id(p) in head_ids], "lr": head_lr or lr}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=weight_decay)
     n_warm = int(warmup * n_steps)
     def lr_factor(s: int) -> float:
         if s < n_warm:
