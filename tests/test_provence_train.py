@@ -170,3 +170,23 @@ def test_trained_minilm_keeps_answer_sentences(shared_data):
             for r, p in zip(recs, out["pruned_context"])]
     assert np.mean(hits) >= 0.8
     assert np.mean(out["compression"]) >= 0.3
+
+
+def test_rag_pruning_benchmark_quick(shared_data, monkeypatch):
+    """The benchmark's --quick code path (4 contexts, no LLMLingua) runs and reports sane
+    numbers for every method."""
+    import importlib.util
+    import sys
+
+    monkeypatch.setenv("PRUNEKIT_DATA", str(shared_data))
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "rag_pruning.py"
+    spec = importlib.util.spec_from_file_location("rag_pruning_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = mod.main(["--quick", "--thresholds", "0.1,0.5"])
+    names = {r[0].split(" (")[0] for r in rows}
+    assert {"Provence-MiniLM", "MiniLM bi-encoder top sentences",
+            "random sentence dropping"} <= names
+    assert len(rows) == 2 + 2 * 2
+    for _, _, m, speed in rows:
+        assert 0 <= m["sent_recall"] <= 1 and m["char_comp"] <= 1 and speed > 0
