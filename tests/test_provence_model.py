@@ -37,7 +37,7 @@ def _tok_bpe():
 
 
 def _tok_unigram():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     # a SentencePiece-style unigram vocabulary: whole words + characters

@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from tokenprune.provence import ProvenceModel, ProvencePruner
 from tokenprune.provence_train import (
@@ -176,7 +175,6 @@ def test_rag_pruning_benchmark_quick(shared_data, monkeypatch):
     """The benchmark's --quick code path (4 contexts, no LLMLingua) runs and reports sane
     numbers for every method."""
     import importlib.util
-    import sys
 
     monkeypatch.setenv("PRUNEKIT_DATA", str(shared_data))
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "rag_pruning.py"
