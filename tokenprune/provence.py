@@ -1,0 +1,272 @@
+"""Provence (Chirkova et al., ICLR 2025): query-aware context pruning + reranking, pure parts.
+
+A Provence model reads ``[CLS] normalised_query [SEP] context [SEP]`` and emits one reranking
+logit plus a keep probability per context token. This module holds the model-free steps that
+turn those token probabilities into kept sentences:
+
+* :func:`normalize_query` — lowercase, strip ASCII punctuation, collapse whitespace;
+* :func:`token_sentence_spans` — sentences (character spans) -> token spans via tokenizer offsets;
+* :func:`provence_sentences` — the sentence decision (``decision_average``, ``probability_average``,
+  ``majority``);
+* :func:`apply_title_rule` — the ``always_select_title`` rule;
+* :func:`plan_blocks` / :func:`stitch_blocks` — long contexts split into windows with the query
+  repeated, and stitched back (max reranking score over blocks);
+* :func:`assemble_pruned` / :func:`compression` — the pruned text made of exact substrings.
+
+The model, loading and :class:`ProvencePruner` live in :mod:`tokenprune.provence_model`
+(re-exported here lazily so that importing this module never imports transformers).
+"""
+from __future__ import annotations
+
+import re
+import string
+
+import numpy as np
+
+from tokenprune.sentences import split_sentences
+
+__all__ = [
+    "normalize_query",
+    "split_sentences",
+    "token_sentence_spans",
+    "provence_sentences",
+    "apply_title_rule",
+    "plan_blocks",
+    "stitch_blocks",
+    "assemble_pruned",
+    "compression",
+    "MODES",
+    "ProvencePruner",
+    "ProvenceModel",
+    "load_provence_model",
+    "save_provence_model",
+]
+
+MODES = ("decision_average", "probability_average", "majority")
+
+_PUNCT_TABLE = str.maketrans("", "", string.punctuation)
+_WS = re.compile(r"\s+")
+
+
+def normalize_query(query: str) -> str:
+    """Provence query normalisation: lowercase, drop ASCII punctuation, collapse whitespace."""
+    if not isinstance(query, str):
+        raise TypeError(f"query must be a str, got {type(query).__name__}")
+    return _WS.sub(" ", query.lower().translate(_PUNCT_TABLE)).strip()
+
+
+def _as_numpy(x, name: str) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch tensor
+        x = x.detach().float().cpu().numpy()
+    return np.asarray(x)
+
+
+def token_sentence_spans(token_offsets, sentence_spans) -> np.ndarray:
+    """Map sentences (character spans) to token spans.
+
+    A token belongs to the sentence that contains its last character (so a token carrying a
+    leading space, as in SentencePiece/BPE vocabularies, goes with the word it ends in);
+    tokens whose last character falls in the whitespace between sentences belong to none.
+
+    Args:
+        token_offsets: (T, 2) int character ``(start, end)`` of each context token, in text
+            order (non-decreasing). Empty tokens (``start == end``) are allowed.
+        sentence_spans: (S, 2) int character ``(start, end)`` of each sentence, ascending and
+            non-overlapping.
+
+    Returns:
+        (S, 2) int64 token spans ``[start, end)`` into the T tokens (empty when no token).
+    """
+    off = _as_numpy(token_offsets, "token_offsets").astype(np.int64).reshape(-1, 2)
+    sent = np.asarray(sentence_spans, dtype=np.int64).reshape(-1, 2)
+    if off.size and np.any(off[:, 1] < off[:, 0]):
+        raise ValueError("token_offsets: every end must be >= its start")
+    last = np.where(off[:, 1] > off[:, 0], off[:, 1] - 1, off[:, 0])
+    if last.size > 1 and np.any(np.diff(last) < 0):
+        raise ValueError("token_offsets must be in text order (non-decreasing)")
+    if sent.size and (np.any(sent[:, 1] < sent[:, 0]) or np.any(sent[1:, 0] < sent[:-1, 1])):
+        raise ValueError("sentence_spans must be ascending, non-overlapping (start <= end)")
+    starts = np.searchsorted(last, sent[:, 0], side="left")
+    ends = np.searchsorted(last, sent[:, 1], side="left")
+    return np.stack([starts, ends], axis=1).astype(np.int64)
+
+
+def provence_sentences(token_probs, spans, *, threshold: float = 0.1,
+                       mode: str = "decision_average") -> np.ndarray:
+    """Decide which sentences to keep from per-token keep probabilities.
+
+    Args:
+        token_probs: (T,) keep probabilities in [0, 1] (``softmax(token_logits)[..., 1]``).
+        spans: (S, 2) int token spans ``[start, end)`` of each sentence into ``token_probs``.
+        threshold: T in the rules below (Provence default 0.1).
+        mode: ``"decision_average"`` (released code, default): a token is kept iff ``p > T``
+            and a sentence iff the fraction of its kept tokens is ``> T`` (the same T);
+            ``"probability_average"``: sentence kept iff the mean of ``p`` is ``> T``;
+            ``"majority"`` (the paper's wording): kept iff more than half of its tokens have
+            ``p > T``.
+
+    Returns:
+        (S,) bool; sentences without tokens are never kept.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+    p = _as_numpy(token_probs, "token_probs").astype(np.float64)
+    if p.ndim != 1:
+        raise ValueError(f"token_probs must be 1-D (T,), got shape {p.shape}")
+    if np.isnan(p).any():
+        raise ValueError("token_probs contains NaN")
+    if p.size and (p.min() < 0 or p.max() > 1):
+        raise ValueError("token_probs must lie in [0, 1]")
+    sp = np.asarray(spans, dtype=np.int64)
+    if sp.size == 0:
+        return np.zeros(0, dtype=bool)
+    if sp.ndim != 2 or sp.shape[1] != 2:
+        raise ValueError(f"spans must have shape (S, 2), got {sp.shape}")
+    if sp.min() < 0 or sp.max() > p.shape[0] or np.any(sp[:, 1] < sp[:, 0]):
+        raise ValueError(f"spans must satisfy 0 <= start <= end <= T={p.shape[0]}")
+    if not np.isfinite(threshold):
+        raise ValueError("threshold must be finite")
+    x = p if mode == "probability_average" else (p > threshold).astype(np.float64)
+    csum = np.concatenate([[0.0], np.cumsum(x)])
+    total = csum[sp[:, 1]] - csum[sp[:, 0]]
+    n = (sp[:, 1] - sp[:, 0]).astype(np.float64)
+    nonempty = n > 0
+    safe_n = np.where(nonempty, n, 1.0)
+    if mode == "majority":
+        keep = 2.0 * total > n
+    else:
+        keep = total / safe_n > threshold
+    return keep & nonempty
+
+
+def apply_title_rule(keep, *, title_index: int | None = 0,
+                     always_select_title: bool = False) -> np.ndarray:
+    """Apply Provence's title rule to a sentence keep mask.
+
+    With ``always_select_title=True`` the title sentence is kept exactly when at least one
+    other sentence is kept (so when nothing else passes, the output is empty even if the title
+    passed). With ``False`` (or no title) the mask is returned unchanged.
+
+    Args:
+        keep: (S,) bool.
+        title_index: index of the title sentence, or None when there is no title.
+
+    Returns:
+        (S,) bool (a copy).
+    """
+    keep = np.array(keep, dtype=bool, copy=True)
+    if not always_select_title or title_index is None or keep.size == 0:
+        return keep
+    if not 0 <= title_index < keep.size:
+        raise ValueError(f"title_index {title_index} out of range for {keep.size} sentences")
+    others = np.delete(keep, title_index)
+    keep[title_index] = bool(others.any())
+    return keep
+
+
+def plan_blocks(sentence_token_starts, n_tokens: int, budget: int) -> list[tuple[int, int]]:
+    """Split a tokenised context into blocks of at most ``budget`` tokens.
+
+    Whole sentences are packed greedily; a sentence longer than ``budget`` is cut into pieces
+    of ``budget`` tokens (its pieces are stitched back by :func:`stitch_blocks`).
+
+    Args:
+        sentence_token_starts: (S,) int, first token of each sentence, ascending; sentence i
+            covers tokens ``[starts[i], starts[i+1])`` (tokens before ``starts[0]`` go with
+            sentence 0).
+        n_tokens: total number of context tokens T.
+        budget: max context tokens per block (window minus query and special tokens), >= 1.
+
+    Returns:
+        list of ``(tok_start, tok_end)`` covering ``[0, T)`` in order; ``[(0, 0)]`` when T == 0.
+    """
+    if budget < 1:
+        raise ValueError(f"budget must be >= 1 token, got {budget}")
+    if n_tokens <= 0:
+        return [(0, 0)]
+    starts = np.asarray(sentence_token_starts, dtype=np.int64).reshape(-1)
+    bounds = np.unique(np.concatenate([[0], np.clip(starts, 0, n_tokens), [n_tokens]]))
+    blocks: list[tuple[int, int]] = []
+    cur_start, cur_end = 0, 0
+    for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        if b - cur_start <= budget:
+            cur_end = b
+            continue
+        if cur_end > cur_start:
+            blocks.append((cur_start, cur_end))
+        cur_start = a
+        while b - cur_start > budget:  # a sentence longer than the window
+            blocks.append((cur_start, cur_start + budget))
+            cur_start += budget
+        cur_end = b
+    if cur_end > cur_start:
+        blocks.append((cur_start, cur_end))
+    return blocks
+
+
+def stitch_blocks(block_offsets, block_probs, block_scores):
+    """Stitch per-block token outputs of one context back together.
+
+    Args:
+        block_offsets: list of (T_b, 2) int character offsets (into the full context) of the
+            context tokens of each block.
+        block_probs: list of (T_b,) keep probabilities.
+        block_scores: (n_blocks,) reranking logits.
+
+    Returns:
+        ``(offsets (T, 2), probs (T,), score)``: tokens of all blocks in text order and the
+        maximum reranking score over blocks.
+    """
+    if len(block_offsets) != len(block_probs) or len(block_probs) != len(block_scores):
+        raise ValueError("block_offsets, block_probs and block_scores must have equal length")
+    if len(block_scores) == 0:
+        raise ValueError("at least one block is needed")
+    off = np.concatenate([np.asarray(o, dtype=np.int64).reshape(-1, 2) for o in block_offsets])
+    probs = np.concatenate([_as_numpy(p, "probs").astype(np.float32).reshape(-1)
+                            for p in block_probs])
+    order = np.argsort(off[:, 0], kind="stable")
+    return off[order], probs[order], float(np.max(np.asarray(block_scores, dtype=np.float64)))
+
+
+def assemble_pruned(text: str, sentence_spans, keep) -> str:
+    """Join the kept sentences using only exact substrings of ``text``.
+
+    Kept sentence i contributes ``text[start_i:end_i]``. Between two kept sentences one of the
+    original separators is inserted: the one that follows the first sentence, unless only the
+    one that precedes the second contains a line break (so titles and paragraph breaks survive).
+    Runs of adjacent kept sentences therefore come out verbatim.
+
+    Args:
+        text: the context. sentence_spans: (S, 2) character spans. keep: (S,) bool.
+    """
+    spans = np.asarray(sentence_spans, dtype=np.int64).reshape(-1, 2)
+    keep = np.asarray(keep, dtype=bool).reshape(-1)
+    if keep.shape[0] != spans.shape[0]:
+        raise ValueError(f"keep has {keep.shape[0]} entries for {spans.shape[0]} sentences")
+    idx = np.flatnonzero(keep).tolist()
+    parts = []
+    for j, i in enumerate(idx):
+        if j > 0:
+            prev = idx[j - 1]
+            after_prev = text[spans[prev, 1]:spans[prev + 1, 0]]
+            before_next = text[spans[i - 1, 1]:spans[i, 0]]
+            has_nl = ("\n" in after_prev) or ("\n" not in before_next)
+            parts.append(after_prev if has_nl else before_next)
+        parts.append(text[spans[i, 0]:spans[i, 1]])
+    return "".join(parts)
+
+
+def compression(original: str, pruned: str) -> float:
+    """Share of characters removed, in [0, 1] (0 for an empty original)."""
+    return 0.0 if not original else 1.0 - len(pruned) / len(original)
+
+
+_LAZY = {"ProvencePruner", "ProvenceModel", "load_provence_model", "save_provence_model"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        from tokenprune import provence_model
+
+        return getattr(provence_model, name)
+    raise AttributeError(f"module 'tokenprune.provence' has no attribute {name!r}")

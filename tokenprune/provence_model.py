@@ -1,0 +1,509 @@
+"""Provence model (encoder + ranking head + token head), checkpoint loading and the pruner.
+
+The model wraps ``AutoModelForSequenceClassification`` (``num_labels=1``: the backbone, its
+pooler of the first token and the ``classifier`` ranking head, exactly as each architecture
+defines them) and adds ``token_classifier`` (hidden -> 2) on the last hidden state. Any
+transformers encoder works: DeBERTa-v2/v3, BERT/MiniLM, RoBERTa, ModernBERT...
+
+Checkpoints are read without ``trust_remote_code`` from a local folder or the user's HF cache
+(never downloaded):
+
+* naver/provence-reranker-debertav3-v1 layout: ``deberta.*``, ``pooler.*``, ``classifier.*``,
+  ``token_classifier.*`` (this is also prunekit's own saved format, plus a marker file);
+* OpenProvence layout (hotchpotch/open-provence-reranker-*): ``config.json`` with
+  ``model_type="open_provence"`` and a nested ``base_model_config``; weights
+  ``ranking_model.*`` and ``pruning_head.classifier.*``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from tokenprune.provence import (
+    apply_title_rule,
+    assemble_pruned,
+    compression,
+    normalize_query,
+    plan_blocks,
+    provence_sentences,
+    stitch_blocks,
+    token_sentence_spans,
+)
+from tokenprune.sentences import split_sentences
+
+__all__ = ["ProvenceModel", "ProvencePruner", "load_provence_model", "save_provence_model",
+           "resolve_checkpoint_dir"]
+
+MARKER = "prunekit_provence.json"
+_IGNORED_KEY_SUFFIXES = ("position_ids", "num_batches_tracked")
+
+
+class ProvenceModel(nn.Module):
+    """Cross-encoder with a ranking head and a per-token keep head.
+
+    ``forward(input_ids (B,T), attention_mask (B,T), token_type_ids=None)`` returns
+    ``(rank_logits (B,), token_logits (B, T, 2))``.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        from transformers import AutoModelForSequenceClassification
+
+        config.num_labels = 1
+        self.config = config
+        self.ranker = AutoModelForSequenceClassification.from_config(config)
+        self.token_classifier = nn.Linear(config.hidden_size, 2)
+
+    @classmethod
+    def from_encoder(cls, path: str | os.PathLike, **kwargs) -> "ProvenceModel":
+        """Start from a plain pretrained encoder folder (heads randomly initialised)."""
+        from transformers import AutoConfig, AutoModelForSequenceClassification
+
+        config = AutoConfig.from_pretrained(path, num_labels=1)
+        model = cls.__new__(cls)
+        nn.Module.__init__(model)
+        model.config = config
+        model.ranker = AutoModelForSequenceClassification.from_pretrained(
+            path, config=config, **kwargs)
+        model.token_classifier = nn.Linear(config.hidden_size, 2)
+        return model
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask,
+                  "output_hidden_states": True, "return_dict": True}
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        out = self.ranker(**kwargs)
+        hidden = out.hidden_states[-1]
+        head = self.token_classifier
+        token_logits = head(hidden.to(head.weight.dtype))
+        return out.logits.reshape(-1), token_logits
+
+    # --- state dict in the released (naver) layout -------------------------------------
+    def released_state_dict(self) -> dict[str, torch.Tensor]:
+        """Weights under the naver/Provence key names (``deberta.*``/``bert.*``, ``classifier.*``,
+        ``token_classifier.*``)."""
+        sd = {k: v for k, v in self.ranker.state_dict().items()}
+        for k, v in self.token_classifier.state_dict().items():
+            sd[f"token_classifier.{k}"] = v
+        return sd
+
+    def load_released_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load weights in the naver, OpenProvence or prunekit layout; raise a ValueError naming
+        missing/unexpected keys otherwise."""
+        mapped = {}
+        for key, value in state.items():
+            if key.startswith("ranking_model."):
+                key = "ranker." + key[len("ranking_model."):]
+            elif key.startswith("pruning_head.classifier."):
+                key = "token_classifier." + key[len("pruning_head.classifier."):]
+            elif key.startswith("pruning_head."):
+                key = "unsupported_pruning_head." + key[len("pruning_head."):]
+            elif not key.startswith("token_classifier."):
+                key = "ranker." + key
+            mapped[key] = value
+        own = self.state_dict()
+        missing = sorted(k for k in own if k not in mapped
+                         and not k.endswith(_IGNORED_KEY_SUFFIXES))
+        unexpected = sorted(k for k in mapped if k not in own
+                            and not k.endswith(_IGNORED_KEY_SUFFIXES))
+        shape_bad = sorted(k for k in mapped if k in own and own[k].shape != mapped[k].shape)
+        if missing or unexpected or shape_bad:
+            def show(keys):
+                return ", ".join(keys[:12]) + (f" ... (+{len(keys) - 12})" if len(keys) > 12 else "")
+            raise ValueError(
+                "checkpoint does not match a Provence model for this config: "
+                f"missing keys [{show(missing)}]; unexpected keys [{show(unexpected)}]; "
+                f"shape mismatches [{show(shape_bad)}]")
+        self.load_state_dict({k: v for k, v in mapped.items() if k in own}, strict=False)
+
+
+# ----------------------------------------------------------------------------------------
+# loading / saving
+# ----------------------------------------------------------------------------------------
+def resolve_checkpoint_dir(name_or_path: str | os.PathLike) -> Path:
+    """A local folder, or a hub id resolved in the local HF cache only (no download)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    name = str(name_or_path)
+    if name.count("/") == 1 and not name.startswith((".", "/")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(name, local_files_only=True))
+        except Exception as exc:  # not in the cache
+            raise FileNotFoundError(
+                f"Provence checkpoint {name!r} is not a local folder and is not in the local "
+                "Hugging Face cache; prunekit never downloads weights: fetch it yourself "
+                "(e.g. `huggingface-cli download`) or pass a folder") from exc
+    raise FileNotFoundError(f"Provence checkpoint folder not found: {name_or_path}")
+
+
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    index = folder / "model.safetensors.index.json"
+    if (folder / "model.safetensors").is_file():
+        return load_file(str(folder / "model.safetensors"))
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        state = {}
+        for f in files:
+            state.update(load_file(str(folder / f)))
+        return state
+    if (folder / "pytorch_model.bin").is_file():
+        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"no model.safetensors / pytorch_model.bin in {folder}")
+
+
+def _read_config(folder: Path):
+    from transformers import AutoConfig
+
+    raw = json.loads((folder / "config.json").read_text())
+    if raw.get("model_type") == "open_provence":
+        base = raw.get("base_model_config")
+        if not isinstance(base, dict) or "model_type" not in base:
+            raise ValueError(f"{folder}/config.json: OpenProvence config without base_model_config")
+        base = dict(base)
+        model_type = base.pop("model_type")
+        for k in ("num_labels", "id2label", "label2id", "auto_map", "architectures"):
+            base.pop(k, None)
+        return AutoConfig.for_model(model_type, **base, num_labels=1), raw
+    # trust_remote_code stays off: a released config's auto_map is ignored, the base
+    # architecture (deberta-v2, bert, modernbert...) is built by transformers itself.
+    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+    for k in ("id2label", "label2id"):
+        if hasattr(config, k):
+            setattr(config, k, {0: "LABEL_0"} if k == "id2label" else {"LABEL_0": 0})
+    config.num_labels = 1
+    return config, raw
+
+
+def load_provence_model(name_or_path, *, dtype=None, device=None):
+    """Load ``(ProvenceModel, fast tokenizer, meta)`` from a folder or the HF cache.
+
+    ``meta`` is the raw config dict plus prunekit's marker (e.g. ``max_length``) when present.
+    """
+    from transformers import AutoTokenizer
+
+    folder = resolve_checkpoint_dir(name_or_path)
+    config, raw = _read_config(folder)
+    model = ProvenceModel(config)
+    model.load_released_state_dict(_read_weights(folder))
+    tok_src = folder
+    if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
+        src = raw.get("tokenizer_name_or_path") or raw.get("base_model_name_or_path")
+        if not src:
+            raise FileNotFoundError(f"no tokenizer files in {folder}")
+        tok_src = resolve_checkpoint_dir(src)
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_src))
+    meta = dict(raw)
+    if (folder / MARKER).is_file():
+        meta.update(json.loads((folder / MARKER).read_text()))
+    model.eval()
+    if device is not None or dtype is not None:
+        model.to(device=device, dtype=dtype)
+    return model, tokenizer, meta
+
+
+def save_provence_model(model: ProvenceModel, tokenizer, folder, *, max_length: int = 512,
+                        extra: dict | None = None) -> Path:
+    """Save in the released layout (config.json + model.safetensors + tokenizer + marker)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.architectures = [type(model.ranker).__name__]
+    model.config.save_pretrained(str(folder))
+    state = {k: v.detach().contiguous().cpu() for k, v in model.released_state_dict().items()}
+    tmp = folder / "model.safetensors.tmp"
+    save_file(state, str(tmp))
+    os.replace(tmp, folder / "model.safetensors")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder))
+    marker = {"format": "prunekit-provence", "version": 1, "max_length": int(max_length)}
+    marker.update(extra or {})
+    (folder / MARKER).write_text(json.dumps(marker, indent=1))
+    return folder
+
+
+# ----------------------------------------------------------------------------------------
+# the pruner
+# ----------------------------------------------------------------------------------------
+def _resolve_device(device) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _resolve_dtype(dtype, device: torch.device):
+    if dtype in (None, "auto"):
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if isinstance(dtype, str):
+        table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+                 "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+        if dtype not in table:
+            raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(table)}")
+        return table[dtype]
+    return dtype
+
+
+def check_fast_tokenizer(tokenizer) -> None:
+    """Offsets are needed to map tokens to sentences: only fast tokenizers give them."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise TypeError(
+            f"Provence needs a fast (Rust) tokenizer with offset mapping; got "
+            f"{type(tokenizer).__name__} (is_fast=False). Load it with "
+            "AutoTokenizer.from_pretrained(..., use_fast=True) or convert it.")
+
+
+class ProvencePruner:
+    """Prune and rerank RAG contexts with a Provence model.
+
+    Args:
+        model_or_path: a :class:`ProvenceModel`, or a folder / cached hub id to load.
+        tokenizer: a fast tokenizer (required when a model object is passed).
+        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda:0"``...
+        dtype: ``"auto"`` (bf16/fp16 on CUDA, fp32 on CPU), or a torch dtype / name.
+        max_length: window in tokens (query + context + special tokens); longer contexts are
+            split into blocks with the query repeated.
+        sentence_splitter: ``text -> list[(start, end)]`` character spans (default: the
+            rule-based :func:`tokenprune.sentences.split_sentences`).
+        mode: sentence rule of :func:`tokenprune.provence.provence_sentences`.
+        max_query_tokens: queries longer than this are truncated (default: half the window).
+    """
+
+    def __init__(self, model_or_path, tokenizer=None, *, device="auto", dtype="auto",
+                 max_length: int | None = None,
+                 sentence_splitter: Callable[[str], list] = split_sentences,
+                 mode: str = "decision_average", max_query_tokens: int | None = None):
+        meta: dict[str, Any] = {}
+        if isinstance(model_or_path, (str, os.PathLike)):
+            model, loaded_tok, meta = load_provence_model(model_or_path)
+            tokenizer = tokenizer or loaded_tok
+        elif isinstance(model_or_path, ProvenceModel):
+            model = model_or_path
+            if tokenizer is None:
+                raise ValueError("a tokenizer is required when a ProvenceModel object is passed")
+        else:
+            raise TypeError("model_or_path must be a ProvenceModel or a path / hub id, got "
+                            f"{type(model_or_path).__name__}")
+        check_fast_tokenizer(tokenizer)
+        self.device = _resolve_device(device)
+        self.dtype = _resolve_dtype(dtype, self.device)
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        self.tokenizer = tokenizer
+        if max_length is None:
+            max_length = int(meta.get("max_length") or getattr(model.config, "max_length", 0) or 0)
+            if not max_length or max_length > 8192:
+                max_length = min(int(getattr(model.config, "max_position_embeddings", 512)), 512)
+        self.max_length = int(max_length)
+        self.n_special = int(tokenizer.num_special_tokens_to_add(pair=True))
+        if self.max_length < self.n_special + 8:
+            raise ValueError(f"max_length={self.max_length} is too small for this tokenizer")
+        self.max_query_tokens = int(max_query_tokens or (self.max_length - self.n_special) // 2)
+        self.sentence_splitter = sentence_splitter
+        self.mode = mode
+
+    # -- token probabilities ----------------------------------------------------------------
+    def _prepare_query(self, question: str) -> tuple[str, int]:
+        q = normalize_query(question)
+        enc = self.tokenizer(q, add_special_tokens=False, return_offsets_mapping=True)
+        ids = enc["input_ids"]
+        if len(ids) > self.max_query_tokens:
+            q = q[: enc["offset_mapping"][self.max_query_tokens - 1][1]]
+            ids = self.tokenizer(q, add_special_tokens=False)["input_ids"]
+        return q, len(ids)
+
+    @torch.inference_mode()
+    def _run_pairs(self, queries: list[str], texts: list[str], batch_size: int):
+        """Run the model on (query, text) pairs.
+
+        Returns per pair: (offsets (T_c, 2) into text, keep probs (T_c,), rank logit).
+        """
+        results: list[Any] = [None] * len(texts)
+        lengths = np.array([len(q) + len(t) for q, t in zip(queries, texts)])
+        order = np.argsort(-lengths, kind="stable")
+        for s in range(0, len(order), batch_size):
+            idx = order[s:s + batch_size].tolist()
+            enc = self.tokenizer([queries[i] for i in idx], [texts[i] for i in idx],
+                                 padding=True, truncation="only_second",
+                                 max_length=self.max_length, return_offsets_mapping=True,
+                                 return_tensors="pt")
+            offsets = enc.pop("offset_mapping").numpy()
+            inputs = {k: v.to(self.device) for k, v in enc.items()
+                      if k in ("input_ids", "attention_mask", "token_type_ids")}
+            rank, tok_logits = self.model(**inputs)
+            probs = torch.softmax(tok_logits.float(), dim=-1)[..., 1].cpu().numpy()
+            rank = rank.float().cpu().numpy()
+            for row, i in enumerate(idx):
+                ctx = np.asarray(enc.sequence_ids(row), dtype=object) == 1
+                results[i] = (offsets[row][ctx], probs[row][ctx], float(rank[row]))
+        return results
+
+    # -- public API -------------------------------------------------------------------------
+    def process(self, question, context, *, title="first_sentence", batch_size: int = 32,
+                threshold: float = 0.1, always_select_title: bool = False,
+                reorder: bool = False, top_k: int = 5, mode: str | None = None):
+        """Prune (and optionally rerank) contexts for questions.
+
+        Shapes follow the released API: ``(str, str)`` -> scalars; ``(str, [str, ...])`` -> one
+        list; ``([q, ...], [[ctx, ...], ...])`` -> nested lists (one list per question);
+        ``([q, ...], [ctx, ...])`` of equal length -> one context per question, lists.
+
+        Args:
+            title: ``"first_sentence"`` (the first sentence of each context is its title),
+                ``None`` (no title), or title text(s) matching the contexts' structure: a given
+                title is placed before its context (``title + "\\n" + context``) and can then
+                appear in the output.
+            threshold, mode: see :func:`tokenprune.provence.provence_sentences`.
+            always_select_title: keep the title iff another sentence is kept.
+            reorder: sort each question's contexts by reranking score (descending) and keep
+                ``top_k``.
+
+        Returns:
+            dict with ``pruned_context``, ``reranking_score``, ``kept_sentences`` (sorted
+            sentence indices), ``compression`` (share of characters removed), and with
+            ``reorder=True`` also ``context_index`` (original positions).
+        """
+        scored = self.score(question, context, title=title, batch_size=batch_size)
+        return self.decide(scored, threshold=threshold, always_select_title=always_select_title,
+                           reorder=reorder, top_k=top_k, mode=mode)
+
+    def score(self, question, context, *, title="first_sentence", batch_size: int = 32) -> dict:
+        """The model part of :meth:`process`: token keep probabilities and reranking scores.
+
+        Returns an opaque dict for :meth:`decide` (so several thresholds can be applied to one
+        forward pass); ``scored["items"][q][c]`` holds ``text``, ``sents`` (S, 2), ``offsets``
+        (T, 2), ``probs`` (T,) and ``score`` of each context.
+        """
+        questions, contexts, shape = _normalise_inputs(question, context)
+        titles = _normalise_titles(title, contexts, shape)
+        pairs_q, pairs_t, owners, per_ctx = [], [], [], []
+        for qi, (q, ctxs) in enumerate(zip(questions, contexts)):
+            qn, q_len = self._prepare_query(q)
+            budget = self.max_length - self.n_special - q_len
+            for ci, ctx in enumerate(ctxs):
+                if not isinstance(ctx, str):
+                    raise TypeError(f"contexts must be str, got {type(ctx).__name__}")
+                t = titles[qi][ci]
+                text, title_idx = (ctx, 0) if t == "first_sentence" else \
+                    ((ctx, None) if t is None else (f"{t}\n{ctx}", 0))
+                sents = np.asarray(self.sentence_splitter(text), dtype=np.int64).reshape(-1, 2)
+                enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+                off = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+                tok_spans = token_sentence_spans(off, sents)
+                for a, b in plan_blocks(tok_spans[:, 0], len(off), budget):
+                    ca = 0 if a == 0 else int(off[a, 0])
+                    cb = len(text) if b >= len(off) else int(off[b, 0])
+                    pairs_q.append(qn)
+                    pairs_t.append(text[ca:cb])
+                    owners.append((len(per_ctx), ca))
+                per_ctx.append({"q": qi, "c": ci, "text": text, "ctx": ctx, "sents": sents,
+                                "title_idx": title_idx if len(sents) else None})
+        raw = self._run_pairs(pairs_q, pairs_t, batch_size) if pairs_q else []
+        grouped: list[list] = [[] for _ in per_ctx]
+        for (k, ca), (off, probs, sc) in zip(owners, raw):
+            grouped[k].append((off + ca, probs, sc))
+        items = [[None] * len(c) for c in contexts]
+        for k, info in enumerate(per_ctx):
+            offs, probs, sc = stitch_blocks(*zip(*grouped[k]))
+            info.update(offsets=offs, probs=probs, score=sc,
+                        n_blocks=len(grouped[k]))
+            items[info["q"]][info["c"]] = info
+        return {"items": items, "shape": shape}
+
+    def decide(self, scored: dict, *, threshold: float = 0.1, always_select_title: bool = False,
+               reorder: bool = False, top_k: int = 5, mode: str | None = None):
+        """The sentence part of :meth:`process`, applied to the output of :meth:`score`."""
+        mode = mode or self.mode
+        out = []
+        for row in scored["items"]:
+            new_row = []
+            for info in row:
+                spans = token_sentence_spans(info["offsets"], info["sents"])
+                keep = provence_sentences(info["probs"], spans, threshold=threshold, mode=mode)
+                keep = apply_title_rule(keep, title_index=info["title_idx"],
+                                        always_select_title=always_select_title)
+                pruned = assemble_pruned(info["text"], info["sents"], keep)
+                new_row.append({
+                    "pruned_context": pruned, "reranking_score": info["score"],
+                    "kept_sentences": np.flatnonzero(keep).tolist(),
+                    "compression": compression(info["text"], pruned)})
+            out.append(new_row)
+        return _shape_outputs(out, scored["shape"], reorder, top_k)
+
+    __call__ = process
+
+
+def _normalise_inputs(question, context):
+    if isinstance(question, str):
+        if isinstance(context, str):
+            return [question], [[context]], "scalar"
+        if isinstance(context, Sequence) and all(isinstance(c, str) for c in context):
+            return [question], [list(context)], "one_query"
+        raise TypeError("with a single question, context must be a str or a list of str")
+    if not isinstance(question, Sequence) or not all(isinstance(q, str) for q in question):
+        raise TypeError("question must be a str or a list of str")
+    if not isinstance(context, Sequence) or isinstance(context, str):
+        raise TypeError("with a list of questions, context must be a list (of lists) of str")
+    if len(context) != len(question):
+        raise ValueError(f"{len(question)} questions but {len(context)} context lists")
+    if all(isinstance(c, str) for c in context):
+        return list(question), [[c] for c in context], "pairs"
+    if all(isinstance(c, Sequence) and not isinstance(c, str) for c in context):
+        return list(question), [list(c) for c in context], "nested"
+    raise TypeError("context must be a list of str or a list of lists of str")
+
+
+def _normalise_titles(title, contexts, shape):
+    if title is None or title == "first_sentence":
+        return [[title] * len(c) for c in contexts]
+    if isinstance(title, str):
+        if shape in ("scalar", "pairs") or sum(map(len, contexts)) == 1:
+            return [[title] * len(c) for c in contexts]
+        raise ValueError("a single title string needs a single context")
+    if shape == "scalar":
+        raise TypeError("title must be a str, None or 'first_sentence' for one context")
+    if shape == "one_query":
+        title = [title]
+    if shape == "pairs":
+        title = [[t] for t in title]
+    if len(title) != len(contexts) or any(len(t) != len(c) for t, c in zip(title, contexts)):
+        raise ValueError("titles must have the same nested structure as the contexts")
+    return [list(t) for t in title]
+
+
+def _shape_outputs(out, shape, reorder, top_k):
+    keys = ("pruned_context", "reranking_score", "kept_sentences", "compression")
+    if reorder:
+        new = []
+        idx_all = []
+        for row in out:
+            order = sorted(range(len(row)), key=lambda i: -row[i]["reranking_score"])[:top_k]
+            new.append([row[i] for i in order])
+            idx_all.append(order)
+        out = new
+    if shape == "scalar":
+        res = {k: out[0][0][k] for k in keys} if out[0] else {k: None for k in keys}
+        return res
+    if shape == "one_query":
+        res = {k: [d[k] for d in out[0]] for k in keys}
+        if reorder:
+            res["context_index"] = idx_all[0]
+        return res
+    if shape == "pairs" and not reorder:
+        return {k: [row[0][k] for row in out] for k in keys}
+    res = {k: [[d[k] for d in row] for row in out] for k in keys}
+    if reorder:
+        res["context_index"] = idx_all
+    return res
