@@ -164,3 +164,21 @@ def test_parameter_errors():
         semdedup(x, 0.1, k=2, order="up")
     with pytest.raises(ValueError, match="eps"):
         semdedup(x, -0.1, k=2)
+
+
+@pytest.mark.parametrize("rule", ["reference", "greedy"])
+def test_mixed_cluster_sizes_with_automatic_blocks(rule):
+    """Sizes 1, 2, 3, ... and one cluster spanning several automatic blocks (> 64 rows)."""
+    rng = np.random.default_rng(11)
+    sizes = [1, 2, 3, 5, 8, 13, 40, 600]
+    labels = np.repeat(np.arange(len(sizes)), sizes)
+    base = rng.standard_normal((len(labels), 6)).astype(np.float32)
+    x = base.copy()
+    x[1::3] = base[0::3][: len(x[1::3])] + 0.2 * rng.standard_normal((len(x[1::3]), 6))
+    clustering = fixed_clustering(x, labels)
+    eps_list = [0.05, 0.3]
+    got = semdedup(x, eps_list, clustering=clustering, rule=rule, device="cpu")
+    for e in eps_list:
+        np.testing.assert_array_equal(got[e].keep,
+                                      brute_semdedup(x, labels, clustering.sim, e, rule))
+        assert got[e].n_kept < len(x)  # the planted near-copies exist in several clusters
