@@ -135,7 +135,7 @@ def build_model(attn="sdpa"):
 
 
 def train(model, x_tr, y_tr, *, vis_steps, llm_steps, llm_pool, batch, llm_batch, log, vision_cache=None,
-          reuse_vision=True):
+          reuse_vision=True, vis_pool=None):
     gen = torch.Generator().manual_seed(0)
     tower = model.model.vision_tower
     if reuse_vision and vision_cache is not None and vision_cache.exists():
@@ -149,11 +149,13 @@ def train(model, x_tr, y_tr, *, vis_steps, llm_steps, llm_pool, batch, llm_batch
     params = list(tower.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=max(vis_steps, 1), pct_start=0.15)
-    n = len(x_tr)
+    n = len(x_tr) if vis_pool is None else len(vis_pool)
     t0 = time.time()
     tower.train()
     for step in range(vis_steps):
         idx = torch.randint(0, n, (batch,), generator=gen)
+        if vis_pool is not None:  # draw only from this pool (held-out images excluded)
+            idx = torch.from_numpy(vis_pool[idx.numpy()])
         x = augment(to_pixels(x_tr[idx.numpy()]), gen)
         logits = head(tower(pixel_values=x).pooler_output)
         loss = F.cross_entropy(logits, torch.from_numpy(y_tr[idx.numpy()]), label_smoothing=0.1)
@@ -276,6 +278,9 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=128, help="vision-stage batch")
     ap.add_argument("--llm-batch", type=int, default=64)
     ap.add_argument("--retrain-vision", action="store_true")
+    ap.add_argument("--holdout-first", action="store_true",
+                    help="pick the held-out images first and exclude them from stage A's draws "
+                         "(needed when stage A draws every image, i.e. many vision steps)")
     ap.add_argument("--json", type=str, default=None, help="write results here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -289,12 +294,17 @@ def main(argv=None):
         args.llm_images, args.llm_batch = 256, 32
     t0 = time.time()
     # CIFAR shards are grouped by class (2 classes per shard): shards 0-3 = classes 0-7 are used.
-    # Held-out: random images that stage A never draws (replayed) and stage B excludes.
+    # Held-out: random images that stage A never draws (replayed; or, with --holdout-first, excluded
+    # from its draws) and stage B excludes.
     x_all, y_all = load_shards(shards[:-1] if not args.quick else shards[:1], limit=args.n_train)
-    seen = stage_a_draws(len(x_all), args.vis_steps, args.batch)
     rng = np.random.default_rng(0)
-    test_idx = rng.permutation(np.flatnonzero(~seen))[: args.n_test]
-    pool = np.setdiff1d(np.arange(len(x_all)), test_idx)
+    if args.holdout_first:
+        test_idx = rng.permutation(len(x_all))[: args.n_test]
+        pool = np.setdiff1d(np.arange(len(x_all)), test_idx)
+    else:
+        seen = stage_a_draws(len(x_all), args.vis_steps, args.batch)
+        test_idx = rng.permutation(np.flatnonzero(~seen))[: args.n_test]
+        pool = np.setdiff1d(np.arange(len(x_all)), test_idx)
     llm_pool = rng.permutation(pool)[: args.llm_images]
     x_te, y_te = x_all[test_idx], y_all[test_idx]
     log(f"data: {len(x_all)} images of classes {sorted(set(y_all.tolist()))}, {len(test_idx)} held out "
@@ -313,7 +323,7 @@ def main(argv=None):
         train(model, x_all, y_all, vis_steps=args.vis_steps, llm_steps=args.llm_steps, llm_pool=llm_pool,
               batch=args.batch, llm_batch=args.llm_batch, log=log,
               vision_cache=None if args.quick else CACHE / "vision_tower.safetensors",
-              reuse_vision=not args.retrain_vision)
+              reuse_vision=not args.retrain_vision, vis_pool=pool if args.holdout_first else None)
         train_s = time.time() - t1
         if not args.quick:
             from safetensors.torch import save_file
