@@ -118,9 +118,7 @@ def round_to_total(x: np.ndarray, total: int, lb: np.ndarray, ub: np.ndarray,
     still below ub; ties go to the larger ``priority`` (k,), then to the lower index.
     """
     base = np.clip(np.floor(x + 1e-9), lb, ub).astype(np.int64)
-    missing = int(total - base.sum())
-    if missing < 0:
-        raise AssertionError("floored quotas exceed the total")  # impossible for x feasible
+    missing = int(total - base.sum())  # >= 0: floors of a feasible x never exceed the total
     remainder = np.where(base < ub, x - base, -np.inf)
     tie_break = np.zeros_like(x) if priority is None else -np.asarray(priority, dtype=np.float64)
     grant = np.lexsort((tie_break, -remainder))[:missing]

@@ -107,6 +107,20 @@ def split_member_name(name: str) -> tuple[str, str] | None:
     return (m.group(1), m.group(2)) if m else None
 
 
+def _keyed_members(tar: tarfile.TarFile, scan: "ShardScan"
+                   ) -> Iterator[tuple[tarfile.TarInfo, str, str]]:
+    """``(info, key, ext)`` for the regular members of an open tar; members without an
+    extension are counted in ``scan.skipped_members`` and skipped."""
+    for info in tar:
+        if not info.isreg():
+            continue
+        parts = split_member_name(info.name)
+        if parts is None:
+            scan.skipped_members += 1
+            continue
+        yield info, parts[0], parts[1]
+
+
 def iter_shard(shard: str, scan: ShardScan | None = None) -> Iterator[RawSample]:
     """Stream the samples of one shard in tar order, bytes untouched.
 
@@ -121,14 +135,7 @@ def iter_shard(shard: str, scan: ShardScan | None = None) -> Iterator[RawSample]
     index = 0
     try:
         with tarfile.open(shard, mode="r:*") as tar:
-            for info in tar:
-                if not info.isreg():
-                    continue
-                parts = split_member_name(info.name)
-                if parts is None:
-                    scan.skipped_members += 1
-                    continue
-                key, ext = parts
+            for info, key, ext in _keyed_members(tar, scan):
                 data = tar.extractfile(info).read()
                 if len(data) != info.size:
                     raise tarfile.ReadError(f"member {info.name} truncated")
@@ -178,17 +185,11 @@ def iter_shard_headers(shard: str, scan: ShardScan | None = None
     key, index, nbytes = None, -1, 0
     try:
         with tarfile.open(shard, mode="r:*") as tar:
-            for info in tar:
-                if not info.isreg():
-                    continue
-                parts = split_member_name(info.name)
-                if parts is None:
-                    scan.skipped_members += 1
-                    continue
-                if parts[0] != key:
+            for info, member_key, _ in _keyed_members(tar, scan):
+                if member_key != key:
                     if key is not None:
                         yield key, index, nbytes
-                    key, index, nbytes = parts[0], index + 1, 0
+                    key, index, nbytes = member_key, index + 1, 0
                 nbytes += tar_member_size(info.size)
             _check_tar_end(tar, shard)
     except (tarfile.TarError, EOFError, OSError) as exc:
