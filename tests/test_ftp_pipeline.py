@@ -8,7 +8,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from tokenprune.ftp import StaticRouter, TokenRouter, attach_ftp, get_handle
 from tokenprune.ftp.schedule import search_schedule
-from tokenprune.ftp.train import calibration_fitness, calibration_windows, lm_eval, train_router
+from tokenprune.ftp.train import (calibration_fitness, calibration_windows, continuation_eval, lm_eval,
+                                  train_router)
 
 
 def _tiny(layers=4):
@@ -64,6 +65,41 @@ def test_ga_with_static_calibration_fitness():
     assert h1[-1]["best"] <= h1[0]["best"]
     dense = lm_eval(model, batches)
     assert dense["ppl"] == pytest.approx(np.exp(dense["nll"]))
+
+
+def test_continuation_fitness_equals_serving_eval():
+    model = _tiny()
+    ids = torch.randint(3, 64, (2000,), generator=torch.Generator().manual_seed(2))
+    batches = calibration_windows(ids, 20, 5, seed=0)
+    sched = [0.0, 0.4, 0.5, 0.3]
+    with attach_ftp(model, StaticRouter(), 0.0) as m:
+        fit = calibration_fitness(model, batches, n_ctx=14, batch_size=2)   # chunks of 2, 2, 1
+        got = fit(np.array(sched))
+        get_handle(m).set_schedule(sched)
+        ref = continuation_eval(m, batches, 14)["nll"]
+        all_pos = calibration_fitness(model, batches)(np.array(sched))
+        with pytest.raises(ValueError, match="n_ctx"):
+            calibration_fitness(model, batches, n_ctx=20)
+    assert got == pytest.approx(ref, rel=1e-5)
+    assert got != pytest.approx(all_pos, rel=1e-3)        # a different objective
+
+
+def test_distill_tail_restricts_the_loss():
+    model = _tiny()
+    ids = torch.randint(3, 64, (2000,), generator=torch.Generator().manual_seed(3))
+    batches = calibration_windows(ids, 24, 4, seed=0)
+    runs = {}
+    for tail in (None, 24, 4):
+        router = TokenRouter()
+        torch.manual_seed(0)
+        hist = train_router(model, router, [0.3] * 4, batches, steps=2, progress=False, log_every=1,
+                            distill_tail=tail, guide_start=0.0, w_sparsity=0.0)
+        runs[tail] = hist[0]["distill"]
+    # the whole window is the default; a shorter tail averages over fewer positions
+    assert runs[24] == pytest.approx(runs[None], rel=1e-6)
+    assert runs[4] != pytest.approx(runs[None], rel=1e-4)
+    with pytest.raises(ValueError, match="distill_tail"):
+        train_router(model, TokenRouter(), [0.3] * 4, batches, steps=1, progress=False, distill_tail=25)
 
 
 def _word_tokenizer(tmp_path):

@@ -348,14 +348,12 @@ class RoutedLayer(nn.Module):
             return hidden_states
         key_valid = torch.cat([self.kv_valid[:, :past], keep], dim=1)       # (B, S)
         k_idx, k_ok = _bool_rows(key_valid)                                  # (B, K)
-        q_slot = q_idx + past
-        allowed = k_ok[:, None, :] & (k_idx[:, None, :] <= q_slot[:, :, None])
-        if self.window is not None:
-            allowed &= k_idx[:, None, :] > q_slot[:, :, None] - self.window
-        allowed[:, :, 0] |= ~q_ok                                           # padded rows: no NaN
-        mask = torch.zeros(allowed.shape, dtype=hidden_states.dtype, device=hidden_states.device)
-        mask.masked_fill_(~allowed, torch.finfo(hidden_states.dtype).min)
-        kw["attention_mask"] = mask[:, None]
+        if past == 0 and self.window is None and self._sdpa() and bool(q_ok.all()):
+            # fresh prefill, no padding: the keys are exactly the gathered queries, in order, so
+            # the explicit mask is plain causal -> let sdpa use its causal kernel
+            kw["attention_mask"] = None
+        else:
+            kw["attention_mask"] = self._gathered_mask(q_idx + past, q_ok, k_idx, k_ok, hidden_states.dtype)
         h = hidden_states.new_zeros(B, Tq, hidden_states.shape[-1])
         h[q_ok] = hidden_states[keep]
         pe = kw.get("position_embeddings")
@@ -379,6 +377,23 @@ class RoutedLayer(nn.Module):
         if want_scores:
             self._update_scores(kw, q_idx, q_ok, proxy, key_slots=(k_idx, k_ok))
         return out
+
+    def _sdpa(self) -> bool:
+        return getattr(self._attn.config, "_attn_implementation", None) == "sdpa"
+
+    def _gathered_mask(self, q_slot, q_ok, k_idx, k_ok, dtype) -> torch.Tensor:
+        """Additive mask (B, 1, Tq, K): a kept query sees kept keys at slots <= its own slot.
+
+        q_slot: (B, Tq) slots of the gathered queries; q_ok: (B, Tq) real (not padding) rows;
+        k_idx/k_ok: (B, K) slots of the gathered keys and which of them are real.
+        """
+        allowed = k_ok[:, None, :] & (k_idx[:, None, :] <= q_slot[:, :, None])
+        if self.window is not None:
+            allowed &= k_idx[:, None, :] > q_slot[:, :, None] - self.window
+        allowed[:, :, 0] |= ~q_ok                                           # padded rows: no NaN
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=q_slot.device)
+        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+        return mask[:, None]
 
     def _call(self, h, kw):
         self._capture = self.state.compute_scores and self.state.router.needs_scores

@@ -105,21 +105,37 @@ def continuation_eval(model, windows: torch.Tensor, n_ctx: int, *, dense_argmax=
     return res
 
 
-def calibration_fitness(model, batches: torch.Tensor, *, router=None, batch_size: int = 4):
+def calibration_fitness(model, batches: torch.Tensor, *, router=None, batch_size: int = 4,
+                        n_ctx: int | None = None):
     """Fitness for the schedule GA: calibration NLL of the model routed by ``router``.
 
-    Attaches FTP (static router by default) if it is not attached; the returned callable
-    sets the schedule and returns the mean next-token NLL over ``batches`` (N, T).
+    Attaches nothing itself: FTP must be attached (static router by default, paper); the
+    returned callable sets the schedule and returns the mean next-token NLL over ``batches``
+    (N, T).
+
+    Args:
+        n_ctx: ``None`` scores every position of a routed forward (the paper's calibration
+            loss). An int scores serving-style: the first ``n_ctx`` tokens are routed as a
+            prefill and the remaining ``T - n_ctx`` are decoded one at a time with the cache
+            (:func:`continuation_eval`). Reconstruction choice: with tied input/output
+            embeddings (SmolLM2) the all-position loss rewards schedules whose skipped tokens
+            predict themselves, so the benchmark searches with the continuation loss.
     """
     handle = get_handle(model)
     if handle is None:
         raise ValueError("attach FTP first (attach_ftp(model, StaticRouter(), 0.0))")
+    if n_ctx is not None and not 1 <= n_ctx < batches.shape[1]:
+        raise ValueError(f"n_ctx must be in [1, {batches.shape[1] - 1}], got {n_ctx}")
     if router is not None:
         handle.set_router(router)
 
     def fitness(schedule: np.ndarray) -> float:
         handle.set_schedule([float(s) for s in schedule])
-        return lm_eval(model, batches, batch_size=batch_size)["nll"]
+        if n_ctx is None:
+            return lm_eval(model, batches, batch_size=batch_size)["nll"]
+        chunks = batches.split(batch_size)
+        nll = [continuation_eval(model, x, n_ctx)["nll"] * x.shape[0] for x in chunks]
+        return float(sum(nll) / batches.shape[0])
 
     return fitness
 
@@ -182,7 +198,8 @@ def _frozen(model):
 def train_router(model, router: TokenRouter, schedules, batches: torch.Tensor, *, steps: int = 200,
                  lr: float = 2e-3, weight_decay: float = 0.0, w_distill: float = 1.0,
                  w_sparsity: float = 1.0, guide_start: float = 1.0, guide_end: float = 0.0,
-                 guide_curve: str = "cosine", distill: str = "hidden", batch_size: int = 1,
+                 guide_curve: str = "cosine", distill: str = "hidden", distill_tail: int | None = None,
+                 batch_size: int = 1,
                  seed: int = 0, progress: bool = True, log_every: int = 10,
                  time_limit_s: float | None = None) -> list[dict]:
     """Train the global router with the LLM frozen.
@@ -199,6 +216,9 @@ def train_router(model, router: TokenRouter, schedules, batches: torch.Tensor, *
         w_distill, w_sparsity: loss weights; the guide weight decays from ``guide_start`` to
             ``guide_end`` (``guide_curve``).
         distill: ``"hidden"`` (final hidden states, paper) or ``"logits"`` (KL).
+        distill_tail: distil only the last ``distill_tail`` positions of each window (the
+            tokens a serving-style continuation predicts; reconstruction, the paper distils
+            every position); ``None`` = all positions.
         time_limit_s: stop early after this many seconds.
     Returns:
         history: list of dicts per logged step (losses, guide weight, seconds).
@@ -207,6 +227,8 @@ def train_router(model, router: TokenRouter, schedules, batches: torch.Tensor, *
         raise TypeError(f"train_router trains a TokenRouter, got {type(router).__name__}")
     if get_handle(model) is not None:
         raise ValueError("detach FTP before training; train_router attaches it itself")
+    if distill_tail is not None and not 1 <= distill_tail <= batches.shape[1]:
+        raise ValueError(f"distill_tail must be in [1, {batches.shape[1]}], got {distill_tail}")
     if callable(schedules):
         sampler = schedules
     else:
@@ -254,6 +276,8 @@ def train_router(model, router: TokenRouter, schedules, batches: torch.Tensor, *
                 routed = [i for i, p in enumerate(st.probs) if p is not None]
                 probs = [st.probs[i] for i in routed]
                 valid = [st.train_valid[i] for i in routed]
+                if distill_tail is not None:
+                    student, teacher = student[:, -distill_tail:], teacher[:, -distill_tail:]
                 l_d = distill_loss(student, teacher, kind=distill)
                 wg = guide_weight(step, steps, start=guide_start, end=guide_end, curve=guide_curve)
                 l_g = guide_loss(probs, [st.static_keeps[i] for i in routed], valid) if routed else l_d * 0
