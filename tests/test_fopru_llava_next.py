@@ -28,18 +28,21 @@ SIZES = torch.tensor([[20, 37], [30, 14]])  # wide (2x2 crops) and tall (2x1 cro
 GEN = dict(max_new_tokens=6, do_sample=False)
 
 
+def _text_cfg():
+    return LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=100, max_position_embeddings=512, pad_token_id=0,
+    )
+
+
 def _tiny_llava_next(attn="sdpa", seed=0, pins=PINS, crop=CROP, patch=PATCH, hidden=32, layers=3):
     torch.manual_seed(seed)
     vc = CLIPVisionConfig(
         hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
         image_size=crop, patch_size=patch, projection_dim=hidden,
     )
-    tc = LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=100, max_position_embeddings=512, pad_token_id=0,
-    )
     cfg = LlavaNextConfig(
-        vision_config=vc, text_config=tc, image_token_id=IMG, image_grid_pinpoints=pins,
+        vision_config=vc, text_config=_text_cfg(), image_token_id=IMG, image_grid_pinpoints=pins,
         vision_feature_layer=-2, vision_feature_select_strategy="default",
     )
     return LlavaNextForConditionalGeneration._from_config(cfg, attn_implementation=attn).eval()
@@ -305,3 +308,25 @@ def test_hooks_removed_and_generate_restored(model):
         with FoPru(model, keep=1000):
             model.generate(**inp, **GEN)
     assert _hook_count(model) == before and "generate" not in model.__dict__
+
+
+def test_siglip_tower_colmean_full_strategy():
+    """CLS-free tower (SigLIP, strategy 'full'): colmean scores, keep=1.0 identical ids."""
+    from transformers import SiglipVisionConfig
+
+    torch.manual_seed(4)
+    vc = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, image_size=CROP, patch_size=PATCH)
+    cfg = LlavaNextConfig(
+        vision_config=vc, text_config=_text_cfg(), image_token_id=IMG,
+        image_grid_pinpoints=PINS, vision_feature_layer=-1, vision_feature_select_strategy="full",
+    )
+    m = LlavaNextForConditionalGeneration._from_config(cfg).eval()
+    inp = _inputs(m, seed=9)
+    ref = m.generate(**inp, **GEN)
+    out, _ = fopru_generate(m, inp, keep=1.0, method="colmean", layer=-1, **GEN)
+    assert torch.equal(out, ref)
+    with pytest.raises(ValueError, match="CLS"):
+        fopru_generate(m, inp, keep=0.5, method="cls", **GEN)
+    _, st = fopru_generate(m, inp, keep=0.3, method="colmean", layer=-1, **GEN)
+    assert st.visual_out == [14, 14]
