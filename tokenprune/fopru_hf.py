@@ -15,8 +15,9 @@ Three pieces, all instance-level and removable:
   instance's ``generate`` and restores it (and removes the hooks) on exit, even on exception.
 
 Supported: ``LlavaForConditionalGeneration`` (transformers 5.x; fixed-size images) with a
-CLIP or SigLIP vision tower.  Not supported here: LLaVA-NeXT any-res packing, Qwen2-VL (its
-fused-qkv rotary vision attention and M-RoPE position recomputation).
+CLIP or SigLIP vision tower; ``LlavaNextForConditionalGeneration`` (any-res) is dispatched to
+:mod:`tokenprune.fopru_llava_next`.  Not supported here: Qwen2-VL (its fused-qkv rotary
+vision attention and M-RoPE position recomputation).
 """
 from __future__ import annotations
 
@@ -427,6 +428,15 @@ def fopru_generate(
     Returns:
         ``(sequences_or_generate_output, FoPruStats)``.
     """
+    if getattr(model.config, "model_type", None) == "llava_next":  # any-res packing
+        from .fopru_llava_next import fopru_generate_llava_next
+
+        return fopru_generate_llava_next(
+            model, processor_outputs, keep=keep, strategy=strategy, layer=layer, method=method,
+            row_mode=row_mode, grid=grid, feature_passing=feature_passing,
+            restore_prompt=restore_prompt, kept_indices=kept_indices, _generate=_generate,
+            _capture=_capture, **generate_kwargs,
+        )
     if feature_passing not in ("auto", "mm_encoder_outputs", "inputs_embeds"):
         raise ValueError(f"unknown feature_passing {feature_passing!r}")
     gen = _generate if _generate is not None else model.generate
@@ -441,7 +451,10 @@ def fopru_generate(
         if k not in ("input_ids", "pixel_values", "attention_mask")
     }
     if extra.get("image_sizes") is not None:
-        raise ValueError("FoPru: image_sizes (any-res / variable-size images) is not supported")
+        raise ValueError(
+            f"FoPru: image_sizes (any-res / variable-size images) is not supported for "
+            f"{type(model).__name__} (only LLaVA-NeXT's any-res packing is)"
+        )
     extra.pop("image_sizes", None)
     feat_kwargs = {
         k: generate_kwargs.pop(k)
@@ -535,7 +548,8 @@ class FoPru:
     Wraps the *instance's* ``generate`` (the class is untouched) and attaches the attention
     capture hooks on enter; on exit (also on exception) the hooks are removed and ``generate``
     restored.  Each call's :class:`FoPruStats` is appended to :attr:`history`; the last one is
-    :attr:`stats`.  Keyword arguments are those of :func:`fopru_generate`.
+    :attr:`stats`.  Keyword arguments are those of :func:`fopru_generate`; extra
+    model-specific ones (LLaVA-NeXT: ``anyres_norm``, ``newline``) are passed through.
     """
 
     def __init__(
@@ -550,6 +564,7 @@ class FoPru:
         grid: tuple[int, int] | None = None,
         feature_passing: str = "auto",
         restore_prompt: bool = True,
+        **model_options,
     ):
         self.model = model
         self.options = dict(
@@ -561,6 +576,7 @@ class FoPru:
             grid=grid,
             feature_passing=feature_passing,
             restore_prompt=restore_prompt,
+            **model_options,  # model-specific (LLaVA-NeXT: anyres_norm=, newline=)
         )
         # validate early (clear errors before any forward)
         _vision_tower(model)
