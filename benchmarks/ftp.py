@@ -111,10 +111,12 @@ def load_testbed(quick: bool):
 
 def settings(quick: bool) -> dict:
     if quick:
-        return dict(cal_n=2, cal_len=32, pop=4, gens=1, ref_pop=3, ref_gens=1, train_n=8, train_len=32,
-                    steps=4, init_steps=20, eval_n=2, eval_len=64, cont_tail=8, lat_lens=(64, 128), lat_reps=1, bi_n=2)
-    return dict(cal_n=2, cal_len=128, pop=8, gens=4, ref_pop=4, ref_gens=2, train_n=48, train_len=128,
-                steps=50, init_steps=400, eval_n=2, eval_len=512, cont_tail=32, lat_lens=(512, 1024), lat_reps=3, bi_n=2)
+        return dict(cal_n=2, cal_len=32, cal_tail=8, pop=4, gens=1, ref_pop=3, ref_gens=1, train_n=8, train_len=32,
+                    steps=4, train_minutes=1, init_steps=20, eval_n=2, eval_len=64, cont_tail=8, lat_lens=(64, 128),
+                    lat_reps=1, bi_n=2)
+    return dict(cal_n=4, cal_len=288, cal_tail=32, pop=8, gens=4, ref_pop=4, ref_gens=2, train_n=64, train_len=256,
+                steps=400, train_minutes=20, init_steps=400, eval_n=16, eval_len=512, cont_tail=32,
+                lat_lens=(512, 1024), lat_reps=3, bi_n=2)
 
 
 def _save_json(path: Path, obj) -> None:
@@ -135,7 +137,7 @@ def stage_ga(model, train_ids, cfg, out: Path, seed: int = 0) -> dict:
     n = len(find_decoder(model)[1])
     res, t0 = {}, time.time()
     with attach_ftp(model, StaticRouter(), 0.0):
-        fit = calibration_fitness(model, cal, batch_size=cfg["cal_n"])
+        fit = calibration_fitness(model, cal, batch_size=cfg["cal_n"], n_ctx=cfg["cal_len"] - cfg["cal_tail"])
         for s in TARGETS:
             sched, hist = search_schedule(fit, n, s, population=cfg["pop"], generations=cfg["gens"],
                                           seed=seed, desc=f"GA s={s}")
@@ -166,8 +168,8 @@ def stage_train(model, train_ids, cfg, out: Path, seed: int = 0) -> Path:
     init = init_from_static(router, steps=cfg["init_steps"], seed=seed)
     print(f"[train] static initialisation: {init} {time.time() - t0:.0f}s", flush=True)
     hist = train_router(model, router, sampler, batches, steps=cfg["steps"], lr=1e-3, guide_start=1.0,
-                        guide_end=0.2, w_sparsity=1.0, w_distill=1.0, seed=seed, log_every=5,
-                        time_limit_s=12 * 60)
+                        guide_end=0.2, w_sparsity=1.0, w_distill=1.0, distill_tail=cfg["cal_tail"], seed=seed,
+                        log_every=5, time_limit_s=cfg["train_minutes"] * 60)
     secs = time.time() - t0
     print(f"[train] {len(hist)} logged steps, {secs:.0f}s; last {hist[-1]}", flush=True)
     router.save(path, extra={"train_history": hist, "static_init": init, "train_seconds": secs, "steps": cfg["steps"],
@@ -199,8 +201,14 @@ def block_influence(model, batches) -> np.ndarray:
     return acc
 
 
-def prefill_latency(model, configs: dict, lengths, reps: int, vocab: int, seed: int = 0) -> dict:
-    """min seconds per config and length, configs measured interleaved. configs: name -> (router, schedule, allow_full) or None=dense."""
+def prefill_latency(model, configs: dict, lengths, reps: int, vocab: int, seed: int = 0,
+                    clock=time.perf_counter) -> dict:
+    """min seconds per config and length, configs measured interleaved.
+
+    configs: name -> (router, schedule, allow_full) or None (dense). ``clock``: ``time.perf_counter``
+    (wall) or ``time.process_time`` (CPU time of this process: with one thread, the latency on an
+    idle core even when other jobs share the machine).
+    """
     g = torch.Generator().manual_seed(seed)
     out = {}
     for T in lengths:
@@ -211,22 +219,22 @@ def prefill_latency(model, configs: dict, lengths, reps: int, vocab: int, seed: 
             for _ in range(reps):
                 for name, spec in configs.items():
                     if spec is None:
-                        t = time.perf_counter()
+                        t = clock()
                         model(input_ids=x, logits_to_keep=1, use_cache=True)
-                        times[name].append(time.perf_counter() - t)
+                        times[name].append(clock() - t)
                         continue
                     router, sched, full = spec
                     with attach_ftp(model, router, sched, allow_full=full):
-                        t = time.perf_counter()
+                        t = clock()
                         model(input_ids=x, logits_to_keep=1, use_cache=True)
-                        times[name].append(time.perf_counter() - t)
+                        times[name].append(clock() - t)
         out[T] = {k: min(v) for k, v in times.items()}
     return out
 
 
 def stage_eval(model, train_ids, eval_ids, ga: dict, router_path: Path, cfg, out: Path, seed: int = 0,
                parts=("refine", "quality", "latency"), letters: str = "abcde",
-               quality_file: str = "quality.json") -> dict:
+               quality_file: str = "quality.json", clock=time.perf_counter) -> dict:
     n = len(find_decoder(model)[1])
     router = TokenRouter.load(router_path) if router_path is not None else None
     cal = calibration_windows(train_ids, cfg["cal_len"], cfg["cal_n"], seed=seed + 11)
@@ -241,7 +249,7 @@ def stage_eval(model, train_ids, eval_ids, ga: dict, router_path: Path, cfg, out
         if "refine" not in parts:
             raise SystemExit("schedules not refined yet: run the refine part first")
         with attach_ftp(model, router, 0.0):
-            fit = calibration_fitness(model, cal, batch_size=cfg["cal_n"])
+            fit = calibration_fitness(model, cal, batch_size=cfg["cal_n"], n_ctx=cfg["cal_len"] - cfg["cal_tail"])
             for s in TARGETS:
                 key = f"{s:.2f}"
                 if key in refined:
@@ -318,7 +326,7 @@ def stage_eval(model, train_ids, eval_ids, ga: dict, router_path: Path, cfg, out
         lat = {}
         for key, ms in methods.items():
             confs = {"dense": None} | {name: spec for name, spec in ms.items()}
-            r = prefill_latency(model, confs, cfg["lat_lens"], cfg["lat_reps"], vocab, seed=seed)
+            r = prefill_latency(model, confs, cfg["lat_lens"], cfg["lat_reps"], vocab, seed=seed, clock=clock)
             lat[key] = {str(T): v for T, v in r.items()}
             _save_json(lat_path, lat)
             print(f"[eval] latency s={key}: {lat[key]} {time.time() - t0:.0f}s", flush=True)
@@ -352,6 +360,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--redo", action="store_true", help="ignore cached artifacts")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--lat-reps", type=int, default=3, help="latency repeats (min is reported)")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="latency clock: wall time, or process CPU time (use with --threads 1 on a shared machine)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--methods", default="abcde", help="letters of the methods to evaluate")
     ap.add_argument("--quality-file", default="quality.json", help="json file for quality rows")
@@ -387,7 +397,8 @@ def main(argv=None) -> dict:
     if args.stage in ("eval", "all"):
         parts = tuple(p.strip() for p in args.parts.split(","))
         res = stage_eval(model, train_ids, eval_ids, ga, router_path, cfg, out, args.seed, parts=parts,
-                         letters=args.methods, quality_file=args.quality_file)
+                         letters=args.methods, quality_file=args.quality_file,
+                         clock=time.process_time if args.clock == "cpu" else time.perf_counter)
         if args.no_router or not res or res["latency"] is None or len(res["quality"]) < 1 + 5 * len(TARGETS):
             print(f"[ftp] parts {parts} done; run again with all parts for the table")
             return res
