@@ -291,6 +291,19 @@ def test_keep_one_identical_ids(qwen, layout):
     assert fp.stats.tokens_in == [int(g.prod()) // 4 for g in inp["image_grid_thw"]]
 
 
+def test_keep_one_identical_with_beams_and_return_sequences(qwen):
+    inp = _inputs(BATCH, seed=8)
+    for kw in (dict(num_beams=2), dict(do_sample=True, top_k=5, num_return_sequences=2)):
+        torch.manual_seed(0)
+        ref = qwen.generate(**inp, max_new_tokens=4, **kw)
+        torch.manual_seed(0)
+        out, _ = fopru_generate(qwen, inp, keep=1.0, method="colmean", max_new_tokens=4, **kw)
+        assert torch.equal(out, ref), kw
+    out, _ = fopru_generate(qwen, inp, keep=0.5, method="colmean", max_new_tokens=4, do_sample=True,
+                            num_return_sequences=2)
+    assert out.shape[0] == 4 and torch.equal(out[::2, : inp["input_ids"].shape[1]], inp["input_ids"])
+
+
 @pytest.mark.parametrize("layout,keep", [(BATCH, 0.5), (BATCH, [2, 7]), (TWO_IMAGES, [0.25, 0.5])],
                          ids=["batch_half", "batch_counts", "two_images"])
 def test_pruned_equals_bruteforce_reference(qwen, layout, keep):

@@ -464,6 +464,8 @@ def fopru_generate_qwen2vl(
 
     if restore_prompt:
         seqs = out if isinstance(out, torch.Tensor) else out.sequences
+        rep = seqs.shape[0] // input_ids.shape[0]  # num_return_sequences
+        input_ids, new_ids = input_ids.repeat_interleave(rep, 0), new_ids.repeat_interleave(rep, 0)
         if seqs.shape[1] >= new_ids.shape[1] and torch.equal(seqs[:, : new_ids.shape[1]], new_ids.to(seqs.device)):
             seqs = torch.cat([input_ids.to(seqs.device), seqs[:, new_ids.shape[1] :]], dim=1)
         else:  # generate returned only the new tokens
