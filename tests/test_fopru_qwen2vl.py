@@ -450,3 +450,23 @@ def test_validation_errors(qwen):
     out, st = fopru_generate(qwen, inp, kept_indices=[torch.tensor([5, 0]), torch.tensor([11])], method="colmean",
                              max_new_tokens=2)
     assert [k.tolist() for k in st.kept_indices] == [[0, 5], [11]]
+
+
+def test_qwen2_5_vl_refused_clearly():
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    cfg = Qwen2_5_VLConfig(
+        vision_config=dict(depth=2, hidden_size=32, out_hidden_size=32, intermediate_size=32, num_heads=4,
+                           patch_size=4, fullatt_block_indexes=[1], window_size=16),
+        text_config=dict(vocab_size=100, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2,
+                         rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 1e4}),
+        image_token_id=IMG, video_token_id=VID, vision_start_token_id=VS, vision_end_token_id=VE,
+    )
+    m = Qwen2_5_VLForConditionalGeneration._from_config(cfg).eval()
+    inp = _inputs(BATCH)
+    with pytest.raises(TypeError, match="not support"):
+        fopru_generate(m, inp, keep=0.5, method="colmean", max_new_tokens=1)
+    with pytest.raises(TypeError, match="Qwen2.5-VL"):
+        FoPru(m, keep=0.5, method="colmean").__enter__()
+    assert "generate" not in m.__dict__

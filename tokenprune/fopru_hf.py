@@ -441,6 +441,11 @@ def fopru_generate(
             row_mode=row_mode, grid=grid, feature_passing=feature_passing, restore_prompt=restore_prompt,
             kept_indices=kept_indices, _generate=_generate, _capture=_capture, **generate_kwargs,
         )
+    if not hasattr(getattr(model, "config", None), "vision_feature_layer"):
+        raise TypeError(
+            f"FoPru does not support {type(model).__name__}: LLaVA-style models (vision_feature_layer) "
+            "and Qwen2-VL only"
+        )
     if feature_passing not in ("auto", "mm_encoder_outputs", "inputs_embeds"):
         raise ValueError(f"unknown feature_passing {feature_passing!r}")
     gen = _generate if _generate is not None else model.generate
