@@ -40,7 +40,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from .fopru import fopru_select, keep_to_count, merge_grid_scores
+from .fopru import fopru_select, merge_grid_scores
 from .fopru_hf import FoPruStats, _accepts_mm_encoder_outputs, _get, _is_qwen2vl, _per_image_keep
 
 __all__ = [
