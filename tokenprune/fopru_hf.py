@@ -15,9 +15,9 @@ Three pieces, all instance-level and removable:
   instance's ``generate`` and restores it (and removes the hooks) on exit, even on exception.
 
 Supported: ``LlavaForConditionalGeneration`` (transformers 5.x; fixed-size images) with a
-CLIP or SigLIP vision tower; ``LlavaNextForConditionalGeneration`` (any-res) is dispatched to
-:mod:`tokenprune.fopru_llava_next`.  Not supported here: Qwen2-VL (its fused-qkv rotary
-vision attention and M-RoPE position recomputation).
+CLIP or SigLIP vision tower.  Dispatched on ``config.model_type``:
+``LlavaNextForConditionalGeneration`` (any-res) to :mod:`tokenprune.fopru_llava_next` and
+``Qwen2VLForConditionalGeneration`` to :mod:`tokenprune.fopru_qwen2vl`.
 """
 from __future__ import annotations
 
@@ -108,7 +108,8 @@ class AttentionRowCapture:
             if not isinstance(getattr(attn_module, name, None), nn.Module):
                 raise TypeError(
                     f"{type(attn_module).__name__} has no {name}; FoPru hooks need separate q/k "
-                    "projections (CLIP, SigLIP). Fused-qkv encoders (Qwen2-VL) are not supported."
+                    "projections (CLIP, SigLIP); Qwen2-VL has its own adapter (tokenprune.fopru_qwen2vl), "
+                    "other fused-qkv encoders (e.g. Qwen2.5-VL) are not supported."
                 )
         if method not in ("cls", "colmean"):
             raise ValueError(f"unknown method {method!r}; expected 'cls' or 'colmean'")
@@ -270,6 +271,10 @@ def prune_mm_inputs(
     new_ids[rows[keep], col[keep]] = input_ids[keep]
     new_mask[rows[keep], col[keep]] = attention_mask[keep]
     return new_ids, new_mask
+
+
+def _is_qwen2vl(model: nn.Module) -> bool:
+    return getattr(getattr(model, "config", None), "model_type", None) == "qwen2_vl"
 
 
 def _accepts_mm_encoder_outputs(model: nn.Module) -> bool:
@@ -437,6 +442,19 @@ def fopru_generate(
             restore_prompt=restore_prompt, kept_indices=kept_indices, _generate=_generate,
             _capture=_capture, **generate_kwargs,
         )
+    if _is_qwen2vl(model):  # Qwen2-VL: own adapter (fused-qkv rotary tower, M-RoPE positions)
+        from .fopru_qwen2vl import fopru_generate_qwen2vl
+
+        return fopru_generate_qwen2vl(
+            model, processor_outputs, keep=keep, strategy=strategy, layer=layer, method=method,
+            row_mode=row_mode, grid=grid, feature_passing=feature_passing, restore_prompt=restore_prompt,
+            kept_indices=kept_indices, _generate=_generate, _capture=_capture, **generate_kwargs,
+        )
+    if not hasattr(getattr(model, "config", None), "vision_feature_layer"):
+        raise TypeError(
+            f"FoPru does not support {type(model).__name__}: LLaVA-style models (vision_feature_layer) "
+            "and Qwen2-VL only"
+        )
     if feature_passing not in ("auto", "mm_encoder_outputs", "inputs_embeds"):
         raise ValueError(f"unknown feature_passing {feature_passing!r}")
     gen = _generate if _generate is not None else model.generate
@@ -597,9 +615,14 @@ class FoPru:
             raise RuntimeError("FoPru context is already active")
         m = self.model
         layer = self.options["layer"]
-        if layer is None:
-            layer = m.config.vision_feature_layer
-        self._capture = AttentionRowCapture.for_model(m, layer=layer, method=self.options["method"]).attach()
+        if _is_qwen2vl(m):
+            from .fopru_qwen2vl import Qwen2VLAttentionCapture
+
+            self._capture = Qwen2VLAttentionCapture.for_model(m, layer=layer, method=self.options["method"]).attach()
+        else:
+            if layer is None:
+                layer = m.config.vision_feature_layer
+            self._capture = AttentionRowCapture.for_model(m, layer=layer, method=self.options["method"]).attach()
         self._had_attr = "generate" in m.__dict__
         self._prev_attr = m.__dict__.get("generate")
         orig = m.generate
