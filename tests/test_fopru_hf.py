@@ -141,6 +141,19 @@ def test_keep_one_identical_ids(llava):
     assert fp.stats.tokens_out == [N, N]
 
 
+def test_keep_one_identical_with_beams_and_return_sequences(llava):
+    inp = _inputs()
+    kw = dict(GEN, do_sample=True, top_k=5, num_return_sequences=2)
+    torch.manual_seed(0)
+    ref = llava.generate(**inp, **kw)
+    torch.manual_seed(0)
+    out, _ = fopru_generate(llava, inp, keep=1.0, **kw)
+    assert out.shape[0] == 4 and torch.equal(out, ref)
+    out, _ = fopru_generate(llava, inp, keep=0.5, **dict(GEN, num_beams=2, num_return_sequences=2))
+    assert torch.equal(out[::2, : inp["input_ids"].shape[1]], inp["input_ids"])
+    assert torch.equal(out[1::2, : inp["input_ids"].shape[1]], inp["input_ids"])
+
+
 def test_keep_one_identical_ids_eager_model():
     m = _llava(attn="eager", seed=3)
     inp = _inputs(seed=4)

@@ -38,6 +38,7 @@ __all__ = [
     "FoPruStats",
     "fopru_generate",
     "prune_mm_inputs",
+    "restore_original_prompt",
     "vision_layers",
 ]
 
@@ -548,16 +549,33 @@ def fopru_generate(
         out = gen(input_ids=new_ids, inputs_embeds=emb, attention_mask=new_mask, **extra, **generate_kwargs)
 
     if restore_prompt:
-        seqs = out if isinstance(out, torch.Tensor) else out.sequences
-        if seqs.shape[1] >= new_ids.shape[1] and torch.equal(seqs[:, : new_ids.shape[1]], new_ids):
-            seqs = torch.cat([input_ids.to(seqs.device), seqs[:, new_ids.shape[1] :]], dim=1)
-        else:  # generate returned only the new tokens (inputs_embeds path on some versions)
-            seqs = torch.cat([input_ids.to(seqs.device), seqs], dim=1)
-        if isinstance(out, torch.Tensor):
-            out = seqs
-        else:
-            out.sequences = seqs
+        out = restore_original_prompt(out, input_ids, new_ids)
     return out, stats
+
+
+def restore_original_prompt(out, input_ids: torch.Tensor, new_ids: torch.Tensor):
+    """Put the caller's prompt back in front of the generated tokens.
+
+    Args:
+        out: ``generate``'s output (a (B*R, L) tensor or an output with ``.sequences``), R =
+            ``num_return_sequences`` (or beams returned).
+        input_ids: (B, L0) the caller's original prompt; new_ids: (B, L1) the shrunk prompt the
+            model saw.
+    Returns:
+        ``out`` with sequences ``[input_ids, new tokens]`` of shape (B*R, L0 + new).
+    """
+    seqs = out if isinstance(out, torch.Tensor) else out.sequences
+    rep = seqs.shape[0] // input_ids.shape[0]
+    input_ids = input_ids.repeat_interleave(rep, 0).to(seqs.device)
+    new_ids = new_ids.repeat_interleave(rep, 0).to(seqs.device)
+    if seqs.shape[1] >= new_ids.shape[1] and torch.equal(seqs[:, : new_ids.shape[1]], new_ids):
+        seqs = torch.cat([input_ids, seqs[:, new_ids.shape[1]:]], dim=1)
+    else:  # generate returned only the new tokens (inputs_embeds path on some versions)
+        seqs = torch.cat([input_ids, seqs], dim=1)
+    if isinstance(out, torch.Tensor):
+        return seqs
+    out.sequences = seqs
+    return out
 
 
 class FoPru:

@@ -348,7 +348,7 @@ def fopru_generate_llava_next(
     ``kept_indices`` bypasses scoring with per-image *packed* positions (newlines included as
     the caller chooses).  Returns ``(sequences, AnyResStats)``.
     """
-    from .fopru_hf import _accepts_mm_encoder_outputs, _get, _per_image_keep, prune_mm_inputs
+    from .fopru_hf import _accepts_mm_encoder_outputs, _get, _per_image_keep, prune_mm_inputs, restore_original_prompt
 
     if feature_passing not in ("auto", "mm_encoder_outputs", "inputs_embeds"):
         raise ValueError(f"unknown feature_passing {feature_passing!r}")
@@ -453,13 +453,5 @@ def fopru_generate_llava_next(
         out = gen(input_ids=new_ids, inputs_embeds=emb, attention_mask=new_mask, **extra, **generate_kwargs)
 
     if restore_prompt:
-        seqs = out if isinstance(out, torch.Tensor) else out.sequences
-        if seqs.shape[1] >= new_ids.shape[1] and torch.equal(seqs[:, : new_ids.shape[1]], new_ids):
-            seqs = torch.cat([input_ids.to(seqs.device), seqs[:, new_ids.shape[1] :]], dim=1)
-        else:  # generate returned only the new tokens
-            seqs = torch.cat([input_ids.to(seqs.device), seqs], dim=1)
-        if isinstance(out, torch.Tensor):
-            out = seqs
-        else:
-            out.sequences = seqs
+        out = restore_original_prompt(out, input_ids, new_ids)
     return out, stats

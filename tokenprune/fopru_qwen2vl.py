@@ -41,7 +41,8 @@ import torch
 from torch import nn
 
 from .fopru import fopru_select, merge_grid_scores
-from .fopru_hf import FoPruStats, _accepts_mm_encoder_outputs, _get, _is_qwen2vl, _per_image_keep
+from .fopru_hf import (FoPruStats, _accepts_mm_encoder_outputs, _get, _is_qwen2vl, _per_image_keep,
+                       restore_original_prompt)
 
 __all__ = [
     "Qwen2VLAttentionCapture",
@@ -463,15 +464,5 @@ def fopru_generate_qwen2vl(
         out = gen(input_ids=new_ids, inputs_embeds=emb, **common, **extra, **generate_kwargs)
 
     if restore_prompt:
-        seqs = out if isinstance(out, torch.Tensor) else out.sequences
-        rep = seqs.shape[0] // input_ids.shape[0]  # num_return_sequences
-        input_ids, new_ids = input_ids.repeat_interleave(rep, 0), new_ids.repeat_interleave(rep, 0)
-        if seqs.shape[1] >= new_ids.shape[1] and torch.equal(seqs[:, : new_ids.shape[1]], new_ids.to(seqs.device)):
-            seqs = torch.cat([input_ids.to(seqs.device), seqs[:, new_ids.shape[1] :]], dim=1)
-        else:  # generate returned only the new tokens
-            seqs = torch.cat([input_ids.to(seqs.device), seqs], dim=1)
-        if isinstance(out, torch.Tensor):
-            out = seqs
-        else:
-            out.sequences = seqs
+        out = restore_original_prompt(out, input_ids, new_ids)
     return out, stats
