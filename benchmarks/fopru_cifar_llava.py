@@ -273,7 +273,9 @@ def fastv_indices(model_eager, ids, pv, k, layer=2):
     return [torch.sort(torch.topk(r, k).indices).values for r in s]
 
 
-def evaluate(model, model_eager, x_te, y_te, keeps, *, batch, log):
+def evaluate(model, model_eager, x_te, y_te, keeps, *, batch, log, per_image=None):
+    """Class accuracy (%) per selection and keep level; ``per_image`` (a dict), if given, receives
+    each cell's 0/1 correctness per held-out image (for paired standard errors)."""
     ids_all = torch.tensor(PROMPT).expand(len(x_te), -1)
     cls_ids = torch.tensor([W2I[c] for c in CLASSES])
     methods = ["fopru-rank", "fopru-row(rows)", "fopru-row(per_row)", "random", "fastv-style"]
@@ -284,8 +286,11 @@ def evaluate(model, model_eager, x_te, y_te, keeps, *, batch, log):
         for meth in methods:
             if k == N_PATCH and meth != methods[0]:  # keep=100%: every selection is the same
                 res[meth][keep] = res[methods[0]][keep]
+                if per_image is not None:
+                    per_image.setdefault(meth, {})[keep] = per_image[methods[0]][keep]
                 continue
             correct = 0
+            hits = []
             for s in range(0, len(x_te), batch):
                 pv = to_pixels(x_te[s : s + batch])
                 ids = ids_all[s : s + batch]
@@ -306,8 +311,12 @@ def evaluate(model, model_eager, x_te, y_te, keeps, *, batch, log):
                 pred_tok = new[:, 4]
                 match = pred_tok[:, None] == cls_ids[None]
                 pred = torch.where(match.any(1), match.float().argmax(1), torch.full_like(pred_tok, -1))
-                correct += int((pred.numpy() == y_te[s : s + batch]).sum())
+                hit = pred.numpy() == y_te[s : s + batch]
+                hits.append(hit)
+                correct += int(hit.sum())
             res[meth][keep] = 100.0 * correct / len(x_te)
+            if per_image is not None:
+                per_image.setdefault(meth, {})[keep] = np.concatenate(hits).astype(int).tolist()
         log(f"  keep {keep:.2f} (K={k}): " + ", ".join(f"{m} {res[m][keep]:.1f}" for m in methods))
     return res
 
@@ -395,7 +404,9 @@ def main(argv=None):
     eager.load_state_dict(model.state_dict())
     eager.eval()
     keeps = [1.0, 0.5, 0.25, 0.1, 0.05]
-    res = evaluate(model, eager, x_te, y_te, keeps, batch=250 if not args.quick else 32, log=log)
+    per_image: dict = {}
+    res = evaluate(model, eager, x_te, y_te, keeps, batch=250 if not args.quick else 32, log=log,
+                   per_image=per_image)
     print()
     print(f"Tiny LLaVA on CIFAR-10 classes 0-7 (trained {train_s:.0f}s on CPU, stage-B token dropout "
           f"{args.token_dropout}), class accuracy (%) from generated text, {len(x_te)} held-out images, "
@@ -406,7 +417,10 @@ def main(argv=None):
     for m, r in res.items():
         print(f"| {m} | " + " | ".join(f"{r[k]:.1f}" for k in keeps) + " |")
     if args.json:
-        Path(args.json).write_text(json.dumps({m: {str(k): v for k, v in r.items()} for m, r in res.items()}))
+        out = {m: {str(k): v for k, v in r.items()} for m, r in res.items()}
+        out["per_image"] = {m: {str(k): v for k, v in r.items()} for m, r in per_image.items()}
+        out["token_dropout"] = args.token_dropout
+        Path(args.json).write_text(json.dumps(out))
     return res
 
 

@@ -102,12 +102,20 @@ def test_masked_layout_matches_fopru_generate(bench):
         assert int(seq[0, -1]) == int(first[i])
 
 
-def test_quick_mode_with_token_dropout(bench, shared_data, monkeypatch):
+def test_quick_mode_with_token_dropout(bench, shared_data, monkeypatch, tmp_path):
+    import json
+
     monkeypatch.setenv("PRUNEKIT_DATA", str(shared_data))
-    res = bench.main(["--quick", "--threads", "1", "--token-dropout", "0.5"])
+    res = bench.main(["--quick", "--threads", "1", "--token-dropout", "0.5", "--json", str(tmp_path / "r.json")])
     assert set(res) == {"fopru-rank", "fopru-row(rows)", "fopru-row(per_row)", "random", "fastv-style"}
-    for row in res.values():
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["token_dropout"] == 0.5
+    for meth, row in res.items():
         assert set(row) == {1.0, 0.5, 0.25, 0.1, 0.05}
         assert all(0.0 <= v <= 100.0 for v in row.values())
+        for keep, acc in row.items():
+            hits = saved["per_image"][meth][str(keep)]
+            assert len(hits) == 64 and set(hits) <= {0, 1}
+            assert abs(100.0 * sum(hits) / 64 - acc) < 1e-9
     with pytest.raises(SystemExit):
         bench.main(["--quick", "--token-dropout", "2"])
