@@ -321,6 +321,25 @@ def evaluate(model, model_eager, x_te, y_te, keeps, *, batch, log, per_image=Non
     return res
 
 
+def paired_differences(per_image: dict, keeps) -> dict:
+    """``{method: {keep: (d_full, se_full, d_random, se_random)}}`` in points: each cell minus the
+    unpruned accuracy and minus random selection at the same keep, with the paired standard error
+    (std of the per-image 0/1 differences / sqrt(n)) — the same images are scored by every cell."""
+    full = np.asarray(per_image["fopru-rank"][1.0], dtype=float)
+    out = {}
+    for meth, row in per_image.items():
+        out[meth] = {}
+        for keep in keeps:
+            a = np.asarray(row[keep], dtype=float)
+            cells = []
+            for ref in (full, np.asarray(per_image["random"][keep], dtype=float)):
+                d = a - ref
+                se = d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
+                cells += [100.0 * d.mean(), 100.0 * se]
+            out[meth][keep] = tuple(cells)
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="few steps, few images (smoke test)")
@@ -416,6 +435,15 @@ def main(argv=None):
     print("|---|" + "---|" * len(keeps))
     for m, r in res.items():
         print(f"| {m} | " + " | ".join(f"{r[k]:.1f}" for k in keeps) + " |")
+    diffs = paired_differences(per_image, keeps[1:])
+    print()
+    print("Difference in points to unpruned / to random selection at the same keep (paired standard error):")
+    print()
+    print("| selection | " + " | ".join(f"keep {int(k * 100)}%" for k in keeps[1:]) + " |")
+    print("|---|" + "---|" * (len(keeps) - 1))
+    for m, r in diffs.items():
+        print(f"| {m} | " + " | ".join(f"{r[k][0]:+.1f} ({r[k][1]:.1f}) / {r[k][2]:+.1f} ({r[k][3]:.1f})"
+                                          for k in keeps[1:]) + " |")
     if args.json:
         out = {m: {str(k): v for k, v in r.items()} for m, r in res.items()}
         out["per_image"] = {m: {str(k): v for k, v in r.items()} for m, r in per_image.items()}

@@ -119,3 +119,21 @@ def test_quick_mode_with_token_dropout(bench, shared_data, monkeypatch, tmp_path
             assert abs(100.0 * sum(hits) / 64 - acc) < 1e-9
     with pytest.raises(SystemExit):
         bench.main(["--quick", "--token-dropout", "2"])
+
+
+def test_paired_differences(bench):
+    import math
+
+    full = [1, 1, 0, 1, 0, 1]
+    rnd = [1, 0, 0, 1, 0, 0]
+    meth = [0, 1, 1, 1, 0, 0]
+    per = {"fopru-rank": {1.0: full, 0.5: meth}, "random": {1.0: full, 0.5: rnd}}
+    d = bench.paired_differences(per, [0.5])
+    diffs = [m - f for m, f in zip(meth, full)]
+    mean = sum(diffs) / 6
+    se = math.sqrt(sum((x - mean) ** 2 for x in diffs) / 5) / math.sqrt(6)
+    assert d["fopru-rank"][0.5][0] == pytest.approx(100 * mean)
+    assert d["fopru-rank"][0.5][1] == pytest.approx(100 * se)
+    diffs_r = [m - r for m, r in zip(meth, rnd)]
+    assert d["fopru-rank"][0.5][2] == pytest.approx(100 * sum(diffs_r) / 6)
+    assert d["random"][0.5][2:] == (0.0, 0.0)
