@@ -15,6 +15,13 @@ random selection, and a FastV-style baseline (LLM layer-2 attention of the last 
 over the visual tokens, from a full prefill; here the pruned tokens are removed from every
 LLM layer, while real FastV keeps them in layers 0-1).
 
+``--token-dropout P`` (a testbed choice, off by default): in stage B each training sample is,
+with probability P, shown only a uniformly random subset of its visual tokens (keep fraction
+log-uniform in [0.05, 1]; dropped placeholders are masked out as keys and the rest renumbered,
+which equals removing them from the prompt as FoPru does at inference). The subset is random,
+not chosen by any method under test. Real LLaVA LLMs see 576 redundant tokens and tolerate
+removal; this tiny LLM only ever saw all 64 tokens otherwise.
+
 Weights are cached in ``~/.cache/prunekit/fopru_cifar_llava`` (``--retrain`` to redo).
 ``--quick`` trains a few steps on a few hundred images (smoke test, meaningless numbers).
 
@@ -25,6 +32,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import os
 import sys
 import tarfile
@@ -135,7 +143,7 @@ def build_model(attn="sdpa"):
 
 
 def train(model, x_tr, y_tr, *, vis_steps, llm_steps, llm_pool, batch, llm_batch, log, vision_cache=None,
-          reuse_vision=True, vis_pool=None):
+          reuse_vision=True, vis_pool=None, token_dropout=0.0):
     gen = torch.Generator().manual_seed(0)
     tower = model.model.vision_tower
     if reuse_vision and vision_cache is not None and vision_cache.exists():
@@ -203,7 +211,12 @@ def train(model, x_tr, y_tr, *, vis_steps, llm_steps, llm_pool, batch, llm_batch
         ids = torch.cat([prompt.expand(llm_batch, -1), ans], 1)
         img = model.model.multi_modal_projector(feats[idx])
         emb = embed(ids).masked_scatter((ids == IMG_ID)[..., None], img)
-        hid = model.model.language_model(inputs_embeds=emb).last_hidden_state
+        if token_dropout > 0:  # random visual tokens removed (masked out, positions compacted)
+            kept = visual_token_dropout(llm_batch, N_PATCH, token_dropout, gen)
+            am, pos = masked_prompt_layout(ids, kept)
+            hid = model.model.language_model(inputs_embeds=emb, attention_mask=am, position_ids=pos).last_hidden_state
+        else:
+            hid = model.model.language_model(inputs_embeds=emb).last_hidden_state
         logits = model.lm_head(hid[:, len(PROMPT) - 1 : -1])
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ans.reshape(-1))
         opt.zero_grad(set_to_none=True)
@@ -216,6 +229,40 @@ def train(model, x_tr, y_tr, *, vis_steps, llm_steps, llm_pool, batch, llm_batch
     return model
 
 
+def visual_token_dropout(b: int, n: int, p: float, gen: torch.Generator, min_keep: float = 0.05) -> torch.Tensor:
+    """Training-time visual-token dropout mask, ``(b, n)`` bool (True = token kept).
+
+    Each sample is dropped out with probability ``p``; a dropped-out sample keeps
+    ``K = round(f * n)`` (at least 1) of its ``n`` visual tokens, ``f`` log-uniform in
+    ``[min_keep, 1]``, the K chosen uniformly at random (no FoPru/FastV scores involved, so the
+    training favours no selection method). Other samples keep all ``n``.
+    """
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"token-dropout probability must be in [0, 1], got {p}")
+    drop = torch.rand(b, generator=gen) < p
+    frac = torch.exp(torch.rand(b, generator=gen) * math.log(min_keep))
+    k = torch.where(drop, (frac * n).round().clamp(1, n), torch.full((b,), float(n)))
+    rank = torch.rand(b, n, generator=gen).argsort(1).argsort(1)  # a uniform random permutation per row
+    return rank < k[:, None]
+
+
+def masked_prompt_layout(ids: torch.Tensor, kept: torch.Tensor):
+    """Attention mask and position ids that make a fixed-length sequence equal to the shrunk one.
+
+    ``ids``: ``(B, L)`` token ids with one run of ``n`` image placeholders per row; ``kept``:
+    ``(B, n)`` bool. Returns ``(attention_mask (B, L), position_ids (B, L))``: dropped placeholders
+    are masked out as keys and the others are numbered consecutively, so every kept or text token
+    sees exactly what it would see if the dropped placeholders were removed from the prompt (what
+    :func:`tokenprune.fopru_hf.fopru_generate` does at inference). Vectorised, fixed shapes.
+    """
+    img = ids == IMG_ID
+    if int(img.sum()) != kept.numel():
+        raise ValueError(f"{int(img.sum())} image placeholders but a keep mask of shape {tuple(kept.shape)}")
+    mask = torch.ones_like(ids).masked_scatter(img, kept.to(ids.dtype))
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    return mask, pos
+
+
 def fastv_indices(model_eager, ids, pv, k, layer=2):
     """FastV criterion: head-mean attention of the last prompt token at LLM layer ``layer``."""
     with torch.no_grad():
@@ -226,7 +273,9 @@ def fastv_indices(model_eager, ids, pv, k, layer=2):
     return [torch.sort(torch.topk(r, k).indices).values for r in s]
 
 
-def evaluate(model, model_eager, x_te, y_te, keeps, *, batch, log):
+def evaluate(model, model_eager, x_te, y_te, keeps, *, batch, log, per_image=None):
+    """Class accuracy (%) per selection and keep level; ``per_image`` (a dict), if given, receives
+    each cell's 0/1 correctness per held-out image (for paired standard errors)."""
     ids_all = torch.tensor(PROMPT).expand(len(x_te), -1)
     cls_ids = torch.tensor([W2I[c] for c in CLASSES])
     methods = ["fopru-rank", "fopru-row(rows)", "fopru-row(per_row)", "random", "fastv-style"]
@@ -237,8 +286,11 @@ def evaluate(model, model_eager, x_te, y_te, keeps, *, batch, log):
         for meth in methods:
             if k == N_PATCH and meth != methods[0]:  # keep=100%: every selection is the same
                 res[meth][keep] = res[methods[0]][keep]
+                if per_image is not None:
+                    per_image.setdefault(meth, {})[keep] = per_image[methods[0]][keep]
                 continue
             correct = 0
+            hits = []
             for s in range(0, len(x_te), batch):
                 pv = to_pixels(x_te[s : s + batch])
                 ids = ids_all[s : s + batch]
@@ -259,10 +311,33 @@ def evaluate(model, model_eager, x_te, y_te, keeps, *, batch, log):
                 pred_tok = new[:, 4]
                 match = pred_tok[:, None] == cls_ids[None]
                 pred = torch.where(match.any(1), match.float().argmax(1), torch.full_like(pred_tok, -1))
-                correct += int((pred.numpy() == y_te[s : s + batch]).sum())
+                hit = pred.numpy() == y_te[s : s + batch]
+                hits.append(hit)
+                correct += int(hit.sum())
             res[meth][keep] = 100.0 * correct / len(x_te)
+            if per_image is not None:
+                per_image.setdefault(meth, {})[keep] = np.concatenate(hits).astype(int).tolist()
         log(f"  keep {keep:.2f} (K={k}): " + ", ".join(f"{m} {res[m][keep]:.1f}" for m in methods))
     return res
+
+
+def paired_differences(per_image: dict, keeps) -> dict:
+    """``{method: {keep: (d_full, se_full, d_random, se_random)}}`` in points: each cell minus the
+    unpruned accuracy and minus random selection at the same keep, with the paired standard error
+    (std of the per-image 0/1 differences / sqrt(n)) — the same images are scored by every cell."""
+    full = np.asarray(per_image["fopru-rank"][1.0], dtype=float)
+    out = {}
+    for meth, row in per_image.items():
+        out[meth] = {}
+        for keep in keeps:
+            a = np.asarray(row[keep], dtype=float)
+            cells = []
+            for ref in (full, np.asarray(per_image["random"][keep], dtype=float)):
+                d = a - ref
+                se = d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
+                cells += [100.0 * d.mean(), 100.0 * se]
+            out[meth][keep] = tuple(cells)
+    return out
 
 
 def main(argv=None):
@@ -281,6 +356,10 @@ def main(argv=None):
     ap.add_argument("--holdout-first", action="store_true",
                     help="pick the held-out images first and exclude them from stage A's draws "
                          "(needed when stage A draws every image, i.e. many vision steps)")
+    ap.add_argument("--token-dropout", type=float, default=0.0, metavar="P",
+                    help="testbed choice: in stage B, with probability P a training sample keeps only a "
+                         "uniformly random subset of its visual tokens (keep fraction log-uniform in "
+                         "[0.05, 1]), so the LLM has seen prompts with tokens removed (default 0: off)")
     ap.add_argument("--json", type=str, default=None, help="write results here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -292,6 +371,8 @@ def main(argv=None):
     if args.quick:
         args.n_train, args.n_test, args.vis_steps, args.llm_steps, args.batch = 512, 64, 3, 3, 32
         args.llm_images, args.llm_batch = 256, 32
+    if not 0.0 <= args.token_dropout <= 1.0:
+        raise SystemExit(f"--token-dropout must be in [0, 1], got {args.token_dropout}")
     t0 = time.time()
     # CIFAR shards are grouped by class (2 classes per shard): shards 0-3 = classes 0-7 are used.
     # Held-out: random images that stage A never draws (replayed; or, with --holdout-first, excluded
@@ -314,16 +395,22 @@ def main(argv=None):
     if cache.exists() and not args.retrain and not args.quick:
         from safetensors.torch import load_file
 
+        meta = json.loads((CACHE / "meta.json").read_text())
+        cached_drop = meta.get("args", {}).get("token_dropout", 0.0)
+        if cached_drop != args.token_dropout:
+            raise SystemExit(f"cached model in {CACHE} was trained with --token-dropout {cached_drop}, "
+                             f"not {args.token_dropout}: pass --retrain or another PRUNEKIT_CACHE")
         model.load_state_dict(load_file(str(cache)))
         model.eval()
         log(f"loaded cached weights from {cache}")
-        train_s = json.loads((CACHE / "meta.json").read_text()).get("train_s", float("nan"))
+        train_s = meta.get("train_s", float("nan"))
     else:
         t1 = time.time()
         train(model, x_all, y_all, vis_steps=args.vis_steps, llm_steps=args.llm_steps, llm_pool=llm_pool,
               batch=args.batch, llm_batch=args.llm_batch, log=log,
               vision_cache=None if args.quick else CACHE / "vision_tower.safetensors",
-              reuse_vision=not args.retrain_vision, vis_pool=pool if args.holdout_first else None)
+              reuse_vision=not args.retrain_vision, vis_pool=pool if args.holdout_first else None,
+              token_dropout=args.token_dropout)
         train_s = time.time() - t1
         if not args.quick:
             from safetensors.torch import save_file
@@ -336,17 +423,32 @@ def main(argv=None):
     eager.load_state_dict(model.state_dict())
     eager.eval()
     keeps = [1.0, 0.5, 0.25, 0.1, 0.05]
-    res = evaluate(model, eager, x_te, y_te, keeps, batch=250 if not args.quick else 32, log=log)
+    per_image: dict = {}
+    res = evaluate(model, eager, x_te, y_te, keeps, batch=250 if not args.quick else 32, log=log,
+                   per_image=per_image)
     print()
-    print(f"Tiny LLaVA on CIFAR-10 classes 0-7 (trained {train_s:.0f}s on CPU), class accuracy (%) from generated "
-          f"text, {len(x_te)} held-out images, 64 visual tokens")
+    print(f"Tiny LLaVA on CIFAR-10 classes 0-7 (trained {train_s:.0f}s on CPU, stage-B token dropout "
+          f"{args.token_dropout}), class accuracy (%) from generated text, {len(x_te)} held-out images, "
+          f"64 visual tokens")
     print()
     print("| selection | " + " | ".join(f"keep {int(k * 100)}% (K={max(1, round(k * N_PATCH))})" for k in keeps) + " |")
     print("|---|" + "---|" * len(keeps))
     for m, r in res.items():
         print(f"| {m} | " + " | ".join(f"{r[k]:.1f}" for k in keeps) + " |")
+    diffs = paired_differences(per_image, keeps[1:])
+    print()
+    print("Difference in points to unpruned / to random selection at the same keep (paired standard error):")
+    print()
+    print("| selection | " + " | ".join(f"keep {int(k * 100)}%" for k in keeps[1:]) + " |")
+    print("|---|" + "---|" * (len(keeps) - 1))
+    for m, r in diffs.items():
+        print(f"| {m} | " + " | ".join(f"{r[k][0]:+.1f} ({r[k][1]:.1f}) / {r[k][2]:+.1f} ({r[k][3]:.1f})"
+                                          for k in keeps[1:]) + " |")
     if args.json:
-        Path(args.json).write_text(json.dumps({m: {str(k): v for k, v in r.items()} for m, r in res.items()}))
+        out = {m: {str(k): v for k, v in r.items()} for m, r in res.items()}
+        out["per_image"] = {m: {str(k): v for k, v in r.items()} for m, r in per_image.items()}
+        out["token_dropout"] = args.token_dropout
+        Path(args.json).write_text(json.dumps(out))
     return res
 
 
