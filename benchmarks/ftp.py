@@ -112,10 +112,10 @@ def load_testbed(quick: bool):
 def settings(quick: bool) -> dict:
     if quick:
         return dict(cal_n=2, cal_len=32, cal_tail=8, pop=4, gens=1, ref_pop=3, ref_gens=1, train_n=8, train_len=32,
-                    steps=4, train_minutes=1, init_steps=20, eval_n=2, eval_len=64, cont_tail=8, lat_lens=(64, 128),
+                    steps=4, train_minutes=1, lr=1e-3, guide_end=1.0, w_sparsity=5.0, init_steps=20, eval_n=2, eval_len=64, cont_tail=8, lat_lens=(64, 128),
                     lat_reps=1, bi_n=2)
     return dict(cal_n=4, cal_len=288, cal_tail=32, pop=8, gens=4, ref_pop=4, ref_gens=2, train_n=64, train_len=256,
-                steps=400, train_minutes=20, init_steps=400, eval_n=16, eval_len=512, cont_tail=32,
+                steps=400, train_minutes=12, lr=5e-4, guide_end=1.0, w_sparsity=5.0, init_steps=400, eval_n=16, eval_len=512, cont_tail=32,
                 lat_lens=(512, 1024), lat_reps=3, bi_n=2)
 
 
@@ -167,9 +167,9 @@ def stage_train(model, train_ids, cfg, out: Path, seed: int = 0) -> Path:
     t0 = time.time()
     init = init_from_static(router, steps=cfg["init_steps"], seed=seed)
     print(f"[train] static initialisation: {init} {time.time() - t0:.0f}s", flush=True)
-    hist = train_router(model, router, sampler, batches, steps=cfg["steps"], lr=1e-3, guide_start=1.0,
-                        guide_end=0.2, w_sparsity=1.0, w_distill=1.0, distill_tail=cfg["cal_tail"], seed=seed,
-                        log_every=5, time_limit_s=cfg["train_minutes"] * 60)
+    hist = train_router(model, router, sampler, batches, steps=cfg["steps"], lr=cfg["lr"], guide_start=1.0,
+                        guide_end=cfg["guide_end"], w_sparsity=cfg["w_sparsity"], w_distill=1.0,
+                        distill_tail=cfg["cal_tail"], seed=seed, log_every=5, time_limit_s=cfg["train_minutes"] * 60)
     secs = time.time() - t0
     print(f"[train] {len(hist)} logged steps, {secs:.0f}s; last {hist[-1]}", flush=True)
     router.save(path, extra={"train_history": hist, "static_init": init, "train_seconds": secs, "steps": cfg["steps"],
