@@ -125,6 +125,37 @@ def test_achieved_sparsity_per_block(name):
     assert st["flops_saved_frac"] == pytest.approx(sum(sched) / n, abs=0.02)
 
 
+@pytest.mark.parametrize("router", [RandomRouter(3), TokenRouter()], ids=["random", "learned"])
+def test_nested_routing_has_no_reentry(router):
+    model = _llama(layers=4)
+    sched = [0.2, 0.5, 0.3, 0.6]          # block 2 keeps more than block 1: some re-entry needed
+    ids = _ids(2, 30)
+    with torch.no_grad(), ftp_routing(model, router, sched, nested=True) as h:
+        with h.recording():
+            routed = model(ids).logits
+        nested = h.decisions()
+    with torch.no_grad():
+        ref = _reference_logits(model, ids, nested)       # the original layers, detached
+    assert torch.allclose(routed, ref, atol=2e-5, rtol=1e-4)
+    for l, s in enumerate(sched):                                  # exact counts still hold
+        assert (nested[l].sum(1) == round((1 - s) * 30)).all()
+    for l in range(1, 4):
+        prev, cur = nested[l - 1], nested[l]
+        if cur.sum() <= prev.sum():                                # fewer kept: a subset
+            assert not (cur & ~prev).any()
+        else:                                                      # more kept: a superset
+            assert not (prev & ~cur).any()
+    # the sink token is kept everywhere by the learned router, as without nesting
+    if isinstance(router, TokenRouter):
+        assert all(d[:, 0].all() for d in nested)
+    # without nesting the same routers re-admit skipped tokens (the thing nesting prevents)
+    with torch.no_grad(), ftp_routing(model, RandomRouter(3), sched) as h:
+        with h.recording():
+            model(ids)
+        free = h.decisions()
+    assert (free[2] & ~free[1]).sum() > (free[2].sum() - free[1].sum())
+
+
 def test_detach_restores_modules_and_context_manager():
     model = _llama()
     originals = list(model.model.layers)

@@ -128,6 +128,8 @@ class FTPState:
     active: bool = True
     training: bool = False
     compute_scores: bool = True
+    nested: bool = False                     # no re-entry: prefer tokens the previous block computed
+    prev_keep: torch.Tensor | None = None    # (B, T) decisions of the previous block in this call
     # per sequence (reset when a forward starts without a filled cache)
     valid: torch.Tensor | None = None        # (B, S) bool, False on padding
     score: torch.Tensor | None = None        # (B, S) float, latest attention-score feature
@@ -277,9 +279,11 @@ class RoutedLayer(nn.Module):
             keep = st.router.decode_keep(prob, inputs)
         else:
             pri = prob.detach()
+            if st.nested and st.prev_keep is not None:
+                pri = pri + 2.0 * st.prev_keep.to(pri.dtype)
             if getattr(st.router, "keep_sink", False):
                 first = valid_new & (st.valid.long().cumsum(1)[:, past:] == 1)
-                pri = torch.where(first, torch.full_like(pri, 2.0), pri)
+                pri = torch.where(first, torch.full_like(pri, 4.0), pri)
             keep = keep_topk(pri, valid_new, s)
         static = None
         if st.training:
@@ -316,6 +320,7 @@ class RoutedLayer(nn.Module):
                 raise ValueError("routed layer lost track of its cache: attach FTP before the prefill")
         keep, prob, static = self._decide(hidden_states, valid_new)
         keep = keep.to(hidden_states.device)
+        st.prev_keep = keep
         holes = bool((st.valid[:, :past] & ~self.kv_valid).any()) if past else False
         self.kv_valid = torch.cat([self.kv_valid, keep], dim=1)
         i = self.layer_idx
@@ -621,6 +626,7 @@ def _base_pre_hook(state: FTPState, wrappers):
             state.score = torch.cat([state.score, torch.zeros(B, T, dtype=torch.float32, device=x.device)], 1)
         state.n_past, state.n_new = past, T
         state.decode = past > 0 and T == 1
+        state.prev_keep = None
         if isinstance(state.router, RandomRouter) and past == 0:
             state.router.reset()
         return None
@@ -629,7 +635,7 @@ def _base_pre_hook(state: FTPState, wrappers):
 
 
 def attach_ftp(model: nn.Module, router: Router, schedule, *, allow_full: bool = False,
-               compute_scores: bool = True) -> FTPHandle:
+               compute_scores: bool = True, nested: bool = False) -> FTPHandle:
     """Swap the decoder layers of ``model`` for routed wrappers.
 
     Args:
@@ -638,6 +644,12 @@ def attach_ftp(model: nn.Module, router: Router, schedule, *, allow_full: bool =
         schedule: per-layer target sparsity (float for uniform, or ``n_layers`` floats in [0, 1)).
         allow_full: accept sparsity 1.0 (the block is skipped by every token).
         compute_scores: compute the attention-score factor (needed by :class:`TokenRouter`).
+        nested: no re-entry (not in the paper; default off = the paper's independent per-block
+            decisions). In a prefill, tokens the previous block computed outrank every token it
+            skipped, so a token that skipped a block comes back only when the next block keeps
+            more tokens than the previous one did. A token re-entering after skipped blocks
+            carries hidden states those later blocks never see in the dense model; see
+            ``docs/ftp.md`` for the measured effect.
     Returns:
         :class:`FTPHandle`; use ``with attach_ftp(...) as model:`` to detach on exit.
     """
@@ -650,7 +662,7 @@ def attach_ftp(model: nn.Module, router: Router, schedule, *, allow_full: bool =
     impl = getattr(cfg, "_attn_implementation", "eager") or "eager"
     if impl not in _SUPPORTED_ATTN:
         raise ValueError(f"FTP supports attn_implementation in {_SUPPORTED_ATTN}, the model uses {impl!r}")
-    state = FTPState(router=router, schedule=sched, compute_scores=compute_scores)
+    state = FTPState(router=router, schedule=sched, compute_scores=compute_scores, nested=nested)
     state.reset_stats()
     state.reset_decisions()
     state.clear_train()
