@@ -199,7 +199,7 @@ def train_router(model, router: TokenRouter, schedules, batches: torch.Tensor, *
                  lr: float = 2e-3, weight_decay: float = 0.0, w_distill: float = 1.0,
                  w_sparsity: float = 1.0, guide_start: float = 1.0, guide_end: float = 0.0,
                  guide_curve: str = "cosine", distill: str = "hidden", distill_tail: int | None = None,
-                 batch_size: int = 1,
+                 batch_size: int = 1, nested: bool = False,
                  seed: int = 0, progress: bool = True, log_every: int = 10,
                  time_limit_s: float | None = None) -> list[dict]:
     """Train the global router with the LLM frozen.
@@ -219,6 +219,7 @@ def train_router(model, router: TokenRouter, schedules, batches: torch.Tensor, *
         distill_tail: distil only the last ``distill_tail`` positions of each window (the
             tokens a serving-style continuation predicts; reconstruction, the paper distils
             every position); ``None`` = all positions.
+        nested: route without re-entry while training (see :func:`attach_ftp`).
         time_limit_s: stop early after this many seconds.
     Returns:
         history: list of dicts per logged step (losses, guide weight, seconds).
@@ -244,7 +245,7 @@ def train_router(model, router: TokenRouter, schedules, batches: torch.Tensor, *
     base = model.model if hasattr(model, "model") else model
     head = getattr(model, "lm_head", None)
     opt = torch.optim.AdamW(router.parameters(), lr=lr, weight_decay=weight_decay)
-    handle: FTPHandle = attach_ftp(model, router, sampler(0))
+    handle: FTPHandle = attach_ftp(model, router, sampler(0), nested=nested)
     st = handle.state
     history, t0 = [], time.time()
     bar = None
