@@ -119,6 +119,11 @@ def settings(quick: bool) -> dict:
                 lat_lens=(512, 1024), lat_reps=3, bi_n=2)
 
 
+def dense_first_schedule(n: int, target: float) -> np.ndarray:
+    """(n,) schedule with block 0 at sparsity 0 and the others equal, mean ``target``."""
+    return np.array([0.0] + [target * n / (n - 1)] * (n - 1))
+
+
 def _save_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -136,11 +141,13 @@ def stage_ga(model, train_ids, cfg, out: Path, seed: int = 0) -> dict:
     cal = calibration_windows(train_ids, cfg["cal_len"], cfg["cal_n"], seed=seed + 11)
     n = len(find_decoder(model)[1])
     res, t0 = {}, time.time()
-    with attach_ftp(model, StaticRouter(), 0.0):
+    with attach_ftp(model, StaticRouter(), 0.0, nested=cfg["nested"]):
         fit = calibration_fitness(model, cal, batch_size=cfg["cal_n"], n_ctx=cfg["cal_len"] - cfg["cal_tail"])
         for s in TARGETS:
+            # with nesting, also start from "first block dense" (the uniform schedule is added too)
+            init = dense_first_schedule(n, s) if cfg["nested"] else None
             sched, hist = search_schedule(fit, n, s, population=cfg["pop"], generations=cfg["gens"],
-                                          seed=seed, desc=f"GA s={s}")
+                                          init=init, seed=seed, desc=f"GA s={s}")
             res[f"{s:.2f}"] = {"schedule": sched.tolist(), "history": hist,
                                "uniform_fitness": fit(np.full(n, s))}
             print(f"[ga] s={s}: best {hist[-1]['best']:.4f} (uniform {res[f'{s:.2f}']['uniform_fitness']:.4f}) "
@@ -160,6 +167,9 @@ def stage_train(model, train_ids, cfg, out: Path, seed: int = 0) -> Path:
 
     def sampler(step):  # random mean-constrained schedules around the benchmark targets
         t = TARGETS[step % len(TARGETS)]
+        if cfg["nested"]:  # first block dense: the router has an attention score at its first decision
+            rest = dense_first_schedule(n, t)[1:]
+            return [0.0] + project_to_mean(rest + rng.normal(0.0, 0.12, n - 1), float(rest[0]), 0.0, 0.9).tolist()
         return project_to_mean(t + rng.normal(0.0, 0.12, n), t, 0.0, 0.9).tolist()
 
     torch.manual_seed(seed)
@@ -169,7 +179,8 @@ def stage_train(model, train_ids, cfg, out: Path, seed: int = 0) -> Path:
     print(f"[train] static initialisation: {init} {time.time() - t0:.0f}s", flush=True)
     hist = train_router(model, router, sampler, batches, steps=cfg["steps"], lr=cfg["lr"], guide_start=1.0,
                         guide_end=cfg["guide_end"], w_sparsity=cfg["w_sparsity"], w_distill=1.0,
-                        distill_tail=cfg["cal_tail"], seed=seed, log_every=5, time_limit_s=cfg["train_minutes"] * 60)
+                        distill_tail=cfg["cal_tail"], nested=cfg["nested"], seed=seed, log_every=5,
+                        time_limit_s=cfg["train_minutes"] * 60)
     secs = time.time() - t0
     print(f"[train] {len(hist)} logged steps, {secs:.0f}s; last {hist[-1]}", flush=True)
     router.save(path, extra={"train_history": hist, "static_init": init, "train_seconds": secs, "steps": cfg["steps"],
@@ -202,7 +213,7 @@ def block_influence(model, batches) -> np.ndarray:
 
 
 def prefill_latency(model, configs: dict, lengths, reps: int, vocab: int, seed: int = 0,
-                    clock=time.perf_counter) -> dict:
+                    clock=time.perf_counter, nested: bool = False) -> dict:
     """min seconds per config and length, configs measured interleaved.
 
     configs: name -> (router, schedule, allow_full) or None (dense). ``clock``: ``time.perf_counter``
@@ -224,7 +235,7 @@ def prefill_latency(model, configs: dict, lengths, reps: int, vocab: int, seed: 
                         times[name].append(clock() - t)
                         continue
                     router, sched, full = spec
-                    with attach_ftp(model, router, sched, allow_full=full):
+                    with attach_ftp(model, router, sched, allow_full=full, nested=nested):
                         t = clock()
                         model(input_ids=x, logits_to_keep=1, use_cache=True)
                         times[name].append(clock() - t)
@@ -248,7 +259,7 @@ def stage_eval(model, train_ids, eval_ids, ga: dict, router_path: Path, cfg, out
     elif len(refined) < len(TARGETS):
         if "refine" not in parts:
             raise SystemExit("schedules not refined yet: run the refine part first")
-        with attach_ftp(model, router, 0.0):
+        with attach_ftp(model, router, 0.0, nested=cfg["nested"]):
             fit = calibration_fitness(model, cal, batch_size=cfg["cal_n"], n_ctx=cfg["cal_len"] - cfg["cal_tail"])
             for s in TARGETS:
                 key = f"{s:.2f}"
@@ -305,7 +316,7 @@ def stage_eval(model, train_ids, eval_ids, ga: dict, router_path: Path, cfg, out
             k2 = f"{key}|{name}"
             if k2 in quality or name[0] not in letters:
                 continue
-            with attach_ftp(model, r, sched, allow_full=full) as m:
+            with attach_ftp(model, r, sched, allow_full=full, nested=cfg["nested"]) as m:
                 q = lm_eval(m, ev, batch_size=1, dense_logits=dense_argmax)
                 c = continuation_eval(m, ev, n_ctx, dense_argmax=dense_cont)
             quality[k2] = {"ppl": q["ppl"], "nll": q["nll"], "agree": q["agree"],
@@ -326,7 +337,8 @@ def stage_eval(model, train_ids, eval_ids, ga: dict, router_path: Path, cfg, out
         lat = {}
         for key, ms in methods.items():
             confs = {"dense": None} | {name: spec for name, spec in ms.items()}
-            r = prefill_latency(model, confs, cfg["lat_lens"], cfg["lat_reps"], vocab, seed=seed, clock=clock)
+            r = prefill_latency(model, confs, cfg["lat_lens"], cfg["lat_reps"], vocab, seed=seed, clock=clock,
+                                nested=cfg["nested"])
             lat[key] = {str(T): v for T, v in r.items()}
             _save_json(lat_path, lat)
             print(f"[eval] latency s={key}: {lat[key]} {time.time() - t0:.0f}s", flush=True)
@@ -360,6 +372,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--redo", action="store_true", help="ignore cached artifacts")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--lat-reps", type=int, default=3, help="latency repeats (min is reported)")
+    ap.add_argument("--nested", action="store_true",
+                    help="route without re-entry (attach_ftp(nested=True)) in every stage; the GA also starts "
+                         "from a first-block-dense schedule and training samples such schedules")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="latency clock: wall time, or process CPU time (use with --threads 1 on a shared machine)")
     ap.add_argument("--seed", type=int, default=0)
@@ -376,7 +391,7 @@ def main(argv=None) -> dict:
         for f in out.iterdir():
             f.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    cfg = settings(args.quick)
+    cfg = settings(args.quick) | {"nested": args.nested}
     if args.stage == "eval" and not args.quick:
         cfg["lat_reps"] = args.lat_reps
     model, train_ids, eval_ids, name = load_testbed(args.quick)
