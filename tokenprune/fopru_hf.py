@@ -37,6 +37,8 @@ __all__ = [
     "FoPru",
     "FoPruStats",
     "fopru_generate",
+    "generate_with_features",
+    "pad_token_id",
     "prune_mm_inputs",
     "restore_original_prompt",
     "vision_layers",
@@ -506,18 +508,9 @@ def fopru_generate(
     pruned = [f[k.to(dev)] for f, k in zip(feats, kept_feat)]
 
     image_token_id = model.config.image_token_id
-    pad = model.generation_config.pad_token_id
-    if pad is None:
-        pad = getattr(model.config, "pad_token_id", None) or getattr(model.config.get_text_config(), "pad_token_id", None)
-    if isinstance(pad, (list, tuple)):
-        pad = pad[0]
     new_ids, new_mask = prune_mm_inputs(
-        input_ids,
-        attention_mask,
-        image_token_id,
-        [f.shape[0] for f in feats],
-        kept_feat,
-        pad_token_id=int(pad) if pad is not None else 0,
+        input_ids, attention_mask, image_token_id, [f.shape[0] for f in feats], kept_feat,
+        pad_token_id=pad_token_id(model),
     )
     base_mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
     stats = FoPruStats(
@@ -528,29 +521,45 @@ def fopru_generate(
         kept_indices=[k.cpu() for k in kept],
     )
 
+    out = generate_with_features(model, gen, new_ids, pruned, feature_passing=feature_passing,
+                                 attention_mask=new_mask, **extra, **generate_kwargs)
+    if restore_prompt:
+        out = restore_original_prompt(out, input_ids, new_ids)
+    return out, stats
+
+
+def pad_token_id(model: nn.Module) -> int:
+    """The pad id used to re-pad shrunk prompts (generation config, then the configs; 0 if none)."""
+    pad = model.generation_config.pad_token_id
+    if pad is None:
+        pad = getattr(model.config, "pad_token_id", None) or getattr(model.config.get_text_config(), "pad_token_id", None)
+    if isinstance(pad, (list, tuple)):
+        pad = pad[0]
+    return int(pad) if pad is not None else 0
+
+
+def generate_with_features(model: nn.Module, gen: Callable, new_ids: torch.Tensor, pruned: list[torch.Tensor], *,
+                           feature_passing: str, **kwargs):
+    """Call ``gen`` on the shrunk prompt with the pruned image features.
+
+    ``new_ids``: (B, L') prompt with ``sum_i K_i`` image placeholders; ``pruned``: per image
+    ``(K_i, hidden)`` projected features. ``feature_passing="auto"`` uses ``mm_encoder_outputs``
+    when the installed model's ``forward`` accepts it (checked by signature), else
+    ``inputs_embeds`` (embeddings with the features scattered into the placeholders).
+    ``kwargs`` (attention mask, position ids, generate options) go to ``gen`` unchanged.
+    """
     mode = feature_passing
     if mode == "auto":
         mode = "mm_encoder_outputs" if _accepts_mm_encoder_outputs(model) else "inputs_embeds"
     if mode == "mm_encoder_outputs":
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-        out = gen(
-            input_ids=new_ids,
-            attention_mask=new_mask,
-            mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=pruned)},
-            **extra,
-            **generate_kwargs,
-        )
-    else:
-        emb = model.get_input_embeddings()(new_ids)
-        img = torch.cat(pruned, 0).to(emb.device, emb.dtype)
-        mask = (new_ids == image_token_id).unsqueeze(-1).expand_as(emb)
-        emb = emb.masked_scatter(mask, img)
-        out = gen(input_ids=new_ids, inputs_embeds=emb, attention_mask=new_mask, **extra, **generate_kwargs)
-
-    if restore_prompt:
-        out = restore_original_prompt(out, input_ids, new_ids)
-    return out, stats
+        outputs = {"image": BaseModelOutputWithPooling(pooler_output=pruned)}
+        return gen(input_ids=new_ids, mm_encoder_outputs=outputs, **kwargs)
+    emb = model.get_input_embeddings()(new_ids)
+    img = torch.cat(pruned, 0).to(emb.device, emb.dtype)
+    emb = emb.masked_scatter((new_ids == model.config.image_token_id).unsqueeze(-1).expand_as(emb), img)
+    return gen(input_ids=new_ids, inputs_embeds=emb, **kwargs)
 
 
 def restore_original_prompt(out, input_ids: torch.Tensor, new_ids: torch.Tensor):

@@ -348,7 +348,8 @@ def fopru_generate_llava_next(
     ``kept_indices`` bypasses scoring with per-image *packed* positions (newlines included as
     the caller chooses).  Returns ``(sequences, AnyResStats)``.
     """
-    from .fopru_hf import _accepts_mm_encoder_outputs, _get, _per_image_keep, prune_mm_inputs, restore_original_prompt
+    from .fopru_hf import (_get, _per_image_keep, generate_with_features, pad_token_id, prune_mm_inputs,
+                           restore_original_prompt)
 
     if feature_passing not in ("auto", "mm_encoder_outputs", "inputs_embeds"):
         raise ValueError(f"unknown feature_passing {feature_passing!r}")
@@ -409,14 +410,9 @@ def fopru_generate_llava_next(
     pruned = [f[k.to(dev)] for f, k in zip(feats, kept)]
 
     image_token_id = model.config.image_token_id
-    pad = model.generation_config.pad_token_id
-    if pad is None:
-        pad = getattr(model.config.get_text_config(), "pad_token_id", None)
-    if isinstance(pad, (list, tuple)):
-        pad = pad[0]
     new_ids, new_mask = prune_mm_inputs(
         input_ids, attention_mask, image_token_id, [f.shape[0] for f in feats], kept,
-        pad_token_id=int(pad) if pad is not None else 0,
+        pad_token_id=pad_token_id(model),
     )
     base_mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
     nl_kept = [int(lay.is_newline[k].sum()) for lay, k in zip(layouts, kept)]
@@ -432,26 +428,8 @@ def fopru_generate_llava_next(
         newline_out=nl_kept,
     )
 
-    mode = feature_passing
-    if mode == "auto":
-        mode = "mm_encoder_outputs" if _accepts_mm_encoder_outputs(model) else "inputs_embeds"
-    if mode == "mm_encoder_outputs":
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-        out = gen(
-            input_ids=new_ids,
-            attention_mask=new_mask,
-            mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=pruned)},
-            **extra,
-            **generate_kwargs,
-        )
-    else:
-        emb = model.get_input_embeddings()(new_ids)
-        img = torch.cat(pruned, 0).to(emb.device, emb.dtype)
-        mask = (new_ids == image_token_id).unsqueeze(-1).expand_as(emb)
-        emb = emb.masked_scatter(mask, img)
-        out = gen(input_ids=new_ids, inputs_embeds=emb, attention_mask=new_mask, **extra, **generate_kwargs)
-
+    out = generate_with_features(model, gen, new_ids, pruned, feature_passing=feature_passing,
+                                 attention_mask=new_mask, **extra, **generate_kwargs)
     if restore_prompt:
         out = restore_original_prompt(out, input_ids, new_ids)
     return out, stats

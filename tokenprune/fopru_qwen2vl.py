@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from .fopru import fopru_select, merge_grid_scores
-from .fopru_hf import (FoPruStats, _accepts_mm_encoder_outputs, _get, _is_qwen2vl, _per_image_keep,
+from .fopru_hf import (FoPruStats, _get, _is_qwen2vl, _per_image_keep, generate_with_features, pad_token_id,
                        restore_original_prompt)
 
 __all__ = [
@@ -420,13 +420,8 @@ def fopru_generate_qwen2vl(
     img_keep[torch.cat([k.to(input_ids.device) + o for k, o in zip(kept, offsets)])] = True
     keep_mask = torch.ones_like(is_img)
     keep_mask[is_img] = img_keep
-    pad = model.generation_config.pad_token_id
-    if pad is None:
-        pad = getattr(cfg.get_text_config(), "pad_token_id", None)
-    if isinstance(pad, (list, tuple)):
-        pad = pad[0]
     new_mask, (new_ids, new_tt, new_pos3) = compact_tokens(
-        keep_mask, attention_mask, [(input_ids, int(pad) if pad is not None else 0), (mm_tt, 0), (pos3, 0)]
+        keep_mask, attention_mask, [(input_ids, pad_token_id(model)), (mm_tt, 0), (pos3, 0)]
     )
     attended = new_mask.bool()
     text_pos = (new_mask.long().cumsum(-1) - 1).masked_fill(~attended, 0)
@@ -443,26 +438,8 @@ def fopru_generate_qwen2vl(
     )
 
     # 3. generate with the pruned features
-    mode = feature_passing
-    if mode == "auto":
-        mode = "mm_encoder_outputs" if _accepts_mm_encoder_outputs(model) else "inputs_embeds"
-    common = dict(attention_mask=new_mask, position_ids=position_ids, mm_token_type_ids=new_tt)
-    if mode == "mm_encoder_outputs":
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-        out = gen(
-            input_ids=new_ids,
-            mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=pruned)},
-            **common,
-            **extra,
-            **generate_kwargs,
-        )
-    else:
-        emb = model.get_input_embeddings()(new_ids)
-        img = torch.cat(pruned, 0).to(emb.device, emb.dtype)
-        emb = emb.masked_scatter((new_ids == image_token_id).unsqueeze(-1).expand_as(emb), img)
-        out = gen(input_ids=new_ids, inputs_embeds=emb, **common, **extra, **generate_kwargs)
-
+    out = generate_with_features(model, gen, new_ids, pruned, feature_passing=feature_passing, attention_mask=new_mask,
+                                 position_ids=position_ids, mm_token_type_ids=new_tt, **extra, **generate_kwargs)
     if restore_prompt:
         out = restore_original_prompt(out, input_ids, new_ids)
     return out, stats
