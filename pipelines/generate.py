@@ -1,6 +1,6 @@
 """One place for the inference-time wrappers around ``generate``.
 
-* LVLMs (LLaVA): :func:`fopru_generate` and the :class:`FoPru` context manager prune visual
+* LVLMs (LLaVA, LLaVA-NeXT any-res, Qwen2-VL): :func:`fopru_generate` and the :class:`FoPru` context manager prune visual
   tokens with FoPru before the language model sees them (``pipelines.generate_lvlm``).
 * LLMs (Llama/Qwen2/Mistral-style): :func:`ftp_generate` loads a model, attaches FTP token
   routing and generates, returning sparsity and FLOPs stats (``pipelines.generate_llm``).

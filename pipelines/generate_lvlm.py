@@ -1,6 +1,8 @@
 """LVLM generate entry point: FoPru visual-token pruning around ``model.generate``.
 
-Thin re-export for :mod:`pipelines.generate` (which the lead wires):
+Thin re-export for :mod:`pipelines.generate`. ``LlavaForConditionalGeneration``,
+``LlavaNextForConditionalGeneration`` (any-res; inputs carry ``image_sizes``) and
+``Qwen2VLForConditionalGeneration`` (pass ``method="colmean"``: no CLS token) take the same call:
 
     from pipelines.generate_lvlm import fopru_generate, FoPru
     out, stats = fopru_generate(model, processor(images=img, text=prompt, return_tensors="pt"),
