@@ -86,7 +86,8 @@ def _split_stats(decisions, valid, T0, flops):
 
 def ftp_generate(model_or_path, prompts, *, router="static", schedule=None, tokenizer=None,
                  gguf_file: str | None = None, max_new_tokens: int = 32, chat: bool = False,
-                 do_sample: bool = False, allow_full: bool = False, **generate_kwargs) -> FTPGenerateResult:
+                 do_sample: bool = False, allow_full: bool = False, nested: bool = False,
+                 **generate_kwargs) -> FTPGenerateResult:
     """Load a causal LM, attach FTP, generate, and report routing statistics.
 
     Args:
@@ -97,6 +98,8 @@ def ftp_generate(model_or_path, prompts, *, router="static", schedule=None, toke
             None or a float matching a stored target).
         schedule: a float (uniform) or one sparsity per decoder layer.
         chat: wrap each prompt with the tokenizer's chat template.
+        allow_full, nested: as in :func:`tokenprune.ftp.attach_ftp` (``nested=True``: no re-entry
+            of skipped tokens; recommended for learned routers, see ``docs/ftp.md``).
     Returns:
         :class:`FTPGenerateResult` with ``stats = {"prefill": {...}, "decode": {...},
         "schedule": [...]}``.
@@ -122,7 +125,7 @@ def ftp_generate(model_or_path, prompts, *, router="static", schedule=None, toke
         tok.padding_side = old_side
     _, layers = find_decoder(model)
     r, schedule = _resolve_router(router, schedule, len(layers))
-    handle = attach_ftp(model, r, schedule, allow_full=allow_full)
+    handle = attach_ftp(model, r, schedule, allow_full=allow_full, nested=nested)
     try:
         with torch.no_grad(), handle.recording():
             seq = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=do_sample,

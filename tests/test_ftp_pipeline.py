@@ -138,6 +138,15 @@ def test_ftp_generate_pipeline(tmp_path):
         enc = tok(prompts[:1], return_tensors="pt")
         ref = model.generate(**enc, max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert torch.equal(dense.sequences[0, -5:], ref[0, -5:])
+    # nested=True reaches attach_ftp: equal to a hand-attached nested random router
+    sched = [0.1, 0.5, 0.3, 0.6]
+    nres = ftp_generate(model, prompts[:1], tokenizer=tok, router="random", schedule=sched, max_new_tokens=4,
+                        nested=True)
+    from tokenprune.ftp import RandomRouter
+    with torch.no_grad(), attach_ftp(model, RandomRouter(0), sched, nested=True) as m:
+        enc = tok(prompts[:1], return_tensors="pt")
+        ref = m.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(nres.sequences, ref)
     with pytest.raises(ValueError, match="schedule"):
         ftp_generate(model, "the cat", tokenizer=tok, router="static")
     with pytest.raises(ValueError, match="outside"):
