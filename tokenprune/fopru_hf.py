@@ -390,7 +390,8 @@ def encode_and_score(
     if any(f.shape[0] != n_feat for f in feats) or n_prefix not in (0, 1):
         raise ValueError(
             f"FoPru: features ({[f.shape[0] for f in feats]} tokens) do not line up with the "
-            f"{n_tok} vision tokens (strategy {strat!r}); variable-size images (LLaVA-NeXT) are not supported"
+            f"{n_tok} vision tokens (strategy {strat!r}); variable-size images need "
+            "LlavaNextForConditionalGeneration (the any-res adapter)"
         )
     return feats, scores, n_prefix
 
