@@ -21,6 +21,7 @@ CLIP or SigLIP vision tower.  Dispatched on ``config.model_type``:
 """
 from __future__ import annotations
 
+import importlib
 import inspect
 import math
 from numbers import Integral
@@ -280,6 +281,21 @@ def _is_qwen2vl(model: nn.Module) -> bool:
     return getattr(getattr(model, "config", None), "model_type", None) == "qwen2_vl"
 
 
+# config.model_type -> (module, function) of the model families with their own FoPru adapter
+_ADAPTERS = {
+    "llava_next": ("tokenprune.fopru_llava_next", "fopru_generate_llava_next"),
+    "qwen2_vl": ("tokenprune.fopru_qwen2vl", "fopru_generate_qwen2vl"),
+}
+
+
+def _model_adapter(model: nn.Module) -> Callable | None:
+    """The ``fopru_generate`` adapter for ``model``'s family, or None for plain LLaVA."""
+    entry = _ADAPTERS.get(getattr(getattr(model, "config", None), "model_type", None))
+    if entry is None:
+        return None
+    return getattr(importlib.import_module(entry[0]), entry[1])
+
+
 def _accepts_mm_encoder_outputs(model: nn.Module) -> bool:
     return "mm_encoder_outputs" in inspect.signature(model.forward).parameters
 
@@ -437,19 +453,9 @@ def fopru_generate(
     Returns:
         ``(sequences_or_generate_output, FoPruStats)``.
     """
-    if getattr(model.config, "model_type", None) == "llava_next":  # any-res packing
-        from .fopru_llava_next import fopru_generate_llava_next
-
-        return fopru_generate_llava_next(
-            model, processor_outputs, keep=keep, strategy=strategy, layer=layer, method=method,
-            row_mode=row_mode, grid=grid, feature_passing=feature_passing,
-            restore_prompt=restore_prompt, kept_indices=kept_indices, _generate=_generate,
-            _capture=_capture, **generate_kwargs,
-        )
-    if _is_qwen2vl(model):  # Qwen2-VL: own adapter (fused-qkv rotary tower, M-RoPE positions)
-        from .fopru_qwen2vl import fopru_generate_qwen2vl
-
-        return fopru_generate_qwen2vl(
+    adapter = _model_adapter(model)
+    if adapter is not None:  # LLaVA-NeXT any-res packing / Qwen2-VL (fused-qkv tower, M-RoPE positions)
+        return adapter(
             model, processor_outputs, keep=keep, strategy=strategy, layer=layer, method=method,
             row_mode=row_mode, grid=grid, feature_passing=feature_passing, restore_prompt=restore_prompt,
             kept_indices=kept_indices, _generate=_generate, _capture=_capture, **generate_kwargs,
