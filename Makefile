@@ -1,7 +1,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv demo test bench
+.PHONY: venv demo test lint format bench
 
 venv:
 	bash scripts/setup_venv.sh $(VENV)
@@ -13,6 +13,15 @@ demo: venv
 # The test suite (what CI runs).
 test: venv
 	$(PY) -m pytest -q
+
+# ruff lint + format check (CI runs it before the tests).
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: venv
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 bench: venv
 	$(PY) benchmarks/dataprune_scale.py --quick

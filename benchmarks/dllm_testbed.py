@@ -18,6 +18,7 @@ The model's ``forward(input_ids, attention_mask=None, past_key_values=None, use_
 returns an object with ``.logits`` (and ``.past_key_values`` when asked), as LLaDA/Dream do,
 so :func:`tokenprune.localleap_generate` runs on it unchanged, prefix KV cache included.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,8 +68,7 @@ class TestbedTokenizer:
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
         special = set(self.all_special_ids)
-        return "".join(self.vocab[i] for i in ids
-                       if not (skip_special_tokens and i in special))
+        return "".join(self.vocab[i] for i in ids if not (skip_special_tokens and i in special))
 
 
 # ------------------------------------------------------------------------------ model
@@ -157,18 +157,16 @@ PARITY_BITS = 12
 def _add_problems(n, generator):
     lens = torch.randint(1, DIGITS + 1, (n, 2), generator=generator)
     lo = (10 ** (lens - 1)).double()
-    hi = (10 ** lens).double()
+    hi = (10**lens).double()
     u = torch.rand((n, 2), generator=generator, dtype=torch.float64)
     vals = torch.where(lens == 1, (u * 10).floor().long(), (lo + u * (hi - lo)).floor().long())
-    return [(f"{str(a).zfill(DIGITS)[::-1]}+{str(b).zfill(DIGITS)[::-1]}=", str(a + b)[::-1])
-            for a, b in vals.tolist()]
+    return [(f"{str(a).zfill(DIGITS)[::-1]}+{str(b).zfill(DIGITS)[::-1]}=", str(a + b)[::-1]) for a, b in vals.tolist()]
 
 
 def _parity_problems(n, generator):
     d = torch.randint(0, 2, (n, PARITY_BITS), generator=generator)
     s = d.cumsum(-1) % 2
-    return [("".join(map(str, a)) + "=", "".join(map(str, b)))
-            for a, b in zip(d.tolist(), s.tolist())]
+    return [("".join(map(str, a)) + "=", "".join(map(str, b))) for a, b in zip(d.tolist(), s.tolist())]
 
 
 TASKS = {
@@ -212,8 +210,17 @@ def cache_dir() -> Path:
     return root / "dllm_testbed"
 
 
-def train(*, task: str = "add", steps: int = 3000, batch_size: int = 64, lr: float = 1e-3, seed: int = 0,
-          threads: int = 2, log_every: int = 250, config: TestbedConfig | None = None):
+def train(
+    *,
+    task: str = "add",
+    steps: int = 3000,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    seed: int = 0,
+    threads: int = 2,
+    log_every: int = 250,
+    config: TestbedConfig | None = None,
+):
     """Train the testbed dLLM; returns the model (eval mode)."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -223,7 +230,8 @@ def train(*, task: str = "add", steps: int = 3000, batch_size: int = 64, lr: flo
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
+    )
     t0 = time.time()
     model.train()
     for step in range(steps):
@@ -255,8 +263,9 @@ def weights_path(task: str, steps: int) -> Path:
     return cache_dir() / f"testbed_{task}_g{GEN_LENGTH}_s{steps}.pt"
 
 
-def load_or_train(*, task: str = "add", steps: int | None = None, retrain: bool = False, threads: int = 2,
-                  verbose: bool = True) -> TestbedDLLM:
+def load_or_train(
+    *, task: str = "add", steps: int | None = None, retrain: bool = False, threads: int = 2, verbose: bool = True
+) -> TestbedDLLM:
     """Load the cached weights (``safetensors``-free plain state dict, ``weights_only``) or train."""
     steps = TRAIN_STEPS[task] if steps is None else steps
     path = weights_path(task, steps)
@@ -281,8 +290,9 @@ def quick_accuracy(model, tok, *, task: str = "add", n: int = 64, seed: int = 12
 
     pairs = make_problems(n, task=task, generator=torch.Generator().manual_seed(seed))
     ids, P = make_batch(pairs, tok)
-    res = localleap_generate(model, ids[:, :P], gen_length=GEN_LENGTH, block_length=GEN_LENGTH,
-                             mask_id=tok.mask_token_id, rule="llada")
+    res = localleap_generate(
+        model, ids[:, :P], gen_length=GEN_LENGTH, block_length=GEN_LENGTH, mask_id=tok.mask_token_id, rule="llada"
+    )
     return exact_match(res.generated, pairs, tok).float().mean().item()
 
 

@@ -27,6 +27,7 @@ Weights are cached in ``~/.cache/prunekit/fopru_cifar_llava`` (``--retrain`` to 
 
     OMP_NUM_THREADS=2 python benchmarks/fopru_cifar_llava.py
 """
+
 from __future__ import annotations
 
 import argparse
@@ -128,13 +129,36 @@ def stage_a_draws(n: int, vis_steps: int, batch: int) -> np.ndarray:
 def build_model(attn="sdpa"):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    vc = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                          image_size=32, patch_size=4, projection_dim=64)
-    tc = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                     num_key_value_heads=2, vocab_size=len(VOCAB), max_position_embeddings=128,
-                     pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
-    cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_id=IMG_ID, vision_feature_layer=-2,
-                      vision_feature_select_strategy="default", pad_token_id=0)
+    vc = CLIPVisionConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=4,
+        projection_dim=64,
+    )
+    tc = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(VOCAB),
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    cfg = LlavaConfig(
+        vision_config=vc,
+        text_config=tc,
+        image_token_id=IMG_ID,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        pad_token_id=0,
+    )
     m = LlavaForConditionalGeneration._from_config(cfg, attn_implementation=attn)
     m.generation_config.pad_token_id = 0
     m.generation_config.eos_token_id = 2
@@ -142,8 +166,22 @@ def build_model(attn="sdpa"):
     return m
 
 
-def train(model, x_tr, y_tr, *, vis_steps, llm_steps, llm_pool, batch, llm_batch, log, vision_cache=None,
-          reuse_vision=True, vis_pool=None, token_dropout=0.0):
+def train(
+    model,
+    x_tr,
+    y_tr,
+    *,
+    vis_steps,
+    llm_steps,
+    llm_pool,
+    batch,
+    llm_batch,
+    log,
+    vision_cache=None,
+    reuse_vision=True,
+    vis_pool=None,
+    token_dropout=0.0,
+):
     gen = torch.Generator().manual_seed(0)
     tower = model.model.vision_tower
     if reuse_vision and vision_cache is not None and vision_cache.exists():
@@ -173,7 +211,9 @@ def train(model, x_tr, y_tr, *, vis_steps, llm_steps, llm_pool, batch, llm_batch
         sched.step()
         if step % 20 == 0 or step == vis_steps - 1:
             acc = (logits.argmax(-1).numpy() == y_tr[idx.numpy()]).mean()
-            log(f"  vision step {step}/{vis_steps} loss {loss.item():.3f} batch acc {acc:.2f} ({time.time() - t0:.0f}s)")
+            log(
+                f"  vision step {step}/{vis_steps} loss {loss.item():.3f} batch acc {acc:.2f} ({time.time() - t0:.0f}s)"
+            )
     tower.eval()
     for p in tower.parameters():
         p.requires_grad_(False)
@@ -353,13 +393,21 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=128, help="vision-stage batch")
     ap.add_argument("--llm-batch", type=int, default=64)
     ap.add_argument("--retrain-vision", action="store_true")
-    ap.add_argument("--holdout-first", action="store_true",
-                    help="pick the held-out images first and exclude them from stage A's draws "
-                         "(needed when stage A draws every image, i.e. many vision steps)")
-    ap.add_argument("--token-dropout", type=float, default=0.0, metavar="P",
-                    help="testbed choice: in stage B, with probability P a training sample keeps only a "
-                         "uniformly random subset of its visual tokens (keep fraction log-uniform in "
-                         "[0.05, 1]), so the LLM has seen prompts with tokens removed (default 0: off)")
+    ap.add_argument(
+        "--holdout-first",
+        action="store_true",
+        help="pick the held-out images first and exclude them from stage A's draws "
+        "(needed when stage A draws every image, i.e. many vision steps)",
+    )
+    ap.add_argument(
+        "--token-dropout",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="testbed choice: in stage B, with probability P a training sample keeps only a "
+        "uniformly random subset of its visual tokens (keep fraction log-uniform in "
+        "[0.05, 1]), so the LLM has seen prompts with tokens removed (default 0: off)",
+    )
     ap.add_argument("--json", type=str, default=None, help="write results here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -388,8 +436,10 @@ def main(argv=None):
         pool = np.setdiff1d(np.arange(len(x_all)), test_idx)
     llm_pool = rng.permutation(pool)[: args.llm_images]
     x_te, y_te = x_all[test_idx], y_all[test_idx]
-    log(f"data: {len(x_all)} images of classes {sorted(set(y_all.tolist()))}, {len(test_idx)} held out "
-        f"({time.time() - t0:.0f}s)")
+    log(
+        f"data: {len(x_all)} images of classes {sorted(set(y_all.tolist()))}, {len(test_idx)} held out "
+        f"({time.time() - t0:.0f}s)"
+    )
     model = build_model()
     cache = CACHE / "model.safetensors"
     if cache.exists() and not args.retrain and not args.quick:
@@ -398,19 +448,31 @@ def main(argv=None):
         meta = json.loads((CACHE / "meta.json").read_text())
         cached_drop = meta.get("args", {}).get("token_dropout", 0.0)
         if cached_drop != args.token_dropout:
-            raise SystemExit(f"cached model in {CACHE} was trained with --token-dropout {cached_drop}, "
-                             f"not {args.token_dropout}: pass --retrain or another PRUNEKIT_CACHE")
+            raise SystemExit(
+                f"cached model in {CACHE} was trained with --token-dropout {cached_drop}, "
+                f"not {args.token_dropout}: pass --retrain or another PRUNEKIT_CACHE"
+            )
         model.load_state_dict(load_file(str(cache)))
         model.eval()
         log(f"loaded cached weights from {cache}")
         train_s = meta.get("train_s", float("nan"))
     else:
         t1 = time.time()
-        train(model, x_all, y_all, vis_steps=args.vis_steps, llm_steps=args.llm_steps, llm_pool=llm_pool,
-              batch=args.batch, llm_batch=args.llm_batch, log=log,
-              vision_cache=None if args.quick else CACHE / "vision_tower.safetensors",
-              reuse_vision=not args.retrain_vision, vis_pool=pool if args.holdout_first else None,
-              token_dropout=args.token_dropout)
+        train(
+            model,
+            x_all,
+            y_all,
+            vis_steps=args.vis_steps,
+            llm_steps=args.llm_steps,
+            llm_pool=llm_pool,
+            batch=args.batch,
+            llm_batch=args.llm_batch,
+            log=log,
+            vision_cache=None if args.quick else CACHE / "vision_tower.safetensors",
+            reuse_vision=not args.retrain_vision,
+            vis_pool=pool if args.holdout_first else None,
+            token_dropout=args.token_dropout,
+        )
         train_s = time.time() - t1
         if not args.quick:
             from safetensors.torch import save_file
@@ -424,12 +486,13 @@ def main(argv=None):
     eager.eval()
     keeps = [1.0, 0.5, 0.25, 0.1, 0.05]
     per_image: dict = {}
-    res = evaluate(model, eager, x_te, y_te, keeps, batch=250 if not args.quick else 32, log=log,
-                   per_image=per_image)
+    res = evaluate(model, eager, x_te, y_te, keeps, batch=250 if not args.quick else 32, log=log, per_image=per_image)
     print()
-    print(f"Tiny LLaVA on CIFAR-10 classes 0-7 (trained {train_s:.0f}s on CPU, stage-B token dropout "
-          f"{args.token_dropout}), class accuracy (%) from generated text, {len(x_te)} held-out images, "
-          f"64 visual tokens")
+    print(
+        f"Tiny LLaVA on CIFAR-10 classes 0-7 (trained {train_s:.0f}s on CPU, stage-B token dropout "
+        f"{args.token_dropout}), class accuracy (%) from generated text, {len(x_te)} held-out images, "
+        f"64 visual tokens"
+    )
     print()
     print("| selection | " + " | ".join(f"keep {int(k * 100)}% (K={max(1, round(k * N_PATCH))})" for k in keeps) + " |")
     print("|---|" + "---|" * len(keeps))
@@ -442,8 +505,11 @@ def main(argv=None):
     print("| selection | " + " | ".join(f"keep {int(k * 100)}%" for k in keeps[1:]) + " |")
     print("|---|" + "---|" * (len(keeps) - 1))
     for m, r in diffs.items():
-        print(f"| {m} | " + " | ".join(f"{r[k][0]:+.1f} ({r[k][1]:.1f}) / {r[k][2]:+.1f} ({r[k][3]:.1f})"
-                                          for k in keeps[1:]) + " |")
+        print(
+            f"| {m} | "
+            + " | ".join(f"{r[k][0]:+.1f} ({r[k][1]:.1f}) / {r[k][2]:+.1f} ({r[k][3]:.1f})" for k in keeps[1:])
+            + " |"
+        )
     if args.json:
         out = {m: {str(k): v for k, v in r.items()} for m, r in res.items()}
         out["per_image"] = {m: {str(k): v for k, v in r.items()} for m, r in per_image.items()}

@@ -16,6 +16,7 @@ Measured in one run, interleaved round-robin over keep levels, median of ``--rep
     OMP_NUM_THREADS=2 python benchmarks/fopru_speed.py          # real SmolLM2
     python benchmarks/fopru_speed.py --quick                     # tiny random models, seconds
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,19 +76,43 @@ def build(quick: bool):
     )
 
     if quick:
-        vc = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                              num_attention_heads=4, image_size=96, patch_size=4)
-        tc = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=512, pad_token_id=0)
+        vc = CLIPVisionConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            image_size=96,
+            patch_size=4,
+        )
+        tc = LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=512,
+            pad_token_id=0,
+        )
         lm = None
     else:
-        vc = CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                              num_attention_heads=12, image_size=384, patch_size=16)
+        vc = CLIPVisionConfig(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            image_size=384,
+            patch_size=16,
+        )
         lm = AutoModelForCausalLM.from_pretrained(smollm2_folder(), dtype=torch.float32)
         tc = lm.config
     image_token_id = tc.vocab_size - 1
-    cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_id=image_token_id,
-                      vision_feature_layer=-2, vision_feature_select_strategy="default")
+    cfg = LlavaConfig(
+        vision_config=vc,
+        text_config=tc,
+        image_token_id=image_token_id,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration._from_config(cfg, attn_implementation="sdpa")
     if lm is not None:
@@ -112,9 +137,13 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=16)
-    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                    help="cpu = process CPU time (stable on a shared, oversubscribed machine; with "
-                         "--threads 1 it equals latency on an idle core)")
+    ap.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="cpu = process CPU time (stable on a shared, oversubscribed machine; with "
+        "--threads 1 it equals latency on an idle core)",
+    )
     args = ap.parse_args(argv)
     global CLOCK
     CLOCK = time.perf_counter if args.clock == "wall" else time.process_time
@@ -157,8 +186,8 @@ def main(argv=None):
             # vision tower alone, and FoPru's own work on the same q/k
             dt, _ = _t(tower, pixel_values=pv, output_hidden_states=True)
             qk = {}
-            h1 = attn.q_proj.register_forward_hook(lambda m, i, o: qk.__setitem__("q", o))
-            h2 = attn.k_proj.register_forward_hook(lambda m, i, o: qk.__setitem__("k", o))
+            h1 = attn.q_proj.register_forward_hook(lambda m, i, o, qk=qk: qk.__setitem__("q", o))
+            h2 = attn.k_proj.register_forward_hook(lambda m, i, o, qk=qk: qk.__setitem__("k", o))
             tower(pixel_values=pv)
             h1.remove()
             h2.remove()
@@ -168,8 +197,13 @@ def main(argv=None):
             ov = CLOCK() - t0
             for kp in keeps:
                 new_ids, new_mask, f = prepared[kp]
-                dp, _ = _t(model, input_ids=new_ids, attention_mask=new_mask, logits_to_keep=1,
-                           mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=f)})
+                dp, _ = _t(
+                    model,
+                    input_ids=new_ids,
+                    attention_mask=new_mask,
+                    logits_to_keep=1,
+                    mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=f)},
+                )
                 dg, _ = _t(fopru_generate, model, inp, keep=kp, **gen_kw)
                 if r:
                     pre[kp].append(dp)
@@ -181,9 +215,14 @@ def main(argv=None):
     p0, g0 = med[1.0]
     L = ids.shape[1]
     name = "tiny random (quick)" if args.quick else "CLIP ViT-B/16-like (random) + SmolLM2-135M"
-    print(f"\nFoPru speed, {name}, {n_tok} visual tokens, prompt {L} tokens, {args.new_tokens} new tokens, "
-          f"CPU {args.threads} threads, {args.clock} clock, median of {args.repeats}\n")
-    print("| keep | visual tokens | prompt tokens | ideal ratio | prefill (s) | prefill ratio | generate (s) | generate ratio |")
+    print(
+        f"\nFoPru speed, {name}, {n_tok} visual tokens, prompt {L} tokens, {args.new_tokens} new tokens, "
+        f"CPU {args.threads} threads, {args.clock} clock, median of {args.repeats}\n"
+    )
+    print(
+        "| keep | visual tokens | prompt tokens | ideal ratio | prefill (s) | prefill ratio "
+        "| generate (s) | generate ratio |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for kp in keeps:
         k = prepared[kp][0].shape[1] - (L - n_tok)
@@ -191,8 +230,10 @@ def main(argv=None):
         p, g = med[kp]
         print(f"| {int(kp * 100)}% | {k} | {lp} | {lp / L:.3f} | {p:.3f} | {p / p0:.3f} | {g:.3f} | {g / g0:.3f} |")
     v, o = statistics.median(vis), statistics.median(over)
-    print(f"\nvision tower forward: {v * 1000:.1f} ms; FoPru scoring+selection: {o * 1000:.2f} ms "
-          f"= {100 * o / v:.2f}% of the vision tower (target < 2%)")
+    print(
+        f"\nvision tower forward: {v * 1000:.1f} ms; FoPru scoring+selection: {o * 1000:.2f} ms "
+        f"= {100 * o / v:.2f}% of the vision tower (target < 2%)"
+    )
     return med
 
 

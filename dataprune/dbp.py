@@ -7,6 +7,7 @@ Budgets follow ``P = softmax(C / temperature)``: the quota vector solves
 rounded by largest remainder so it sums to exactly N. Each cluster keeps its quota of rows
 farthest from its centroid (``order="hard"``).
 """
+
 from __future__ import annotations
 
 import numbers
@@ -14,24 +15,24 @@ import numbers
 import numpy as np
 import pandas as pd
 
+from prunecore.budget import keep_count
 from prunecore.cluster import Clustering, l2_normalize
-from prunecore.select import keep_count
 
 from ._clusters import check_embeddings, cluster_sorted_order, ensure_clustering, group_bounds
 from .selection import Selection
 from .ssp import ssp_scores
 
 
-def cluster_complexity(emb, clustering: Clustering, *, n_neighbors: int = 20
-                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def cluster_complexity(
+    emb, clustering: Clustering, *, n_neighbors: int = 20
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-cluster ``(d_intra, d_inter, complexity)``, each (k,) float64.
 
     ``n_neighbors`` defaults to 20 as in the reference code (a reimplementation uses 5); it
     is capped at k - 1. Undefined values (empty clusters; k = 1 has no neighbours) are NaN in
     d_intra/d_inter and replaced by the mean of the defined complexities (1.0 if none).
     """
-    if isinstance(n_neighbors, bool) or not isinstance(n_neighbors, numbers.Integral) \
-            or n_neighbors < 1:
+    if isinstance(n_neighbors, bool) or not isinstance(n_neighbors, numbers.Integral) or n_neighbors < 1:
         raise ValueError(f"n_neighbors must be a positive integer, got {n_neighbors!r}")
     k = clustering.k
     dist = ssp_scores(emb, clustering).astype(np.float64)
@@ -61,8 +62,9 @@ def softmax(values: np.ndarray, temperature: float) -> np.ndarray:
     return z / z.sum()
 
 
-def quota_bounds(sizes: np.ndarray, n_keep: int, *, balance: float = 0.0,
-                 min_per_cluster: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def quota_bounds(
+    sizes: np.ndarray, n_keep: int, *, balance: float = 0.0, min_per_cluster: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
     """Lower/upper quota bounds (k,) int64.
 
     ``ub_j = |C_j|``; ``lb_j = min(max(floor(balance * N / k), min_per_cluster), |C_j| - 1)``
@@ -86,8 +88,7 @@ def waterfill(target: np.ndarray, total: float, lb: np.ndarray, ub: np.ndarray) 
     """
     target, lb, ub = (np.asarray(a, dtype=np.float64) for a in (target, lb, ub))
     if lb.sum() > total + 1e-9 or ub.sum() < total - 1e-9:
-        raise ValueError(f"infeasible quotas: need sum(lb)={lb.sum():g} <= N={total:g} "
-                         f"<= sum(ub)={ub.sum():g}")
+        raise ValueError(f"infeasible quotas: need sum(lb)={lb.sum():g} <= N={total:g} <= sum(ub)={ub.sum():g}")
     lo, hi = (lb - target).min() - 1.0, (ub - target).max() + 1.0
 
     def total_at(mu):
@@ -110,8 +111,9 @@ def waterfill(target: np.ndarray, total: float, lb: np.ndarray, ub: np.ndarray) 
     return np.clip(target + mu, lb, ub)
 
 
-def round_to_total(x: np.ndarray, total: int, lb: np.ndarray, ub: np.ndarray,
-                   priority: np.ndarray | None = None) -> np.ndarray:
+def round_to_total(
+    x: np.ndarray, total: int, lb: np.ndarray, ub: np.ndarray, priority: np.ndarray | None = None
+) -> np.ndarray:
     """Integer vector (k,) within [lb, ub] summing exactly to ``total``, closest to ``x``.
 
     Floors, then gives the missing units to the largest fractional remainders among entries
@@ -128,8 +130,15 @@ def round_to_total(x: np.ndarray, total: int, lb: np.ndarray, ub: np.ndarray,
     return base
 
 
-def dbp_quotas(sizes: np.ndarray, complexity: np.ndarray, n_keep: int, *, temperature: float,
-               balance: float = 0.0, min_per_cluster: int = 1) -> np.ndarray:
+def dbp_quotas(
+    sizes: np.ndarray,
+    complexity: np.ndarray,
+    n_keep: int,
+    *,
+    temperature: float,
+    balance: float = 0.0,
+    min_per_cluster: int = 1,
+) -> np.ndarray:
     """Rows to keep per cluster, (k,) int64, summing exactly to ``n_keep``.
 
     sizes: (k,) cluster sizes; complexity: (k,) finite. ``temperature`` is required: the
@@ -140,28 +149,29 @@ def dbp_quotas(sizes: np.ndarray, complexity: np.ndarray, n_keep: int, *, temper
     sizes = np.asarray(sizes, dtype=np.int64)
     complexity = np.asarray(complexity, dtype=np.float64)
     if sizes.ndim != 1 or complexity.shape != sizes.shape:
-        raise ValueError(f"sizes {sizes.shape} and complexity {complexity.shape} must be "
-                         "matching 1-D arrays")
+        raise ValueError(f"sizes {sizes.shape} and complexity {complexity.shape} must be matching 1-D arrays")
     if sizes.size == 0:
         raise ValueError("no clusters given")
     if (sizes < 0).any():
         raise ValueError("cluster sizes must be non-negative")
     if not np.isfinite(complexity).all():
         raise ValueError("complexity contains NaN/inf")
-    if isinstance(n_keep, bool) or not isinstance(n_keep, numbers.Integral) \
-            or not 0 <= n_keep <= sizes.sum():
+    if isinstance(n_keep, bool) or not isinstance(n_keep, numbers.Integral) or not 0 <= n_keep <= sizes.sum():
         raise ValueError(f"n_keep must be an integer in [0, {sizes.sum()}], got {n_keep!r}")
     lb, ub = quota_bounds(sizes, n_keep, balance=balance, min_per_cluster=min_per_cluster)
     if lb.sum() > n_keep:
-        raise ValueError(f"the per-cluster floors need {lb.sum()} rows but only n_keep="
-                         f"{n_keep} are kept: lower min_per_cluster/balance or keep more")
+        raise ValueError(
+            f"the per-cluster floors need {lb.sum()} rows but only n_keep="
+            f"{n_keep} are kept: lower min_per_cluster/balance or keep more"
+        )
     p = softmax(complexity, temperature)
     x = waterfill(p * n_keep, n_keep, lb, ub)
     return round_to_total(x, n_keep, lb, ub, priority=complexity)
 
 
-def take_per_cluster(labels: np.ndarray, sim: np.ndarray, quotas: np.ndarray, *,
-                     order: str = "hard", seed: int = 1234) -> np.ndarray:
+def take_per_cluster(
+    labels: np.ndarray, sim: np.ndarray, quotas: np.ndarray, *, order: str = "hard", seed: int = 1234
+) -> np.ndarray:
     """Keep mask (n,): the first ``quotas[j]`` rows of cluster j in ``order`` (see
     :func:`dataprune._clusters.cluster_sorted_order`)."""
     walk = cluster_sorted_order(labels, sim, order, seed)
@@ -173,10 +183,20 @@ def take_per_cluster(labels: np.ndarray, sim: np.ndarray, quotas: np.ndarray, *,
     return keep
 
 
-def prune_dbp(emb, keep: float | int, *, k: int | None = None, temperature: float,
-              n_neighbors: int = 20, balance: float = 0.0, order: str = "hard",
-              clustering: Clustering | None = None, min_per_cluster: int = 1,
-              seed: int = 1234, device: str = "auto") -> Selection:
+def prune_dbp(
+    emb,
+    keep: float | int,
+    *,
+    k: int | None = None,
+    temperature: float,
+    n_neighbors: int = 20,
+    balance: float = 0.0,
+    order: str = "hard",
+    clustering: Clustering | None = None,
+    min_per_cluster: int = 1,
+    seed: int = 1234,
+    device: str = "auto",
+) -> Selection:
     """DBP over emb (n, d): keep ``keep`` (fraction or count) rows with complexity quotas.
 
     Dropped rows carry reason ``"quota"``; the score is ``1 - cos`` to the own centroid;
@@ -187,11 +207,19 @@ def prune_dbp(emb, keep: float | int, *, k: int | None = None, temperature: floa
     clustering = ensure_clustering(emb, clustering, k, seed=seed, device=device)
     d_intra, d_inter, complexity = cluster_complexity(emb, clustering, n_neighbors=n_neighbors)
     sizes = clustering.sizes
-    quotas = dbp_quotas(sizes, complexity, n_keep, temperature=temperature, balance=balance,
-                        min_per_cluster=min_per_cluster)
+    quotas = dbp_quotas(
+        sizes, complexity, n_keep, temperature=temperature, balance=balance, min_per_cluster=min_per_cluster
+    )
     mask = take_per_cluster(clustering.labels, clustering.sim, quotas, order=order, seed=seed)
-    stats = pd.DataFrame({"cluster": np.arange(clustering.k), "size": sizes,
-                          "d_intra": d_intra, "d_inter": d_inter, "complexity": complexity,
-                          "p": softmax(complexity, temperature), "quota": quotas})
-    return Selection.from_mask(mask, "quota", scores=1.0 - clustering.sim,
-                               stats={"dbp": stats})
+    stats = pd.DataFrame(
+        {
+            "cluster": np.arange(clustering.k),
+            "size": sizes,
+            "d_intra": d_intra,
+            "d_inter": d_inter,
+            "complexity": complexity,
+            "p": softmax(complexity, temperature),
+            "quota": quotas,
+        }
+    )
+    return Selection.from_mask(mask, "quota", scores=1.0 - clustering.sim, stats={"dbp": stats})

@@ -5,12 +5,13 @@ on all data: ``L = (1 - alpha) CE(y, z_s) + alpha T^2 KL(softmax(z_t/T) || softm
 The exact form and T are not in the released material (T = 4 is a common default): both are
 parameters. :class:`TeacherLogitCache` runs the teacher once and serves many subsets.
 """
+
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -19,17 +20,25 @@ import torch.nn.functional as F
 from prunecore.io import atomic_path
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-            targets: torch.Tensor | None, *, alpha: float, temperature: float = 4.0,
-            reduction: str = "mean") -> torch.Tensor:
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    targets: torch.Tensor | None,
+    *,
+    alpha: float,
+    temperature: float = 4.0,
+    reduction: str = "mean",
+) -> torch.Tensor:
     """Distillation loss for logits (B, C) and integer targets (B,).
 
     ``alpha=0`` is plain cross-entropy; ``alpha=1`` pure distillation (targets may be None).
     The KL term is scaled by ``T^2`` so its gradient magnitude does not shrink with T.
     """
     if student_logits.shape != teacher_logits.shape or student_logits.ndim != 2:
-        raise ValueError(f"student {tuple(student_logits.shape)} and teacher "
-                         f"{tuple(teacher_logits.shape)} logits must both be (B, C)")
+        raise ValueError(
+            f"student {tuple(student_logits.shape)} and teacher "
+            f"{tuple(teacher_logits.shape)} logits must both be (B, C)"
+        )
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     if not temperature > 0:
@@ -39,7 +48,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     teacher_logits = teacher_logits.detach().to(student_logits.dtype)
     log_p_student = F.log_softmax(student_logits / temperature, dim=-1)
     log_p_teacher = F.log_softmax(teacher_logits / temperature, dim=-1)
-    kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1) * temperature ** 2
+    kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1) * temperature**2
     if alpha < 1.0:
         if targets is None:
             raise ValueError("targets are required when alpha < 1")
@@ -75,8 +84,9 @@ class TeacherLogitCache:
         self.folder = Path(folder)
         meta_path = self.folder / "meta.json"
         if not meta_path.exists():
-            raise FileNotFoundError(f"no teacher-logit cache at {self.folder} "
-                                    "(create one with TeacherLogitCache.create)")
+            raise FileNotFoundError(
+                f"no teacher-logit cache at {self.folder} (create one with TeacherLogitCache.create)"
+            )
         self.meta = json.loads(meta_path.read_text())
         self.keys = json.loads((self.folder / "keys.json").read_text())
         self.row_of = {key: i for i, key in enumerate(self.keys)}
@@ -84,8 +94,9 @@ class TeacherLogitCache:
         self.filled = np.load(self.folder / "filled.npy")
 
     @classmethod
-    def create(cls, folder: str | os.PathLike, keys: Sequence[str], n_classes: int, *,
-               dtype: str = "float16") -> "TeacherLogitCache":
+    def create(
+        cls, folder: str | os.PathLike, keys: Sequence[str], n_classes: int, *, dtype: str = "float16"
+    ) -> TeacherLogitCache:
         """Create an empty cache for ``keys`` (unique) and ``n_classes`` logits, or reopen an
         existing one made for the same keys and width."""
         folder = Path(folder)
@@ -99,8 +110,7 @@ class TeacherLogitCache:
             return cache
         folder.mkdir(parents=True, exist_ok=True)
         with atomic_path(folder / "logits.npy") as tmp:
-            arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(dtype),
-                                            shape=(len(keys), n_classes))
+            arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(dtype), shape=(len(keys), n_classes))
             arr.flush()
             del arr
         with atomic_path(folder / "filled.npy") as tmp:
@@ -120,12 +130,12 @@ class TeacherLogitCache:
 
     def write(self, keys: Sequence[str], logits) -> None:
         """Store logits (B, C) for ``keys`` (B,)."""
-        logits = logits.detach().float().cpu().numpy() if torch.is_tensor(logits) \
-            else np.asarray(logits, dtype=np.float32)
+        logits = (
+            logits.detach().float().cpu().numpy() if torch.is_tensor(logits) else np.asarray(logits, dtype=np.float32)
+        )
         rows = self.rows(keys)
         if logits.shape != (rows.shape[0], self.logits.shape[1]):
-            raise ValueError(f"logits shape {logits.shape} does not match "
-                             f"({rows.shape[0]}, {self.logits.shape[1]})")
+            raise ValueError(f"logits shape {logits.shape} does not match ({rows.shape[0]}, {self.logits.shape[1]})")
         if not np.isfinite(logits).all():
             raise ValueError("teacher logits contain NaN/inf")
         self.logits[rows] = logits
@@ -153,9 +163,14 @@ class TeacherLogitCache:
 
 
 @torch.inference_mode()
-def fill_teacher_cache(cache: TeacherLogitCache, teacher: torch.nn.Module,
-                       batches: Iterable[tuple[Sequence[str], torch.Tensor]], *,
-                       device: str = "cpu", progress: bool = True) -> TeacherLogitCache:
+def fill_teacher_cache(
+    cache: TeacherLogitCache,
+    teacher: torch.nn.Module,
+    batches: Iterable[tuple[Sequence[str], torch.Tensor]],
+    *,
+    device: str = "cpu",
+    progress: bool = True,
+) -> TeacherLogitCache:
     """Run ``teacher`` over ``(keys, inputs)`` batches, skipping keys already cached."""
     from tqdm.auto import tqdm
 

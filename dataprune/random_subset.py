@@ -1,9 +1,10 @@
 """Uniform random subsets (the baseline that KD makes strong)."""
+
 from __future__ import annotations
 
 import numpy as np
 
-from prunecore.select import keep_count
+from prunecore.budget import keep_count
 
 from .selection import Selection
 

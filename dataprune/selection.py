@@ -1,4 +1,5 @@
 """``Selection``: the currency of data pruning — which rows stay, and why the others went."""
+
 from __future__ import annotations
 
 import json
@@ -45,19 +46,18 @@ class Selection:
             self.reasons = np.where(self.keep, KEPT, "dropped").astype(object)
         self.reasons = np.array(self.reasons, dtype=object)
         if self.scores.shape != (n,) or self.reasons.shape != (n,):
-            raise ValueError(f"scores {self.scores.shape} and reasons {self.reasons.shape} "
-                             f"must match keep ({n},)")
+            raise ValueError(f"scores {self.scores.shape} and reasons {self.reasons.shape} must match keep ({n},)")
         self.reasons[self.keep] = KEPT
 
     @classmethod
-    def from_mask(cls, keep: np.ndarray, reason: str, scores=None, stats=None) -> "Selection":
+    def from_mask(cls, keep: np.ndarray, reason: str, scores=None, stats=None) -> Selection:
         """Selection whose dropped rows all carry ``reason``."""
         keep = np.asarray(keep, dtype=bool)
         reasons = np.where(keep, KEPT, reason).astype(object)
         return cls(keep=keep, scores=scores, reasons=reasons, stats=dict(stats or {}))
 
     @classmethod
-    def keep_all(cls, n: int) -> "Selection":
+    def keep_all(cls, n: int) -> Selection:
         return cls(keep=np.ones(n, dtype=bool))
 
     @property
@@ -73,24 +73,32 @@ class Selection:
     def n_kept(self) -> int:
         return int(self.keep.sum())
 
-    def _check_same_rows(self, other: "Selection") -> None:
+    def _check_same_rows(self, other: Selection) -> None:
         if not isinstance(other, Selection):
             raise TypeError(f"cannot combine Selection with {type(other).__name__}")
         if other.n != self.n:
             raise ValueError(f"selections cover different row counts: {self.n} vs {other.n}")
 
-    def __and__(self, other: "Selection") -> "Selection":
+    def __and__(self, other: Selection) -> Selection:
         self._check_same_rows(other)
         reasons = np.where(~self.keep, self.reasons, other.reasons)
-        return Selection(keep=self.keep & other.keep, scores=_later_scores(self, other),
-                         reasons=reasons, stats={**self.stats, **other.stats})
+        return Selection(
+            keep=self.keep & other.keep,
+            scores=_later_scores(self, other),
+            reasons=reasons,
+            stats={**self.stats, **other.stats},
+        )
 
-    def __or__(self, other: "Selection") -> "Selection":
+    def __or__(self, other: Selection) -> Selection:
         self._check_same_rows(other)
-        return Selection(keep=self.keep | other.keep, scores=_later_scores(self, other),
-                         reasons=self.reasons.copy(), stats={**self.stats, **other.stats})
+        return Selection(
+            keep=self.keep | other.keep,
+            scores=_later_scores(self, other),
+            reasons=self.reasons.copy(),
+            stats={**self.stats, **other.stats},
+        )
 
-    def lift(self, rows: np.ndarray, n: int) -> "Selection":
+    def lift(self, rows: np.ndarray, n: int) -> Selection:
         """Map a selection made over the subset ``rows`` (m,) of ``n`` rows back to all ``n``.
 
         Rows outside the subset are left undecided (kept, no score), so
@@ -120,8 +128,14 @@ class Selection:
         return "\n".join(lines)
 
     def to_frame(self) -> pd.DataFrame:
-        return pd.DataFrame({"row": np.arange(self.n, dtype=np.int64), "kept": self.keep,
-                             "score": self.scores, "reason": self.reasons.astype(str)})
+        return pd.DataFrame(
+            {
+                "row": np.arange(self.n, dtype=np.int64),
+                "kept": self.keep,
+                "score": self.scores,
+                "reason": self.reasons.astype(str),
+            }
+        )
 
     def to_parquet(self, path: str | Path) -> None:
         """Write rows (row, kept, score, reason) atomically; stats go to the file metadata."""
@@ -133,15 +147,19 @@ class Selection:
             pq.write_table(table.replace_schema_metadata(meta), tmp)
 
     @classmethod
-    def from_parquet(cls, path: str | Path) -> "Selection":
+    def from_parquet(cls, path: str | Path) -> Selection:
         table = pq.read_table(path)
         df = table.to_pandas()
         if not (df["row"].to_numpy() == np.arange(len(df))).all():
             raise ValueError(f"{path}: rows are not 0..n-1 in order; not a Selection file")
         raw = (table.schema.metadata or {}).get(b"prunekit.stats", b"{}")
         stats = {name: pd.DataFrame(cols) for name, cols in json.loads(raw).items()}
-        return cls(keep=df["kept"].to_numpy(), scores=df["score"].to_numpy(),
-                   reasons=df["reason"].to_numpy(dtype=object), stats=stats)
+        return cls(
+            keep=df["kept"].to_numpy(),
+            scores=df["score"].to_numpy(),
+            reasons=df["reason"].to_numpy(dtype=object),
+            stats=stats,
+        )
 
 
 def _later_scores(a: Selection, b: Selection) -> np.ndarray:

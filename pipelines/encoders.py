@@ -10,13 +10,14 @@ rows, and optionally ``encode_texts(list[str]) -> (B, d)`` (``has_text``).
 * :class:`HFImageEncoder`: a transformers vision model folder (``hf:PATH`` on the CLI).
 * :class:`CallableEncoder`: wrap your own function (the demo's offline encoder).
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -37,8 +38,9 @@ class OpenClipEncoder:
 
     has_text = True
 
-    def __init__(self, model: str, pretrained: str | None = None, *, device: str = "auto",
-                 precision: str = "fp32", seed: int = 0):
+    def __init__(
+        self, model: str, pretrained: str | None = None, *, device: str = "auto", precision: str = "fp32", seed: int = 0
+    ):
         import open_clip
 
         fingerprint = {"kind": "open_clip", "model": model, "precision": precision}
@@ -57,8 +59,9 @@ class OpenClipEncoder:
             if pretrained is None:
                 fingerprint["seed"] = seed
         if name not in open_clip.list_models():
-            raise ValueError(f"unknown open_clip model {model!r}: not in open_clip.list_models() "
-                             "and not a model config .json path")
+            raise ValueError(
+                f"unknown open_clip model {model!r}: not in open_clip.list_models() and not a model config .json path"
+            )
         resolve_device(device)  # fail early on an impossible device
         self.name, self.pretrained, self.config = name, pretrained, None
         if str(model).endswith(".json"):
@@ -81,10 +84,12 @@ class OpenClipEncoder:
         torch.manual_seed(self.seed)
         try:
             self.model, self.preprocess, self.tokenizer = load_open_clip(
-                self.name, self.pretrained, device=str(self.device), precision=self.precision)
+                self.name, self.pretrained, device=str(self.device), precision=self.precision
+            )
         except RuntimeError as exc:
-            raise ValueError(f"cannot load open_clip model {self.name!r} with pretrained="
-                             f"{self.pretrained!r}: {exc}") from exc
+            raise ValueError(
+                f"cannot load open_clip model {self.name!r} with pretrained={self.pretrained!r}: {exc}"
+            ) from exc
         finally:
             torch.random.set_rng_state(state)
 
@@ -95,14 +100,27 @@ class OpenClipEncoder:
 
     def encode_images(self, images: Sequence) -> np.ndarray:
         self._load()
-        return embed_images(self.model, images, self.preprocess, batch_size=max(len(images), 1),
-                            device=str(self.device), out_dtype=np.float32, progress=False)
+        return embed_images(
+            self.model,
+            images,
+            self.preprocess,
+            batch_size=max(len(images), 1),
+            device=str(self.device),
+            out_dtype=np.float32,
+            progress=False,
+        )
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         self._load()
-        return embed_texts_clip(self.model, self.tokenizer, list(texts),
-                                batch_size=max(len(texts), 1), device=str(self.device),
-                                out_dtype=np.float32, progress=False)
+        return embed_texts_clip(
+            self.model,
+            self.tokenizer,
+            list(texts),
+            batch_size=max(len(texts), 1),
+            device=str(self.device),
+            out_dtype=np.float32,
+            progress=False,
+        )
 
 
 class HFImageEncoder:
@@ -114,13 +132,11 @@ class HFImageEncoder:
 
     has_text = False
 
-    def __init__(self, name_or_path: str, *, device: str = "auto",
-                 trust_remote_code: bool = False):
+    def __init__(self, name_or_path: str, *, device: str = "auto", trust_remote_code: bool = False):
         from transformers import AutoImageProcessor, AutoModel
 
         try:
-            self.processor = AutoImageProcessor.from_pretrained(
-                name_or_path, trust_remote_code=trust_remote_code)
+            self.processor = AutoImageProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
             model = AutoModel.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as exc:
             raise ValueError(f"unknown transformers image model {name_or_path!r}: {exc}") from exc
@@ -128,8 +144,7 @@ class HFImageEncoder:
         self.model = model.to(self.device).eval()
         fp = {"kind": "hf", "model": name_or_path}
         if os.path.isdir(name_or_path):
-            fp["files"] = [_file_id(str(p)) for p in sorted(Path(name_or_path).iterdir())
-                           if p.is_file()]
+            fp["files"] = [_file_id(str(p)) for p in sorted(Path(name_or_path).iterdir()) if p.is_file()]
         self.fingerprint = fp
 
     @torch.inference_mode()
@@ -177,15 +192,20 @@ class PixelProjectionEncoder:
         self.size, self.dim, self.seed = int(size), int(dim), int(seed)
         rng = np.random.default_rng(self.seed)
         self.proj = rng.standard_normal((3 * self.size * self.size, self.dim)).astype(np.float32)
-        self.fingerprint = {"kind": "pixel_projection", "size": self.size, "dim": self.dim,
-                            "seed": self.seed}
+        self.fingerprint = {"kind": "pixel_projection", "size": self.size, "dim": self.dim, "seed": self.seed}
 
     def encode_images(self, images: Sequence) -> np.ndarray:
         from PIL import Image
 
-        px = np.stack([np.asarray(im.convert("RGB").resize((self.size, self.size),
-                                                           Image.BILINEAR), dtype=np.float32)
-                       for im in images]).reshape(len(images), -1) / 255.0
+        px = (
+            np.stack(
+                [
+                    np.asarray(im.convert("RGB").resize((self.size, self.size), Image.BILINEAR), dtype=np.float32)
+                    for im in images
+                ]
+            ).reshape(len(images), -1)
+            / 255.0
+        )
         px -= px.mean(axis=1, keepdims=True)
         feats = px @ self.proj
         flat = np.linalg.norm(feats, axis=1) < 1e-9
@@ -193,8 +213,9 @@ class PixelProjectionEncoder:
         return feats / np.linalg.norm(feats, axis=1, keepdims=True)
 
 
-def make_encoder(model: str, pretrained: str | None = None, *, device: str = "auto",
-                 precision: str = "fp32", seed: int = 0):
+def make_encoder(
+    model: str, pretrained: str | None = None, *, device: str = "auto", precision: str = "fp32", seed: int = 0
+):
     """``"hf:PATH"`` -> :class:`HFImageEncoder`; anything else -> :class:`OpenClipEncoder`."""
     if model.startswith("hf:"):
         return HFImageEncoder(model[3:], device=device)

@@ -16,26 +16,26 @@ Output folder::
                   stats_*.parquet (per-cluster tables of each method), _stage.json
     OUT/write/    shard-000000.tar ..., plan.parquet, manifest.json, done/, _stage.json
 """
+
 from __future__ import annotations
 
 import glob
 import os
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from .shards import expand_shards
-from .stages import (ClusterStage, EmbedStage, IngestStage, PipelineError, SelectStage,
-                     WriteStage)
+from .stages import ClusterStage, EmbedStage, IngestStage, PipelineError, SelectStage, WriteStage
 
 
 @dataclass
 class FilterResult:
     out: Path
-    stages: dict = field(default_factory=dict)     # name -> Stage (with .summary, .skipped)
-    keep: object = None                            # keep-list DataFrame
+    stages: dict = field(default_factory=dict)  # name -> Stage (with .summary, .skipped)
+    keep: object = None  # keep-list DataFrame
     manifest: dict | None = None
     seconds: float = 0.0
 
@@ -45,20 +45,25 @@ class FilterResult:
         for name, st in self.stages.items():
             s = st.summary
             if name == "embed":
-                res = (f"{s.get('samples', 0):,} samples, {s.get('embedded', 0):,} embedded, "
-                       f"{s.get('missing_image', 0)} missing image, "
-                       f"{s.get('undecodable', 0)} undecodable, "
-                       f"{len(s.get('corrupt_shards', []))} corrupt shard(s)")
+                res = (
+                    f"{s.get('samples', 0):,} samples, {s.get('embedded', 0):,} embedded, "
+                    f"{s.get('missing_image', 0)} missing image, "
+                    f"{s.get('undecodable', 0)} undecodable, "
+                    f"{len(s.get('corrupt_shards', []))} corrupt shard(s)"
+                )
             elif name == "cluster":
-                res = (f"k={s.get('k')}, trained on {s.get('n_train', 0):,} rows, "
-                       f"largest {s.get('largest_cluster')}, empty {s.get('empty_clusters')}")
+                res = (
+                    f"k={s.get('k')}, trained on {s.get('n_train', 0):,} rows, "
+                    f"largest {s.get('largest_cluster')}, empty {s.get('empty_clusters')}"
+                )
             elif name == "select":
                 drops = ", ".join(f"{k}: {v:,}" for k, v in s.get("dropped", {}).items())
-                res = (f"kept {s.get('kept', 0):,} / {s.get('samples', 0):,} "
-                       f"({drops or 'none dropped'})")
+                res = f"kept {s.get('kept', 0):,} / {s.get('samples', 0):,} ({drops or 'none dropped'})"
             else:
-                res = (f"{s.get('samples', 0):,} samples in {s.get('output_shards', 0)} shard(s), "
-                       f"{s.get('bytes', 0) / 1e6:.1f} MB")
+                res = (
+                    f"{s.get('samples', 0):,} samples in {s.get('output_shards', 0)} shard(s), "
+                    f"{s.get('bytes', 0) / 1e6:.1f} MB"
+                )
             status = "skipped (up to date)" if st.skipped else "ran"
             lines.append(f"| {name} | {status} | {s.get('seconds', 0):.2f} | {res} |")
         return "\n".join(lines)
@@ -88,9 +93,20 @@ def _glob_files(spec) -> list[str]:
     return out
 
 
-def default_steps(*, dedup_eps=None, method="dbp", keep=0.3, temperature=0.5, n_neighbors=20,
-                  balance=0.0, order="hard", ssp_mode="hard", seed=1234,
-                  clip_score_min=None, clip_score_keep=None) -> list[dict]:
+def default_steps(
+    *,
+    dedup_eps=None,
+    method="dbp",
+    keep=0.3,
+    temperature=0.5,
+    n_neighbors=20,
+    balance=0.0,
+    order="hard",
+    ssp_mode="hard",
+    seed=1234,
+    clip_score_min=None,
+    clip_score_keep=None,
+) -> list[dict]:
     """The CLI's chain: [clipscore] -> [semdedup] -> method (dbp/ssp/random/none)."""
     steps = []
     if clip_score_min is not None or clip_score_keep is not None:
@@ -98,9 +114,17 @@ def default_steps(*, dedup_eps=None, method="dbp", keep=0.3, temperature=0.5, n_
     if dedup_eps is not None:
         steps.append({"method": "semdedup", "eps": dedup_eps, "order": order})
     if method == "dbp":
-        steps.append({"method": "dbp", "keep": keep, "temperature": temperature,
-                      "n_neighbors": n_neighbors, "balance": balance, "order": order,
-                      "seed": seed})
+        steps.append(
+            {
+                "method": "dbp",
+                "keep": keep,
+                "temperature": temperature,
+                "n_neighbors": n_neighbors,
+                "balance": balance,
+                "order": order,
+                "seed": seed,
+            }
+        )
     elif method == "ssp":
         steps.append({"method": "ssp", "keep": keep, "mode": ssp_mode})
     elif method == "random":
@@ -115,16 +139,37 @@ def default_steps(*, dedup_eps=None, method="dbp", keep=0.3, temperature=0.5, n_
     return steps
 
 
-def run_filter(shards=None, out="prunekit_out", *, encoder=None, model: str | None = None,
-               pretrained: str | None = None, precision: str = "fp32", model_seed: int = 0,
-               embeddings=None, metadata=None, text_embeddings=None, key_column: str = "key",
-               batch_size: int = 64, text: bool | None = None, dtype: str = "float16",
-               clusters: int = 100, kmeans_iter: int = 20, max_points_per_centroid: int = 256,
-               seed: int = 1234, steps: Sequence[dict] | None = None, write: bool = True,
-               shard_max_count: int = 10000, shard_max_size: int = 3_000_000_000,
-               strict: bool = False, device: str = "auto", backend: str = "local",
-               ray_address: str | None = None, progress: bool = True, log=print
-               ) -> FilterResult:
+def run_filter(
+    shards=None,
+    out="prunekit_out",
+    *,
+    encoder=None,
+    model: str | None = None,
+    pretrained: str | None = None,
+    precision: str = "fp32",
+    model_seed: int = 0,
+    embeddings=None,
+    metadata=None,
+    text_embeddings=None,
+    key_column: str = "key",
+    batch_size: int = 64,
+    text: bool | None = None,
+    dtype: str = "float16",
+    clusters: int = 100,
+    kmeans_iter: int = 20,
+    max_points_per_centroid: int = 256,
+    seed: int = 1234,
+    steps: Sequence[dict] | None = None,
+    write: bool = True,
+    shard_max_count: int = 10000,
+    shard_max_size: int = 3_000_000_000,
+    strict: bool = False,
+    device: str = "auto",
+    backend: str = "local",
+    ray_address: str | None = None,
+    progress: bool = True,
+    log=print,
+) -> FilterResult:
     """Run the whole chain, skipping finished stages and resuming interrupted ones.
 
     Embeddings come from ``encoder`` (an object, see :mod:`pipelines.encoders`, or a
@@ -153,9 +198,15 @@ def run_filter(shards=None, out="prunekit_out", *, encoder=None, model: str | No
 
     result = FilterResult(out)
     if embeddings is not None:
-        emb_stage = IngestStage(out, _glob_files(embeddings), _glob_files(metadata),
-                                shards=shard_list, text_embeddings=_glob_files(text_embeddings),
-                                key_column=key_column, progress=progress)
+        emb_stage = IngestStage(
+            out,
+            _glob_files(embeddings),
+            _glob_files(metadata),
+            shards=shard_list,
+            text_embeddings=_glob_files(text_embeddings),
+            key_column=key_column,
+            progress=progress,
+        )
     else:
         if not shard_list:
             raise ValueError("give shards to embed, or precomputed embeddings")
@@ -164,31 +215,52 @@ def run_filter(shards=None, out="prunekit_out", *, encoder=None, model: str | No
                 raise ValueError("give an encoder/model to embed with, or precomputed embeddings")
             from .encoders import make_encoder
 
-            enc = make_encoder(model, pretrained, device=device, precision=precision,
-                               seed=model_seed)
+            enc = make_encoder(model, pretrained, device=device, precision=precision, seed=model_seed)
             encoder = enc
         fingerprint = encoder.fingerprint if hasattr(encoder, "fingerprint") else None
         if fingerprint is None:
             raise ValueError("the encoder (or factory) needs a .fingerprint dict")
-        emb_stage = EmbedStage(out, shard_list, encoder, encoder_fingerprint=fingerprint,
-                               batch_size=batch_size, text=text, dtype=dtype, strict=strict,
-                               progress=progress, backend=ray_be)
+        emb_stage = EmbedStage(
+            out,
+            shard_list,
+            encoder,
+            encoder_fingerprint=fingerprint,
+            batch_size=batch_size,
+            text=text,
+            dtype=dtype,
+            strict=strict,
+            progress=progress,
+            backend=ray_be,
+        )
     embed = emb_stage.run(log)
     result.stages["embed"] = emb_stage
     for err in emb_stage.summary.get("corrupt_shards", []):
         log(f"[embed] WARNING {err}")
-    cl_stage = ClusterStage(out, embed, k=clusters, niter=kmeans_iter, seed=seed,
-                            max_points_per_centroid=max_points_per_centroid, device=device)
+    cl_stage = ClusterStage(
+        out,
+        embed,
+        k=clusters,
+        niter=kmeans_iter,
+        seed=seed,
+        max_points_per_centroid=max_points_per_centroid,
+        device=device,
+    )
     cluster = cl_stage.run(log)
     result.stages["cluster"] = cl_stage
-    sel_stage = SelectStage(out, embed, cluster, steps, device=device, progress=progress,
-                            backend=ray_be)
+    sel_stage = SelectStage(out, embed, cluster, steps, device=device, progress=progress, backend=ray_be)
     select = sel_stage.run(log)
     result.stages["select"] = sel_stage
     result.keep = select.keep
     if write and shard_list:
-        wr_stage = WriteStage(out, select, shard_list, max_count=shard_max_count,
-                              max_size=shard_max_size, progress=progress, backend=ray_be)
+        wr_stage = WriteStage(
+            out,
+            select,
+            shard_list,
+            max_count=shard_max_count,
+            max_size=shard_max_size,
+            progress=progress,
+            backend=ray_be,
+        )
         result.manifest = wr_stage.run(log)
         result.stages["write"] = wr_stage
     result.seconds = time.perf_counter() - t0

@@ -1,7 +1,7 @@
 """One place for the inference-time wrappers around ``generate``.
 
-* LVLMs (LLaVA, LLaVA-NeXT any-res, Qwen2-VL): :func:`fopru_generate` and the :class:`FoPru` context manager prune visual
-  tokens with FoPru before the language model sees them (``pipelines.generate_lvlm``).
+* LVLMs (LLaVA, LLaVA-NeXT any-res, Qwen2-VL): :func:`fopru_generate` and the :class:`FoPru`
+  context manager prune visual tokens with FoPru before the language model sees them (``pipelines.generate_lvlm``).
 * LLMs (Llama/Qwen2/Mistral-style): :func:`ftp_generate` loads a model, attaches FTP token
   routing and generates, returning sparsity and FLOPs stats (``pipelines.generate_llm``).
 * Diffusion LLMs (LLaDA/Dream-style): :func:`dllm_generate` decodes with LocalLeap or another
@@ -9,6 +9,7 @@
 
 Names resolve lazily so importing this module loads no model code.
 """
+
 from importlib import import_module
 
 _EXPORTS = {

@@ -10,6 +10,7 @@ mask and EOS ids from the tokenizer/config, runs the loop and decodes text.
     >>> out = dllm_generate(model, tok, "What is 12*7?", rule="localleap", gen_length=128)
     >>> out.text, out.stats["nfe"]
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -52,7 +53,8 @@ def resolve_mask_id(model, tokenizer=None, mask_id: int | None = None) -> int:
     raise ValueError(
         "this model has no mask token: neither the tokenizer nor model.config / "
         "generation_config defines mask_token_id. A masked diffusion LM (LLaDA, Dream) is "
-        "needed; pass mask_id=... explicitly if you know it.")
+        "needed; pass mask_id=... explicitly if you know it."
+    )
 
 
 def resolve_eos_id(model, tokenizer=None, eos_id: int | None = None) -> int | None:
@@ -83,10 +85,20 @@ def _encode(tokenizer, prompt, chat: bool | None):
     raise TypeError(f"prompt must be a str or a list of chat messages, got {type(prompt)}")
 
 
-def dllm_generate(model, tokenizer, prompt, *, rule: str = "localleap", gen_length: int = 256,
-                  block_length: int = 32, mask_id: int | None = None,
-                  eos_id: int | None = None, chat: bool | None = None,
-                  skip_special_tokens: bool = True, **kwargs) -> DLLMGeneration:
+def dllm_generate(
+    model,
+    tokenizer,
+    prompt,
+    *,
+    rule: str = "localleap",
+    gen_length: int = 256,
+    block_length: int = 32,
+    mask_id: int | None = None,
+    eos_id: int | None = None,
+    chat: bool | None = None,
+    skip_special_tokens: bool = True,
+    **kwargs,
+) -> DLLMGeneration:
     """Generate text from a loaded dLLM + tokenizer with a parallel-decoding rule.
 
     Args:
@@ -116,15 +128,29 @@ def dllm_generate(model, tokenizer, prompt, *, rule: str = "localleap", gen_leng
     cfg = getattr(model, "config", None)
     if "shift_logits" not in kwargs and str(getattr(cfg, "model_type", "")).lower() == "dream":
         kwargs["shift_logits"] = True  # Dream predicts token i from the logits at i - 1
-    res = localleap_generate(model, encoded, gen_length=gen_length, block_length=block_length,
-                             mask_id=mid, rule=rule, eos_id=eid, pad_id=pad, **kwargs)
+    res = localleap_generate(
+        model,
+        encoded,
+        gen_length=gen_length,
+        block_length=block_length,
+        mask_id=mid,
+        rule=rule,
+        eos_id=eid,
+        pad_id=pad,
+        **kwargs,
+    )
     gen = res.generated
     texts = []
     for row in gen.tolist():  # one decode per sequence
         if eid is not None and eid in row:
             row = row[: row.index(eid)]
         texts.append(tokenizer.decode(row, skip_special_tokens=skip_special_tokens))
-    stats = {"nfe": res.nfe, "row_nfe": res.row_nfe.tolist(), "block_nfe": res.block_nfe,
-             "tokens_per_forward": res.tokens_per_forward, "gen_length": gen_length,
-             "rule": rule if isinstance(rule, str) else getattr(rule, "__name__", "custom")}
+    stats = {
+        "nfe": res.nfe,
+        "row_nfe": res.row_nfe.tolist(),
+        "block_nfe": res.block_nfe,
+        "tokens_per_forward": res.tokens_per_forward,
+        "gen_length": gen_length,
+        "rule": rule if isinstance(rule, str) else getattr(rule, "__name__", "custom"),
+    }
     return DLLMGeneration(text=texts if batch else texts[0], ids=gen, stats=stats)

@@ -6,6 +6,7 @@ path or hub name through transformers, never with remote code), attaches FTP
 achieved sparsity per block (prefill and decode separately) and the FLOPs saved in the
 decoder layers' linear maps.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -23,8 +24,14 @@ class FTPGenerateResult:
     stats: dict = field(default_factory=dict)
 
 
-def load_causal_lm(model_or_path, *, gguf_file: str | None = None, tokenizer=None,
-                   dtype: torch.dtype | None = None, attn_implementation: str = "sdpa"):
+def load_causal_lm(
+    model_or_path,
+    *,
+    gguf_file: str | None = None,
+    tokenizer=None,
+    dtype: torch.dtype | None = None,
+    attn_implementation: str = "sdpa",
+):
     """(model, tokenizer) from a loaded model or a name/path; ``trust_remote_code`` stays off."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -78,16 +85,32 @@ def _split_stats(decisions, valid, T0, flops):
         sp = [1.0 - k / n if n else 0.0 for k in kept]
         dense = n * sum(flops)
         saved = sum((n - k) * f for k, f in zip(kept, flops))
-        out[part] = {"sparsity_per_block": sp, "mean_sparsity": (sum(sp) / len(sp)) if n else 0.0,
-                     "tokens": n, "layer_flops_dense": dense, "layer_flops_saved": saved,
-                     "flops_saved_frac": saved / dense if dense else 0.0}
+        out[part] = {
+            "sparsity_per_block": sp,
+            "mean_sparsity": (sum(sp) / len(sp)) if n else 0.0,
+            "tokens": n,
+            "layer_flops_dense": dense,
+            "layer_flops_saved": saved,
+            "flops_saved_frac": saved / dense if dense else 0.0,
+        }
     return out
 
 
-def ftp_generate(model_or_path, prompts, *, router="static", schedule=None, tokenizer=None,
-                 gguf_file: str | None = None, max_new_tokens: int = 32, chat: bool = False,
-                 do_sample: bool = False, allow_full: bool = False, nested: bool = False,
-                 **generate_kwargs) -> FTPGenerateResult:
+def ftp_generate(
+    model_or_path,
+    prompts,
+    *,
+    router="static",
+    schedule=None,
+    tokenizer=None,
+    gguf_file: str | None = None,
+    max_new_tokens: int = 32,
+    chat: bool = False,
+    do_sample: bool = False,
+    allow_full: bool = False,
+    nested: bool = False,
+    **generate_kwargs,
+) -> FTPGenerateResult:
     """Load a causal LM, attach FTP, generate, and report routing statistics.
 
     Args:
@@ -105,7 +128,6 @@ def ftp_generate(model_or_path, prompts, *, router="static", schedule=None, toke
         "schedule": [...]}``.
     """
     from tokenprune.ftp import attach_ftp, find_decoder
-    from tokenprune.ftp.attach import layer_linear_flops
 
     model, tok = load_causal_lm(model_or_path, gguf_file=gguf_file, tokenizer=tokenizer)
     single = isinstance(prompts, str)
@@ -113,8 +135,10 @@ def ftp_generate(model_or_path, prompts, *, router="static", schedule=None, toke
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise TypeError("prompts must be a string or a non-empty list of strings")
     if chat:
-        prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                           add_generation_prompt=True) for p in prompts]
+        prompts = [
+            tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            for p in prompts
+        ]
     old_side = tok.padding_side
     tok.padding_side = "left"
     if tok.pad_token is None:
@@ -128,8 +152,13 @@ def ftp_generate(model_or_path, prompts, *, router="static", schedule=None, toke
     handle = attach_ftp(model, r, schedule, allow_full=allow_full, nested=nested)
     try:
         with torch.no_grad(), handle.recording():
-            seq = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                 pad_token_id=tok.pad_token_id, **generate_kwargs)
+            seq = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=do_sample,
+                pad_token_id=tok.pad_token_id,
+                **generate_kwargs,
+            )
         decisions = handle.decisions()
         sched = list(handle.state.schedule)
         flops = list(handle.flops_per_token)

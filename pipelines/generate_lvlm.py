@@ -11,6 +11,7 @@ Thin re-export for :mod:`pipelines.generate`. ``LlavaForConditionalGeneration``,
         out = model.generate(**inputs, max_new_tokens=32)
     fp.stats.as_dict()   # visual tokens in/out per image, prefill tokens saved
 """
+
 from tokenprune.fopru_hf import FoPru, FoPruStats, fopru_generate, prune_mm_inputs
 
 __all__ = ["FoPru", "FoPruStats", "fopru_generate", "prune_mm_inputs"]

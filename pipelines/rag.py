@@ -15,6 +15,7 @@ and ``provence_compression`` / ``provence_kept_sentences`` in its metadata. With
 The framework classes are built on first access, so importing this module does not import
 LangChain, LlamaIndex or Haystack.
 """
+
 from __future__ import annotations
 
 import functools
@@ -31,10 +32,19 @@ def _as_pruner(pruner):
     return ProvencePruner(pruner)
 
 
-def prune_texts(pruner, query: str, texts: list[str], *, threshold: float = 0.1,
-                title="first_sentence", always_select_title: bool = False,
-                reorder: bool = False, top_k: int | None = None, drop_empty: bool = True,
-                batch_size: int = 32) -> list[dict]:
+def prune_texts(
+    pruner,
+    query: str,
+    texts: list[str],
+    *,
+    threshold: float = 0.1,
+    title="first_sentence",
+    always_select_title: bool = False,
+    reorder: bool = False,
+    top_k: int | None = None,
+    drop_empty: bool = True,
+    batch_size: int = 32,
+) -> list[dict]:
     """Prune ``texts`` for ``query``; the framework-independent core of the adapters.
 
     Returns one dict per surviving text (``index`` into ``texts``, ``pruned_context``,
@@ -45,11 +55,24 @@ def prune_texts(pruner, query: str, texts: list[str], *, threshold: float = 0.1,
         raise TypeError(f"query must be a str, got {type(query).__name__}")
     if not texts:
         return []
-    out = pruner.process(query, list(texts), title=title, threshold=threshold,
-                         always_select_title=always_select_title, batch_size=batch_size)
-    rows = [{"index": i, "pruned_context": out["pruned_context"][i],
-             "reranking_score": out["reranking_score"][i], "compression": out["compression"][i],
-             "kept_sentences": out["kept_sentences"][i]} for i in range(len(texts))]
+    out = pruner.process(
+        query,
+        list(texts),
+        title=title,
+        threshold=threshold,
+        always_select_title=always_select_title,
+        batch_size=batch_size,
+    )
+    rows = [
+        {
+            "index": i,
+            "pruned_context": out["pruned_context"][i],
+            "reranking_score": out["reranking_score"][i],
+            "compression": out["compression"][i],
+            "kept_sentences": out["kept_sentences"][i],
+        }
+        for i in range(len(texts))
+    ]
     if drop_empty:
         rows = [r for r in rows if r["pruned_context"].strip()]
     if reorder:
@@ -60,14 +83,16 @@ def prune_texts(pruner, query: str, texts: list[str], *, threshold: float = 0.1,
 
 
 def _meta(row: dict) -> dict:
-    return {"reranking_score": row["reranking_score"],
-            "provence_compression": row["compression"],
-            "provence_kept_sentences": list(row["kept_sentences"])}
+    return {
+        "reranking_score": row["reranking_score"],
+        "provence_compression": row["compression"],
+        "provence_kept_sentences": list(row["kept_sentences"]),
+    }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _langchain_class():
-    from typing import Optional, Sequence
+    from collections.abc import Sequence
 
     from langchain_core.documents import BaseDocumentCompressor, Document
     from pydantic import ConfigDict
@@ -89,30 +114,41 @@ def _langchain_class():
         title: Any = "first_sentence"
         always_select_title: bool = False
         reorder: bool = False
-        top_k: Optional[int] = None
+        top_k: int | None = None
         drop_empty: bool = True
         batch_size: int = 32
 
         def model_post_init(self, __context: Any) -> None:
             object.__setattr__(self, "pruner", _as_pruner(self.pruner))
 
-        def compress_documents(self, documents: Sequence[Document], query: str,
-                               callbacks=None) -> Sequence[Document]:
+        def compress_documents(self, documents: Sequence[Document], query: str, callbacks=None) -> Sequence[Document]:
             docs = list(documents)
-            rows = prune_texts(self.pruner, query, [d.page_content for d in docs],
-                               threshold=self.threshold, title=self.title,
-                               always_select_title=self.always_select_title,
-                               reorder=self.reorder, top_k=self.top_k,
-                               drop_empty=self.drop_empty, batch_size=self.batch_size)
-            return [Document(page_content=r["pruned_context"], id=docs[r["index"]].id,
-                             metadata={**docs[r["index"]].metadata, **_meta(r)}) for r in rows]
+            rows = prune_texts(
+                self.pruner,
+                query,
+                [d.page_content for d in docs],
+                threshold=self.threshold,
+                title=self.title,
+                always_select_title=self.always_select_title,
+                reorder=self.reorder,
+                top_k=self.top_k,
+                drop_empty=self.drop_empty,
+                batch_size=self.batch_size,
+            )
+            return [
+                Document(
+                    page_content=r["pruned_context"],
+                    id=docs[r["index"]].id,
+                    metadata={**docs[r["index"]].metadata, **_meta(r)},
+                )
+                for r in rows
+            ]
 
     return ProvenceCompressor
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _llamaindex_class():
-    from typing import List, Optional
 
     from llama_index.core.bridge.pydantic import ConfigDict, Field
     from llama_index.core.postprocessor.types import BaseNodePostprocessor
@@ -128,7 +164,7 @@ def _llamaindex_class():
         title: Any = "first_sentence"
         always_select_title: bool = False
         reorder: bool = False
-        top_k: Optional[int] = None
+        top_k: int | None = None
         drop_empty: bool = True
         batch_size: int = 32
 
@@ -139,16 +175,23 @@ def _llamaindex_class():
         def class_name(cls) -> str:
             return "ProvencePostprocessor"
 
-        def _postprocess_nodes(self, nodes: List[NodeWithScore],
-                               query_bundle: Optional[QueryBundle] = None) -> List[NodeWithScore]:
+        def _postprocess_nodes(
+            self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None = None
+        ) -> list[NodeWithScore]:
             if query_bundle is None:
                 raise ValueError("ProvencePostprocessor needs a query (query_bundle or query_str)")
-            rows = prune_texts(self.pruner, query_bundle.query_str,
-                               [n.node.get_content() for n in nodes],
-                               threshold=self.threshold, title=self.title,
-                               always_select_title=self.always_select_title,
-                               reorder=self.reorder, top_k=self.top_k,
-                               drop_empty=self.drop_empty, batch_size=self.batch_size)
+            rows = prune_texts(
+                self.pruner,
+                query_bundle.query_str,
+                [n.node.get_content() for n in nodes],
+                threshold=self.threshold,
+                title=self.title,
+                always_select_title=self.always_select_title,
+                reorder=self.reorder,
+                top_k=self.top_k,
+                drop_empty=self.drop_empty,
+                batch_size=self.batch_size,
+            )
             out = []
             for r in rows:
                 node = nodes[r["index"]].node.model_copy(deep=True)
@@ -160,10 +203,9 @@ def _llamaindex_class():
     return ProvencePostprocessor
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _haystack_class():
     from dataclasses import replace
-    from typing import List, Optional
 
     from haystack import Document, component
 
@@ -175,10 +217,17 @@ def _haystack_class():
         ``warm_up()`` or on first ``run``).
         """
 
-        def __init__(self, pruner: Any, threshold: float = 0.1, title: Any = "first_sentence",
-                     always_select_title: bool = False, reorder: bool = True,
-                     top_k: Optional[int] = None, drop_empty: bool = True,
-                     batch_size: int = 32):
+        def __init__(
+            self,
+            pruner: Any,
+            threshold: float = 0.1,
+            title: Any = "first_sentence",
+            always_select_title: bool = False,
+            reorder: bool = True,
+            top_k: int | None = None,
+            drop_empty: bool = True,
+            batch_size: int = 32,
+        ):
             self.pruner = pruner
             self.threshold = threshold
             self.title = title
@@ -191,28 +240,42 @@ def _haystack_class():
         def warm_up(self):
             self.pruner = _as_pruner(self.pruner)
 
-        @component.output_types(documents=List[Document])
-        def run(self, documents: List[Document], query: str, top_k: Optional[int] = None,
-                threshold: Optional[float] = None):
+        @component.output_types(documents=list[Document])
+        def run(self, documents: list[Document], query: str, top_k: int | None = None, threshold: float | None = None):
             self.warm_up()
             docs = list(documents)
-            rows = prune_texts(self.pruner, query, [d.content or "" for d in docs],
-                               threshold=self.threshold if threshold is None else threshold,
-                               title=self.title, always_select_title=self.always_select_title,
-                               reorder=self.reorder,
-                               top_k=self.top_k if top_k is None else top_k,
-                               drop_empty=self.drop_empty, batch_size=self.batch_size)
-            return {"documents": [
-                replace(docs[r["index"]], content=r["pruned_context"],
-                        score=r["reranking_score"], meta={**docs[r["index"]].meta, **_meta(r)})
-                for r in rows]}
+            rows = prune_texts(
+                self.pruner,
+                query,
+                [d.content or "" for d in docs],
+                threshold=self.threshold if threshold is None else threshold,
+                title=self.title,
+                always_select_title=self.always_select_title,
+                reorder=self.reorder,
+                top_k=self.top_k if top_k is None else top_k,
+                drop_empty=self.drop_empty,
+                batch_size=self.batch_size,
+            )
+            return {
+                "documents": [
+                    replace(
+                        docs[r["index"]],
+                        content=r["pruned_context"],
+                        score=r["reranking_score"],
+                        meta={**docs[r["index"]].meta, **_meta(r)},
+                    )
+                    for r in rows
+                ]
+            }
 
     return ProvenceRanker
 
 
-_BUILDERS = {"ProvenceCompressor": _langchain_class,
-             "ProvencePostprocessor": _llamaindex_class,
-             "ProvenceRanker": _haystack_class}
+_BUILDERS = {
+    "ProvenceCompressor": _langchain_class,
+    "ProvencePostprocessor": _llamaindex_class,
+    "ProvenceRanker": _haystack_class,
+}
 
 
 def __getattr__(name):
@@ -220,6 +283,5 @@ def __getattr__(name):
         try:
             return _BUILDERS[name]()
         except ImportError as exc:
-            raise ImportError(f"{name} needs its framework installed: pip install "
-                              f"'prunekit[rag]' ({exc})") from exc
+            raise ImportError(f"{name} needs its framework installed: pip install 'prunekit[rag]' ({exc})") from exc
     raise AttributeError(f"module 'pipelines.rag' has no attribute {name!r}")

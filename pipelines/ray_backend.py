@@ -17,6 +17,7 @@ The output folder must be on storage every node sees (NFS, a mounted bucket). Wo
 import prunekit: on a cluster install it in the nodes' environment, or let this backend ship
 the packages (``py_modules``) when ``address`` is given.
 """
+
 from __future__ import annotations
 
 import copy
@@ -49,14 +50,16 @@ class RayBackend:
                 import pipelines
                 import prunecore
 
-                runtime_env = {"py_modules": [os.path.dirname(m.__file__)
-                                              for m in (prunecore, dataprune, pipelines)]}
+                runtime_env = {"py_modules": [os.path.dirname(m.__file__) for m in (prunecore, dataprune, pipelines)]}
                 ray.init(address=self.address, runtime_env=runtime_env, log_to_driver=False)
             else:
-                path = os.pathsep.join(p for p in (_repo_root(), os.environ.get("PYTHONPATH"))
-                                       if p)
-                ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-                         runtime_env={"env_vars": {"PYTHONPATH": path}})
+                path = os.pathsep.join(p for p in (_repo_root(), os.environ.get("PYTHONPATH")) if p)
+                ray.init(
+                    num_cpus=num_cpus,
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    runtime_env={"env_vars": {"PYTHONPATH": path}},
+                )
 
     def __getstate__(self):
         return {"address": self.address}
@@ -74,8 +77,7 @@ class RayBackend:
             return {"i": int(row["i"])}
 
         ds = ray.data.from_items([{"i": int(i)} for i in todo]).map(embed_task)
-        with tqdm(total=len(todo), desc="embed shards (ray)", unit="shard",
-                  disable=not stage.progress) as bar:
+        with tqdm(total=len(todo), desc="embed shards (ray)", unit="shard", disable=not stage.progress) as bar:
             for _ in ds.iter_rows():
                 bar.update(1)
 
@@ -105,8 +107,7 @@ class RayBackend:
             return {"j": j}
 
         ds = ray.data.from_items([{"j": int(j)} for j in todo]).map(write_task)
-        with tqdm(total=len(todo), desc="write shards (ray)", unit="shard",
-                  disable=not stage.progress) as bar:
+        with tqdm(total=len(todo), desc="write shards (ray)", unit="shard", disable=not stage.progress) as bar:
             for _ in ds.iter_rows():
                 bar.update(1)
 
@@ -139,12 +140,21 @@ def _semdedup_group(group: pd.DataFrame, embed_dir: str, step: dict) -> pd.DataF
     group = group.sort_values("local", kind="stable")
     m = len(group)
     rows = RowSubset(_embeddings(embed_dir), group["row"].to_numpy(np.int64))
-    clu = Clustering(centroids=np.zeros((1, rows.shape[1]), np.float32),
-                     labels=np.zeros(m, np.int64), sim=group["sim"].to_numpy(np.float32))
-    sel = semdedup(rows, step["eps"], clustering=clu, order=step["order"], rule=step["rule"],
-                   block_size=step["block_size"], device="cpu")
-    return pd.DataFrame({"local": group["local"].to_numpy(np.int64), "keep": sel.keep,
-                         "score": sel.scores})
+    clu = Clustering(
+        centroids=np.zeros((1, rows.shape[1]), np.float32),
+        labels=np.zeros(m, np.int64),
+        sim=group["sim"].to_numpy(np.float32),
+    )
+    sel = semdedup(
+        rows,
+        step["eps"],
+        clustering=clu,
+        order=step["order"],
+        rule=step["rule"],
+        block_size=step["block_size"],
+        device="cpu",
+    )
+    return pd.DataFrame({"local": group["local"].to_numpy(np.int64), "keep": sel.keep, "score": sel.scores})
 
 
 def ray_semdedup(embed_dir: str, step: dict, idx: np.ndarray, clustering):
@@ -155,11 +165,19 @@ def ray_semdedup(embed_dir: str, step: dict, idx: np.ndarray, clustering):
     from dataprune import Selection
 
     m = idx.shape[0]
-    df = pd.DataFrame({"row": idx.astype(np.int64), "local": np.arange(m, dtype=np.int64),
-                       "cluster": clustering.labels.astype(np.int64),
-                       "sim": clustering.sim.astype(np.float32)})
-    ds = ray.data.from_pandas(df).groupby("cluster").map_groups(
-        _semdedup_group, fn_args=(embed_dir, step), batch_format="pandas")
+    df = pd.DataFrame(
+        {
+            "row": idx.astype(np.int64),
+            "local": np.arange(m, dtype=np.int64),
+            "cluster": clustering.labels.astype(np.int64),
+            "sim": clustering.sim.astype(np.float32),
+        }
+    )
+    ds = (
+        ray.data.from_pandas(df)
+        .groupby("cluster")
+        .map_groups(_semdedup_group, fn_args=(embed_dir, step), batch_format="pandas")
+    )
     out = ds.to_pandas()
     keep = np.ones(m, dtype=bool)
     scores = np.full(m, np.nan, dtype=np.float32)
@@ -167,7 +185,12 @@ def ray_semdedup(embed_dir: str, step: dict, idx: np.ndarray, clustering):
     keep[local] = out["keep"].to_numpy(bool)
     scores[local] = out["score"].to_numpy(np.float32)
     sizes = clustering.sizes
-    stats = pd.DataFrame({"cluster": np.arange(clustering.k), "size": sizes,
-                          "kept": np.bincount(clustering.labels[keep], minlength=clustering.k),
-                          "eps": float(step["eps"])})
+    stats = pd.DataFrame(
+        {
+            "cluster": np.arange(clustering.k),
+            "size": sizes,
+            "kept": np.bincount(clustering.labels[keep], minlength=clustering.k),
+            "eps": float(step["eps"]),
+        }
+    )
     return Selection.from_mask(keep, "duplicate", scores=scores, stats={"semdedup": stats})

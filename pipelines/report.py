@@ -6,6 +6,7 @@ by SemDeDup (each dropped image next to its most similar earlier image). Writes
 ``OUT/report/index.html`` + PNGs. Reads only the artifacts (and a few images from the
 input shards for the grids).
 """
+
 from __future__ import annotations
 
 import html
@@ -54,12 +55,10 @@ def fetch_images(keep: pd.DataFrame, keys: list[str], limit_px: int = 96) -> dic
     return found
 
 
-def _grid(plt, path: Path, rows: list[tuple[str, list[tuple[str, str]]]], images: dict,
-          per_row: int) -> None:
+def _grid(plt, path: Path, rows: list[tuple[str, list[tuple[str, str]]]], images: dict, per_row: int) -> None:
     """rows: (row title, [(key, caption)]) -> one PNG grid."""
     n_rows = max(len(rows), 1)
-    fig, axes = plt.subplots(n_rows, per_row, figsize=(1.3 * per_row, 1.5 * n_rows + 0.3),
-                             squeeze=False)
+    fig, axes = plt.subplots(n_rows, per_row, figsize=(1.3 * per_row, 1.5 * n_rows + 0.3), squeeze=False)
     for r, (title, cells) in enumerate(rows):
         for c in range(per_row):
             ax = axes[r][c]
@@ -69,15 +68,15 @@ def _grid(plt, path: Path, rows: list[tuple[str, list[tuple[str, str]]]], images
                 if key in images:
                     ax.imshow(images[key], cmap="gray")
                 ax.set_title(caption, fontsize=6)
-        axes[r][0].text(-0.1, 0.5, title, transform=axes[r][0].transAxes, ha="right",
-                        va="center", fontsize=7)
+        axes[r][0].text(-0.1, 0.5, title, transform=axes[r][0].transAxes, ha="right", va="center", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def write_report(out: str | Path, *, clusters_shown: int = 4, images_per_row: int = 8,
-                 duplicate_pairs: int = 8) -> Path:
+def write_report(
+    out: str | Path, *, clusters_shown: int = 4, images_per_row: int = 8, duplicate_pairs: int = 8
+) -> Path:
     """Write ``OUT/report/index.html`` and its PNGs; returns the HTML path."""
     out = Path(out)
     keep_path = out / "select" / "keep.parquet"
@@ -87,8 +86,7 @@ def write_report(out: str | Path, *, clusters_shown: int = 4, images_per_row: in
     rep = out / "report"
     rep.mkdir(parents=True, exist_ok=True)
     keep = pd.read_parquet(keep_path)
-    stats = {p.stem[len("stats_"):]: pd.read_parquet(p)
-             for p in sorted((out / "select").glob("stats_*.parquet"))}
+    stats = {p.stem[len("stats_") :]: pd.read_parquet(p) for p in sorted((out / "select").glob("stats_*.parquet"))}
     emb_rows = keep[keep["cluster"] >= 0]
     k = int(json.loads((out / "cluster" / "_stage.json").read_text())["params"]["k"])
     sizes = np.bincount(emb_rows["cluster"], minlength=k)
@@ -104,17 +102,22 @@ def write_report(out: str | Path, *, clusters_shown: int = 4, images_per_row: in
     fig.tight_layout()
     fig.savefig(rep / "cluster_sizes.png", dpi=110)
     plt.close(fig)
-    sections.append(("Cluster sizes", "cluster_sizes.png",
-                     f"median {np.median(sizes):.0f}, largest {sizes.max()}, "
-                     f"empty {(sizes == 0).sum()}"))
+    sections.append(
+        (
+            "Cluster sizes",
+            "cluster_sizes.png",
+            f"median {np.median(sizes):.0f}, largest {sizes.max()}, empty {(sizes == 0).sum()}",
+        )
+    )
 
     # 2. complexity vs quota (DBP)
     dbp = next((df for name, df in stats.items() if name.endswith("dbp")), None)
     if dbp is not None:
         fig, ax = plt.subplots(figsize=(5, 3.2))
         frac = np.where(dbp["size"] > 0, dbp["quota"] / dbp["size"].clip(lower=1), np.nan)
-        sc = ax.scatter(dbp["complexity"], dbp["quota"], c=frac, s=12 + 60 * dbp["size"] /
-                        max(dbp["size"].max(), 1), cmap="viridis")
+        sc = ax.scatter(
+            dbp["complexity"], dbp["quota"], c=frac, s=12 + 60 * dbp["size"] / max(dbp["size"].max(), 1), cmap="viridis"
+        )
         fig.colorbar(sc, ax=ax, label="quota / cluster size")
         ax.set_xlabel("complexity  d_intra * d_inter")
         ax.set_ylabel("DBP quota (rows kept)")
@@ -122,8 +125,9 @@ def write_report(out: str | Path, *, clusters_shown: int = 4, images_per_row: in
         fig.tight_layout()
         fig.savefig(rep / "complexity_quota.png", dpi=110)
         plt.close(fig)
-        sections.append(("Complexity vs. quota (DBP)", "complexity_quota.png",
-                         "marker size: cluster size (after earlier steps)"))
+        sections.append(
+            ("Complexity vs. quota (DBP)", "complexity_quota.png", "marker size: cluster size (after earlier steps)")
+        )
 
     # 3. kept fraction per cluster, stacked by reason
     order = np.argsort(-sizes, kind="stable")
@@ -154,8 +158,12 @@ def write_report(out: str | Path, *, clusters_shown: int = 4, images_per_row: in
     for c in shown:
         rows = emb_rows[emb_rows["cluster"] == c]
         cells = [(kk, "kept") for kk in rows.loc[rows["kept"], "key"].head(half)]
-        cells += [(kk, r) for kk, r in rows.loc[~rows["kept"], ["key", "reason"]]
-                  .head(images_per_row - len(cells)).itertuples(index=False)]
+        cells += [
+            (kk, r)
+            for kk, r in rows.loc[~rows["kept"], ["key", "reason"]]
+            .head(images_per_row - len(cells))
+            .itertuples(index=False)
+        ]
         grid_rows.append((f"cluster {c}\n{kept[c]}/{sizes[c]} kept", cells))
         want += [kk for kk, _ in cells]
 
@@ -165,45 +173,53 @@ def write_report(out: str | Path, *, clusters_shown: int = 4, images_per_row: in
     images = fetch_images(keep, want)
     if grid_rows:
         _grid(plt, rep / "examples.png", grid_rows, images, images_per_row)
-        sections.append(("Kept vs. dropped examples", "examples.png",
-                         f"the {len(grid_rows)} largest clusters: kept images first"))
+        sections.append(
+            ("Kept vs. dropped examples", "examples.png", f"the {len(grid_rows)} largest clusters: kept images first")
+        )
     if pairs:
-        cells = [cell for a, b, s in pairs for cell in ((b, "earlier row"),
-                                                         (a, f"dropped, cos {s:.4f}"))]
-        dup_rows = [(f"pairs {i // 2 + 1}-{min(i // 2 + 4, len(pairs))}", cells[i:i + 8])
-                    for i in range(0, len(cells), 8)]
+        cells = [cell for a, b, s in pairs for cell in ((b, "earlier row"), (a, f"dropped, cos {s:.4f}"))]
+        dup_rows = [
+            (f"pairs {i // 2 + 1}-{min(i // 2 + 4, len(pairs))}", cells[i : i + 8]) for i in range(0, len(cells), 8)
+        ]
         _grid(plt, rep / "duplicates.png", dup_rows, images, min(8, len(cells)))
-        sections.append(("Duplicates found", "duplicates.png",
-                         f"{int((keep['reason'] == 'duplicate').sum()):,} rows dropped as "
-                         "duplicates; a few of them next to their most similar earlier row"))
+        sections.append(
+            (
+                "Duplicates found",
+                "duplicates.png",
+                f"{int((keep['reason'] == 'duplicate').sum()):,} rows dropped as "
+                "duplicates; a few of them next to their most similar earlier row",
+            )
+        )
 
     # HTML
     counts = keep["reason"].replace("", "(kept)").value_counts()
-    rows_html = "".join(f"<tr><td>{html.escape(r)}</td><td>{n:,}</td>"
-                        f"<td>{100 * n / max(len(keep), 1):.1f}%</td></tr>"
-                        for r, n in counts.items())
+    rows_html = "".join(
+        f"<tr><td>{html.escape(r)}</td><td>{n:,}</td><td>{100 * n / max(len(keep), 1):.1f}%</td></tr>"
+        for r, n in counts.items()
+    )
     stage_html = ""
     for name in ("embed", "cluster", "select", "write"):
         rec = _stage(out, name)
         if rec:
             params = html.escape(json.dumps(rec.get("params", {}), default=str))[:600]
             summary = html.escape(json.dumps(rec.get("summary", {}), default=str))[:600]
-            stage_html += (f"<tr><td>{name}</td><td><code>{params}</code></td>"
-                           f"<td><code>{summary}</code></td></tr>")
-    body = [f"<h1>prunekit filter report</h1><p>{html.escape(str(out.resolve()))}: "
-            f"{len(keep):,} samples, {int(keep['kept'].sum()):,} kept.</p>",
-            "<h2>Why rows were dropped</h2><table><tr><th>reason</th><th>rows</th><th>share</th>"
-            f"</tr>{rows_html}</table>",
-            "<h2>Stages</h2><table><tr><th>stage</th><th>params</th><th>summary</th></tr>"
-            f"{stage_html}</table>"]
+            stage_html += f"<tr><td>{name}</td><td><code>{params}</code></td><td><code>{summary}</code></td></tr>"
+    body = [
+        f"<h1>prunekit filter report</h1><p>{html.escape(str(out.resolve()))}: "
+        f"{len(keep):,} samples, {int(keep['kept'].sum()):,} kept.</p>",
+        f"<h2>Why rows were dropped</h2><table><tr><th>reason</th><th>rows</th><th>share</th></tr>{rows_html}</table>",
+        f"<h2>Stages</h2><table><tr><th>stage</th><th>params</th><th>summary</th></tr>{stage_html}</table>",
+    ]
     for title, png, caption in sections:
-        body.append(f"<h2>{html.escape(title)}</h2><p>{html.escape(caption)}</p>"
-                    f"<img src='{png}' style='max-width:100%'>")
-    page = ("<!doctype html><html><head><meta charset='utf-8'><title>prunekit report</title>"
-            "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}"
-            "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 6px;"
-            "font-size:13px;vertical-align:top}</style></head><body>"
-            + "\n".join(body) + "</body></html>")
+        body.append(
+            f"<h2>{html.escape(title)}</h2><p>{html.escape(caption)}</p><img src='{png}' style='max-width:100%'>"
+        )
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>prunekit report</title>"
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 6px;"
+        "font-size:13px;vertical-align:top}</style></head><body>" + "\n".join(body) + "</body></html>"
+    )
     path = rep / "index.html"
     path.write_text(page)
     return path
@@ -224,7 +240,7 @@ def _duplicate_pairs(out: Path, keep: pd.DataFrame, limit: int) -> list[tuple[st
     for row, c in dups[["row", "cluster"]].head(limit).itertuples(index=False):
         members = assign[assign["cluster"] == c]
         members = members.sort_values(["sim", "row"], kind="stable")["row"].to_numpy()
-        earlier = members[:int(np.flatnonzero(members == row)[0])]
+        earlier = members[: int(np.flatnonzero(members == row)[0])]
         if earlier.size == 0:
             continue
         x = np.asarray(art.images[np.sort(earlier)], dtype=np.float32)

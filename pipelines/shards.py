@@ -6,6 +6,7 @@ reads tars with :mod:`tarfile` (no decoding), so every member of a sample keeps 
 bytes and tar header fields, and writes tars deterministically (same input -> same output
 bytes), one output shard at a time through a temporary file + rename.
 """
+
 from __future__ import annotations
 
 import glob
@@ -13,9 +14,9 @@ import io
 import os
 import re
 import tarfile
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import braceexpand
 
@@ -34,7 +35,7 @@ class RawSample:
 
     key: str
     shard: str
-    index: int                     # position of the sample inside its shard
+    index: int  # position of the sample inside its shard
     members: dict[str, tuple[tarfile.TarInfo, bytes]] = field(default_factory=dict)
 
     @property
@@ -56,8 +57,8 @@ class ShardScan:
 
     shard: str
     n_samples: int = 0
-    error: str | None = None       # corrupt/truncated tar: the message; samples before it stand
-    skipped_members: int = 0       # members without an extension (ignored, like webdataset)
+    error: str | None = None  # corrupt/truncated tar: the message; samples before it stand
+    skipped_members: int = 0  # members without an extension (ignored, like webdataset)
 
 
 def tar_member_size(size: int) -> int:
@@ -78,10 +79,11 @@ def expand_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list
     for item in items:
         text = os.fspath(item)
         if text.startswith("file://"):
-            text = text[len("file://"):]
+            text = text[len("file://") :]
         elif re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", text):
-            raise ValueError(f"unsupported shard URL {text!r}: only local files (or file://) "
-                             "are read; download remote shards first")
+            raise ValueError(
+                f"unsupported shard URL {text!r}: only local files (or file://) are read; download remote shards first"
+            )
         for path in braceexpand.braceexpand(text):
             if glob.has_magic(path):
                 matched = sorted(glob.glob(path))
@@ -89,8 +91,7 @@ def expand_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list
                     raise FileNotFoundError(f"no shards matched {path!r}")
                 out.extend(matched)
             elif not os.path.isfile(path):
-                raise FileNotFoundError(f"no shards matched: {path!r} does not exist"
-                                        f" (from {os.fspath(item)!r})")
+                raise FileNotFoundError(f"no shards matched: {path!r} does not exist (from {os.fspath(item)!r})")
             else:
                 out.append(path)
     if not out:
@@ -107,8 +108,7 @@ def split_member_name(name: str) -> tuple[str, str] | None:
     return (m.group(1), m.group(2)) if m else None
 
 
-def _keyed_members(tar: tarfile.TarFile, scan: "ShardScan"
-                   ) -> Iterator[tuple[tarfile.TarInfo, str, str]]:
+def _keyed_members(tar: tarfile.TarFile, scan: ShardScan) -> Iterator[tuple[tarfile.TarInfo, str, str]]:
     """``(info, key, ext)`` for the regular members of an open tar; members without an
     extension are counted in ``scan.skipped_members`` and skipped."""
     for info in tar:
@@ -145,8 +145,9 @@ def iter_shard(shard: str, scan: ShardScan | None = None) -> Iterator[RawSample]
                         index += 1
                         scan.n_samples = index
                     if key in seen:
-                        raise ShardError(f"duplicate key {key!r} in shard {shard}: its members "
-                                         "are not contiguous or the key repeats")
+                        raise ShardError(
+                            f"duplicate key {key!r} in shard {shard}: its members are not contiguous or the key repeats"
+                        )
                     seen.add(key)
                     current = RawSample(key=key, shard=shard, index=index)
                 if ext in current.members:
@@ -178,8 +179,7 @@ def _check_tar_end(tar: tarfile.TarFile, shard: str) -> None:
         raise tarfile.ReadError(f"damaged or truncated at byte {tar.offset} of {size}")
 
 
-def iter_shard_headers(shard: str, scan: ShardScan | None = None
-                       ) -> Iterator[tuple[str, int, int]]:
+def iter_shard_headers(shard: str, scan: ShardScan | None = None) -> Iterator[tuple[str, int, int]]:
     """``(key, index, nbytes)`` per sample from tar headers only (data is seeked over)."""
     scan = scan if scan is not None else ShardScan(shard)
     key, index, nbytes = None, -1, 0

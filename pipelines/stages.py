@@ -13,6 +13,7 @@ upstream artifacts / input files). Its fingerprint is a hash of both. The folder
 All files are written to a temporary name and renamed, so a finished-looking file is a
 finished file. Inputs are opened read-only and never modified.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -22,9 +23,9 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -36,8 +37,17 @@ from prunecore.cluster import Clustering, kmeans
 from prunecore.io import atomic_path
 from prunecore.rows import ChunkedRows, open_embeddings
 
-from .shards import (IMAGE_EXTS, TEXT_EXTS, RawSample, ShardScan, copy_tarinfo,
-                     file_fingerprint, iter_shard, iter_shard_headers, plan_output_shards)
+from .shards import (
+    IMAGE_EXTS,
+    TEXT_EXTS,
+    RawSample,
+    ShardScan,
+    copy_tarinfo,
+    file_fingerprint,
+    iter_shard,
+    iter_shard_headers,
+    plan_output_shards,
+)
 
 STAGE_FILE = "_stage.json"
 VERSION = 1
@@ -53,6 +63,7 @@ class PipelineError(ValueError):
 
 
 # --------------------------------------------------------------------------- helpers
+
 
 def digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
@@ -106,8 +117,7 @@ class Stage:
         self.dir = self.out / self.name
         self.params = params
         self.inputs = inputs
-        self.fingerprint = digest({"stage": self.name, "version": VERSION, "params": params,
-                                   "inputs": inputs})
+        self.fingerprint = digest({"stage": self.name, "version": VERSION, "params": params, "inputs": inputs})
         self.skipped = False
         self.summary: dict = {}
 
@@ -122,8 +132,7 @@ class Stage:
 
     def is_done(self) -> bool:
         rec = self.record()
-        return bool(rec and rec.get("fingerprint") == self.fingerprint
-                    and rec.get("state") == "done")
+        return bool(rec and rec.get("fingerprint") == self.fingerprint and rec.get("state") == "done")
 
     def run(self, log=print):
         """Run (or skip, or resume) the stage; return its artifact."""
@@ -144,14 +153,23 @@ class Stage:
             stale.unlink()
         for stale in self.dir.rglob(".*.partial"):
             stale.unlink()
-        write_json(self.dir / STAGE_FILE, {"fingerprint": self.fingerprint, "state": "running",
-                                           "params": self.params, "inputs": self.inputs})
+        write_json(
+            self.dir / STAGE_FILE,
+            {"fingerprint": self.fingerprint, "state": "running", "params": self.params, "inputs": self.inputs},
+        )
         t0 = time.perf_counter()
         self.summary = self.compute(log) or {}
         self.summary["seconds"] = round(time.perf_counter() - t0, 3)
-        write_json(self.dir / STAGE_FILE, {"fingerprint": self.fingerprint, "state": "done",
-                                           "params": self.params, "inputs": self.inputs,
-                                           "summary": self.summary})
+        write_json(
+            self.dir / STAGE_FILE,
+            {
+                "fingerprint": self.fingerprint,
+                "state": "done",
+                "params": self.params,
+                "inputs": self.inputs,
+                "summary": self.summary,
+            },
+        )
         return self.load()
 
     def compute(self, log) -> dict:  # pragma: no cover - abstract
@@ -162,6 +180,7 @@ class Stage:
 
 
 # --------------------------------------------------------------------------- embed
+
 
 @dataclass
 class EmbedArtifact:
@@ -203,8 +222,7 @@ def load_embed_artifact(stage_dir: Path, fingerprint: str) -> EmbedArtifact:
     texts = _open_rows([resolve(p) for p in index["texts"]]) if index.get("texts") else None
     n_ok = int((keys["row"] >= 0).sum())
     if images.shape[0] != n_ok or (texts is not None and texts.shape[0] != n_ok):
-        raise PipelineError(f"{stage_dir}: {images.shape[0]} embedding rows but {n_ok} keys "
-                            "with an embedding")
+        raise PipelineError(f"{stage_dir}: {images.shape[0]} embedding rows but {n_ok} keys with an embedding")
     return EmbedArtifact(stage_dir, keys, images, texts, index.get("shards", []), fingerprint)
 
 
@@ -217,9 +235,17 @@ def decode_image(data: bytes):
         return im.convert("RGB")
 
 
-def embed_shard(shard: str, encoder, *, batch_size: int, image_exts: Sequence[str],
-                text: bool, strict: bool, progress=None, on_sample=None
-                ) -> tuple[pd.DataFrame, np.ndarray | None, np.ndarray | None, ShardScan]:
+def embed_shard(
+    shard: str,
+    encoder,
+    *,
+    batch_size: int,
+    image_exts: Sequence[str],
+    text: bool,
+    strict: bool,
+    progress=None,
+    on_sample=None,
+) -> tuple[pd.DataFrame, np.ndarray | None, np.ndarray | None, ShardScan]:
     """Embed one shard: (sample table, image rows (m, d) f32, text rows or None, scan).
 
     Batches never cross shards, so a shard's rows are the same whichever process (local,
@@ -245,17 +271,18 @@ def embed_shard(shard: str, encoder, *, batch_size: int, image_exts: Sequence[st
         if found is None:
             status = MISSING_IMAGE
             if strict:
-                raise PipelineError(f"sample {sample.key!r} in {shard} has no image member "
-                                    f"(looked for {'/'.join(image_exts)}; it has "
-                                    f"{sorted(sample.members)})")
+                raise PipelineError(
+                    f"sample {sample.key!r} in {shard} has no image member "
+                    f"(looked for {'/'.join(image_exts)}; it has "
+                    f"{sorted(sample.members)})"
+                )
         else:
             try:
                 image = decode_image(found[1])
             except Exception as exc:  # PIL raises many types for bad data
                 status = UNDECODABLE
                 if strict:
-                    raise PipelineError(f"undecodable image {sample.key}.{found[0]} in {shard}: "
-                                        f"{exc}") from exc
+                    raise PipelineError(f"undecodable image {sample.key}.{found[0]} in {shard}: {exc}") from exc
         caption = ""
         if text and status == STATUS_OK:
             cap = sample.get(TEXT_EXTS)
@@ -281,23 +308,24 @@ def embed_shard(shard: str, encoder, *, batch_size: int, image_exts: Sequence[st
 
 def chunk_paths(stage_dir: Path, i: int) -> dict[str, Path]:
     base = stage_dir / "chunks" / f"{i:05d}"
-    return {"img": base.with_suffix(".img.npy"), "txt": base.with_suffix(".txt.npy"),
-            "keys": base.with_suffix(".keys.parquet")}
+    return {
+        "img": base.with_suffix(".img.npy"),
+        "txt": base.with_suffix(".txt.npy"),
+        "keys": base.with_suffix(".keys.parquet"),
+    }
 
 
-def save_chunk(stage_dir: Path, i: int, table: pd.DataFrame, images, texts, scan: ShardScan,
-               *, dim: int | None, dtype, text: bool) -> None:
+def save_chunk(
+    stage_dir: Path, i: int, table: pd.DataFrame, images, texts, scan: ShardScan, *, dim: int | None, dtype, text: bool
+) -> None:
     """Write one shard's chunk; the keys parquet goes last and marks the chunk complete."""
     paths = chunk_paths(stage_dir, i)
     paths["img"].parent.mkdir(parents=True, exist_ok=True)
     width = images.shape[1] if images is not None else (dim or 0)
-    save_npy(paths["img"], (images if images is not None
-                            else np.zeros((0, width), np.float32)).astype(dtype))
+    save_npy(paths["img"], (images if images is not None else np.zeros((0, width), np.float32)).astype(dtype))
     if text:
-        save_npy(paths["txt"], (texts if texts is not None
-                                else np.zeros((0, width), np.float32)).astype(dtype))
-    save_parquet(paths["keys"], table, {"scan": {"error": scan.error,
-                                                 "skipped_members": scan.skipped_members}})
+        save_npy(paths["txt"], (texts if texts is not None else np.zeros((0, width), np.float32)).astype(dtype))
+    save_parquet(paths["keys"], table, {"scan": {"error": scan.error, "skipped_members": scan.skipped_members}})
 
 
 def finalize_embed(stage_dir: Path, shards: list[str], *, text: bool) -> dict:
@@ -318,21 +346,28 @@ def finalize_embed(stage_dir: Path, shards: list[str], *, text: bool) -> dict:
         images.append(str(paths["img"].relative_to(stage_dir)))
         if text:
             texts.append(str(paths["txt"].relative_to(stage_dir)))
-    keys = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(
-        columns=["key", "shard", "shard_idx", "index", "nbytes", "status"])
+    keys = (
+        pd.concat(tables, ignore_index=True)
+        if tables
+        else pd.DataFrame(columns=["key", "shard", "shard_idx", "index", "nbytes", "status"])
+    )
     check_duplicate_keys(keys)
     ok = (keys["status"] == STATUS_OK).to_numpy()
     row = np.full(len(keys), -1, dtype=np.int64)
     row[ok] = np.arange(int(ok.sum()))
     keys["row"] = row
     save_parquet(stage_dir / "keys.parquet", keys)
-    write_json(stage_dir / "embeddings.json", {"images": images, "texts": texts,
-                                               "shards": shards})
+    write_json(stage_dir / "embeddings.json", {"images": images, "texts": texts, "shards": shards})
     counts = keys["status"].value_counts().to_dict()
-    return {"samples": int(len(keys)), "embedded": int(ok.sum()),
-            "missing_image": int(counts.get(MISSING_IMAGE, 0)),
-            "undecodable": int(counts.get(UNDECODABLE, 0)),
-            "corrupt_shards": errors, "skipped_members": skipped, "shards": len(shards)}
+    return {
+        "samples": int(len(keys)),
+        "embedded": int(ok.sum()),
+        "missing_image": int(counts.get(MISSING_IMAGE, 0)),
+        "undecodable": int(counts.get(UNDECODABLE, 0)),
+        "corrupt_shards": errors,
+        "skipped_members": skipped,
+        "shards": len(shards),
+    }
 
 
 def check_duplicate_keys(keys: pd.DataFrame) -> None:
@@ -340,8 +375,10 @@ def check_duplicate_keys(keys: pd.DataFrame) -> None:
     if dup.any():
         first = keys.loc[dup, ["key", "shard"]].head(6)
         where = "; ".join(f"{k} in {s}" for k, s in first.itertuples(index=False))
-        raise PipelineError(f"duplicate keys: {int(keys.loc[dup, 'key'].nunique())} key(s) occur "
-                            f"more than once ({where}); keys must be unique across shards")
+        raise PipelineError(
+            f"duplicate keys: {int(keys.loc[dup, 'key'].nunique())} key(s) occur "
+            f"more than once ({where}); keys must be unique across shards"
+        )
 
 
 class EmbedStage(Stage):
@@ -353,17 +390,34 @@ class EmbedStage(Stage):
 
     name = "embed"
 
-    def __init__(self, out, shards: list[str], encoder=None, *, encoder_fingerprint=None,
-                 batch_size: int = 64, image_exts: Sequence[str] = IMAGE_EXTS,
-                 text: bool = False, dtype: str = "float16", strict: bool = False,
-                 progress: bool = True, backend=None):
+    def __init__(
+        self,
+        out,
+        shards: list[str],
+        encoder=None,
+        *,
+        encoder_fingerprint=None,
+        batch_size: int = 64,
+        image_exts: Sequence[str] = IMAGE_EXTS,
+        text: bool = False,
+        dtype: str = "float16",
+        strict: bool = False,
+        progress: bool = True,
+        backend=None,
+    ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if dtype not in ("float16", "float32"):
             raise ValueError(f"dtype must be float16 or float32, got {dtype!r}")
         fp = encoder_fingerprint if encoder_fingerprint is not None else encoder.fingerprint
-        params = {"encoder": fp, "batch_size": batch_size, "image_exts": list(image_exts),
-                  "text": bool(text), "dtype": dtype, "strict": bool(strict)}
+        params = {
+            "encoder": fp,
+            "batch_size": batch_size,
+            "image_exts": list(image_exts),
+            "text": bool(text),
+            "dtype": dtype,
+            "strict": bool(strict),
+        }
         super().__init__(out, params, {"shards": file_fingerprint(shards)})
         self.shards = list(shards)
         self.encoder = encoder
@@ -389,17 +443,31 @@ class EmbedStage(Stage):
     def embed_one(self, i: int, progress=None, on_sample=None) -> None:
         encoder = self.encoder_obj()
         if self.params["text"] and not getattr(encoder, "has_text", False):
-            raise PipelineError("caption embeddings requested (CLIP score) but the encoder has "
-                                "no text tower")
+            raise PipelineError("caption embeddings requested (CLIP score) but the encoder has no text tower")
         table, images, texts, scan = embed_shard(
-            self.shards[i], encoder, batch_size=self.params["batch_size"],
-            image_exts=tuple(self.params["image_exts"]), text=self.params["text"],
-            strict=self.params["strict"], progress=progress, on_sample=on_sample)
+            self.shards[i],
+            encoder,
+            batch_size=self.params["batch_size"],
+            image_exts=tuple(self.params["image_exts"]),
+            text=self.params["text"],
+            strict=self.params["strict"],
+            progress=progress,
+            on_sample=on_sample,
+        )
         dim = None
         if images is None:  # nothing decodable in this shard: width from another chunk
             dim = _known_width(self.dir) or _probe_width(encoder)
-        save_chunk(self.dir, i, table, images, texts, scan, dim=dim,
-                   dtype=np.dtype(self.params["dtype"]), text=self.params["text"])
+        save_chunk(
+            self.dir,
+            i,
+            table,
+            images,
+            texts,
+            scan,
+            dim=dim,
+            dtype=np.dtype(self.params["dtype"]),
+            text=self.params["text"],
+        )
         if scan.error:
             tqdm.write(f"[embed] WARNING {scan.error}")
 
@@ -412,8 +480,7 @@ class EmbedStage(Stage):
 
         bar = tqdm(desc="embed", unit="img", disable=not self.progress)
         with bar:
-            for i in tqdm(todo, desc="embed shards", unit="shard", disable=not self.progress,
-                          leave=False):
+            for i in tqdm(todo, desc="embed shards", unit="shard", disable=not self.progress, leave=False):
                 self.embed_one(i, progress=bar, on_sample=on_sample)
 
     def load(self) -> EmbedArtifact:
@@ -443,25 +510,37 @@ class IngestStage(Stage):
 
     name = "embed"
 
-    def __init__(self, out, embeddings: Sequence[str], metadata: Sequence[str], *,
-                 shards: Sequence[str] | None = None, text_embeddings: Sequence[str] = (),
-                 key_column: str = "key", progress: bool = True):
+    def __init__(
+        self,
+        out,
+        embeddings: Sequence[str],
+        metadata: Sequence[str],
+        *,
+        shards: Sequence[str] | None = None,
+        text_embeddings: Sequence[str] = (),
+        key_column: str = "key",
+        progress: bool = True,
+    ):
         self.emb_files = [str(Path(p).resolve()) for p in embeddings]
         self.meta_files = [str(Path(p).resolve()) for p in metadata]
         self.txt_files = [str(Path(p).resolve()) for p in text_embeddings]
         if not self.emb_files:
             raise FileNotFoundError("no precomputed embedding files matched")
         if len(self.meta_files) != len(self.emb_files):
-            raise PipelineError(f"{len(self.emb_files)} embedding files but {len(self.meta_files)}"
-                                " metadata files: give one metadata parquet per .npy")
+            raise PipelineError(
+                f"{len(self.emb_files)} embedding files but {len(self.meta_files)}"
+                " metadata files: give one metadata parquet per .npy"
+            )
         if self.txt_files and len(self.txt_files) != len(self.emb_files):
             raise PipelineError("text embedding files must pair one-to-one with image ones")
         self.shards = list(shards or [])
         params = {"key_column": key_column, "kind": "precomputed"}
-        inputs = {"embeddings": file_fingerprint(self.emb_files),
-                  "metadata": file_fingerprint(self.meta_files),
-                  "texts": file_fingerprint(self.txt_files),
-                  "shards": file_fingerprint(self.shards)}
+        inputs = {
+            "embeddings": file_fingerprint(self.emb_files),
+            "metadata": file_fingerprint(self.meta_files),
+            "texts": file_fingerprint(self.txt_files),
+            "shards": file_fingerprint(self.shards),
+        }
         super().__init__(out, params, inputs)
         self.progress = progress
 
@@ -472,25 +551,23 @@ class IngestStage(Stage):
             arr = open_embeddings(emb_path)
             meta = pd.read_parquet(meta_path)
             if key_col not in meta.columns:
-                raise PipelineError(f"{meta_path} has no {key_col!r} column (columns: "
-                                    f"{list(meta.columns)[:12]})")
+                raise PipelineError(f"{meta_path} has no {key_col!r} column (columns: {list(meta.columns)[:12]})")
             if len(meta) != arr.shape[0]:
-                raise PipelineError(f"mismatched counts: {emb_path} has {arr.shape[0]} "
-                                    f"embeddings but {meta_path} has {len(meta)} keys")
+                raise PipelineError(
+                    f"mismatched counts: {emb_path} has {arr.shape[0]} embeddings but {meta_path} has {len(meta)} keys"
+                )
             metas.append(meta[[key_col]].rename(columns={key_col: "key"}).astype({"key": str}))
         for emb_path, txt_path in zip(self.emb_files, self.txt_files):
             a, b = open_embeddings(emb_path), open_embeddings(txt_path)
             if a.shape != b.shape:
-                raise PipelineError(f"mismatched counts: {emb_path} has shape {a.shape} but "
-                                    f"{txt_path} has {b.shape}")
+                raise PipelineError(f"mismatched counts: {emb_path} has shape {a.shape} but {txt_path} has {b.shape}")
         keys = pd.concat(metas, ignore_index=True)
         keys["row"] = np.arange(len(keys), dtype=np.int64)
         check_duplicate_keys(keys)
         errors = []
         if self.shards:
             located = []
-            for i, shard in enumerate(tqdm(self.shards, desc="scan shards", unit="shard",
-                                           disable=not self.progress)):
+            for i, shard in enumerate(tqdm(self.shards, desc="scan shards", unit="shard", disable=not self.progress)):
                 scan = ShardScan(shard)
                 rows = list(iter_shard_headers(shard, scan))
                 if scan.error:
@@ -503,12 +580,12 @@ class IngestStage(Stage):
             merged = where.merge(keys, on="key", how="outer", indicator=True)
             missing = merged[merged["_merge"] == "right_only"]
             if len(missing):
-                raise PipelineError(f"{len(missing)} embedding keys are not in the shards, e.g. "
-                                    f"{missing['key'].head(5).tolist()}")
+                raise PipelineError(
+                    f"{len(missing)} embedding keys are not in the shards, e.g. {missing['key'].head(5).tolist()}"
+                )
             merged["status"] = np.where(merged["_merge"] == "both", STATUS_OK, NO_EMBEDDING)
             merged["row"] = merged["row"].fillna(-1).astype(np.int64)
-            keys = merged.drop(columns="_merge").sort_values(["shard_idx", "index"],
-                                                             kind="stable")
+            keys = merged.drop(columns="_merge").sort_values(["shard_idx", "index"], kind="stable")
         else:
             keys["shard"], keys["shard_idx"] = "", np.int64(-1)
             keys["index"], keys["nbytes"] = keys["row"], np.int64(0)
@@ -516,12 +593,20 @@ class IngestStage(Stage):
         keys = keys[["key", "shard", "shard_idx", "index", "nbytes", "status", "row"]]
         keys = keys.astype({"index": np.int64, "nbytes": np.int64, "shard_idx": np.int64})
         save_parquet(self.dir / "keys.parquet", keys.reset_index(drop=True))
-        write_json(self.dir / "embeddings.json", {"images": self.emb_files,
-                                                  "texts": self.txt_files, "shards": self.shards})
+        write_json(
+            self.dir / "embeddings.json", {"images": self.emb_files, "texts": self.txt_files, "shards": self.shards}
+        )
         n_ok = int((keys["status"] == STATUS_OK).sum())
-        return {"samples": int(len(keys)), "embedded": n_ok, "precomputed": True,
-                "no_embedding": int(len(keys) - n_ok), "missing_image": 0, "undecodable": 0,
-                "corrupt_shards": errors, "shards": len(self.shards)}
+        return {
+            "samples": int(len(keys)),
+            "embedded": n_ok,
+            "precomputed": True,
+            "no_embedding": int(len(keys) - n_ok),
+            "missing_image": 0,
+            "undecodable": 0,
+            "corrupt_shards": errors,
+            "shards": len(self.shards),
+        }
 
     def load(self) -> EmbedArtifact:
         art = load_embed_artifact(self.dir, self.fingerprint)
@@ -531,6 +616,7 @@ class IngestStage(Stage):
 
 
 # --------------------------------------------------------------------------- cluster
+
 
 @dataclass
 class ClusterArtifact:
@@ -547,10 +633,23 @@ class ClusterStage(Stage):
 
     name = "cluster"
 
-    def __init__(self, out, embed: EmbedArtifact, *, k: int, niter: int = 20, seed: int = 1234,
-                 max_points_per_centroid: int = 256, device: str = "auto"):
-        params = {"k": int(k), "niter": int(niter), "seed": int(seed),
-                  "max_points_per_centroid": int(max_points_per_centroid)}
+    def __init__(
+        self,
+        out,
+        embed: EmbedArtifact,
+        *,
+        k: int,
+        niter: int = 20,
+        seed: int = 1234,
+        max_points_per_centroid: int = 256,
+        device: str = "auto",
+    ):
+        params = {
+            "k": int(k),
+            "niter": int(niter),
+            "seed": int(seed),
+            "max_points_per_centroid": int(max_points_per_centroid),
+        }
         super().__init__(out, params, {"embed": embed.fingerprint})
         self.embed = embed
         self.device = device
@@ -558,33 +657,47 @@ class ClusterStage(Stage):
     def compute(self, log):
         n = self.embed.n_rows
         if self.params["k"] > n:
-            raise PipelineError(f"--clusters {self.params['k']} is more than the {n} embedded "
-                                "samples: lower it")
+            raise PipelineError(f"--clusters {self.params['k']} is more than the {n} embedded samples: lower it")
         log(f"[cluster] k-means k={self.params['k']} on {n:,d} rows")
-        clu = kmeans(self.embed.images, self.params["k"], niter=self.params["niter"],
-                     seed=self.params["seed"],
-                     max_points_per_centroid=self.params["max_points_per_centroid"],
-                     device=self.device)
+        clu = kmeans(
+            self.embed.images,
+            self.params["k"],
+            niter=self.params["niter"],
+            seed=self.params["seed"],
+            max_points_per_centroid=self.params["max_points_per_centroid"],
+            device=self.device,
+        )
         save_npy(self.dir / "centroids.npy", clu.centroids)
-        save_parquet(self.dir / "assign.parquet",
-                     pd.DataFrame({"row": np.arange(n, dtype=np.int64), "cluster": clu.labels,
-                                   "sim": clu.sim}), {"kmeans": clu.params})
+        save_parquet(
+            self.dir / "assign.parquet",
+            pd.DataFrame({"row": np.arange(n, dtype=np.int64), "cluster": clu.labels, "sim": clu.sim}),
+            {"kmeans": clu.params},
+        )
         sizes = clu.sizes
-        return {"k": clu.k, "n_train": clu.params["n_train"],
-                "empty_clusters": int((sizes == 0).sum()),
-                "largest_cluster": int(sizes.max()), "median_cluster": float(np.median(sizes))}
+        return {
+            "k": clu.k,
+            "n_train": clu.params["n_train"],
+            "empty_clusters": int((sizes == 0).sum()),
+            "largest_cluster": int(sizes.max()),
+            "median_cluster": float(np.median(sizes)),
+        }
 
     def load(self) -> ClusterArtifact:
         centroids = np.load(self.dir / "centroids.npy")
         table = pq.read_table(self.dir / "assign.parquet")
         df = table.to_pandas()
         params = json.loads((table.schema.metadata or {}).get(b"kmeans", b"{}"))
-        clu = Clustering(centroids=centroids, labels=df["cluster"].to_numpy(np.int64),
-                         sim=df["sim"].to_numpy(np.float32), params=params)
+        clu = Clustering(
+            centroids=centroids,
+            labels=df["cluster"].to_numpy(np.int64),
+            sim=df["sim"].to_numpy(np.float32),
+            params=params,
+        )
         return ClusterArtifact(self.dir, clu, self.fingerprint)
 
 
 # --------------------------------------------------------------------------- select
+
 
 class RowSubset(ChunkedRows):
     """Lazy view of rows ``idx`` (m,) of a row source (n, d): only rows asked for are read."""
@@ -615,8 +728,15 @@ def subset_rows(rows, idx: np.ndarray):
 STEP_DEFAULTS = {
     "clipscore": {"min": None, "keep": None},
     "semdedup": {"eps": 0.05, "order": "hard", "rule": "reference", "block_size": None},
-    "dbp": {"keep": 0.3, "temperature": 0.5, "n_neighbors": 20, "balance": 0.0, "order": "hard",
-            "min_per_cluster": 1, "seed": 1234},
+    "dbp": {
+        "keep": 0.3,
+        "temperature": 0.5,
+        "n_neighbors": 20,
+        "balance": 0.0,
+        "order": "hard",
+        "min_per_cluster": 1,
+        "seed": 1234,
+    },
     "ssp": {"keep": 0.5, "mode": "hard"},
     "random": {"keep": 0.5, "seed": 1234},
 }
@@ -629,8 +749,7 @@ def normalize_steps(steps: Sequence[dict]) -> list[dict]:
         step = dict(step)
         method = step.pop("method", None)
         if method not in STEP_DEFAULTS:
-            raise ValueError(f"unknown selection method {method!r}; choose from "
-                             f"{sorted(STEP_DEFAULTS)}")
+            raise ValueError(f"unknown selection method {method!r}; choose from {sorted(STEP_DEFAULTS)}")
         unknown = set(step) - set(STEP_DEFAULTS[method])
         if unknown:
             raise ValueError(f"unknown parameter(s) {sorted(unknown)} for {method}")
@@ -641,32 +760,47 @@ def normalize_steps(steps: Sequence[dict]) -> list[dict]:
     return out
 
 
-def run_step(step: dict, rows, clustering: Clustering, texts=None, *, device="auto",
-             progress=False):
+def run_step(step: dict, rows, clustering: Clustering, texts=None, *, device="auto", progress=False):
     """One selection method over ``rows`` (m, d) with their clustering: a Selection (m,)."""
     from dataprune import Selection, prune_dbp, prune_ssp, random_subset, semdedup
 
     m = step["method"]
     if m == "semdedup":
-        return semdedup(rows, step["eps"], clustering=clustering, order=step["order"],
-                        rule=step["rule"], block_size=step["block_size"], device=device,
-                        progress=progress)
+        return semdedup(
+            rows,
+            step["eps"],
+            clustering=clustering,
+            order=step["order"],
+            rule=step["rule"],
+            block_size=step["block_size"],
+            device=device,
+            progress=progress,
+        )
     if m == "dbp":
-        return prune_dbp(rows, step["keep"], clustering=clustering,
-                         temperature=step["temperature"], n_neighbors=step["n_neighbors"],
-                         balance=step["balance"], order=step["order"],
-                         min_per_cluster=step["min_per_cluster"], seed=step["seed"],
-                         device=device)
+        return prune_dbp(
+            rows,
+            step["keep"],
+            clustering=clustering,
+            temperature=step["temperature"],
+            n_neighbors=step["n_neighbors"],
+            balance=step["balance"],
+            order=step["order"],
+            min_per_cluster=step["min_per_cluster"],
+            seed=step["seed"],
+            device=device,
+        )
     if m == "ssp":
         return prune_ssp(rows, step["keep"], clustering=clustering, mode=step["mode"])
     if m == "random":
         return random_subset(rows.shape[0], step["keep"], seed=step["seed"])
     if m == "clipscore":
         if texts is None:
-            raise PipelineError("clipscore needs caption embeddings: embed with a CLIP model "
-                                "and text=True (CLI: --clip-score-min/--clip-score-keep)")
+            raise PipelineError(
+                "clipscore needs caption embeddings: embed with a CLIP model "
+                "and text=True (CLI: --clip-score-min/--clip-score-keep)"
+            )
         scores = clip_scores(rows, texts)
-        from prunecore.select import keep_count, top_k_mask
+        from prunecore.budget import keep_count, top_k_mask
 
         if step["min"] is not None:
             keep = scores >= step["min"]
@@ -690,8 +824,9 @@ def clip_scores(images, texts, batch_size: int = 65536) -> np.ndarray:
     return out
 
 
-def select_chain(embed: EmbedArtifact, clustering: Clustering, steps: list[dict], *,
-                 device="auto", progress=False, step_runner=None):
+def select_chain(
+    embed: EmbedArtifact, clustering: Clustering, steps: list[dict], *, device="auto", progress=False, step_runner=None
+):
     """Run the steps in order, each on the survivors of the previous ones; returns the
     composed Selection over all embedding rows and {step name: stats DataFrame}."""
     from dataprune import Selection
@@ -703,8 +838,7 @@ def select_chain(embed: EmbedArtifact, clustering: Clustering, steps: list[dict]
         idx = sel.indices
         if idx.size == 0:
             break
-        sub_clu = Clustering(clustering.centroids, clustering.labels[idx], clustering.sim[idx],
-                             clustering.params)
+        sub_clu = Clustering(clustering.centroids, clustering.labels[idx], clustering.sim[idx], clustering.params)
         sub_rows = subset_rows(embed.images, idx)
         sub_txt = subset_rows(embed.texts, idx) if embed.texts is not None else None
         runner = step_runner or run_step
@@ -718,7 +852,7 @@ def select_chain(embed: EmbedArtifact, clustering: Clustering, steps: list[dict]
 @dataclass
 class SelectArtifact:
     dir: Path
-    keep: pd.DataFrame          # key, shard, kept, reason, cluster, score, row, shard_idx, index
+    keep: pd.DataFrame  # key, shard, kept, reason, cluster, score, row, shard_idx, index
     stats: dict = field(default_factory=dict)
     fingerprint: str = ""
 
@@ -728,11 +862,19 @@ class SelectStage(Stage):
 
     name = "select"
 
-    def __init__(self, out, embed: EmbedArtifact, cluster: ClusterArtifact, steps: list[dict],
-                 *, device="auto", progress=True, backend=None):
+    def __init__(
+        self,
+        out,
+        embed: EmbedArtifact,
+        cluster: ClusterArtifact,
+        steps: list[dict],
+        *,
+        device="auto",
+        progress=True,
+        backend=None,
+    ):
         steps = normalize_steps(steps)
-        super().__init__(out, {"steps": steps}, {"embed": embed.fingerprint,
-                                                 "cluster": cluster.fingerprint})
+        super().__init__(out, {"steps": steps}, {"embed": embed.fingerprint, "cluster": cluster.fingerprint})
         self.embed, self.cluster, self.steps = embed, cluster, steps
         self.device, self.progress, self.backend = device, progress, backend
 
@@ -740,21 +882,23 @@ class SelectStage(Stage):
         if self.backend is not None:
             sel, stats = self.backend.select(self.embed, self.cluster.clustering, self.steps)
         else:
-            sel, stats = select_chain(self.embed, self.cluster.clustering, self.steps,
-                                      device=self.device, progress=self.progress)
+            sel, stats = select_chain(
+                self.embed, self.cluster.clustering, self.steps, device=self.device, progress=self.progress
+            )
         keep = build_keep_list(self.embed.keys, sel, self.cluster.clustering)
         for name, df in stats.items():
             save_parquet(self.dir / f"stats_{name}.parquet", df.reset_index(drop=True))
         save_parquet(self.dir / "keep.parquet", keep)
         counts = keep.loc[~keep["kept"], "reason"].value_counts().to_dict()
-        return {"samples": int(len(keep)), "kept": int(keep["kept"].sum()),
-                "dropped": {str(k): int(v) for k, v in sorted(counts.items())}}
+        return {
+            "samples": int(len(keep)),
+            "kept": int(keep["kept"].sum()),
+            "dropped": {str(k): int(v) for k, v in sorted(counts.items())},
+        }
 
     def load(self) -> SelectArtifact:
-        stats = {p.stem[len("stats_"):]: pd.read_parquet(p)
-                 for p in sorted(self.dir.glob("stats_*.parquet"))}
-        return SelectArtifact(self.dir, pd.read_parquet(self.dir / "keep.parquet"), stats,
-                              self.fingerprint)
+        stats = {p.stem[len("stats_") :]: pd.read_parquet(p) for p in sorted(self.dir.glob("stats_*.parquet"))}
+        return SelectArtifact(self.dir, pd.read_parquet(self.dir / "keep.parquet"), stats, self.fingerprint)
 
 
 def build_keep_list(keys: pd.DataFrame, sel, clustering: Clustering) -> pd.DataFrame:
@@ -770,15 +914,24 @@ def build_keep_list(keys: pd.DataFrame, sel, clustering: Clustering) -> pd.DataF
     reason[has] = sel.reasons[row[has]]
     cluster[has] = clustering.labels[row[has]]
     score[has] = sel.scores[row[has]]
-    return pd.DataFrame({"key": keys["key"].to_numpy(), "shard": keys["shard"].to_numpy(),
-                         "kept": kept, "reason": reason.astype(str), "cluster": cluster,
-                         "score": score, "row": row,
-                         "shard_idx": keys["shard_idx"].to_numpy(np.int64),
-                         "index": keys["index"].to_numpy(np.int64),
-                         "nbytes": keys["nbytes"].to_numpy(np.int64)})
+    return pd.DataFrame(
+        {
+            "key": keys["key"].to_numpy(),
+            "shard": keys["shard"].to_numpy(),
+            "kept": kept,
+            "reason": reason.astype(str),
+            "cluster": cluster,
+            "score": score,
+            "row": row,
+            "shard_idx": keys["shard_idx"].to_numpy(np.int64),
+            "index": keys["index"].to_numpy(np.int64),
+            "nbytes": keys["nbytes"].to_numpy(np.int64),
+        }
+    )
 
 
 # --------------------------------------------------------------------------- write
+
 
 class WriteStage(Stage):
     """Kept samples -> output shards (byte-identical members) + manifest.
@@ -791,12 +944,20 @@ class WriteStage(Stage):
 
     name = "write"
 
-    def __init__(self, out, select: SelectArtifact, shards: list[str], *,
-                 max_count: int = 10000, max_size: int = 3_000_000_000,
-                 prefix: str = "shard", progress: bool = True, backend=None):
+    def __init__(
+        self,
+        out,
+        select: SelectArtifact,
+        shards: list[str],
+        *,
+        max_count: int = 10000,
+        max_size: int = 3_000_000_000,
+        prefix: str = "shard",
+        progress: bool = True,
+        backend=None,
+    ):
         params = {"max_count": int(max_count), "max_size": int(max_size), "prefix": prefix}
-        super().__init__(out, params, {"select": select.fingerprint,
-                                       "shards": file_fingerprint(shards)})
+        super().__init__(out, params, {"select": select.fingerprint, "shards": file_fingerprint(shards)})
         self.select, self.shards = select, list(shards)
         self.progress, self.backend = progress, backend
 
@@ -807,12 +968,17 @@ class WriteStage(Stage):
         keep = self.select.keep
         kept = keep[keep["kept"]].sort_values(["shard_idx", "index"], kind="stable")
         if len(kept) and (kept["shard_idx"] < 0).any():
-            raise PipelineError("the keep-list has no shard locations (embeddings were ingested "
-                                "without shards): pass the shards to write filtered copies")
+            raise PipelineError(
+                "the keep-list has no shard locations (embeddings were ingested "
+                "without shards): pass the shards to write filtered copies"
+            )
         plan = kept[["key", "shard", "shard_idx", "index"]].copy()
-        plan["out_shard"] = np.asarray(plan_output_shards(
-            kept["nbytes"].to_numpy(), max_count=self.params["max_count"],
-            max_size=self.params["max_size"]), dtype=np.int64)
+        plan["out_shard"] = np.asarray(
+            plan_output_shards(
+                kept["nbytes"].to_numpy(), max_count=self.params["max_count"], max_size=self.params["max_size"]
+            ),
+            dtype=np.int64,
+        )
         return plan.reset_index(drop=True)
 
     def compute(self, log):
@@ -827,11 +993,14 @@ class WriteStage(Stage):
             self.backend.write(self, plan, todo)
         elif todo:
             write_outputs(self, plan, todo, progress=self.progress)
-        records = [json.loads((self.dir / "done" / f"{j:06d}.json").read_text())
-                   for j in range(n_out)]
-        manifest = {"shards": records, "samples": int(len(plan)),
-                    "bytes": int(sum(r["bytes"] for r in records)),
-                    "max_count": self.params["max_count"], "max_size": self.params["max_size"]}
+        records = [json.loads((self.dir / "done" / f"{j:06d}.json").read_text()) for j in range(n_out)]
+        manifest = {
+            "shards": records,
+            "samples": int(len(plan)),
+            "bytes": int(sum(r["bytes"] for r in records)),
+            "max_count": self.params["max_count"],
+            "max_size": self.params["max_size"],
+        }
         write_json(self.dir / "manifest.json", manifest)
         return {"output_shards": n_out, "samples": int(len(plan)), "bytes": manifest["bytes"]}
 
@@ -884,19 +1053,25 @@ class OutputShard:
         os.fsync(self.fh.fileno())
         self.fh.close()
         os.replace(self.tmp, self.stage_dir / self.name)
-        rec = {"index": self.j, "file": self.name, "samples": self.count, "bytes": self.hf.n,
-               "sha256": self.hf.sha.hexdigest()}
+        rec = {
+            "index": self.j,
+            "file": self.name,
+            "samples": self.count,
+            "bytes": self.hf.n,
+            "sha256": self.hf.sha.hexdigest(),
+        }
         write_json(self.stage_dir / "done" / f"{self.j:06d}.json", rec)
         return rec
 
 
-def write_outputs(stage: WriteStage, plan: pd.DataFrame, todo: Sequence[int], *,
-                  progress=True) -> None:
+def write_outputs(stage: WriteStage, plan: pd.DataFrame, todo: Sequence[int], *, progress=True) -> None:
     """Write output shards ``todo`` in one pass over the input shards they need."""
     todo_set = set(int(j) for j in todo)
     part = plan[plan["out_shard"].isin(todo_set)]
-    want = {(int(s), int(i)): (int(j), key) for key, s, i, j in
-            part[["key", "shard_idx", "index", "out_shard"]].itertuples(index=False)}
+    want = {
+        (int(s), int(i)): (int(j), key)
+        for key, s, i, j in part[["key", "shard_idx", "index", "out_shard"]].itertuples(index=False)
+    }
     remaining = part["out_shard"].value_counts().to_dict()
     open_shards: dict[int, OutputShard] = {}
     written = 0
@@ -911,8 +1086,9 @@ def write_outputs(stage: WriteStage, plan: pd.DataFrame, todo: Sequence[int], *,
                     continue
                 j, key = hit
                 if sample.key != key:
-                    raise PipelineError(f"{shard} changed since it was embedded: sample "
-                                        f"{sample.index} is {sample.key!r}")
+                    raise PipelineError(
+                        f"{shard} changed since it was embedded: sample {sample.index} is {sample.key!r}"
+                    )
                 if j not in open_shards:
                     open_shards[j] = OutputShard(stage.dir, j, stage.out_name(j))
                 open_shards[j].add(sample)
@@ -924,5 +1100,7 @@ def write_outputs(stage: WriteStage, plan: pd.DataFrame, todo: Sequence[int], *,
                 die_hook("write", written)
     unfinished = [j for j, v in remaining.items() if v > 0]
     if unfinished:
-        raise PipelineError(f"input shards ended before all kept samples were written (output "
-                            f"shards {unfinished[:5]}): were the shards modified?")
+        raise PipelineError(
+            f"input shards ended before all kept samples were written (output "
+            f"shards {unfinished[:5]}): were the shards modified?"
+        )

@@ -1,10 +1,10 @@
 """k-means (faiss or torch) and streaming assignment over L2-normalised embeddings."""
+
 from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass, field
 
-import faiss
 import numpy as np
 import torch
 
@@ -61,11 +61,12 @@ class Clustering:
         """Rows per cluster, (k,) int64 (zero for empty clusters)."""
         return np.bincount(self.labels, minlength=self.k).astype(np.int64)
 
-    def subset(self, rows: np.ndarray) -> "Clustering":
+    def subset(self, rows: np.ndarray) -> Clustering:
         """The same centroids restricted to ``rows`` (m,): labels and sim of those rows."""
         rows = np.asarray(rows, dtype=np.int64)
-        return Clustering(centroids=self.centroids, labels=self.labels[rows],
-                          sim=self.sim[rows], params=dict(self.params))
+        return Clustering(
+            centroids=self.centroids, labels=self.labels[rows], sim=self.sim[rows], params=dict(self.params)
+        )
 
 
 BACKENDS = ("auto", "torch", "faiss")
@@ -84,9 +85,19 @@ def resolve_backend(backend: str, device: str = "auto") -> str:
     return backend
 
 
-def kmeans(x, k: int, *, niter: int = 20, seed: int = 1234, spherical: bool = True,
-           max_points_per_centroid: int = 256, device: str = "auto", backend: str = "auto",
-           batch_size: int = 65536, verbose: bool = False) -> Clustering:
+def kmeans(
+    x,
+    k: int,
+    *,
+    niter: int = 20,
+    seed: int = 1234,
+    spherical: bool = True,
+    max_points_per_centroid: int = 256,
+    device: str = "auto",
+    backend: str = "auto",
+    batch_size: int = 65536,
+    verbose: bool = False,
+) -> Clustering:
     """Seeded k-means on L2-normalised rows, then assignment of every row.
 
     x: (n, d) array, memmap or :class:`~prunecore.rows.ChunkedRows` (never normalised in
@@ -96,17 +107,33 @@ def kmeans(x, k: int, *, niter: int = 20, seed: int = 1234, spherical: bool = Tr
     ``backend``: ``"faiss"`` (faiss.Kmeans; faiss-gpu when ``device`` resolves to CUDA and it
     is installed), ``"torch"`` (the same Lloyd iterations in torch, CPU or GPU) or ``"auto"``.
     """
-    centroids, params = train_centroids(x, k, niter=niter, seed=seed, spherical=spherical,
-                                        max_points_per_centroid=max_points_per_centroid,
-                                        device=device, backend=backend, verbose=verbose)
-    labels, sim = assign(x, centroids, batch_size=batch_size, spherical=spherical,
-                         device=device, backend=backend)
+    centroids, params = train_centroids(
+        x,
+        k,
+        niter=niter,
+        seed=seed,
+        spherical=spherical,
+        max_points_per_centroid=max_points_per_centroid,
+        device=device,
+        backend=backend,
+        verbose=verbose,
+    )
+    labels, sim = assign(x, centroids, batch_size=batch_size, spherical=spherical, device=device, backend=backend)
     return Clustering(centroids=centroids, labels=labels, sim=sim, params=params)
 
 
-def train_centroids(x, k: int, *, niter: int = 20, seed: int = 1234, spherical: bool = True,
-                    max_points_per_centroid: int = 256, device: str = "auto",
-                    backend: str = "auto", verbose: bool = False) -> tuple[np.ndarray, dict]:
+def train_centroids(
+    x,
+    k: int,
+    *,
+    niter: int = 20,
+    seed: int = 1234,
+    spherical: bool = True,
+    max_points_per_centroid: int = 256,
+    device: str = "auto",
+    backend: str = "auto",
+    verbose: bool = False,
+) -> tuple[np.ndarray, dict]:
     """k-means training only: centroids (k, d) float32 and the parameters used.
 
     Trains on a seeded uniform sample of ``min(n, k * max_points_per_centroid)`` rows drawn
@@ -133,21 +160,44 @@ def train_centroids(x, k: int, *, niter: int = 20, seed: int = 1234, spherical: 
         train = l2_normalize(x[rows], row_ids=rows)
     use_gpu = backend == "faiss" and faiss_use_gpu(device)
     if backend == "faiss":
-        km = faiss.Kmeans(d, k, niter=niter, seed=seed, spherical=spherical, gpu=use_gpu,
-                          max_points_per_centroid=max_points_per_centroid, verbose=verbose)
+        import faiss
+
+        km = faiss.Kmeans(
+            d,
+            k,
+            niter=niter,
+            seed=seed,
+            spherical=spherical,
+            gpu=use_gpu,
+            max_points_per_centroid=max_points_per_centroid,
+            verbose=verbose,
+        )
         km.train(train)
         centroids = np.ascontiguousarray(km.centroids, dtype=np.float32)
     else:
-        centroids = lloyd_torch(torch.from_numpy(train).to(resolve_device(device)), k,
-                                niter=niter, seed=seed, spherical=spherical).cpu().numpy()
-    params = dict(k=k, niter=niter, seed=seed, spherical=spherical, backend=backend,
-                  max_points_per_centroid=max_points_per_centroid, n_train=n_train,
-                  gpu=use_gpu or (backend == "torch" and resolve_device(device).type == "cuda"))
+        centroids = (
+            lloyd_torch(
+                torch.from_numpy(train).to(resolve_device(device)), k, niter=niter, seed=seed, spherical=spherical
+            )
+            .cpu()
+            .numpy()
+        )
+    params = dict(
+        k=k,
+        niter=niter,
+        seed=seed,
+        spherical=spherical,
+        backend=backend,
+        max_points_per_centroid=max_points_per_centroid,
+        n_train=n_train,
+        gpu=use_gpu or (backend == "torch" and resolve_device(device).type == "cuda"),
+    )
     return centroids, params
 
 
-def nearest_centroid(x: torch.Tensor, centroids: torch.Tensor, *, spherical: bool = True,
-                     max_block_elems: int = 1 << 24) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest_centroid(
+    x: torch.Tensor, centroids: torch.Tensor, *, spherical: bool = True, max_block_elems: int = 1 << 24
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Best centroid per row of unit rows x (n, d) against centroids (k, d), blockwise.
 
     Spherical: argmax of ``x . c``; else argmin of ``||x - c||^2`` (argmax of
@@ -159,15 +209,14 @@ def nearest_centroid(x: torch.Tensor, centroids: torch.Tensor, *, spherical: boo
     labels = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
     score = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
     for start in range(0, x.shape[0], block):
-        sims = x[start:start + block] @ centroids.T
+        sims = x[start : start + block] @ centroids.T
         if bias is not None:
             sims += bias
-        score[start:start + block], labels[start:start + block] = sims.max(dim=1)
+        score[start : start + block], labels[start : start + block] = sims.max(dim=1)
     return labels, score
 
 
-def lloyd_torch(x: torch.Tensor, k: int, *, niter: int, seed: int,
-                spherical: bool = True) -> torch.Tensor:
+def lloyd_torch(x: torch.Tensor, k: int, *, niter: int, seed: int, spherical: bool = True) -> torch.Tensor:
     """Lloyd's k-means on unit rows x (n, d) in torch; returns centroids (k, d) float32.
 
     Seeded init from k distinct rows. An empty cluster is re-seeded at the row currently
@@ -188,8 +237,15 @@ def lloyd_torch(x: torch.Tensor, k: int, *, niter: int, seed: int,
     return centroids.float()
 
 
-def assign(x, centroids: np.ndarray, *, batch_size: int = 65536, spherical: bool = True,
-           device: str = "auto", backend: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+def assign(
+    x,
+    centroids: np.ndarray,
+    *,
+    batch_size: int = 65536,
+    spherical: bool = True,
+    device: str = "auto",
+    backend: str = "auto",
+) -> tuple[np.ndarray, np.ndarray]:
     """Nearest centroid for every row, streamed in batches.
 
     x: (n, d) rows (normalised per batch here); centroids: (k, d). Returns labels (n,) int64
@@ -199,14 +255,15 @@ def assign(x, centroids: np.ndarray, *, batch_size: int = 65536, spherical: bool
     x = as_rows(x)
     centroids = np.asarray(centroids, dtype=np.float32)
     if centroids.ndim != 2 or centroids.shape[1] != x.shape[1]:
-        raise ValueError(f"centroids shape {centroids.shape} does not match embeddings "
-                         f"width d={x.shape[1]}")
+        raise ValueError(f"centroids shape {centroids.shape} does not match embeddings width d={x.shape[1]}")
     if not np.isfinite(centroids).all():
         raise ValueError("centroids contain NaN/inf")
     backend = resolve_backend(backend, device)
     unit_centroids = l2_normalize(centroids)
     search_centroids = unit_centroids if spherical else centroids
     if backend == "faiss":
+        import faiss
+
         index = faiss.IndexFlatIP(x.shape[1]) if spherical else faiss.IndexFlatL2(x.shape[1])
         index.add(np.ascontiguousarray(search_centroids))
     else:
@@ -220,8 +277,9 @@ def assign(x, centroids: np.ndarray, *, batch_size: int = 65536, spherical: bool
         if backend == "faiss":
             nearest = index.search(unit, 1)[1][:, 0]
         else:
-            nearest = nearest_centroid(torch.from_numpy(unit).to(dev), torch_centroids,
-                                       spherical=spherical)[0].cpu().numpy()
+            nearest = (
+                nearest_centroid(torch.from_numpy(unit).to(dev), torch_centroids, spherical=spherical)[0].cpu().numpy()
+            )
         stop = start + unit.shape[0]
         labels[start:stop] = nearest
         sim[start:stop] = np.einsum("nd,nd->n", unit, unit_centroids[nearest])
@@ -232,12 +290,11 @@ def row_centroid_similarity(x, clustering: Clustering, *, batch_size: int = 6553
     """Cosine of each row (n, d) to its own centroid, recomputed from ``x``: (n,) float32."""
     x = as_rows(x)
     if x.shape[0] != clustering.labels.shape[0]:
-        raise ValueError(f"embeddings have {x.shape[0]} rows but the clustering labels "
-                         f"{clustering.labels.shape[0]}")
+        raise ValueError(f"embeddings have {x.shape[0]} rows but the clustering labels {clustering.labels.shape[0]}")
     unit_centroids = l2_normalize(clustering.centroids)
     out = np.empty(x.shape[0], dtype=np.float32)
     for start, batch in iter_row_batches(x, batch_size):
         unit = l2_normalize(batch, row_ids=start)
-        own = unit_centroids[clustering.labels[start:start + unit.shape[0]]]
-        out[start:start + unit.shape[0]] = np.einsum("nd,nd->n", unit, own)
+        own = unit_centroids[clustering.labels[start : start + unit.shape[0]]]
+        out[start : start + unit.shape[0]] = np.einsum("nd,nd->n", unit, own)
     return out

@@ -3,11 +3,12 @@
 Every streaming stage (normalisation, assignment, scoring) reads rows through
 :func:`as_rows`, so memory stays O(batch) whatever the dataset size.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -69,8 +70,7 @@ class ChunkedRows(LazyRows):
             raise ValueError("no embedding chunks given")
         dims = {c.shape[1] if c.ndim == 2 else None for c in chunks}
         if None in dims or len(dims) != 1:
-            raise ValueError(f"embedding chunks must all be 2-D with one width, got shapes "
-                             f"{[c.shape for c in chunks]}")
+            raise ValueError(f"embedding chunks must all be 2-D with one width, got shapes {[c.shape for c in chunks]}")
         self.chunks = list(chunks)
         self.offsets = np.concatenate([[0], np.cumsum([c.shape[0] for c in chunks])])
         self.shape = (int(self.offsets[-1]), dims.pop())
@@ -143,4 +143,4 @@ def iter_row_batches(x, batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     n = x.shape[0]
     for start in range(0, n, batch_size):
-        yield start, np.asarray(x[start:min(start + batch_size, n)])
+        yield start, np.asarray(x[start : min(start + batch_size, n)])

@@ -1,4 +1,5 @@
 """Shared fixtures. Real data lives outside the project (``../shared/data`` or $PRUNEKIT_DATA)."""
+
 import os
 from pathlib import Path
 

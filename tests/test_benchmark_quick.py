@@ -1,12 +1,12 @@
 """The scale benchmark's --quick path (same code as the full run, seconds-long)."""
+
 import importlib.util
 
 from conftest import REPO
 
 
 def test_dataprune_scale_quick_runs_and_matches_naive_reference(capsys):
-    spec = importlib.util.spec_from_file_location("dataprune_scale",
-                                                  REPO / "benchmarks" / "dataprune_scale.py")
+    spec = importlib.util.spec_from_file_location("dataprune_scale", REPO / "benchmarks" / "dataprune_scale.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     (result,) = bench.main(["--quick"])  # asserts naive reference == ours internally

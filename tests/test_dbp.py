@@ -1,7 +1,9 @@
 """DBP: complexity against a brute-force loop, quotas against a QP solver, properties."""
+
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy.optimize import minimize
 
 from dataprune import cluster_complexity, dbp_quotas, prune_dbp
@@ -17,7 +19,7 @@ def brute_complexity(x, clustering, n_neighbors):
     for j in range(k):
         members = unit[clustering.labels == j]
         d_intra[j] = np.mean([1 - m @ cents[j] for m in members])
-        others = sorted((1 - cents[j] @ cents[l] for l in range(k) if l != j))
+        others = sorted(1 - cents[j] @ cents[l] for l in range(k) if l != j)
         d_inter[j] = np.mean(others[:n_neighbors])
     return d_intra, d_inter, d_intra * d_inter
 
@@ -35,20 +37,28 @@ def test_complexity_matches_brute_force():
 
 def qp_reference(target, total, lb, ub):
     """Brute-force QP: scipy SLSQP on min ||x - target||^2, sum x = total, lb <= x <= ub."""
-    res = minimize(lambda x: ((x - target) ** 2).sum(), x0=np.clip(target, lb, ub),
-                   jac=lambda x: 2 * (x - target), method="SLSQP",
-                   bounds=list(zip(lb, ub)),
-                   constraints=[{"type": "eq", "fun": lambda x: x.sum() - total,
-                                 "jac": lambda x: np.ones_like(x)}],
-                   options={"ftol": 1e-12, "maxiter": 500})
+    res = minimize(
+        lambda x: ((x - target) ** 2).sum(),
+        x0=np.clip(target, lb, ub),
+        jac=lambda x: 2 * (x - target),
+        method="SLSQP",
+        bounds=list(zip(lb, ub)),
+        constraints=[{"type": "eq", "fun": lambda x: x.sum() - total, "jac": lambda x: np.ones_like(x)}],
+        options={"ftol": 1e-12, "maxiter": 500},
+    )
     return res.x
 
 
-quota_cases = st.integers(1, 12).flatmap(lambda k: st.tuples(
-    st.lists(st.integers(0, 40), min_size=k, max_size=k),
-    st.lists(st.floats(0.0, 1.0), min_size=k, max_size=k),
-    st.floats(0.0, 1.0), st.sampled_from([0.05, 0.1, 0.5, 2.0]), st.sampled_from([0.0, 0.5]),
-    st.integers(0, 1)))
+quota_cases = st.integers(1, 12).flatmap(
+    lambda k: st.tuples(
+        st.lists(st.integers(0, 40), min_size=k, max_size=k),
+        st.lists(st.floats(0.0, 1.0), min_size=k, max_size=k),
+        st.floats(0.0, 1.0),
+        st.sampled_from([0.05, 0.1, 0.5, 2.0]),
+        st.sampled_from([0.0, 0.5]),
+        st.integers(0, 1),
+    )
+)
 
 
 @settings(max_examples=150, deadline=None)
@@ -60,11 +70,9 @@ def test_quota_properties(case):
     lb, ub = quota_bounds(sizes, n_keep, balance=balance, min_per_cluster=min_per)
     if lb.sum() > n_keep:
         with pytest.raises(ValueError, match="floors"):
-            dbp_quotas(sizes, comp, n_keep, temperature=temp, balance=balance,
-                       min_per_cluster=min_per)
+            dbp_quotas(sizes, comp, n_keep, temperature=temp, balance=balance, min_per_cluster=min_per)
         return
-    q = dbp_quotas(sizes, comp, n_keep, temperature=temp, balance=balance,
-                   min_per_cluster=min_per)
+    q = dbp_quotas(sizes, comp, n_keep, temperature=temp, balance=balance, min_per_cluster=min_per)
     assert q.sum() == n_keep
     assert (q >= lb).all() and (q <= ub).all()
     # the continuous solution is the QP optimum, and rounding moves each entry by < 1
@@ -78,8 +86,7 @@ def test_quota_properties(case):
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.lists(st.floats(0.0, 1.0), min_size=2, max_size=15), st.floats(0.05, 0.95),
-       st.sampled_from([0.05, 0.2, 1.0]))
+@given(st.lists(st.floats(0.0, 1.0), min_size=2, max_size=15), st.floats(0.05, 0.95), st.sampled_from([0.05, 0.2, 1.0]))
 def test_quotas_monotone_in_complexity_for_equal_sizes(comp, frac, temp):
     comp = np.array(comp)
     sizes = np.full(comp.shape, 50)
@@ -129,8 +136,7 @@ def test_prune_dbp_keeps_quota_rows_farthest_from_centroid():
     for c in range(6):
         members = clustering.labels == c
         if (members & easy.keep).any() and (members & ~easy.keep).any():
-            assert clustering.sim[members & easy.keep].min() >= \
-                clustering.sim[members & ~easy.keep].max()
+            assert clustering.sim[members & easy.keep].min() >= clustering.sim[members & ~easy.keep].max()
     assert set(sel.reason_counts()) == {"quota"}
 
 

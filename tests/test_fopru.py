@@ -1,4 +1,5 @@
 """Pure FoPru functions: scores, rank/row selection, validation (brute-force references)."""
+
 import itertools
 
 import pytest

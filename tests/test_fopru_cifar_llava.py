@@ -1,6 +1,7 @@
 """The trained-tiny-LLaVA accuracy testbed (benchmarks/fopru_cifar_llava.py): its stage-B
 visual-token dropout must equal removing the tokens from the prompt (what FoPru does at
 inference), choose subsets uniformly, and the quick mode must run end to end."""
+
 import importlib.util
 from pathlib import Path
 
@@ -57,7 +58,8 @@ def test_masked_layout_equals_removed_tokens(bench):
     feats = torch.randn(b, n, model.config.vision_config.hidden_size)
     with torch.no_grad():
         emb = model.get_input_embeddings()(ids).masked_scatter(
-            (ids == bench.IMG_ID)[..., None], model.model.multi_modal_projector(feats))
+            (ids == bench.IMG_ID)[..., None], model.model.multi_modal_projector(feats)
+        )
         am, pos = bench.masked_prompt_layout(ids, kept)
         hid = model.model.language_model(inputs_embeds=emb, attention_mask=am, position_ids=pos).last_hidden_state
         logits = model.lm_head(hid[:, len(bench.PROMPT) - 1 : -1])
@@ -91,14 +93,26 @@ def test_masked_layout_matches_fopru_generate(bench):
         out = model.get_image_features(pixel_values=pv, return_dict=True)
         feats = out.hidden_states[model.config.vision_feature_layer][:, 1:]
         emb = model.get_input_embeddings()(ids).masked_scatter(
-            (ids == bench.IMG_ID)[..., None], model.model.multi_modal_projector(feats))
+            (ids == bench.IMG_ID)[..., None], model.model.multi_modal_projector(feats)
+        )
         am, pos = bench.masked_prompt_layout(ids, kept)
         hid = model.model.language_model(inputs_embeds=emb, attention_mask=am, position_ids=pos).last_hidden_state
         first = model.lm_head(hid[:, -1]).argmax(-1)
     for i in range(b):
-        inp = {"input_ids": ids[i : i + 1], "pixel_values": pv[i : i + 1], "attention_mask": torch.ones_like(ids[i : i + 1])}
-        seq, _ = fopru_generate(model, inp, keep=len(kept_idx[i]), kept_indices=[kept_idx[i]], max_new_tokens=1,
-                                do_sample=False, restore_prompt=False)
+        inp = {
+            "input_ids": ids[i : i + 1],
+            "pixel_values": pv[i : i + 1],
+            "attention_mask": torch.ones_like(ids[i : i + 1]),
+        }
+        seq, _ = fopru_generate(
+            model,
+            inp,
+            keep=len(kept_idx[i]),
+            kept_indices=[kept_idx[i]],
+            max_new_tokens=1,
+            do_sample=False,
+            restore_prompt=False,
+        )
         assert int(seq[0, -1]) == int(first[i])
 
 

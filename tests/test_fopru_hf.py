@@ -1,5 +1,6 @@
 """FoPru transformers adapter: hooks == eager attention, keep=1.0 identical ids, batching,
 restore-on-exit. Tiny random models built from configs (no hub)."""
+
 import pytest
 import torch
 
@@ -28,23 +29,46 @@ N = 64  # 32x32 image, patch 4 -> 8x8 grid
 
 def _clip_cfg(**kw):
     return CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-        image_size=32, patch_size=4, projection_dim=32, **kw,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=4,
+        projection_dim=32,
+        **kw,
     )
 
 
 def _llava(vision="clip", attn="sdpa", seed=0):
     torch.manual_seed(seed)
-    vc = _clip_cfg() if vision == "clip" else SiglipVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-        image_size=32, patch_size=4,
+    vc = (
+        _clip_cfg()
+        if vision == "clip"
+        else SiglipVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=4,
+        )
     )
     tc = LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=100, max_position_embeddings=512, pad_token_id=0,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+        max_position_embeddings=512,
+        pad_token_id=0,
     )
     cfg = LlavaConfig(
-        vision_config=vc, text_config=tc, image_token_id=IMG, vision_feature_layer=-2,
+        vision_config=vc,
+        text_config=tc,
+        image_token_id=IMG,
+        vision_feature_layer=-2,
         vision_feature_select_strategy="default" if vision == "clip" else "full",
     )
     return LlavaForConditionalGeneration._from_config(cfg, attn_implementation=attn).eval()
@@ -91,8 +115,9 @@ def test_capture_equals_eager_clip(layer):
 
 def test_capture_equals_eager_siglip_colmean():
     torch.manual_seed(0)
-    cfg = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                             num_attention_heads=4, image_size=32, patch_size=4)
+    cfg = SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=4
+    )
     sdpa = SiglipVisionModel._from_config(cfg, attn_implementation="sdpa").eval()
     eager = SiglipVisionModel._from_config(cfg, attn_implementation="eager").eval()
     eager.load_state_dict(sdpa.state_dict())
@@ -179,14 +204,14 @@ def test_pruned_equals_manual_reference(llava):
     for b in range(2):
         ids = inp["input_ids"][b].tolist()
         s = ids.index(IMG)
-        rows.append(ids[:s] + [IMG] * 16 + ids[s + N:])
+        rows.append(ids[:s] + [IMG] * 16 + ids[s + N :])
         emb_rows.append(feats[b][idx[b]])
     ids = torch.tensor(rows)
     emb = llava.get_input_embeddings()(ids)
     emb[ids == IMG] = torch.cat(emb_rows).detach()
     ref = llava.generate(input_ids=ids, inputs_embeds=emb, attention_mask=torch.ones_like(ids), **GEN)
-    ref_new = ref[:, -GEN["max_new_tokens"]:]
-    assert torch.equal(out[:, ids.shape[1]:], ref_new)
+    ref_new = ref[:, -GEN["max_new_tokens"] :]
+    assert torch.equal(out[:, ids.shape[1] :], ref_new)
     assert torch.equal(out[:, : ids.shape[1]], ids)
     assert st.prefill_tokens_saved == 2 * (N - 16)
 
@@ -199,7 +224,7 @@ def test_batch_different_k_matches_single(llava):
     for b, kp in enumerate([0.25, 10]):
         single = {k: v[b : b + 1] for k, v in inp.items()}
         one, _ = fopru_generate(llava, single, keep=kp, **GEN)
-        assert torch.equal(batch[b, -GEN["max_new_tokens"]:], one[0, -GEN["max_new_tokens"]:]), b
+        assert torch.equal(batch[b, -GEN["max_new_tokens"] :], one[0, -GEN["max_new_tokens"] :]), b
     # restored prompt: original ids + new tokens
     assert torch.equal(batch[:, : inp["input_ids"].shape[1]], inp["input_ids"])
 

@@ -1,6 +1,7 @@
 """FoPru on LLaVA-NeXT (any-res): packed layout == the model's pack_image_features, selection
 == brute force, keep=1.0 identical ids, pruned run == hand-built reference, errors, hygiene.
 Tiny random models built from configs (no hub)."""
+
 import random
 
 import pytest
@@ -30,20 +31,35 @@ GEN = dict(max_new_tokens=6, do_sample=False)
 
 def _text_cfg():
     return LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=100, max_position_embeddings=512, pad_token_id=0,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+        max_position_embeddings=512,
+        pad_token_id=0,
     )
 
 
 def _tiny_llava_next(attn="sdpa", seed=0, pins=PINS, crop=CROP, patch=PATCH, hidden=32, layers=3):
     torch.manual_seed(seed)
     vc = CLIPVisionConfig(
-        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
-        image_size=crop, patch_size=patch, projection_dim=hidden,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        image_size=crop,
+        patch_size=patch,
+        projection_dim=hidden,
     )
     cfg = LlavaNextConfig(
-        vision_config=vc, text_config=_text_cfg(), image_token_id=IMG, image_grid_pinpoints=pins,
-        vision_feature_layer=-2, vision_feature_select_strategy="default",
+        vision_config=vc,
+        text_config=_text_cfg(),
+        image_token_id=IMG,
+        image_grid_pinpoints=pins,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
     )
     return LlavaNextForConditionalGeneration._from_config(cfg, attn_implementation=attn).eval()
 
@@ -219,9 +235,7 @@ def _eager_scores(model, inp, layer=-2):
 def test_pruned_equals_manual_reference(model, passing):
     inp = _inputs(model)
     keep = [0.25, 10]
-    out, st = fopru_generate(
-        model, inp, keep=keep, restore_prompt=False, feature_passing=passing, **GEN
-    )
+    out, st = fopru_generate(model, inp, keep=keep, restore_prompt=False, feature_passing=passing, **GEN)
     feats = model.get_image_features(
         pixel_values=inp["pixel_values"], image_sizes=inp["image_sizes"], return_dict=True
     ).pooler_output
@@ -235,8 +249,9 @@ def test_pruned_equals_manual_reference(model, passing):
         ids = inp["input_ids"][b].tolist()  # original left padding kept, run shrunk
         msk = inp["attention_mask"][b].tolist()
         s = ids.index(IMG)
-        rows.append((ids[:s] + [IMG] * len(kept) + ids[s + len(lay):],
-                     msk[:s] + [1] * len(kept) + msk[s + len(lay):]))
+        rows.append(
+            (ids[:s] + [IMG] * len(kept) + ids[s + len(lay) :], msk[:s] + [1] * len(kept) + msk[s + len(lay) :])
+        )
         img_feats.append(feats[b][kept])
     width = max(len(r) for r, _ in rows)
     ids = torch.tensor([[0] * (width - len(r)) + r for r, _ in rows])
@@ -245,7 +260,7 @@ def test_pruned_equals_manual_reference(model, passing):
     emb[ids == IMG] = torch.cat(img_feats).detach()
     ref = model.generate(input_ids=ids, inputs_embeds=emb, attention_mask=mask, **GEN)
     assert torch.equal(out[:, : ids.shape[1]], ids)
-    assert torch.equal(out[:, ids.shape[1]:], ref[:, -GEN["max_new_tokens"]:])
+    assert torch.equal(out[:, ids.shape[1] :], ref[:, -GEN["max_new_tokens"] :])
     assert st.visual_out == [12, 10]
     assert st.prefill_tokens_saved == sum(st.tokens_in) - sum(len(r) for r in st.kept_indices)
 
@@ -288,12 +303,14 @@ def test_errors(model):
         fopru_generate(model, inp, keep=[0.5], **GEN)
     # plain LLaVA with image_sizes still refuses, naming the model
     llava = LlavaForConditionalGeneration._from_config(
-        LlavaConfig(vision_config=model.config.vision_config, text_config=model.config.text_config,
-                    image_token_id=IMG)
+        LlavaConfig(vision_config=model.config.vision_config, text_config=model.config.text_config, image_token_id=IMG)
     ).eval()
     with pytest.raises(ValueError, match="LlavaForConditionalGeneration"):
-        fopru_generate(llava, {"input_ids": inp["input_ids"], "pixel_values": torch.zeros(1, 3, 16, 16),
-                               "image_sizes": SIZES[:1]}, keep=0.5)
+        fopru_generate(
+            llava,
+            {"input_ids": inp["input_ids"], "pixel_values": torch.zeros(1, 3, 16, 16), "image_sizes": SIZES[:1]},
+            keep=0.5,
+        )
 
 
 def test_hooks_removed_and_generate_restored(model):
@@ -315,11 +332,21 @@ def test_siglip_tower_colmean_full_strategy():
     from transformers import SiglipVisionConfig
 
     torch.manual_seed(4)
-    vc = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=4, image_size=CROP, patch_size=PATCH)
+    vc = SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=CROP,
+        patch_size=PATCH,
+    )
     cfg = LlavaNextConfig(
-        vision_config=vc, text_config=_text_cfg(), image_token_id=IMG,
-        image_grid_pinpoints=PINS, vision_feature_layer=-1, vision_feature_select_strategy="full",
+        vision_config=vc,
+        text_config=_text_cfg(),
+        image_token_id=IMG,
+        image_grid_pinpoints=PINS,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
     )
     m = LlavaNextForConditionalGeneration._from_config(cfg).eval()
     inp = _inputs(m, seed=9)

@@ -5,6 +5,7 @@ per image, checked against the module's own output), the merged-token pooling (f
 patch coordinates), the M-RoPE positions of the unpruned prompt, and a greedy decode loop
 without cache over hand-built embeddings / positions of the kept tokens.
 """
+
 import copy
 
 import pytest
@@ -30,13 +31,35 @@ GEN = dict(max_new_tokens=6, do_sample=False)
 
 def _model(attn="sdpa", seed=0, depth=2):
     cfg = Qwen2VLConfig(
-        vision_config=dict(depth=depth, embed_dim=32, hidden_size=32, num_heads=4, mlp_ratio=2, patch_size=4,
-                           spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
-        text_config=dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0},
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=0.2),
-        image_token_id=IMG, video_token_id=VID, vision_start_token_id=VS, vision_end_token_id=VE,
+        vision_config=dict(
+            depth=depth,
+            embed_dim=32,
+            hidden_size=32,
+            num_heads=4,
+            mlp_ratio=2,
+            patch_size=4,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            in_channels=3,
+        ),
+        text_config=dict(
+            vocab_size=100,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0},
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            initializer_range=0.2,
+        ),
+        image_token_id=IMG,
+        video_token_id=VID,
+        vision_start_token_id=VS,
+        vision_end_token_id=VE,
     )
     torch.manual_seed(seed)
     return Qwen2VLForConditionalGeneration._from_config(cfg, attn_implementation=attn).eval()
@@ -64,12 +87,19 @@ def _inputs(layout, seed=1):
     mask = torch.tensor([[0] * (L - len(r)) + [1] * len(r) for r in rows])
     grid = torch.tensor(grids)
     pv = torch.randn(int(grid.prod(-1).sum()), PATCH_DIM, generator=torch.Generator().manual_seed(seed))
-    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pv, "image_grid_thw": grid,
-            "mm_token_type_ids": (ids == IMG).int()}
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "pixel_values": pv,
+        "image_grid_thw": grid,
+        "mm_token_type_ids": (ids == IMG).int(),
+    }
 
 
-BATCH = [[("t", [5, 6]), ("i", (4, 6)), ("t", [7, 8, 9])],  # 6 merged tokens
-         [("t", [5]), ("i", (6, 8)), ("t", [8, 9])]]  # 12 merged tokens, longer row
+BATCH = [
+    [("t", [5, 6]), ("i", (4, 6)), ("t", [7, 8, 9])],  # 6 merged tokens
+    [("t", [5]), ("i", (6, 8)), ("t", [8, 9])],
+]  # 12 merged tokens, longer row
 TWO_IMAGES = [[("t", [5]), ("i", (4, 4)), ("t", [6]), ("i", (6, 4)), ("t", [7, 8])]]
 
 
@@ -86,7 +116,7 @@ def _patch_coords(h, w):
 
 
 def _rot(x):
-    return torch.cat((-x[..., x.shape[-1] // 2:], x[..., : x.shape[-1] // 2]), dim=-1)
+    return torch.cat((-x[..., x.shape[-1] // 2 :], x[..., : x.shape[-1] // 2]), dim=-1)
 
 
 def _bruteforce_vision_attention(model, pixel_values, grid, block_idx):
@@ -115,7 +145,7 @@ def _bruteforce_vision_attention(model, pixel_values, grid, block_idx):
         probs, outs, a = [], [], 0
         for n in grid.prod(-1).tolist():
             qs, ks, vs = (t[a : a + n].transpose(0, 1) for t in (q, k, v))
-            p = torch.softmax(qs @ ks.transpose(-1, -2) * d ** -0.5, dim=-1)  # (heads, n, n)
+            p = torch.softmax(qs @ ks.transpose(-1, -2) * d**-0.5, dim=-1)  # (heads, n, n)
             probs.append(p)
             outs.append((p @ vs).transpose(0, 1).reshape(n, heads * d))
             a += n
@@ -156,7 +186,9 @@ def _bruteforce_mrope(ids_row, grids):
 def _reference_generate(model, inp, kept, steps):
     """Greedy decode without cache over hand-built embeddings/positions of the kept tokens."""
     ids, mask, grid = inp["input_ids"], inp["attention_mask"], inp["image_grid_thw"].tolist()
-    feats = model.get_image_features(pixel_values=inp["pixel_values"], image_grid_thw=inp["image_grid_thw"]).pooler_output
+    feats = model.get_image_features(
+        pixel_values=inp["pixel_values"], image_grid_thw=inp["image_grid_thw"]
+    ).pooler_output
     emb_tab = model.get_input_embeddings()
     rows, k = [], 0  # k: global image index (images are numbered row-major over the batch)
     for b in range(ids.shape[0]):
@@ -182,9 +214,9 @@ def _reference_generate(model, inp, kept, steps):
     pos = torch.zeros(3, B, L, dtype=torch.long)
     am = torch.zeros(B, L, dtype=torch.long)
     for b, (e, p) in enumerate(rows):
-        emb[b, L - e.shape[0]:] = e
-        pos[:, b, L - e.shape[0]:] = p
-        am[b, L - e.shape[0]:] = 1
+        emb[b, L - e.shape[0] :] = e
+        pos[:, b, L - e.shape[0] :] = p
+        am[b, L - e.shape[0] :] = 1
     new = []
     with torch.no_grad():
         for _ in range(steps):
@@ -299,13 +331,17 @@ def test_keep_one_identical_with_beams_and_return_sequences(qwen):
         torch.manual_seed(0)
         out, _ = fopru_generate(qwen, inp, keep=1.0, method="colmean", max_new_tokens=4, **kw)
         assert torch.equal(out, ref), kw
-    out, _ = fopru_generate(qwen, inp, keep=0.5, method="colmean", max_new_tokens=4, do_sample=True,
-                            num_return_sequences=2)
+    out, _ = fopru_generate(
+        qwen, inp, keep=0.5, method="colmean", max_new_tokens=4, do_sample=True, num_return_sequences=2
+    )
     assert out.shape[0] == 4 and torch.equal(out[::2, : inp["input_ids"].shape[1]], inp["input_ids"])
 
 
-@pytest.mark.parametrize("layout,keep", [(BATCH, 0.5), (BATCH, [2, 7]), (TWO_IMAGES, [0.25, 0.5])],
-                         ids=["batch_half", "batch_counts", "two_images"])
+@pytest.mark.parametrize(
+    "layout,keep",
+    [(BATCH, 0.5), (BATCH, [2, 7]), (TWO_IMAGES, [0.25, 0.5])],
+    ids=["batch_half", "batch_counts", "two_images"],
+)
 def test_pruned_equals_bruteforce_reference(qwen, layout, keep):
     inp = _inputs(layout, seed=2)
     grid = inp["image_grid_thw"]
@@ -316,7 +352,7 @@ def test_pruned_equals_bruteforce_reference(qwen, layout, keep):
     kept = [fopru_select(s[None], kp)[0] for s, kp in zip(_bruteforce_merged_scores(probs, grid), keeps)]
     assert [k.tolist() for k in st.kept_indices] == [k.tolist() for k in kept]
     new, n_prompt = _reference_generate(qwen, inp, kept, GEN["max_new_tokens"])
-    assert torch.equal(out[:, -GEN["max_new_tokens"]:], new)
+    assert torch.equal(out[:, -GEN["max_new_tokens"] :], new)
     assert st.prompt_tokens_out == n_prompt.tolist()
     assert st.tokens_out == [k.numel() for k in kept]
     assert st.prefill_tokens_saved == sum(st.tokens_in) - sum(st.tokens_out) > 0
@@ -328,10 +364,9 @@ def test_pruned_equals_bruteforce_reference(qwen, layout, keep):
         mask = (torch.arange(ids.shape[1])[None] >= (ids.shape[1] - n_prompt)[:, None]).long()
         emb = qwen.get_input_embeddings()(ids)
         feats = qwen.get_image_features(pixel_values=inp["pixel_values"], image_grid_thw=grid).pooler_output
-        emb = emb.masked_scatter((ids == IMG)[..., None].expand_as(emb),
-                                 torch.cat([f[k] for f, k in zip(feats, kept)]))
+        emb = emb.masked_scatter((ids == IMG)[..., None].expand_as(emb), torch.cat([f[k] for f, k in zip(feats, kept)]))
         naive = qwen.generate(inputs_embeds=emb.detach(), attention_mask=mask, **GEN)
-        assert not torch.equal(naive[:, -GEN["max_new_tokens"]:], new)
+        assert not torch.equal(naive[:, -GEN["max_new_tokens"] :], new)
 
 
 def test_batch_different_k_matches_single(qwen):
@@ -344,15 +379,16 @@ def test_batch_different_k_matches_single(qwen):
         single["pixel_values"] = inp["pixel_values"][a : a + int(inp["image_grid_thw"][b].prod())]
         one, st1 = fopru_generate(qwen, single, keep=kp, method="colmean", strategy="row", **GEN)
         assert torch.equal(st1.kept_indices[0], st.kept_indices[b])
-        assert torch.equal(batch[b, -GEN["max_new_tokens"]:], one[0, -GEN["max_new_tokens"]:]), b
+        assert torch.equal(batch[b, -GEN["max_new_tokens"] :], one[0, -GEN["max_new_tokens"] :]), b
     assert torch.equal(batch[:, : inp["input_ids"].shape[1]], inp["input_ids"])  # restored prompt
 
 
 def test_row_strategy_uses_each_images_merged_grid(qwen):
     inp = _inputs(BATCH, seed=6)
     grid = inp["image_grid_thw"]
-    _, st = fopru_generate(qwen, inp, keep=[3, 8], method="colmean", strategy="row", row_mode="rows",
-                           layer=-1, max_new_tokens=1)
+    _, st = fopru_generate(
+        qwen, inp, keep=[3, 8], method="colmean", strategy="row", row_mode="rows", layer=-1, max_new_tokens=1
+    )
     probs = _bruteforce_vision_attention(qwen, inp["pixel_values"], grid, 1)
     scores = _bruteforce_merged_scores(probs, grid)
     for s, (_, h, w), kp, got in zip(scores, grid.tolist(), [3, 8], st.kept_indices):
@@ -374,15 +410,22 @@ def test_rope_deltas_continue_decode_without_position_ids(qwen):
     inp = _inputs(TWO_IMAGES, seed=7)
     out, st = fopru_generate(qwen, inp, keep=[0.5, 2], method="colmean", restore_prompt=False, max_new_tokens=1)
     ids = out[:, :-1]
-    feats = qwen.get_image_features(pixel_values=inp["pixel_values"], image_grid_thw=inp["image_grid_thw"]).pooler_output
+    feats = qwen.get_image_features(
+        pixel_values=inp["pixel_values"], image_grid_thw=inp["image_grid_thw"]
+    ).pooler_output
     emb = qwen.get_input_embeddings()(ids)
-    emb = emb.masked_scatter((ids == IMG)[..., None].expand_as(emb),
-                             torch.cat([f[k] for f, k in zip(feats, st.kept_indices)])).detach()
+    emb = emb.masked_scatter(
+        (ids == IMG)[..., None].expand_as(emb), torch.cat([f[k] for f, k in zip(feats, st.kept_indices)])
+    ).detach()
     row = inp["input_ids"][0].tolist()
     full = _bruteforce_mrope(row, inp["image_grid_thw"].tolist())
     starts = [j for j in range(len(row)) if row[j] == IMG and row[j - 1] != IMG]
-    drop = {s + i for s, (_, h, w), k in zip(starts, inp["image_grid_thw"].tolist(), st.kept_indices)
-            for i in range(h * w // 4) if i not in k.tolist()}
+    drop = {
+        s + i
+        for s, (_, h, w), k in zip(starts, inp["image_grid_thw"].tolist(), st.kept_indices)
+        for i in range(h * w // 4)
+        if i not in k.tolist()
+    }
     pos = full[:, [j for j in range(len(row)) if j not in drop]][:, None]  # (3, 1, L')
     assert pos.shape[-1] == ids.shape[1]
     assert qwen.model.rope_deltas.view(-1).tolist() == [int(pos.max()) + 1 - ids.shape[1]]
@@ -444,11 +487,16 @@ def test_validation_errors(qwen):
     with pytest.raises(ValueError, match="out of range"):
         Qwen2VLAttentionCapture.for_model(qwen, layer=3)
     with pytest.raises(ValueError, match="image tokens"):
-        fopru_generate(qwen, dict(inp, image_grid_thw=torch.tensor([[1, 4, 4], [1, 6, 8]]),
-                                  pixel_values=inp["pixel_values"][8:]), method="colmean", **GEN)
+        fopru_generate(
+            qwen,
+            dict(inp, image_grid_thw=torch.tensor([[1, 4, 4], [1, 6, 8]]), pixel_values=inp["pixel_values"][8:]),
+            method="colmean",
+            **GEN,
+        )
     # explicit kept_indices bypass scoring and are used as given
-    out, st = fopru_generate(qwen, inp, kept_indices=[torch.tensor([5, 0]), torch.tensor([11])], method="colmean",
-                             max_new_tokens=2)
+    out, st = fopru_generate(
+        qwen, inp, kept_indices=[torch.tensor([5, 0]), torch.tensor([11])], method="colmean", max_new_tokens=2
+    )
     assert [k.tolist() for k in st.kept_indices] == [[0, 5], [11]]
 
 
@@ -456,12 +504,29 @@ def test_qwen2_5_vl_refused_clearly():
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     cfg = Qwen2_5_VLConfig(
-        vision_config=dict(depth=2, hidden_size=32, out_hidden_size=32, intermediate_size=32, num_heads=4,
-                           patch_size=4, fullatt_block_indexes=[1], window_size=16),
-        text_config=dict(vocab_size=100, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2,
-                         rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 1e4}),
-        image_token_id=IMG, video_token_id=VID, vision_start_token_id=VS, vision_end_token_id=VE,
+        vision_config=dict(
+            depth=2,
+            hidden_size=32,
+            out_hidden_size=32,
+            intermediate_size=32,
+            num_heads=4,
+            patch_size=4,
+            fullatt_block_indexes=[1],
+            window_size=16,
+        ),
+        text_config=dict(
+            vocab_size=100,
+            hidden_size=32,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 1e4},
+        ),
+        image_token_id=IMG,
+        video_token_id=VID,
+        vision_start_token_id=VS,
+        vision_end_token_id=VE,
     )
     m = Qwen2_5_VLForConditionalGeneration._from_config(cfg).eval()
     inp = _inputs(BATCH)

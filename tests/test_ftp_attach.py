@@ -1,40 +1,67 @@
 """FTP routed layers on tiny random Llama / Qwen2 models: exactness, sparsity, cache, padding."""
+
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                          Qwen2ForCausalLM)
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from tokenprune.ftp import (RandomRouter, StaticRouter, TokenRouter, attach_ftp, detach_ftp,
-                            ftp_routing, get_handle)
+from tokenprune.ftp import RandomRouter, StaticRouter, TokenRouter, attach_ftp, detach_ftp, ftp_routing, get_handle
 
 V = 97
 
 
 def _llama(attn="sdpa", layers=4):
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    cfg = LlamaConfig(
+        vocab_size=V,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
     cfg._attn_implementation = attn
     return LlamaForCausalLM(cfg).eval()
 
 
 def _qwen2():
     torch.manual_seed(1)
-    cfg = Qwen2Config(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    cfg = Qwen2Config(
+        vocab_size=V,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
     cfg._attn_implementation = "sdpa"
     return Qwen2ForCausalLM(cfg).eval()
 
 
 def _mistral(window=8):
     torch.manual_seed(2)
-    cfg = MistralConfig(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                        sliding_window=window, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    cfg = MistralConfig(
+        vocab_size=V,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        sliding_window=window,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
     cfg._attn_implementation = "sdpa"
     return MistralForCausalLM(cfg).eval()
 
@@ -98,10 +125,11 @@ def test_routed_matches_brute_force_reference(name):
             out = model(ids).logits
         dec = h.decisions()
         h.detach()
-        ref = _reference_logits(model, ids, dec, window=getattr(model.config, "sliding_window", None)
-                                if name == "mistral" else None)
+        ref = _reference_logits(
+            model, ids, dec, window=getattr(model.config, "sliding_window", None) if name == "mistral" else None
+        )
         if name == "mistral":
-            assert model.config.sliding_window < ids.shape[1]     # the window really bites
+            assert model.config.sliding_window < ids.shape[1]  # the window really bites
     assert torch.allclose(out, ref, atol=2e-5, rtol=1e-4)
     # a routed model differs from the dense one
     assert not torch.allclose(out, model(ids).logits, atol=1e-3)
@@ -128,22 +156,22 @@ def test_achieved_sparsity_per_block(name):
 @pytest.mark.parametrize("router", [RandomRouter(3), TokenRouter()], ids=["random", "learned"])
 def test_nested_routing_has_no_reentry(router):
     model = _llama(layers=4)
-    sched = [0.2, 0.5, 0.3, 0.6]          # block 2 keeps more than block 1: some re-entry needed
+    sched = [0.2, 0.5, 0.3, 0.6]  # block 2 keeps more than block 1: some re-entry needed
     ids = _ids(2, 30)
     with torch.no_grad(), ftp_routing(model, router, sched, nested=True) as h:
         with h.recording():
             routed = model(ids).logits
         nested = h.decisions()
     with torch.no_grad():
-        ref = _reference_logits(model, ids, nested)       # the original layers, detached
+        ref = _reference_logits(model, ids, nested)  # the original layers, detached
     assert torch.allclose(routed, ref, atol=2e-5, rtol=1e-4)
-    for l, s in enumerate(sched):                                  # exact counts still hold
+    for l, s in enumerate(sched):  # exact counts still hold
         assert (nested[l].sum(1) == round((1 - s) * 30)).all()
     for l in range(1, 4):
         prev, cur = nested[l - 1], nested[l]
-        if cur.sum() <= prev.sum():                                # fewer kept: a subset
+        if cur.sum() <= prev.sum():  # fewer kept: a subset
             assert not (cur & ~prev).any()
-        else:                                                      # more kept: a superset
+        else:  # more kept: a superset
             assert not (prev & ~cur).any()
     # the sink token is kept everywhere by the learned router, as without nesting
     if isinstance(router, TokenRouter):
@@ -196,8 +224,17 @@ def test_mistral_generate_beyond_sliding_window():
 
 
 def test_qwen2_sliding_layers_refused():
-    qcfg = Qwen2Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                       num_key_value_heads=1, use_sliding_window=True, sliding_window=4, max_window_layers=0)
+    qcfg = Qwen2Config(
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        use_sliding_window=True,
+        sliding_window=4,
+        max_window_layers=0,
+    )
     qcfg._attn_implementation = "sdpa"
     q = Qwen2ForCausalLM(qcfg).eval()
     with pytest.raises(ValueError, match="sliding-window"):
@@ -224,8 +261,8 @@ def _pad_left(rows):
     ids = torch.zeros(len(rows), T, dtype=torch.long)
     am = torch.zeros(len(rows), T, dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, T - len(r):] = r
-        am[i, T - len(r):] = 1
+        ids[i, T - len(r) :] = r
+        am[i, T - len(r) :] = 1
     return ids, am
 
 
@@ -240,7 +277,7 @@ def test_padded_batch_rows_match_single_rows(name):
         st = get_handle(m).stats()
         for i, r in enumerate(rows):
             single = m(r[None]).logits[0]
-            assert torch.allclose(batched[i, -len(r):], single, atol=1e-4), i
+            assert torch.allclose(batched[i, -len(r) :], single, atol=1e-4), i
     assert all(t == 14 + 9 + 3 for t in st["tokens_routed"])
     # per-row top-k on valid tokens: round(0.7*14) + round(0.7*9) + round(0.7*3) kept in block 0
     assert st["tokens_kept"][0] == 10 + 6 + 2
@@ -250,8 +287,15 @@ def _greedy_replay_check(model, router, sched, ids, am=None, steps=6):
     with torch.no_grad(), attach_ftp(model, router, sched) as m:
         h = get_handle(m)
         with h.recording():
-            out = m.generate(ids, attention_mask=am, max_new_tokens=steps, do_sample=False,
-                             output_scores=True, return_dict_in_generate=True, pad_token_id=0)
+            out = m.generate(
+                ids,
+                attention_mask=am,
+                max_new_tokens=steps,
+                do_sample=False,
+                output_scores=True,
+                return_dict_in_generate=True,
+                pad_token_id=0,
+            )
         dec = h.decisions()
         seq = out.sequences
         T0 = ids.shape[1]
@@ -271,7 +315,7 @@ def test_generate_with_cache_equals_full_recompute(name):
     n = len(model.model.layers)
     dec, T0 = _greedy_replay_check(model, RandomRouter(seed=2), [0.2, 0.5, 0.4, 0.3][:n], _ids(1, 11))
     decode = torch.cat([d[:, T0:] for d in dec[1:]])
-    assert decode.any() and not decode.all()     # decode steps really skipped some blocks
+    assert decode.any() and not decode.all()  # decode steps really skipped some blocks
 
 
 def test_generate_padded_batch_cache_consistency():
@@ -279,17 +323,19 @@ def test_generate_padded_batch_cache_consistency():
     rows = [_ids(1, 10, seed=8)[0], _ids(1, 6, seed=9)[0]]
     ids, am = _pad_left(rows)
     dec, T0 = _greedy_replay_check(model, RandomRouter(seed=4), [0.3, 0.5, 0.2, 0.4], ids, am)
-    assert not dec[0][1, :4].any()                # padding never routed into a block
+    assert not dec[0][1, :4].any()  # padding never routed into a block
 
 
 def _cache_kw(model, cache):
     import inspect
+
     name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     return {name: cache}
 
 
 def test_skipped_kv_are_never_attended():
     import copy
+
     model = _llama()
     ids = _ids(1, 12)
     with torch.no_grad(), attach_ftp(model, StaticRouter(), [0.0, 0.5, 0.5, 0.0]) as m:
@@ -299,7 +345,7 @@ def test_skipped_kv_are_never_attended():
         kv_valid = m.model.layers[1].kv_valid[0]
         assert kv_valid.sum() == 6 and not kv_valid[1:6].any()
         keys = cache.layers[1].keys
-        assert keys.shape[2] == 12                  # true length kept in every layer
+        assert keys.shape[2] == 12  # true length kept in every layer
         assert torch.count_nonzero(keys[0, :, 1:6]) == 0
         saved = [w.kv_valid.clone() for w in m.model.layers]
         sv, ss = h.state.valid.clone(), h.state.score.clone()
@@ -344,7 +390,7 @@ def test_learned_router_keeps_sink_in_prefill():
     model = _llama()
     ids, am = _pad_left([_ids(1, 12, seed=11)[0], _ids(1, 7, seed=12)[0]])
     r = TokenRouter()
-    with torch.no_grad():                      # probability increasing with position
+    with torch.no_grad():  # probability increasing with position
         r.net[0].weight.zero_()
         r.net[0].weight[:, 0] = 1.0
         r.net[0].bias.zero_()
@@ -359,9 +405,9 @@ def test_learned_router_keeps_sink_in_prefill():
             return h.decisions()
 
     dec = run(r)
-    assert dec[2][0, 0] and dec[2][1, 5]          # first valid token of each row
+    assert dec[2][0, 0] and dec[2][1, 5]  # first valid token of each row
     assert dec[2].sum(1).tolist() == [round(0.4 * 12), round(0.4 * 7)]
-    assert dec[2][0, -4:].all()                   # then the highest-probability (latest) ones
+    assert dec[2][0, -4:].all()  # then the highest-probability (latest) ones
     r.keep_sink = False
     dec = run(r)
     assert not dec[2][0, 0] and not dec[2][1, 5]

@@ -1,4 +1,5 @@
 """The FTP benchmark's quick mode (tiny random Llama) runs end to end through the same code path."""
+
 import importlib.util
 from pathlib import Path
 

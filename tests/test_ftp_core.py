@@ -1,14 +1,21 @@
 """FTP pure parts: router features, top-k, static router, router I/O, losses, GA."""
+
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from tokenprune.ftp import (RandomRouter, RouteInputs, StaticRouter, TokenRouter, keep_topk,
-                            normalised_positions, score_ranks)
-from tokenprune.ftp.losses import (achieved_sparsity, distill_loss, guide_loss, guide_weight,
-                                   sparsity_loss)
+from tokenprune.ftp import (
+    RandomRouter,
+    RouteInputs,
+    StaticRouter,
+    TokenRouter,
+    keep_topk,
+    normalised_positions,
+    score_ranks,
+)
+from tokenprune.ftp.losses import achieved_sparsity, distill_loss, guide_loss, guide_weight, sparsity_loss
 from tokenprune.ftp.schedule import project_to_mean, search_schedule, uniform_schedule
 from tokenprune.ftp.train import calibration_windows, contiguous_windows
 
@@ -43,15 +50,21 @@ def test_keep_topk_counts_and_choice():
     prob = torch.tensor([[0.9, 0.1, 0.5, 0.7, 0.2], [0.3, 0.3, 0.8, 0.1, 0.9]])
     valid = torch.tensor([[True] * 5, [False, True, True, True, True]])
     keep = keep_topk(prob, valid, 0.4)
-    assert keep[0].tolist() == [True, False, True, True, False]          # round(0.6*5)=3
-    assert keep[1].tolist() == [False, False, True, False, True]         # round(0.6*4)=2 among valid
+    assert keep[0].tolist() == [True, False, True, True, False]  # round(0.6*5)=3
+    assert keep[1].tolist() == [False, False, True, False, True]  # round(0.6*4)=2 among valid
     assert keep_topk(prob, valid, 0.0).sum(1).tolist() == [5, 4]
 
 
 def _inputs(T, s, decode=False):
     valid = torch.ones(1, T, dtype=torch.bool)
-    return RouteInputs(position=normalised_positions(valid), score=torch.zeros(1, T), rank=torch.zeros(1, T),
-                       sparsity=s, valid=valid, decode=decode)
+    return RouteInputs(
+        position=normalised_positions(valid),
+        score=torch.zeros(1, T),
+        rank=torch.zeros(1, T),
+        sparsity=s,
+        valid=valid,
+        decode=decode,
+    )
 
 
 def test_static_router_keeps_sink_then_recent():
@@ -118,10 +131,15 @@ def test_losses_brute_force():
     # distillation
     s, t = torch.randn(2, 6, 8, generator=g), torch.randn(2, 6, 8, generator=g)
     assert distill_loss(t, t).item() == 0.0
-    want = ((s - t) ** 2).mean().item() / (t ** 2).mean().item()
+    want = ((s - t) ** 2).mean().item() / (t**2).mean().item()
     assert distill_loss(s, t).item() == pytest.approx(want, rel=1e-5)
-    kl = torch.nn.functional.kl_div(torch.log_softmax(s, -1), torch.log_softmax(t, -1), log_target=True,
-                                    reduction="none").sum(-1).mean()
+    kl = (
+        torch.nn.functional.kl_div(
+            torch.log_softmax(s, -1), torch.log_softmax(t, -1), log_target=True, reduction="none"
+        )
+        .sum(-1)
+        .mean()
+    )
     assert distill_loss(s, t, kind="logits").item() == pytest.approx(kl.item(), rel=1e-5)
     with pytest.raises(ValueError, match="kind"):
         distill_loss(s, t, kind="cosine")
@@ -165,8 +183,8 @@ def test_ga_mean_constraint_determinism_and_progress():
         assert np.mean(rec["best_schedule"]) == pytest.approx(0.3, abs=1e-9)
     assert len(h1) == 16
     bests = [r["best"] for r in h1]
-    assert all(a >= b for a, b in zip(bests, bests[1:]))    # elitism: never worse
-    assert bests[-1] < 0.5 * bests[0]                        # it actually searched
+    assert all(a >= b for a, b in zip(bests, bests[1:]))  # elitism: never worse
+    assert bests[-1] < 0.5 * bests[0]  # it actually searched
     assert fit(s1) < fit(uniform_schedule(8, 0.3))
     with pytest.raises(ValueError):
         search_schedule(fit, 8, 0.95, bounds=(0.0, 0.9), progress=False)

@@ -1,4 +1,5 @@
 """FTP trainer (tiny model) and the ftp_generate pipeline (tiny model saved to a folder)."""
+
 import json
 
 import numpy as np
@@ -8,15 +9,23 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from tokenprune.ftp import StaticRouter, TokenRouter, attach_ftp, get_handle
 from tokenprune.ftp.schedule import search_schedule
-from tokenprune.ftp.train import (calibration_fitness, calibration_windows, continuation_eval, lm_eval,
-                                  train_router)
+from tokenprune.ftp.train import calibration_fitness, calibration_windows, continuation_eval, lm_eval, train_router
 
 
 def _tiny(layers=4):
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=96, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
     cfg._attn_implementation = "sdpa"
     return LlamaForCausalLM(cfg).eval()
 
@@ -28,8 +37,17 @@ def test_train_router_learns_and_roundtrips(tmp_path):
     batches = calibration_windows(ids, 24, 8, seed=0)
     router = TokenRouter()
     w0 = [p.detach().clone() for p in router.parameters()]
-    hist = train_router(model, router, [[0.1, 0.3, 0.4, 0.2], [0.2, 0.4, 0.5, 0.3]], batches, steps=30,
-                        lr=5e-3, progress=False, log_every=1, guide_start=2.0)
+    hist = train_router(
+        model,
+        router,
+        [[0.1, 0.3, 0.4, 0.2], [0.2, 0.4, 0.5, 0.3]],
+        batches,
+        steps=30,
+        lr=5e-3,
+        progress=False,
+        log_every=1,
+        guide_start=2.0,
+    )
     assert len(hist) == 30
     assert all(np.isfinite(h["loss"]) for h in hist)
     assert hist[-1]["guide_weight"] == pytest.approx(0.0)
@@ -73,7 +91,7 @@ def test_continuation_fitness_equals_serving_eval():
     batches = calibration_windows(ids, 20, 5, seed=0)
     sched = [0.0, 0.4, 0.5, 0.3]
     with attach_ftp(model, StaticRouter(), 0.0) as m:
-        fit = calibration_fitness(model, batches, n_ctx=14, batch_size=2)   # chunks of 2, 2, 1
+        fit = calibration_fitness(model, batches, n_ctx=14, batch_size=2)  # chunks of 2, 2, 1
         got = fit(np.array(sched))
         get_handle(m).set_schedule(sched)
         ref = continuation_eval(m, batches, 14)["nll"]
@@ -81,7 +99,7 @@ def test_continuation_fitness_equals_serving_eval():
         with pytest.raises(ValueError, match="n_ctx"):
             calibration_fitness(model, batches, n_ctx=20)
     assert got == pytest.approx(ref, rel=1e-5)
-    assert got != pytest.approx(all_pos, rel=1e-3)        # a different objective
+    assert got != pytest.approx(all_pos, rel=1e-3)  # a different objective
 
 
 def test_distill_tail_restricts_the_loss():
@@ -92,8 +110,18 @@ def test_distill_tail_restricts_the_loss():
     for tail in (None, 24, 4):
         router = TokenRouter()
         torch.manual_seed(0)
-        hist = train_router(model, router, [0.3] * 4, batches, steps=2, progress=False, log_every=1,
-                            distill_tail=tail, guide_start=0.0, w_sparsity=0.0)
+        hist = train_router(
+            model,
+            router,
+            [0.3] * 4,
+            batches,
+            steps=2,
+            progress=False,
+            log_every=1,
+            distill_tail=tail,
+            guide_start=0.0,
+            w_sparsity=0.0,
+        )
         runs[tail] = hist[0]["distill"]
     # the whole window is the default; a shorter tail averages over fewer positions
     assert runs[24] == pytest.approx(runs[None], rel=1e-6)
@@ -104,17 +132,20 @@ def test_distill_tail_restricts_the_loss():
 
 def _word_tokenizer(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
+
     vocab = {"<pad>": 0, "</s>": 1, "<s>": 2, "<unk>": 3}
     for i, w in enumerate("the a cat dog sat on mat ran far away and then".split()):
         vocab[w] = 4 + i
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", bos_token="<s>",
-                                   unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", bos_token="<s>", unk_token="<unk>"
+    )
 
 
 def test_ftp_generate_pipeline(tmp_path):
     from pipelines.generate_llm import ftp_generate
+
     model = _tiny()
     tok = _word_tokenizer(tmp_path)
     folder = tmp_path / "tiny"
@@ -140,9 +171,11 @@ def test_ftp_generate_pipeline(tmp_path):
     assert torch.equal(dense.sequences[0, -5:], ref[0, -5:])
     # nested=True reaches attach_ftp: equal to a hand-attached nested random router
     sched = [0.1, 0.5, 0.3, 0.6]
-    nres = ftp_generate(model, prompts[:1], tokenizer=tok, router="random", schedule=sched, max_new_tokens=4,
-                        nested=True)
+    nres = ftp_generate(
+        model, prompts[:1], tokenizer=tok, router="random", schedule=sched, max_new_tokens=4, nested=True
+    )
     from tokenprune.ftp import RandomRouter
+
     with torch.no_grad(), attach_ftp(model, RandomRouter(0), sched, nested=True) as m:
         enc = tok(prompts[:1], return_tensors="pt")
         ref = m.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=0)
@@ -169,6 +202,7 @@ def test_training_forward_equals_inference_forward():
 
 def test_continuation_eval_matches_full_forward_when_dense():
     from tokenprune.ftp.train import continuation_eval
+
     model = _tiny()
     x = torch.randint(3, 64, (2, 16), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():

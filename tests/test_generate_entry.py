@@ -1,4 +1,5 @@
 """``pipelines.generate`` exposes the three generate wrappers under one module."""
+
 import pytest
 
 import pipelines.generate as generate

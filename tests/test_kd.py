@@ -1,4 +1,5 @@
 """KD loss against a hand computation; alpha schedule; teacher-logit cache and resume."""
+
 import math
 
 import numpy as np
@@ -75,7 +76,7 @@ def test_teacher_cache_runs_teacher_once_and_resumes(tmp_path):
     keys = [f"k{i}" for i in range(10)]
     inputs = torch.randn(10, 3)
     teacher = CountingTeacher()
-    batches = [(keys[i:i + 4], inputs[i:i + 4]) for i in range(0, 10, 4)]
+    batches = [(keys[i : i + 4], inputs[i : i + 4]) for i in range(0, 10, 4)]
     cache = TeacherLogitCache.create(tmp_path / "c", keys, 4, dtype="float32")
     fill_teacher_cache(cache, teacher, batches[:1], progress=False)  # "killed" after 1 batch
     assert cache.missing() == keys[4:]

@@ -1,4 +1,5 @@
 """dataprune.train: fixed-recipe trainer with optional cached-teacher distillation."""
+
 import math
 
 import numpy as np
@@ -27,8 +28,9 @@ def blobs(n=240, d=6, c=3, seed=0):
     return x, y
 
 
-def reference_train(model, x, y, *, epochs, batch_size, lr, weight_decay, min_steps, seed,
-                    teacher=None, alpha=0.0, temperature=4.0):
+def reference_train(
+    model, x, y, *, epochs, batch_size, lr, weight_decay, min_steps, seed, teacher=None, alpha=0.0, temperature=4.0
+):
     """Brute-force restatement of the documented recipe (AdamW + cosine, seeded perms)."""
     n = x.shape[0]
     total = max(epochs * math.ceil(n / batch_size), min_steps)
@@ -43,16 +45,17 @@ def reference_train(model, x, y, *, epochs, batch_size, lr, weight_decay, min_st
                 break
             for group in opt.param_groups:
                 group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
-            idx = perm[s:s + batch_size]
+            idx = perm[s : s + batch_size]
             z = model(x[idx])
             if teacher is None or alpha == 0:
                 loss = F.cross_entropy(z, y[idx])
             else:
                 t = teacher[idx]
-                kl = (F.softmax(t / temperature, -1) * (F.log_softmax(t / temperature, -1)
-                      - F.log_softmax(z / temperature, -1))).sum(-1) * temperature ** 2
-                loss = ((1 - alpha) * F.cross_entropy(z, y[idx], reduction="none")
-                        + alpha * kl).mean()
+                kl = (
+                    F.softmax(t / temperature, -1)
+                    * (F.log_softmax(t / temperature, -1) - F.log_softmax(z / temperature, -1))
+                ).sum(-1) * temperature**2
+                loss = ((1 - alpha) * F.cross_entropy(z, y[idx], reduction="none") + alpha * kl).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -96,8 +99,18 @@ def test_pure_distillation_follows_teacher_not_labels():
     teacher = predict_logits(teacher_model, x)[:, perm]  # class j now means class perm[j]
     wrong_labels = torch.zeros_like(y)
     student = torch.nn.Linear(6, 3)
-    train_classifier(student, x, wrong_labels, epochs=15, batch_size=64, lr=1e-1, seed=0,
-                     teacher_logits=teacher, alpha=1.0, temperature=2.0)
+    train_classifier(
+        student,
+        x,
+        wrong_labels,
+        epochs=15,
+        batch_size=64,
+        lr=1e-1,
+        seed=0,
+        teacher_logits=teacher,
+        alpha=1.0,
+        temperature=2.0,
+    )
     agree = (predict_logits(student, x).argmax(1) == teacher.argmax(1)).float().mean()
     assert agree > 0.95
     final = kd_loss(predict_logits(student, x), teacher, None, alpha=1.0, temperature=2.0)
@@ -114,8 +127,9 @@ def test_with_teacher_logit_cache_roundtrip(tmp_path):
     cached = cache.read([keys[i] for i in subset])
     torch.testing.assert_close(cached, logits[subset])
     model = torch.nn.Linear(6, 3)
-    hist = train_classifier(model, x[subset], y[subset], epochs=1, batch_size=8, seed=0,
-                            teacher_logits=cached, alpha=0.5)
+    hist = train_classifier(
+        model, x[subset], y[subset], epochs=1, batch_size=8, seed=0, teacher_logits=cached, alpha=0.5
+    )
     assert hist["steps"] == 3 and np.isfinite(hist["loss"])
 
 
@@ -127,8 +141,7 @@ def test_errors_are_clear():
     with pytest.raises(ValueError, match=r"teacher_logits shape"):
         train_classifier(model, x, y, epochs=1, alpha=0.5, teacher_logits=torch.zeros(29, 3))
     with pytest.raises(ValueError, match="NaN"):
-        train_classifier(model, x, y, epochs=1, alpha=0.5,
-                         teacher_logits=torch.full((30, 3), float("nan")))
+        train_classifier(model, x, y, epochs=1, alpha=0.5, teacher_logits=torch.full((30, 3), float("nan")))
     with pytest.raises(ValueError, match="labels shape"):
         train_classifier(model, x, y[:10], epochs=1)
     with pytest.raises(TypeError, match="floating-point"):

@@ -1,4 +1,5 @@
 """The dLLM decoding benchmark's --quick code path (untrained smoke model, seconds)."""
+
 import sys
 from pathlib import Path
 
@@ -19,7 +20,7 @@ def test_dllm_decoding_quick(tmp_path, monkeypatch, capsys):
     assert names[0].startswith("LLaDA, 1 token/step")
     assert len(rows) == 7
     g = dllm_decoding.tb.GEN_LENGTH
-    assert rows[0]["nfe"] == pytest.approx(g)        # one token per step
+    assert rows[0]["nfe"] == pytest.approx(g)  # one token per step
     assert rows[1]["nfe"] == pytest.approx(g // 2)
     assert rows[2]["nfe"] == pytest.approx(g // 4)
     blocks = g // 8

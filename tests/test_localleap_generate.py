@@ -1,12 +1,13 @@
 """The generate loop: deterministic toy model, tiny transformers model, testbed model, pipeline."""
+
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-
 from test_localleap_rules import ref_eb, ref_fast, ref_localleap, ref_topk
+
 from tokenprune import localleap_generate
 from tokenprune.localleap import DecodeResult, llada_schedule
 
@@ -15,9 +16,9 @@ import dllm_testbed as tb  # noqa: E402
 
 torch.set_num_threads(1)
 
-V = 6          # tokens 0..3 content, 4 = eos, 5 = mask
+V = 6  # tokens 0..3 content, 4 = eos, 5 = mask
 EOS, MASK = 4, 5
-LEVELS = [0.3, 0.6, 0.8, 0.97]   # away from 0.75 / 0.9 so float rounding cannot flip a rule
+LEVELS = [0.3, 0.6, 0.8, 0.97]  # away from 0.75 / 0.9 so float rounding cannot flip a rule
 
 
 @dataclass
@@ -98,28 +99,27 @@ def test_nfe_is_what_the_rule_implies(rule, seed):
     model = _toy(P, gen, seed)
     prompt = torch.zeros(2, P, dtype=torch.long)
     steps = 16 if (rule == "llada" and seed == 1) else None
-    res = localleap_generate(model, prompt, gen_length=gen, block_length=blk, mask_id=MASK,
-                             rule=rule, steps=steps)
+    res = localleap_generate(model, prompt, gen_length=gen, block_length=blk, mask_id=MASK, rule=rule, steps=steps)
     spb = (steps or gen) // (gen // blk)
-    expect = [simulate(model.conf[P + b * blk: P + (b + 1) * blk].tolist(), rule, spb)
-              for b in range(gen // blk)]
+    expect = [simulate(model.conf[P + b * blk : P + (b + 1) * blk].tolist(), rule, spb) for b in range(gen // blk)]
     assert res.block_nfe == expect
     assert res.nfe == sum(expect) == len(model.calls)
     assert res.row_nfe.tolist() == [res.nfe, res.nfe]
     assert res.tokens_per_forward == pytest.approx(gen / res.nfe)
     # the canvas holds the model's argmax everywhere in the generated part
     assert torch.equal(res.generated, (torch.arange(P, P + gen) % 4).expand(2, gen))
-    ids, nfe = res                               # DESIGN contract: (ids, nfe)
+    ids, nfe = res  # DESIGN contract: (ids, nfe)
     assert ids is res.ids and nfe == res.nfe
     if rule == "llada" and steps is None:
-        assert res.nfe == gen                    # one token per step
+        assert res.nfe == gen  # one token per step
 
 
 def test_eb_nfe_matches_bruteforce():
     P, gen, blk = 3, 16, 8
     model = _toy(P, gen, 5)
-    res = localleap_generate(model, torch.zeros(1, P, dtype=torch.long), gen_length=gen,
-                             block_length=blk, mask_id=MASK, rule="eb", gamma=0.5)
+    res = localleap_generate(
+        model, torch.zeros(1, P, dtype=torch.long), gen_length=gen, block_length=blk, mask_id=MASK, rule="eb", gamma=0.5
+    )
     logp = torch.log_softmax(model.table(0, P + gen).double(), -1)
     ent = -(logp.exp() * logp).sum(-1)
     expect = []
@@ -138,15 +138,16 @@ def test_eb_nfe_matches_bruteforce():
 def test_blocks_left_to_right_and_nothing_after_current_block():
     P, gen, blk = 4, 24, 8
     model = _toy(P, gen, 3)
-    localleap_generate(model, torch.zeros(1, P, dtype=torch.long), gen_length=gen,
-                       block_length=blk, mask_id=MASK, rule="localleap")
+    localleap_generate(
+        model, torch.zeros(1, P, dtype=torch.long), gen_length=gen, block_length=blk, mask_id=MASK, rule="localleap"
+    )
     prev_block = 0
     for _, canvas in model.calls:
         m = (canvas[0, P:] == MASK).view(-1, blk)
-        cur = int(m.any(-1).long().argmax())      # first block with a mask
-        assert not m[:cur].any()                  # earlier blocks complete
-        assert m[cur + 1:].all()                  # later blocks untouched
-        assert cur >= prev_block                  # never goes back
+        cur = int(m.any(-1).long().argmax())  # first block with a mask
+        assert not m[:cur].any()  # earlier blocks complete
+        assert m[cur + 1 :].all()  # later blocks untouched
+        assert cur >= prev_block  # never goes back
         prev_block = cur
 
 
@@ -157,14 +158,11 @@ def test_temperature_zero_deterministic_and_gumbel_seeded():
     a = localleap_generate(model, prompt, **kw)
     b = localleap_generate(model, prompt, **kw)
     assert torch.equal(a.ids, b.ids) and a.nfe == b.nfe
-    s1 = localleap_generate(model, prompt, temperature=1.0,
-                            generator=torch.Generator().manual_seed(1), **kw)
-    s2 = localleap_generate(model, prompt, temperature=1.0,
-                            generator=torch.Generator().manual_seed(1), **kw)
-    s3 = localleap_generate(model, prompt, temperature=1.0,
-                            generator=torch.Generator().manual_seed(2), **kw)
+    s1 = localleap_generate(model, prompt, temperature=1.0, generator=torch.Generator().manual_seed(1), **kw)
+    s2 = localleap_generate(model, prompt, temperature=1.0, generator=torch.Generator().manual_seed(1), **kw)
+    s3 = localleap_generate(model, prompt, temperature=1.0, generator=torch.Generator().manual_seed(2), **kw)
     assert torch.equal(s1.ids, s2.ids)
-    assert not torch.equal(s1.ids, s3.ids)       # random model: sampling differs by seed
+    assert not torch.equal(s1.ids, s3.ids)  # random model: sampling differs by seed
     for r in (a, s1, s3):
         assert not (r.generated == model.config.mask_token_id).any()
 
@@ -179,15 +177,21 @@ def test_prefix_cache_matches_full_passes_on_position_model():
     # with the cache, only block starts see the whole canvas; other passes feed from the block
     starts = [P + i * blk for i in range(gen // blk)]
     for past, canvas in m2.calls:
-        assert past == 0 and canvas.shape[1] == P + gen or past in starts and \
-            canvas.shape[1] == P + gen - past
+        assert past == 0 and canvas.shape[1] == P + gen or past in starts and canvas.shape[1] == P + gen - past
 
 
 def test_prefix_cache_on_testbed_model_runs():
     model = tb.TestbedDLLM(tb.TestbedConfig(d_model=32, n_layers=2, n_heads=2))
     prompt = torch.randint(0, 12, (2, 7), generator=torch.Generator().manual_seed(0))
-    res = localleap_generate(model, prompt, gen_length=16, block_length=8,
-                             mask_id=model.config.mask_token_id, use_cache=True, rule="fastdllm")
+    res = localleap_generate(
+        model,
+        prompt,
+        gen_length=16,
+        block_length=8,
+        mask_id=model.config.mask_token_id,
+        use_cache=True,
+        rule="fastdllm",
+    )
     assert not (res.generated == model.config.mask_token_id).any()
     assert torch.equal(res.ids[:, :7], prompt)
 
@@ -196,25 +200,41 @@ def test_early_stop_fills_eos_without_more_passes():
     P, gen, blk = 4, 32, 8
     conf = torch.full((P + gen,), 0.97, dtype=torch.float64)
     model = PositionalToy(conf, eos_from=P + 10)
-    res = localleap_generate(model, torch.zeros(1, P, dtype=torch.long), gen_length=gen,
-                             block_length=blk, mask_id=MASK, eos_id=EOS, early_stop=True)
+    res = localleap_generate(
+        model,
+        torch.zeros(1, P, dtype=torch.long),
+        gen_length=gen,
+        block_length=blk,
+        mask_id=MASK,
+        eos_id=EOS,
+        early_stop=True,
+    )
     assert res.block_nfe == [1, 1, 0, 0]
     assert (res.generated[0, 10:] == EOS).all()
-    full = localleap_generate(model, torch.zeros(1, P, dtype=torch.long), gen_length=gen,
-                              block_length=blk, mask_id=MASK, eos_id=EOS)
+    full = localleap_generate(
+        model, torch.zeros(1, P, dtype=torch.long), gen_length=gen, block_length=blk, mask_id=MASK, eos_id=EOS
+    )
     assert full.block_nfe == [1, 1, 1, 1] and torch.equal(full.ids, res.ids)
 
 
 def test_shift_logits_dream_convention():
     P, gen = 3, 8
     model = _toy(P, gen, 2)
-    res = localleap_generate(model, torch.zeros(1, P, dtype=torch.long), gen_length=gen,
-                             block_length=8, mask_id=MASK, shift_logits=True)
+    res = localleap_generate(
+        model, torch.zeros(1, P, dtype=torch.long), gen_length=gen, block_length=8, mask_id=MASK, shift_logits=True
+    )
     # position p takes the proposal made at p - 1: token (p - 1) % 4
     assert res.generated[0].tolist() == [(p - 1) % 4 for p in range(P, P + gen)]
     with pytest.raises(ValueError, match="use_cache"):
-        localleap_generate(model, torch.zeros(1, P, dtype=torch.long), gen_length=gen,
-                           block_length=8, mask_id=MASK, shift_logits=True, use_cache=True)
+        localleap_generate(
+            model,
+            torch.zeros(1, P, dtype=torch.long),
+            gen_length=gen,
+            block_length=8,
+            mask_id=MASK,
+            shift_logits=True,
+            use_cache=True,
+        )
 
 
 def test_left_padding_equals_single_runs():
@@ -224,7 +244,7 @@ def test_left_padding_equals_single_runs():
     kw = dict(gen_length=16, block_length=8, mask_id=model.config.mask_token_id, rule="llada")
     batch = localleap_generate(model, prompts, pad_id=15, **kw)
     assert batch.ids.shape == (3, 7 + 16)
-    assert batch.ids[1, :4].tolist() == [15] * 4          # left padded
+    assert batch.ids[1, :4].tolist() == [15] * 4  # left padded
     for i, p in enumerate(prompts):
         single = localleap_generate(model, torch.tensor([p]), **kw)
         assert torch.equal(single.generated[0], batch.generated[i])
@@ -234,15 +254,28 @@ def test_tiny_transformers_bert_bidirectional():
     from transformers import BertConfig, BertForMaskedLM
 
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=64)
+    cfg = BertConfig(
+        vocab_size=50,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     model = BertForMaskedLM(cfg).eval()
     prompt = torch.randint(5, 50, (2, 6), generator=torch.Generator().manual_seed(0))
     mask_id = 4
     outs = {}
     for rule in ("llada", "fastdllm", "localleap", "eb"):
-        res = localleap_generate(model, prompt, gen_length=16, block_length=8, mask_id=mask_id,
-                                 rule=rule, attention_mask=torch.ones_like(prompt))
+        res = localleap_generate(
+            model,
+            prompt,
+            gen_length=16,
+            block_length=8,
+            mask_id=mask_id,
+            rule=rule,
+            attention_mask=torch.ones_like(prompt),
+        )
         assert res.ids.shape == (2, 22)
         assert not (res.generated == mask_id).any()
         assert torch.equal(res.ids[:, :6], prompt)
@@ -251,8 +284,9 @@ def test_tiny_transformers_bert_bidirectional():
     assert outs["llada"].nfe == 16
     # rows are independent: each row alone decodes the same
     for i in range(2):
-        single = localleap_generate(model, prompt[i:i + 1], gen_length=16, block_length=8,
-                                    mask_id=mask_id, rule="localleap")
+        single = localleap_generate(
+            model, prompt[i : i + 1], gen_length=16, block_length=8, mask_id=mask_id, rule="localleap"
+        )
         assert torch.equal(single.generated[0], outs["localleap"].generated[i])
 
 
@@ -261,7 +295,8 @@ def test_custom_rule_and_errors():
     model = _toy(P, 8, 0)
     prompt = torch.zeros(1, P, dtype=torch.long)
     one = lambda conf, masked: torch.zeros_like(masked).scatter_(  # noqa: E731
-        -1, conf.masked_fill(~masked, -1).argmax(-1, keepdim=True), True)
+        -1, conf.masked_fill(~masked, -1).argmax(-1, keepdim=True), True
+    )
     res = localleap_generate(model, prompt, gen_length=8, block_length=4, mask_id=MASK, rule=one)
     assert res.nfe == 8
     with pytest.raises(ValueError, match="multiple"):
@@ -269,14 +304,13 @@ def test_custom_rule_and_errors():
     with pytest.raises(ValueError, match="mask_id"):
         localleap_generate(model, prompt, gen_length=8, block_length=4, mask_id=None)
     with pytest.raises(ValueError, match="unknown rule"):
-        localleap_generate(model, prompt, gen_length=8, block_length=4, mask_id=MASK,
-                           rule="nope")
+        localleap_generate(model, prompt, gen_length=8, block_length=4, mask_id=MASK, rule="nope")
     with pytest.raises(RuntimeError, match="committed nothing"):
-        localleap_generate(model, prompt, gen_length=8, block_length=4, mask_id=MASK,
-                           rule=lambda c, m: torch.zeros_like(m))
+        localleap_generate(
+            model, prompt, gen_length=8, block_length=4, mask_id=MASK, rule=lambda c, m: torch.zeros_like(m)
+        )
     with pytest.raises(ValueError, match="early_stop"):
-        localleap_generate(model, prompt, gen_length=8, block_length=4, mask_id=MASK,
-                           early_stop=True)
+        localleap_generate(model, prompt, gen_length=8, block_length=4, mask_id=MASK, early_stop=True)
     bad = lambda input_ids, **kw: Out(torch.zeros(1, 2, V))  # noqa: E731
     with pytest.raises(ValueError, match="every canvas position"):
         localleap_generate(bad, prompt, gen_length=8, block_length=4, mask_id=MASK)
@@ -294,8 +328,7 @@ def test_pipeline_dllm_generate_text_and_stats():
     assert set(out.text) <= set(tb.CHARS)
     assert out.stats["rule"] == "localleap" and out.stats["nfe"] >= 2
     assert out.ids.shape == (1, 16)
-    batch = dllm_generate(model, tok, ["1+2=", "123+4="], rule="llada", gen_length=16,
-                          block_length=8)
+    batch = dllm_generate(model, tok, ["1+2=", "123+4="], rule="llada", gen_length=16, block_length=8)
     assert isinstance(batch.text, list) and len(batch.text) == 2
     assert batch.stats["nfe"] == 16
 

@@ -1,12 +1,12 @@
 """The one-step commit rules against brute-force per-position implementations."""
+
 import math
 import random
 
 import pytest
 import torch
 
-from tokenprune.localleap import (eb_sampler, fastdllm_threshold, llada_schedule, llada_topk,
-                                  localleap_transfer)
+from tokenprune.localleap import eb_sampler, fastdllm_threshold, llada_schedule, llada_topk, localleap_transfer
 
 
 # ---------------------------------------------------------------- brute-force references

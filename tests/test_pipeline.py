@@ -5,6 +5,7 @@ generated PNG shards otherwise. Encoder: a tiny random-weight open_clip ViT buil
 config (in process) and the weight-free pixel projection (in the CLI subprocesses, which
 then start without importing open_clip).
 """
+
 from __future__ import annotations
 
 import io
@@ -18,24 +19,25 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import REPO, shared_data_dir
+
 from dataprune import prune_dbp, semdedup
-from prunecore import ChunkedRows, Clustering, kmeans
 from pipelines.filter import run_filter
 from pipelines.shards import expand_shards, iter_shard, plan_output_shards, split_member_name
 from pipelines.stages import PipelineError
+from prunecore import ChunkedRows, Clustering, kmeans
 
 N_SHARDS, PER_SHARD, N_DUP = 3, 80, 8
 EPS, KEEP, K = 0.003, 0.5, 6
-TINY_VIT = {"embed_dim": 32,
-            "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32,
-                           "patch_size": 8},
-            "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2,
-                         "layers": 1}}
+TINY_VIT = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
 
 
 # --------------------------------------------------------------------------- fixtures
+
 
 def _source_samples(n: int) -> list[list[tuple[tarfile.TarInfo, bytes]]]:
     """n samples, each a list of (TarInfo, bytes) members: CIFAR-10 or generated PNGs."""
@@ -63,8 +65,7 @@ def _source_samples(n: int) -> list[list[tuple[tarfile.TarInfo, bytes]]]:
         buf = io.BytesIO()
         img.save(buf, format="PNG")
         members = []
-        for ext, payload in (("png", buf.getvalue()), ("cls", str(i % 10).encode()),
-                             ("txt", f"image {i}".encode())):
+        for ext, payload in (("png", buf.getvalue()), ("cls", str(i % 10).encode()), ("txt", f"image {i}".encode())):
             info = tarfile.TarInfo(f"gen_{i:06d}.{ext}")
             info.size, info.mtime = len(payload), 1_700_000_000
             members.append((info, payload))
@@ -95,7 +96,7 @@ def shard_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("shards")
     samples = _source_samples(N_SHARDS * PER_SHARD)
     for s in range(N_SHARDS):
-        part = samples[s * PER_SHARD:(s + 1) * PER_SHARD]
+        part = samples[s * PER_SHARD : (s + 1) * PER_SHARD]
         if s == N_SHARDS - 1:
             part = part + [_rename(samples[3 * i], f"dup_{i:03d}") for i in range(N_DUP)]
         write_shard(root / f"{s:05d}.tar", part)
@@ -113,14 +114,23 @@ STEPS = [{"method": "semdedup", "eps": EPS}, {"method": "dbp", "keep": KEEP, "te
 
 
 def pattern(shard_dir: Path) -> str:
-    return str(shard_dir / ("{00000..%05d}.tar" % (N_SHARDS - 1)))
+    return str(shard_dir / f"{{00000..{N_SHARDS - 1:05d}}}.tar")
 
 
 @pytest.fixture(scope="module")
 def e2e(shard_dir, tiny_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("e2e")
-    res = run_filter(pattern(shard_dir), out, model=tiny_model, clusters=K, steps=STEPS,
-                     batch_size=32, shard_max_count=40, progress=False, log=lambda *_: None)
+    res = run_filter(
+        pattern(shard_dir),
+        out,
+        model=tiny_model,
+        clusters=K,
+        steps=STEPS,
+        batch_size=32,
+        shard_max_count=40,
+        progress=False,
+        log=lambda *_: None,
+    )
     return out, res
 
 
@@ -130,6 +140,7 @@ def read_tar(path) -> list[tuple[str, bytes]]:
 
 
 # --------------------------------------------------------------------------- shards
+
 
 def test_expand_shards_patterns(shard_dir):
     p = pattern(shard_dir)
@@ -154,6 +165,7 @@ def test_split_member_name_and_plan():
 
 
 # --------------------------------------------------------------------------- end to end
+
 
 def test_keep_list_matches_brute_force_and_core_functions(e2e):
     out, res = e2e
@@ -226,6 +238,7 @@ def test_output_shards_hold_exactly_the_kept_samples_byte_identical(e2e, shard_d
     for key, members in written.items():
         assert members == inputs[key]
     import hashlib
+
     for r, f in zip(manifest["shards"], files):
         assert hashlib.sha256(f.read_bytes()).hexdigest() == r["sha256"]
 
@@ -233,8 +246,17 @@ def test_output_shards_hold_exactly_the_kept_samples_byte_identical(e2e, shard_d
 def test_rerun_skips_and_param_change_reruns_downstream(e2e, shard_dir, tiny_model):
     out, _ = e2e
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
-    res = run_filter(pattern(shard_dir), out, model=tiny_model, clusters=K, steps=STEPS,
-                     batch_size=32, shard_max_count=40, progress=False, log=lambda *_: None)
+    res = run_filter(
+        pattern(shard_dir),
+        out,
+        model=tiny_model,
+        clusters=K,
+        steps=STEPS,
+        batch_size=32,
+        shard_max_count=40,
+        progress=False,
+        log=lambda *_: None,
+    )
     assert all(st.skipped for st in res.stages.values())
     after = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
     assert after == before
@@ -242,15 +264,34 @@ def test_rerun_skips_and_param_change_reruns_downstream(e2e, shard_dir, tiny_mod
     # a different keep fraction: embed and cluster reused, select and write rerun
     other = out.parent / (out.name + "_keep")
     import shutil
+
     shutil.copytree(out, other)
     steps = [STEPS[0], {**STEPS[1], "keep": 0.25}]
-    res2 = run_filter(pattern(shard_dir), other, model=tiny_model, clusters=K, steps=steps,
-                      batch_size=32, shard_max_count=40, progress=False, log=lambda *_: None)
+    res2 = run_filter(
+        pattern(shard_dir),
+        other,
+        model=tiny_model,
+        clusters=K,
+        steps=steps,
+        batch_size=32,
+        shard_max_count=40,
+        progress=False,
+        log=lambda *_: None,
+    )
     assert [st.skipped for st in res2.stages.values()] == [True, True, False, False]
     assert res2.keep["kept"].sum() < res.keep["kept"].sum()
     # a different k reruns cluster and everything after it
-    res3 = run_filter(pattern(shard_dir), other, model=tiny_model, clusters=K - 1, steps=steps,
-                      batch_size=32, shard_max_count=40, progress=False, log=lambda *_: None)
+    res3 = run_filter(
+        pattern(shard_dir),
+        other,
+        model=tiny_model,
+        clusters=K - 1,
+        steps=steps,
+        batch_size=32,
+        shard_max_count=40,
+        progress=False,
+        log=lambda *_: None,
+    )
     assert [st.skipped for st in res3.stages.values()] == [True, False, False, False]
     assert res3.keep["cluster"].max() == K - 2
 
@@ -264,56 +305,99 @@ def test_precomputed_embeddings_give_the_same_keep_list(e2e, shard_dir, tmp_path
     half = len(perm) // 2
     for i, part in enumerate((perm[:half], perm[half:])):
         np.save(tmp_path / f"img_emb_{i}.npy", emb.take(part))
-        pd.DataFrame({"key": keys["key"].to_numpy()[part], "url": "x"}).to_parquet(
-            tmp_path / f"metadata_{i}.parquet")
-    res2 = run_filter(pattern(shard_dir), tmp_path / "out",
-                      embeddings=str(tmp_path / "img_emb_*.npy"),
-                      metadata=str(tmp_path / "metadata_*.parquet"), clusters=K,
-                      max_points_per_centroid=10**6, steps=STEPS, shard_max_count=40,
-                      progress=False, log=lambda *_: None)
+        pd.DataFrame({"key": keys["key"].to_numpy()[part], "url": "x"}).to_parquet(tmp_path / f"metadata_{i}.parquet")
+    res2 = run_filter(
+        pattern(shard_dir),
+        tmp_path / "out",
+        embeddings=str(tmp_path / "img_emb_*.npy"),
+        metadata=str(tmp_path / "metadata_*.parquet"),
+        clusters=K,
+        max_points_per_centroid=10**6,
+        steps=STEPS,
+        shard_max_count=40,
+        progress=False,
+        log=lambda *_: None,
+    )
     # keys come back in shard order, each pointing at its own (moved) embedding row
     assert res2.keep["key"].tolist() == res.keep["key"].tolist()
     ingested = np.concatenate([np.load(tmp_path / f"img_emb_{i}.npy") for i in range(2)])
-    np.testing.assert_array_equal(ingested[res2.keep["row"].to_numpy()],
-                                  emb.take(res.keep["row"].to_numpy()))
+    np.testing.assert_array_equal(ingested[res2.keep["row"].to_numpy()], emb.take(res.keep["row"].to_numpy()))
     assert res2.keep["reason"].isin(["", "duplicate", "quota"]).all()
     # exact equality when the row order is the same as the embed stage's
     np.save(tmp_path / "same.npy", emb.take(np.arange(emb.shape[0])))
     keys[["key"]].to_parquet(tmp_path / "same.parquet")
-    res3 = run_filter(pattern(shard_dir), tmp_path / "out3",
-                      embeddings=str(tmp_path / "same.npy"),
-                      metadata=str(tmp_path / "same.parquet"), clusters=K, steps=STEPS,
-                      shard_max_count=40, progress=False, log=lambda *_: None)
+    res3 = run_filter(
+        pattern(shard_dir),
+        tmp_path / "out3",
+        embeddings=str(tmp_path / "same.npy"),
+        metadata=str(tmp_path / "same.parquet"),
+        clusters=K,
+        steps=STEPS,
+        shard_max_count=40,
+        progress=False,
+        log=lambda *_: None,
+    )
     pd.testing.assert_frame_equal(res3.keep, res.keep)
-    assert [r["sha256"] for r in res3.manifest["shards"]] == \
-        [r["sha256"] for r in res.manifest["shards"]]
+    assert [r["sha256"] for r in res3.manifest["shards"]] == [r["sha256"] for r in res.manifest["shards"]]
     # mismatched counts are reported clearly
     pd.DataFrame({"key": ["a", "b"]}).to_parquet(tmp_path / "bad.parquet")
     with pytest.raises(PipelineError, match="mismatched counts"):
-        run_filter(None, tmp_path / "bad", embeddings=str(tmp_path / "same.npy"),
-                   metadata=str(tmp_path / "bad.parquet"), clusters=K, steps=STEPS,
-                   progress=False, log=lambda *_: None)
+        run_filter(
+            None,
+            tmp_path / "bad",
+            embeddings=str(tmp_path / "same.npy"),
+            metadata=str(tmp_path / "bad.parquet"),
+            clusters=K,
+            steps=STEPS,
+            progress=False,
+            log=lambda *_: None,
+        )
 
 
 # --------------------------------------------------------------------------- kill / resume
+
 
 def _cli(out: Path, shards: str, die: str | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     env.pop("PRUNEKIT_DIE_AFTER", None)
     if die:
         env["PRUNEKIT_DIE_AFTER"] = die
-    cmd = [sys.executable, "-m", "pipelines.cli", "filter", shards, "--out", str(out),
-           "--encoder", "pipelines.encoders:PixelProjectionEncoder",
-           "--encoder-kwargs", '{"dim": 32}', "--clusters", str(K), "--dedup-eps", "0.02",
-           "--method", "dbp", "--keep", str(KEEP), "--batch-size", "16",
-           "--shard-max-count", "25", "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipelines.cli",
+        "filter",
+        shards,
+        "--out",
+        str(out),
+        "--encoder",
+        "pipelines.encoders:PixelProjectionEncoder",
+        "--encoder-kwargs",
+        '{"dim": 32}',
+        "--clusters",
+        str(K),
+        "--dedup-eps",
+        "0.02",
+        "--method",
+        "dbp",
+        "--keep",
+        str(KEEP),
+        "--batch-size",
+        "16",
+        "--shard-max-count",
+        "25",
+        "--quiet",
+    ]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
 def _artifact_bytes(out: Path) -> dict[str, bytes]:
     """Every artifact file except the stage records (which hold timings)."""
-    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
-            if p.is_file() and p.name != "_stage.json"}
+    return {
+        str(p.relative_to(out)): p.read_bytes()
+        for p in sorted(out.rglob("*"))
+        if p.is_file() and p.name != "_stage.json"
+    }
 
 
 def test_killed_mid_embed_and_mid_write_resumes_to_identical_output(shard_dir, tmp_path):
@@ -323,18 +407,27 @@ def test_killed_mid_embed_and_mid_write_resumes_to_identical_output(shard_dir, t
     from pipelines.filter import default_steps
 
     steps = default_steps(dedup_eps=0.02, method="dbp", keep=KEEP)
-    run_filter(shards, ref, encoder=PixelProjectionEncoder(dim=32), clusters=K, steps=steps,
-               batch_size=16, shard_max_count=25, progress=False, log=lambda *_: None)
+    run_filter(
+        shards,
+        ref,
+        encoder=PixelProjectionEncoder(dim=32),
+        clusters=K,
+        steps=steps,
+        batch_size=16,
+        shard_max_count=25,
+        progress=False,
+        log=lambda *_: None,
+    )
 
     out = tmp_path / "killed"
-    r1 = _cli(out, shards, die="embed:130")          # dies inside shard 1
+    r1 = _cli(out, shards, die="embed:130")  # dies inside shard 1
     assert r1.returncode == -9, r1.stderr[-2000:]
     assert (out / "embed" / "chunks" / "00000.keys.parquet").exists()
     assert not (out / "embed" / "chunks" / "00001.keys.parquet").exists()
     assert json.loads((out / "embed" / "_stage.json").read_text())["state"] == "running"
     assert not (out / "select").exists()
 
-    r2 = _cli(out, shards, die="write:60")            # resumes embed, dies inside write
+    r2 = _cli(out, shards, die="write:60")  # resumes embed, dies inside write
     assert r2.returncode == -9, r2.stderr[-2000:]
     assert "resuming" in r2.stdout
     done = sorted((out / "write" / "done").glob("*.json"))
@@ -350,6 +443,7 @@ def test_killed_mid_embed_and_mid_write_resumes_to_identical_output(shard_dir, t
 
 # --------------------------------------------------------------------------- bad inputs
 
+
 @pytest.fixture(scope="module")
 def bad_shards(shard_dir, tmp_path_factory):
     """Shard 0 fine; shard 1 has a sample without image and one with garbage JPEG bytes and
@@ -357,15 +451,14 @@ def bad_shards(shard_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("bad")
     samples = _source_samples(60)
     write_shard(root / "a.tar", samples[:20])
-    no_image = [(i, d) for i, d in _rename(samples[20], "no_image") if not i.name.endswith(
-        (".jpg", ".png"))]
+    no_image = [(i, d) for i, d in _rename(samples[20], "no_image") if not i.name.endswith((".jpg", ".png"))]
     garbage = tarfile.TarInfo("garbage.jpg")
     garbage.size = 100
     write_shard(root / "b.tar", samples[21:30] + [no_image, [(garbage, b"\xff\xd8" + bytes(98))]])
     write_shard(root / "c.tar", samples[30:60])
     data = (root / "c.tar").read_bytes()
-    (root / "c.tar").write_bytes(data[:len(data) // 2])
-    write_shard(root / "d.tar", [samples[0]])       # same key as in a.tar
+    (root / "c.tar").write_bytes(data[: len(data) // 2])
+    write_shard(root / "d.tar", [samples[0]])  # same key as in a.tar
     return root
 
 
@@ -375,9 +468,15 @@ def test_corrupt_and_missing_inputs_are_counted_not_fatal(bad_shards, tmp_path):
     enc = PixelProjectionEncoder(dim=16)
     shards = [str(bad_shards / n) for n in ("a.tar", "b.tar", "c.tar")]
     messages = []
-    res = run_filter(shards, tmp_path / "o", encoder=enc, clusters=3,
-                     steps=[{"method": "random", "keep": 0.5}], progress=False,
-                     log=messages.append)
+    res = run_filter(
+        shards,
+        tmp_path / "o",
+        encoder=enc,
+        clusters=3,
+        steps=[{"method": "random", "keep": 0.5}],
+        progress=False,
+        log=messages.append,
+    )
     s = res.stages["embed"].summary
     assert s["missing_image"] == 1 and s["undecodable"] == 1
     assert len(s["corrupt_shards"]) == 1 and "c.tar" in s["corrupt_shards"][0]
@@ -386,7 +485,7 @@ def test_corrupt_and_missing_inputs_are_counted_not_fatal(bad_shards, tmp_path):
     assert keep.loc["no_image", "reason"] == "missing_image" and not keep.loc["no_image", "kept"]
     assert keep.loc["garbage", "reason"] == "undecodable"
     n_c = int((res.keep["shard"] == shards[2]).sum())
-    assert 0 < n_c < 30                                # the samples before the damage
+    assert 0 < n_c < 30  # the samples before the damage
     assert res.keep["kept"].sum() == int(np.floor(0.5 * (20 + 9 + n_c) + 0.5))
     written = sum(r["samples"] for r in res.manifest["shards"])
     assert written == res.keep["kept"].sum()
@@ -394,26 +493,50 @@ def test_corrupt_and_missing_inputs_are_counted_not_fatal(bad_shards, tmp_path):
     assert "1 missing image" in table and "1 undecodable" in table and "1 corrupt" in table
 
     with pytest.raises(PipelineError, match="no image member"):
-        run_filter(shards, tmp_path / "strict", encoder=enc, clusters=3, strict=True,
-                   steps=[{"method": "random", "keep": 0.5}], progress=False,
-                   log=lambda *_: None)
+        run_filter(
+            shards,
+            tmp_path / "strict",
+            encoder=enc,
+            clusters=3,
+            strict=True,
+            steps=[{"method": "random", "keep": 0.5}],
+            progress=False,
+            log=lambda *_: None,
+        )
     with pytest.raises(PipelineError, match="duplicate keys"):
-        run_filter([shards[0], str(bad_shards / "d.tar")], tmp_path / "dup", encoder=enc,
-                   clusters=3, steps=[{"method": "random", "keep": 0.5}], progress=False,
-                   log=lambda *_: None)
+        run_filter(
+            [shards[0], str(bad_shards / "d.tar")],
+            tmp_path / "dup",
+            encoder=enc,
+            clusters=3,
+            steps=[{"method": "random", "keep": 0.5}],
+            progress=False,
+            log=lambda *_: None,
+        )
 
 
 def test_cli_reports_clear_errors(shard_dir, tmp_path, capsys):
     from pipelines.cli import main
 
-    rc = main(["filter", str(tmp_path / "none_{0..3}.tar"), "--out", str(tmp_path / "o"),
-               "--model", "ViT-B-32", "--quiet"])
+    rc = main(
+        ["filter", str(tmp_path / "none_{0..3}.tar"), "--out", str(tmp_path / "o"), "--model", "ViT-B-32", "--quiet"]
+    )
     assert rc == 2 and "no shards matched" in capsys.readouterr().err
-    rc = main(["filter", pattern(shard_dir), "--out", str(tmp_path / "o"),
-               "--model", "NoSuchModel-7", "--quiet"])
+    rc = main(["filter", pattern(shard_dir), "--out", str(tmp_path / "o"), "--model", "NoSuchModel-7", "--quiet"])
     assert rc == 2 and "unknown open_clip model" in capsys.readouterr().err
-    rc = main(["filter", pattern(shard_dir), "--out", str(tmp_path / "o"), "--model",
-               "ViT-B-32", "--method", "semdedup", "--quiet"])
+    rc = main(
+        [
+            "filter",
+            pattern(shard_dir),
+            "--out",
+            str(tmp_path / "o"),
+            "--model",
+            "ViT-B-32",
+            "--method",
+            "semdedup",
+            "--quiet",
+        ]
+    )
     assert rc == 2 and "needs --dedup-eps" in capsys.readouterr().err
 
 
@@ -433,8 +556,7 @@ def test_report_writes_html_and_plots(e2e):
     out, res = e2e
     assert main(["report", str(out), "--clusters-shown", "2"]) == 0
     page = (out / "report" / "index.html").read_text()
-    for png in ("cluster_sizes.png", "complexity_quota.png", "kept_fraction.png",
-                "examples.png", "duplicates.png"):
+    for png in ("cluster_sizes.png", "complexity_quota.png", "kept_fraction.png", "examples.png", "duplicates.png"):
         assert f"src='{png}'" in page
         assert (out / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     n_dup = int((res.keep["reason"] == "duplicate").sum())
@@ -444,9 +566,17 @@ def test_report_writes_html_and_plots(e2e):
 
 def test_clip_score_step_uses_caption_embeddings(shard_dir, tiny_model, tmp_path):
     out = tmp_path / "clip"
-    first = run_filter(pattern(shard_dir), out, model=tiny_model, clusters=K,
-                       steps=[{"method": "clipscore", "keep": 0.5}], batch_size=32,
-                       write=False, progress=False, log=lambda *_: None)
+    first = run_filter(
+        pattern(shard_dir),
+        out,
+        model=tiny_model,
+        clusters=K,
+        steps=[{"method": "clipscore", "keep": 0.5}],
+        batch_size=32,
+        write=False,
+        progress=False,
+        log=lambda *_: None,
+    )
     img = np.concatenate([np.load(p) for p in sorted((out / "embed/chunks").glob("*.img.npy"))])
     txt = np.concatenate([np.load(p) for p in sorted((out / "embed/chunks").glob("*.txt.npy"))])
     assert img.shape == txt.shape
@@ -460,9 +590,17 @@ def test_clip_score_step_uses_caption_embeddings(shard_dir, tiny_model, tmp_path
     assert set(keep.loc[~keep["kept"], "reason"]) == {"low_clip_score"}
     # a threshold instead of a fraction: select reruns, the embeddings are reused
     thr = float(np.median(cos))
-    res = run_filter(pattern(shard_dir), out, model=tiny_model, clusters=K,
-                     steps=[{"method": "clipscore", "min": thr}], batch_size=32,
-                     write=False, progress=False, log=lambda *_: None)
+    res = run_filter(
+        pattern(shard_dir),
+        out,
+        model=tiny_model,
+        clusters=K,
+        steps=[{"method": "clipscore", "min": thr}],
+        batch_size=32,
+        write=False,
+        progress=False,
+        log=lambda *_: None,
+    )
     assert res.stages["embed"].skipped and not res.stages["select"].skipped
     np.testing.assert_array_equal(res.keep["kept"].to_numpy(), cos >= thr)
 
@@ -475,16 +613,16 @@ def test_hf_vision_encoder_from_local_folder(tmp_path):
     from pipelines.encoders import make_encoder
 
     torch.manual_seed(0)
-    cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
-                    num_attention_heads=2, intermediate_size=64)
+    cfg = ViTConfig(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+    )
     model = ViTModel(cfg).eval()
     model.save_pretrained(tmp_path / "vit")
     proc = ViTImageProcessor(size={"height": 32, "width": 32})
     proc.save_pretrained(tmp_path / "vit")
     enc = make_encoder("hf:" + str(tmp_path / "vit"), device="cpu")
     rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8))
-              for _ in range(3)]
+    images = [Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)) for _ in range(3)]
     got = enc.encode_images(images)
     with torch.no_grad():
         ref = model(pixel_values=proc(images=images, return_tensors="pt")["pixel_values"])

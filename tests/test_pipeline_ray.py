@@ -1,5 +1,6 @@
 """Ray Data backend: the same keep-list (and the same output files) as the local backend,
 on a local Ray with 2 CPUs. Real images (CIFAR-10 when present), tiny random open_clip ViT."""
+
 from __future__ import annotations
 
 import json
@@ -12,20 +13,28 @@ ray = pytest.importorskip("ray", reason="ray is in the dev extra: pip install 'r
 
 from conftest import REPO  # noqa: E402
 from test_pipeline import TINY_VIT, _rename, _source_samples, write_shard  # noqa: E402
+
 from pipelines.filter import run_filter  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}})
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}},
+    )
     yield
     ray.shutdown()
 
 
 def _files(out):
-    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
-            if p.is_file() and p.name != "_stage.json"}
+    return {
+        str(p.relative_to(out)): p.read_bytes()
+        for p in sorted(out.rglob("*"))
+        if p.is_file() and p.name != "_stage.json"
+    }
 
 
 def test_ray_backend_matches_local(local_ray, tmp_path):
@@ -40,10 +49,16 @@ def test_ray_backend_matches_local(local_ray, tmp_path):
     model = tmp_path / "prunekit-ray-vit.json"
     model.write_text(json.dumps(TINY_VIT))
     shards = str(shard_dir / "{00000..00001}.tar")
-    steps = [{"method": "semdedup", "eps": 0.003},
-             {"method": "dbp", "keep": 0.5, "temperature": 0.5}]
-    kw = dict(model=str(model), clusters=4, steps=steps, batch_size=16, shard_max_count=20,
-              progress=False, log=lambda *_: None)
+    steps = [{"method": "semdedup", "eps": 0.003}, {"method": "dbp", "keep": 0.5, "temperature": 0.5}]
+    kw = dict(
+        model=str(model),
+        clusters=4,
+        steps=steps,
+        batch_size=16,
+        shard_max_count=20,
+        progress=False,
+        log=lambda *_: None,
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # Ray workers run torch with 1 thread: same float reductions
     try:

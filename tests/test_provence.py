@@ -1,5 +1,6 @@
 """Pure parts of Provence: splitting, query normalisation, token->sentence spans, sentence
 rules (against brute-force loops), title rule, blocking/stitching, assembly."""
+
 import numpy as np
 import pytest
 
@@ -18,25 +19,30 @@ from tokenprune.sentences import sentence_texts, split_sentences
 
 
 # ---------------------------------------------------------------- sentence splitting
-@pytest.mark.parametrize("text,expected", [
-    ("Dr. Smith went home. He slept.", ["Dr. Smith went home.", "He slept."]),
-    ("The rate was 3.14 percent. It rose.", ["The rate was 3.14 percent.", "It rose."]),
-    ("Shown before [12]. Next one.", ["Shown before [12].", "Next one."]),
-    ("Viral load rose.[3] Patients recovered.", ["Viral load rose.[3]", "Patients recovered."]),
-    ("Seen in 2 cases [4, 7-9]. Rare.", ["Seen in 2 cases [4, 7-9].", "Rare."]),
-    ("Smith et al. (2020) found it. See Fig. 2 for more.",
-     ["Smith et al. (2020) found it.", "See Fig. 2 for more."]),
-    ("e.g. Apples. J. R. Tolkien wrote it.", ["e.g. Apples.", "J. R. Tolkien wrote it."]),
-    ("Arrived at 3 p.m. on Monday. Left.", ["Arrived at 3 p.m. on Monday.", "Left."]),
-    ("Title line\nBody sentence one. Body two!", ["Title line", "Body sentence one.", "Body two!"]),
-    ("Really?! \"Yes.\" Then (maybe) more... Done", ["Really?!", "\"Yes.\"", "Then (maybe) more...", "Done"]),
-    ("lower case. after a period stays", ["lower case. after a period stays"]),
-    ("这是中文。这是第二句！好吗？", ["这是中文。", "这是第二句！", "好吗？"]),
-    ("Он пришёл. Она ушла.", ["Он пришёл.", "Она ушла."]),
-    ("", []),
-    ("   \n\n  ", []),
-    ("no punctuation", ["no punctuation"]),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("Dr. Smith went home. He slept.", ["Dr. Smith went home.", "He slept."]),
+        ("The rate was 3.14 percent. It rose.", ["The rate was 3.14 percent.", "It rose."]),
+        ("Shown before [12]. Next one.", ["Shown before [12].", "Next one."]),
+        ("Viral load rose.[3] Patients recovered.", ["Viral load rose.[3]", "Patients recovered."]),
+        ("Seen in 2 cases [4, 7-9]. Rare.", ["Seen in 2 cases [4, 7-9].", "Rare."]),
+        (
+            "Smith et al. (2020) found it. See Fig. 2 for more.",
+            ["Smith et al. (2020) found it.", "See Fig. 2 for more."],
+        ),
+        ("e.g. Apples. J. R. Tolkien wrote it.", ["e.g. Apples.", "J. R. Tolkien wrote it."]),
+        ("Arrived at 3 p.m. on Monday. Left.", ["Arrived at 3 p.m. on Monday.", "Left."]),
+        ("Title line\nBody sentence one. Body two!", ["Title line", "Body sentence one.", "Body two!"]),
+        ('Really?! "Yes." Then (maybe) more... Done', ["Really?!", '"Yes."', "Then (maybe) more...", "Done"]),
+        ("lower case. after a period stays", ["lower case. after a period stays"]),
+        ("这是中文。这是第二句！好吗？", ["这是中文。", "这是第二句！", "好吗？"]),
+        ("Он пришёл. Она ушла.", ["Он пришёл.", "Она ушла."]),
+        ("", []),
+        ("   \n\n  ", []),
+        ("no punctuation", ["no punctuation"]),
+    ],
+)
 def test_split_sentences_cases(text, expected):
     assert sentence_texts(text) == expected
     for a, b in split_sentences(text):  # exact substrings, no surrounding whitespace
@@ -108,7 +114,7 @@ def _brute(probs, spans, t, mode):
 @pytest.mark.parametrize("mode", MODES)
 def test_provence_sentences_matches_brute_force(mode):
     rng = np.random.default_rng(1)
-    for trial in range(300):
+    for _trial in range(300):
         T = int(rng.integers(0, 40))
         probs = rng.random(T) ** rng.uniform(0.2, 4)
         cuts = np.sort(rng.integers(0, T + 1, size=int(rng.integers(0, 8))))
@@ -127,6 +133,7 @@ def test_provence_sentences_modes_differ_and_validate():
     assert not provence_sentences(probs, spans, mode="majority")[0]
     assert not provence_sentences(probs, spans, threshold=0.25, mode="probability_average")[0]
     import torch
+
     assert provence_sentences(torch.tensor(probs), spans)[0]
     with pytest.raises(ValueError, match="mode"):
         provence_sentences(probs, spans, mode="vote")
@@ -141,7 +148,9 @@ def test_provence_sentences_modes_differ_and_validate():
 
 # ---------------------------------------------------------------- title rule
 def test_title_rule_edge_cases():
-    f = lambda k, **kw: apply_title_rule(np.array(k, bool), **kw).tolist()
+    def f(k, **kw):
+        return apply_title_rule(np.array(k, bool), **kw).tolist()
+
     # nothing kept -> empty
     assert f([0, 0, 0], always_select_title=True) == [False] * 3
     # only the title passes -> still empty with the rule
@@ -185,8 +194,7 @@ def test_plan_blocks_packs_sentences_and_cuts_long_ones():
 
 
 def test_stitch_blocks_orders_and_takes_max_score():
-    offs, probs, score = stitch_blocks([[(10, 12), (13, 15)], [(0, 3), (4, 9)]],
-                                       [[0.1, 0.2], [0.3, 0.4]], [0.5, 2.5])
+    offs, probs, score = stitch_blocks([[(10, 12), (13, 15)], [(0, 3), (4, 9)]], [[0.1, 0.2], [0.3, 0.4]], [0.5, 2.5])
     assert offs[:, 0].tolist() == [0, 4, 10, 13]
     np.testing.assert_allclose(probs, [0.3, 0.4, 0.1, 0.2])
     assert score == 2.5

@@ -1,4 +1,5 @@
 """Provence model, checkpoint layouts, tokenizers, and ProvencePruner.process end to end."""
+
 import json
 
 import numpy as np
@@ -6,8 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from tokenprune.provence import ProvenceModel, ProvencePruner, save_provence_model, load_provence_model
-from tokenprune.provence import token_sentence_spans
+from tokenprune.provence import (
+    ProvenceModel,
+    ProvencePruner,
+    load_provence_model,
+    save_provence_model,
+    token_sentence_spans,
+)
 from tokenprune.sentences import split_sentences
 
 KEY = "zebra"
@@ -25,15 +31,26 @@ def _tok_bpe():
     tk = Tokenizer(models.BPE(unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    tk.train_from_iterator(CORPUS, trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tk.train_from_iterator(
+        CORPUS,
+        trainers.BpeTrainer(
+            vocab_size=400,
+            special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     tk.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
-        special_tokens=[("<s>", 1), ("</s>", 2)])
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
-                                   cls_token="<s>", sep_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 1), ("</s>", 2)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        bos_token="<s>",
+        eos_token="</s>",
+        cls_token="<s>",
+        sep_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+    )
 
 
 def _tok_unigram():
@@ -51,10 +68,11 @@ def _tok_unigram():
     tk.pre_tokenizer = pre_tokenizers.Metaspace()
     tk.decoder = decoders.Metaspace()
     tk.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", 1), ("[SEP]", 2)])
-    return PreTrainedTokenizerFast(tokenizer_object=tk, cls_token="[CLS]", sep_token="[SEP]",
-                                   pad_token="[PAD]", unk_token="[UNK]")
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 1), ("[SEP]", 2)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]", unk_token="[UNK]"
+    )
 
 
 def _tok_wordpiece():
@@ -85,8 +103,9 @@ class KeywordProvence(ProvenceModel):
         from transformers import BertConfig
 
         nn.Module.__init__(self)
-        self.config = BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
-                                 intermediate_size=8, max_position_embeddings=512)
+        self.config = BertConfig(
+            hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8, max_position_embeddings=512
+        )
         self.tok = tokenizer
         self.dummy = nn.Parameter(torch.zeros(1))
         self.calls = []
@@ -106,19 +125,23 @@ def _tiny_bert(tok, seed=0, **kw):
     from transformers import BertConfig
 
     torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
-                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=256,
-                     **kw)
+    cfg = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=256,
+        **kw,
+    )
     return ProvenceModel(cfg).eval()
 
 
 # ------------------------------------------------------------------ token -> sentence mapping
 def test_token_spans_with_real_offsets(tokenizer):
-    text = ("The zebra runs in the savanna. Lions hunt at night.\nLe chat dort. 猫は寝る。 "
-            "Numbers like 3.14 appear.")
+    text = "The zebra runs in the savanna. Lions hunt at night.\nLe chat dort. 猫は寝る。 Numbers like 3.14 appear."
     sents = np.array(split_sentences(text))
-    off = np.array(tokenizer(text, add_special_tokens=False,
-                             return_offsets_mapping=True)["offset_mapping"])
+    off = np.array(tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"])
     spans = token_sentence_spans(off, sents)
     last = np.where(off[:, 1] > off[:, 0], off[:, 1] - 1, off[:, 0])
     for (a, b), (ca, cb) in zip(spans, sents):  # brute force: membership by last character
@@ -130,12 +153,13 @@ def test_token_spans_with_real_offsets(tokenizer):
 def test_keyword_model_keeps_keyword_sentences(tokenizer):
     model = KeywordProvence(tokenizer)
     pruner = ProvencePruner(model, tokenizer, max_length=512)
-    ctx = ("Zebra facts\nThe zebra runs in the savanna. Lions hunt at night. Cats sleep a lot.\n"
-           "Zebra stripes confuse flies. Weather is warm today.")
+    ctx = (
+        "Zebra facts\nThe zebra runs in the savanna. Lions hunt at night. Cats sleep a lot.\n"
+        "Zebra stripes confuse flies. Weather is warm today."
+    )
     out = pruner.process("Where do zebras run?", ctx, title=None)
     assert out["kept_sentences"] == [0, 1, 4]
-    assert out["pruned_context"] == ("Zebra facts\nThe zebra runs in the savanna.\n"
-                                     "Zebra stripes confuse flies.")
+    assert out["pruned_context"] == ("Zebra facts\nThe zebra runs in the savanna.\nZebra stripes confuse flies.")
     assert out["compression"] == pytest.approx(1 - len(out["pruned_context"]) / len(ctx))
     # title rule: with always_select_title the title follows the others
     only_title = "Zebra facts\nLions hunt at night. Cats sleep a lot."
@@ -160,7 +184,7 @@ def test_long_context_blocks_repeat_query_and_stitch(minilm_tok):
     for batch in model.calls:
         assert batch.shape[1] <= 32
         for row in batch:  # the query is repeated in every block, right after [CLS]
-            assert row[1:1 + len(q_ids)].tolist() == q_ids
+            assert row[1 : 1 + len(q_ids)].tolist() == q_ids
     assert small["kept_sentences"] == big["kept_sentences"] == [7, 31, 40]
     assert small["pruned_context"] == big["pruned_context"]
     assert small["pruned_context"].endswith(long_sentence)
@@ -173,19 +197,17 @@ def test_long_context_blocks_repeat_query_and_stitch(minilm_tok):
 def test_tiny_random_model_end_to_end_shapes_and_batching(minilm_tok):
     model = _tiny_bert(minilm_tok)
     pruner = ProvencePruner(model, minilm_tok, max_length=64, device="cpu")
-    ctxs = ["Title A\nFirst sentence here. Second sentence there.", "",
-            "Один. Два предложения здесь.", "x " * 300]
+    ctxs = ["Title A\nFirst sentence here. Second sentence there.", "", "Один. Два предложения здесь.", "x " * 300]
     one = pruner.process("What is first?", ctxs[0], threshold=0.5)
     assert isinstance(one["pruned_context"], str) and isinstance(one["reranking_score"], float)
     lst = pruner.process("What is first?", ctxs, threshold=0.5)
     assert len(lst["pruned_context"]) == 4
-    nested = pruner.process(["What is first?", ""], [ctxs, ctxs[:2]], threshold=0.5,
-                            batch_size=1)
+    nested = pruner.process(["What is first?", ""], [ctxs, ctxs[:2]], threshold=0.5, batch_size=1)
     assert [len(r) for r in nested["pruned_context"]] == [4, 2]
-    nested32 = pruner.process(["What is first?", ""], [ctxs, ctxs[:2]], threshold=0.5,
-                              batch_size=32)
-    np.testing.assert_allclose(np.concatenate(nested["reranking_score"]),
-                               np.concatenate(nested32["reranking_score"]), atol=1e-4)
+    nested32 = pruner.process(["What is first?", ""], [ctxs, ctxs[:2]], threshold=0.5, batch_size=32)
+    np.testing.assert_allclose(
+        np.concatenate(nested["reranking_score"]), np.concatenate(nested32["reranking_score"]), atol=1e-4
+    )
     assert nested["kept_sentences"] == nested32["kept_sentences"]
     assert lst["pruned_context"][1] == "" and lst["compression"][1] == 0.0
     for ctx, pruned, kept in zip(ctxs, lst["pruned_context"], lst["kept_sentences"]):
@@ -215,8 +237,7 @@ def test_bf16_runs_close_to_fp32(minilm_tok):
     model = _tiny_bert(minilm_tok)
     ctx = "Alpha beta gamma. Delta epsilon. Zeta eta theta iota."
     f32 = ProvencePruner(model, minilm_tok, max_length=64, dtype="float32").process("alpha", ctx)
-    b16 = ProvencePruner(_tiny_bert(minilm_tok), minilm_tok, max_length=64,
-                         dtype="bfloat16").process("alpha", ctx)
+    b16 = ProvencePruner(_tiny_bert(minilm_tok), minilm_tok, max_length=64, dtype="bfloat16").process("alpha", ctx)
     assert abs(f32["reranking_score"] - b16["reranking_score"]) < 0.05
     with pytest.raises(ValueError, match="dtype"):
         ProvencePruner(model, minilm_tok, dtype="float8")
@@ -254,10 +275,17 @@ def test_loads_naver_deberta_layout_without_remote_code(tmp_path, minilm_tok):
     from transformers import DebertaV2Config
 
     torch.manual_seed(1)
-    cfg = DebertaV2Config(vocab_size=len(minilm_tok), hidden_size=32, num_hidden_layers=2,
-                          num_attention_heads=2, intermediate_size=64,
-                          max_position_embeddings=128, relative_attention=True,
-                          position_buckets=16, pos_att_type=["p2c", "c2p"])
+    cfg = DebertaV2Config(
+        vocab_size=len(minilm_tok),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        relative_attention=True,
+        position_buckets=16,
+        pos_att_type=["p2c", "c2p"],
+    )
     model = ProvenceModel(cfg).eval()
     ref = _scores(ProvencePruner(model, minilm_tok, max_length=64))
     d = save_provence_model(model, minilm_tok, tmp_path / "naver", max_length=64)
@@ -288,10 +316,17 @@ def test_loads_open_provence_layout(tmp_path, minilm_tok):
             state["ranking_model." + k] = v.contiguous()
     save_file(state, str(d / "model.safetensors"))
     base = model.config.to_dict()
-    (d / "config.json").write_text(json.dumps({
-        "model_type": "open_provence", "base_model_config": base, "max_length": 64,
-        "architectures": ["OpenProvenceForSequenceClassification"],
-        "auto_map": {"AutoModel": "modeling_open_provence_standalone.OpenProvenceModel"}}))
+    (d / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "open_provence",
+                "base_model_config": base,
+                "max_length": 64,
+                "architectures": ["OpenProvenceForSequenceClassification"],
+                "auto_map": {"AutoModel": "modeling_open_provence_standalone.OpenProvenceModel"},
+            }
+        )
+    )
     minilm_tok.save_pretrained(str(d))
     np.testing.assert_allclose(_scores(ProvencePruner(str(d), max_length=64)), ref, atol=1e-5)
 

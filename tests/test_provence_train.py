@@ -1,5 +1,6 @@
 """Provence training utilities: silver-label parsing, token labels, joint loss, a short real
 training run on COVID-QA, and (only when its cached weights exist) the trained MiniLM pruner."""
+
 import json
 import os
 from pathlib import Path
@@ -39,22 +40,25 @@ def test_label_prompt_and_parser():
     assert parse_cited_sentences("A did it [0]. Also [1, 3] and [3].") == [0, 1, 3]
     assert parse_cited_sentences("No answer.") == []
     assert parse_cited_sentences("no answer") == []
-    assert parse_cited_sentences("A did it.") is None          # unparseable -> dropped
+    assert parse_cited_sentences("A did it.") is None  # unparseable -> dropped
     assert parse_cited_sentences("see [7]", n_sentences=3) is None
     assert parse_cited_sentences("[2,4]", n_sentences=5) == [2, 4]
 
 
 def test_jsonl_roundtrip(tmp_path):
-    recs = [{"query": "q", "sentences": ["a.", "b."], "selected_sents": [1],
-             "teacher_score": None, "title": "T é"}]
+    recs = [{"query": "q", "sentences": ["a.", "b."], "selected_sents": [1], "teacher_score": None, "title": "T é"}]
     write_jsonl(recs, tmp_path / "r.jsonl")
     assert read_jsonl(tmp_path / "r.jsonl") == recs
 
 
 def test_encode_record_labels_cover_selected_sentences(tok):
-    rec = {"query": "Where is the zebra?", "title": "Zebras",
-           "sentences": ["Lions sleep.", "The zebra lives in Kenya.", "Birds fly south."],
-           "selected_sents": [1], "teacher_score": 2.5}
+    rec = {
+        "query": "Where is the zebra?",
+        "title": "Zebras",
+        "sentences": ["Lions sleep.", "The zebra lives in Kenya.", "Birds fly south."],
+        "selected_sents": [1],
+        "teacher_score": 2.5,
+    }
     enc = encode_record(tok, rec, max_length=64)
     labels = np.array(enc["labels"])
     ids = np.array(enc["input_ids"])
@@ -64,8 +68,9 @@ def test_encode_record_labels_cover_selected_sentences(tok):
     assert (labels[: n_q + 2] == -100).all() and labels[-1] == -100
     text, spans, off0 = join_sentences(rec["sentences"], rec["title"])
     assert off0 == 1 and text == "Zebras\nLions sleep. The zebra lives in Kenya. Birds fly south."
-    assert (labels == 0).sum() == len(tok(text.replace("The zebra lives in Kenya.", ""),
-                                          add_special_tokens=False)["input_ids"])
+    assert (labels == 0).sum() == len(
+        tok(text.replace("The zebra lives in Kenya.", ""), add_special_tokens=False)["input_ids"]
+    )
     assert enc["teacher_score"] == 2.5
     neg = encode_record(tok, dict(rec, selected_sents=[], teacher_score=None), 64)
     assert 1 not in neg["labels"] and np.isnan(neg["teacher_score"])
@@ -101,8 +106,11 @@ def test_squad_records_select_answer_sentences(shared_data):
     assert pos and neg and all(r["article"] in set(te[:2].tolist()) for r in recs)
     for r in pos:
         chosen = " ".join(r["sentences"][i] for i in r["selected_sents"])
+
         # the gold answer lies inside the selected sentences (modulo whitespace)
-        norm = lambda s: "".join(s.split())
+        def norm(s):
+            return "".join(s.split())
+
         assert norm(r["answer"])[:40] in norm(chosen)
         assert 3 <= len(r["sentences"]) <= 5 or len(r["sentences"]) >= len(r["selected_sents"])
     long_answers = [r for r in neg if len(r["answer"]) > 30]
@@ -117,26 +125,32 @@ def test_short_training_run_learns(shared_data, tok):
     from transformers import BertConfig
 
     squad = json.loads((shared_data / "qa" / "covidqa_train.json").read_text())
-    recs = squad_records(squad, article_ids=[0, 1], window=(2, 3), negatives=1, seed=0,
-                         positive_score=None, negative_score=None)[:16]
+    recs = squad_records(
+        squad, article_ids=[0, 1], window=(2, 3), negatives=1, seed=0, positive_score=None, negative_score=None
+    )[:16]
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1,
-                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+    cfg = BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
     model = ProvenceModel(cfg)
-    losses = train_provence(model, tok, recs, max_length=96, batch_size=8, lr=3e-3, steps=30,
-                            warmup=0.1, seed=0)
+    losses = train_provence(model, tok, recs, max_length=96, batch_size=8, lr=3e-3, steps=30, warmup=0.1, seed=0)
     assert len(losses) == 30 and np.isfinite(losses).all()
     assert np.mean(losses[-5:]) < 0.75 * np.mean(losses[:5])
-    out = ProvencePruner(model, tok, max_length=96).process(recs[0]["query"],
-                                                            " ".join(recs[0]["sentences"]))
+    out = ProvencePruner(model, tok, max_length=96).process(recs[0]["query"], " ".join(recs[0]["sentences"]))
     assert isinstance(out["pruned_context"], str)
 
 
 def test_trainable_layers_freezes_the_rest(tok):
     from transformers import BertConfig
 
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=16, num_hidden_layers=3,
-                     num_attention_heads=2, intermediate_size=32)
+    cfg = BertConfig(
+        vocab_size=tok.vocab_size, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32
+    )
     model = ProvenceModel(cfg)
     rec = {"query": "q", "sentences": ["A b.", "C d."], "selected_sents": [0]}
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -147,13 +161,14 @@ def test_trainable_layers_freezes_the_rest(tok):
     assert not any(".layer.0." in k or ".layer.1." in k or "embeddings" in k for k in changed)
 
 
-CACHED = Path(os.environ.get("PRUNEKIT_CACHE", Path.home() / ".cache" / "prunekit")) \
-    / "provence-minilm-covidqa"
+CACHED = Path(os.environ.get("PRUNEKIT_CACHE", Path.home() / ".cache" / "prunekit")) / "provence-minilm-covidqa"
 
 
-@pytest.mark.skipif(not (CACHED / "model.safetensors").is_file(),
-                    reason="trained Provence-MiniLM weights are not cached (they are produced by "
-                           "benchmarks/train_provence_minilm.py, not committed; absent in CI)")
+@pytest.mark.skipif(
+    not (CACHED / "model.safetensors").is_file(),
+    reason="trained Provence-MiniLM weights are not cached (they are produced by "
+    "benchmarks/train_provence_minilm.py, not committed; absent in CI)",
+)
 def test_trained_minilm_keeps_answer_sentences(shared_data):
     """Held-out COVID-QA articles: the trained pruner keeps the answer sentence(s) of most
     questions while removing a good share of the context."""
@@ -165,8 +180,7 @@ def test_trained_minilm_keeps_answer_sentences(shared_data):
     pruner = ProvencePruner(str(CACHED))
     ctxs = [" ".join(r["sentences"]) for r in recs]
     out = pruner.process([r["query"] for r in recs], ctxs, threshold=0.1)
-    hits = [all(r["sentences"][i] in p for i in r["selected_sents"])
-            for r, p in zip(recs, out["pruned_context"])]
+    hits = [all(r["sentences"][i] in p for i in r["selected_sents"]) for r, p in zip(recs, out["pruned_context"])]
     assert np.mean(hits) >= 0.8
     assert np.mean(out["compression"]) >= 0.15  # measured: 0.30 at T=0.1 on 60 contexts
 
@@ -183,8 +197,7 @@ def test_rag_pruning_benchmark_quick(shared_data, monkeypatch):
     spec.loader.exec_module(mod)
     rows = mod.main(["--quick", "--thresholds", "0.1,0.5"])
     names = {r[0].split(" (")[0] for r in rows}
-    assert {"Provence-MiniLM", "MiniLM bi-encoder top sentences",
-            "random sentence dropping"} <= names
+    assert {"Provence-MiniLM", "MiniLM bi-encoder top sentences", "random sentence dropping"} <= names
     assert len(rows) == 2 + 2 * 2
     for _, _, m, speed in rows:
         assert 0 <= m["sent_recall"] <= 1 and m["char_comp"] <= 1 and speed > 0

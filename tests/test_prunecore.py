@@ -1,9 +1,9 @@
 """prunecore: normalisation errors, k-means/assign exactness, row sources, keep_count."""
+
 import numpy as np
 import pytest
 
-from prunecore import (ChunkedRows, RowSubset, assign, keep_count, kmeans, l2_normalize, open_embeddings,
-                       top_k_mask)
+from prunecore import ChunkedRows, RowSubset, assign, keep_count, kmeans, l2_normalize, open_embeddings, top_k_mask
 
 
 def test_l2_normalize_unit_rows_and_input_untouched():
@@ -66,7 +66,7 @@ def test_kmeans_separates_planted_clusters_and_is_seeded(backend):
     np.testing.assert_array_equal(a.labels, b.labels)
     # each planted group maps to one cluster
     for g in range(4):
-        assert len(np.unique(a.labels[g * 50:(g + 1) * 50])) == 1
+        assert len(np.unique(a.labels[g * 50 : (g + 1) * 50])) == 1
     assert sorted(a.sizes.tolist()) == [50, 50, 50, 50]
     np.testing.assert_allclose(np.linalg.norm(a.centroids, axis=1), 1, rtol=1e-5)
     want_labels, want_sim = brute_assign(x, a.centroids)
@@ -114,12 +114,15 @@ def test_kmeans_k_one_and_k_equals_n(k):
         assert sorted(c.labels.tolist()) == list(range(9))  # every point its own centroid
 
 
-@pytest.mark.parametrize("bad, k, match", [
-    (np.ones((3, 2), np.float32), 4, "k=4"),
-    (np.ones((0, 2), np.float32), 1, "empty"),
-    (np.ones((3, 2), np.float32), 0, "positive"),
-    (np.ones((3, 2), np.int64), 1, "floating"),
-])
+@pytest.mark.parametrize(
+    "bad, k, match",
+    [
+        (np.ones((3, 2), np.float32), 4, "k=4"),
+        (np.ones((0, 2), np.float32), 1, "empty"),
+        (np.ones((3, 2), np.float32), 0, "positive"),
+        (np.ones((3, 2), np.int64), 1, "floating"),
+    ],
+)
 def test_kmeans_errors(bad, k, match):
     with pytest.raises((ValueError, TypeError), match=match):
         kmeans(bad, k)
@@ -171,8 +174,9 @@ def test_open_embeddings_errors(tmp_path):
         open_embeddings(tmp_path / "junk.npy")
 
 
-@pytest.mark.parametrize("n, keep, want", [(10, 0.25, 3), (10, 1.0, 10), (10, 3, 3), (10, 0, 0),
-                                           (7, 0.5, 4), (0, 0.5, 0)])
+@pytest.mark.parametrize(
+    "n, keep, want", [(10, 0.25, 3), (10, 1.0, 10), (10, 3, 3), (10, 0, 0), (7, 0.5, 4), (0, 0.5, 0)]
+)
 def test_keep_count(n, keep, want):
     assert keep_count(n, keep) == want
 

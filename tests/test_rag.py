@@ -1,4 +1,5 @@
 """Provence drop-in components inside the real LangChain, LlamaIndex and Haystack frameworks."""
+
 import pytest
 import torch
 from torch import nn
@@ -7,8 +8,8 @@ from tokenprune.provence import ProvenceModel, ProvencePruner
 
 QUERY = "Where does the zebra live?"
 DOCS = [
-    "Horses\nHorses eat grass. They sleep standing.",                     # nothing relevant
-    "Habitat notes\nThe zebra lives in the savanna. Lions hunt there.",   # one zebra sentence
+    "Horses\nHorses eat grass. They sleep standing.",  # nothing relevant
+    "Habitat notes\nThe zebra lives in the savanna. Lions hunt there.",  # one zebra sentence
     "Savanna animals\nA zebra zebra herd is big. The zebra migrates. Birds sing.",
 ]
 
@@ -20,8 +21,7 @@ class KeywordProvence(ProvenceModel):
         from transformers import BertConfig
 
         nn.Module.__init__(self)
-        self.config = BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
-                                 intermediate_size=8)
+        self.config = BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8)
         self.zebra = tokenizer.convert_tokens_to_ids("zebra")
         self.dummy = nn.Parameter(torch.zeros(1))
 
@@ -42,8 +42,7 @@ def pruner():
     return ProvencePruner(KeywordProvence(tok), tok, max_length=128)
 
 
-EXPECTED = {1: "The zebra lives in the savanna.",
-            2: "A zebra zebra herd is big. The zebra migrates."}
+EXPECTED = {1: "The zebra lives in the savanna.", 2: "A zebra zebra herd is big. The zebra migrates."}
 
 
 def test_prune_texts_core(pruner):
@@ -56,7 +55,10 @@ def test_prune_texts_core(pruner):
     assert [r["index"] for r in rows] == [2] and rows[0]["reranking_score"] == 3.0
     kept_all = prune_texts(pruner, QUERY, DOCS, drop_empty=False, always_select_title=True)
     assert [r["pruned_context"] for r in kept_all] == [
-        "", "Habitat notes\n" + EXPECTED[1], "Savanna animals\n" + EXPECTED[2]]
+        "",
+        "Habitat notes\n" + EXPECTED[1],
+        "Savanna animals\n" + EXPECTED[2],
+    ]
     assert prune_texts(pruner, QUERY, []) == []
     with pytest.raises(TypeError):
         prune_texts(pruner, None, DOCS)
@@ -75,15 +77,15 @@ def test_langchain_compressor_in_contextual_compression_retriever(pruner):
 
     comp = ProvenceCompressor(pruner=pruner, reorder=True)
     assert isinstance(comp, BaseDocumentCompressor)
-    retriever = ContextualCompressionRetriever(base_compressor=comp,
-                                               base_retriever=FixedRetriever())
+    retriever = ContextualCompressionRetriever(base_compressor=comp, base_retriever=FixedRetriever())
     docs = retriever.invoke(QUERY)
     assert [d.metadata["source"] for d in docs] == [2, 1]  # sorted by reranking score
     assert [d.page_content for d in docs] == [EXPECTED[2], EXPECTED[1]]
     assert [d.metadata["reranking_score"] for d in docs] == [3.0, 1.0]
     assert 0 < docs[0].metadata["provence_compression"] < 1
     plain = ProvenceCompressor(pruner=pruner, drop_empty=False).compress_documents(
-        [Document(page_content=t) for t in DOCS], QUERY)
+        [Document(page_content=t) for t in DOCS], QUERY
+    )
     assert [d.page_content for d in plain] == ["", EXPECTED[1], EXPECTED[2]]
 
 
@@ -96,8 +98,9 @@ def test_llamaindex_postprocessor(pruner):
     post = ProvencePostprocessor(pruner=pruner, reorder=True, top_k=5)
     assert isinstance(post, BaseNodePostprocessor)
     assert ProvencePostprocessor.class_name() == "ProvencePostprocessor"
-    nodes = [NodeWithScore(node=TextNode(text=t, id_=f"n{i}", metadata={"i": i}), score=0.5)
-             for i, t in enumerate(DOCS)]
+    nodes = [
+        NodeWithScore(node=TextNode(text=t, id_=f"n{i}", metadata={"i": i}), score=0.5) for i, t in enumerate(DOCS)
+    ]
     out = post.postprocess_nodes(nodes, query_str=QUERY)
     assert [n.node.node_id for n in out] == ["n2", "n1"]
     assert [n.node.get_content() for n in out] == [EXPECTED[2], EXPECTED[1]]
@@ -118,14 +121,15 @@ def test_haystack_component_in_pipeline(pruner):
     ranker = ProvenceRanker(pruner=pruner, top_k=1)
     pipe = Pipeline()
     pipe.add_component("provence", ranker)
-    res = pipe.run({"provence": {"documents": [Document(content=t, meta={"i": i})
-                                               for i, t in enumerate(DOCS)],
-                                 "query": QUERY}})
+    res = pipe.run(
+        {"provence": {"documents": [Document(content=t, meta={"i": i}) for i, t in enumerate(DOCS)], "query": QUERY}}
+    )
     docs = res["provence"]["documents"]
     assert len(docs) == 1 and docs[0].content == EXPECTED[2] and docs[0].score == 3.0
     assert docs[0].meta["i"] == 2
     direct = ProvenceRanker(pruner=pruner, reorder=False).run(
-        documents=[Document(content=t) for t in DOCS], query=QUERY, top_k=5)
+        documents=[Document(content=t) for t in DOCS], query=QUERY, top_k=5
+    )
     assert [d.content for d in direct["documents"]] == [EXPECTED[1], EXPECTED[2]]
 
 

@@ -1,4 +1,5 @@
 """The scaling study's --quick path (what CI runs) on a tiny slice of the MNIST test digits."""
+
 import importlib.util
 import json
 from pathlib import Path
@@ -13,8 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def load_study():
-    spec = importlib.util.spec_from_file_location("scaling_study",
-                                                  REPO / "benchmarks" / "scaling_study.py")
+    spec = importlib.util.spec_from_file_location("scaling_study", REPO / "benchmarks" / "scaling_study.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -42,9 +42,22 @@ def test_missing_fashion_files_give_a_clear_error(study, tmp_path):
 
 def test_quick_run_is_complete_and_resumable(study, shared_data, tmp_path):
     threads = torch.get_num_threads()
-    argv = ["--quick", "--dataset", "mnist-test", "--data-dir", str(shared_data / "mnist"),
-            "--cache-dir", str(tmp_path / "cache"), "--threads", "1", "--silent",
-            "--plots", str(tmp_path / "plots"), "--results-json", str(tmp_path / "res.json")]
+    argv = [
+        "--quick",
+        "--dataset",
+        "mnist-test",
+        "--data-dir",
+        str(shared_data / "mnist"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--threads",
+        "1",
+        "--silent",
+        "--plots",
+        str(tmp_path / "plots"),
+        "--results-json",
+        str(tmp_path / "res.json"),
+    ]
     try:
         first = study.main(argv)
         second = study.main(argv)
@@ -61,16 +74,14 @@ def test_quick_run_is_complete_and_resumable(study, shared_data, tmp_path):
         assert r["n_kept"] == int(round(r["fraction"] * n)), r
         assert 0.0 <= r["test_acc"] <= 1.0
     table = first["table"]
-    for label in ("random", "random_kd", "ssp_hard[ssl]", "ssp_easy[sup]", "dbp[ssl]",
-                  "semdedup_dbp[sup]"):
+    for label in ("random", "random_kd", "ssp_hard[ssl]", "ssp_easy[sup]", "dbp[ssl]", "semdedup_dbp[sup]"):
         assert f"| {label} |" in table
     assert "alpha sweep" in table
     # resumable: the second run trains nothing and reads back the same numbers
     assert second["trained"] == 0
     assert [r["test_acc"] for r in second["results"]] == [r["test_acc"] for r in results]
     cache = run.dir
-    for name in ("teacher.pt", "emb_ssl.npy", "emb_sup.npy", "recipe.json",
-                 "teacher_logits/logits.npy"):
+    for name in ("teacher.pt", "emb_ssl.npy", "emb_sup.npy", "recipe.json", "teacher_logits/logits.npy"):
         assert (cache / name).exists(), name
     assert run.teacher_logits().complete
     assert len(list((cache / "points").glob("*.json"))) == len(results)
@@ -93,5 +104,4 @@ def test_quick_run_is_complete_and_resumable(study, shared_data, tmp_path):
     teacher = run.teacher()
     with torch.inference_mode():
         direct = teacher(run.xtr[:16])
-    torch.testing.assert_close(run.teacher_logits().read(run.keys[:16]), direct,
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(run.teacher_logits().read(run.keys[:16]), direct, rtol=1e-4, atol=1e-4)

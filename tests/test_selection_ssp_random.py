@@ -1,11 +1,11 @@
 """Selection algebra and persistence; SSP and random subsets against brute force."""
+
 import numpy as np
 import pandas as pd
 import pytest
 
-from dataprune import (Selection, class_prototypes, prune_ssp, random_subset, semdedup,
-                       ssp_scores)
-from prunecore import Clustering, kmeans
+from dataprune import Selection, class_prototypes, prune_ssp, random_subset, semdedup, ssp_scores
+from prunecore import kmeans
 
 
 def test_and_or_explain_each_drop_by_first_dropper():
@@ -33,8 +33,7 @@ def test_lift_composes_a_stage_run_on_survivors():
 
 def test_parquet_round_trip_is_atomic_and_exact(tmp_path):
     stats = {"dbp": pd.DataFrame({"cluster": [0, 1], "quota": [3, 4]})}
-    sel = Selection.from_mask([True, False, False], "random", scores=[0.1, 0.2, np.nan],
-                              stats=stats)
+    sel = Selection.from_mask([True, False, False], "random", scores=[0.1, 0.2, np.nan], stats=stats)
     path = tmp_path / "keep.parquet"
     sel.to_parquet(path)
     assert [p.name for p in tmp_path.iterdir()] == ["keep.parquet"]  # no temp file left

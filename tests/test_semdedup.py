@@ -1,4 +1,5 @@
 """SemDeDup against brute-force loops, planted duplicates, chains, ties, edge cases."""
+
 import numpy as np
 import pytest
 
@@ -29,8 +30,11 @@ def fixed_clustering(x, labels):
     unit = l2_normalize(x)
     k = labels.max() + 1
     cents = l2_normalize(np.stack([unit[labels == c].mean(0) for c in range(k)]))
-    return Clustering(centroids=cents, labels=labels.astype(np.int64),
-                      sim=np.einsum("nd,nd->n", unit, cents[labels]).astype(np.float32))
+    return Clustering(
+        centroids=cents,
+        labels=labels.astype(np.int64),
+        sim=np.einsum("nd,nd->n", unit, cents[labels]).astype(np.float32),
+    )
 
 
 @pytest.mark.parametrize("rule", ["reference", "greedy"])
@@ -40,21 +44,19 @@ def test_matches_brute_force_on_random_near_duplicates(rule, order, seed):
     rng = np.random.default_rng(seed)
     base = rng.standard_normal((60, 8)).astype(np.float32)
     # many near copies so that chains and overlapping groups occur
-    x = np.concatenate([base, base[rng.integers(0, 60, 90)]
-                        + 0.15 * rng.standard_normal((90, 8)).astype(np.float32)])
+    x = np.concatenate([base, base[rng.integers(0, 60, 90)] + 0.15 * rng.standard_normal((90, 8)).astype(np.float32)])
     labels = rng.integers(0, 4, len(x))
     clustering = fixed_clustering(x, labels)
     for eps in (0.01, 0.05, 0.2):
         expected = brute_semdedup(x, labels, clustering.sim, eps, rule, order)
         for block in (2, 7, 1000):
-            got = semdedup(x, eps, clustering=clustering, rule=rule, order=order,
-                           block_size=block, device="cpu")
+            got = semdedup(x, eps, clustering=clustering, rule=rule, order=order, block_size=block, device="cpu")
             np.testing.assert_array_equal(got.keep, expected, err_msg=f"eps={eps} block={block}")
 
 
 def test_finds_exactly_the_planted_duplicates():
     rng = np.random.default_rng(5)
-    x = rng.standard_normal((400, 32)).astype(np.float32)      # random: pairwise cos ~ 0 +- 0.2
+    x = rng.standard_normal((400, 32)).astype(np.float32)  # random: pairwise cos ~ 0 +- 0.2
     copies = rng.choice(400, 40, replace=False)
     near = x[copies] * 3.0 + 1e-3 * rng.standard_normal((40, 32)).astype(np.float32)
     x = np.concatenate([x, near])
@@ -79,8 +81,9 @@ def test_chain_rules_differ_as_specified():
     x = chain_points()
     labels = np.zeros(3, dtype=np.int64)
     # walk order A, B, C: give decreasing similarity to the centroid (hard = ascending sim)
-    clustering = Clustering(centroids=np.array([[0, 0, 1]], np.float32), labels=labels,
-                            sim=np.array([0.1, 0.2, 0.3], np.float32))
+    clustering = Clustering(
+        centroids=np.array([[0, 0, 1]], np.float32), labels=labels, sim=np.array([0.1, 0.2, 0.3], np.float32)
+    )
     eps = 1 - np.cos(np.deg2rad(30.0))  # 20deg pairs are duplicates, 40deg is not
     ref = semdedup(x, eps, clustering=clustering, rule="reference", device="cpu")
     greedy = semdedup(x, eps, clustering=clustering, rule="greedy", device="cpu")
@@ -135,11 +138,14 @@ def test_k_equals_one_and_random_order_is_seeded():
     assert not np.array_equal(a.keep, c.keep)  # which one survives depends on the order
 
 
-@pytest.mark.parametrize("bad, match", [
-    (np.zeros((0, 4), np.float32), "empty"),
-    (np.ones((3,), np.float32), "2-D"),
-    (np.ones((3, 4), np.int32), "floating"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (np.zeros((0, 4), np.float32), "empty"),
+        (np.ones((3,), np.float32), "2-D"),
+        (np.ones((3, 4), np.int32), "floating"),
+    ],
+)
 def test_bad_input_errors(bad, match):
     with pytest.raises((ValueError, TypeError), match=match):
         semdedup(bad, 0.1, k=1)
@@ -179,6 +185,5 @@ def test_mixed_cluster_sizes_with_automatic_blocks(rule):
     eps_list = [0.05, 0.3]
     got = semdedup(x, eps_list, clustering=clustering, rule=rule, device="cpu")
     for e in eps_list:
-        np.testing.assert_array_equal(got[e].keep,
-                                      brute_semdedup(x, labels, clustering.sim, e, rule))
+        np.testing.assert_array_equal(got[e].keep, brute_semdedup(x, labels, clustering.sim, e, rule))
         assert got[e].n_kept < len(x)  # the planted near-copies exist in several clusters

@@ -3,6 +3,7 @@
 Names are resolved lazily so that importing :mod:`tokenprune` never pulls in transformers
 or a model; each method lives in its own module.
 """
+
 from importlib import import_module
 
 _EXPORTS = {

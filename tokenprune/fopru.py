@@ -15,6 +15,7 @@ obtain the attention from a Hugging Face model live in :mod:`tokenprune.fopru_hf
 
 What the paper fixes and what is reconstructed (a parameter here) is stated per function.
 """
+
 from __future__ import annotations
 
 import math
@@ -75,9 +76,7 @@ def fopru_scores(attn: torch.Tensor, *, method: str = "cls", num_prefix: int | N
         b, h, nq, n = attn.shape
         if method == "cls":
             if nq != n:
-                raise ValueError(
-                    f"4-D attn must be square (B, heads, N, N) for method='cls', got {tuple(attn.shape)}"
-                )
+                raise ValueError(f"4-D attn must be square (B, heads, N, N) for method='cls', got {tuple(attn.shape)}")
             rows = attn[:, :, 0, :]
         else:
             rows = attn.mean(dim=2)
@@ -85,9 +84,7 @@ def fopru_scores(attn: torch.Tensor, *, method: str = "cls", num_prefix: int | N
         rows = attn
         n = attn.shape[-1]
     else:
-        raise ValueError(
-            f"attn must be (B, heads, N, N) or (B, heads, N), got shape {tuple(attn.shape)}"
-        )
+        raise ValueError(f"attn must be (B, heads, N, N) or (B, heads, N), got shape {tuple(attn.shape)}")
     if method == "cls" and num_prefix < 1:
         raise ValueError("method='cls' needs the CLS token at index 0: num_prefix must be >= 1")
     if num_prefix >= n:
@@ -114,9 +111,7 @@ def keep_to_count(n: int, keep) -> int:
             raise ValueError(f"keep fraction must be in (0, 1], got {keep!r} (use an int for a count)")
         k = int(round(f * n))
         if k < 1:
-            raise ValueError(
-                f"keep={keep!r} of N={n} tokens rounds to K=0; pass a larger fraction or an int count"
-            )
+            raise ValueError(f"keep={keep!r} of N={n} tokens rounds to K=0; pass a larger fraction or an int count")
         return min(k, n)
     raise TypeError(f"keep must be a float fraction or an int count, got {type(keep).__name__}")
 

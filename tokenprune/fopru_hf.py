@@ -19,14 +19,16 @@ CLIP or SigLIP vision tower.  Dispatched on ``config.model_type``:
 ``LlavaNextForConditionalGeneration`` (any-res) to :mod:`tokenprune.fopru_llava_next` and
 ``Qwen2VLForConditionalGeneration`` to :mod:`tokenprune.fopru_qwen2vl`.
 """
+
 from __future__ import annotations
 
 import importlib
 import inspect
 import math
-from numbers import Integral
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from numbers import Integral
+from typing import Any
 
 import torch
 from torch import nn
@@ -143,7 +145,7 @@ class AttentionRowCapture:
         """q, k: ``(B, N, heads*d)`` projection outputs -> ``(B, heads, N)`` float32 rows."""
         b, n, dim = q.shape
         d = dim // self.num_heads
-        scale = self.scale if self.scale is not None else d ** -0.5
+        scale = self.scale if self.scale is not None else d**-0.5
         qh = q.float().view(b, n, self.num_heads, d).transpose(1, 2)
         kh = k.float().view(b, n, self.num_heads, d).transpose(1, 2)
         if self.method == "cls":
@@ -155,7 +157,7 @@ class AttentionRowCapture:
         return acc / n
 
     # lifecycle -------------------------------------------------------------
-    def attach(self) -> "AttentionRowCapture":
+    def attach(self) -> AttentionRowCapture:
         if not self._handles:
             self._handles = [
                 self.module.q_proj.register_forward_hook(self._on_q),
@@ -177,7 +179,7 @@ class AttentionRowCapture:
         return False
 
     @classmethod
-    def for_model(cls, model: nn.Module, *, layer: int = -2, method: str = "cls") -> "AttentionRowCapture":
+    def for_model(cls, model: nn.Module, *, layer: int = -2, method: str = "cls") -> AttentionRowCapture:
         """Capture on the attention of the vision layer feeding ``hidden_states[layer]``."""
         block = _resolve_layer(vision_layers(model), layer)
         attn = getattr(block, "self_attn", None) or getattr(block, "attn", None) or getattr(block, "attention", None)
@@ -246,9 +248,7 @@ def prune_mm_inputs(
     is_img = input_ids == image_token_id
     n_img = int(is_img.sum())
     if n_img != sum(tokens_per_image):
-        raise ValueError(
-            f"input_ids hold {n_img} image tokens but the images have {sum(tokens_per_image)} features"
-        )
+        raise ValueError(f"input_ids hold {n_img} image tokens but the images have {sum(tokens_per_image)} features")
     # keep mask over the flattened image positions (row-major = masked_scatter order)
     img_keep = torch.zeros(n_img, dtype=torch.bool, device=input_ids.device)
     offsets = [0]
@@ -456,9 +456,20 @@ def fopru_generate(
     adapter = _model_adapter(model)
     if adapter is not None:  # LLaVA-NeXT any-res packing / Qwen2-VL (fused-qkv tower, M-RoPE positions)
         return adapter(
-            model, processor_outputs, keep=keep, strategy=strategy, layer=layer, method=method,
-            row_mode=row_mode, grid=grid, feature_passing=feature_passing, restore_prompt=restore_prompt,
-            kept_indices=kept_indices, _generate=_generate, _capture=_capture, **generate_kwargs,
+            model,
+            processor_outputs,
+            keep=keep,
+            strategy=strategy,
+            layer=layer,
+            method=method,
+            row_mode=row_mode,
+            grid=grid,
+            feature_passing=feature_passing,
+            restore_prompt=restore_prompt,
+            kept_indices=kept_indices,
+            _generate=_generate,
+            _capture=_capture,
+            **generate_kwargs,
         )
     if not hasattr(getattr(model, "config", None), "vision_feature_layer"):
         raise TypeError(
@@ -508,15 +519,18 @@ def fopru_generate(
                 raise ValueError(f"kept_indices must be non-empty and within [0, {n_patch})")
     # feature-token indices (a CLS feature, if present, is always kept)
     kept_feat = [
-        torch.cat([torch.arange(n_prefix), k.to(torch.long) + n_prefix]) if n_prefix else k.to(torch.long)
-        for k in kept
+        torch.cat([torch.arange(n_prefix), k.to(torch.long) + n_prefix]) if n_prefix else k.to(torch.long) for k in kept
     ]
     dev = feats[0].device
     pruned = [f[k.to(dev)] for f, k in zip(feats, kept_feat)]
 
     image_token_id = model.config.image_token_id
     new_ids, new_mask = prune_mm_inputs(
-        input_ids, attention_mask, image_token_id, [f.shape[0] for f in feats], kept_feat,
+        input_ids,
+        attention_mask,
+        image_token_id,
+        [f.shape[0] for f in feats],
+        kept_feat,
         pad_token_id=pad_token_id(model),
     )
     base_mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
@@ -528,8 +542,16 @@ def fopru_generate(
         kept_indices=[k.cpu() for k in kept],
     )
 
-    out = generate_with_features(model, gen, new_ids, pruned, feature_passing=feature_passing,
-                                 attention_mask=new_mask, **extra, **generate_kwargs)
+    out = generate_with_features(
+        model,
+        gen,
+        new_ids,
+        pruned,
+        feature_passing=feature_passing,
+        attention_mask=new_mask,
+        **extra,
+        **generate_kwargs,
+    )
     if restore_prompt:
         out = restore_original_prompt(out, input_ids, new_ids)
     return out, stats
@@ -539,14 +561,23 @@ def pad_token_id(model: nn.Module) -> int:
     """The pad id used to re-pad shrunk prompts (generation config, then the configs; 0 if none)."""
     pad = model.generation_config.pad_token_id
     if pad is None:
-        pad = getattr(model.config, "pad_token_id", None) or getattr(model.config.get_text_config(), "pad_token_id", None)
+        pad = getattr(model.config, "pad_token_id", None) or getattr(
+            model.config.get_text_config(), "pad_token_id", None
+        )
     if isinstance(pad, (list, tuple)):
         pad = pad[0]
     return int(pad) if pad is not None else 0
 
 
-def generate_with_features(model: nn.Module, gen: Callable, new_ids: torch.Tensor, pruned: list[torch.Tensor], *,
-                           feature_passing: str, **kwargs):
+def generate_with_features(
+    model: nn.Module,
+    gen: Callable,
+    new_ids: torch.Tensor,
+    pruned: list[torch.Tensor],
+    *,
+    feature_passing: str,
+    **kwargs,
+):
     """Call ``gen`` on the shrunk prompt with the pruned image features.
 
     ``new_ids``: (B, L') prompt with ``sum_i K_i`` image placeholders; ``pruned``: per image
@@ -585,7 +616,7 @@ def restore_original_prompt(out, input_ids: torch.Tensor, new_ids: torch.Tensor)
     input_ids = input_ids.repeat_interleave(rep, 0).to(seqs.device)
     new_ids = new_ids.repeat_interleave(rep, 0).to(seqs.device)
     if seqs.shape[1] >= new_ids.shape[1] and torch.equal(seqs[:, : new_ids.shape[1]], new_ids):
-        seqs = torch.cat([input_ids, seqs[:, new_ids.shape[1]:]], dim=1)
+        seqs = torch.cat([input_ids, seqs[:, new_ids.shape[1] :]], dim=1)
     else:  # generate returned only the new tokens (inputs_embeds path on some versions)
         seqs = torch.cat([input_ids, seqs], dim=1)
     if isinstance(out, torch.Tensor):
@@ -644,7 +675,7 @@ class FoPru:
     def stats(self) -> FoPruStats | None:
         return self.history[-1] if self.history else None
 
-    def __enter__(self) -> "FoPru":
+    def __enter__(self) -> FoPru:
         if self._active:
             raise RuntimeError("FoPru context is already active")
         m = self.model

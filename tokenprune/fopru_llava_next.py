@@ -36,10 +36,12 @@ Selection policy (reconstruction; the FoPru paper covers fixed-size LLaVA-1.5 on
   of that big-grid row is kept; ``"all"`` always keeps all of them; ``"none"`` drops them.
 * Kept tokens stay in packed order (the reorder step).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -255,8 +257,14 @@ class AnyResStats:
         d = {
             k: list(getattr(self, k))
             for k in (
-                "tokens_in", "tokens_out", "prompt_tokens_in", "prompt_tokens_out",
-                "visual_in", "visual_out", "newline_in", "newline_out",
+                "tokens_in",
+                "tokens_out",
+                "prompt_tokens_in",
+                "prompt_tokens_out",
+                "visual_in",
+                "visual_out",
+                "newline_in",
+                "newline_out",
             )
         }
         d["prefill_tokens_saved"] = self.prefill_tokens_saved
@@ -348,8 +356,14 @@ def fopru_generate_llava_next(
     ``kept_indices`` bypasses scoring with per-image *packed* positions (newlines included as
     the caller chooses).  Returns ``(sequences, AnyResStats)``.
     """
-    from .fopru_hf import (_get, _per_image_keep, generate_with_features, pad_token_id, prune_mm_inputs,
-                           restore_original_prompt)
+    from .fopru_hf import (
+        _get,
+        _per_image_keep,
+        generate_with_features,
+        pad_token_id,
+        prune_mm_inputs,
+        restore_original_prompt,
+    )
 
     if feature_passing not in ("auto", "mm_encoder_outputs", "inputs_embeds"):
         raise ValueError(f"unknown feature_passing {feature_passing!r}")
@@ -411,7 +425,11 @@ def fopru_generate_llava_next(
 
     image_token_id = model.config.image_token_id
     new_ids, new_mask = prune_mm_inputs(
-        input_ids, attention_mask, image_token_id, [f.shape[0] for f in feats], kept,
+        input_ids,
+        attention_mask,
+        image_token_id,
+        [f.shape[0] for f in feats],
+        kept,
         pad_token_id=pad_token_id(model),
     )
     base_mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
@@ -428,8 +446,16 @@ def fopru_generate_llava_next(
         newline_out=nl_kept,
     )
 
-    out = generate_with_features(model, gen, new_ids, pruned, feature_passing=feature_passing,
-                                 attention_mask=new_mask, **extra, **generate_kwargs)
+    out = generate_with_features(
+        model,
+        gen,
+        new_ids,
+        pruned,
+        feature_passing=feature_passing,
+        attention_mask=new_mask,
+        **extra,
+        **generate_kwargs,
+    )
     if restore_prompt:
         out = restore_original_prompt(out, input_ids, new_ids)
     return out, stats

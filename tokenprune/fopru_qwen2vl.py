@@ -33,16 +33,25 @@ Not supported (clear errors): videos, images with ``t > 1``, Qwen2.5-VL (window 
 a patch permutation), ``method="cls"`` (no CLS token), a user-supplied ``position_ids`` or
 ``grid`` (both are derived per image here).
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from .fopru import fopru_select, merge_grid_scores
-from .fopru_hf import (FoPruStats, _get, _is_qwen2vl, _per_image_keep, generate_with_features, pad_token_id,
-                       restore_original_prompt)
+from .fopru_hf import (
+    FoPruStats,
+    _get,
+    _is_qwen2vl,
+    _per_image_keep,
+    generate_with_features,
+    pad_token_id,
+    restore_original_prompt,
+)
 
 __all__ = [
     "Qwen2VLAttentionCapture",
@@ -168,7 +177,7 @@ class Qwen2VLAttentionCapture:
         self.module = attn_module
         self.method = method
         self.num_heads = int(attn_module.num_heads)
-        self.scale = float(getattr(attn_module, "scaling", None) or (attn_module.head_dim ** -0.5))
+        self.scale = float(getattr(attn_module, "scaling", None) or (attn_module.head_dim**-0.5))
         self.max_block_elems = int(max_block_elems)
         self._ctx: tuple | None = None
         self._handles: list = []
@@ -191,7 +200,9 @@ class Qwen2VLAttentionCapture:
         self.rows = self.compute_rows(out.detach(), cos.detach(), sin.detach(), cu)
         self.cu_seqlens = cu.detach().to(torch.long).cpu()
 
-    def compute_rows(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    def compute_rows(
+        self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor
+    ) -> torch.Tensor:
         """qkv: ``(N, 3*heads*d)``; cos, sin: ``(N, d)``; cu_seqlens: ``(S+1,)`` -> ``(heads, N)``."""
         n = qkv.shape[0]
         q, k, _ = qkv.reshape(n, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)  # (N, heads, d)
@@ -216,7 +227,7 @@ class Qwen2VLAttentionCapture:
         return out
 
     # lifecycle -------------------------------------------------------------
-    def attach(self) -> "Qwen2VLAttentionCapture":
+    def attach(self) -> Qwen2VLAttentionCapture:
         if not self._handles:
             self._handles = [
                 self.module.register_forward_pre_hook(self._on_attn_pre, with_kwargs=True),
@@ -245,7 +256,7 @@ class Qwen2VLAttentionCapture:
         return list(torch.split(s, torch.diff(self.cu_seqlens).tolist()))
 
     @classmethod
-    def for_model(cls, model: nn.Module, *, layer: int | None = -1, method: str = "colmean") -> "Qwen2VLAttentionCapture":
+    def for_model(cls, model: nn.Module, *, layer: int | None = -1, method: str = "colmean") -> Qwen2VLAttentionCapture:
         """Capture on the attention of vision block ``layer`` (``hidden_states`` indexing:
         ``-1`` = the last block, whose output the merger projects; ``None`` = the same)."""
         blocks = _visual(model).blocks
@@ -399,7 +410,9 @@ def fopru_generate_qwen2vl(
         for i in range(n_images):  # per image: grids (and K) differ
             h, w = int(grid_thw[i, 1]), int(grid_thw[i, 2])
             s = merged_scores_from_packed(patch_scores[i], (h, w), merge)
-            kept.append(fopru_select(s[None], keeps[i], strategy=strategy, grid=(h // merge, w // merge), row_mode=row_mode)[0])
+            kept.append(
+                fopru_select(s[None], keeps[i], strategy=strategy, grid=(h // merge, w // merge), row_mode=row_mode)[0]
+            )
     else:
         if len(kept_indices) != n_images:
             raise ValueError(f"kept_indices has {len(kept_indices)} entries for {n_images} images")
@@ -438,8 +451,18 @@ def fopru_generate_qwen2vl(
     )
 
     # 3. generate with the pruned features
-    out = generate_with_features(model, gen, new_ids, pruned, feature_passing=feature_passing, attention_mask=new_mask,
-                                 position_ids=position_ids, mm_token_type_ids=new_tt, **extra, **generate_kwargs)
+    out = generate_with_features(
+        model,
+        gen,
+        new_ids,
+        pruned,
+        feature_passing=feature_passing,
+        attention_mask=new_mask,
+        position_ids=position_ids,
+        mm_token_type_ids=new_tt,
+        **extra,
+        **generate_kwargs,
+    )
     if restore_prompt:
         out = restore_original_prompt(out, input_ids, new_ids)
     return out, stats

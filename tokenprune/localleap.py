@@ -22,10 +22,11 @@ rule* decides which of these proposals become final. This module holds
 
 Tie-breaking is deterministic everywhere: among equal confidences the lower position wins.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -52,8 +53,7 @@ def _check_pair(conf: torch.Tensor, masked: torch.Tensor) -> None:
     if conf.dim() != 2:
         raise ValueError(f"conf must have shape (B, L), got {tuple(conf.shape)}")
     if masked.shape != conf.shape:
-        raise ValueError(
-            f"masked must have the shape of conf {tuple(conf.shape)}, got {tuple(masked.shape)}")
+        raise ValueError(f"masked must have the shape of conf {tuple(conf.shape)}, got {tuple(masked.shape)}")
     if masked.dtype != torch.bool:
         raise TypeError(f"masked must be a bool tensor, got {masked.dtype}")
     if not conf.is_floating_point():
@@ -127,8 +127,7 @@ def llada_topk(conf: torch.Tensor, masked: torch.Tensor, k: torch.Tensor | int) 
     return out & masked
 
 
-def fastdllm_threshold(conf: torch.Tensor, masked: torch.Tensor, *,
-                       threshold: float = 0.9) -> torch.Tensor:
+def fastdllm_threshold(conf: torch.Tensor, masked: torch.Tensor, *, threshold: float = 0.9) -> torch.Tensor:
     """Fast-dLLM confidence-threshold rule.
 
     Commit every masked position with ``conf >= threshold`` plus the most confident masked
@@ -144,8 +143,14 @@ def fastdllm_threshold(conf: torch.Tensor, masked: torch.Tensor, *,
     return (masked & (conf >= threshold)) | _top1(conf, masked)
 
 
-def localleap_transfer(conf: torch.Tensor, masked: torch.Tensor, *, threshold: float = 0.9,
-                       relaxed_threshold: float = 0.75, radius: int = 4) -> torch.Tensor:
+def localleap_transfer(
+    conf: torch.Tensor,
+    masked: torch.Tensor,
+    *,
+    threshold: float = 0.9,
+    relaxed_threshold: float = 0.75,
+    radius: int = 4,
+) -> torch.Tensor:
     """LocalLeap one-step commit rule (arXiv 2510.07081).
 
     Anchors are masked positions with ``conf >= threshold``. A masked position within
@@ -170,20 +175,19 @@ def localleap_transfer(conf: torch.Tensor, masked: torch.Tensor, *, threshold: f
     _check_threshold("threshold", threshold)
     _check_threshold("relaxed_threshold", relaxed_threshold)
     if relaxed_threshold > threshold:
-        raise ValueError(f"relaxed_threshold ({relaxed_threshold}) must be <= threshold "
-                         f"({threshold})")
+        raise ValueError(f"relaxed_threshold ({relaxed_threshold}) must be <= threshold ({threshold})")
     if int(radius) != radius or radius < 0:
         raise ValueError(f"radius must be a non-negative int, got {radius}")
     anchors = masked & (conf >= threshold)
     r = min(int(radius), conf.shape[-1])
-    near = F.max_pool1d(anchors.to(torch.float32).unsqueeze(1), kernel_size=2 * r + 1,
-                        stride=1, padding=r).squeeze(1) > 0
+    near = (
+        F.max_pool1d(anchors.to(torch.float32).unsqueeze(1), kernel_size=2 * r + 1, stride=1, padding=r).squeeze(1) > 0
+    )
     commit = anchors | (near & masked & (conf >= relaxed_threshold))
     return commit | _top1(conf, masked)
 
 
-def eb_sampler(conf: torch.Tensor, masked: torch.Tensor, entropy: torch.Tensor, *,
-               gamma: float = 1e-3) -> torch.Tensor:
+def eb_sampler(conf: torch.Tensor, masked: torch.Tensor, entropy: torch.Tensor, *, gamma: float = 1e-3) -> torch.Tensor:
     """EB-sampler (entropy-bounded unmasking).
 
     Sort the masked positions by confidence (descending, lower index first on ties) and
@@ -218,9 +222,14 @@ def eb_sampler(conf: torch.Tensor, masked: torch.Tensor, entropy: torch.Tensor, 
 RULES = ("llada", "fastdllm", "localleap", "eb")
 
 
-def confidence_from_logits(logits: torch.Tensor, *, temperature: float = 0.0,
-                           generator: torch.Generator | None = None,
-                           need_entropy: bool = False, exclude_id: int | None = None):
+def confidence_from_logits(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 0.0,
+    generator: torch.Generator | None = None,
+    need_entropy: bool = False,
+    exclude_id: int | None = None,
+):
     """Proposals and confidences from logits.
 
     Args:
@@ -238,8 +247,7 @@ def confidence_from_logits(logits: torch.Tensor, *, temperature: float = 0.0,
         logits[..., exclude_id] = float("-inf")
     logp = torch.log_softmax(logits.float(), dim=-1)
     if temperature > 0:
-        u = torch.rand(logits.shape, dtype=torch.float64, device=logits.device,
-                       generator=generator)
+        u = torch.rand(logits.shape, dtype=torch.float64, device=logits.device, generator=generator)
         gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))
         x0 = (logits.to(torch.float64) / temperature + gumbel).argmax(-1)
     else:
@@ -279,7 +287,7 @@ class DecodeResult:
     @property
     def generated(self) -> torch.Tensor:
         """``(B, gen_length)`` generated tokens."""
-        return self.ids[:, self.prompt_length:]
+        return self.ids[:, self.prompt_length :]
 
 
 def _left_pad(input_ids, attention_mask, pad_id):
@@ -301,8 +309,8 @@ def _left_pad(input_ids, attention_mask, pad_id):
     am = torch.zeros((len(seqs), P), dtype=torch.long)
     for i, s in enumerate(seqs):  # once per prompt, not per token
         if len(s):
-            ids[i, P - len(s):] = s
-            am[i, P - len(s):] = 1
+            ids[i, P - len(s) :] = s
+            am[i, P - len(s) :] = 1
     if attention_mask is not None:
         raise ValueError("attention_mask is built from the list of prompts; do not pass one")
     return ids, am
@@ -318,15 +326,28 @@ def _trim_cache(cache, n: int):
     raise TypeError(f"unsupported past_key_values type {type(cache).__name__}")
 
 
-def localleap_generate(model: Callable, input_ids, *, gen_length: int = 256,
-                       block_length: int = 32, mask_id: int, rule: str | Callable = "localleap",
-                       threshold: float = 0.9, relaxed_threshold: float = 0.75,
-                       radius: int = 4, gamma: float = 1e-3, steps: int | None = None,
-                       temperature: float = 0.0, eos_id: int | None = None,
-                       early_stop: bool = False, attention_mask: torch.Tensor | None = None,
-                       pad_id: int | None = None, use_cache: bool = False,
-                       shift_logits: bool = False,
-                       generator: torch.Generator | None = None) -> DecodeResult:
+def localleap_generate(
+    model: Callable,
+    input_ids,
+    *,
+    gen_length: int = 256,
+    block_length: int = 32,
+    mask_id: int,
+    rule: str | Callable = "localleap",
+    threshold: float = 0.9,
+    relaxed_threshold: float = 0.75,
+    radius: int = 4,
+    gamma: float = 1e-3,
+    steps: int | None = None,
+    temperature: float = 0.0,
+    eos_id: int | None = None,
+    early_stop: bool = False,
+    attention_mask: torch.Tensor | None = None,
+    pad_id: int | None = None,
+    use_cache: bool = False,
+    shift_logits: bool = False,
+    generator: torch.Generator | None = None,
+) -> DecodeResult:
     """Semi-autoregressive masked-diffusion decoding with a pluggable commit rule.
 
     The canvas is ``prompt + [mask_id] * gen_length``; it is filled block by block
@@ -372,8 +393,7 @@ def localleap_generate(model: Callable, input_ids, *, gen_length: int = 256,
     if gen_length <= 0 or block_length <= 0:
         raise ValueError("gen_length and block_length must be positive")
     if gen_length % block_length:
-        raise ValueError(f"gen_length ({gen_length}) must be a multiple of block_length "
-                         f"({block_length})")
+        raise ValueError(f"gen_length ({gen_length}) must be a multiple of block_length ({block_length})")
     if mask_id is None:
         raise ValueError("mask_id is required (take it from the tokenizer or config)")
     if temperature < 0:
@@ -391,8 +411,9 @@ def localleap_generate(model: Callable, input_ids, *, gen_length: int = 256,
     if shift_logits and use_cache:
         raise ValueError("shift_logits (Dream) is not supported together with use_cache")
 
-    prompt, am = _left_pad(input_ids, attention_mask, pad_id if pad_id is not None else
-                           (eos_id if eos_id is not None else mask_id))
+    prompt, am = _left_pad(
+        input_ids, attention_mask, pad_id if pad_id is not None else (eos_id if eos_id is not None else mask_id)
+    )
     device = prompt.device
     try:  # follow the model's device when it has parameters
         device = next(model.parameters()).device
@@ -400,19 +421,18 @@ def localleap_generate(model: Callable, input_ids, *, gen_length: int = 256,
         pass
     prompt = prompt.to(device)
     B, P = prompt.shape
-    x = torch.cat([prompt, torch.full((B, gen_length), int(mask_id), dtype=torch.long,
-                                      device=device)], dim=1)
+    x = torch.cat([prompt, torch.full((B, gen_length), int(mask_id), dtype=torch.long, device=device)], dim=1)
     full_am = None
     if am is not None:
         am = am.to(device)
-        full_am = torch.cat([am.long(), torch.ones((B, gen_length), dtype=torch.long,
-                                                   device=device)], dim=1)
+        full_am = torch.cat([am.long(), torch.ones((B, gen_length), dtype=torch.long, device=device)], dim=1)
     num_blocks = gen_length // block_length
     if rule == "llada":
         total_steps = gen_length if steps is None else int(steps)
         if total_steps < num_blocks or total_steps % num_blocks:
-            raise ValueError(f"steps ({total_steps}) must be a positive multiple of the number "
-                             f"of blocks ({num_blocks})")
+            raise ValueError(
+                f"steps ({total_steps}) must be a positive multiple of the number of blocks ({num_blocks})"
+            )
         steps_per_block = total_steps // num_blocks
     need_entropy = rule == "eb"
 
@@ -435,8 +455,10 @@ def localleap_generate(model: Callable, input_ids, *, gen_length: int = 256,
         if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
             raise TypeError("model output must have .logits of shape (B, T, V)")
         if logits.shape[:2] != inp.shape:
-            raise ValueError(f"model returned logits of shape {tuple(logits.shape)} for input "
-                             f"{tuple(inp.shape)}; it must score every canvas position")
+            raise ValueError(
+                f"model returned logits of shape {tuple(logits.shape)} for input "
+                f"{tuple(inp.shape)}; it must score every canvas position"
+            )
         if shift_logits:
             logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
         return logits, getattr(out, "past_key_values", None)
@@ -471,20 +493,22 @@ def localleap_generate(model: Callable, input_ids, *, gen_length: int = 256,
                     block_logits = logits[:, s:e]
                     if use_cache:
                         if new_cache is None:
-                            raise TypeError("use_cache=True but the model returned no "
-                                            "past_key_values")
+                            raise TypeError("use_cache=True but the model returned no past_key_values")
                         cache = _trim_cache(new_cache, s)
                 nfe += 1
                 block_passes += 1
                 row_nfe += masked.any(-1).long()
-                x0, conf, ent = confidence_from_logits(block_logits, temperature=temperature,
-                                                       generator=generator,
-                                                       need_entropy=need_entropy,
-                                                       exclude_id=int(mask_id))
+                x0, conf, ent = confidence_from_logits(
+                    block_logits,
+                    temperature=temperature,
+                    generator=generator,
+                    need_entropy=need_entropy,
+                    exclude_id=int(mask_id),
+                )
                 if rule == "localleap":
-                    commit = localleap_transfer(conf, masked, threshold=threshold,
-                                                relaxed_threshold=relaxed_threshold,
-                                                radius=radius)
+                    commit = localleap_transfer(
+                        conf, masked, threshold=threshold, relaxed_threshold=relaxed_threshold, radius=radius
+                    )
                 elif rule == "fastdllm":
                     commit = fastdllm_threshold(conf, masked, threshold=threshold)
                 elif rule == "eb":
@@ -494,14 +518,18 @@ def localleap_generate(model: Callable, input_ids, *, gen_length: int = 256,
                     step += 1
                 else:
                     commit = rule(conf, masked)
-                    if (not isinstance(commit, torch.Tensor) or commit.dtype != torch.bool
-                            or commit.shape != masked.shape):
+                    if (
+                        not isinstance(commit, torch.Tensor)
+                        or commit.dtype != torch.bool
+                        or commit.shape != masked.shape
+                    ):
                         raise TypeError("a custom rule must return a (B, L) bool tensor")
                     commit = commit & masked
                     stuck = masked.any(-1) & ~commit.any(-1)
                     if stuck.any():
-                        raise RuntimeError("custom rule committed nothing for a row with "
-                                           "masked tokens; it would never finish")
+                        raise RuntimeError(
+                            "custom rule committed nothing for a row with masked tokens; it would never finish"
+                        )
                 x[:, s:e] = torch.where(commit, x0, x[:, s:e])
                 committed += commit.sum(-1)
             block_nfe.append(block_passes)
@@ -509,9 +537,15 @@ def localleap_generate(model: Callable, input_ids, *, gen_length: int = 256,
                 done |= (x[:, P:e] == eos_id).any(-1)
                 if done.any() and e < x.shape[1]:
                     tail = x[:, e:]
-                    x[:, e:] = torch.where(done.unsqueeze(1), torch.full_like(tail, eos_id),
-                                           tail)
+                    x[:, e:] = torch.where(done.unsqueeze(1), torch.full_like(tail, eos_id), tail)
     total_rows = int(row_nfe.sum())
     tpf = float(committed.sum()) / total_rows if total_rows else 0.0
-    return DecodeResult(ids=x, nfe=nfe, row_nfe=row_nfe, block_nfe=block_nfe,
-                        committed=committed, tokens_per_forward=tpf, prompt_length=P)
+    return DecodeResult(
+        ids=x,
+        nfe=nfe,
+        row_nfe=row_nfe,
+        block_nfe=block_nfe,
+        committed=committed,
+        tokens_per_forward=tpf,
+        prompt_length=P,
+    )

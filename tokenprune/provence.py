@@ -16,6 +16,7 @@ turn those token probabilities into kept sentences:
 The model, loading and :class:`ProvencePruner` live in :mod:`tokenprune.provence_model`
 (re-exported here lazily so that importing this module never imports transformers).
 """
+
 from __future__ import annotations
 
 import re
@@ -91,8 +92,7 @@ def token_sentence_spans(token_offsets, sentence_spans) -> np.ndarray:
     return np.stack([starts, ends], axis=1).astype(np.int64)
 
 
-def provence_sentences(token_probs, spans, *, threshold: float = 0.1,
-                       mode: str = "decision_average") -> np.ndarray:
+def provence_sentences(token_probs, spans, *, threshold: float = 0.1, mode: str = "decision_average") -> np.ndarray:
     """Decide which sentences to keep from per-token keep probabilities.
 
     Args:
@@ -139,8 +139,7 @@ def provence_sentences(token_probs, spans, *, threshold: float = 0.1,
     return keep & nonempty
 
 
-def apply_title_rule(keep, *, title_index: int | None = 0,
-                     always_select_title: bool = False) -> np.ndarray:
+def apply_title_rule(keep, *, title_index: int | None = 0, always_select_title: bool = False) -> np.ndarray:
     """Apply Provence's title rule to a sentence keep mask.
 
     With ``always_select_title=True`` the title sentence is kept exactly when at least one
@@ -222,8 +221,7 @@ def stitch_blocks(block_offsets, block_probs, block_scores):
     if len(block_scores) == 0:
         raise ValueError("at least one block is needed")
     off = np.concatenate([np.asarray(o, dtype=np.int64).reshape(-1, 2) for o in block_offsets])
-    probs = np.concatenate([_as_numpy(p, "probs").astype(np.float32).reshape(-1)
-                            for p in block_probs])
+    probs = np.concatenate([_as_numpy(p, "probs").astype(np.float32).reshape(-1) for p in block_probs])
     order = np.argsort(off[:, 0], kind="stable")
     return off[order], probs[order], float(np.max(np.asarray(block_scores, dtype=np.float64)))
 
@@ -248,11 +246,11 @@ def assemble_pruned(text: str, sentence_spans, keep) -> str:
     for j, i in enumerate(idx):
         if j > 0:
             prev = idx[j - 1]
-            after_prev = text[spans[prev, 1]:spans[prev + 1, 0]]
-            before_next = text[spans[i - 1, 1]:spans[i, 0]]
+            after_prev = text[spans[prev, 1] : spans[prev + 1, 0]]
+            before_next = text[spans[i - 1, 1] : spans[i, 0]]
             has_nl = ("\n" in after_prev) or ("\n" not in before_next)
             parts.append(after_prev if has_nl else before_next)
-        parts.append(text[spans[i, 0]:spans[i, 1]])
+        parts.append(text[spans[i, 0] : spans[i, 1]])
     return "".join(parts)
 
 

@@ -14,12 +14,14 @@ Checkpoints are read without ``trust_remote_code`` from a local folder or the us
   ``model_type="open_provence"`` and a nested ``base_model_config``; weights
   ``ranking_model.*`` and ``pruning_head.classifier.*``.
 """
+
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,8 +39,7 @@ from tokenprune.provence import (
 )
 from tokenprune.sentences import split_sentences
 
-__all__ = ["ProvenceModel", "ProvencePruner", "load_provence_model", "save_provence_model",
-           "resolve_checkpoint_dir"]
+__all__ = ["ProvenceModel", "ProvencePruner", "load_provence_model", "save_provence_model", "resolve_checkpoint_dir"]
 
 MARKER = "prunekit_provence.json"
 _IGNORED_KEY_SUFFIXES = ("position_ids", "num_batches_tracked")
@@ -61,7 +62,7 @@ class ProvenceModel(nn.Module):
         self.token_classifier = nn.Linear(config.hidden_size, 2)
 
     @classmethod
-    def from_encoder(cls, path: str | os.PathLike, **kwargs) -> "ProvenceModel":
+    def from_encoder(cls, path: str | os.PathLike, **kwargs) -> ProvenceModel:
         """Start from a plain pretrained encoder folder (heads randomly initialised)."""
         from transformers import AutoConfig, AutoModelForSequenceClassification
 
@@ -69,14 +70,17 @@ class ProvenceModel(nn.Module):
         model = cls.__new__(cls)
         nn.Module.__init__(model)
         model.config = config
-        model.ranker = AutoModelForSequenceClassification.from_pretrained(
-            path, config=config, **kwargs)
+        model.ranker = AutoModelForSequenceClassification.from_pretrained(path, config=config, **kwargs)
         model.token_classifier = nn.Linear(config.hidden_size, 2)
         return model
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
-        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask,
-                  "output_hidden_states": True, "return_dict": True}
+        kwargs = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "output_hidden_states": True,
+            "return_dict": True,
+        }
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
         out = self.ranker(**kwargs)
@@ -100,27 +104,28 @@ class ProvenceModel(nn.Module):
         mapped = {}
         for key, value in state.items():
             if key.startswith("ranking_model."):
-                key = "ranker." + key[len("ranking_model."):]
+                key = "ranker." + key[len("ranking_model.") :]
             elif key.startswith("pruning_head.classifier."):
-                key = "token_classifier." + key[len("pruning_head.classifier."):]
+                key = "token_classifier." + key[len("pruning_head.classifier.") :]
             elif key.startswith("pruning_head."):
-                key = "unsupported_pruning_head." + key[len("pruning_head."):]
+                key = "unsupported_pruning_head." + key[len("pruning_head.") :]
             elif not key.startswith("token_classifier."):
                 key = "ranker." + key
             mapped[key] = value
         own = self.state_dict()
-        missing = sorted(k for k in own if k not in mapped
-                         and not k.endswith(_IGNORED_KEY_SUFFIXES))
-        unexpected = sorted(k for k in mapped if k not in own
-                            and not k.endswith(_IGNORED_KEY_SUFFIXES))
+        missing = sorted(k for k in own if k not in mapped and not k.endswith(_IGNORED_KEY_SUFFIXES))
+        unexpected = sorted(k for k in mapped if k not in own and not k.endswith(_IGNORED_KEY_SUFFIXES))
         shape_bad = sorted(k for k in mapped if k in own and own[k].shape != mapped[k].shape)
         if missing or unexpected or shape_bad:
+
             def show(keys):
                 return ", ".join(keys[:12]) + (f" ... (+{len(keys) - 12})" if len(keys) > 12 else "")
+
             raise ValueError(
                 "checkpoint does not match a Provence model for this config: "
                 f"missing keys [{show(missing)}]; unexpected keys [{show(unexpected)}]; "
-                f"shape mismatches [{show(shape_bad)}]")
+                f"shape mismatches [{show(shape_bad)}]"
+            )
         self.load_state_dict({k: v for k, v in mapped.items() if k in own}, strict=False)
 
 
@@ -142,7 +147,8 @@ def resolve_checkpoint_dir(name_or_path: str | os.PathLike) -> Path:
             raise FileNotFoundError(
                 f"Provence checkpoint {name!r} is not a local folder and is not in the local "
                 "Hugging Face cache; prunekit never downloads weights: fetch it yourself "
-                "(e.g. `huggingface-cli download`) or pass a folder") from exc
+                "(e.g. `huggingface-cli download`) or pass a folder"
+            ) from exc
     raise FileNotFoundError(f"Provence checkpoint folder not found: {name_or_path}")
 
 
@@ -213,8 +219,9 @@ def load_provence_model(name_or_path, *, dtype=None, device=None):
     return model, tokenizer, meta
 
 
-def save_provence_model(model: ProvenceModel, tokenizer, folder, *, max_length: int = 512,
-                        extra: dict | None = None) -> Path:
+def save_provence_model(
+    model: ProvenceModel, tokenizer, folder, *, max_length: int = 512, extra: dict | None = None
+) -> Path:
     """Save in the released layout (config.json + model.safetensors + tokenizer + marker)."""
     from safetensors.torch import save_file
 
@@ -249,8 +256,14 @@ def _resolve_dtype(dtype, device: torch.device):
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
     if isinstance(dtype, str):
-        table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-                 "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+        table = {
+            "float32": torch.float32,
+            "fp32": torch.float32,
+            "float16": torch.float16,
+            "fp16": torch.float16,
+            "bfloat16": torch.bfloat16,
+            "bf16": torch.bfloat16,
+        }
         if dtype not in table:
             raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(table)}")
         return table[dtype]
@@ -263,7 +276,8 @@ def check_fast_tokenizer(tokenizer) -> None:
         raise TypeError(
             f"Provence needs a fast (Rust) tokenizer with offset mapping; got "
             f"{type(tokenizer).__name__} (is_fast=False). Load it with "
-            "AutoTokenizer.from_pretrained(..., use_fast=True) or convert it.")
+            "AutoTokenizer.from_pretrained(..., use_fast=True) or convert it."
+        )
 
 
 class ProvencePruner:
@@ -282,10 +296,18 @@ class ProvencePruner:
         max_query_tokens: queries longer than this are truncated (default: half the window).
     """
 
-    def __init__(self, model_or_path, tokenizer=None, *, device="auto", dtype="auto",
-                 max_length: int | None = None,
-                 sentence_splitter: Callable[[str], list] = split_sentences,
-                 mode: str = "decision_average", max_query_tokens: int | None = None):
+    def __init__(
+        self,
+        model_or_path,
+        tokenizer=None,
+        *,
+        device="auto",
+        dtype="auto",
+        max_length: int | None = None,
+        sentence_splitter: Callable[[str], list] = split_sentences,
+        mode: str = "decision_average",
+        max_query_tokens: int | None = None,
+    ):
         meta: dict[str, Any] = {}
         if isinstance(model_or_path, (str, os.PathLike)):
             model, loaded_tok, meta = load_provence_model(model_or_path)
@@ -295,8 +317,9 @@ class ProvencePruner:
             if tokenizer is None:
                 raise ValueError("a tokenizer is required when a ProvenceModel object is passed")
         else:
-            raise TypeError("model_or_path must be a ProvenceModel or a path / hub id, got "
-                            f"{type(model_or_path).__name__}")
+            raise TypeError(
+                f"model_or_path must be a ProvenceModel or a path / hub id, got {type(model_or_path).__name__}"
+            )
         check_fast_tokenizer(tokenizer)
         self.device = _resolve_device(device)
         self.dtype = _resolve_dtype(dtype, self.device)
@@ -334,14 +357,20 @@ class ProvencePruner:
         lengths = np.array([len(q) + len(t) for q, t in zip(queries, texts)])
         order = np.argsort(-lengths, kind="stable")
         for s in range(0, len(order), batch_size):
-            idx = order[s:s + batch_size].tolist()
-            enc = self.tokenizer([queries[i] for i in idx], [texts[i] for i in idx],
-                                 padding=True, truncation="only_second",
-                                 max_length=self.max_length, return_offsets_mapping=True,
-                                 return_tensors="pt")
+            idx = order[s : s + batch_size].tolist()
+            enc = self.tokenizer(
+                [queries[i] for i in idx],
+                [texts[i] for i in idx],
+                padding=True,
+                truncation="only_second",
+                max_length=self.max_length,
+                return_offsets_mapping=True,
+                return_tensors="pt",
+            )
             offsets = enc.pop("offset_mapping").numpy()
-            inputs = {k: v.to(self.device) for k, v in enc.items()
-                      if k in ("input_ids", "attention_mask", "token_type_ids")}
+            inputs = {
+                k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")
+            }
             rank, tok_logits = self.model(**inputs)
             probs = torch.softmax(tok_logits.float(), dim=-1)[..., 1].cpu().numpy()
             rank = rank.float().cpu().numpy()
@@ -351,9 +380,19 @@ class ProvencePruner:
         return results
 
     # -- public API -------------------------------------------------------------------------
-    def process(self, question, context, *, title="first_sentence", batch_size: int = 32,
-                threshold: float = 0.1, always_select_title: bool = False,
-                reorder: bool = False, top_k: int = 5, mode: str | None = None):
+    def process(
+        self,
+        question,
+        context,
+        *,
+        title="first_sentence",
+        batch_size: int = 32,
+        threshold: float = 0.1,
+        always_select_title: bool = False,
+        reorder: bool = False,
+        top_k: int = 5,
+        mode: str | None = None,
+    ):
         """Prune (and optionally rerank) contexts for questions.
 
         Shapes follow the released API: ``(str, str)`` -> scalars; ``(str, [str, ...])`` -> one
@@ -376,8 +415,14 @@ class ProvencePruner:
             ``reorder=True`` also ``context_index`` (original positions).
         """
         scored = self.score(question, context, title=title, batch_size=batch_size)
-        return self.decide(scored, threshold=threshold, always_select_title=always_select_title,
-                           reorder=reorder, top_k=top_k, mode=mode)
+        return self.decide(
+            scored,
+            threshold=threshold,
+            always_select_title=always_select_title,
+            reorder=reorder,
+            top_k=top_k,
+            mode=mode,
+        )
 
     def score(self, question, context, *, title="first_sentence", batch_size: int = 32) -> dict:
         """The model part of :meth:`process`: token keep probabilities and reranking scores.
@@ -396,8 +441,9 @@ class ProvencePruner:
                 if not isinstance(ctx, str):
                     raise TypeError(f"contexts must be str, got {type(ctx).__name__}")
                 t = titles[qi][ci]
-                text, title_idx = (ctx, 0) if t == "first_sentence" else \
-                    ((ctx, None) if t is None else (f"{t}\n{ctx}", 0))
+                text, title_idx = (
+                    (ctx, 0) if t == "first_sentence" else ((ctx, None) if t is None else (f"{t}\n{ctx}", 0))
+                )
                 sents = np.asarray(self.sentence_splitter(text), dtype=np.int64).reshape(-1, 2)
                 enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
                 off = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
@@ -408,8 +454,16 @@ class ProvencePruner:
                     pairs_q.append(qn)
                     pairs_t.append(text[ca:cb])
                     owners.append((len(per_ctx), ca))
-                per_ctx.append({"q": qi, "c": ci, "text": text, "ctx": ctx, "sents": sents,
-                                "title_idx": title_idx if len(sents) else None})
+                per_ctx.append(
+                    {
+                        "q": qi,
+                        "c": ci,
+                        "text": text,
+                        "ctx": ctx,
+                        "sents": sents,
+                        "title_idx": title_idx if len(sents) else None,
+                    }
+                )
         raw = self._run_pairs(pairs_q, pairs_t, batch_size) if pairs_q else []
         grouped: list[list] = [[] for _ in per_ctx]
         for (k, ca), (off, probs, sc) in zip(owners, raw):
@@ -417,13 +471,20 @@ class ProvencePruner:
         items = [[None] * len(c) for c in contexts]
         for k, info in enumerate(per_ctx):
             offs, probs, sc = stitch_blocks(*zip(*grouped[k]))
-            info.update(offsets=offs, probs=probs, score=sc,
-                        n_blocks=len(grouped[k]))
+            info.update(offsets=offs, probs=probs, score=sc, n_blocks=len(grouped[k]))
             items[info["q"]][info["c"]] = info
         return {"items": items, "shape": shape}
 
-    def decide(self, scored: dict, *, threshold: float = 0.1, always_select_title: bool = False,
-               reorder: bool = False, top_k: int = 5, mode: str | None = None):
+    def decide(
+        self,
+        scored: dict,
+        *,
+        threshold: float = 0.1,
+        always_select_title: bool = False,
+        reorder: bool = False,
+        top_k: int = 5,
+        mode: str | None = None,
+    ):
         """The sentence part of :meth:`process`, applied to the output of :meth:`score`."""
         mode = mode or self.mode
         out = []
@@ -432,13 +493,16 @@ class ProvencePruner:
             for info in row:
                 spans = token_sentence_spans(info["offsets"], info["sents"])
                 keep = provence_sentences(info["probs"], spans, threshold=threshold, mode=mode)
-                keep = apply_title_rule(keep, title_index=info["title_idx"],
-                                        always_select_title=always_select_title)
+                keep = apply_title_rule(keep, title_index=info["title_idx"], always_select_title=always_select_title)
                 pruned = assemble_pruned(info["text"], info["sents"], keep)
-                new_row.append({
-                    "pruned_context": pruned, "reranking_score": info["score"],
-                    "kept_sentences": np.flatnonzero(keep).tolist(),
-                    "compression": compression(info["text"], pruned)})
+                new_row.append(
+                    {
+                        "pruned_context": pruned,
+                        "reranking_score": info["score"],
+                        "kept_sentences": np.flatnonzero(keep).tolist(),
+                        "compression": compression(info["text"], pruned),
+                    }
+                )
             out.append(new_row)
         return _shape_outputs(out, scored["shape"], reorder, top_k)
 

@@ -11,13 +11,14 @@ instruction LLM, labels come from :data:`LABEL_PROMPT` + :func:`parse_cited_sent
 paper's "answer oracle" recipe); for extractive QA data (SQuAD format) the sentences
 overlapping the gold answer span are selected (:func:`squad_records`).
 """
+
 from __future__ import annotations
 
 import json
 import math
 import re
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -26,16 +27,27 @@ import torch.nn.functional as F
 from tokenprune.provence import normalize_query, token_sentence_spans
 from tokenprune.sentences import split_sentences
 
-__all__ = ["LABEL_PROMPT", "format_label_prompt", "parse_cited_sentences", "read_jsonl",
-           "write_jsonl", "join_sentences", "encode_record", "collate", "provence_loss",
-           "train_provence", "squad_records", "split_articles"]
+__all__ = [
+    "LABEL_PROMPT",
+    "format_label_prompt",
+    "parse_cited_sentences",
+    "read_jsonl",
+    "write_jsonl",
+    "join_sentences",
+    "encode_record",
+    "collate",
+    "provence_loss",
+    "train_provence",
+    "squad_records",
+    "split_articles",
+]
 
 #: The "answer oracle" silver-labelling prompt (paraphrasing the paper's recipe).
 LABEL_PROMPT = (
     "Answer the question using only the passage below. The passage is split into numbered "
     "sentences. After every statement of your answer, cite the sentence numbers that support "
     "it in square brackets, e.g. [0] or [1, 3]. If the passage does not contain the answer, "
-    "reply exactly \"No answer\".\n\n"
+    'reply exactly "No answer".\n\n'
     "Question: {query}\n\nPassage:\n{numbered}\n\nAnswer:"
 )
 _CITATION = re.compile(r"\[([\d, ]+)\]")
@@ -110,8 +122,13 @@ def encode_record(tokenizer, record: dict, max_length: int = 512) -> dict:
     query, special and padding tokens (ignored by the loss).
     """
     text, spans, off0 = join_sentences(record["sentences"], record.get("title"))
-    enc = tokenizer(normalize_query(record["query"]), text, truncation="only_second",
-                    max_length=max_length, return_offsets_mapping=True)
+    enc = tokenizer(
+        normalize_query(record["query"]),
+        text,
+        truncation="only_second",
+        max_length=max_length,
+        return_offsets_mapping=True,
+    )
     seq = np.asarray(enc.sequence_ids(), dtype=object)
     ctx = np.flatnonzero(seq == 1)
     labels = np.full(len(enc["input_ids"]), -100, dtype=np.int64)
@@ -121,8 +138,7 @@ def encode_record(tokenizer, record: dict, max_length: int = 512) -> dict:
     for i in record.get("selected_sents", []):
         a, b = tok_spans[int(i) + off0]
         labels[ctx[a:b]] = 1
-    out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-           "labels": labels.tolist()}
+    out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels.tolist()}
     if "token_type_ids" in enc:
         out["token_type_ids"] = enc["token_type_ids"]
     ts = record.get("teacher_score")
@@ -134,9 +150,11 @@ def collate(items: Sequence[dict], pad_id: int = 0) -> dict:
     """Pad encoded records into tensors (B, T)."""
     T = max(len(x["input_ids"]) for x in items)
     B = len(items)
-    batch = {"input_ids": torch.full((B, T), pad_id, dtype=torch.long),
-             "attention_mask": torch.zeros((B, T), dtype=torch.long),
-             "labels": torch.full((B, T), -100, dtype=torch.long)}
+    batch = {
+        "input_ids": torch.full((B, T), pad_id, dtype=torch.long),
+        "attention_mask": torch.zeros((B, T), dtype=torch.long),
+        "labels": torch.full((B, T), -100, dtype=torch.long),
+    }
     if "token_type_ids" in items[0]:
         batch["token_type_ids"] = torch.zeros((B, T), dtype=torch.long)
     for i, x in enumerate(items):
@@ -147,8 +165,7 @@ def collate(items: Sequence[dict], pad_id: int = 0) -> dict:
     return batch
 
 
-def provence_loss(token_logits, labels, rank_logits=None, teacher_scores=None,
-                  rank_weight: float = 0.05):
+def provence_loss(token_logits, labels, rank_logits=None, teacher_scores=None, rank_weight: float = 0.05):
     """Joint Provence loss: token cross-entropy + ``rank_weight`` x MSE(score, teacher).
 
     Args:
@@ -160,8 +177,7 @@ def provence_loss(token_logits, labels, rank_logits=None, teacher_scores=None,
     """
     if token_logits.shape[:2] != labels.shape or token_logits.shape[-1] != 2:
         raise ValueError(f"token_logits {tuple(token_logits.shape)} vs labels {tuple(labels.shape)}")
-    ce = F.cross_entropy(token_logits.float().reshape(-1, 2), labels.reshape(-1),
-                         ignore_index=-100)
+    ce = F.cross_entropy(token_logits.float().reshape(-1, 2), labels.reshape(-1), ignore_index=-100)
     if not torch.isfinite(ce):  # no labelled token in the batch
         ce = token_logits.sum() * 0.0
     mse = ce.new_zeros(())
@@ -172,14 +188,28 @@ def provence_loss(token_logits, labels, rank_logits=None, teacher_scores=None,
     return ce + rank_weight * mse, ce.detach(), mse.detach()
 
 
-def train_provence(model, tokenizer, records: Sequence[dict], *, max_length: int = 256,
-                   batch_size: int = 16, lr: float = 5e-5, steps: int | None = None,
-                   epochs: float = 1.0, warmup: float = 0.1, weight_decay: float = 0.01,
-                   rank_weight: float = 0.05, seed: int = 0, device="cpu",
-                   head_lr: float | None = None,
-                   freeze_embeddings: bool = False, trainable_layers: int | None = None,
-                   log_every: int = 0,
-                   log=print, callback=None) -> list[float]:
+def train_provence(
+    model,
+    tokenizer,
+    records: Sequence[dict],
+    *,
+    max_length: int = 256,
+    batch_size: int = 16,
+    lr: float = 5e-5,
+    steps: int | None = None,
+    epochs: float = 1.0,
+    warmup: float = 0.1,
+    weight_decay: float = 0.01,
+    rank_weight: float = 0.05,
+    seed: int = 0,
+    device="cpu",
+    head_lr: float | None = None,
+    freeze_embeddings: bool = False,
+    trainable_layers: int | None = None,
+    log_every: int = 0,
+    log=print,
+    callback=None,
+) -> list[float]:
     """Plain torch training loop (AdamW, linear warmup + linear decay).
 
     ``freeze_embeddings`` keeps the input embedding matrix fixed (much cheaper on CPU).
@@ -201,13 +231,18 @@ def train_provence(model, tokenizer, records: Sequence[dict], *, max_length: int
     if trainable_layers is not None:
         _freeze_lower_layers(model, trainable_layers)
     params = [p for p in model.parameters() if p.requires_grad]
-    head_ids = {id(p) for n, p in model.named_parameters()
-                if n.startswith("token_classifier.") or ".classifier." in n
-                or n.startswith("ranker.classifier.")}
-    groups = [{"params": [p for p in params if id(p) not in head_ids], "lr": lr},
-              {"params": [p for p in params if id(p) in head_ids], "lr": head_lr or lr}]
+    head_ids = {
+        id(p)
+        for n, p in model.named_parameters()
+        if n.startswith("token_classifier.") or ".classifier." in n or n.startswith("ranker.classifier.")
+    }
+    groups = [
+        {"params": [p for p in params if id(p) not in head_ids], "lr": lr},
+        {"params": [p for p in params if id(p) in head_ids], "lr": head_lr or lr},
+    ]
     opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=weight_decay)
     n_warm = int(warmup * n_steps)
+
     def lr_factor(s: int) -> float:
         if s < n_warm:
             return (s + 1) / n_warm
@@ -219,13 +254,12 @@ def train_provence(model, tokenizer, records: Sequence[dict], *, max_length: int
     for step in range(n_steps):
         if pos + batch_size > len(perm):
             perm, pos = torch.randperm(len(encoded), generator=g), 0
-        idx = perm[pos:pos + batch_size].tolist()
+        idx = perm[pos : pos + batch_size].tolist()
         pos += batch_size
         batch = {k: v.to(device) for k, v in collate([encoded[i] for i in idx], pad_id).items()}
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
         rank, tok = model(**inputs)
-        loss, ce, mse = provence_loss(tok, batch["labels"], rank, batch["teacher_score"],
-                                      rank_weight)
+        loss, ce, mse = provence_loss(tok, batch["labels"], rank, batch["teacher_score"], rank_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -233,8 +267,10 @@ def train_provence(model, tokenizer, records: Sequence[dict], *, max_length: int
         sched.step()
         losses.append(float(loss.detach()))
         if log_every and (step + 1) % log_every == 0:
-            log(f"step {step + 1}/{n_steps} loss {np.mean(losses[-log_every:]):.4f} "
-                f"ce {float(ce):.4f} mse {float(mse):.3f}")
+            log(
+                f"step {step + 1}/{n_steps} loss {np.mean(losses[-log_every:]):.4f} "
+                f"ce {float(ce):.4f} mse {float(mse):.3f}"
+            )
         if callback is not None and callback(step + 1, losses):
             break
     model.eval()
@@ -244,13 +280,12 @@ def train_provence(model, tokenizer, records: Sequence[dict], *, max_length: int
 def _freeze_lower_layers(model, n_trainable: int) -> None:
     base = model.ranker.base_model
     n_layers = int(model.config.num_hidden_layers)
-    stacks = [m for m in base.modules()
-              if isinstance(m, torch.nn.ModuleList) and len(m) == n_layers]
+    stacks = [m for m in base.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n_layers]
     if not stacks:
         raise ValueError("could not find the encoder layer list to freeze")
     for p in base.parameters():
         p.requires_grad_(False)
-    for layer in list(stacks[0])[max(0, n_layers - n_trainable):]:
+    for layer in list(stacks[0])[max(0, n_layers - n_trainable) :]:
         for p in layer.parameters():
             p.requires_grad_(True)
     for name, module in base.named_children():  # pooler / final norm after the layers
@@ -268,9 +303,17 @@ def split_articles(n_articles: int, *, test_fraction: float = 0.2, seed: int = 0
     return np.sort(perm[n_test:]), np.sort(perm[:n_test])
 
 
-def squad_records(squad: dict, *, article_ids=None, window=(3, 7), negatives: int = 1,
-                  positive_score: float | None = 4.0, negative_score: float | None = -4.0,
-                  max_answer_sentences: int = 4, seed: int = 0) -> list[dict]:
+def squad_records(
+    squad: dict,
+    *,
+    article_ids=None,
+    window=(3, 7),
+    negatives: int = 1,
+    positive_score: float | None = 4.0,
+    negative_score: float | None = -4.0,
+    max_answer_sentences: int = 4,
+    seed: int = 0,
+) -> list[dict]:
     """Silver records from a SQuAD-format dict (e.g. COVID-QA).
 
     Each question gives one positive passage (a window of ``window`` consecutive sentences of its
@@ -310,17 +353,19 @@ def squad_records(squad: dict, *, article_ids=None, window=(3, 7), negatives: in
                 win = np.arange(start, min(S, start + k))
                 sents = [text[a:b] for a, b in spans[win]]
                 sel = [int(i - start) for i in hit if start <= i < start + k]
-                base = {"query": qa["question"], "title": None, "article": art_i,
-                        "question_id": qa.get("id"), "answer": ans["text"].strip()}
-                out.append(dict(base, sentences=sents, selected_sents=sel,
-                                teacher_score=positive_score))
+                base = {
+                    "query": qa["question"],
+                    "title": None,
+                    "article": art_i,
+                    "question_id": qa.get("id"),
+                    "answer": ans["text"].strip(),
+                }
+                out.append(dict(base, sentences=sents, selected_sents=sel, teacher_score=positive_score))
                 for _ in range(negatives):
-                    free = [s for s in range(0, max(1, S - k + 1))
-                            if s + k <= hit[0] or s > hit[-1]]
+                    free = [s for s in range(0, max(1, S - k + 1)) if s + k <= hit[0] or s > hit[-1]]
                     if not free:
                         break
                     s0 = int(rng.choice(free))
-                    neg = [text[a:b] for a, b in spans[s0:s0 + k]]
-                    out.append(dict(base, sentences=neg, selected_sents=[],
-                                    teacher_score=negative_score))
+                    neg = [text[a:b] for a, b in spans[s0 : s0 + k]]
+                    out.append(dict(base, sentences=neg, selected_sents=[], teacher_score=negative_score))
     return out

@@ -15,6 +15,7 @@ single-letter initials (``J. Smith``) or inside decimals (``3.14``: no whitespac
 Every sentence is returned as a ``(start, end)`` pair of character offsets into the input with
 surrounding whitespace excluded, so ``text[start:end]`` is an exact substring.
 """
+
 from __future__ import annotations
 
 import re

@@ -4,14 +4,43 @@ Modules: :mod:`.router` (TokenRouter MLP, static and random routers, features),
 :mod:`.schedule` (genetic search of per-block sparsities), :mod:`.losses`,
 :mod:`.attach` (routed layer wrappers for transformers decoder-only LLMs), :mod:`.train`.
 """
-from .attach import (FTPHandle, RoutedLayer, attach_ftp, detach_ftp, find_decoder, ftp_routing,
-                     get_handle, validate_schedule)
-from .router import (RandomRouter, RouteInputs, Router, StaticRouter, TokenRouter, keep_topk,
-                     normalised_positions, score_ranks)
+
+from .attach import (
+    FTPHandle,
+    RoutedLayer,
+    attach_ftp,
+    detach_ftp,
+    find_decoder,
+    ftp_routing,
+    get_handle,
+    validate_schedule,
+)
+from .router import (
+    RandomRouter,
+    RouteInputs,
+    Router,
+    StaticRouter,
+    TokenRouter,
+    keep_topk,
+    normalised_positions,
+    score_ranks,
+)
 
 __all__ = [
-    "FTPHandle", "RoutedLayer", "attach_ftp", "detach_ftp", "find_decoder", "ftp_routing",
-    "get_handle", "validate_schedule",
-    "RandomRouter", "RouteInputs", "Router", "StaticRouter", "TokenRouter", "keep_topk",
-    "normalised_positions", "score_ranks",
+    "FTPHandle",
+    "RoutedLayer",
+    "attach_ftp",
+    "detach_ftp",
+    "find_decoder",
+    "ftp_routing",
+    "get_handle",
+    "validate_schedule",
+    "RandomRouter",
+    "RouteInputs",
+    "Router",
+    "StaticRouter",
+    "TokenRouter",
+    "keep_topk",
+    "normalised_positions",
+    "score_ranks",
 ]

@@ -35,6 +35,7 @@ offset). Not supported
 attention implementations other than ``sdpa``/``eager``. Partial rotary embeddings are not
 supported.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -45,10 +46,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .router import (RandomRouter, RouteInputs, Router, StaticRouter, keep_topk,
-                     normalised_positions, score_ranks)
+from .router import RandomRouter, RouteInputs, Router, StaticRouter, keep_topk, normalised_positions, score_ranks
 
-_HANDLES: "weakref.WeakKeyDictionary[nn.Module, FTPHandle]" = weakref.WeakKeyDictionary()
+_HANDLES: weakref.WeakKeyDictionary[nn.Module, FTPHandle] = weakref.WeakKeyDictionary()
 _SUPPORTED_ATTN = ("sdpa", "eager")
 
 
@@ -66,7 +66,8 @@ def find_decoder(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
             return base, layers
     raise ValueError(
         f"{type(model).__name__} has no decoder layers at model.model.layers or model.layers; "
-        "FTP supports Llama/Qwen2/Mistral-style decoder-only models")
+        "FTP supports Llama/Qwen2/Mistral-style decoder-only models"
+    )
 
 
 def validate_schedule(schedule, n_layers: int, *, allow_full: bool = False) -> list[float]:
@@ -128,16 +129,16 @@ class FTPState:
     active: bool = True
     training: bool = False
     compute_scores: bool = True
-    nested: bool = False                     # no re-entry: prefer tokens the previous block computed
-    prev_keep: torch.Tensor | None = None    # (B, T) decisions of the previous block in this call
+    nested: bool = False  # no re-entry: prefer tokens the previous block computed
+    prev_keep: torch.Tensor | None = None  # (B, T) decisions of the previous block in this call
     # per sequence (reset when a forward starts without a filled cache)
-    valid: torch.Tensor | None = None        # (B, S) bool, False on padding
-    score: torch.Tensor | None = None        # (B, S) float, latest attention-score feature
+    valid: torch.Tensor | None = None  # (B, S) bool, False on padding
+    score: torch.Tensor | None = None  # (B, S) float, latest attention-score feature
     n_past: int = 0
     n_new: int = 0
     decode: bool = False
     # decisions
-    forced: list | None = None               # per layer (B, S_total) bool
+    forced: list | None = None  # per layer (B, S_total) bool
     record: bool = False
     decisions: list = field(default_factory=list)
     # statistics
@@ -175,9 +176,9 @@ class _ProxyCache:
         self.real = real
         self.T = T
         self.S_total = T if S_total is None else S_total
-        self.q_keep = q_keep      # (B, T) bool or None (= identity, all T queries in order)
-        self.q_ok = q_ok          # (B, Tq) bool
-        self.k_idx = k_idx        # (B, K) long slots to return, or None (= everything)
+        self.q_keep = q_keep  # (B, T) bool or None (= identity, all T queries in order)
+        self.q_ok = q_ok  # (B, Tq) bool
+        self.k_idx = k_idx  # (B, K) long slots to return, or None (= everything)
         self.keys = None
 
     def _full(self, x):
@@ -223,8 +224,13 @@ class RoutedLayer(nn.Module):
         attn = getattr(layer, "self_attn", None)
         if attn is None or not hasattr(attn, "q_proj"):
             raise ValueError(f"decoder layer {layer_idx} ({type(layer).__name__}) has no self_attn.q_proj")
-        if getattr(attn, "sliding_window", None) or getattr(layer, "attention_type", "full_attention") != "full_attention":
-            raise ValueError(f"decoder layer {layer_idx} uses sliding-window attention; FTP supports full attention only")
+        if (
+            getattr(attn, "sliding_window", None)
+            or getattr(layer, "attention_type", "full_attention") != "full_attention"
+        ):
+            raise ValueError(
+                f"decoder layer {layer_idx} uses sliding-window attention; FTP supports full attention only"
+            )
         # Mistral-style: the window lives in the config and applies to every layer
         self.window = None if hasattr(attn, "sliding_window") else getattr(attn.config, "sliding_window", None)
         self._attn = attn
@@ -232,8 +238,8 @@ class RoutedLayer(nn.Module):
         cfg = attn.config
         self.n_heads = int(cfg.num_attention_heads)
         self.n_kv = int(cfg.num_key_value_heads)
-        self.scaling = float(getattr(attn, "scaling", self.head_dim ** -0.5))
-        self.kv_valid: torch.Tensor | None = None     # (B, S) bool: cache slot holds real K/V
+        self.scaling = float(getattr(attn, "scaling", self.head_dim**-0.5))
+        self.kv_valid: torch.Tensor | None = None  # (B, S) bool: cache slot holds real K/V
         self._q = None
         self._capture = False
         src = attn.q_norm if hasattr(attn, "q_norm") else attn.q_proj
@@ -264,16 +270,20 @@ class RoutedLayer(nn.Module):
             f = st.forced[i]
             if f.shape[1] < past + T:
                 raise ValueError(f"forced decisions for layer {i} cover {f.shape[1]} tokens, need {past + T}")
-            return f[:, past:past + T].to(valid_new.device) & valid_new, None, None
+            return f[:, past : past + T].to(valid_new.device) & valid_new, None, None
         if s >= 1.0:
             return torch.zeros_like(valid_new), None, None
         if s == 0.0 and not st.training:
             return valid_new.clone(), None, None
         pos = normalised_positions(st.valid)[:, past:]
-        inputs = RouteInputs(position=pos.to(hidden.device),
-                             score=st.score[:, past:].to(hidden.device),
-                             rank=score_ranks(st.score, st.valid)[:, past:].to(hidden.device),
-                             sparsity=s, valid=valid_new, decode=st.decode)
+        inputs = RouteInputs(
+            position=pos.to(hidden.device),
+            score=st.score[:, past:].to(hidden.device),
+            rank=score_ranks(st.score, st.valid)[:, past:].to(hidden.device),
+            sparsity=s,
+            valid=valid_new,
+            decode=st.decode,
+        )
         prob = st.router.keep_prob(inputs)
         if st.decode:
             keep = st.router.decode_keep(prob, inputs)
@@ -311,8 +321,10 @@ class RoutedLayer(nn.Module):
         B, T, _ = hidden_states.shape
         past = st.n_past
         if st.valid.shape != (B, past + T):
-            raise ValueError(f"FTP state holds {tuple(st.valid.shape)} tokens but layer {self.layer_idx} "
-                             f"got hidden states {tuple(hidden_states.shape)} after {past} cached tokens")
+            raise ValueError(
+                f"FTP state holds {tuple(st.valid.shape)} tokens but layer {self.layer_idx} "
+                f"got hidden states {tuple(hidden_states.shape)} after {past} cached tokens"
+            )
         valid_new = st.valid[:, past:]
         if cache is None or past == 0 or self.kv_valid is None or self.kv_valid.shape != (B, past):
             self.kv_valid = torch.zeros(B, 0, dtype=torch.bool, device=hidden_states.device)
@@ -340,8 +352,7 @@ class RoutedLayer(nn.Module):
             proxy = _ProxyCache(cache, T=T)
             kw[ckey] = proxy
             out = self._call(hidden_states, kw)
-            self._update_scores(kw, torch.arange(T, device=keep.device).expand(B, T), keep, proxy,
-                                key_slots=None)
+            self._update_scores(kw, torch.arange(T, device=keep.device).expand(B, T), keep, proxy, key_slots=None)
             return out
 
         q_idx, q_ok = _bool_rows(keep)
@@ -351,8 +362,8 @@ class RoutedLayer(nn.Module):
                 z = hidden_states.new_zeros(B, self.n_kv, T, self.head_dim)
                 cache.update(z, z.clone(), self.layer_idx)
             return hidden_states
-        key_valid = torch.cat([self.kv_valid[:, :past], keep], dim=1)       # (B, S)
-        k_idx, k_ok = _bool_rows(key_valid)                                  # (B, K)
+        key_valid = torch.cat([self.kv_valid[:, :past], keep], dim=1)  # (B, S)
+        k_idx, k_ok = _bool_rows(key_valid)  # (B, K)
         if past == 0 and self.window is None and self._sdpa() and bool(q_ok.all()):
             # fresh prefill, no padding: the keys are exactly the gathered queries, in order, so
             # the explicit mask is plain causal -> let sdpa use its causal kernel
@@ -364,13 +375,16 @@ class RoutedLayer(nn.Module):
         pe = kw.get("position_embeddings")
         if pe is not None:
             cos, sin = (t.expand(B, *t.shape[1:]) for t in pe)
-            cg = cos.new_zeros(B, Tq, cos.shape[-1]); cg[q_ok] = cos[keep]
-            sg = sin.new_zeros(B, Tq, sin.shape[-1]); sg[q_ok] = sin[keep]
+            cg = cos.new_zeros(B, Tq, cos.shape[-1])
+            cg[q_ok] = cos[keep]
+            sg = sin.new_zeros(B, Tq, sin.shape[-1])
+            sg[q_ok] = sin[keep]
             kw["position_embeddings"] = (cg, sg)
         pid = kw.get("position_ids")
         if pid is not None:
             pid = pid.expand(B, T)
-            pg = pid.new_zeros(B, Tq); pg[q_ok] = pid[keep]
+            pg = pid.new_zeros(B, Tq)
+            pg[q_ok] = pid[keep]
             kw["position_ids"] = pg
         if "cache_position" in kw and kw["cache_position"] is not None:
             pass  # the real cache is updated with all T slots, so cache_position stays valid
@@ -395,7 +409,7 @@ class RoutedLayer(nn.Module):
         allowed = k_ok[:, None, :] & (k_idx[:, None, :] <= q_slot[:, :, None])
         if self.window is not None:
             allowed &= k_idx[:, None, :] > q_slot[:, :, None] - self.window
-        allowed[:, :, 0] |= ~q_ok                                           # padded rows: no NaN
+        allowed[:, :, 0] |= ~q_ok  # padded rows: no NaN
         mask = torch.zeros(allowed.shape, dtype=dtype, device=q_slot.device)
         mask.masked_fill_(~allowed, torch.finfo(dtype).min)
         return mask[:, None]
@@ -454,7 +468,7 @@ class RoutedLayer(nn.Module):
         B, Tq = q_idx.shape
         self._T_call = st.valid.shape[1] - st.n_past
         has = q_ok.any(1)
-        last = (Tq - 1) - q_ok.flip(1).to(torch.uint8).argmax(1)            # (B,) last computed row
+        last = (Tq - 1) - q_ok.flip(1).to(torch.uint8).argmax(1)  # (B,) last computed row
         rows = torch.arange(B, device=q.device)
         q_last = q.reshape(B, q.shape[1], -1, self.head_dim)[rows, last]  # (B, H, D) pre-rope
         if q_last.shape[1] != self.n_heads:
@@ -465,12 +479,12 @@ class RoutedLayer(nn.Module):
             c, s = cos[rows, last][:, None, :], sin[rows, last][:, None, :]
             if c.shape[-1] == self.head_dim:
                 q_last = q_last * c + _rotate_half(q_last) * s
-        keys = proxy.keys                                                    # (B, Hkv, K, D)
+        keys = proxy.keys  # (B, Hkv, K, D)
         if keys.shape[1] != self.n_heads:
             keys = keys.repeat_interleave(self.n_heads // keys.shape[1], dim=1)
         logits = torch.einsum("bhd,bhkd->bhk", q_last.float(), keys.float()) * self.scaling
         past = st.n_past
-        q_slot = past + q_idx[rows, last]                                   # (B,)
+        q_slot = past + q_idx[rows, last]  # (B,)
         if key_slots is None:
             S = keys.shape[2]
             slots = (torch.arange(S, device=q.device) + (past + self._T_call - S)).expand(B, S)
@@ -487,7 +501,7 @@ class RoutedLayer(nn.Module):
             ok &= slots > q_slot[:, None] - self.window
         ok &= has[:, None]
         logits = logits.masked_fill(~ok[:, None, :], -float("inf"))
-        a = torch.softmax(logits, dim=-1).nan_to_num(0.0).mean(1)            # (B, K)
+        a = torch.softmax(logits, dim=-1).nan_to_num(0.0).mean(1)  # (B, K)
         n = ok.sum(1, keepdim=True).clamp_min(1)
         feat = torch.log1p(a * n)
         st.score[rows[:, None].expand_as(slots)[ok], slots[ok]] = feat[ok].to(st.score.dtype)
@@ -634,8 +648,15 @@ def _base_pre_hook(state: FTPState, wrappers):
     return hook
 
 
-def attach_ftp(model: nn.Module, router: Router, schedule, *, allow_full: bool = False,
-               compute_scores: bool = True, nested: bool = False) -> FTPHandle:
+def attach_ftp(
+    model: nn.Module,
+    router: Router,
+    schedule,
+    *,
+    allow_full: bool = False,
+    compute_scores: bool = True,
+    nested: bool = False,
+) -> FTPHandle:
     """Swap the decoder layers of ``model`` for routed wrappers.
 
     Args:

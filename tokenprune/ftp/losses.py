@@ -6,6 +6,7 @@ distillation loss on the final hidden states vs. the dense model. The exact form
 (BCE for the guide, soft achieved sparsity ``1 - mean(p)``, variance-normalised MSE or KL on
 logits for distillation, the decay curve) are a reconstruction and are parameters.
 """
+
 from __future__ import annotations
 
 import math
@@ -68,8 +69,14 @@ def sparsity_loss(probs, targets, valid=None) -> torch.Tensor:
     return torch.clamp(t - ach, min=0.0).sum()
 
 
-def distill_loss(student: torch.Tensor, teacher: torch.Tensor, *, kind: str = "hidden",
-                 temperature: float = 1.0, valid: torch.Tensor | None = None) -> torch.Tensor:
+def distill_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    *,
+    kind: str = "hidden",
+    temperature: float = 1.0,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Distillation of the routed model toward the dense one.
 
     Args:
@@ -99,8 +106,7 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, *, kind: str = "h
     return (per * w).sum() / w.sum().clamp_min(1.0)
 
 
-def guide_weight(step: int, total: int, *, start: float = 1.0, end: float = 0.0,
-                 curve: str = "cosine") -> float:
+def guide_weight(step: int, total: int, *, start: float = 1.0, end: float = 0.0, curve: str = "cosine") -> float:
     """Decaying guide-loss weight from ``start`` (step 0) to ``end`` (last step).
 
     curve: ``"cosine"``, ``"linear"`` or ``"exp"`` (geometric, ``end`` must be > 0).

@@ -25,6 +25,7 @@ layer keeps the ``round((1 - s) * n_valid)`` tokens of highest probability per r
 sparsity); at decode (one new token per row with a cache) it keeps the token when
 ``router.decode_keep`` says so (threshold 0.5 for the learned router, as in the paper).
 """
+
 from __future__ import annotations
 
 import json
@@ -213,8 +214,13 @@ class TokenRouter(nn.Module, Router):
         return (prob >= self.threshold) & inputs.valid
 
     def config(self) -> dict:
-        return {"type": "TokenRouter", "hidden": self.hidden, "threshold": self.threshold,
-                "keep_sink": self.keep_sink, "n_features": N_FEATURES}
+        return {
+            "type": "TokenRouter",
+            "hidden": self.hidden,
+            "threshold": self.threshold,
+            "keep_sink": self.keep_sink,
+            "n_features": N_FEATURES,
+        }
 
     def save(self, path: str | Path, extra: dict | None = None) -> Path:
         """Write the weights and config (as safetensors metadata) to ``path``."""
@@ -232,7 +238,7 @@ class TokenRouter(nn.Module, Router):
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "TokenRouter":
+    def load(cls, path: str | Path) -> TokenRouter:
         """Read a router written by :meth:`save`."""
         from safetensors import safe_open
         from safetensors.torch import load_file
@@ -247,8 +253,7 @@ class TokenRouter(nn.Module, Router):
         cfg = json.loads(meta["config"])
         if cfg.get("type") != "TokenRouter":
             raise ValueError(f"{path} holds a {cfg.get('type')!r}, not a TokenRouter")
-        router = cls(hidden=cfg["hidden"], threshold=cfg.get("threshold", 0.5),
-                     keep_sink=cfg.get("keep_sink", False))
+        router = cls(hidden=cfg["hidden"], threshold=cfg.get("threshold", 0.5), keep_sink=cfg.get("keep_sink", False))
         router.load_state_dict(load_file(str(path)))
         return router
 

@@ -6,15 +6,15 @@ is refined with the trained router. Population size, generations, tournament sel
 blend crossover, Gaussian mutation, elitism and the per-block bounds are parameters
 (reconstruction). Everything is seeded; the fitness function is the caller's (lower = better).
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
 
-def project_to_mean(x: np.ndarray, target: float, lo: float = 0.0, hi: float = 0.9,
-                    iters: int = 60) -> np.ndarray:
+def project_to_mean(x: np.ndarray, target: float, lo: float = 0.0, hi: float = 0.9, iters: int = 60) -> np.ndarray:
     """Project rows onto ``{v : mean(v) = target, lo <= v <= hi}`` by a common shift.
 
     Finds per row the shift ``tau`` with ``mean(clip(x + tau, lo, hi)) = target`` (bisection;
@@ -48,12 +48,25 @@ def project_to_mean(x: np.ndarray, target: float, lo: float = 0.0, hi: float = 0
     return out if np.ndim(x) == 2 else out[0]
 
 
-def search_schedule(fitness: Callable[[np.ndarray], float], n_layers: int, target: float, *,
-                    population: int = 16, generations: int = 10, mutation_rate: float = 0.3,
-                    mutation_scale: float = 0.08, crossover_rate: float = 0.7, elite: int = 2,
-                    tournament: int = 3, bounds: tuple[float, float] = (0.0, 0.9), init=None,
-                    init_scale: float | None = None, seed: int = 0, progress: bool = True,
-                    desc: str = "FTP schedule GA"):
+def search_schedule(
+    fitness: Callable[[np.ndarray], float],
+    n_layers: int,
+    target: float,
+    *,
+    population: int = 16,
+    generations: int = 10,
+    mutation_rate: float = 0.3,
+    mutation_scale: float = 0.08,
+    crossover_rate: float = 0.7,
+    elite: int = 2,
+    tournament: int = 3,
+    bounds: tuple[float, float] = (0.0, 0.9),
+    init=None,
+    init_scale: float | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    desc: str = "FTP schedule GA",
+):
     """Genetic search of a per-block sparsity schedule with ``mean == target``.
 
     Args:
@@ -100,14 +113,16 @@ def search_schedule(fitness: Callable[[np.ndarray], float], n_layers: int, targe
     bar = None
     if progress:
         from tqdm.auto import tqdm
+
         bar = tqdm(total=generations + 1, desc=desc, leave=False)
     history = []
     fit = np.array([score(v) for v in pop])
 
     def log(g):
         b = int(np.argmin(fit))
-        history.append({"generation": g, "best": float(fit[b]), "mean": float(fit.mean()),
-                        "best_schedule": pop[b].tolist()})
+        history.append(
+            {"generation": g, "best": float(fit[b]), "mean": float(fit.mean()), "best_schedule": pop[b].tolist()}
+        )
         if bar is not None:
             bar.update(1)
             bar.set_postfix(best=f"{fit[b]:.4f}")

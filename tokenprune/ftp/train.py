@@ -4,6 +4,7 @@ Flow (paper): search a schedule with the static router (:func:`calibration_fitne
 :func:`tokenprune.ftp.schedule.search_schedule`), train the global router with the three
 losses (:func:`train_router`), then refine the schedule with the trained router.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 
 from .attach import FTPHandle, attach_ftp, get_handle
 from .losses import distill_loss, guide_loss, guide_weight, sparsity_loss
-from .router import StaticRouter, TokenRouter
+from .router import TokenRouter
 
 
 def calibration_windows(ids: torch.Tensor, seq_len: int, n: int, *, seed: int = 0) -> torch.Tensor:
@@ -34,7 +35,7 @@ def calibration_windows(ids: torch.Tensor, seq_len: int, n: int, *, seed: int = 
         raise ValueError(f"token stream of {ids.numel()} tokens is shorter than seq_len={seq_len}")
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seq_len, (n,), generator=g)
-    return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
+    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
 
 
 def contiguous_windows(ids: torch.Tensor, seq_len: int, n: int | None = None) -> torch.Tensor:
@@ -57,7 +58,7 @@ def lm_eval(model, batches: torch.Tensor, *, batch_size: int = 4, dense_logits=N
     """
     tot, cnt, agree, argmaxes = 0.0, 0, 0, []
     for j, i in enumerate(range(0, batches.shape[0], batch_size)):
-        x = batches[i:i + batch_size]
+        x = batches[i : i + batch_size]
         logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
         tot += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"))
         cnt += x[:, 1:].numel()
@@ -92,10 +93,10 @@ def continuation_eval(model, windows: torch.Tensor, n_ctx: int, *, dense_argmax=
     logits = [out.logits[:, -1].float()]
     cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     for t in range(n_ctx, T - 1):
-        out = model(input_ids=windows[:, t:t + 1], use_cache=True, **{cache_kw: cache})
+        out = model(input_ids=windows[:, t : t + 1], use_cache=True, **{cache_kw: cache})
         cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
         logits.append(out.logits[:, -1].float())
-    lg = torch.stack(logits, 1)                                   # (N, T - n_ctx, V)
+    lg = torch.stack(logits, 1)  # (N, T - n_ctx, V)
     tgt = windows[:, n_ctx:]
     nll = float(F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tgt.reshape(-1)))
     am = lg.argmax(-1)
@@ -105,8 +106,7 @@ def continuation_eval(model, windows: torch.Tensor, n_ctx: int, *, dense_argmax=
     return res
 
 
-def calibration_fitness(model, batches: torch.Tensor, *, router=None, batch_size: int = 4,
-                        n_ctx: int | None = None):
+def calibration_fitness(model, batches: torch.Tensor, *, router=None, batch_size: int = 4, n_ctx: int | None = None):
     """Fitness for the schedule GA: calibration NLL of the model routed by ``router``.
 
     Attaches nothing itself: FTP must be attached (static router by default, paper); the
@@ -140,8 +140,16 @@ def calibration_fitness(model, batches: torch.Tensor, *, router=None, batch_size
     return fitness
 
 
-def init_from_static(router: TokenRouter, *, steps: int = 300, seq_len: int = 128, batch: int = 32,
-                     lr: float = 1e-2, max_sparsity: float = 0.9, seed: int = 0) -> dict:
+def init_from_static(
+    router: TokenRouter,
+    *,
+    steps: int = 300,
+    seq_len: int = 128,
+    batch: int = 32,
+    lr: float = 1e-2,
+    max_sparsity: float = 0.9,
+    seed: int = 0,
+) -> dict:
     """Initialise the learned router as the static router (no LLM needed).
 
     Trains on synthetic factors (uniform positions, random scores and their ranks, target
@@ -161,7 +169,7 @@ def init_from_static(router: TokenRouter, *, steps: int = 300, seq_len: int = 12
         score = torch.log1p(raw / raw.sum(1, keepdim=True) * T)
         rank = raw.argsort(1, descending=True).argsort(1).float() / (T - 1)
         feats = torch.stack([pos, score, rank, s.expand(batch, T)], -1)
-        k = torch.round((1 - s) * T).long()                       # (B, 1)
+        k = torch.round((1 - s) * T).long()  # (B, 1)
         target = (ar[None] == 0) & (k >= 1) | (ar[None] >= T - (k - 1)) & (k >= 2)
         return feats, target.float(), k
 
@@ -195,13 +203,29 @@ def _frozen(model):
             p.requires_grad_(f)
 
 
-def train_router(model, router: TokenRouter, schedules, batches: torch.Tensor, *, steps: int = 200,
-                 lr: float = 2e-3, weight_decay: float = 0.0, w_distill: float = 1.0,
-                 w_sparsity: float = 1.0, guide_start: float = 1.0, guide_end: float = 0.0,
-                 guide_curve: str = "cosine", distill: str = "hidden", distill_tail: int | None = None,
-                 batch_size: int = 1, nested: bool = False,
-                 seed: int = 0, progress: bool = True, log_every: int = 10,
-                 time_limit_s: float | None = None) -> list[dict]:
+def train_router(
+    model,
+    router: TokenRouter,
+    schedules,
+    batches: torch.Tensor,
+    *,
+    steps: int = 200,
+    lr: float = 2e-3,
+    weight_decay: float = 0.0,
+    w_distill: float = 1.0,
+    w_sparsity: float = 1.0,
+    guide_start: float = 1.0,
+    guide_end: float = 0.0,
+    guide_curve: str = "cosine",
+    distill: str = "hidden",
+    distill_tail: int | None = None,
+    batch_size: int = 1,
+    nested: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+    log_every: int = 10,
+    time_limit_s: float | None = None,
+) -> list[dict]:
     """Train the global router with the LLM frozen.
 
     Args:
@@ -233,13 +257,17 @@ def train_router(model, router: TokenRouter, schedules, batches: torch.Tensor, *
     if callable(schedules):
         sampler = schedules
     else:
-        if isinstance(schedules, np.ndarray) and schedules.ndim == 1 or (
-                len(schedules) and isinstance(schedules[0], (int, float))):
+        if (
+            isinstance(schedules, np.ndarray)
+            and schedules.ndim == 1
+            or (len(schedules) and isinstance(schedules[0], (int, float)))
+        ):
             schedules = [schedules]
         fixed = [[float(s) for s in sch] for sch in schedules]
 
         def sampler(step):
             return fixed[step % len(fixed)]
+
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     base = model.model if hasattr(model, "model") else model
@@ -251,6 +279,7 @@ def train_router(model, router: TokenRouter, schedules, batches: torch.Tensor, *
     bar = None
     if progress:
         from tqdm.auto import tqdm
+
         bar = tqdm(total=steps, desc="FTP router", leave=False)
     was_training = model.training
     model.eval()
@@ -288,8 +317,15 @@ def train_router(model, router: TokenRouter, schedules, batches: torch.Tensor, *
                 loss.backward()
                 opt.step()
                 st.clear_train()
-                rec = {"step": step, "loss": float(loss.detach()), "distill": float(l_d.detach()), "guide": float(l_g.detach()),
-                       "sparsity": float(l_s.detach()), "guide_weight": wg, "seconds": time.time() - t0}
+                rec = {
+                    "step": step,
+                    "loss": float(loss.detach()),
+                    "distill": float(l_d.detach()),
+                    "guide": float(l_g.detach()),
+                    "sparsity": float(l_s.detach()),
+                    "guide_weight": wg,
+                    "seconds": time.time() - t0,
+                }
                 if step % log_every == 0 or step == steps - 1:
                     history.append(rec)
                 if bar is not None:
