@@ -27,6 +27,13 @@ def _keep(text: str):
     return int(value) if value > 1 and value.is_integer() else value
 
 
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` except where there is none (the step flags name their own)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="prunekit", description="Prune datasets before training.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -34,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser(
         "filter",
         help="filter webdataset shards: embed, cluster, select, write",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsHelp,
     )
     f.add_argument(
         "shards", nargs="*", help="shard paths, brace patterns ('d/{00000..00099}.tar'), globs or file:// URLs"
@@ -115,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--order", choices=["hard", "easy", "random"], help=f"DBP/SemDeDup walk order (default {dbp['order']})"
     )
-    s.add_argument("--ssp-mode", choices=["hard", "easy"], help=f"(default {STEPS['ssp'].defaults()['mode']})")
+    ssp_mode = STEPS["ssp"].defaults()["mode"]
+    s.add_argument("--ssp-mode", choices=["hard", "easy"], help=f"SSP: keep hard or easy rows (default {ssp_mode})")
     w = f.add_argument_group("output shards")
     w.add_argument("--no-write", action="store_true", help="stop after the keep-list")
     w.add_argument("--shard-max-count", type=int, default=DEFAULTS.shard_max_count)
