@@ -57,7 +57,7 @@ def make_embeddings(folder: Path, n: int, seed: int = 0, chunk: int = 250_000) -
 
 
 def child_pipeline(folder: Path, n: int) -> dict:
-    from pipelines.filter import run_filter
+    from pipelines.shards import run_filter
 
     t0 = time.perf_counter()
     res = run_filter(
@@ -112,7 +112,7 @@ def make_image_shards(folder: Path, n: int, per_shard: int = 500) -> str:
 
 def child_embed(folder: Path, n: int, encoder: str) -> dict:
     from pipelines.encoders import OpenClipEncoder, PixelProjectionEncoder
-    from pipelines.stages import EmbedStage
+    from pipelines.shards.embed import EmbedStage
 
     shards = sorted(str(p) for p in folder.glob("img-*.tar"))
     if encoder == "tiny-vit":

@@ -6,6 +6,11 @@ import argparse
 import os
 import sys
 
+from .shards.run import FilterConfig, default_steps, run_filter
+from .shards.steps import STEPS
+
+DEFAULTS = FilterConfig()
+
 
 def _size(text: str) -> int:
     """'3e9', '500MB', '2GB' -> bytes."""
@@ -22,6 +27,13 @@ def _keep(text: str):
     return int(value) if value > 1 and value.is_integer() else value
 
 
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` except where there is none (the step flags name their own)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="prunekit", description="Prune datasets before training.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -29,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser(
         "filter",
         help="filter webdataset shards: embed, cluster, select, write",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsHelp,
     )
     f.add_argument(
         "shards", nargs="*", help="shard paths, brace patterns ('d/{00000..00099}.tar'), globs or file:// URLs"
@@ -50,11 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
         "replaces --model",
     )
     g.add_argument("--encoder-kwargs", default="{}", help="JSON keyword arguments of the --encoder factory")
-    g.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
-    g.add_argument("--model-seed", type=int, default=0, help="seed of random weights")
-    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--precision", default=DEFAULTS.precision, choices=["fp32", "fp16", "bf16"])
+    g.add_argument("--model-seed", type=int, default=DEFAULTS.model_seed, help="seed of random weights")
+    g.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
     g.add_argument(
-        "--dtype", default="float16", choices=["float16", "float32"], help="storage dtype of the embedding chunks"
+        "--dtype", default=DEFAULTS.dtype, choices=["float16", "float32"], help="storage dtype of the embedding chunks"
     )
     g.add_argument(
         "--embeddings",
@@ -63,19 +75,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--metadata", nargs="+", help="metadata parquet per embedding file, with keys")
     g.add_argument("--text-embeddings", nargs="+", help="precomputed caption embeddings")
-    g.add_argument("--key-column", default="key")
+    g.add_argument("--key-column", default=DEFAULTS.key_column)
     g.add_argument(
         "--strict",
         action="store_true",
         help="stop on the first missing/undecodable image or corrupt shard instead of counting and reporting it",
     )
     c = f.add_argument_group("clustering")
-    c.add_argument("--clusters", type=int, default=100, help="k of spherical k-means")
-    c.add_argument("--kmeans-iter", type=int, default=20)
+    c.add_argument("--clusters", type=int, default=DEFAULTS.clusters, help="k of spherical k-means")
+    c.add_argument("--kmeans-iter", type=int, default=DEFAULTS.kmeans_iter)
     c.add_argument(
-        "--max-points-per-centroid", type=int, default=256, help="k-means trains on at most k * this many sampled rows"
+        "--max-points-per-centroid",
+        type=int,
+        default=DEFAULTS.max_points_per_centroid,
+        help="k-means trains on at most k * this many sampled rows",
     )
-    c.add_argument("--seed", type=int, default=1234)
+    c.add_argument(
+        "--seed", type=int, default=DEFAULTS.seed, help="seed of k-means sampling and of the dbp/random steps"
+    )
     s = f.add_argument_group("selection (chain: clip score -> semdedup -> method)")
     s.add_argument(
         "--clip-score-min",
@@ -87,28 +104,35 @@ def build_parser() -> argparse.ArgumentParser:
         "--dedup-eps", type=float, help="SemDeDup: drop rows with cosine > 1 - eps to an earlier row of their cluster"
     )
     s.add_argument("--method", default="dbp", choices=["dbp", "ssp", "random", "semdedup", "none"])
+    keeps = ", ".join(f"{m} {STEPS[m].defaults()['keep']}" for m in ("dbp", "ssp", "random"))
     s.add_argument(
-        "--keep", type=_keep, default=0.3, help="fraction (or count) of the rows entering the method step to keep"
+        "--keep",
+        type=_keep,
+        help=f"fraction (or count) of the rows entering the method step to keep (default: {keeps})",
     )
+    dbp = STEPS["dbp"].defaults()
     s.add_argument(
         "--temperature",
         type=float,
-        default=0.5,
-        help="DBP softmax temperature (reference code 0.5; a reimplementation uses 0.1)",
+        help=f"DBP softmax temperature (default {dbp['temperature']}, as the reference code; "
+        "a reimplementation uses 0.1)",
     )
-    s.add_argument("--n-neighbors", type=int, default=20, help="DBP neighbours for d_inter")
-    s.add_argument("--balance", type=float, default=0.0, help="DBP per-cluster floor share")
-    s.add_argument("--order", default="hard", choices=["hard", "easy", "random"])
-    s.add_argument("--ssp-mode", default="hard", choices=["hard", "easy"])
+    s.add_argument("--n-neighbors", type=int, help=f"DBP neighbours for d_inter (default {dbp['n_neighbors']})")
+    s.add_argument("--balance", type=float, help=f"DBP per-cluster floor share (default {dbp['balance']})")
+    s.add_argument(
+        "--order", choices=["hard", "easy", "random"], help=f"DBP/SemDeDup walk order (default {dbp['order']})"
+    )
+    ssp_mode = STEPS["ssp"].defaults()["mode"]
+    s.add_argument("--ssp-mode", choices=["hard", "easy"], help=f"SSP: keep hard or easy rows (default {ssp_mode})")
     w = f.add_argument_group("output shards")
     w.add_argument("--no-write", action="store_true", help="stop after the keep-list")
-    w.add_argument("--shard-max-count", type=int, default=10000)
+    w.add_argument("--shard-max-count", type=int, default=DEFAULTS.shard_max_count)
     w.add_argument(
-        "--shard-max-size", type=_size, default=3_000_000_000, help="bytes per output shard (e.g. 3e9, 500MB)"
+        "--shard-max-size", type=_size, default=DEFAULTS.shard_max_size, help="bytes per output shard (e.g. 3e9, 500MB)"
     )
     r = f.add_argument_group("execution")
-    r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    r.add_argument("--backend", default="local", choices=["local", "ray"])
+    r.add_argument("--device", default=DEFAULTS.device, help="auto, cpu, cuda, cuda:1 ...")
+    r.add_argument("--backend", default=DEFAULTS.backend, choices=["local", "ray"])
     r.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     r.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -134,8 +158,6 @@ def main(argv=None) -> int:
 
 
 def _filter(args) -> int:
-    from .filter import default_steps, run_filter
-
     if args.threads:
         import torch
 
@@ -215,7 +237,7 @@ def load_encoder_factory(spec: str, kwargs_json: str = "{}"):
 
 
 def _report(args) -> int:
-    from .report import write_report
+    from .shards.report import write_report
 
     path = write_report(args.out, clusters_shown=args.clusters_shown, images_per_row=args.images_per_row)
     print(f"report: {path}")

@@ -202,7 +202,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from .filter import run_filter
+    from .shards.run import run_filter
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -239,7 +239,7 @@ def main(argv=None) -> int:
         f"other rows marked duplicate: {int(dup.sum()) - caught}"
     )
     if not args.no_report:
-        from .report import write_report
+        from .shards.report import write_report
 
         print(f"report: {write_report(args.out)}")
     print(

@@ -13,8 +13,6 @@ rows, and optionally ``encode_texts(list[str]) -> (B, d)`` (``has_text``).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,7 +21,9 @@ import numpy as np
 import torch
 
 from prunecore.device import resolve_device
-from prunecore.embed import embed_images, embed_texts_clip, load_open_clip
+from prunecore.embed import embed_images, embed_texts_clip
+from prunecore.io import file_digest
+from prunecore.models import load_open_clip, load_transformers
 
 
 def _file_id(path: str) -> dict:
@@ -49,7 +49,7 @@ class OpenClipEncoder:
             if not os.path.isfile(model):
                 raise ValueError(f"open_clip model config {model!r} does not exist")
             text = Path(model).read_text()
-            fingerprint["config_sha256"] = hashlib.sha256(text.encode()).hexdigest()
+            fingerprint["config_sha256"] = file_digest(model)
             open_clip.add_model_config(model)
             name = Path(model).stem
         if pretrained is not None and os.path.exists(pretrained):
@@ -133,15 +133,16 @@ class HFImageEncoder:
     has_text = False
 
     def __init__(self, name_or_path: str, *, device: str = "auto", trust_remote_code: bool = False):
-        from transformers import AutoImageProcessor, AutoModel
+        from transformers import AutoImageProcessor
 
         try:
             self.processor = AutoImageProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-            model = AutoModel.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+            self.model = load_transformers(
+                name_or_path, auto_class="AutoModel", device=device, dtype="fp32", trust_remote_code=trust_remote_code
+            )
         except (OSError, ValueError) as exc:
             raise ValueError(f"unknown transformers image model {name_or_path!r}: {exc}") from exc
         self.device = resolve_device(device)
-        self.model = model.to(self.device).eval()
         fp = {"kind": "hf", "model": name_or_path}
         if os.path.isdir(name_or_path):
             fp["files"] = [_file_id(str(p)) for p in sorted(Path(name_or_path).iterdir()) if p.is_file()]
@@ -220,7 +221,3 @@ def make_encoder(
     if model.startswith("hf:"):
         return HFImageEncoder(model[3:], device=device)
     return OpenClipEncoder(model, pretrained, device=device, precision=precision, seed=seed)
-
-
-def fingerprint_text(fp: dict) -> str:
-    return hashlib.sha256(json.dumps(fp, sort_keys=True, default=str).encode()).hexdigest()

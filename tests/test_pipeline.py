@@ -22,9 +22,7 @@ import pytest
 from conftest import REPO, shared_data_dir
 
 from dataprune import prune_dbp, semdedup
-from pipelines.filter import run_filter
-from pipelines.shards import expand_shards, iter_shard, plan_output_shards, split_member_name
-from pipelines.stages import PipelineError
+from pipelines.shards import PipelineError, expand_shards, iter_shard, plan_output_shards, run_filter, split_member_name
 from prunecore import ChunkedRows, Clustering, kmeans
 
 N_SHARDS, PER_SHARD, N_DUP = 3, 80, 8
@@ -404,7 +402,7 @@ def test_killed_mid_embed_and_mid_write_resumes_to_identical_output(shard_dir, t
     shards = pattern(shard_dir)
     ref = tmp_path / "ref"
     from pipelines.encoders import PixelProjectionEncoder
-    from pipelines.filter import default_steps
+    from pipelines.shards import default_steps
 
     steps = default_steps(dedup_eps=0.02, method="dbp", keep=KEEP)
     run_filter(

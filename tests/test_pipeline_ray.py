@@ -14,7 +14,7 @@ ray = pytest.importorskip("ray", reason="ray is in the dev extra: pip install 'r
 from conftest import REPO  # noqa: E402
 from test_pipeline import TINY_VIT, _rename, _source_samples, write_shard  # noqa: E402
 
-from pipelines.filter import run_filter  # noqa: E402
+from pipelines.shards import run_filter  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""``--backend ray``: embed, SemDeDup scoring and write as Ray Data jobs.
+"""The Ray executor (``--backend ray``): embed, SemDeDup scoring and write as Ray Data jobs.
 
 * **embed**: a Ray Data job over the input shards (one task per shard, one chunk per shard,
   the same function as the local backend, so the chunks are the same files).
@@ -27,16 +27,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .stages import run_step, select_chain, write_outputs
+from pipelines.shards.embed import load_embed_artifact
+from pipelines.shards.select import select_chain
+from pipelines.shards.steps import run_step
+from pipelines.shards.write import output_name, write_outputs
+from prunecore.cluster import Clustering
+from prunecore.rows import RowSubset
 
 _ART_CACHE: dict = {}
 
 
 def _repo_root() -> str:
-    return str(Path(__file__).resolve().parents[1])
+    return str(Path(__file__).resolve().parents[2])
 
 
-class RayBackend:
+class RayExecutor:
     """Connect to (or start) Ray. ``address=None`` starts a local Ray (``num_cpus`` CPUs)
     unless ``RAY_ADDRESS`` is set; ``"auto"`` or ``"ray://host:10001"`` joins a cluster."""
 
@@ -70,7 +75,7 @@ class RayBackend:
         from tqdm.auto import tqdm
 
         shipped = copy.copy(stage)
-        shipped.backend = None
+        shipped.executor = None
 
         def embed_task(row):
             shipped.embed_one(int(row["i"]))
@@ -82,12 +87,12 @@ class RayBackend:
                 bar.update(1)
 
     # ----------------------------------------------------------------- select
-    def select(self, embed, clustering, steps):
+    def select(self, embed, clustering, steps, *, device="auto", progress=False):
         embed_dir = str(embed.dir)
 
         def runner(step, rows, clu, texts, device="auto", progress=False):
             if step["method"] == "semdedup" and step["order"] in ("hard", "easy"):
-                idx = rows.idx if hasattr(rows, "idx") else np.arange(rows.shape[0])
+                idx = rows.rows if isinstance(rows, RowSubset) else np.arange(rows.shape[0])
                 return ray_semdedup(embed_dir, step, idx, clu)
             return run_step(step, rows, clu, texts, device=device, progress=progress)
 
@@ -119,12 +124,10 @@ class _WriterSpec:
         self.dir, self.shards, self.prefix = Path(dir), list(shards), prefix
 
     def out_name(self, j: int) -> str:
-        return f"{self.prefix}-{j:06d}.tar"
+        return output_name(self.prefix, j)
 
 
 def _embeddings(embed_dir: str):
-    from .stages import load_embed_artifact
-
     if embed_dir not in _ART_CACHE:
         _ART_CACHE[embed_dir] = load_embed_artifact(Path(embed_dir), "").images
     return _ART_CACHE[embed_dir]
@@ -133,9 +136,6 @@ def _embeddings(embed_dir: str):
 def _semdedup_group(group: pd.DataFrame, embed_dir: str, step: dict) -> pd.DataFrame:
     """One cluster: rows (global ids, ascending) -> keep + score, via dataprune.semdedup."""
     from dataprune import semdedup
-    from prunecore import Clustering
-
-    from .stages import RowSubset
 
     group = group.sort_values("local", kind="stable")
     m = len(group)

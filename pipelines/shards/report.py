@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .shards import IMAGE_EXTS, iter_shard
-from .stages import decode_image, load_embed_artifact
+from .embed import decode_image, load_embed_artifact
+from .tario import IMAGE_EXTS, iter_shard
 
 
 def _plt():

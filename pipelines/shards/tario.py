@@ -1,4 +1,4 @@
-"""Webdataset shards: expand shard specs, stream raw samples, write byte-identical copies.
+"""Tar I/O of webdataset shards: expand shard specs, stream raw samples, write byte-identical copies.
 
 A webdataset shard is a tar file whose members ``<key>.<ext>`` are grouped into samples by
 key (the member name up to the first dot of its basename, as webdataset does). This module
@@ -211,9 +211,16 @@ def copy_tarinfo(info: tarfile.TarInfo, size: int) -> tarfile.TarInfo:
     return out
 
 
+def add_sample(tar: tarfile.TarFile, sample: RawSample) -> None:
+    """Append every member of ``sample`` to an open tar, with its input header fields
+    (name, size, mtime, mode, owner) and exact bytes."""
+    for info, data in sample.members.values():
+        tar.addfile(copy_tarinfo(info, len(data)), io.BytesIO(data))
+
+
 def write_tar(path: str | os.PathLike, samples: Iterable[RawSample]) -> tuple[int, int]:
-    """Write samples to a plain tar at ``path``, each member with its input header fields
-    (name, size, mtime, mode, owner) and exact bytes. Deterministic. Returns (samples, bytes).
+    """Write samples to a plain tar at ``path`` (:func:`add_sample` each). Deterministic.
+    Returns (samples, bytes).
 
     The result is a valid webdataset shard (``webdataset.WebDataset`` reads it back).
     """
@@ -221,8 +228,7 @@ def write_tar(path: str | os.PathLike, samples: Iterable[RawSample]) -> tuple[in
     with open(path, "wb") as fh:
         with tarfile.open(fileobj=fh, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for sample in samples:
-                for info, data in sample.members.values():
-                    tar.addfile(copy_tarinfo(info, len(data)), io.BytesIO(data))
+                add_sample(tar, sample)
                 count += 1
         size = fh.tell()
     return count, size

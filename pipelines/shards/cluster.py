@@ -1,0 +1,97 @@
+"""The cluster stage: spherical k-means over the embeddings, every row assigned.
+
+Artifact (``OUT/cluster/``): ``centroids.npy``, ``assign.parquet`` (row, cluster, sim).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from prunecore.cluster import Clustering, kmeans
+
+from .embed import EmbedArtifact
+from .stage import PipelineError, Stage, save_npy, save_parquet
+
+
+@dataclass
+class ClusterArtifact:
+    """centroids (k, d) f32; labels (n,) i64 and sim (n,) f32 per embedding row."""
+
+    dir: Path
+    clustering: Clustering
+    fingerprint: str
+
+
+class ClusterStage(Stage):
+    """Spherical k-means on a seeded sample (k * max_points_per_centroid rows), then
+    streaming assignment of every row (:func:`prunecore.kmeans`)."""
+
+    name = "cluster"
+
+    def __init__(
+        self,
+        out,
+        embed: EmbedArtifact,
+        *,
+        k: int,
+        niter: int = 20,
+        seed: int = 1234,
+        max_points_per_centroid: int = 256,
+        device: str = "auto",
+    ):
+        params = {
+            "k": int(k),
+            "niter": int(niter),
+            "seed": int(seed),
+            "max_points_per_centroid": int(max_points_per_centroid),
+        }
+        super().__init__(out, params, {"embed": embed.fingerprint})
+        self.embed = embed
+        self.device = device
+
+    def compute(self, log):
+        n = self.embed.n_rows
+        if self.params["k"] > n:
+            raise PipelineError(f"--clusters {self.params['k']} is more than the {n} embedded samples: lower it")
+        log(f"[cluster] k-means k={self.params['k']} on {n:,d} rows")
+        clu = kmeans(
+            self.embed.images,
+            self.params["k"],
+            niter=self.params["niter"],
+            seed=self.params["seed"],
+            max_points_per_centroid=self.params["max_points_per_centroid"],
+            device=self.device,
+        )
+        save_npy(self.dir / "centroids.npy", clu.centroids)
+        save_parquet(
+            self.dir / "assign.parquet",
+            pd.DataFrame({"row": np.arange(n, dtype=np.int64), "cluster": clu.labels, "sim": clu.sim}),
+            {"kmeans": clu.params},
+        )
+        sizes = clu.sizes
+        return {
+            "k": clu.k,
+            "n_train": clu.params["n_train"],
+            "empty_clusters": int((sizes == 0).sum()),
+            "largest_cluster": int(sizes.max()),
+            "median_cluster": float(np.median(sizes)),
+        }
+
+    def load(self) -> ClusterArtifact:
+        centroids = np.load(self.dir / "centroids.npy")
+        table = pq.read_table(self.dir / "assign.parquet")
+        df = table.to_pandas()
+        params = json.loads((table.schema.metadata or {}).get(b"kmeans", b"{}"))
+        clu = Clustering(
+            centroids=centroids,
+            labels=df["cluster"].to_numpy(np.int64),
+            sim=df["sim"].to_numpy(np.float32),
+            params=params,
+        )
+        return ClusterArtifact(self.dir, clu, self.fingerprint)

@@ -1,0 +1,138 @@
+"""The select stage: the step chain -> a keep-list of every input sample, with its reason.
+
+Artifact (``OUT/select/``): ``keep.parquet`` (key, shard, kept, reason, cluster, score,
+...), ``stats_*.parquet`` (per-cluster tables of each step).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from prunecore.cluster import Clustering
+from prunecore.rows import RowSubset
+
+from .cluster import ClusterArtifact
+from .embed import EmbedArtifact
+from .stage import Stage, save_parquet
+from .steps import normalize_steps, run_step
+
+
+def subset_rows(rows, idx: np.ndarray):
+    """``rows[idx]`` as a lazy view (identity when idx covers every row in order)."""
+    if idx.shape[0] == rows.shape[0]:
+        return rows
+    return RowSubset(rows, idx)
+
+
+def select_chain(
+    embed: EmbedArtifact, clustering: Clustering, steps: list[dict], *, device="auto", progress=False, step_runner=None
+):
+    """Run the steps in order, each on the survivors of the previous ones; returns the
+    composed Selection over all embedding rows and {step name: stats DataFrame}.
+    ``step_runner``: replaces :func:`~pipelines.shards.steps.run_step` (an executor's own)."""
+    from dataprune import Selection
+
+    n = embed.n_rows
+    sel = Selection.keep_all(n)
+    stats = {}
+    for i, step in enumerate(steps):
+        idx = sel.indices
+        if idx.size == 0:
+            break
+        sub_clu = Clustering(clustering.centroids, clustering.labels[idx], clustering.sim[idx], clustering.params)
+        sub_rows = subset_rows(embed.images, idx)
+        sub_txt = subset_rows(embed.texts, idx) if embed.texts is not None else None
+        runner = step_runner or run_step
+        s = runner(step, sub_rows, sub_clu, sub_txt, device=device, progress=progress)
+        for name, df in s.stats.items():
+            stats[f"{i}_{name}"] = df
+        sel = sel & s.lift(idx, n)
+    return sel, stats
+
+
+@dataclass
+class SelectArtifact:
+    dir: Path
+    keep: pd.DataFrame  # key, shard, kept, reason, cluster, score, row, shard_idx, index
+    stats: dict = field(default_factory=dict)
+    fingerprint: str = ""
+
+
+class SelectStage(Stage):
+    """Score/select chain -> keep-list parquet (every input sample, with its reason).
+    ``executor``: who runs the chain (``None``: :func:`select_chain` in this process)."""
+
+    name = "select"
+
+    def __init__(
+        self,
+        out,
+        embed: EmbedArtifact,
+        cluster: ClusterArtifact,
+        steps: list[dict],
+        *,
+        device="auto",
+        progress=True,
+        executor=None,
+    ):
+        steps = normalize_steps(steps)
+        super().__init__(out, {"steps": steps}, {"embed": embed.fingerprint, "cluster": cluster.fingerprint})
+        self.embed, self.cluster, self.steps = embed, cluster, steps
+        self.device, self.progress, self.executor = device, progress, executor
+
+    def compute(self, log):
+        if self.executor is not None:
+            sel, stats = self.executor.select(
+                self.embed, self.cluster.clustering, self.steps, device=self.device, progress=self.progress
+            )
+        else:
+            sel, stats = select_chain(
+                self.embed, self.cluster.clustering, self.steps, device=self.device, progress=self.progress
+            )
+        keep = build_keep_list(self.embed.keys, sel, self.cluster.clustering)
+        for name, df in stats.items():
+            save_parquet(self.dir / f"stats_{name}.parquet", df.reset_index(drop=True))
+        save_parquet(self.dir / "keep.parquet", keep)
+        counts = keep.loc[~keep["kept"], "reason"].value_counts().to_dict()
+        return {
+            "samples": int(len(keep)),
+            "kept": int(keep["kept"].sum()),
+            "dropped": {str(k): int(v) for k, v in sorted(counts.items())},
+        }
+
+    def load(self) -> SelectArtifact:
+        stats = {p.stem[len("stats_") :]: pd.read_parquet(p) for p in sorted(self.dir.glob("stats_*.parquet"))}
+        return SelectArtifact(self.dir, pd.read_parquet(self.dir / "keep.parquet"), stats, self.fingerprint)
+
+
+def build_keep_list(keys: pd.DataFrame, sel, clustering: Clustering) -> pd.DataFrame:
+    """One row per input sample (input order): key, shard, kept, reason, cluster, score,
+    plus row (embedding row or -1), shard_idx, index and nbytes (for the write stage)."""
+    row = keys["row"].to_numpy(np.int64)
+    has = row >= 0
+    kept = np.zeros(len(keys), dtype=bool)
+    reason = keys["status"].to_numpy(dtype=object).copy()
+    cluster = np.full(len(keys), -1, dtype=np.int64)
+    score = np.full(len(keys), np.nan, dtype=np.float32)
+    kept[has] = sel.keep[row[has]]
+    reason[has] = sel.reasons[row[has]]
+    cluster[has] = clustering.labels[row[has]]
+    score[has] = sel.scores[row[has]]
+    return pd.DataFrame(
+        {
+            "key": keys["key"].to_numpy(),
+            "shard": keys["shard"].to_numpy(),
+            "kept": kept,
+            "reason": reason.astype(str),
+            "cluster": cluster,
+            "score": score,
+            "row": row,
+            "shard_idx": keys["shard_idx"].to_numpy(np.int64),
+            "index": keys["index"].to_numpy(np.int64),
+            "nbytes": keys["nbytes"].to_numpy(np.int64),
+        }
+    )
