@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tokenprune.fopru_hf import fopru_generate  # noqa: E402
+from tokenprune.fopru import fopru_generate  # noqa: E402
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 VOCAB = ["<pad>", "<s>", "</s>", "<image>", "what", "is", "in", "the", "image", "?", "a", "photo", "of", "."] + CLASSES
@@ -293,7 +293,7 @@ def masked_prompt_layout(ids: torch.Tensor, kept: torch.Tensor):
     ``(B, n)`` bool. Returns ``(attention_mask (B, L), position_ids (B, L))``: dropped placeholders
     are masked out as keys and the others are numbered consecutively, so every kept or text token
     sees exactly what it would see if the dropped placeholders were removed from the prompt (what
-    :func:`tokenprune.fopru_hf.fopru_generate` does at inference). Vectorised, fixed shapes.
+    :func:`tokenprune.fopru.fopru_generate` does at inference). Vectorised, fixed shapes.
     """
     img = ids == IMG_ID
     if int(img.sum()) != kept.numel():

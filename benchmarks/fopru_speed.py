@@ -35,8 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tokenprune.fopru import fopru_scores, fopru_select  # noqa: E402
-from tokenprune.fopru_hf import AttentionRowCapture, fopru_generate, prune_mm_inputs  # noqa: E402
+from tokenprune.fopru import fopru_generate, fopru_scores, fopru_select  # noqa: E402
+from tokenprune.fopru.capture import AttentionRowCapture  # noqa: E402
+from tokenprune.fopru.core import prune_mm_inputs  # noqa: E402
 
 CACHE = Path(os.environ.get("PRUNEKIT_CACHE", Path.home() / ".cache" / "prunekit"))
 

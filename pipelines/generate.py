@@ -1,7 +1,8 @@
 """One place for the inference-time wrappers around ``generate``.
 
-* LVLMs (LLaVA, LLaVA-NeXT any-res, Qwen2-VL): :func:`fopru_generate` and the :class:`FoPru`
-  context manager prune visual tokens with FoPru before the language model sees them (``pipelines.generate_lvlm``).
+* LVLMs (the families registered in ``tokenprune.fopru.adapters``): :func:`fopru_generate` and
+  the :class:`FoPru` context manager prune visual tokens with FoPru before the language model
+  sees them (``tokenprune.fopru``).
 * LLMs (Llama/Qwen2/Mistral-style): :func:`ftp_generate` loads a model, attaches FTP token
   routing and generates, returning sparsity and FLOPs stats (``pipelines.generate_llm``).
 * Diffusion LLMs (LLaDA/Dream-style): :func:`dllm_generate` decodes with LocalLeap or another
@@ -13,9 +14,8 @@ Names resolve lazily so importing this module loads no model code.
 from importlib import import_module
 
 _EXPORTS = {
-    "fopru_generate": "pipelines.generate_lvlm",
-    "FoPru": "pipelines.generate_lvlm",
-    "FoPruStats": "pipelines.generate_lvlm",
+    "fopru_generate": "tokenprune.fopru",
+    "FoPru": "tokenprune.fopru",
     "ftp_generate": "pipelines.generate_llm",
     "load_causal_lm": "pipelines.generate_llm",
     "dllm_generate": "pipelines.generate_dllm",

@@ -78,7 +78,7 @@ def test_masked_layout_equals_removed_tokens(bench):
 def test_masked_layout_matches_fopru_generate(bench):
     """The first answer token under the training layout equals what fopru_generate produces
     with the same kept indices (the inference path the benchmark evaluates)."""
-    from tokenprune.fopru_hf import fopru_generate
+    from tokenprune.fopru import fopru_generate
 
     torch.manual_seed(1)
     model = bench.build_model().eval()

@@ -18,8 +18,9 @@ from transformers import (  # noqa: E402
 )
 
 from tokenprune import FoPru  # noqa: E402
-from tokenprune.fopru_hf import fopru_generate  # noqa: E402
-from tokenprune.fopru_llava_next import anyres_layout, anyres_select  # noqa: E402
+from tokenprune.fopru import fopru_generate  # noqa: E402
+from tokenprune.fopru.adapters.llava_next import anyres_layout  # noqa: E402
+from tokenprune.fopru.core import anyres_select  # noqa: E402
 
 IMG = 99
 CROP, PATCH = 16, 4  # 4x4 = 16 patches per crop
@@ -172,7 +173,7 @@ def test_anyres_select_brute_force(norm, newline):
             assert got.tolist() == _ref_select(scores, lay, k, norm, newline), (size, k)
             assert int((lay.source[got] >= 0).sum()) == k  # exact K visual tokens
         frac = anyres_select(scores, lay, 0.25, anyres_norm=norm, newline=newline)
-        assert int((lay.source[frac] >= 0).sum()) == round(0.25 * lay.n_visual)
+        assert int((lay.source[frac] >= 0).sum()) == int(0.25 * lay.n_visual + 0.5)
 
 
 def test_anyres_norm_changes_selection():
@@ -196,7 +197,7 @@ def test_anyres_select_errors():
         anyres_select(good, lay, 4, anyres_norm="softmax")
     with pytest.raises(ValueError, match="newline"):
         anyres_select(good, lay, 4, newline="some")
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(ValueError, match="is outside"):
         anyres_select(good, lay, lay.n_visual + 1)
     with pytest.raises(TypeError, match="floating"):
         anyres_select(torch.ones(lay.n_crops + 1, P, dtype=torch.long), lay, 4)
@@ -209,14 +210,14 @@ def test_keep_one_identical_ids(model):
     out, st = fopru_generate(model, inp, keep=1.0, **GEN)
     assert torch.equal(out, ref)
     lens = [len(anyres_layout(s, PINS, CROP, PATCH)) for s in SIZES]
-    assert st.tokens_in == lens and st.tokens_out == lens and st.prefill_tokens_saved == 0
-    assert st.newline_in == st.newline_out == [4, 8] and st.visual_out == [48, 48]
+    assert st.extras["image_tokens_in"] == lens and st.extras["image_tokens_kept"] == lens and st.tokens_saved == 0
+    assert st.extras["newline_in"] == st.extras["newline_kept"] == [4, 8] and st.extras["visual_kept"] == [48, 48]
     out2, _ = fopru_generate(model, inp, keep=1.0, feature_passing="inputs_embeds", **GEN)
     assert torch.equal(out2, ref)
     with FoPru(model, keep=1.0, anyres_norm="max", newline="row") as fp:
         out3 = model.generate(**inp, **GEN)
     assert torch.equal(out3, ref)
-    assert fp.stats.tokens_out == lens
+    assert fp.stats.extras["image_tokens_kept"] == lens
 
 
 def _eager_scores(model, inp, layer=-2):
@@ -243,9 +244,9 @@ def test_pruned_equals_manual_reference(model, passing):
     rows, img_feats = [], []
     for b, size in enumerate(inp["image_sizes"].tolist()):
         lay = anyres_layout(size, PINS, CROP, PATCH)
-        k = keep[b] if isinstance(keep[b], int) else round(keep[b] * lay.n_visual)
+        k = keep[b] if isinstance(keep[b], int) else int(keep[b] * lay.n_visual + 0.5)
         kept = _ref_select(scores[b], lay, k, "sum", "row")
-        assert st.kept_indices[b].tolist() == kept
+        assert st.extras["kept_indices"][b].tolist() == kept
         ids = inp["input_ids"][b].tolist()  # original left padding kept, run shrunk
         msk = inp["attention_mask"][b].tolist()
         s = ids.index(IMG)
@@ -261,14 +262,14 @@ def test_pruned_equals_manual_reference(model, passing):
     ref = model.generate(input_ids=ids, inputs_embeds=emb, attention_mask=mask, **GEN)
     assert torch.equal(out[:, : ids.shape[1]], ids)
     assert torch.equal(out[:, ids.shape[1] :], ref[:, -GEN["max_new_tokens"] :])
-    assert st.visual_out == [12, 10]
-    assert st.prefill_tokens_saved == sum(st.tokens_in) - sum(len(r) for r in st.kept_indices)
+    assert st.extras["visual_kept"] == [12, 10]
+    assert st.tokens_saved == sum(st.extras["image_tokens_in"]) - sum(len(r) for r in st.extras["kept_indices"])
 
 
 def test_batch_matches_single_and_kept_indices_bypass(model):
     inp = _inputs(model, seed=5)
     batch, st = fopru_generate(model, inp, keep=[0.5, 7], newline="all", **GEN)
-    assert st.newline_out == st.newline_in and st.visual_out == [24, 7]
+    assert st.extras["newline_kept"] == st.extras["newline_in"] and st.extras["visual_kept"] == [24, 7]
     for b, kp in enumerate([0.5, 7]):
         single = {k: v[b : b + 1] for k, v in inp.items()}
         m = single["attention_mask"][0].bool()
@@ -276,8 +277,8 @@ def test_batch_matches_single_and_kept_indices_bypass(model):
         one, _ = fopru_generate(model, single, keep=kp, newline="all", **GEN)
         assert torch.equal(batch[b, -6:], one[0, -6:]), b
     # explicit packed positions reproduce the same run
-    again, st2 = fopru_generate(model, inp, kept_indices=st.kept_indices, **GEN)
-    assert torch.equal(again, batch) and st2.tokens_out == st.tokens_out
+    again, st2 = fopru_generate(model, inp, kept_indices=st.extras["kept_indices"], **GEN)
+    assert torch.equal(again, batch) and st2.extras["image_tokens_kept"] == st.extras["image_tokens_kept"]
     assert torch.equal(batch[:, : inp["input_ids"].shape[1]], inp["input_ids"])
 
 
@@ -295,7 +296,7 @@ def test_errors(model):
         fopru_generate(model, inp, keep=0.5, strategy="row", **GEN)
     with pytest.raises(ValueError, match="anyres_norm"):
         fopru_generate(model, inp, keep=0.5, anyres_norm="l2", **GEN)
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(ValueError, match="is outside"):
         fopru_generate(model, inp, keep=49, **GEN)
     with pytest.raises(ValueError, match="packed positions"):
         fopru_generate(model, inp, kept_indices=[torch.tensor([0]), torch.tensor([56])], **GEN)
@@ -319,9 +320,9 @@ def test_hooks_removed_and_generate_restored(model):
     with FoPru(model, keep=0.5) as fp:
         assert _hook_count(model) == before + 2 and "generate" in model.__dict__
         model.generate(**inp, **GEN)
-    assert fp.stats.visual_out == [24, 24]
+    assert fp.stats.extras["visual_kept"] == [24, 24]
     assert _hook_count(model) == before and "generate" not in model.__dict__
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(ValueError, match="is outside"):
         with FoPru(model, keep=1000):
             model.generate(**inp, **GEN)
     assert _hook_count(model) == before and "generate" not in model.__dict__
@@ -356,4 +357,4 @@ def test_siglip_tower_colmean_full_strategy():
     with pytest.raises(ValueError, match="CLS"):
         fopru_generate(m, inp, keep=0.5, method="cls", **GEN)
     _, st = fopru_generate(m, inp, keep=0.3, method="colmean", layer=-1, **GEN)
-    assert st.visual_out == [14, 14]
+    assert st.extras["visual_kept"] == [14, 14]

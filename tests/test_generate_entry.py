@@ -5,7 +5,7 @@ import pytest
 import pipelines.generate as generate
 from pipelines.generate_dllm import dllm_generate
 from pipelines.generate_llm import ftp_generate
-from pipelines.generate_lvlm import fopru_generate
+from tokenprune.fopru import fopru_generate
 
 
 def test_generate_entry_points_resolve_to_the_wrappers():

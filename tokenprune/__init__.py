@@ -9,7 +9,7 @@ from importlib import import_module
 _EXPORTS = {
     "fopru_scores": "tokenprune.fopru",
     "fopru_select": "tokenprune.fopru",
-    "FoPru": "tokenprune.fopru_hf",
+    "FoPru": "tokenprune.fopru",
     "localleap_transfer": "tokenprune.localleap",
     "localleap_generate": "tokenprune.localleap",
     "llada_topk": "tokenprune.localleap",

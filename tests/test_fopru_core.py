@@ -1,4 +1,4 @@
-"""Pure FoPru functions: scores, rank/row selection, validation (brute-force references)."""
+"""tokenprune.fopru.core: scores, rank/row selection, budgets, validation (brute-force references)."""
 
 import itertools
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tokenprune import fopru_scores, fopru_select
-from tokenprune.fopru import keep_to_count, merge_grid_scores
+from tokenprune.fopru.core import check_token_keep, merge_grid_scores, per_image_keep, select_per_image
 
 
 def _softmax_attn(b=2, h=3, n=10, seed=0):
@@ -56,22 +56,44 @@ def test_scores_errors():
 
 
 # ---------------------------------------------------------------- keep
-def test_keep_to_count():
-    assert keep_to_count(576, 0.25) == 144
-    assert keep_to_count(576, 1.0) == 576
-    assert keep_to_count(576, 10) == 10
+def test_budget_is_the_one_rule():
+    """K = floor(keep * N + 0.5) (prunecore.budget.keep_count); keep=0.5 of 5 is 3 (it was 2 with
+    FoPru's own round-half-even rule before the layout change)."""
+    s = torch.rand(2, 576)
+    assert fopru_select(s, 0.25).shape == (2, 144)
+    assert fopru_select(s, 1.0).shape == (2, 576)
+    assert fopru_select(s, 10).shape == (2, 10)
+    assert fopru_select(torch.rand(1, 5), 0.5).shape == (1, 3)
     for bad in (0, 577, -1):
-        with pytest.raises(ValueError, match="out of range"):
-            keep_to_count(576, bad)
+        with pytest.raises(ValueError, match="outside|gives 0|>= 0"):
+            fopru_select(s, bad)
     for bad in (0.0, 1.5, -0.1, float("nan")):
         with pytest.raises(ValueError, match="fraction"):
-            keep_to_count(576, bad)
-    with pytest.raises(ValueError, match="K=0"):
-        keep_to_count(10, 0.01)
+            fopru_select(s, bad)
+    with pytest.raises(ValueError, match="gives 0"):
+        fopru_select(torch.rand(1, 10), 0.01)
     with pytest.raises(TypeError):
-        keep_to_count(10, True)
+        fopru_select(s, True)
     with pytest.raises(TypeError):
-        keep_to_count(10, "half")
+        fopru_select(s, "half")
+    check_token_keep(0.5)
+    check_token_keep(3)
+    with pytest.raises(ValueError, match="at least 1"):
+        check_token_keep(0)
+    with pytest.raises(ValueError, match="fraction"):
+        check_token_keep(2.0)
+
+
+def test_per_image_keep_and_select():
+    assert per_image_keep(0.5, 3) == [0.5, 0.5, 0.5]
+    assert per_image_keep([1, 0.5], 2) == [1, 0.5]
+    with pytest.raises(ValueError, match="entries"):
+        per_image_keep([0.5], 2)
+    with pytest.raises(TypeError, match="tensor"):
+        per_image_keep(torch.tensor([0.5]), 1)
+    s = torch.rand(3, 16, generator=torch.Generator().manual_seed(4))
+    got = select_per_image(s, [0.25, 5, 4])
+    assert [g.tolist() for g in got] == [fopru_select(s[i : i + 1], k)[0].tolist() for i, k in enumerate([4, 5, 4])]
 
 
 # ---------------------------------------------------------------- rank
@@ -80,7 +102,7 @@ def test_rank_is_sorted_topk():
     s = torch.rand(4, 50, generator=g)
     for keep in (1, 7, 0.5, 50):
         idx = fopru_select(s, keep)
-        k = keep_to_count(50, keep)
+        k = keep if isinstance(keep, int) else int(keep * 50 + 0.5)
         assert idx.shape == (4, k) and idx.dtype == torch.long
         for bi in range(4):
             ref = sorted(sorted(range(50), key=lambda j: -float(s[bi, j]))[:k])
@@ -173,9 +195,9 @@ def test_select_errors():
         fopru_select(s, 4, strategy="row", grid=(3, 5))
     with pytest.raises(ValueError, match="grid"):
         fopru_select(s, 4, strategy="row")
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(ValueError, match="outside"):
         fopru_select(s, 13)
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(ValueError, match="gives 0"):
         fopru_select(s, 0)
     with pytest.raises(ValueError, match="unknown strategy"):
         fopru_select(s, 3, strategy="best")

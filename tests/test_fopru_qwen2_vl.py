@@ -15,13 +15,13 @@ transformers = pytest.importorskip("transformers")
 from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration  # noqa: E402
 
 from tokenprune import FoPru, fopru_select  # noqa: E402
-from tokenprune.fopru import merge_grid_scores  # noqa: E402
-from tokenprune.fopru_hf import fopru_generate, prune_mm_inputs  # noqa: E402
-from tokenprune.fopru_qwen2vl import (  # noqa: E402
-    Qwen2VLAttentionCapture,
+from tokenprune.fopru import fopru_generate, merge_grid_scores  # noqa: E402
+from tokenprune.fopru.adapters import make_adapter  # noqa: E402
+from tokenprune.fopru.core import (  # noqa: E402
     compact_tokens,
     merged_scores_from_packed,
     packed_patch_to_raster,
+    prune_mm_inputs,
 )
 
 IMG, VID, VS, VE = 90, 93, 91, 92
@@ -101,6 +101,11 @@ BATCH = [
     [("t", [5]), ("i", (6, 8)), ("t", [8, 9])],
 ]  # 12 merged tokens, longer row
 TWO_IMAGES = [[("t", [5]), ("i", (4, 4)), ("t", [6]), ("i", (6, 4)), ("t", [7, 8])]]
+
+
+def _capture(model, layer):
+    """The Qwen2-VL adapter's attention capture on vision block ``layer``."""
+    return make_adapter(model, method="colmean", layer=layer).capture
 
 
 # ------------------------------------------------------------------ brute-force references
@@ -280,14 +285,14 @@ def test_capture_equals_bruteforce_attention(qwen, layer):
     grid = inp["image_grid_thw"]
     block = layer + 2  # depth 2
     probs = _bruteforce_vision_attention(qwen, inp["pixel_values"], grid, block)
-    cap = Qwen2VLAttentionCapture.for_model(qwen, layer=layer)
+    cap = _capture(qwen, layer)
     cap.max_block_elems = 4 * 20 * 48  # 20 queries per block for the 48-patch image: 3 blocks
     with cap, torch.no_grad():
         qwen.get_image_features(pixel_values=inp["pixel_values"], image_grid_thw=grid)
     ref = torch.cat([p.mean(1) for p in probs], dim=1)  # (heads, N) per-image column means
     torch.testing.assert_close(cap.rows, ref, rtol=1e-5, atol=1e-6)
     assert cap.cu_seqlens.tolist() == [0, 24, 72]
-    merged = [merged_scores_from_packed(s, (h, w)) for s, (_, h, w) in zip(cap.image_scores(), grid.tolist())]
+    merged = [merged_scores_from_packed(s, (h, w)) for s, (_, h, w) in zip(cap.segment_scores(), grid.tolist())]
     for got, exp in zip(merged, _bruteforce_merged_scores(probs, grid)):
         torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-6)
     assert not cap.module.qkv._forward_hooks and not cap.module._forward_pre_hooks
@@ -298,7 +303,7 @@ def test_capture_same_under_eager_vision_attention():
     inp = _inputs(TWO_IMAGES, seed=3)
     rows = []
     for m in (sdpa, eager):
-        cap = Qwen2VLAttentionCapture.for_model(m, layer=-1)
+        cap = _capture(m, -1)
         with cap, torch.no_grad():
             f = m.get_image_features(pixel_values=inp["pixel_values"], image_grid_thw=inp["image_grid_thw"])
         rows.append((cap.rows, torch.cat(f.pooler_output)))
@@ -316,11 +321,11 @@ def test_keep_one_identical_ids(qwen, layout):
     for fp in ("mm_encoder_outputs", "inputs_embeds"):
         out, st = fopru_generate(qwen, inp, keep=1.0, method="colmean", feature_passing=fp, **GEN)
         assert torch.equal(out, ref), fp
-        assert st.prefill_tokens_saved == 0
+        assert st.tokens_saved == 0
     with FoPru(qwen, keep=1.0, method="colmean", strategy="row") as fp:
         out = qwen.generate(**inp, **GEN)
     assert torch.equal(out, ref)
-    assert fp.stats.tokens_in == [int(g.prod()) // 4 for g in inp["image_grid_thw"]]
+    assert fp.stats.extras["image_tokens_in"] == [int(g.prod()) // 4 for g in inp["image_grid_thw"]]
 
 
 def test_keep_one_identical_with_beams_and_return_sequences(qwen):
@@ -350,14 +355,14 @@ def test_pruned_equals_bruteforce_reference(qwen, layout, keep):
     probs = _bruteforce_vision_attention(qwen, inp["pixel_values"], grid, 0)
     keeps = keep if isinstance(keep, list) else [keep] * len(probs)
     kept = [fopru_select(s[None], kp)[0] for s, kp in zip(_bruteforce_merged_scores(probs, grid), keeps)]
-    assert [k.tolist() for k in st.kept_indices] == [k.tolist() for k in kept]
+    assert [k.tolist() for k in st.extras["kept_indices"]] == [k.tolist() for k in kept]
     new, n_prompt = _reference_generate(qwen, inp, kept, GEN["max_new_tokens"])
     assert torch.equal(out[:, -GEN["max_new_tokens"] :], new)
-    assert st.prompt_tokens_out == n_prompt.tolist()
-    assert st.tokens_out == [k.numel() for k in kept]
-    assert st.prefill_tokens_saved == sum(st.tokens_in) - sum(st.tokens_out) > 0
+    assert st.extras["prompt_tokens_kept"] == n_prompt.tolist()
+    assert st.extras["image_tokens_kept"] == [k.numel() for k in kept]
+    assert st.tokens_saved == sum(st.extras["image_tokens_in"]) - sum(st.extras["image_tokens_kept"]) > 0
     # shrunk prompt: exactly K placeholders per image, text untouched
-    assert int((out[:, : out.shape[1] - GEN["max_new_tokens"]] == IMG).sum()) == sum(st.tokens_out)
+    assert int((out[:, : out.shape[1] - GEN["max_new_tokens"]] == IMG).sum()) == sum(st.extras["image_tokens_kept"])
     # the reference is sensitive to positions: naive compacted 1-D positions give other tokens
     if keep == 0.5:
         ids = out[:, : -GEN["max_new_tokens"]]
@@ -372,13 +377,13 @@ def test_pruned_equals_bruteforce_reference(qwen, layout, keep):
 def test_batch_different_k_matches_single(qwen):
     inp = _inputs(BATCH, seed=5)
     batch, st = fopru_generate(qwen, inp, keep=[0.5, 4], method="colmean", strategy="row", **GEN)
-    assert st.tokens_out == [3, 4]
+    assert st.extras["image_tokens_kept"] == [3, 4]
     for b, kp in enumerate([0.5, 4]):
         single = _inputs([BATCH[b]], seed=5)
         a = 0 if b == 0 else 24
         single["pixel_values"] = inp["pixel_values"][a : a + int(inp["image_grid_thw"][b].prod())]
         one, st1 = fopru_generate(qwen, single, keep=kp, method="colmean", strategy="row", **GEN)
-        assert torch.equal(st1.kept_indices[0], st.kept_indices[b])
+        assert torch.equal(st1.extras["kept_indices"][0], st.extras["kept_indices"][b])
         assert torch.equal(batch[b, -GEN["max_new_tokens"] :], one[0, -GEN["max_new_tokens"] :]), b
     assert torch.equal(batch[:, : inp["input_ids"].shape[1]], inp["input_ids"])  # restored prompt
 
@@ -391,13 +396,15 @@ def test_row_strategy_uses_each_images_merged_grid(qwen):
     )
     probs = _bruteforce_vision_attention(qwen, inp["pixel_values"], grid, 1)
     scores = _bruteforce_merged_scores(probs, grid)
-    for s, (_, h, w), kp, got in zip(scores, grid.tolist(), [3, 8], st.kept_indices):
+    for s, (_, h, w), kp, got in zip(scores, grid.tolist(), [3, 8], st.extras["kept_indices"]):
         exp = fopru_select(s[None], kp, strategy="row", grid=(h // 2, w // 2), row_mode="rows")[0]
         assert got.tolist() == exp.tolist()
     # image 0: merged grid 2x3, K=3 -> one whole merged row; image 1: 3x4, K=8 -> two rows
-    assert st.kept_indices[0].tolist() in ([0, 1, 2], [3, 4, 5])
-    rows1 = sorted({i // 4 for i in st.kept_indices[1].tolist()})
-    assert len(rows1) == 2 and all(sum(1 for i in st.kept_indices[1].tolist() if i // 4 == r) == 4 for r in rows1)
+    assert st.extras["kept_indices"][0].tolist() in ([0, 1, 2], [3, 4, 5])
+    rows1 = sorted({i // 4 for i in st.extras["kept_indices"][1].tolist()})
+    assert len(rows1) == 2 and all(
+        sum(1 for i in st.extras["kept_indices"][1].tolist() if i // 4 == r) == 4 for r in rows1
+    )
 
 
 def test_rope_deltas_continue_decode_without_position_ids(qwen):
@@ -415,14 +422,14 @@ def test_rope_deltas_continue_decode_without_position_ids(qwen):
     ).pooler_output
     emb = qwen.get_input_embeddings()(ids)
     emb = emb.masked_scatter(
-        (ids == IMG)[..., None].expand_as(emb), torch.cat([f[k] for f, k in zip(feats, st.kept_indices)])
+        (ids == IMG)[..., None].expand_as(emb), torch.cat([f[k] for f, k in zip(feats, st.extras["kept_indices"])])
     ).detach()
     row = inp["input_ids"][0].tolist()
     full = _bruteforce_mrope(row, inp["image_grid_thw"].tolist())
     starts = [j for j in range(len(row)) if row[j] == IMG and row[j - 1] != IMG]
     drop = {
         s + i
-        for s, (_, h, w), k in zip(starts, inp["image_grid_thw"].tolist(), st.kept_indices)
+        for s, (_, h, w), k in zip(starts, inp["image_grid_thw"].tolist(), st.extras["kept_indices"])
         for i in range(h * w // 4)
         if i not in k.tolist()
     }
@@ -449,7 +456,7 @@ def _hook_count(model):
 def test_hooks_removed_and_generate_restored_on_exception(qwen):
     inp = _inputs(BATCH)
     before = _hook_count(qwen)
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(ValueError, match="is outside"):
         with FoPru(qwen, keep=7, method="colmean"):  # image 0 has only 6 merged tokens
             assert "generate" in qwen.__dict__ and _hook_count(qwen) == before + 2
             qwen.generate(**inp, **GEN)
@@ -485,7 +492,7 @@ def test_validation_errors(qwen):
     with pytest.raises(ValueError, match="within"):
         fopru_generate(qwen, inp, kept_indices=[torch.tensor([0, 6]), torch.tensor([1])], method="colmean", **GEN)
     with pytest.raises(ValueError, match="out of range"):
-        Qwen2VLAttentionCapture.for_model(qwen, layer=3)
+        FoPru(qwen, method="colmean", layer=3)
     with pytest.raises(ValueError, match="image tokens"):
         fopru_generate(
             qwen,
@@ -497,7 +504,7 @@ def test_validation_errors(qwen):
     out, st = fopru_generate(
         qwen, inp, kept_indices=[torch.tensor([5, 0]), torch.tensor([11])], method="colmean", max_new_tokens=2
     )
-    assert [k.tolist() for k in st.kept_indices] == [[0, 5], [11]]
+    assert [k.tolist() for k in st.extras["kept_indices"]] == [[0, 5], [11]]
 
 
 def test_qwen2_5_vl_refused_clearly():
@@ -532,6 +539,6 @@ def test_qwen2_5_vl_refused_clearly():
     inp = _inputs(BATCH)
     with pytest.raises(TypeError, match="not support"):
         fopru_generate(m, inp, keep=0.5, method="colmean", max_new_tokens=1)
-    with pytest.raises(TypeError, match="Qwen2.5-VL"):
+    with pytest.raises(TypeError, match="qwen2_5_vl.*Supported families"):
         FoPru(m, keep=0.5, method="colmean").__enter__()
     assert "generate" not in m.__dict__

@@ -16,12 +16,9 @@ from transformers import (  # noqa: E402
 )
 
 from tokenprune import FoPru, fopru_scores, fopru_select  # noqa: E402
-from tokenprune.fopru_hf import (  # noqa: E402
-    AttentionRowCapture,
-    fopru_generate,
-    prune_mm_inputs,
-    vision_layers,
-)
+from tokenprune.fopru import fopru_generate  # noqa: E402
+from tokenprune.fopru.capture import AttentionRowCapture, vision_layers  # noqa: E402
+from tokenprune.fopru.core import prune_mm_inputs  # noqa: E402
 
 IMG = 99
 N = 64  # 32x32 image, patch 4 -> 8x8 grid
@@ -157,13 +154,13 @@ def test_keep_one_identical_ids(llava):
     ref = llava.generate(**inp, **GEN)
     out, st = fopru_generate(llava, inp, keep=1.0, **GEN)
     assert torch.equal(out, ref)
-    assert st.tokens_in == [N, N] and st.tokens_out == [N, N] and st.prefill_tokens_saved == 0
+    assert st.extras["image_tokens_in"] == [N, N] and st.extras["image_tokens_kept"] == [N, N] and st.tokens_saved == 0
     out2, _ = fopru_generate(llava, inp, keep=1.0, feature_passing="inputs_embeds", **GEN)
     assert torch.equal(out2, ref)
     with FoPru(llava, keep=1.0) as fp:
         out3 = llava.generate(**inp, **GEN)
     assert torch.equal(out3, ref)
-    assert fp.stats.tokens_out == [N, N]
+    assert fp.stats.extras["image_tokens_kept"] == [N, N]
 
 
 def test_keep_one_identical_with_beams_and_return_sequences(llava):
@@ -198,7 +195,7 @@ def test_pruned_equals_manual_reference(llava):
     with cap, torch.no_grad():
         llava.get_image_features(pixel_values=inp["pixel_values"])
     idx = fopru_select(fopru_scores(cap.rows), 0.25)
-    assert [t.tolist() for t in st.kept_indices] == idx.tolist()
+    assert [t.tolist() for t in st.extras["kept_indices"]] == idx.tolist()
     rows = []
     emb_rows = []
     for b in range(2):
@@ -213,14 +210,14 @@ def test_pruned_equals_manual_reference(llava):
     ref_new = ref[:, -GEN["max_new_tokens"] :]
     assert torch.equal(out[:, ids.shape[1] :], ref_new)
     assert torch.equal(out[:, : ids.shape[1]], ids)
-    assert st.prefill_tokens_saved == 2 * (N - 16)
+    assert st.tokens_saved == 2 * (N - 16)
 
 
 def test_batch_different_k_matches_single(llava):
     inp = _inputs(texts=((1, 2, 3), (1, 5, 6)), seed=5)
     batch, st = fopru_generate(llava, inp, keep=[0.25, 10], **GEN)
-    assert st.tokens_out == [16, 10]
-    assert st.prompt_tokens_out == [16 + 6, 10 + 6]
+    assert st.extras["image_tokens_kept"] == [16, 10]
+    assert st.extras["prompt_tokens_kept"] == [16 + 6, 10 + 6]
     for b, kp in enumerate([0.25, 10]):
         single = {k: v[b : b + 1] for k, v in inp.items()}
         one, _ = fopru_generate(llava, single, keep=kp, **GEN)
@@ -237,7 +234,7 @@ def test_two_images_in_one_prompt(llava):
     out, _ = fopru_generate(llava, inp, keep=1.0, **GEN)
     assert torch.equal(out, ref)
     out, st = fopru_generate(llava, inp, keep=[8, 0.5], restore_prompt=False, **GEN)
-    assert st.tokens_out == [8, 32]
+    assert st.extras["image_tokens_kept"] == [8, 32]
     assert int((out[0] == IMG).sum()) == 40
 
 
@@ -251,7 +248,7 @@ def test_siglip_colmean_full_strategy():
         fopru_generate(m, inp, keep=0.5, method="cls", **GEN)
     with FoPru(m, keep=0.5, method="colmean") as fp:
         m.generate(**inp, **GEN)
-    assert fp.stats.tokens_out == [32, 32]
+    assert fp.stats.extras["image_tokens_kept"] == [32, 32]
 
 
 # ------------------------------------------------------------------ context manager hygiene
@@ -262,7 +259,7 @@ def _hook_count(model):
 def test_hooks_removed_and_generate_restored_on_exception(llava):
     inp = _inputs()
     before = _hook_count(llava)
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(ValueError, match="is outside"):
         with FoPru(llava, keep=N + 1):
             assert "generate" in llava.__dict__
             assert _hook_count(llava) == before + 2
@@ -279,7 +276,7 @@ def test_validation_errors(llava):
     inp = _inputs()
     with pytest.raises(ValueError, match="fraction"):
         FoPru(llava, keep=1.5)
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(ValueError, match="at least 1"):
         fopru_generate(llava, inp, keep=0, **GEN)
     with pytest.raises(ValueError, match="grid"):
         fopru_generate(llava, inp, keep=0.5, strategy="row", grid=(4, 8 * 3), **GEN)
@@ -300,9 +297,12 @@ def test_speed_benchmark_quick_path():
     assert all(p > 0 and g > 0 for p, g in med.values())
 
 
-def test_pipelines_entry_reexports():
-    from pipelines import generate_lvlm
-    from tokenprune import fopru_hf
+def test_public_names_resolve_to_the_package():
+    import pipelines.generate as generate
+    import tokenprune
+    from tokenprune import fopru
+    from tokenprune.fopru import api, core
 
-    assert generate_lvlm.fopru_generate is fopru_hf.fopru_generate
-    assert generate_lvlm.FoPru is fopru_hf.FoPru
+    assert generate.fopru_generate is fopru.fopru_generate is api.fopru_generate
+    assert generate.FoPru is tokenprune.FoPru is fopru.FoPru is api.FoPru
+    assert tokenprune.fopru_scores is core.fopru_scores and tokenprune.fopru_select is core.fopru_select
