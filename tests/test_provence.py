@@ -4,7 +4,7 @@ rules (against brute-force loops), title rule, blocking/stitching, assembly."""
 import numpy as np
 import pytest
 
-from tokenprune.provence import (
+from tokenprune.provence.core import (
     MODES,
     apply_title_rule,
     assemble_pruned,
@@ -15,7 +15,7 @@ from tokenprune.provence import (
     stitch_blocks,
     token_sentence_spans,
 )
-from tokenprune.sentences import sentence_texts, split_sentences
+from tokenprune.provence.sentences import sentence_texts, split_sentences
 
 
 # ---------------------------------------------------------------- sentence splitting

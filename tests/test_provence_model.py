@@ -7,14 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from tokenprune.provence import (
-    ProvenceModel,
-    ProvencePruner,
-    load_provence_model,
-    save_provence_model,
-    token_sentence_spans,
-)
-from tokenprune.sentences import split_sentences
+from tokenprune.provence.core import token_sentence_spans
+from tokenprune.provence.model import ProvenceModel, ProvencePruner, load_provence_model, save_provence_model
+from tokenprune.provence.sentences import split_sentences
 
 KEY = "zebra"
 CORPUS = [
@@ -161,6 +156,12 @@ def test_keyword_model_keeps_keyword_sentences(tokenizer):
     assert out["kept_sentences"] == [0, 1, 4]
     assert out["pruned_context"] == ("Zebra facts\nThe zebra runs in the savanna.\nZebra stripes confuse flies.")
     assert out["compression"] == pytest.approx(1 - len(out["pruned_context"]) / len(ctx))
+    stats = out["stats"]  # counted in the model's tokens: context tokens in, tokens of kept sentences
+    off = np.array(tokenizer(ctx, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"])
+    spans = token_sentence_spans(off, split_sentences(ctx))
+    assert (stats.method, stats.tokens_in, stats.forward_passes) == ("provence", len(off), 1)
+    assert stats.tokens_kept == sum(b - a for a, b in spans[[0, 1, 4]]) < stats.tokens_in
+    assert stats.extras == {"contexts": 1, "blocks": 1}
     # title rule: with always_select_title the title follows the others
     only_title = "Zebra facts\nLions hunt at night. Cats sleep a lot."
     assert pruner.process("q", only_title, always_select_title=True)["pruned_context"] == ""
@@ -239,7 +240,7 @@ def test_bf16_runs_close_to_fp32(minilm_tok):
     f32 = ProvencePruner(model, minilm_tok, max_length=64, dtype="float32").process("alpha", ctx)
     b16 = ProvencePruner(_tiny_bert(minilm_tok), minilm_tok, max_length=64, dtype="bfloat16").process("alpha", ctx)
     assert abs(f32["reranking_score"] - b16["reranking_score"]) < 0.05
-    with pytest.raises(ValueError, match="dtype"):
+    with pytest.raises(ValueError, match="precision"):
         ProvencePruner(model, minilm_tok, dtype="float8")
 
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from tokenprune.provence import ProvenceModel, ProvencePruner
-from tokenprune.provence_train import (
+from tokenprune.provence.model import ProvenceModel, ProvencePruner
+from tokenprune.provence.train import (
     LABEL_PROMPT,
     encode_record,
     format_label_prompt,

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from tokenprune.provence import ProvenceModel, ProvencePruner
+from tokenprune.provence.model import ProvenceModel, ProvencePruner
 
 QUERY = "Where does the zebra live?"
 DOCS = [
@@ -118,7 +118,7 @@ def test_haystack_component_in_pipeline(pruner):
 
     from pipelines.rag import ProvenceRanker
 
-    ranker = ProvenceRanker(pruner=pruner, top_k=1)
+    ranker = ProvenceRanker(pruner=pruner, reorder=True, top_k=1)
     pipe = Pipeline()
     pipe.add_component("provence", ranker)
     res = pipe.run(

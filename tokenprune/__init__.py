@@ -15,8 +15,8 @@ _EXPORTS = {
     "llada_topk": "tokenprune.localleap",
     "fastdllm_threshold": "tokenprune.localleap",
     "eb_sampler": "tokenprune.localleap",
-    "provence_sentences": "tokenprune.provence",
-    "ProvencePruner": "tokenprune.provence",
+    "provence_sentences": "tokenprune.provence.core",
+    "ProvencePruner": "tokenprune.provence.model",
     "ftp": "tokenprune.ftp",
 }
 

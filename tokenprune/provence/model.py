@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,21 +29,39 @@ import numpy as np
 import torch
 from torch import nn
 
-from tokenprune.provence import (
+from prunecore.device import resolve_device, resolve_dtype
+from prunecore.io import atomic_path, atomic_write_bytes, atomic_write_json
+from prunecore.models import load_tokenizer, load_transformers
+from tokenprune.stats import TokenStats
+
+from .core import (
     apply_title_rule,
     assemble_pruned,
+    batch_inputs,
+    batch_titles,
     compression,
+    kept_token_count,
     normalize_query,
     plan_blocks,
     provence_sentences,
+    shape_outputs,
     stitch_blocks,
     token_sentence_spans,
 )
-from tokenprune.sentences import split_sentences
+from .sentences import split_sentences
 
-__all__ = ["ProvenceModel", "ProvencePruner", "load_provence_model", "save_provence_model", "resolve_checkpoint_dir"]
+__all__ = [
+    "ProvenceModel",
+    "ProvencePruner",
+    "load_provence_model",
+    "save_provence_model",
+    "resolve_checkpoint_dir",
+    "check_fast_tokenizer",
+]
 
 MARKER = "prunekit_provence.json"
+#: Per-context result keys of :meth:`ProvencePruner.process` (plus ``stats`` for the call).
+RESULT_KEYS = ("pruned_context", "reranking_score", "kept_sentences", "compression")
 _IGNORED_KEY_SUFFIXES = ("position_ids", "num_batches_tracked")
 
 
@@ -63,14 +83,16 @@ class ProvenceModel(nn.Module):
 
     @classmethod
     def from_encoder(cls, path: str | os.PathLike, **kwargs) -> ProvenceModel:
-        """Start from a plain pretrained encoder folder (heads randomly initialised)."""
-        from transformers import AutoConfig, AutoModelForSequenceClassification
+        """Start from a plain pretrained encoder folder (heads randomly initialised, fp32)."""
+        from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(path, num_labels=1)
+        config = AutoConfig.from_pretrained(str(path), num_labels=1, trust_remote_code=False)
         model = cls.__new__(cls)
         nn.Module.__init__(model)
         model.config = config
-        model.ranker = AutoModelForSequenceClassification.from_pretrained(path, config=config, **kwargs)
+        model.ranker = load_transformers(
+            path, auto_class="AutoModelForSequenceClassification", device=None, dtype="fp32", config=config, **kwargs
+        ).train()
         model.token_classifier = nn.Linear(config.hidden_size, 2)
         return model
 
@@ -197,8 +219,6 @@ def load_provence_model(name_or_path, *, dtype=None, device=None):
 
     ``meta`` is the raw config dict plus prunekit's marker (e.g. ``max_length``) when present.
     """
-    from transformers import AutoTokenizer
-
     folder = resolve_checkpoint_dir(name_or_path)
     config, raw = _read_config(folder)
     model = ProvenceModel(config)
@@ -209,67 +229,47 @@ def load_provence_model(name_or_path, *, dtype=None, device=None):
         if not src:
             raise FileNotFoundError(f"no tokenizer files in {folder}")
         tok_src = resolve_checkpoint_dir(src)
-    tokenizer = AutoTokenizer.from_pretrained(str(tok_src))
+    tokenizer = load_tokenizer(tok_src)
     meta = dict(raw)
     if (folder / MARKER).is_file():
         meta.update(json.loads((folder / MARKER).read_text()))
     model.eval()
     if device is not None or dtype is not None:
-        model.to(device=device, dtype=dtype)
+        model.to(device=resolve_device(device), dtype=resolve_dtype(dtype, device))
     return model, tokenizer, meta
 
 
 def save_provence_model(
     model: ProvenceModel, tokenizer, folder, *, max_length: int = 512, extra: dict | None = None
 ) -> Path:
-    """Save in the released layout (config.json + model.safetensors + tokenizer + marker)."""
+    """Save in the released layout (config.json + model.safetensors + tokenizer + marker).
+
+    Every file is published atomically (a killed save never leaves a half-written file).
+    """
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model.config.architectures = [type(model.ranker).__name__]
-    model.config.save_pretrained(str(folder))
+    atomic_write_bytes(folder / "config.json", model.config.to_json_string().encode())
     state = {k: v.detach().contiguous().cpu() for k, v in model.released_state_dict().items()}
-    tmp = folder / "model.safetensors.tmp"
-    save_file(state, str(tmp))
-    os.replace(tmp, folder / "model.safetensors")
+    with atomic_path(folder / "model.safetensors") as tmp:
+        save_file(state, str(tmp))
     if tokenizer is not None:
-        tokenizer.save_pretrained(str(folder))
+        with tempfile.TemporaryDirectory(dir=folder) as staging:
+            tokenizer.save_pretrained(staging)
+            for name in sorted(os.listdir(staging)):
+                with atomic_path(folder / name) as tmp:
+                    shutil.copyfile(os.path.join(staging, name), tmp)
     marker = {"format": "prunekit-provence", "version": 1, "max_length": int(max_length)}
     marker.update(extra or {})
-    (folder / MARKER).write_text(json.dumps(marker, indent=1))
+    atomic_write_json(folder / MARKER, marker)
     return folder
 
 
 # ----------------------------------------------------------------------------------------
 # the pruner
 # ----------------------------------------------------------------------------------------
-def _resolve_device(device) -> torch.device:
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def _resolve_dtype(dtype, device: torch.device):
-    if dtype in (None, "auto"):
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    if isinstance(dtype, str):
-        table = {
-            "float32": torch.float32,
-            "fp32": torch.float32,
-            "float16": torch.float16,
-            "fp16": torch.float16,
-            "bfloat16": torch.bfloat16,
-            "bf16": torch.bfloat16,
-        }
-        if dtype not in table:
-            raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(table)}")
-        return table[dtype]
-    return dtype
-
-
 def check_fast_tokenizer(tokenizer) -> None:
     """Offsets are needed to map tokens to sentences: only fast tokenizers give them."""
     if not getattr(tokenizer, "is_fast", False):
@@ -291,8 +291,8 @@ class ProvencePruner:
         max_length: window in tokens (query + context + special tokens); longer contexts are
             split into blocks with the query repeated.
         sentence_splitter: ``text -> list[(start, end)]`` character spans (default: the
-            rule-based :func:`tokenprune.sentences.split_sentences`).
-        mode: sentence rule of :func:`tokenprune.provence.provence_sentences`.
+            rule-based :func:`tokenprune.provence.sentences.split_sentences`).
+        mode: sentence rule of :func:`tokenprune.provence.core.provence_sentences`.
         max_query_tokens: queries longer than this are truncated (default: half the window).
     """
 
@@ -309,6 +309,8 @@ class ProvencePruner:
         max_query_tokens: int | None = None,
     ):
         meta: dict[str, Any] = {}
+        #: the folder / hub id the model was loaded from (None for an in-memory model)
+        self.source = os.fspath(model_or_path) if isinstance(model_or_path, (str, os.PathLike)) else None
         if isinstance(model_or_path, (str, os.PathLike)):
             model, loaded_tok, meta = load_provence_model(model_or_path)
             tokenizer = tokenizer or loaded_tok
@@ -321,8 +323,8 @@ class ProvencePruner:
                 f"model_or_path must be a ProvenceModel or a path / hub id, got {type(model_or_path).__name__}"
             )
         check_fast_tokenizer(tokenizer)
-        self.device = _resolve_device(device)
-        self.dtype = _resolve_dtype(dtype, self.device)
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.tokenizer = tokenizer
         if max_length is None:
@@ -351,7 +353,8 @@ class ProvencePruner:
     def _run_pairs(self, queries: list[str], texts: list[str], batch_size: int):
         """Run the model on (query, text) pairs.
 
-        Returns per pair: (offsets (T_c, 2) into text, keep probs (T_c,), rank logit).
+        Returns ``(per pair: (offsets (T_c, 2) into text, keep probs (T_c,), rank logit),
+        number of forward passes)``.
         """
         results: list[Any] = [None] * len(texts)
         lengths = np.array([len(q) + len(t) for q, t in zip(queries, texts)])
@@ -377,7 +380,7 @@ class ProvencePruner:
             for row, i in enumerate(idx):
                 ctx = np.asarray(enc.sequence_ids(row), dtype=object) == 1
                 results[i] = (offsets[row][ctx], probs[row][ctx], float(rank[row]))
-        return results
+        return results, -(-len(order) // batch_size)
 
     # -- public API -------------------------------------------------------------------------
     def process(
@@ -404,15 +407,17 @@ class ProvencePruner:
                 ``None`` (no title), or title text(s) matching the contexts' structure: a given
                 title is placed before its context (``title + "\\n" + context``) and can then
                 appear in the output.
-            threshold, mode: see :func:`tokenprune.provence.provence_sentences`.
+            threshold, mode: see :func:`tokenprune.provence.core.provence_sentences`.
             always_select_title: keep the title iff another sentence is kept.
             reorder: sort each question's contexts by reranking score (descending) and keep
                 ``top_k``.
 
         Returns:
             dict with ``pruned_context``, ``reranking_score``, ``kept_sentences`` (sorted
-            sentence indices), ``compression`` (share of characters removed), and with
-            ``reorder=True`` also ``context_index`` (original positions).
+            sentence indices), ``compression`` (share of characters removed), with
+            ``reorder=True`` also ``context_index`` (original positions), and ``stats``: one
+            :class:`~tokenprune.stats.TokenStats` of the call (context tokens in / inside kept
+            sentences, forward passes; extras ``contexts`` and ``blocks``).
         """
         scored = self.score(question, context, title=title, batch_size=batch_size)
         return self.decide(
@@ -431,8 +436,8 @@ class ProvencePruner:
         forward pass); ``scored["items"][q][c]`` holds ``text``, ``sents`` (S, 2), ``offsets``
         (T, 2), ``probs`` (T,) and ``score`` of each context.
         """
-        questions, contexts, shape = _normalise_inputs(question, context)
-        titles = _normalise_titles(title, contexts, shape)
+        questions, contexts, shape = batch_inputs(question, context)
+        titles = batch_titles(title, contexts, shape)
         pairs_q, pairs_t, owners, per_ctx = [], [], [], []
         for qi, (q, ctxs) in enumerate(zip(questions, contexts)):
             qn, q_len = self._prepare_query(q)
@@ -464,7 +469,7 @@ class ProvencePruner:
                         "title_idx": title_idx if len(sents) else None,
                     }
                 )
-        raw = self._run_pairs(pairs_q, pairs_t, batch_size) if pairs_q else []
+        raw, passes = self._run_pairs(pairs_q, pairs_t, batch_size) if pairs_q else ([], 0)
         grouped: list[list] = [[] for _ in per_ctx]
         for (k, ca), (off, probs, sc) in zip(owners, raw):
             grouped[k].append((off + ca, probs, sc))
@@ -473,7 +478,7 @@ class ProvencePruner:
             offs, probs, sc = stitch_blocks(*zip(*grouped[k]))
             info.update(offsets=offs, probs=probs, score=sc, n_blocks=len(grouped[k]))
             items[info["q"]][info["c"]] = info
-        return {"items": items, "shape": shape}
+        return {"items": items, "shape": shape, "forward_passes": passes}
 
     def decide(
         self,
@@ -488,6 +493,7 @@ class ProvencePruner:
         """The sentence part of :meth:`process`, applied to the output of :meth:`score`."""
         mode = mode or self.mode
         out = []
+        stats = TokenStats("provence", forward_passes=scored["forward_passes"], extras={"contexts": 0, "blocks": 0})
         for row in scored["items"]:
             new_row = []
             for info in row:
@@ -495,6 +501,12 @@ class ProvencePruner:
                 keep = provence_sentences(info["probs"], spans, threshold=threshold, mode=mode)
                 keep = apply_title_rule(keep, title_index=info["title_idx"], always_select_title=always_select_title)
                 pruned = assemble_pruned(info["text"], info["sents"], keep)
+                stats = stats + TokenStats(
+                    "provence",
+                    tokens_in=len(info["offsets"]),
+                    tokens_kept=kept_token_count(spans, keep),
+                    extras={"contexts": 1, "blocks": info["n_blocks"]},
+                )
                 new_row.append(
                     {
                         "pruned_context": pruned,
@@ -504,70 +516,8 @@ class ProvencePruner:
                     }
                 )
             out.append(new_row)
-        return _shape_outputs(out, scored["shape"], reorder, top_k)
+        result = shape_outputs(out, scored["shape"], RESULT_KEYS, reorder=reorder, top_k=top_k)
+        result["stats"] = stats
+        return result
 
     __call__ = process
-
-
-def _normalise_inputs(question, context):
-    if isinstance(question, str):
-        if isinstance(context, str):
-            return [question], [[context]], "scalar"
-        if isinstance(context, Sequence) and all(isinstance(c, str) for c in context):
-            return [question], [list(context)], "one_query"
-        raise TypeError("with a single question, context must be a str or a list of str")
-    if not isinstance(question, Sequence) or not all(isinstance(q, str) for q in question):
-        raise TypeError("question must be a str or a list of str")
-    if not isinstance(context, Sequence) or isinstance(context, str):
-        raise TypeError("with a list of questions, context must be a list (of lists) of str")
-    if len(context) != len(question):
-        raise ValueError(f"{len(question)} questions but {len(context)} context lists")
-    if all(isinstance(c, str) for c in context):
-        return list(question), [[c] for c in context], "pairs"
-    if all(isinstance(c, Sequence) and not isinstance(c, str) for c in context):
-        return list(question), [list(c) for c in context], "nested"
-    raise TypeError("context must be a list of str or a list of lists of str")
-
-
-def _normalise_titles(title, contexts, shape):
-    if title is None or title == "first_sentence":
-        return [[title] * len(c) for c in contexts]
-    if isinstance(title, str):
-        if shape in ("scalar", "pairs") or sum(map(len, contexts)) == 1:
-            return [[title] * len(c) for c in contexts]
-        raise ValueError("a single title string needs a single context")
-    if shape == "scalar":
-        raise TypeError("title must be a str, None or 'first_sentence' for one context")
-    if shape == "one_query":
-        title = [title]
-    if shape == "pairs":
-        title = [[t] for t in title]
-    if len(title) != len(contexts) or any(len(t) != len(c) for t, c in zip(title, contexts)):
-        raise ValueError("titles must have the same nested structure as the contexts")
-    return [list(t) for t in title]
-
-
-def _shape_outputs(out, shape, reorder, top_k):
-    keys = ("pruned_context", "reranking_score", "kept_sentences", "compression")
-    if reorder:
-        new = []
-        idx_all = []
-        for row in out:
-            order = sorted(range(len(row)), key=lambda i: -row[i]["reranking_score"])[:top_k]
-            new.append([row[i] for i in order])
-            idx_all.append(order)
-        out = new
-    if shape == "scalar":
-        res = {k: out[0][0][k] for k in keys} if out[0] else {k: None for k in keys}
-        return res
-    if shape == "one_query":
-        res = {k: [d[k] for d in out[0]] for k in keys}
-        if reorder:
-            res["context_index"] = idx_all[0]
-        return res
-    if shape == "pairs" and not reorder:
-        return {k: [row[0][k] for row in out] for k in keys}
-    res = {k: [[d[k] for d in row] for row in out] for k in keys}
-    if reorder:
-        res["context_index"] = idx_all
-    return res

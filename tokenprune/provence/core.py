@@ -1,8 +1,8 @@
-"""Provence (Chirkova et al., ICLR 2025): query-aware context pruning + reranking, pure parts.
+"""Provence (Chirkova et al., ICLR 2025): the pure steps of query-aware context pruning.
 
 A Provence model reads ``[CLS] normalised_query [SEP] context [SEP]`` and emits one reranking
 logit plus a keep probability per context token. This module holds the model-free steps that
-turn those token probabilities into kept sentences:
+turn those token probabilities into kept sentences (numpy in, numpy out; no files, no models):
 
 * :func:`normalize_query` — lowercase, strip ASCII punctuation, collapse whitespace;
 * :func:`token_sentence_spans` — sentences (character spans) -> token spans via tokenizer offsets;
@@ -11,24 +11,25 @@ turn those token probabilities into kept sentences:
 * :func:`apply_title_rule` — the ``always_select_title`` rule;
 * :func:`plan_blocks` / :func:`stitch_blocks` — long contexts split into windows with the query
   repeated, and stitched back (max reranking score over blocks);
-* :func:`assemble_pruned` / :func:`compression` — the pruned text made of exact substrings.
+* :func:`assemble_pruned` / :func:`compression` — the pruned text made of exact substrings;
+* :func:`batch_inputs` / :func:`batch_titles` / :func:`shape_outputs` — the released
+  ``process()`` input shapes (str / list / nested lists) to one nested form and back.
 
-The model, loading and :class:`ProvencePruner` live in :mod:`tokenprune.provence_model`
-(re-exported here lazily so that importing this module never imports transformers).
+The model, loading and :class:`~tokenprune.provence.model.ProvencePruner` live in
+:mod:`tokenprune.provence.model`.
 """
 
 from __future__ import annotations
 
 import re
 import string
+from collections.abc import Sequence
 
 import numpy as np
 
-from tokenprune.sentences import split_sentences
-
 __all__ = [
+    "MODES",
     "normalize_query",
-    "split_sentences",
     "token_sentence_spans",
     "provence_sentences",
     "apply_title_rule",
@@ -36,11 +37,10 @@ __all__ = [
     "stitch_blocks",
     "assemble_pruned",
     "compression",
-    "MODES",
-    "ProvencePruner",
-    "ProvenceModel",
-    "load_provence_model",
-    "save_provence_model",
+    "kept_token_count",
+    "batch_inputs",
+    "batch_titles",
+    "shape_outputs",
 ]
 
 MODES = ("decision_average", "probability_average", "majority")
@@ -56,7 +56,7 @@ def normalize_query(query: str) -> str:
     return _WS.sub(" ", query.lower().translate(_PUNCT_TABLE)).strip()
 
 
-def _as_numpy(x, name: str) -> np.ndarray:
+def _as_numpy(x) -> np.ndarray:
     if hasattr(x, "detach"):  # torch tensor
         x = x.detach().float().cpu().numpy()
     return np.asarray(x)
@@ -78,7 +78,7 @@ def token_sentence_spans(token_offsets, sentence_spans) -> np.ndarray:
     Returns:
         (S, 2) int64 token spans ``[start, end)`` into the T tokens (empty when no token).
     """
-    off = _as_numpy(token_offsets, "token_offsets").astype(np.int64).reshape(-1, 2)
+    off = _as_numpy(token_offsets).astype(np.int64).reshape(-1, 2)
     sent = np.asarray(sentence_spans, dtype=np.int64).reshape(-1, 2)
     if off.size and np.any(off[:, 1] < off[:, 0]):
         raise ValueError("token_offsets: every end must be >= its start")
@@ -110,7 +110,7 @@ def provence_sentences(token_probs, spans, *, threshold: float = 0.1, mode: str 
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
-    p = _as_numpy(token_probs, "token_probs").astype(np.float64)
+    p = _as_numpy(token_probs).astype(np.float64)
     if p.ndim != 1:
         raise ValueError(f"token_probs must be 1-D (T,), got shape {p.shape}")
     if np.isnan(p).any():
@@ -221,7 +221,7 @@ def stitch_blocks(block_offsets, block_probs, block_scores):
     if len(block_scores) == 0:
         raise ValueError("at least one block is needed")
     off = np.concatenate([np.asarray(o, dtype=np.int64).reshape(-1, 2) for o in block_offsets])
-    probs = np.concatenate([_as_numpy(p, "probs").astype(np.float32).reshape(-1) for p in block_probs])
+    probs = np.concatenate([_as_numpy(p).astype(np.float32).reshape(-1) for p in block_probs])
     order = np.argsort(off[:, 0], kind="stable")
     return off[order], probs[order], float(np.max(np.asarray(block_scores, dtype=np.float64)))
 
@@ -259,12 +259,85 @@ def compression(original: str, pruned: str) -> float:
     return 0.0 if not original else 1.0 - len(pruned) / len(original)
 
 
-_LAZY = {"ProvencePruner", "ProvenceModel", "load_provence_model", "save_provence_model"}
+def kept_token_count(token_spans, keep) -> int:
+    """Tokens inside the kept sentences.
+
+    Args:
+        token_spans: (S, 2) int token spans ``[start, end)`` of the sentences.
+        keep: (S,) bool.
+    """
+    spans = np.asarray(token_spans, dtype=np.int64).reshape(-1, 2)
+    keep = np.asarray(keep, dtype=bool).reshape(-1)
+    return int((spans[keep, 1] - spans[keep, 0]).sum())
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        from tokenprune import provence_model
+# ----------------------------------------------------------------------------------------
+# the released process() input / output shapes
+# ----------------------------------------------------------------------------------------
+def batch_inputs(question, context) -> tuple[list[str], list[list[str]], str]:
+    """Bring the released ``process()`` inputs to ``(questions, contexts per question, shape)``.
 
-        return getattr(provence_model, name)
-    raise AttributeError(f"module 'tokenprune.provence' has no attribute {name!r}")
+    ``(str, str)`` -> shape ``"scalar"``; ``(str, [str])`` -> ``"one_query"``; ``([q], [str])``
+    of equal length -> ``"pairs"`` (one context per question); ``([q], [[str]])`` -> ``"nested"``.
+    """
+    if isinstance(question, str):
+        if isinstance(context, str):
+            return [question], [[context]], "scalar"
+        if isinstance(context, Sequence) and all(isinstance(c, str) for c in context):
+            return [question], [list(context)], "one_query"
+        raise TypeError("with a single question, context must be a str or a list of str")
+    if not isinstance(question, Sequence) or not all(isinstance(q, str) for q in question):
+        raise TypeError("question must be a str or a list of str")
+    if not isinstance(context, Sequence) or isinstance(context, str):
+        raise TypeError("with a list of questions, context must be a list (of lists) of str")
+    if len(context) != len(question):
+        raise ValueError(f"{len(question)} questions but {len(context)} context lists")
+    if all(isinstance(c, str) for c in context):
+        return list(question), [[c] for c in context], "pairs"
+    if all(isinstance(c, Sequence) and not isinstance(c, str) for c in context):
+        return list(question), [list(c) for c in context], "nested"
+    raise TypeError("context must be a list of str or a list of lists of str")
+
+
+def batch_titles(title, contexts: list[list[str]], shape: str) -> list[list]:
+    """Titles nested like ``contexts``: ``"first_sentence"``, ``None`` or a title string each."""
+    if title is None or title == "first_sentence":
+        return [[title] * len(c) for c in contexts]
+    if isinstance(title, str):
+        if shape in ("scalar", "pairs") or sum(map(len, contexts)) == 1:
+            return [[title] * len(c) for c in contexts]
+        raise ValueError("a single title string needs a single context")
+    if shape == "scalar":
+        raise TypeError("title must be a str, None or 'first_sentence' for one context")
+    if shape == "one_query":
+        title = [title]
+    if shape == "pairs":
+        title = [[t] for t in title]
+    if len(title) != len(contexts) or any(len(t) != len(c) for t, c in zip(title, contexts)):
+        raise ValueError("titles must have the same nested structure as the contexts")
+    return [list(t) for t in title]
+
+
+def shape_outputs(rows: list[list[dict]], shape: str, keys: Sequence[str], *, reorder: bool, top_k: int) -> dict:
+    """Per-context result dicts (nested per question) -> the released output shapes.
+
+    With ``reorder`` each question's contexts are sorted by ``reranking_score`` (descending,
+    ties by position), cut to ``top_k``, and ``context_index`` holds their original positions.
+    """
+    order = [list(range(len(row))) for row in rows]
+    if reorder:
+        order = [sorted(o, key=lambda i, row=row: -row[i]["reranking_score"])[:top_k] for o, row in zip(order, rows)]
+        rows = [[row[i] for i in o] for o, row in zip(order, rows)]
+    if shape == "scalar":
+        return {k: rows[0][0][k] for k in keys} if rows[0] else {k: None for k in keys}
+    if shape == "one_query":
+        res = {k: [d[k] for d in rows[0]] for k in keys}
+        if reorder:
+            res["context_index"] = order[0]
+        return res
+    if shape == "pairs" and not reorder:
+        return {k: [row[0][k] for row in rows] for k in keys}
+    res = {k: [[d[k] for d in row] for row in rows] for k in keys}
+    if reorder:
+        res["context_index"] = order
+    return res

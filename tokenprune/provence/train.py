@@ -18,14 +18,16 @@ import json
 import math
 import re
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tokenprune.provence import normalize_query, token_sentence_spans
-from tokenprune.sentences import split_sentences
+from prunecore.device import resolve_device
+from prunecore.io import atomic_path
+
+from .core import normalize_query, token_sentence_spans
+from .sentences import split_sentences
 
 __all__ = [
     "LABEL_PROMPT",
@@ -81,15 +83,14 @@ def parse_cited_sentences(answer: str, n_sentences: int | None = None) -> list[i
 
 
 def write_jsonl(records: Iterable[dict], path) -> None:
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    """Write one JSON object per line, atomically."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    tmp.replace(path)
 
 
 def read_jsonl(path) -> list[dict]:
+    """Records of a JSONL file (blank lines skipped)."""
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 
@@ -223,6 +224,7 @@ def train_provence(
     if not records:
         raise ValueError("no training records")
     g = torch.Generator().manual_seed(seed)
+    device = resolve_device(device)
     encoded = [encode_record(tokenizer, r, max_length) for r in records]
     n_steps = steps or max(1, math.ceil(len(encoded) * epochs / batch_size))
     model.to(device).train()

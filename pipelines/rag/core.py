@@ -1,0 +1,168 @@
+"""The framework-free core of the RAG adapters: prune a query's retrieved texts with Provence.
+
+:func:`prune_texts` is what every adapter calls; :class:`ProvenceSettings` holds the settings
+(and so the defaults) the three adapters share; :class:`ProvenceAdapter` is the plumbing they
+inherit: the pruner (a :class:`~tokenprune.provence.model.ProvencePruner` or a model folder,
+loaded on first use), the sync core method :meth:`~ProvenceAdapter.prune` and its async twin
+:meth:`~ProvenceAdapter.aprune`, which runs the pruner in a thread so the event loop is never
+blocked. A new framework adapter is one module: a class that inherits :class:`ProvenceAdapter`,
+declares the fields of :class:`ProvenceSettings` with these defaults, and translates the
+framework's documents to texts and the rows back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+from dataclasses import dataclass
+from functools import partial
+
+from tokenprune.provence.model import ProvencePruner
+
+__all__ = [
+    "DEFAULTS",
+    "METADATA_KEYS",
+    "ProvenceAdapter",
+    "ProvenceSettings",
+    "load_pruner",
+    "provence_metadata",
+    "pruner_source",
+    "prune_texts",
+]
+
+#: Metadata keys every adapter adds to a returned document.
+METADATA_KEYS = ("reranking_score", "provence_compression", "provence_kept_sentences")
+
+
+@dataclass(frozen=True)
+class ProvenceSettings:
+    """The pruning settings of every adapter (one place for their defaults).
+
+    Attributes:
+        threshold: sentence rule threshold (``provence_sentences``; Provence default 0.1).
+        title: ``"first_sentence"`` (the first sentence of each document is its title) or None.
+        always_select_title: keep the title iff another sentence is kept.
+        reorder: sort the documents by reranking score (descending).
+        top_k: keep at most this many documents after pruning (None: all).
+        drop_empty: drop documents pruned to nothing.
+        batch_size: (query, block) pairs per forward pass.
+    """
+
+    threshold: float = 0.1
+    title: str | None = "first_sentence"
+    always_select_title: bool = False
+    reorder: bool = False
+    top_k: int | None = None
+    drop_empty: bool = True
+    batch_size: int = 32
+
+
+DEFAULTS = ProvenceSettings()
+SETTING_NAMES = tuple(f.name for f in dataclasses.fields(ProvenceSettings))
+
+
+def load_pruner(pruner) -> ProvencePruner:
+    """A :class:`ProvencePruner` as is, or one loaded from a model folder / cached hub id."""
+    if isinstance(pruner, ProvencePruner):
+        return pruner
+    if isinstance(pruner, (str, os.PathLike)):
+        return ProvencePruner(pruner)
+    raise TypeError(f"pruner must be a ProvencePruner or a model folder, got {type(pruner).__name__}")
+
+
+def pruner_source(pruner) -> str:
+    """The folder a pruner is (re)loaded from, for serialising an adapter.
+
+    A path is returned as a string; a :class:`ProvencePruner` loaded from a folder gives that
+    folder. A pruner built from an in-memory model has none: a ValueError says to save it.
+    """
+    if isinstance(pruner, (str, os.PathLike)):
+        return os.fspath(pruner)
+    source = getattr(pruner, "source", None)
+    if source is None:
+        raise ValueError(
+            "this ProvencePruner was built from an in-memory model, so the adapter cannot be serialised; "
+            "save it with tokenprune.provence.save_provence_model(model, tokenizer, folder) and pass the folder"
+        )
+    return source
+
+
+def prune_texts(
+    pruner: ProvencePruner, query: str, texts: list[str], settings: ProvenceSettings | None = None, **overrides
+) -> list[dict]:
+    """Prune ``texts`` for ``query``; the framework-independent core of the adapters.
+
+    ``settings`` (default :data:`DEFAULTS`) with keyword ``overrides`` (``threshold=``,
+    ``reorder=``, ``top_k=``...). Returns one dict per surviving text (``index`` into
+    ``texts``, ``pruned_context``, ``reranking_score``, ``compression``, ``kept_sentences``),
+    in input order, or by score descending with ``reorder``; ``top_k`` (if given) keeps the
+    first ones.
+    """
+    settings = dataclasses.replace(settings or DEFAULTS, **overrides)
+    if not isinstance(query, str):
+        raise TypeError(f"query must be a str, got {type(query).__name__}")
+    if not texts:
+        return []
+    out = pruner.process(
+        query,
+        list(texts),
+        title=settings.title,
+        threshold=settings.threshold,
+        always_select_title=settings.always_select_title,
+        batch_size=settings.batch_size,
+    )
+    rows = [
+        {
+            "index": i,
+            "pruned_context": out["pruned_context"][i],
+            "reranking_score": out["reranking_score"][i],
+            "compression": out["compression"][i],
+            "kept_sentences": out["kept_sentences"][i],
+        }
+        for i in range(len(texts))
+    ]
+    if settings.drop_empty:
+        rows = [r for r in rows if r["pruned_context"].strip()]
+    if settings.reorder:
+        rows.sort(key=lambda r: -r["reranking_score"])
+    if settings.top_k is not None:
+        rows = rows[: int(settings.top_k)]
+    return rows
+
+
+def provence_metadata(row: dict) -> dict:
+    """The metadata an adapter adds to a returned document (keys :data:`METADATA_KEYS`)."""
+    return {
+        "reranking_score": row["reranking_score"],
+        "provence_compression": row["compression"],
+        "provence_kept_sentences": list(row["kept_sentences"]),
+    }
+
+
+class ProvenceAdapter:
+    """Shared plumbing of the framework adapters (framework-free).
+
+    A subclass provides the attributes ``pruner`` (a ProvencePruner or a model folder) and
+    every name of :class:`ProvenceSettings`, and implements the framework's translation
+    method on top of :meth:`prune` / :meth:`aprune`.
+    """
+
+    def settings(self, **overrides) -> ProvenceSettings:
+        """The adapter's settings, with per-call ``overrides`` (None values ignored)."""
+        values = {name: getattr(self, name) for name in SETTING_NAMES}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return ProvenceSettings(**values)
+
+    def loaded_pruner(self) -> ProvencePruner:
+        """The pruner, loaded from its folder on first use."""
+        return load_pruner(self.pruner)
+
+    def prune(self, query: str, texts: list[str], **overrides) -> list[dict]:
+        """Framework-free core: :func:`prune_texts` with this adapter's settings."""
+        return prune_texts(self.loaded_pruner(), query, texts, self.settings(**overrides))
+
+    async def aprune(self, query: str, texts: list[str], **overrides) -> list[dict]:
+        """:meth:`prune` in a worker thread: the event loop keeps running meanwhile."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, partial(self.prune, query, texts, **overrides))
