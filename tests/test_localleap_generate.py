@@ -9,7 +9,8 @@ import torch
 from test_localleap_rules import ref_eb, ref_fast, ref_localleap, ref_topk
 
 from tokenprune import localleap_generate
-from tokenprune.localleap import DecodeResult, llada_schedule
+from tokenprune.localleap.generate import DecodeResult
+from tokenprune.localleap.rules import llada_schedule
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import dllm_testbed as tb  # noqa: E402
@@ -110,6 +111,9 @@ def test_nfe_is_what_the_rule_implies(rule, seed):
     assert torch.equal(res.generated, (torch.arange(P, P + gen) % 4).expand(2, gen))
     ids, nfe = res  # DESIGN contract: (ids, nfe)
     assert ids is res.ids and nfe == res.nfe
+    st = res.stats  # the one TokenStats of the token methods
+    assert (st.method, st.tokens_in, st.tokens_kept, st.forward_passes) == ("localleap", 2 * gen, 2 * gen, res.nfe)
+    assert st.extras["row_nfe"] == 2 * res.nfe and st.extras["rule"] == rule
     if rule == "llada" and steps is None:
         assert res.nfe == gen  # one token per step
 

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from tokenprune.localleap import eb_sampler, fastdllm_threshold, llada_schedule, llada_topk, localleap_transfer
+from tokenprune.localleap.rules import eb_sampler, fastdllm_threshold, llada_schedule, llada_topk, localleap_transfer
 
 
 # ---------------------------------------------------------------- brute-force references

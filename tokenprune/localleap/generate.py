@@ -1,26 +1,11 @@
-"""LocalLeap and the diffusion-LLM (dLLM) parallel-decoding family.
+"""The semi-autoregressive generate loop of masked diffusion LMs with a pluggable commit rule.
 
 A masked diffusion LM (LLaDA, Dream, ...) fills a canvas of ``gen_length`` mask tokens after
-the prompt. At every forward pass, for each still-masked position of the current block, the
-model proposes ``x0 = argmax(logits)`` with confidence ``c = softmax(logits)[x0]``; a *commit
-rule* decides which of these proposals become final. This module holds
-
-* the one-step commit rules, pure functions over ``(B, L)`` tensors that return a ``(B, L)``
-  bool mask of positions to commit (always a subset of ``masked``):
-
-  - :func:`llada_topk` -- LLaDA low-confidence remasking: a fixed number per step
-    (:func:`llada_schedule` gives the linear schedule);
-  - :func:`fastdllm_threshold` -- Fast-dLLM: top-1 plus every ``c >= threshold``;
-  - :func:`localleap_transfer` -- LocalLeap (arXiv 2510.07081): anchors (``c >= threshold``)
-    relax the threshold to ``relaxed_threshold`` within ``radius`` positions;
-  - :func:`eb_sampler` -- EB-sampler: the largest confidence-sorted prefix whose entropy sum
-    minus its max entropy stays ``<= gamma``;
-
-* one semi-autoregressive generate loop, :func:`localleap_generate`, that takes any rule and
-  any model whose ``forward(input_ids, attention_mask=...)`` returns ``.logits`` over the
-  canvas, and counts forward passes (NFE).
-
-Tie-breaking is deterministic everywhere: among equal confidences the lower position wins.
+the prompt, block by block. At every forward pass, for each still-masked position of the
+current block, the model proposes ``x0 = argmax(logits)`` with confidence
+``c = softmax(logits)[x0]``; a commit rule of :mod:`.rules` decides which proposals become
+final. :func:`localleap_generate` runs any rule on any model whose ``forward(input_ids,
+attention_mask=...)`` returns ``.logits`` over the canvas and counts forward passes (NFE).
 """
 
 from __future__ import annotations
@@ -29,232 +14,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
-__all__ = [
-    "llada_schedule",
-    "llada_topk",
-    "fastdllm_threshold",
-    "localleap_transfer",
-    "eb_sampler",
-    "confidence_from_logits",
-    "DecodeResult",
-    "localleap_generate",
-    "RULES",
-]
+from tokenprune.stats import TokenStats
 
+from .rules import (
+    check_threshold,
+    confidence_from_logits,
+    eb_sampler,
+    fastdllm_threshold,
+    llada_schedule,
+    llada_topk,
+    localleap_transfer,
+)
 
-# --------------------------------------------------------------------------------------------
-# validation helpers
-# --------------------------------------------------------------------------------------------
-def _check_pair(conf: torch.Tensor, masked: torch.Tensor) -> None:
-    if not isinstance(conf, torch.Tensor) or not isinstance(masked, torch.Tensor):
-        raise TypeError("conf and masked must be torch tensors")
-    if conf.dim() != 2:
-        raise ValueError(f"conf must have shape (B, L), got {tuple(conf.shape)}")
-    if masked.shape != conf.shape:
-        raise ValueError(f"masked must have the shape of conf {tuple(conf.shape)}, got {tuple(masked.shape)}")
-    if masked.dtype != torch.bool:
-        raise TypeError(f"masked must be a bool tensor, got {masked.dtype}")
-    if not conf.is_floating_point():
-        raise TypeError(f"conf must be a floating tensor, got {conf.dtype}")
-    if torch.isnan(conf[masked]).any():
-        raise ValueError("conf has NaN at masked positions")
+__all__ = ["DecodeResult", "localleap_generate", "RULES"]
 
-
-def _check_threshold(name: str, value: float) -> None:
-    if not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {value}")
-
-
-def _masked_conf(conf: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
-    return conf.masked_fill(~masked, float("-inf"))
-
-
-def _top1(conf: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
-    """(B, L) bool: the most confident masked position per row (lowest index on ties)."""
-    idx = _masked_conf(conf, masked).argmax(dim=-1, keepdim=True)  # first maximum on ties
-    top = torch.zeros_like(masked).scatter_(-1, idx, True)
-    return top & masked.any(dim=-1, keepdim=True)
-
-
-# --------------------------------------------------------------------------------------------
-# commit rules
-# --------------------------------------------------------------------------------------------
-def llada_schedule(n_masked: torch.Tensor | int, steps: int) -> torch.Tensor:
-    """LLaDA's linear schedule: tokens to commit at each of ``steps`` steps.
-
-    Args:
-        n_masked: ``(B,)`` int tensor (or an int) -- masked tokens in the block at its start.
-        steps: steps for the block (>= 1).
-    Returns:
-        ``(B, steps)`` int64: ``n // steps`` everywhere plus one for the first ``n % steps``
-        steps, so each row sums to ``n_masked``.
-    """
-    if int(steps) < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    n = torch.as_tensor(n_masked, dtype=torch.long).reshape(-1)
-    if (n < 0).any():
-        raise ValueError("n_masked must be >= 0")
-    base = (n // steps).unsqueeze(1).expand(-1, steps)
-    rem = (n % steps).unsqueeze(1)
-    return base + (torch.arange(steps, device=n.device).unsqueeze(0) < rem).long()
-
-
-def llada_topk(conf: torch.Tensor, masked: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
-    """LLaDA low-confidence rule: commit the ``k`` most confident masked positions per row.
-
-    Args:
-        conf: ``(B, L)`` float confidences.
-        masked: ``(B, L)`` bool, still-masked positions of the current block.
-        k: int or ``(B,)`` int tensor; clipped to the number of masked positions.
-    Returns:
-        ``(B, L)`` bool commit mask (``<= k`` per row, subset of ``masked``). Ties: lower index
-        first.
-    """
-    _check_pair(conf, masked)
-    B, L = conf.shape
-    k = torch.as_tensor(k, dtype=torch.long, device=conf.device).reshape(-1)
-    if k.numel() == 1:
-        k = k.expand(B)
-    if k.shape != (B,):
-        raise ValueError(f"k must be an int or a (B,)={B} tensor, got shape {tuple(k.shape)}")
-    if (k < 0).any():
-        raise ValueError("k must be >= 0")
-    order = torch.sort(_masked_conf(conf, masked), dim=-1, descending=True, stable=True).indices
-    rank_ok = torch.arange(L, device=conf.device).unsqueeze(0) < k.unsqueeze(1)
-    out = torch.zeros_like(masked).scatter_(-1, order, rank_ok)
-    return out & masked
-
-
-def fastdllm_threshold(conf: torch.Tensor, masked: torch.Tensor, *, threshold: float = 0.9) -> torch.Tensor:
-    """Fast-dLLM confidence-threshold rule.
-
-    Commit every masked position with ``conf >= threshold`` plus the most confident masked
-    position of each row (so every pass makes progress).
-
-    Args:
-        conf: ``(B, L)`` float; masked: ``(B, L)`` bool.
-    Returns:
-        ``(B, L)`` bool commit mask.
-    """
-    _check_pair(conf, masked)
-    _check_threshold("threshold", threshold)
-    return (masked & (conf >= threshold)) | _top1(conf, masked)
-
-
-def localleap_transfer(
-    conf: torch.Tensor,
-    masked: torch.Tensor,
-    *,
-    threshold: float = 0.9,
-    relaxed_threshold: float = 0.75,
-    radius: int = 4,
-) -> torch.Tensor:
-    """LocalLeap one-step commit rule (arXiv 2510.07081).
-
-    Anchors are masked positions with ``conf >= threshold``. A masked position within
-    ``radius`` positions of an anchor (``|i - a| <= radius``, the anchor included) is committed
-    if ``conf >= relaxed_threshold``; any other masked position needs ``conf >= threshold``.
-    The most confident masked position is always committed. Already-decoded positions
-    (``masked == False``) are never anchors. With no anchor this equals
-    :func:`fastdllm_threshold`.
-
-    The window is a vectorised dilation of the anchor mask (``max_pool1d``).
-
-    Args:
-        conf: ``(B, L)`` float confidences (positions are consecutive canvas positions).
-        masked: ``(B, L)`` bool, still-masked positions of the current block.
-        threshold: anchor / global threshold.
-        relaxed_threshold: threshold near anchors (``<= threshold``).
-        radius: half-width of the window in positions (``>= 0``).
-    Returns:
-        ``(B, L)`` bool commit mask.
-    """
-    _check_pair(conf, masked)
-    _check_threshold("threshold", threshold)
-    _check_threshold("relaxed_threshold", relaxed_threshold)
-    if relaxed_threshold > threshold:
-        raise ValueError(f"relaxed_threshold ({relaxed_threshold}) must be <= threshold ({threshold})")
-    if int(radius) != radius or radius < 0:
-        raise ValueError(f"radius must be a non-negative int, got {radius}")
-    anchors = masked & (conf >= threshold)
-    r = min(int(radius), conf.shape[-1])
-    near = (
-        F.max_pool1d(anchors.to(torch.float32).unsqueeze(1), kernel_size=2 * r + 1, stride=1, padding=r).squeeze(1) > 0
-    )
-    commit = anchors | (near & masked & (conf >= relaxed_threshold))
-    return commit | _top1(conf, masked)
-
-
-def eb_sampler(conf: torch.Tensor, masked: torch.Tensor, entropy: torch.Tensor, *, gamma: float = 1e-3) -> torch.Tensor:
-    """EB-sampler (entropy-bounded unmasking).
-
-    Sort the masked positions by confidence (descending, lower index first on ties) and
-    commit the largest prefix ``U`` with ``sum_{i in U} H_i - max_{i in U} H_i <= gamma``;
-    at least one position per row with any masked position.
-
-    Args:
-        conf: ``(B, L)`` float confidences (the sort key).
-        masked: ``(B, L)`` bool.
-        entropy: ``(B, L)`` float, entropy ``H(p_i)`` (nats) of each position's distribution.
-        gamma: entropy budget (>= 0).
-    Returns:
-        ``(B, L)`` bool commit mask.
-    """
-    _check_pair(conf, masked)
-    if not isinstance(entropy, torch.Tensor) or entropy.shape != conf.shape:
-        raise ValueError(f"entropy must be a tensor of shape {tuple(conf.shape)}")
-    if gamma < 0:
-        raise ValueError(f"gamma must be >= 0, got {gamma}")
-    order = torch.sort(_masked_conf(conf, masked), dim=-1, descending=True, stable=True).indices
-    h = entropy.to(torch.float64).clamp_min(0).masked_fill(~masked, 0.0).gather(-1, order)
-    # sum - max is non-decreasing along the prefix, so the prefix is where it is <= gamma
-    ok = (h.cumsum(-1) - h.cummax(-1).values) <= gamma
-    ok[:, 0] = True
-    out = torch.zeros_like(masked).scatter_(-1, order, ok)
-    return out & masked
-
-
-# --------------------------------------------------------------------------------------------
-# generate loop
-# --------------------------------------------------------------------------------------------
 RULES = ("llada", "fastdllm", "localleap", "eb")
-
-
-def confidence_from_logits(
-    logits: torch.Tensor,
-    *,
-    temperature: float = 0.0,
-    generator: torch.Generator | None = None,
-    need_entropy: bool = False,
-    exclude_id: int | None = None,
-):
-    """Proposals and confidences from logits.
-
-    Args:
-        logits: ``(B, L, V)``.
-        temperature: 0 -> ``x0 = argmax(logits)``; > 0 -> Gumbel-max sampling at that
-            temperature, computed in float64 (LLaDA convention).
-        exclude_id: a token that may never be proposed (the mask id: committing it would
-            leave the position masked forever); its logit is set to -inf first.
-    Returns:
-        ``(x0, conf, entropy)``: ``(B, L)`` int64, ``(B, L)`` float32 ``softmax(logits)[x0]``,
-        and ``(B, L)`` float32 entropy of ``softmax(logits)`` (or None).
-    """
-    if exclude_id is not None and 0 <= exclude_id < logits.shape[-1]:
-        logits = logits.clone()
-        logits[..., exclude_id] = float("-inf")
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    if temperature > 0:
-        u = torch.rand(logits.shape, dtype=torch.float64, device=logits.device, generator=generator)
-        gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))
-        x0 = (logits.to(torch.float64) / temperature + gumbel).argmax(-1)
-    else:
-        x0 = logp.argmax(-1)
-    conf = logp.gather(-1, x0.unsqueeze(-1)).squeeze(-1).exp()
-    entropy = -(logp.exp() * logp).nan_to_num(0.0).sum(-1) if need_entropy else None
-    return x0, conf, entropy
 
 
 @dataclass
@@ -271,6 +46,10 @@ class DecodeResult:
         committed: ``(B,)`` tokens committed by the rule per row (excludes EOS fill).
         tokens_per_forward: ``committed.sum() / row_nfe.sum()``.
         prompt_length: ``P``, where the generated part starts.
+        stats: :class:`~tokenprune.stats.TokenStats` with ``method="localleap"``,
+            ``tokens_in`` = positions generated (``B * gen_length``), ``tokens_kept`` = tokens
+            committed by the rule, ``forward_passes`` = NFE; ``extras``: ``row_nfe`` (sum over
+            rows), ``tokens_per_forward``, ``rule``.
     """
 
     ids: torch.Tensor
@@ -280,6 +59,7 @@ class DecodeResult:
     committed: torch.Tensor | None = None
     tokens_per_forward: float = 0.0
     prompt_length: int = 0
+    stats: TokenStats | None = None
 
     def __iter__(self):
         return iter((self.ids, self.nfe))
@@ -403,7 +183,7 @@ def localleap_generate(
     if not isinstance(rule, str) and not callable(rule):
         raise TypeError("rule must be a rule name or a callable(conf, masked) -> bool mask")
     if rule == "localleap":
-        _check_threshold("threshold", threshold)
+        check_threshold("threshold", threshold)
         if relaxed_threshold > threshold:
             raise ValueError("relaxed_threshold must be <= threshold")
     if early_stop and eos_id is None:
@@ -540,8 +320,20 @@ def localleap_generate(
                     x[:, e:] = torch.where(done.unsqueeze(1), torch.full_like(tail, eos_id), tail)
     total_rows = int(row_nfe.sum())
     tpf = float(committed.sum()) / total_rows if total_rows else 0.0
+    stats = TokenStats(
+        method="localleap",
+        tokens_in=B * gen_length,
+        tokens_kept=int(committed.sum()),
+        forward_passes=nfe,
+        extras={
+            "row_nfe": total_rows,
+            "tokens_per_forward": tpf,
+            "rule": rule if isinstance(rule, str) else getattr(rule, "__name__", "custom"),
+        },
+    )
     return DecodeResult(
         ids=x,
+        stats=stats,
         nfe=nfe,
         row_nfe=row_nfe,
         block_nfe=block_nfe,

@@ -1,0 +1,28 @@
+"""LocalLeap and the diffusion-LLM (dLLM) parallel-decoding family.
+
+Modules: :mod:`.rules` (the pure one-step commit rules: LocalLeap, Fast-dLLM threshold,
+LLaDA top-k, EB-sampler), :mod:`.generate` (the block-wise generate loop, NFE counting,
+:class:`DecodeResult`), :mod:`.models` (native LLaDA and Dream, loaded without remote code).
+"""
+
+from .generate import RULES, DecodeResult, localleap_generate
+from .rules import (
+    confidence_from_logits,
+    eb_sampler,
+    fastdllm_threshold,
+    llada_schedule,
+    llada_topk,
+    localleap_transfer,
+)
+
+__all__ = [
+    "RULES",
+    "DecodeResult",
+    "localleap_generate",
+    "confidence_from_logits",
+    "eb_sampler",
+    "fastdllm_threshold",
+    "llada_schedule",
+    "llada_topk",
+    "localleap_transfer",
+]
