@@ -29,11 +29,17 @@ def load_causal_lm(
     *,
     gguf_file: str | None = None,
     tokenizer=None,
-    dtype: torch.dtype | None = None,
+    dtype="auto",
+    device: str | None = "auto",
     attn_implementation: str = "sdpa",
 ):
-    """(model, tokenizer) from a loaded model or a name/path; ``trust_remote_code`` stays off."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(model, tokenizer) from a loaded model or a name/path; ``trust_remote_code`` stays off.
+
+    Loading goes through :func:`prunecore.models.load_transformers` / ``load_tokenizer``
+    (device and precision resolved there: ``dtype="auto"`` is bf16 on CUDA, fp32 on CPU);
+    ``gguf_file`` names a GGUF file inside the folder (dequantised by transformers).
+    """
+    from prunecore.models import load_tokenizer, load_transformers
 
     if isinstance(model_or_path, torch.nn.Module):
         model = model_or_path
@@ -41,20 +47,28 @@ def load_causal_lm(
             name = getattr(model.config, "_name_or_path", None)
             if not name or not Path(str(name)).exists():
                 raise ValueError("pass tokenizer= when giving a model object without a local path")
-            tokenizer = AutoTokenizer.from_pretrained(name)
+            tokenizer = load_tokenizer(name)
         return model, tokenizer
-    kw = {"attn_implementation": attn_implementation}
-    if gguf_file:
-        kw["gguf_file"] = gguf_file
-    if dtype is not None:
-        kw["dtype"] = dtype
-    model = AutoModelForCausalLM.from_pretrained(model_or_path, **kw).eval()
+    gguf = {"gguf_file": gguf_file} if gguf_file else {}
+    model = load_transformers(
+        model_or_path,
+        auto_class="AutoModelForCausalLM",
+        device=device,
+        dtype=dtype,
+        attn_implementation=attn_implementation,
+        **gguf,
+    )
     if tokenizer is None:
-        tokenizer = AutoTokenizer.from_pretrained(model_or_path, **({"gguf_file": gguf_file} if gguf_file else {}))
+        tokenizer = load_tokenizer(model_or_path, **gguf)
     return model, tokenizer
 
 
-def _resolve_router(router, schedule, n_layers):
+def resolve_router(router, schedule):
+    """``(router, schedule)``: a router object from a name or a saved file, and its schedule.
+
+    A router file's stored schedules (keyed by the target sparsity, ``"0.30"``) are used when
+    ``schedule`` is None or a float matching a stored key.
+    """
     from tokenprune.ftp import RandomRouter, StaticRouter, TokenRouter
 
     if isinstance(router, str) and router in ("static", "random"):
@@ -71,12 +85,16 @@ def _resolve_router(router, schedule, n_layers):
     else:
         r = router
     if schedule is None:
-        raise ValueError("give schedule= (a float or one sparsity per block)")
+        raise ValueError("give keep= (fraction of tokens each block computes) or schedule= (sparsity)")
     return r, schedule
 
 
-def _split_stats(decisions, valid, T0, flops):
-    """Per-block sparsity in prefill / decode and FLOPs saved, from recorded decisions."""
+def split_stats(decisions, valid, T0, flops) -> dict:
+    """Per-block sparsity in prefill / decode and FLOPs saved, from recorded decisions.
+
+    decisions: per block (B, S) bool; valid: (B, S) bool (prompt padding and tokens after an
+    end-of-sequence token are False); T0: prompt length; flops: per block FLOPs per token.
+    """
     out = {}
     for part, sl in (("prefill", slice(0, T0)), ("decode", slice(T0, None))):
         v = valid[:, sl]
@@ -89,6 +107,7 @@ def _split_stats(decisions, valid, T0, flops):
             "sparsity_per_block": sp,
             "mean_sparsity": (sum(sp) / len(sp)) if n else 0.0,
             "tokens": n,
+            "tokens_kept": sum(kept),
             "layer_flops_dense": dense,
             "layer_flops_saved": saved,
             "flops_saved_frac": saved / dense if dense else 0.0,
@@ -102,6 +121,7 @@ def ftp_generate(
     *,
     router="static",
     schedule=None,
+    keep=None,
     tokenizer=None,
     gguf_file: str | None = None,
     max_new_tokens: int = 32,
@@ -119,15 +139,22 @@ def ftp_generate(
         router: ``"static"``, ``"random"``, a :class:`~tokenprune.ftp.TokenRouter`, or the path of
             a router ``.safetensors`` file (its stored schedules are used when ``schedule`` is
             None or a float matching a stored target).
-        schedule: a float (uniform) or one sparsity per decoder layer.
+        schedule: sparsity, the documented alias of ``keep`` (``keep = 1 - sparsity``): a float
+            (uniform) or one sparsity per decoder layer.
+        keep: fraction of tokens each block computes (float or one per decoder layer); give
+            ``keep`` or ``schedule``, not both.
         chat: wrap each prompt with the tokenizer's chat template.
         allow_full, nested: as in :func:`tokenprune.ftp.attach_ftp` (``nested=True``: no re-entry
             of skipped tokens; recommended for learned routers, see ``docs/ftp.md``).
     Returns:
-        :class:`FTPGenerateResult` with ``stats = {"prefill": {...}, "decode": {...},
-        "schedule": [...]}``.
+        :class:`FTPGenerateResult`; ``stats`` is a :class:`~tokenprune.stats.TokenStats`
+        (``tokens_in``/``tokens_kept``: token-block pairs routed / computed, prefill and decode;
+        ``forward_passes``: model forward calls) with ``extras = {"prefill": {...}, "decode":
+        {...}, "schedule": [...], "keep": [...]}``.
     """
-    from tokenprune.ftp import attach_ftp, find_decoder
+    from tokenprune.ftp import attach_ftp
+    from tokenprune.ftp.schedule import sparsity_schedule
+    from tokenprune.stats import TokenStats
 
     model, tok = load_causal_lm(model_or_path, gguf_file=gguf_file, tokenizer=tokenizer)
     single = isinstance(prompts, str)
@@ -147,8 +174,7 @@ def ftp_generate(
         enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=not chat)
     finally:
         tok.padding_side = old_side
-    _, layers = find_decoder(model)
-    r, schedule = _resolve_router(router, schedule, len(layers))
+    r, schedule = resolve_router(router, sparsity_schedule(keep, schedule, allow_full=allow_full, required=False))
     handle = attach_ftp(model, r, schedule, allow_full=allow_full, nested=nested)
     try:
         with torch.no_grad(), handle.recording():
@@ -160,14 +186,17 @@ def ftp_generate(
                 **generate_kwargs,
             )
         decisions = handle.decisions()
-        sched = list(handle.state.schedule)
+        sched, keeps = list(handle.state.schedule), list(handle.state.keep)
         flops = list(handle.flops_per_token)
+        passes = handle.state.forward_passes
     finally:
         handle.detach()
     T0 = enc["input_ids"].shape[1]
     S = decisions[0].shape[1]
     valid = torch.cat([enc["attention_mask"].bool(), torch.ones(seq.shape[0], S - T0, dtype=torch.bool)], 1)
-    stats = _split_stats(decisions, valid, T0, flops)
-    stats["schedule"] = sched
+    parts = split_stats(decisions, valid, T0, flops)
+    routed = len(flops) * (parts["prefill"]["tokens"] + parts["decode"]["tokens"])
+    kept = parts["prefill"]["tokens_kept"] + parts["decode"]["tokens_kept"]
+    stats = TokenStats("ftp", routed, kept, passes, {**parts, "schedule": sched, "keep": keeps})
     texts = tok.batch_decode(seq[:, T0:], skip_special_tokens=True)
     return FTPGenerateResult(texts=texts, sequences=seq, stats=stats)

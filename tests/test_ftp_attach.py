@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from prunecore.budget import keep_count
 from tokenprune.ftp import RandomRouter, StaticRouter, TokenRouter, attach_ftp, detach_ftp, ftp_routing, get_handle
 
 V = 97
@@ -147,10 +148,10 @@ def test_achieved_sparsity_per_block(name):
         st = h.stats()
         dec = h.decisions()
     for l, s in enumerate(sched):
-        assert st["sparsity_per_block"][l] == pytest.approx(s, abs=0.5 / 40 + 1e-9)
-        assert (dec[l].sum(1) == round((1 - s) * 40)).all()
-    assert 0 < st["flops_saved_frac"] < 1
-    assert st["flops_saved_frac"] == pytest.approx(sum(sched) / n, abs=0.02)
+        assert st.extras["sparsity_per_block"][l] == pytest.approx(s, abs=0.5 / 40 + 1e-9)
+        assert (dec[l].sum(1) == keep_count(40, 1 - s)).all()
+    assert 0 < st.extras["flops_saved_frac"] < 1
+    assert st.extras["flops_saved_frac"] == pytest.approx(sum(sched) / n, abs=0.02)
 
 
 @pytest.mark.parametrize("router", [RandomRouter(3), TokenRouter()], ids=["random", "learned"])
@@ -166,7 +167,7 @@ def test_nested_routing_has_no_reentry(router):
         ref = _reference_logits(model, ids, nested)  # the original layers, detached
     assert torch.allclose(routed, ref, atol=2e-5, rtol=1e-4)
     for l, s in enumerate(sched):  # exact counts still hold
-        assert (nested[l].sum(1) == round((1 - s) * 30)).all()
+        assert (nested[l].sum(1) == keep_count(30, 1 - s)).all()
     for l in range(1, 4):
         prev, cur = nested[l - 1], nested[l]
         if cur.sum() <= prev.sum():  # fewer kept: a subset
@@ -278,9 +279,9 @@ def test_padded_batch_rows_match_single_rows(name):
         for i, r in enumerate(rows):
             single = m(r[None]).logits[0]
             assert torch.allclose(batched[i, -len(r) :], single, atol=1e-4), i
-    assert all(t == 14 + 9 + 3 for t in st["tokens_routed"])
-    # per-row top-k on valid tokens: round(0.7*14) + round(0.7*9) + round(0.7*3) kept in block 0
-    assert st["tokens_kept"][0] == 10 + 6 + 2
+    assert all(t == 14 + 9 + 3 for t in st.extras["tokens_in_per_block"])
+    # per-row top-k on valid tokens: floor(0.7*n + 0.5) for n = 14, 9, 3 kept in block 0
+    assert st.extras["tokens_kept_per_block"][0] == 10 + 6 + 2
 
 
 def _greedy_replay_check(model, router, sched, ids, am=None, steps=6):
@@ -406,9 +407,34 @@ def test_learned_router_keeps_sink_in_prefill():
 
     dec = run(r)
     assert dec[2][0, 0] and dec[2][1, 5]  # first valid token of each row
-    assert dec[2].sum(1).tolist() == [round(0.4 * 12), round(0.4 * 7)]
+    assert dec[2].sum(1).tolist() == [keep_count(12, 0.4), keep_count(7, 0.4)]
     assert dec[2][0, -4:].all()  # then the highest-probability (latest) ones
     r.keep_sink = False
     dec = run(r)
     assert not dec[2][0, 0] and not dec[2][1, 5]
     assert TokenRouter.load(r.save(Path(__import__("tempfile").mkdtemp()) / "r.safetensors")).keep_sink is False
+
+
+def test_keep_is_the_budget_and_sparsity_its_alias():
+    model = _llama()
+    ids = _ids(2, 15)
+    outs = []
+    for kw in ({"keep": [1.0, 0.5, 0.7, 0.6]}, {"schedule": [0.0, 0.5, 0.3, 0.4]}):
+        with torch.no_grad(), ftp_routing(model, StaticRouter(), **kw) as h:
+            with h.recording():
+                outs.append(model(ids).logits)
+            dec = h.decisions()
+            st = h.stats()
+        for l, k in enumerate([1.0, 0.5, 0.7, 0.6]):
+            assert (dec[l].sum(1) == keep_count(15, k)).all()  # floor(k * n + 0.5): 8 of 15 at 0.5
+        assert st.method == "ftp" and st.forward_passes == 1
+        assert st.tokens_in == 4 * 30 and st.tokens_kept == 2 * sum(keep_count(15, k) for k in [1.0, 0.5, 0.7, 0.6])
+        assert st.extras["keep_per_block"] == pytest.approx([1.0, 0.5, 0.7, 0.6])
+    assert torch.equal(outs[0], outs[1])
+    with pytest.raises(ValueError, match="not both"):
+        attach_ftp(model, StaticRouter(), 0.3, keep=0.7)
+    with pytest.raises(TypeError, match="fraction"):
+        attach_ftp(model, StaticRouter(), keep=1)
+    with pytest.raises(ValueError, match="outside"):
+        attach_ftp(model, StaticRouter(), keep=0.0)
+    assert get_handle(model) is None

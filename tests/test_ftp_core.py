@@ -50,8 +50,8 @@ def test_keep_topk_counts_and_choice():
     prob = torch.tensor([[0.9, 0.1, 0.5, 0.7, 0.2], [0.3, 0.3, 0.8, 0.1, 0.9]])
     valid = torch.tensor([[True] * 5, [False, True, True, True, True]])
     keep = keep_topk(prob, valid, 0.4)
-    assert keep[0].tolist() == [True, False, True, True, False]  # round(0.6*5)=3
-    assert keep[1].tolist() == [False, False, True, False, True]  # round(0.6*4)=2 among valid
+    assert keep[0].tolist() == [True, False, True, True, False]  # floor(0.6*5+0.5)=3
+    assert keep[1].tolist() == [False, False, True, False, True]  # floor(0.6*4+0.5)=2 among valid
     assert keep_topk(prob, valid, 0.0).sum(1).tolist() == [5, 4]
 
 
@@ -199,3 +199,19 @@ def test_windows():
     assert c.shape == (10, 100) and c[3, 0].item() == 300
     with pytest.raises(ValueError):
         calibration_windows(ids[:10], 16, 2)
+
+
+def test_keep_alias_in_schedules():
+    def fit(s):
+        return float(np.sum((np.asarray(s) - np.linspace(0.5, 0.9, 4)) ** 2))
+
+    k, hist = search_schedule(fit, 4, keep=0.7, population=6, generations=3, seed=0, progress=False)
+    assert k.mean() == pytest.approx(0.7) and k.min() >= 0.1 - 1e-9 and k.max() <= 1.0 + 1e-9
+    assert fit(hist[-1]["best_schedule"]) == pytest.approx(hist[-1]["best"], rel=1e-4)  # memo rounds to 1e-6
+    s, _ = search_schedule(lambda v: fit(1.0 - v), 4, 0.3, population=6, generations=3, seed=0, progress=False)
+    assert np.allclose(1.0 - s, k)
+    assert np.allclose(uniform_schedule(3, keep=0.75), 0.75) and np.allclose(uniform_schedule(3, 0.25), 0.25)
+    with pytest.raises(ValueError, match="not both"):
+        search_schedule(fit, 4, 0.3, keep=0.7, progress=False)
+    assert keep_topk(torch.ones(1, 5), torch.ones(1, 5, dtype=torch.bool), keep=0.5).sum() == 3  # 2.5 rounds up
+    assert keep_topk(torch.ones(1, 5), torch.ones(1, 5, dtype=torch.bool), 0.5).sum() == 3

@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from prunecore.budget import keep_count
 from tokenprune.ftp import StaticRouter, TokenRouter, attach_ftp, get_handle
 from tokenprune.ftp.schedule import search_schedule
 from tokenprune.ftp.train import calibration_fitness, calibration_windows, continuation_eval, lm_eval, train_router
@@ -156,15 +157,17 @@ def test_ftp_generate_pipeline(tmp_path):
     prompts = ["the cat sat on the mat and then ran far away", "a dog ran"]
     res = ftp_generate(str(folder), prompts, router=str(rpath), schedule=0.3, max_new_tokens=5)
     assert len(res.texts) == 2 and res.sequences.shape[0] == 2
-    pre = res.stats["prefill"]
-    assert res.stats["schedule"] == [0.1, 0.4, 0.4, 0.3]
+    pre = res.stats.extras["prefill"]
+    assert res.stats.extras["schedule"] == [0.1, 0.4, 0.4, 0.3]
     assert pre["tokens"] == 11 + 3
-    want = [(11 - round(0.9 * 11) + 3 - round(0.9 * 3)) / 14, None, None, None]
-    assert pre["sparsity_per_block"][0] == pytest.approx(want[0])
+    want = (11 - keep_count(11, 0.9) + 3 - keep_count(3, 0.9)) / 14
+    assert pre["sparsity_per_block"][0] == pytest.approx(want)
     assert 0 < pre["flops_saved_frac"] < 1
-    json.dumps(res.stats)
+    json.dumps(res.stats.as_dict())
+    assert res.stats.method == "ftp" and res.stats.tokens_in == 4 * (14 + 2 * 4)  # 4 blocks, 2 rows x 4 fed steps
+    assert res.stats.forward_passes == 5
     dense = ftp_generate(str(folder), prompts, router="static", schedule=0.0, max_new_tokens=5)
-    assert dense.stats["prefill"]["flops_saved_frac"] == 0.0
+    assert dense.stats.extras["prefill"]["flops_saved_frac"] == 0.0
     with torch.no_grad():
         enc = tok(prompts[:1], return_tensors="pt")
         ref = model.generate(**enc, max_new_tokens=5, do_sample=False, pad_token_id=0)
@@ -217,3 +220,25 @@ def test_continuation_eval_matches_full_forward_when_dense():
     assert routed0["agree"] == 1.0 and routed0["nll"] == pytest.approx(dense["nll"], rel=1e-6)
     assert routed["nll"] != pytest.approx(dense["nll"], rel=1e-6)
     assert dense["argmax"].shape == (2, 6)
+
+
+def test_keep_alias_in_train_router_and_generate(tmp_path):
+    model = _tiny()
+    ids = torch.randint(3, 64, (2000,), generator=torch.Generator().manual_seed(5))
+    batches = calibration_windows(ids, 16, 4, seed=0)
+    runs = []
+    for kw in ({"keep": [0.9, 0.7, 0.6, 0.8]}, {"schedules": [0.1, 0.3, 0.4, 0.2]}):
+        torch.manual_seed(0)
+        router = TokenRouter()
+        runs.append(train_router(model, router, batches=batches, steps=2, progress=False, log_every=1, **kw))
+    assert [h["loss"] for h in runs[0]] == pytest.approx([h["loss"] for h in runs[1]], rel=1e-6)
+    with pytest.raises(ValueError, match="exactly one"):
+        train_router(model, TokenRouter(), [0.1] * 4, batches, keep=[0.9] * 4, steps=1, progress=False)
+    from pipelines.generate_llm import ftp_generate
+
+    tok = _word_tokenizer(tmp_path)
+    a = ftp_generate(model, "the cat sat on the mat", tokenizer=tok, keep=0.6, max_new_tokens=4)
+    b = ftp_generate(model, "the cat sat on the mat", tokenizer=tok, schedule=0.4, max_new_tokens=4)
+    assert torch.equal(a.sequences, b.sequences) and a.stats.extras["keep"] == pytest.approx([0.6] * 4)
+    with pytest.raises(ValueError, match="not both"):
+        ftp_generate(model, "the cat", tokenizer=tok, keep=0.6, schedule=0.4)

@@ -7,7 +7,7 @@ the ``with`` block puts the original modules back).
 What a routed layer does in one forward call (hidden states ``(B, T, H)``):
 
 1. the router gives a keep probability per token (:mod:`tokenprune.ftp.router`); prefill keeps
-   the top ``round((1 - s_l) * n_valid)`` tokens of each row, a decode step (one new token per
+   the top ``floor(keep_l * n_valid + 0.5)`` tokens of each row (``keep_l = 1 - s_l``), a decode step (one new token per
    row against a cache) keeps the token when ``router.decode_keep`` says so;
 2. the kept tokens are gathered per row (padded to the largest kept count; no padding when
    ``B == 1``) and the ORIGINAL decoder layer runs on that subsequence with their original
@@ -43,10 +43,16 @@ import inspect
 import weakref
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
+from prunecore.budget import torch_rank
+from tokenprune.stats import TokenStats
+
+from .cache import ProxyCache
 from .router import RandomRouter, RouteInputs, Router, StaticRouter, keep_topk, normalised_positions, score_ranks
+from .schedule import sparsity_schedule
 
 _HANDLES: weakref.WeakKeyDictionary[nn.Module, FTPHandle] = weakref.WeakKeyDictionary()
 _SUPPORTED_ATTN = ("sdpa", "eager")
@@ -107,7 +113,7 @@ def _bool_rows(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices of True entries per row, padded. (B, T) bool -> idx (B, K) long, ok (B, K) bool."""
     counts = mask.sum(1)
     k = int(counts.max()) if mask.numel() else 0
-    order = torch.argsort((~mask).to(torch.uint8), dim=1, stable=True)[:, :k]
+    order = torch.sort(torch_rank(mask.to(torch.uint8)), dim=1).indices[:, :k]
     ok = torch.arange(k, device=mask.device)[None, :] < counts[:, None]
     return order, ok
 
@@ -115,6 +121,22 @@ def _bool_rows(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def layer_linear_flops(layer: nn.Module) -> int:
     """FLOPs per token of a decoder layer's linear maps (2 * weights); attention scores excluded."""
     return int(sum(2 * m.weight.numel() for m in layer.modules() if isinstance(m, nn.Linear)))
+
+
+def block_budgets(schedule=None, n_layers: int = 0, *, keep=None, allow_full: bool = False):
+    """Per-block ``(sparsities, keeps)`` from ``keep=`` or its alias ``schedule=`` (sparsity).
+
+    ``keep = 1 - sparsity``; a float is uniform, a sequence gives one value per block; passing
+    both is an error. The keep fractions are the budgets (``floor(keep * n + 0.5)`` tokens of
+    each row, :func:`prunecore.budget.keep_counts`); the sparsities are the router's feature.
+    """
+    sparsity = validate_schedule(
+        sparsity_schedule(keep, schedule, allow_full=allow_full), n_layers, allow_full=allow_full
+    )
+    if keep is None:
+        return sparsity, [1.0 - v for v in sparsity]
+    keeps = [float(keep)] * n_layers if np.ndim(keep) == 0 else [float(k) for k in keep]
+    return sparsity, keeps
 
 
 # ----------------------------------------------------------------------------------------------
@@ -125,7 +147,8 @@ class FTPState:
     """State shared by the routed layers of one model (one sequence batch at a time)."""
 
     router: Router
-    schedule: list
+    schedule: list  # per block target sparsity (router feature)
+    keep: list  # per block keep fraction (budget), 1 - schedule
     active: bool = True
     training: bool = False
     compute_scores: bool = True
@@ -144,6 +167,7 @@ class FTPState:
     # statistics
     kept: list = field(default_factory=list)
     total: list = field(default_factory=list)
+    forward_passes: int = 0
     # training buffers (per layer)
     probs: list = field(default_factory=list)
     keeps: list = field(default_factory=list)
@@ -154,6 +178,7 @@ class FTPState:
         n = len(self.schedule)
         self.kept = [0] * n
         self.total = [0] * n
+        self.forward_passes = 0
 
     def reset_decisions(self) -> None:
         self.decisions = [[] for _ in self.schedule]
@@ -162,52 +187,6 @@ class FTPState:
         n = len(self.schedule)
         self.probs, self.keeps = [None] * n, [None] * n
         self.static_keeps, self.train_valid = [None] * n, [None] * n
-
-
-class _ProxyCache:
-    """What the wrapped attention sees as its cache; only ``update`` is used by the attention.
-
-    ``update`` receives the K/V of the gathered query tokens ``(B, H_kv, Tq, D)``, writes them
-    (at their slots, zeros elsewhere) into the real cache when there is one, and returns the K/V
-    of the key slots the layer may attend to, ``(B, H_kv, K, D)``.
-    """
-
-    def __init__(self, real, *, T, S_total=None, q_keep=None, q_ok=None, k_idx=None):
-        self.real = real
-        self.T = T
-        self.S_total = T if S_total is None else S_total
-        self.q_keep = q_keep  # (B, T) bool or None (= identity, all T queries in order)
-        self.q_ok = q_ok  # (B, Tq) bool
-        self.k_idx = k_idx  # (B, K) long slots to return, or None (= everything)
-        self.keys = None
-
-    def _full(self, x):
-        if self.q_keep is None:
-            return x
-        B, H, _, D = x.shape
-        full = x.new_zeros(B, self.T, H, D)
-        full[self.q_keep] = x.transpose(1, 2)[self.q_ok]
-        return full.transpose(1, 2)
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        k, v = self._full(key_states), self._full(value_states)
-        if self.real is not None:
-            k, v = self.real.update(k, v, layer_idx, *args, **kwargs)
-        if self.k_idx is not None:
-            # a sliding-window cache returns only the last slots; older ones are outside the
-            # window of every query of this call (masked), so clamping their index is harmless
-            offset = self.S_total - k.shape[2]
-            kidx = (self.k_idx - offset).clamp_min(0)
-            idx = kidx[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
-            k, v = k.gather(2, idx), v.gather(2, idx)
-        self.keys = k
-        return k, v
-
-    def __getattr__(self, name):  # anything else (rarely used by attention code) -> real cache
-        real = self.__dict__.get("real")
-        if real is None:
-            raise AttributeError(name)
-        return getattr(real, name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -294,10 +273,10 @@ class RoutedLayer(nn.Module):
             if getattr(st.router, "keep_sink", False):
                 first = valid_new & (st.valid.long().cumsum(1)[:, past:] == 1)
                 pri = torch.where(first, torch.full_like(pri, 4.0), pri)
-            keep = keep_topk(pri, valid_new, s)
+            keep = keep_topk(pri, valid_new, keep=st.keep[i])
         static = None
         if st.training:
-            static = keep_topk(StaticRouter().keep_prob(inputs), valid_new, s)
+            static = keep_topk(StaticRouter().keep_prob(inputs), valid_new, keep=st.keep[i])
         return keep, prob, static
 
     def _bind(self, args, kwargs) -> dict:
@@ -349,7 +328,7 @@ class RoutedLayer(nn.Module):
             # exact path: the original call (padding tokens computed as in the dense model)
             if not want_scores:
                 return self.layer(hidden_states, *args, **kwargs)
-            proxy = _ProxyCache(cache, T=T)
+            proxy = ProxyCache(cache, T=T)
             kw[ckey] = proxy
             out = self._call(hidden_states, kw)
             self._update_scores(kw, torch.arange(T, device=keep.device).expand(B, T), keep, proxy, key_slots=None)
@@ -388,7 +367,7 @@ class RoutedLayer(nn.Module):
             kw["position_ids"] = pg
         if "cache_position" in kw and kw["cache_position"] is not None:
             pass  # the real cache is updated with all T slots, so cache_position stays valid
-        proxy = _ProxyCache(cache, T=T, S_total=past + T, q_keep=keep, q_ok=q_ok, k_idx=k_idx)
+        proxy = ProxyCache(cache, T=T, S_total=past + T, q_keep=keep, q_ok=q_ok, k_idx=k_idx)
         kw[ckey] = proxy
         out_g = self._call(h, kw)
         out = hidden_states.clone()
@@ -436,7 +415,7 @@ class RoutedLayer(nn.Module):
         mask = torch.zeros(allowed.shape, dtype=hidden.dtype, device=hidden.device)
         mask.masked_fill_(~allowed, torch.finfo(hidden.dtype).min)
         kw["attention_mask"] = mask[:, None]
-        proxy = _ProxyCache(None, T=T)
+        proxy = ProxyCache(None, T=T)
         kw[ckey] = proxy
         out_full = self._call(hidden, kw)
         if prob is None:
@@ -540,8 +519,11 @@ class FTPHandle:
         _HANDLES.pop(self.model, None)
 
     # controls --------------------------------------------------------
-    def set_schedule(self, schedule, *, allow_full: bool = False) -> None:
-        self.state.schedule = validate_schedule(schedule, len(self.originals), allow_full=allow_full)
+    def set_schedule(self, schedule=None, *, keep=None, allow_full: bool = False) -> None:
+        """New per-block budgets: ``keep=`` fractions or their alias ``schedule`` (sparsities)."""
+        self.state.schedule, self.state.keep = block_budgets(
+            schedule, len(self.originals), keep=keep, allow_full=allow_full
+        )
         self.state.reset_stats()
 
     def set_router(self, router: Router) -> None:
@@ -586,22 +568,32 @@ class FTPHandle:
     def reset_stats(self) -> None:
         self.state.reset_stats()
 
-    def stats(self) -> dict:
-        """Achieved sparsity per block and the FLOPs saved (linear maps of the decoder layers)."""
+    def stats(self) -> TokenStats:
+        """Routing counts since the last reset, as one :class:`~tokenprune.stats.TokenStats`.
+
+        ``tokens_in``/``tokens_kept``: token-block pairs routed / computed (summed over blocks);
+        ``forward_passes``: base-model forward calls. ``extras``: ``sparsity_per_block``,
+        ``mean_sparsity``, ``target_per_block``, ``keep_per_block``, ``tokens_in_per_block``,
+        ``tokens_kept_per_block`` and the FLOPs of the decoder layers' linear maps
+        (``layer_flops_dense``, ``layer_flops_saved``, ``flops_saved_frac``).
+        """
         st = self.state
-        sp = [1.0 - k / t if t else 0.0 for k, t in zip(st.kept, st.total)]
-        dense = sum(t * f for t, f in zip(st.total, self.flops_per_token))
-        saved = sum((t - k) * f for k, t, f in zip(st.kept, st.total, self.flops_per_token))
-        return {
+        kept, total = [int(k) for k in st.kept], [int(t) for t in st.total]
+        sp = [1.0 - k / t if t else 0.0 for k, t in zip(kept, total)]
+        dense = sum(t * f for t, f in zip(total, self.flops_per_token))
+        saved = sum((t - k) * f for k, t, f in zip(kept, total, self.flops_per_token))
+        extras = {
             "sparsity_per_block": sp,
-            "mean_sparsity": (sum(t - k for k, t in zip(st.kept, st.total)) / max(sum(st.total), 1)),
+            "mean_sparsity": sum(t - k for k, t in zip(kept, total)) / max(sum(total), 1),
             "target_per_block": list(st.schedule),
-            "tokens_routed": list(st.total),
-            "tokens_kept": list(st.kept),
+            "keep_per_block": list(st.keep),
+            "tokens_in_per_block": total,
+            "tokens_kept_per_block": kept,
             "layer_flops_dense": dense,
             "layer_flops_saved": saved,
             "flops_saved_frac": saved / dense if dense else 0.0,
         }
+        return TokenStats("ftp", sum(total), sum(kept), st.forward_passes, extras)
 
 
 def _check_router(router) -> None:
@@ -639,6 +631,7 @@ def _base_pre_hook(state: FTPState, wrappers):
             state.valid = torch.cat([state.valid, new_valid], 1)
             state.score = torch.cat([state.score, torch.zeros(B, T, dtype=torch.float32, device=x.device)], 1)
         state.n_past, state.n_new = past, T
+        state.forward_passes += 1
         state.decode = past > 0 and T == 1
         state.prev_keep = None
         if isinstance(state.router, RandomRouter) and past == 0:
@@ -651,8 +644,9 @@ def _base_pre_hook(state: FTPState, wrappers):
 def attach_ftp(
     model: nn.Module,
     router: Router,
-    schedule,
+    schedule=None,
     *,
+    keep=None,
     allow_full: bool = False,
     compute_scores: bool = True,
     nested: bool = False,
@@ -662,7 +656,11 @@ def attach_ftp(
     Args:
         model: a transformers ``*ForCausalLM`` (or base model) with ``model.model.layers``.
         router: :class:`TokenRouter`, :class:`StaticRouter` or :class:`RandomRouter`.
-        schedule: per-layer target sparsity (float for uniform, or ``n_layers`` floats in [0, 1)).
+        schedule: per-layer target sparsity, the documented alias of ``keep`` (``keep = 1 -
+            sparsity``): a float for uniform, or ``n_layers`` floats in [0, 1).
+        keep: per-layer fraction of tokens each block computes (float or ``n_layers`` floats in
+            (0, 1]); each row keeps ``floor(keep * n_valid + 0.5)`` tokens in a prefill. Give
+            ``keep`` or ``schedule``, not both.
         allow_full: accept sparsity 1.0 (the block is skipped by every token).
         compute_scores: compute the attention-score factor (needed by :class:`TokenRouter`).
         nested: no re-entry (not in the paper; default off = the paper's independent per-block
@@ -678,12 +676,12 @@ def attach_ftp(
     if model in _HANDLES:
         raise ValueError("FTP is already attached to this model; detach it first")
     base, layers = find_decoder(model)
-    sched = validate_schedule(schedule, len(layers), allow_full=allow_full)
+    sched, keeps = block_budgets(schedule, len(layers), keep=keep, allow_full=allow_full)
     cfg = getattr(model, "config", None)
     impl = getattr(cfg, "_attn_implementation", "eager") or "eager"
     if impl not in _SUPPORTED_ATTN:
         raise ValueError(f"FTP supports attn_implementation in {_SUPPORTED_ATTN}, the model uses {impl!r}")
-    state = FTPState(router=router, schedule=sched, compute_scores=compute_scores, nested=nested)
+    state = FTPState(router=router, schedule=sched, keep=keeps, compute_scores=compute_scores, nested=nested)
     state.reset_stats()
     state.reset_decisions()
     state.clear_train()
@@ -717,8 +715,8 @@ def get_handle(model: nn.Module) -> FTPHandle | None:
 
 
 @contextlib.contextmanager
-def ftp_routing(model: nn.Module, router: Router, schedule, **kwargs):
-    """``with ftp_routing(model, router, schedule) as handle:`` — attach, yield the handle, detach."""
+def ftp_routing(model: nn.Module, router: Router, schedule=None, **kwargs):
+    """``with ftp_routing(model, router, keep=...) as handle:`` — attach, yield the handle, detach."""
     handle = attach_ftp(model, router, schedule, **kwargs)
     try:
         yield handle

@@ -21,9 +21,10 @@ Routers:
 - :class:`RandomRouter`: seeded random priorities; baseline.
 
 Every router maps :class:`RouteInputs` to a ``(B, T)`` keep probability. In prefill the routed
-layer keeps the ``round((1 - s) * n_valid)`` tokens of highest probability per row (exact
-sparsity); at decode (one new token per row with a cache) it keeps the token when
-``router.decode_keep`` says so (threshold 0.5 for the learned router, as in the paper).
+layer keeps the ``floor(keep * n_valid + 0.5)`` tokens of highest probability per row, with
+``keep = 1 - s`` (the one budget rule of :mod:`prunecore.budget`); at decode (one new token
+per row with a cache) it keeps the token when ``router.decode_keep`` says so (threshold 0.5 for
+the learned router, as in the paper).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from prunecore.budget import keep_counts, torch_rank
 
 N_FEATURES = 4
 
@@ -92,33 +95,34 @@ def score_ranks(score: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """
     if score.shape != valid.shape:
         raise ValueError(f"score {tuple(score.shape)} and valid {tuple(valid.shape)} differ")
-    s = torch.where(valid, score.float(), torch.full((), -float("inf")))
-    # tie-break towards later positions: flip, stable sort, flip back
-    order = torch.argsort(s.flip(1), dim=1, descending=True, stable=True)
-    order = s.shape[1] - 1 - order
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(s.shape[1], device=s.device).expand_as(order))
+    s = torch.where(valid, score.float(), torch.full((), -float("inf"), device=score.device))
+    rank = torch_rank(s.flip(1)).flip(1)  # stable rank ties to the lower index: flipped = later first
     n = valid.sum(1, keepdim=True).clamp_min(2) - 1
-    return torch.where(valid, rank.float() / n.float(), torch.ones((), dtype=torch.float32))
+    return torch.where(valid, rank.float() / n.float(), torch.ones((), dtype=torch.float32, device=score.device))
 
 
-def keep_topk(prob: torch.Tensor, valid: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Keep the ``round((1 - sparsity) * n_valid)`` highest-probability valid tokens per row.
+def keep_topk(prob: torch.Tensor, valid: torch.Tensor, sparsity: float | None = None, *, keep=None) -> torch.Tensor:
+    """Keep the ``floor(keep * n_valid + 0.5)`` highest-probability valid tokens per row.
+
+    The count is :func:`prunecore.budget.keep_counts` (the one budget rule) with
+    ``keep = 1 - sparsity``; ``sparsity`` is the documented alias of ``keep``.
 
     Args:
         prob: (B, T) float priorities.
         valid: (B, T) bool.
-        sparsity: float in [0, 1].
+        sparsity: float in [0, 1] (alias: ``keep = 1 - sparsity``).
+        keep: float in [0, 1], the fraction of valid tokens kept per row.
     Returns:
         (B, T) bool keep mask (False on padding). Ties are broken towards earlier positions.
     """
-    n_valid = valid.sum(1)
-    k = torch.round((1.0 - float(sparsity)) * n_valid.double()).long()
-    p = torch.where(valid, prob.float(), torch.full((), -float("inf")))
-    order = torch.argsort(p, dim=1, descending=True, stable=True)
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(p.shape[1], device=p.device).expand_as(order))
-    return (rank < k[:, None]) & valid
+    if (keep is None) == (sparsity is None):
+        raise ValueError("pass exactly one of keep= or sparsity= (keep = 1 - sparsity)")
+    frac = float(keep) if keep is not None else 1.0 - float(sparsity)
+    if frac <= 0.0:
+        return torch.zeros_like(valid)
+    k = keep_counts(valid.sum(1), min(frac, 1.0))
+    p = torch.where(valid, prob.float(), torch.full((), -float("inf"), device=prob.device))
+    return (torch_rank(p) < k[:, None]) & valid
 
 
 class Router:

@@ -9,9 +9,43 @@ blend crossover, Gaussian mutation, elitism and the per-block bounds are paramet
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 
 import numpy as np
+
+
+def sparsity_schedule(keep=None, sparsity=None, *, allow_full: bool = False, required: bool = True):
+    """The per-block sparsity a caller meant, from ``keep=`` or its alias ``sparsity=``.
+
+    FTP budgets are per-block fractions: ``keep`` (fraction of tokens a block computes, in
+    (0, 1]; 0 allowed with ``allow_full``) or, as a documented alias, ``sparsity = 1 - keep``.
+    Either may be a float (uniform) or a sequence (one per block); passing both is an error.
+    Integer counts are refused (a block budget is a fraction of each row).
+
+    Returns:
+        the sparsity as given (float, list or array; validated per block later by
+        :func:`tokenprune.ftp.attach.validate_schedule`), or None when neither was passed and
+        ``required`` is False.
+    """
+    if keep is not None and sparsity is not None:
+        raise ValueError("pass keep= or its alias sparsity= (schedule=), not both (keep = 1 - sparsity)")
+    if keep is None:
+        if sparsity is None and required:
+            raise ValueError("give keep= (fraction of tokens each block computes) or sparsity= (1 - keep)")
+        return sparsity
+    values = np.asarray(keep.detach().cpu() if hasattr(keep, "detach") else keep, dtype=object)
+    for v in values.reshape(-1):
+        if isinstance(v, bool | np.bool_ | numbers.Integral):
+            raise TypeError(f"FTP keep is a fraction per block, got the count {v!r}; pass e.g. keep=1.0 or 0.7")
+        f = float(v)
+        lo_ok = f >= 0.0 if allow_full else f > 0.0
+        if not (lo_ok and f <= 1.0):
+            rng = "[0, 1]" if allow_full else "(0, 1]"
+            raise ValueError(f"keep {f} is outside {rng}: keep is the fraction of tokens a block computes")
+    if np.ndim(values) == 0:
+        return 1.0 - float(keep)
+    return [1.0 - float(v) for v in values.reshape(-1)]
 
 
 def project_to_mean(x: np.ndarray, target: float, lo: float = 0.0, hi: float = 0.9, iters: int = 60) -> np.ndarray:
@@ -51,8 +85,9 @@ def project_to_mean(x: np.ndarray, target: float, lo: float = 0.0, hi: float = 0
 def search_schedule(
     fitness: Callable[[np.ndarray], float],
     n_layers: int,
-    target: float,
+    target: float | None = None,
     *,
+    keep: float | None = None,
     population: int = 16,
     generations: int = 10,
     mutation_rate: float = 0.3,
@@ -60,23 +95,25 @@ def search_schedule(
     crossover_rate: float = 0.7,
     elite: int = 2,
     tournament: int = 3,
-    bounds: tuple[float, float] = (0.0, 0.9),
+    bounds: tuple[float, float] | None = None,
     init=None,
     init_scale: float | None = None,
     seed: int = 0,
     progress: bool = True,
     desc: str = "FTP schedule GA",
 ):
-    """Genetic search of a per-block sparsity schedule with ``mean == target``.
+    """Genetic search of a per-block schedule with ``mean == target`` (or ``mean == keep``).
 
     Args:
         fitness: ``schedule (L,) float64 -> loss`` (lower is better); called once per distinct
-            candidate (results are memoised).
+            candidate (results are memoised). With ``keep=`` the schedules it receives and the
+            one returned are per-block keep fractions, otherwise sparsities.
         n_layers: L.
-        target: global target sparsity (mean of the schedule).
+        target: global target sparsity (mean of the schedule); alias of ``keep = 1 - target``.
+        keep: global target keep fraction (mean of the keep schedule); give this or ``target``.
         population, generations, mutation_rate (per gene), mutation_scale (Gaussian std),
         crossover_rate, elite (kept unchanged), tournament (selection size): GA parameters.
-        bounds: per-block (lo, hi) sparsity.
+        bounds: per-block (lo, hi) in the schedule's unit (default sparsity (0, 0.9), keep (0.1, 1)).
         init: optional (L,) schedule placed in the first population (refinement); the rest of
             the population is sampled around it (or around the uniform schedule).
         init_scale: std of the initial perturbations (default ``2 * mutation_scale``).
@@ -85,9 +122,35 @@ def search_schedule(
         ``(schedule (L,) float64, history)``; history is a list of per-generation dicts
         ``{"generation", "best", "mean", "best_schedule"}`` (generation 0 = initial population).
     """
+    if keep is not None:
+        if target is not None:
+            raise ValueError("pass keep= or its alias target= (a sparsity), not both (keep = 1 - sparsity)")
+        lo_k, hi_k = (0.1, 1.0) if bounds is None else map(float, bounds)
+        sparse, hist = search_schedule(
+            lambda s: fitness(1.0 - s),
+            n_layers,
+            1.0 - float(keep),
+            population=population,
+            generations=generations,
+            mutation_rate=mutation_rate,
+            mutation_scale=mutation_scale,
+            crossover_rate=crossover_rate,
+            elite=elite,
+            tournament=tournament,
+            bounds=(1.0 - hi_k, 1.0 - lo_k),
+            init=None if init is None else 1.0 - np.asarray(init, dtype=np.float64),
+            init_scale=init_scale,
+            seed=seed,
+            progress=progress,
+            desc=desc,
+        )
+        hist = [h | {"best_schedule": [1.0 - v for v in h["best_schedule"]]} for h in hist]
+        return 1.0 - sparse, hist
+    if target is None:
+        raise ValueError("give keep= (mean keep fraction) or target= (mean sparsity)")
     if n_layers < 1:
         raise ValueError(f"n_layers must be >= 1, got {n_layers}")
-    lo, hi = map(float, bounds)
+    lo, hi = (0.0, 0.9) if bounds is None else map(float, bounds)
     if not 0.0 <= lo <= target <= hi <= 1.0:
         raise ValueError(f"need 0 <= lo <= target <= hi <= 1, got bounds {bounds} and target {target}")
     if population < 2 or generations < 0 or not 0 <= elite < population or tournament < 1:
@@ -151,8 +214,15 @@ def search_schedule(
     return pop[b].copy(), history
 
 
-def uniform_schedule(n_layers: int, target: float) -> np.ndarray:
-    """(L,) schedule with every block at ``target``."""
+def uniform_schedule(n_layers: int, target: float | None = None, *, keep: float | None = None) -> np.ndarray:
+    """(L,) schedule with every block at sparsity ``target`` (or at keep fraction ``keep``)."""
+    if keep is not None:
+        if target is not None:
+            raise ValueError("pass keep= or its alias target= (a sparsity), not both (keep = 1 - sparsity)")
+        sparsity_schedule(keep)
+        return np.full(n_layers, float(keep))
+    if target is None:
+        raise ValueError("give keep= (keep fraction) or target= (sparsity)")
     if not 0.0 <= target < 1.0:
         raise ValueError(f"target sparsity {target} outside [0, 1)")
     return np.full(n_layers, float(target))

@@ -15,9 +15,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from prunecore.budget import keep_counts
+
 from .attach import FTPHandle, attach_ftp, get_handle
 from .losses import distill_loss, guide_loss, guide_weight, sparsity_loss
 from .router import TokenRouter
+from .schedule import sparsity_schedule
 
 
 def calibration_windows(ids: torch.Tensor, seq_len: int, n: int, *, seed: int = 0) -> torch.Tensor:
@@ -106,7 +109,15 @@ def continuation_eval(model, windows: torch.Tensor, n_ctx: int, *, dense_argmax=
     return res
 
 
-def calibration_fitness(model, batches: torch.Tensor, *, router=None, batch_size: int = 4, n_ctx: int | None = None):
+def calibration_fitness(
+    model,
+    batches: torch.Tensor,
+    *,
+    router=None,
+    batch_size: int = 4,
+    n_ctx: int | None = None,
+    budget: str = "sparsity",
+):
     """Fitness for the schedule GA: calibration NLL of the model routed by ``router``.
 
     Attaches nothing itself: FTP must be attached (static router by default, paper); the
@@ -120,7 +131,11 @@ def calibration_fitness(model, batches: torch.Tensor, *, router=None, batch_size
             (:func:`continuation_eval`). Reconstruction choice: with tied input/output
             embeddings (SmolLM2) the all-position loss rewards schedules whose skipped tokens
             predict themselves, so the benchmark searches with the continuation loss.
+        budget: what the schedules given to the fitness are: ``"sparsity"`` (default) or
+            ``"keep"`` (use with ``search_schedule(..., keep=...)``).
     """
+    if budget not in ("sparsity", "keep"):
+        raise ValueError(f"budget must be 'sparsity' or 'keep', got {budget!r}")
     handle = get_handle(model)
     if handle is None:
         raise ValueError("attach FTP first (attach_ftp(model, StaticRouter(), 0.0))")
@@ -130,7 +145,11 @@ def calibration_fitness(model, batches: torch.Tensor, *, router=None, batch_size
         handle.set_router(router)
 
     def fitness(schedule: np.ndarray) -> float:
-        handle.set_schedule([float(s) for s in schedule])
+        values = [float(s) for s in schedule]
+        if budget == "keep":
+            handle.set_schedule(keep=values)
+        else:
+            handle.set_schedule(values)
         if n_ctx is None:
             return lm_eval(model, batches, batch_size=batch_size)["nll"]
         chunks = batches.split(batch_size)
@@ -154,7 +173,7 @@ def init_from_static(
 
     Trains on synthetic factors (uniform positions, random scores and their ranks, target
     sparsity ~ U(0, max_sparsity) per row) to reproduce the static router's top-k decisions
-    (sink token, then the most recent ``round((1 - s) * T) - 1`` tokens), with BCE.
+    (sink token, then the most recent ``K - 1`` tokens, ``K = floor((1 - s) * T + 0.5)``), with BCE.
     Returns ``{"bce": final loss, "agreement": fraction of matching top-k decisions}``.
     """
     g = torch.Generator().manual_seed(seed)
@@ -169,7 +188,7 @@ def init_from_static(
         score = torch.log1p(raw / raw.sum(1, keepdim=True) * T)
         rank = raw.argsort(1, descending=True).argsort(1).float() / (T - 1)
         feats = torch.stack([pos, score, rank, s.expand(batch, T)], -1)
-        k = torch.round((1 - s) * T).long()  # (B, 1)
+        k = torch.stack([keep_counts(torch.tensor([T]), 1.0 - float(si)) for si in s])  # (B, 1), the budget rule
         target = (ar[None] == 0) & (k >= 1) | (ar[None] >= T - (k - 1)) & (k >= 2)
         return feats, target.float(), k
 
@@ -191,6 +210,15 @@ def init_from_static(
     return {"bce": bce, "agreement": agree}
 
 
+def _keep_to_sparsity(keep):
+    """Keep schedules (one, a list, or a callable ``step -> schedule``) -> the sparsity form."""
+    if callable(keep):
+        return lambda step: sparsity_schedule(list(keep(step)))
+    if isinstance(keep, np.ndarray) and keep.ndim == 1 or len(keep) and isinstance(keep[0], int | float):
+        return [sparsity_schedule(list(keep))]
+    return [sparsity_schedule(list(k)) for k in keep]
+
+
 @contextlib.contextmanager
 def _frozen(model):
     flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -206,9 +234,10 @@ def _frozen(model):
 def train_router(
     model,
     router: TokenRouter,
-    schedules,
-    batches: torch.Tensor,
+    schedules=None,
+    batches: torch.Tensor | None = None,
     *,
+    keep=None,
     steps: int = 200,
     lr: float = 2e-3,
     weight_decay: float = 0.0,
@@ -232,10 +261,11 @@ def train_router(
         model: transformers causal LM (FTP not attached; it is attached for the run and
             detached after).
         router: :class:`TokenRouter` to train (in place).
-        schedules: one (L,) schedule, a list of them (steps cycle through them), or a callable
-            ``step -> schedule``; a single router learns several targets (the target sparsity
-            is one of its inputs).
+        schedules: per-block sparsities (the documented alias of ``keep``): one (L,) schedule,
+            a list of them (steps cycle through them), or a callable ``step -> schedule``; a
+            single router learns several targets (the target sparsity is one of its inputs).
         batches: (N, T) long calibration windows; a step uses ``batch_size`` of them.
+        keep: the same as ``schedules`` in keep fractions (``keep = 1 - sparsity``); give one.
         steps, lr, weight_decay: optimisation (AdamW).
         w_distill, w_sparsity: loss weights; the guide weight decays from ``guide_start`` to
             ``guide_end`` (``guide_curve``).
@@ -252,6 +282,12 @@ def train_router(
         raise TypeError(f"train_router trains a TokenRouter, got {type(router).__name__}")
     if get_handle(model) is not None:
         raise ValueError("detach FTP before training; train_router attaches it itself")
+    if batches is None:
+        raise ValueError("give batches= ((N, T) long calibration windows)")
+    if (keep is None) == (schedules is None):
+        raise ValueError("pass keep= or its alias schedules= (sparsities), exactly one (keep = 1 - sparsity)")
+    if keep is not None:
+        schedules = _keep_to_sparsity(keep)
     if distill_tail is not None and not 1 <= distill_tail <= batches.shape[1]:
         raise ValueError(f"distill_tail must be in [1, {batches.shape[1]}], got {distill_tail}")
     if callable(schedules):
