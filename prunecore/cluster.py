@@ -85,40 +85,28 @@ def resolve_backend(backend: str, device: str = "auto") -> str:
     return backend
 
 
-def kmeans(
-    x,
-    k: int,
-    *,
-    niter: int = 20,
-    seed: int = 1234,
-    spherical: bool = True,
-    max_points_per_centroid: int = 256,
-    device: str = "auto",
-    backend: str = "auto",
-    batch_size: int = 65536,
-    verbose: bool = False,
-) -> Clustering:
+def kmeans(x, k: int, *, batch_size: int = 65536, **train_options) -> Clustering:
     """Seeded k-means on L2-normalised rows, then assignment of every row.
 
     x: (n, d) array, memmap or :class:`~prunecore.rows.ChunkedRows` (never normalised in
-    place). Training (:func:`train_centroids`) uses at most ``k * max_points_per_centroid``
-    rows; all rows are then assigned in batches of ``batch_size`` with :func:`assign`.
-    ``spherical=True`` keeps centroids unit norm (assignment by inner product = cosine).
-    ``backend``: ``"faiss"`` (faiss.Kmeans; faiss-gpu when ``device`` resolves to CUDA and it
-    is installed), ``"torch"`` (the same Lloyd iterations in torch, CPU or GPU) or ``"auto"``.
+    place). ``train_options`` are those of :func:`train_centroids` (``niter=20``,
+    ``seed=1234``, ``spherical=True``, ``max_points_per_centroid=256``, ``device="auto"``,
+    ``backend="auto"``, ``verbose=False``): training uses at most
+    ``k * max_points_per_centroid`` rows; all rows are then assigned in batches of
+    ``batch_size`` with :func:`assign`. ``spherical=True`` keeps centroids unit norm
+    (assignment by inner product = cosine). ``backend``: ``"faiss"`` (faiss.Kmeans; faiss-gpu
+    when ``device`` resolves to CUDA and it is installed), ``"torch"`` (the same Lloyd
+    iterations in torch, CPU or GPU) or ``"auto"``.
     """
-    centroids, params = train_centroids(
+    centroids, params = train_centroids(x, k, **train_options)
+    labels, sim = assign(
         x,
-        k,
-        niter=niter,
-        seed=seed,
-        spherical=spherical,
-        max_points_per_centroid=max_points_per_centroid,
-        device=device,
-        backend=backend,
-        verbose=verbose,
+        centroids,
+        batch_size=batch_size,
+        spherical=params["spherical"],
+        device=train_options.get("device", "auto"),
+        backend=params["backend"],
     )
-    labels, sim = assign(x, centroids, batch_size=batch_size, spherical=spherical, device=device, backend=backend)
     return Clustering(centroids=centroids, labels=labels, sim=sim, params=params)
 
 
