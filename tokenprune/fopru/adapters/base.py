@@ -137,7 +137,7 @@ class FoPruAdapter:
         *,
         keep=0.25,
         strategy: str = "rank",
-        layer: int | None = -2,
+        layer: int | None = None,
         method: str = "cls",
         row_mode: str = "rows",
         grid: tuple[int, int] | None = None,
@@ -318,3 +318,15 @@ class FoPruAdapter:
         if self.restore_prompt:
             out = restore_original_prompt(out, prep.input_ids, prep.call["input_ids"])
         return out, prep.stats
+
+    def forward(self, inputs: Mapping[str, Any], *, forward_fn: Callable | None = None) -> tuple[Any, TokenStats]:
+        """Pruned ``forward`` — exactly the prefill of :meth:`generate`: same shrunk prompt,
+        features and positions (``labels`` are shrunk with the prompt, dropped positions
+        removed). The output covers the shrunk prompt: ``logits`` is ``(B, L', V)``."""
+        mm, rest = self.split_inputs(dict(inputs.items()))
+        prep = self.prepare(mm)
+        call = prep.call
+        if "inputs_embeds" in call:  # forward takes exactly one of input_ids / inputs_embeds
+            call = {k: v for k, v in call.items() if k != "input_ids"}
+        fwd = forward_fn if forward_fn is not None else self.model.forward
+        return fwd(**call, **rest), prep.stats
