@@ -246,6 +246,7 @@ def test_siglip_colmean_full_strategy():
         assert torch.equal(m.generate(**inp, **GEN), ref)
     with pytest.raises(ValueError, match="CLS"):
         fopru_generate(m, inp, keep=0.5, method="cls", **GEN)
+    assert FoPru(m).adapter.method == "colmean" and FoPru(_llava()).adapter.method == "cls"  # family defaults
     with FoPru(m, keep=0.5, method="colmean") as fp:
         m.generate(**inp, **GEN)
     assert fp.stats.extras["image_tokens_kept"] == [32, 32]

@@ -499,10 +499,14 @@ def test_hooks_removed_and_generate_restored_on_exception(qwen):
 def test_validation_errors(qwen):
     inp = _inputs(BATCH)
     with pytest.raises(ValueError, match="CLS"):
-        fopru_generate(qwen, inp, keep=0.5, **GEN)  # default method="cls"
+        fopru_generate(qwen, inp, keep=0.5, method="cls", **GEN)
     with pytest.raises(ValueError, match="CLS"):
-        FoPru(qwen, keep=0.5).__enter__()
+        FoPru(qwen, keep=0.5, method="cls").__enter__()
     assert "generate" not in qwen.__dict__
+    # no method given: the family default (colmean; the tower has no CLS token)
+    out, st = fopru_generate(qwen, inp, keep=0.5, **GEN)
+    ref, _ = fopru_generate(qwen, inp, keep=0.5, method="colmean", **GEN)
+    assert torch.equal(out, ref) and FoPru(qwen).adapter.method == "colmean"
     with pytest.raises(ValueError, match="image_grid_thw"):
         fopru_generate(qwen, {k: v for k, v in inp.items() if k != "image_grid_thw"}, method="colmean", **GEN)
     bad = dict(inp, image_grid_thw=torch.tensor([[2, 4, 6], [1, 6, 8]]))

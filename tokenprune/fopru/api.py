@@ -43,7 +43,8 @@ def fopru_generate(
             :func:`tokenprune.fopru_select`; ``layer=None`` — the vision layer (``hidden_states``
             index) whose attention scores the tokens, None = the family default (LLaVA:
             ``vision_feature_layer``; Qwen2-VL: -2; Qwen2.5-VL: its last full-attention block);
-            ``method="cls"|"colmean"``; ``feature_passing="auto"``; ``restore_prompt=True`` —
+            ``method`` — ``"cls"`` or ``"colmean"``, None = the family default (``"cls"`` for
+            CLIP towers, ``"colmean"`` for CLS-free towers); ``feature_passing="auto"``; ``restore_prompt=True`` —
             return the caller's prompt followed by the new tokens) and the family's own options
             (LLaVA-NeXT: ``anyres_norm``, ``newline``); everything else goes to ``model.generate``.
 
