@@ -246,6 +246,7 @@ def test_siglip_colmean_full_strategy():
         assert torch.equal(m.generate(**inp, **GEN), ref)
     with pytest.raises(ValueError, match="CLS"):
         fopru_generate(m, inp, keep=0.5, method="cls", **GEN)
+    assert FoPru(m).adapter.method == "colmean" and FoPru(_llava()).adapter.method == "cls"  # family defaults
     with FoPru(m, keep=0.5, method="colmean") as fp:
         m.generate(**inp, **GEN)
     assert fp.stats.extras["image_tokens_kept"] == [32, 32]
@@ -306,3 +307,29 @@ def test_public_names_resolve_to_the_package():
     assert generate.fopru_generate is fopru.fopru_generate is api.fopru_generate
     assert generate.FoPru is tokenprune.FoPru is fopru.FoPru is api.FoPru
     assert tokenprune.fopru_scores is core.fopru_scores and tokenprune.fopru_select is core.fopru_select
+
+
+def test_forward_inside_context_is_the_pruned_prefill(llava):
+    """What evaluation harnesses call: model(**inputs) inside FoPru == the pruned generate's
+    first step; labels are shrunk with the prompt (loss == loss on the hand-shrunk prompt)."""
+    inp = _inputs()
+    labels = inp["input_ids"].masked_fill(inp["input_ids"] == IMG, -100)
+    step = dict(max_new_tokens=1, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with FoPru(llava, keep=0.25) as fp:
+        first = llava.generate(**inp, **step).logits[0]
+        with torch.no_grad():
+            out = llava(**inp, labels=labels)
+            again = llava(inp["input_ids"], pixel_values=inp["pixel_values"])  # positional input_ids too
+    assert "forward" not in llava.__dict__ and "generate" not in llava.__dict__
+    assert out.logits.shape[1] == 2 + 16 + 3 and len(fp.history) == 3
+    torch.testing.assert_close(out.logits[:, -1], first, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again.logits, out.logits)
+    kept = fp.stats.extras["kept_indices"]
+    feats = llava.get_image_features(pixel_values=inp["pixel_values"], return_dict=True).pooler_output
+    ids = torch.stack([torch.cat([r[:2], torch.full((16,), IMG), r[2 + N :]]) for r in inp["input_ids"]])
+    emb = llava.get_input_embeddings()(ids).detach()
+    emb[ids == IMG] = torch.cat([f[k] for f, k in zip(feats, kept)]).detach()
+    with torch.no_grad():
+        ref = llava(inputs_embeds=emb, labels=ids.masked_fill(ids == IMG, -100))
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)

@@ -124,9 +124,30 @@ def _rot(x):
     return torch.cat((-x[..., x.shape[-1] // 2 :], x[..., : x.shape[-1] // 2]), dim=-1)
 
 
-def _bruteforce_vision_attention(model, pixel_values, grid, block_idx):
-    """Per image full attention probs (heads, n, n) at a vision block, and the check that the
-    hand computation reproduces the module's own output."""
+def _window_order(gh, gw, ws):
+    """Qwen2.5-VL's merge-unit order inside its tower, written from the rule: windows of
+    ws x ws merged tokens in raster order, raster order inside each window."""
+    return [
+        r * gw + c
+        for wr in range(0, gh, ws)
+        for wc in range(0, gw, ws)
+        for r in range(wr, min(wr + ws, gh))
+        for c in range(wc, min(wc + ws, gw))
+    ]
+
+
+def _unit_orders(grid, ws=None):
+    """Per image, the merge-unit order of the tower's sequence (identity for Qwen2-VL)."""
+    out = []
+    for _, h, w in grid.tolist():
+        out.append(list(range(h * w // 4)) if ws is None else _window_order(h // 2, w // 2, ws))
+    return out
+
+
+def _bruteforce_vision_attention(model, pixel_values, grid, block_idx, ws=None):
+    """Per image full attention probs (heads, n, n) at a vision block (patches in the tower's
+    order: window order when ``ws`` is given), and the check that the hand computation
+    reproduces the module's own output."""
     attn = model.model.visual.blocks[block_idx].attn
     seen = {}
     h1 = attn.register_forward_pre_hook(lambda m, a, k: seen.__setitem__("x", a[0].detach()), with_kwargs=True)
@@ -140,7 +161,11 @@ def _bruteforce_vision_attention(model, pixel_values, grid, block_idx):
     x = seen["x"]
     heads, d = attn.num_heads, attn.head_dim
     inv = 1.0 / (10000.0 ** (torch.arange(0, d // 2, 2, dtype=torch.float) / (d // 2)))
-    coords = torch.tensor([c for _, h, w in grid.tolist() for c in _patch_coords(h, w)], dtype=torch.float)
+    coords = []
+    for (_, h, w), order in zip(grid.tolist(), _unit_orders(grid, ws)):
+        packed = _patch_coords(h, w)
+        coords += [packed[4 * u + r] for u in order for r in range(4)]
+    coords = torch.tensor(coords, dtype=torch.float)
     ang = torch.cat([coords[:, :1] * inv, coords[:, 1:] * inv], dim=-1)
     ang = torch.cat([ang, ang], dim=-1)[:, None, :]  # (N, 1, d)
     with torch.no_grad():
@@ -159,12 +184,14 @@ def _bruteforce_vision_attention(model, pixel_values, grid, block_idx):
     return probs
 
 
-def _bruteforce_merged_scores(probs, grid):
+def _bruteforce_merged_scores(probs, grid, ws=None):
     out = []
-    for p, (_, h, w) in zip(probs, grid.tolist()):
+    for p, (_, h, w), order in zip(probs, grid.tolist(), _unit_orders(grid, ws)):
         s = p.mean(1).mean(0)  # mean over queries, then heads
+        packed = _patch_coords(h, w)
         merged = torch.zeros(h // 2, w // 2)
-        for j, (r, c) in enumerate(_patch_coords(h, w)):
+        for j in range(h * w):
+            r, c = packed[4 * order[j // 4] + j % 4]
             merged[r // 2, c // 2] += s[j] / 4
         out.append(merged.reshape(-1))
     return out
@@ -472,10 +499,14 @@ def test_hooks_removed_and_generate_restored_on_exception(qwen):
 def test_validation_errors(qwen):
     inp = _inputs(BATCH)
     with pytest.raises(ValueError, match="CLS"):
-        fopru_generate(qwen, inp, keep=0.5, **GEN)  # default method="cls"
+        fopru_generate(qwen, inp, keep=0.5, method="cls", **GEN)
     with pytest.raises(ValueError, match="CLS"):
-        FoPru(qwen, keep=0.5).__enter__()
+        FoPru(qwen, keep=0.5, method="cls").__enter__()
     assert "generate" not in qwen.__dict__
+    # no method given: the family default (colmean; the tower has no CLS token)
+    out, st = fopru_generate(qwen, inp, keep=0.5, **GEN)
+    ref, _ = fopru_generate(qwen, inp, keep=0.5, method="colmean", **GEN)
+    assert torch.equal(out, ref) and FoPru(qwen).adapter.method == "colmean"
     with pytest.raises(ValueError, match="image_grid_thw"):
         fopru_generate(qwen, {k: v for k, v in inp.items() if k != "image_grid_thw"}, method="colmean", **GEN)
     bad = dict(inp, image_grid_thw=torch.tensor([[2, 4, 6], [1, 6, 8]]))
@@ -507,7 +538,11 @@ def test_validation_errors(qwen):
     assert [k.tolist() for k in st.extras["kept_indices"]] == [[0, 5], [11]]
 
 
-def test_qwen2_5_vl_refused_clearly():
+# ------------------------------------------------------------------ Qwen2.5-VL (windowed vision attention)
+WS = 2  # window_size 16 / merge 2 / patch 4: windows of 2 x 2 merged tokens
+
+
+def _model25(attn="sdpa", seed=0):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     cfg = Qwen2_5_VLConfig(
@@ -525,20 +560,172 @@ def test_qwen2_5_vl_refused_clearly():
             vocab_size=100,
             hidden_size=32,
             intermediate_size=32,
-            num_hidden_layers=1,
+            num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=2,
             rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 1e4},
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            initializer_range=0.2,
         ),
         image_token_id=IMG,
         video_token_id=VID,
         vision_start_token_id=VS,
         vision_end_token_id=VE,
     )
-    m = Qwen2_5_VLForConditionalGeneration._from_config(cfg).eval()
-    inp = _inputs(BATCH)
-    with pytest.raises(TypeError, match="not support"):
-        fopru_generate(m, inp, keep=0.5, method="colmean", max_new_tokens=1)
-    with pytest.raises(TypeError, match="qwen2_5_vl.*Supported families"):
-        FoPru(m, keep=0.5, method="colmean").__enter__()
-    assert "generate" not in m.__dict__
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration._from_config(cfg, attn_implementation=attn).eval()
+    model.generation_config.eos_token_id = None  # fixed-length runs: the references do not stop at EOS
+    return model
+
+
+@pytest.fixture(scope="module")
+def qwen25():
+    return _model25()
+
+
+BIG = [[("t", [5]), ("i", (8, 12)), ("t", [6, 7])], [("t", [5, 9]), ("i", (6, 8)), ("t", [8])]]  # 4 and 2x2 windows
+
+
+def test_qwen2_5_window_order_is_the_models():
+    from transformers.vision_utils import get_vision_window_index
+
+    grid = torch.tensor([[1, 8, 12], [1, 6, 8], [1, 4, 4]])
+    idx, _ = get_vision_window_index(grid, spatial_merge_size=2, window_size=16, patch_size=4)
+    offsets = [0, 24, 36]
+    assert idx.tolist() == [o + u for o, order in zip(offsets, _unit_orders(grid, WS)) for u in order]
+
+
+def test_qwen2_5_capture_equals_bruteforce_and_unpermutes(qwen25):
+    inp = _inputs(BIG, seed=3)
+    grid = inp["image_grid_thw"]
+    probs = _bruteforce_vision_attention(qwen25, inp["pixel_values"], grid, 1, ws=WS)
+    ref = _bruteforce_merged_scores(probs, grid, ws=WS)
+    adapter = make_adapter(qwen25, method="colmean")  # layer=None: the last full-attention block
+    assert adapter.capture.module is qwen25.model.visual.blocks[1].attn
+    enc = adapter.encode_with_capture(
+        {k: inp[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")}
+    )
+    for got, exp in zip(enc.scores, ref):
+        torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-6)
+    # merged-token order of the scores is the order of the features the LLM sees
+    feats = qwen25.get_image_features(pixel_values=inp["pixel_values"], image_grid_thw=grid).pooler_output
+    assert all(torch.equal(a, b) for a, b in zip(enc.features, feats))
+    assert [s.numel() for s in enc.scores] == [24, 12]
+    with pytest.raises(ValueError, match="windowed-attention block"):
+        FoPru(qwen25, method="colmean", layer=-2)
+
+
+@pytest.mark.parametrize("layout", [BIG, TWO_IMAGES], ids=["batch2_leftpad", "two_images"])
+def test_qwen2_5_keep_one_identical_ids(qwen25, layout):
+    inp = _inputs(layout, seed=4)
+    ref = qwen25.generate(**inp, **GEN)
+    for fp in ("mm_encoder_outputs", "inputs_embeds"):
+        out, st = fopru_generate(qwen25, inp, keep=1.0, method="colmean", feature_passing=fp, **GEN)
+        assert torch.equal(out, ref), fp
+        assert st.tokens_saved == 0 and st.tokens_in == st.tokens_kept
+    with FoPru(qwen25, keep=1.0, method="colmean") as fp:
+        assert torch.equal(qwen25.generate(**inp, **GEN), ref)
+    assert fp.stats.extras["image_tokens_in"] == [int(g.prod()) // 4 for g in inp["image_grid_thw"]]
+
+
+@pytest.mark.parametrize("layout,keep", [(BIG, [0.25, 5]), (TWO_IMAGES, 0.5)], ids=["batch", "two_images"])
+def test_qwen2_5_pruned_equals_bruteforce_reference(qwen25, layout, keep):
+    inp = _inputs(layout, seed=5)
+    grid = inp["image_grid_thw"]
+    out, st = fopru_generate(qwen25, inp, keep=keep, method="colmean", restore_prompt=False, **GEN)
+    probs = _bruteforce_vision_attention(qwen25, inp["pixel_values"], grid, 1, ws=WS)
+    keeps = keep if isinstance(keep, list) else [keep] * len(probs)
+    scores = _bruteforce_merged_scores(probs, grid, ws=WS)
+    kept = [fopru_select(s[None], kp)[0] for s, kp in zip(scores, keeps)]
+    assert [k.tolist() for k in st.extras["kept_indices"]] == [k.tolist() for k in kept]
+    new, n_prompt = _reference_generate(qwen25, inp, kept, GEN["max_new_tokens"])
+    assert torch.equal(out[:, -GEN["max_new_tokens"] :], new)
+    assert st.extras["prompt_tokens_kept"] == n_prompt.tolist()
+    assert st.tokens_kept == sum(k.numel() for k in kept) and st.tokens_in == sum(s.numel() for s in scores)
+    assert st.forward_passes == 1
+
+
+def test_unsupported_families_fail_at_construction():
+    from transformers import (
+        InternVLConfig,
+        InternVLForConditionalGeneration,
+        Mistral3Config,
+        Mistral3ForConditionalGeneration,
+    )
+
+    tc = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    internvl = InternVLForConditionalGeneration._from_config(
+        InternVLConfig(
+            vision_config=dict(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=4,
+                image_size=[32, 32],
+                patch_size=[4, 4],
+            ),
+            text_config=dict(tc, model_type="qwen2", num_key_value_heads=2),
+            image_token_id=IMG,
+        )
+    )
+    mistral3 = Mistral3ForConditionalGeneration._from_config(
+        Mistral3Config(
+            vision_config=dict(
+                model_type="pixtral",
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=4,
+                image_size=32,
+                patch_size=4,
+                head_dim=8,
+            ),
+            text_config=dict(tc, model_type="mistral", num_key_value_heads=2, head_dim=8),
+            image_token_id=IMG,
+        )
+    )
+    for model, model_type in ((internvl, "internvl"), (mistral3, "mistral3")):
+        for build in (lambda m: FoPru(m, keep=0.5), lambda m: fopru_generate(m, {"input_ids": None}, keep=0.5)):
+            with pytest.raises(TypeError, match=f"does not support .*{model_type}.*Supported families.*Qwen2.5-VL"):
+                build(model)
+        assert "generate" not in model.__dict__ and "forward" not in model.__dict__
+
+
+# ------------------------------------------------------------------ forward inside the context, videos
+@pytest.mark.parametrize("build", [lambda: _model(), lambda: _model25()], ids=["qwen2_vl", "qwen2_5_vl"])
+def test_forward_inside_context_is_the_pruned_prefill(build):
+    model = build()
+    inp = _inputs(BATCH, seed=9)
+    step = dict(max_new_tokens=1, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with FoPru(model, keep=0.5, method="colmean") as fp:
+        first = model.generate(**inp, **step).logits[0]
+        with torch.no_grad():
+            out = model(**inp)
+    assert "forward" not in model.__dict__ and "generate" not in model.__dict__
+    dropped = [a - b for a, b in zip(fp.stats.extras["image_tokens_in"], fp.stats.extras["image_tokens_kept"])]
+    assert out.logits.shape[1] == inp["input_ids"].shape[1] - min(dropped)  # the shrunk prompt
+    assert (
+        len(fp.history) == 2 and fp.history[0].extras["image_tokens_kept"] == fp.history[1].extras["image_tokens_kept"]
+    )
+    torch.testing.assert_close(out.logits[:, -1], first, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # unpruned forward differs: the context really pruned it
+        assert not torch.allclose(model(**inp).logits[:, -1], first, atol=1e-3)
+
+
+def test_videos_are_refused_not_run_unpruned(qwen):
+    vid = _inputs(BATCH)
+    video = {
+        "input_ids": torch.tensor([[5] + [VID] * 6 + [6]]),
+        "pixel_values_videos": torch.randn(48, PATCH_DIM),
+        "video_grid_thw": torch.tensor([[2, 4, 6]]),
+    }
+    with FoPru(qwen, keep=0.5, method="colmean"):
+        for call in (qwen.generate, qwen):
+            with pytest.raises(ValueError, match="videos are not supported"):
+                call(**video, max_new_tokens=1) if call is qwen.generate else call(**video)
+            with pytest.raises(ValueError, match="videos are not supported"):
+                call(**dict(vid, **{k: v for k, v in video.items() if k != "input_ids"}))
+        text_only = qwen.generate(input_ids=torch.tensor([[5, 6, 7]]), max_new_tokens=2, do_sample=False)
+    assert torch.equal(text_only, qwen.generate(input_ids=torch.tensor([[5, 6, 7]]), max_new_tokens=2, do_sample=False))

@@ -9,7 +9,8 @@ counts, ``kept_indices``, family-specific counts).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -39,9 +40,11 @@ def fopru_generate(
         **kwargs: the FoPru options of :class:`~tokenprune.fopru.adapters.base.FoPruAdapter`
             (``keep=0.25`` — a fraction in (0, 1] (``K = floor(keep * N + 0.5)``), an int count
             or one of those per image; ``strategy="rank"``, ``row_mode``, ``grid`` — see
-            :func:`tokenprune.fopru_select`; ``layer=-2`` — the vision layer (``hidden_states``
-            index) whose attention scores the tokens, ``None`` = the family default;
-            ``method="cls"|"colmean"``; ``feature_passing="auto"``; ``restore_prompt=True`` —
+            :func:`tokenprune.fopru_select`; ``layer=None`` — the vision layer (``hidden_states``
+            index) whose attention scores the tokens, None = the family default (LLaVA:
+            ``vision_feature_layer``; Qwen2-VL: -2; Qwen2.5-VL: its last full-attention block);
+            ``method`` — ``"cls"`` or ``"colmean"``, None = the family default (``"cls"`` for
+            CLIP towers, ``"colmean"`` for CLS-free towers); ``feature_passing="auto"``; ``restore_prompt=True`` —
             return the caller's prompt followed by the new tokens) and the family's own options
             (LLaVA-NeXT: ``anyres_norm``, ``newline``); everything else goes to ``model.generate``.
 
@@ -59,43 +62,57 @@ class FoPru:
 
     The family adapter is built at construction (an unsupported model or a bad option fails
     here). On enter the attention-capture hooks are attached and the *instance's* ``generate``
-    is wrapped (the class is untouched); on exit (also on exception) both are undone. A call
-    without images runs unchanged. Each pruned call's stats are appended to :attr:`history`;
-    the last one is :attr:`stats`. Keyword arguments are those of :func:`fopru_generate`.
+    and ``forward`` are wrapped (the class is untouched); on exit (also on exception) all three
+    are undone. Inside the context:
+
+    * ``model.generate(**inputs)`` with images generates on the pruned prompt;
+    * ``model(**inputs)`` with images (what log-likelihood evaluation harnesses call) runs the
+      same pruned prefill: its outputs cover the shrunk prompt (``logits`` ``(B, L', V)``,
+      ``labels`` shrunk alike), equal to the first step of the pruned ``generate``;
+    * calls without images run unchanged; inputs the family cannot prune (e.g. videos) raise.
+
+    Each pruned call's stats are appended to :attr:`history`; the last one is :attr:`stats`.
+    Keyword arguments are the options of :func:`fopru_generate`.
     """
 
     def __init__(self, model: nn.Module, **options):
         self.model = model
         self.adapter: FoPruAdapter = adapter_class(model)(model, **options)
         self.history: list[TokenStats] = []
-        self._had_generate = False
-        self._prev_generate = None
+        self._saved: dict[str, Any] = {}
         self._active = False
 
     @property
     def stats(self) -> TokenStats | None:
         return self.history[-1] if self.history else None
 
-    def __enter__(self) -> FoPru:
-        if self._active:
-            raise RuntimeError("FoPru context is already active")
+    def _wrap(self, name: str, pruned: Callable) -> None:
+        """Replace the instance's ``name`` by a wrapper routing calls with images to ``pruned``."""
         m = self.model
-        self._had_generate = "generate" in m.__dict__
-        self._prev_generate = m.__dict__.get("generate")
-        orig = m.generate
+        self._saved[name] = m.__dict__.get(name)
+        orig = getattr(m, name)
         adapter = self.adapter
 
-        def generate(*args, **kwargs):
+        @functools.wraps(orig)  # keeps the signature that transformers inspects
+        def wrapper(*args, **kwargs):
+            if len(args) > 1:
+                raise TypeError(f"inside FoPru pass the inputs of {name}() by keyword (got {len(args)} positional)")
             if args:
                 kwargs = {"input_ids": args[0], **kwargs}
             if not adapter.has_visual(kwargs):  # text-only call: nothing to prune
                 return orig(**kwargs)
-            out, stats = adapter.generate(kwargs, generate_fn=orig)
+            out, stats = pruned(kwargs, orig)
             self.history.append(stats)
             return out
 
-        adapter.attach()
-        m.generate = generate
+        setattr(m, name, wrapper)
+
+    def __enter__(self) -> FoPru:
+        if self._active:
+            raise RuntimeError("FoPru context is already active")
+        self.adapter.attach()
+        self._wrap("generate", lambda kwargs, orig: self.adapter.generate(kwargs, generate_fn=orig))
+        self._wrap("forward", lambda kwargs, orig: self.adapter.forward(kwargs, forward_fn=orig))
         self._active = True
         return self
 
@@ -104,9 +121,11 @@ class FoPru:
         try:
             self.adapter.remove()
         finally:
-            if self._had_generate:
-                m.generate = self._prev_generate
-            else:
-                m.__dict__.pop("generate", None)
+            for name, prev in self._saved.items():
+                if prev is not None:
+                    setattr(m, name, prev)
+                else:
+                    m.__dict__.pop(name, None)
+            self._saved = {}
             self._active = False
         return False

@@ -120,9 +120,11 @@ class FoPruAdapter:
       the family's inputs and raises a clear error for what it cannot prune (e.g. videos);
     * :meth:`select` — per image, the sorted positions to keep inside its placeholder run.
 
-    Optional overrides: :meth:`check_options` (construction-time checks), :meth:`kept_from_indices`
-    (user-given indices -> run positions), :meth:`token_tensors` and :meth:`finish_call` (more
-    per-token tensors to shrink, e.g. M-RoPE positions), :meth:`stats_extras`.
+    Optional overrides: :meth:`default_method`, :meth:`check_options` (construction-time
+    checks), :meth:`kept_from_indices` (user-given indices -> run positions),
+    :meth:`token_tensors` and :meth:`finish_call` (more per-token tensors to shrink, e.g.
+    M-RoPE positions), :meth:`feature_inputs` (how features reach the model),
+    :meth:`stats_extras`.
     """
 
     family: str = ""
@@ -137,8 +139,8 @@ class FoPruAdapter:
         *,
         keep=0.25,
         strategy: str = "rank",
-        layer: int | None = -2,
-        method: str = "cls",
+        layer: int | None = None,
+        method: str | None = None,
         row_mode: str = "rows",
         grid: tuple[int, int] | None = None,
         feature_passing: str = "auto",
@@ -153,17 +155,17 @@ class FoPruAdapter:
             raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
         if row_mode not in ROW_MODES:
             raise ValueError(f"unknown row_mode {row_mode!r}; expected one of {ROW_MODES}")
-        if method not in METHODS:
+        if method is not None and method not in METHODS:
             raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
         if feature_passing not in FEATURE_PASSING:
             raise ValueError(f"unknown feature_passing {feature_passing!r}; expected one of {FEATURE_PASSING}")
         for kp in keep if isinstance(keep, (list, tuple)) else [keep]:
             check_token_keep(kp)
         self.model = model
+        self.method = method if method is not None else self.default_method()
         self.keep = keep
         self.strategy = strategy
         self.layer = layer
-        self.method = method
         self.row_mode = row_mode
         self.grid = grid
         self.restore_prompt = bool(restore_prompt)
@@ -184,6 +186,10 @@ class FoPruAdapter:
         return frozenset(k for k, p in params.items() if p.kind is p.KEYWORD_ONLY) | set(cls.family_options)
 
     # ------------------------------------------------------------------ family interface
+    def default_method(self) -> str:
+        """The scoring ``method`` when the caller passes none (``"colmean"``: works for every tower)."""
+        return "colmean"
+
     def check_options(self) -> None:
         """Raise a clear error for options the family cannot honour (called at construction)."""
 
@@ -296,9 +302,10 @@ class FoPruAdapter:
             from transformers.modeling_outputs import BaseModelOutputWithPooling
 
             return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=pruned)}}
-        emb = self.model.get_input_embeddings()(new_ids)
+        is_img = new_ids == self.image_token_id
+        emb = self.model.get_input_embeddings()(new_ids.masked_fill(is_img, self.pad_id))  # ids may be out of vocab
         img = torch.cat(pruned, 0).to(emb.device, emb.dtype)
-        return {"inputs_embeds": emb.masked_scatter((new_ids == self.image_token_id).unsqueeze(-1), img)}
+        return {"inputs_embeds": emb.masked_scatter(is_img.unsqueeze(-1), img)}
 
     def generate(
         self,
@@ -318,3 +325,15 @@ class FoPruAdapter:
         if self.restore_prompt:
             out = restore_original_prompt(out, prep.input_ids, prep.call["input_ids"])
         return out, prep.stats
+
+    def forward(self, inputs: Mapping[str, Any], *, forward_fn: Callable | None = None) -> tuple[Any, TokenStats]:
+        """Pruned ``forward`` — exactly the prefill of :meth:`generate`: same shrunk prompt,
+        features and positions (``labels`` are shrunk with the prompt, dropped positions
+        removed). The output covers the shrunk prompt: ``logits`` is ``(B, L', V)``."""
+        mm, rest = self.split_inputs(dict(inputs.items()))
+        prep = self.prepare(mm)
+        call = prep.call
+        if "inputs_embeds" in call:  # forward takes exactly one of input_ids / inputs_embeds
+            call = {k: v for k, v in call.items() if k != "input_ids"}
+        fwd = forward_fn if forward_fn is not None else self.model.forward
+        return fwd(**call, **rest), prep.stats

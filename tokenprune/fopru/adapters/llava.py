@@ -1,9 +1,10 @@
 """FoPru for ``LlavaForConditionalGeneration``: fixed-size images, CLIP or SigLIP tower.
 
-Scores come from the CLS row (``method="cls"``, CLIP) or the column means (``"colmean"``,
-any tower) of the vision layer feeding ``hidden_states[layer]`` (``None`` = the model's
-``vision_feature_layer``); ``keep`` counts patch tokens; a CLS feature (strategy ``"full"``)
-is always kept; ``strategy="row"`` uses the square patch grid unless ``grid=`` is given.
+Scores come from the CLS row (``method="cls"``: CLIP, the default when the tower has a CLS
+token) or the column means (``"colmean"``: any tower, the default for SigLIP) of the vision
+layer feeding ``hidden_states[layer]`` (``None`` = the model's ``vision_feature_layer``);
+``keep`` counts patch tokens; a CLS feature (strategy ``"full"``) is always kept;
+``strategy="row"`` uses the square patch grid unless ``grid=`` is given.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ class LlavaAdapter(FoPruAdapter):
 
     family = "LLaVA"
     input_keys = ("pixel_values", "image_sizes", *FEATURE_KEYS)
+
+    def default_method(self) -> str:
+        return "cls" if has_cls_token(self.model) else "colmean"
 
     def check_options(self) -> None:
         if not isinstance(self.model.config.vision_feature_layer, int):

@@ -4,7 +4,7 @@
   all images of a call run as ONE packed sequence with block-diagonal attention
   (``cu_seqlens``): :class:`~tokenprune.fopru.capture.PackedQKVCapture` recomputes the column
   means per image (``method="colmean"`` only). ``layer`` indexes blocks like ``hidden_states``
-  (``-1`` = the last block, which feeds the merger; ``None`` = ``-1``).
+  (``-1`` = the last block, which feeds the merger; ``None`` = ``-2``, the block before it).
 * **Merged tokens.** Every 2x2 merge window is contiguous in the packed order and the merger
   emits merged tokens in raster order over ``(h/2, w/2)``: patch scores are pooled per window
   (:func:`~tokenprune.fopru.core.merged_scores_from_packed`) and :func:`fopru_select` runs per
@@ -73,7 +73,7 @@ class Qwen2VLAdapter(FoPruAdapter):
 
     def make_capture(self) -> PackedQKVCapture:
         blocks = qwen_visual(self.model).blocks
-        layer = -1 if self.layer is None else self.layer
+        layer = -2 if self.layer is None else self.layer
         return PackedQKVCapture(blocks[resolve_layer(len(blocks), layer)].attn, method=self.method)
 
     def check_inputs(self, mm: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
