@@ -8,10 +8,12 @@ from tokenprune.provence.core import (
     MODES,
     apply_title_rule,
     assemble_pruned,
+    budget_sentences,
     compression,
     normalize_query,
     plan_blocks,
     provence_sentences,
+    sentence_scores,
     stitch_blocks,
     token_sentence_spans,
 )
@@ -216,3 +218,66 @@ def test_assemble_pruned_exact_substrings():
     assert compression("", "") == 0.0
     with pytest.raises(ValueError):
         assemble_pruned(text, sents, [1, 0])
+
+
+# ---------------------------------------------------------------- token budget rule
+def _lex_max_brute(scores, lengths, groups, group_budgets, total):
+    """Among all feasible subsets, the one whose membership read in score order (ties: lower
+    index first) is lexicographically largest; -inf / 0-token sentences never chosen."""
+    import itertools
+
+    n = len(scores)
+    order = sorted(range(n), key=lambda i: (-scores[i], i))
+    best, best_key = np.zeros(n, bool), None
+    for bits in itertools.product([0, 1], repeat=n):
+        keep = np.array(bits, bool)
+        if any(keep[i] and (scores[i] == -np.inf or lengths[i] == 0) for i in range(n)):
+            continue
+        if total is not None and lengths[keep].sum() > total:
+            continue
+        if any(lengths[keep & (groups == g)].sum() > b for g, b in enumerate(group_budgets)):
+            continue
+        key = tuple(int(keep[i]) for i in order)
+        if best_key is None or key > best_key:
+            best, best_key = keep, key
+    return best
+
+
+def test_budget_sentences_matches_brute_force():
+    rng = np.random.default_rng(3)
+    for _ in range(300):
+        n = int(rng.integers(0, 9))
+        scores = rng.choice([0.1, 0.5, 0.9, -np.inf, np.inf], size=n) if rng.random() < 0.3 else rng.random(n)
+        lengths = rng.integers(0, 12, size=n)
+        n_groups = int(rng.integers(1, 4))
+        groups = rng.integers(0, n_groups, size=n)
+        group_budgets = rng.integers(0, 25, size=n_groups)
+        total = None if rng.random() < 0.3 else int(rng.integers(0, 40))
+        got = budget_sentences(scores, lengths, groups=groups, group_budgets=group_budgets, total_budget=total)
+        np.testing.assert_array_equal(got, _lex_max_brute(scores, lengths, groups, group_budgets, total))
+
+
+def test_budget_sentences_properties():
+    scores = np.array([0.9, 0.2, 0.8, 0.7, 0.1])
+    lengths = np.array([5, 1, 6, 2, 3])
+    # best-first: 0 (5), 2 (6 > 10-5 left? 5+6=11 > 10 -> skipped), 3 (2), 1 (1) -> total 8, 4 (3) skipped
+    assert budget_sentences(scores, lengths, total_budget=10).tolist() == [True, True, False, True, False]
+    assert budget_sentences(scores, lengths).all()  # no budget: everything with tokens
+    assert not budget_sentences(scores, lengths, total_budget=0).any()
+    # per-document budgets and a total together
+    groups = np.array([0, 0, 1, 1, 1])
+    keep = budget_sentences(scores, lengths, groups=groups, group_budgets=[5, 8], total_budget=12)
+    assert keep.tolist() == [True, False, True, False, False]  # 3 fits its document, not the total
+    with pytest.raises(ValueError, match="NaN"):
+        budget_sentences([np.nan], [1])
+    with pytest.raises(ValueError, match="lengths"):
+        budget_sentences([0.1, 0.2], [1])
+    with pytest.raises(ValueError, match="group_budgets"):
+        budget_sentences([0.1, 0.2], [1, 1], groups=[0, 1], group_budgets=[3])
+
+
+def test_sentence_scores_is_the_mean_probability():
+    probs = np.array([0.2, 0.4, 0.9, 0.1])
+    got = sentence_scores(probs, [[0, 2], [2, 4], [4, 4]])
+    np.testing.assert_allclose(got[:2], [0.3, 0.5])
+    assert got[2] == -np.inf

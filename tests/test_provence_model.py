@@ -203,9 +203,13 @@ def test_tiny_random_model_end_to_end_shapes_and_batching(minilm_tok):
     assert isinstance(one["pruned_context"], str) and isinstance(one["reranking_score"], float)
     lst = pruner.process("What is first?", ctxs, threshold=0.5)
     assert len(lst["pruned_context"]) == 4
-    nested = pruner.process(["What is first?", ""], [ctxs, ctxs[:2]], threshold=0.5, batch_size=1)
+    nested = pruner.process(
+        ["What is first?", ""], [ctxs, ctxs[:2]], threshold=0.5, batch_size=1, enable_warnings=False
+    )
     assert [len(r) for r in nested["pruned_context"]] == [4, 2]
-    nested32 = pruner.process(["What is first?", ""], [ctxs, ctxs[:2]], threshold=0.5, batch_size=32)
+    nested32 = pruner.process(
+        ["What is first?", ""], [ctxs, ctxs[:2]], threshold=0.5, batch_size=32, enable_warnings=False
+    )
     np.testing.assert_allclose(
         np.concatenate(nested["reranking_score"]), np.concatenate(nested32["reranking_score"]), atol=1e-4
     )
@@ -271,67 +275,6 @@ def test_roundtrip_own_format(tmp_path, minilm_tok):
     np.testing.assert_allclose(_scores(pruner), ref, atol=1e-5)
 
 
-def test_loads_naver_deberta_layout_without_remote_code(tmp_path, minilm_tok):
-    from safetensors.torch import load_file
-    from transformers import DebertaV2Config
-
-    torch.manual_seed(1)
-    cfg = DebertaV2Config(
-        vocab_size=len(minilm_tok),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        relative_attention=True,
-        position_buckets=16,
-        pos_att_type=["p2c", "c2p"],
-    )
-    model = ProvenceModel(cfg).eval()
-    ref = _scores(ProvencePruner(model, minilm_tok, max_length=64))
-    d = save_provence_model(model, minilm_tok, tmp_path / "naver", max_length=64)
-    (d / "prunekit_provence.json").unlink()
-    conf = json.loads((d / "config.json").read_text())
-    conf["architectures"] = ["Provence"]
-    conf["auto_map"] = {"AutoModel": "modeling_provence.Provence"}
-    (d / "config.json").write_text(json.dumps(conf))
-    (d / "modeling_provence.py").write_text("raise RuntimeError('remote code must not run')\n")
-    keys = set(load_file(str(d / "model.safetensors")))
-    assert {"classifier.weight", "token_classifier.weight", "pooler.dense.weight"} <= keys
-    assert any(k.startswith("deberta.") for k in keys)
-    np.testing.assert_allclose(_scores(ProvencePruner(str(d), max_length=64)), ref, atol=1e-5)
-
-
-def test_loads_open_provence_layout(tmp_path, minilm_tok):
-    from safetensors.torch import save_file
-
-    model = _tiny_bert(minilm_tok, seed=3)
-    ref = _scores(ProvencePruner(model, minilm_tok, max_length=64))
-    d = tmp_path / "open"
-    d.mkdir()
-    state = {}
-    for k, v in model.released_state_dict().items():
-        if k.startswith("token_classifier."):
-            state["pruning_head.classifier." + k.split(".", 1)[1]] = v.contiguous()
-        else:
-            state["ranking_model." + k] = v.contiguous()
-    save_file(state, str(d / "model.safetensors"))
-    base = model.config.to_dict()
-    (d / "config.json").write_text(
-        json.dumps(
-            {
-                "model_type": "open_provence",
-                "base_model_config": base,
-                "max_length": 64,
-                "architectures": ["OpenProvenceForSequenceClassification"],
-                "auto_map": {"AutoModel": "modeling_open_provence_standalone.OpenProvenceModel"},
-            }
-        )
-    )
-    minilm_tok.save_pretrained(str(d))
-    np.testing.assert_allclose(_scores(ProvencePruner(str(d), max_length=64)), ref, atol=1e-5)
-
-
 def test_mismatched_checkpoint_names_keys(tmp_path, minilm_tok):
     from safetensors.torch import load_file, save_file
 
@@ -351,3 +294,129 @@ def test_uncached_hub_id_is_a_clear_error():
         load_provence_model("nobody-prunekit/provence-not-cached-xyz")
     with pytest.raises(TypeError):
         ProvencePruner(42)
+
+
+# ------------------------------------------------------------------ concurrency, pickling
+THREAD_CASES = [
+    ("What is first?", ["Title A\nFirst sentence here. Second sentence there.", "Один. Два предложения здесь."]),
+    ("zebra", ["x " * 150, "Short.", ""]),
+    ("where do lions hunt at night in the savanna", ["Lions hunt at night. " * 12]),
+    ("q", ["Numbers like 3.14 and 2.71 appear. The zebra zebra herd moved north. " * 3, "Cats sleep."]),
+]
+
+
+def _call(pruner, i):
+    q, ctxs = THREAD_CASES[i % len(THREAD_CASES)]
+    out = pruner.process(q, ctxs, threshold=0.5, batch_size=1 + i % 3)
+    return out["pruned_context"], out["kept_sentences"], out["reranking_score"]
+
+
+def test_concurrent_calls_give_the_sequential_results(minilm_tok):
+    """8 threads x 20 calls on one pruner: every result equals the sequential one (the
+    tokenizer's truncation/padding state is per thread; inputs need padding, truncation and
+    blocks)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pruner = ProvencePruner(_tiny_bert(minilm_tok), minilm_tok, max_length=48, device="cpu")
+    expected = [_call(pruner, i) for i in range(160)]
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda i: _call(pruner, i), range(160)))
+    for (p1, k1, s1), (p2, k2, s2) in zip(expected, got):
+        assert p1 == p2 and k1 == k2
+        np.testing.assert_allclose(s1, s2, atol=1e-5)
+
+
+def test_pruner_pickles_and_keeps_its_results(minilm_tok):
+    import pickle
+
+    pruner = ProvencePruner(_tiny_bert(minilm_tok), minilm_tok, max_length=48, device="cpu")
+    pruner.thread_tokenizer()  # a per-thread copy exists and must not break pickling
+    clone = pickle.loads(pickle.dumps(pruner))
+    for i in range(len(THREAD_CASES)):
+        a, b = _call(pruner, i), _call(clone, i)
+        assert a[:2] == b[:2]
+        np.testing.assert_allclose(a[2], b[2], atol=1e-6)
+
+
+# ------------------------------------------------------------------ released API compatibility
+def test_released_signature_outputs_and_warnings(minilm_tok):
+    import warnings
+
+    pruner = ProvencePruner(KeywordProvence(minilm_tok), minilm_tok, max_length=128)
+    ctx = "Zebra facts\nLions hunt at night. The zebra runs in the savanna. Cats sleep."
+    # the released positional order: title, batch_size, threshold, always_select_title, reorder, top_k, enable_warnings
+    out = pruner.process("Where do zebras run?", ctx, "first_sentence", 32, 0.1, True, False, 5, True)
+    assert out["pruned_context"] == "Zebra facts\nThe zebra runs in the savanna."
+    assert out["compression_rate"] == pytest.approx(100 * out["compression"])
+    assert [ctx[a:b] for a, b in out["kept_spans"]] == ["Zebra facts", "The zebra runs in the savanna."]
+    n_tok = len(minilm_tok(ctx, add_special_tokens=False)["input_ids"])
+    assert out["token_compression"] == pytest.approx(1 - out["stats"].tokens_kept / n_tok)
+    # a given title is placed before the context: kept_spans still index the context itself
+    titled = pruner.process("zebra?", "Lions roar. The zebra runs.", title="Zebra notes", always_select_title=True)
+    assert titled["pruned_context"] == "Zebra notes\nThe zebra runs."
+    assert titled["kept_sentences"] == [0, 2] and titled["kept_spans"] == [(12, 27)]
+    with pytest.warns(UserWarning, match="empty after normalisation"):
+        pruner.process("?!", ctx)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pruner.process("?!", ctx, enable_warnings=False)
+    with pytest.raises(ValueError, match="batch_size"):
+        pruner.process("q", ctx, batch_size=0)
+    with pytest.raises(ValueError, match="mode"):
+        ProvencePruner(KeywordProvence(minilm_tok), minilm_tok, mode="vote")
+
+
+def test_token_budget_rule_end_to_end(minilm_tok):
+    """target_tokens / target_total_tokens / target_ratio keep the best sentences that fit,
+    exactly, counted in the model's tokens."""
+    from prunecore.budget import keep_count
+    from tokenprune.provence.core import budget_sentences, sentence_scores
+
+    pruner = ProvencePruner(KeywordProvence(minilm_tok), minilm_tok, max_length=128)
+    ctxs = [
+        "Zebra facts\nLions hunt at night. The zebra runs in the savanna. Cats sleep a lot.",
+        "A zebra zebra herd is big. Birds sing. The zebra migrates far away every year.",
+    ]
+    q = "Where do zebras run?"
+    scored = pruner.score(q, ctxs)
+    for kwargs in (
+        {"target_tokens": 9},
+        {"target_total_tokens": 14},
+        {"target_ratio": 0.5},
+        {"target_tokens": 20, "target_total_tokens": 25, "target_ratio": 0.7},
+    ):
+        out = pruner.decide(scored, **kwargs)
+        items = scored["items"][0]
+        spans = [token_sentence_spans(it["offsets"], it["sents"]) for it in items]
+        caps = []
+        for it in items:  # the budgets, written out
+            cap = kwargs.get("target_tokens", len(it["offsets"]))
+            if "target_ratio" in kwargs:
+                cap = min(cap, keep_count(len(it["offsets"]), kwargs["target_ratio"]))
+            caps.append(cap)
+        expected = budget_sentences(
+            np.concatenate([sentence_scores(it["probs"], sp) for it, sp in zip(items, spans)]),
+            np.concatenate([sp[:, 1] - sp[:, 0] for sp in spans]),
+            groups=np.concatenate([np.full(len(sp), c) for c, sp in enumerate(spans)]),
+            group_budgets=caps,
+            total_budget=kwargs.get("target_total_tokens"),
+        )
+        n0 = len(spans[0])
+        assert out["kept_sentences"] == [np.flatnonzero(expected[:n0]).tolist(), np.flatnonzero(expected[n0:]).tolist()]
+        kept = [sum(b - a for a, b in sp[k]) for sp, k in zip(spans, out["kept_sentences"])]
+        assert all(k <= cap for k, cap in zip(kept, caps))
+        assert out["stats"].tokens_kept == sum(kept) <= kwargs.get("target_total_tokens", 10**9)
+
+    # the densest keyword sentence scores highest: a budget of its size keeps exactly it
+    def n_tokens(text):
+        return len(minilm_tok(text, add_special_tokens=False)["input_ids"])
+
+    best = "A zebra zebra herd is big."
+    assert pruner.process(q, ctxs[1], target_tokens=n_tokens(best))["pruned_context"] == best
+    # with always_select_title the title is taken first, inside the budget
+    budget = n_tokens("Zebra facts") + n_tokens("The zebra runs in the savanna.")
+    titled = pruner.process(q, ctxs[0], target_tokens=budget, always_select_title=True)
+    assert titled["pruned_context"] == "Zebra facts\nThe zebra runs in the savanna."
+    assert titled["stats"].tokens_kept == budget
+    with pytest.raises(ValueError, match="outside"):
+        pruner.process(q, ctxs[0], target_ratio=1.5)

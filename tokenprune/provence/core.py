@@ -27,6 +27,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from prunecore.budget import rank_order
+
 __all__ = [
     "MODES",
     "normalize_query",
@@ -38,6 +40,8 @@ __all__ = [
     "assemble_pruned",
     "compression",
     "kept_token_count",
+    "sentence_scores",
+    "budget_sentences",
     "batch_inputs",
     "batch_titles",
     "shape_outputs",
@@ -269,6 +273,80 @@ def kept_token_count(token_spans, keep) -> int:
     spans = np.asarray(token_spans, dtype=np.int64).reshape(-1, 2)
     keep = np.asarray(keep, dtype=bool).reshape(-1)
     return int((spans[keep, 1] - spans[keep, 0]).sum())
+
+
+# ----------------------------------------------------------------------------------------
+# the token budget rule
+# ----------------------------------------------------------------------------------------
+def sentence_scores(token_probs, spans) -> np.ndarray:
+    """Score of each sentence for the budget rule: the mean keep probability of its tokens.
+
+    Args:
+        token_probs: (T,) keep probabilities. spans: (S, 2) token spans ``[start, end)``.
+
+    Returns:
+        (S,) float64; ``-inf`` for a sentence without tokens (never selected).
+    """
+    p = _as_numpy(token_probs).astype(np.float64).reshape(-1)
+    sp = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
+    csum = np.concatenate([[0.0], np.cumsum(p)])
+    n = sp[:, 1] - sp[:, 0]
+    total = csum[sp[:, 1]] - csum[sp[:, 0]]
+    return np.where(n > 0, total / np.maximum(n, 1), -np.inf)
+
+
+def budget_sentences(scores, lengths, *, groups=None, group_budgets=None, total_budget: int | None = None):
+    """Choose sentences under token budgets: the highest-scoring sentences that fit.
+
+    Sentences are visited by score, best first (ties: lower index first); a sentence is kept
+    when its tokens fit in what is left of its group's budget and of the total budget, and
+    skipped otherwise (a shorter one further down may still fit). The result is therefore the
+    feasible set whose membership, read in score order, is lexicographically largest. Kept
+    sentences keep their original order (the mask is indexed like the input).
+
+    Args:
+        scores: (N,) float sentence scores (``-inf``: never kept; ``+inf``: kept first).
+        lengths: (N,) int tokens per sentence (0-token sentences are never kept).
+        groups: (N,) int in [0, G) — the document of each sentence (default: all in group 0).
+        group_budgets: (G,) int token budget per document (None: unbounded).
+        total_budget: token budget over all sentences (None: unbounded).
+
+    Returns:
+        (N,) bool keep mask with, per group g, ``lengths[keep & groups == g].sum() <=
+        group_budgets[g]`` and ``lengths[keep].sum() <= total_budget``.
+    """
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
+    n = scores.shape[0]
+    if lengths.shape[0] != n:
+        raise ValueError(f"scores has {n} entries but lengths has {lengths.shape[0]}")
+    if np.isnan(scores).any():
+        raise ValueError("scores contains NaN")
+    if (lengths < 0).any():
+        raise ValueError("lengths must be >= 0")
+    groups = np.zeros(n, dtype=np.int64) if groups is None else np.asarray(groups, dtype=np.int64).reshape(-1)
+    n_groups = int(groups.max()) + 1 if n else 0
+    if groups.shape[0] != n or (n and groups.min() < 0):
+        raise ValueError("groups must be (N,) non-negative ints")
+    if group_budgets is None:
+        left = np.full(max(n_groups, 1), np.iinfo(np.int64).max, dtype=np.int64)
+    else:
+        left = np.array(group_budgets, dtype=np.int64).reshape(-1)
+        if left.shape[0] < n_groups or (left < 0).any():
+            raise ValueError(f"group_budgets needs {n_groups} non-negative entries, got {left.tolist()}")
+    if total_budget is not None and total_budget < 0:
+        raise ValueError(f"total_budget must be >= 0, got {total_budget}")
+    total_left = np.iinfo(np.int64).max if total_budget is None else int(total_budget)
+    keep = np.zeros(n, dtype=bool)
+    for i in rank_order(scores).tolist():
+        size, g = int(lengths[i]), int(groups[i])
+        if scores[i] == -np.inf or size == 0:
+            continue
+        if size <= left[g] and size <= total_left:
+            keep[i] = True
+            left[g] -= size
+            total_left -= size
+    return keep
 
 
 # ----------------------------------------------------------------------------------------

@@ -17,10 +17,13 @@ Checkpoints are read without ``trust_remote_code`` from a local folder or the us
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
 import tempfile
+import threading
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,21 +32,25 @@ import numpy as np
 import torch
 from torch import nn
 
+from prunecore.budget import keep_count
 from prunecore.device import resolve_device, resolve_dtype
 from prunecore.io import atomic_path, atomic_write_bytes, atomic_write_json
 from prunecore.models import load_tokenizer, load_transformers
 from tokenprune.stats import TokenStats
 
 from .core import (
+    MODES,
     apply_title_rule,
     assemble_pruned,
     batch_inputs,
     batch_titles,
+    budget_sentences,
     compression,
     kept_token_count,
     normalize_query,
     plan_blocks,
     provence_sentences,
+    sentence_scores,
     shape_outputs,
     stitch_blocks,
     token_sentence_spans,
@@ -61,7 +68,15 @@ __all__ = [
 
 MARKER = "prunekit_provence.json"
 #: Per-context result keys of :meth:`ProvencePruner.process` (plus ``stats`` for the call).
-RESULT_KEYS = ("pruned_context", "reranking_score", "kept_sentences", "compression")
+RESULT_KEYS = (
+    "pruned_context",
+    "reranking_score",
+    "kept_sentences",
+    "kept_spans",
+    "compression",
+    "compression_rate",
+    "token_compression",
+)
 _IGNORED_KEY_SUFFIXES = ("position_ids", "num_batches_tracked")
 
 
@@ -191,33 +206,65 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"no model.safetensors / pytorch_model.bin in {folder}")
 
 
-def _read_config(folder: Path):
-    from transformers import AutoConfig
+#: Wrapper ``model_type`` values of published Provence configs whose backbone fields sit at the
+#: top level of ``config.json`` -> the transformers backbone type they are built as (naver's
+#: release: ``"Provence"`` with DeBERTa-v3 fields). A new flat layout is one entry here.
+FLAT_LAYOUTS = {"Provence": "deberta-v2", "provence": "deberta-v2"}
+#: Wrapper ``model_type`` values whose backbone config is nested under ``base_model_config``.
+NESTED_LAYOUTS = {"open_provence": "base_model_config"}
+#: Config fields that describe the wrapper (remote code, heads), never the backbone.
+WRAPPER_FIELDS = ("model_type", "auto_map", "architectures", "num_labels", "id2label", "label2id", "base_model_config")
 
+
+def backbone_config(raw: dict, where: str = "config.json"):
+    """The transformers backbone config of a Provence ``config.json`` dict, without remote code.
+
+    The wrapper's ``auto_map`` is never read; the backbone is built with
+    ``AutoConfig.for_model`` from the known layouts (:data:`FLAT_LAYOUTS`,
+    :data:`NESTED_LAYOUTS`) or, for prunekit's own saves, from the backbone ``model_type``.
+    """
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    wrapper = raw.get("model_type")
+    if wrapper in NESTED_LAYOUTS:
+        fields = raw.get(NESTED_LAYOUTS[wrapper])
+        if not isinstance(fields, dict) or "model_type" not in fields:
+            raise ValueError(f"{where}: {wrapper} config without a nested {NESTED_LAYOUTS[wrapper]!r} (model_type)")
+        backbone = fields["model_type"]
+    elif wrapper in FLAT_LAYOUTS:
+        fields, backbone = raw, FLAT_LAYOUTS[wrapper]
+    elif wrapper in CONFIG_MAPPING:
+        fields, backbone = raw, wrapper
+    else:
+        known = sorted(FLAT_LAYOUTS) + sorted(NESTED_LAYOUTS) + ["any transformers encoder model_type"]
+        raise ValueError(f"{where}: unknown Provence layout model_type={wrapper!r}; known: {known}")
+    kwargs = {k: v for k, v in fields.items() if k not in WRAPPER_FIELDS}
+    return AutoConfig.for_model(backbone, **kwargs, num_labels=1)
+
+
+def _read_config(folder: Path):
     raw = json.loads((folder / "config.json").read_text())
-    if raw.get("model_type") == "open_provence":
-        base = raw.get("base_model_config")
-        if not isinstance(base, dict) or "model_type" not in base:
-            raise ValueError(f"{folder}/config.json: OpenProvence config without base_model_config")
-        base = dict(base)
-        model_type = base.pop("model_type")
-        for k in ("num_labels", "id2label", "label2id", "auto_map", "architectures"):
-            base.pop(k, None)
-        return AutoConfig.for_model(model_type, **base, num_labels=1), raw
-    # trust_remote_code stays off: a released config's auto_map is ignored, the base
-    # architecture (deberta-v2, bert, modernbert...) is built by transformers itself.
-    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
-    for k in ("id2label", "label2id"):
-        if hasattr(config, k):
-            setattr(config, k, {0: "LABEL_0"} if k == "id2label" else {"LABEL_0": 0})
-    config.num_labels = 1
-    return config, raw
+    return backbone_config(raw, f"{folder}/config.json"), raw
+
+
+def position_limit(config) -> int:
+    """Longest input (tokens, special tokens included) the backbone's position table allows."""
+    offset = POSITION_OFFSETS.get(config.model_type, 0)
+    return int(getattr(config, "max_position_embeddings", 512)) - offset
+
+
+#: Backbones whose position ids start after the padding index (RoBERTa family: pad id 1 -> 2).
+POSITION_OFFSETS = {"roberta": 2, "xlm-roberta": 2, "camembert": 2}
 
 
 def load_provence_model(name_or_path, *, dtype=None, device=None):
     """Load ``(ProvenceModel, fast tokenizer, meta)`` from a folder or the HF cache.
 
-    ``meta`` is the raw config dict plus prunekit's marker (e.g. ``max_length``) when present.
+    No remote code runs and transformers never prompts: the backbone is built from the known
+    layout (:func:`backbone_config`), the tokenizer is loaded with ``trust_remote_code=False``
+    and the backbone config. ``meta`` is the raw config dict plus prunekit's marker when
+    present, and ``window``: the saved window in tokens, or None.
     """
     folder = resolve_checkpoint_dir(name_or_path)
     config, raw = _read_config(folder)
@@ -229,10 +276,17 @@ def load_provence_model(name_or_path, *, dtype=None, device=None):
         if not src:
             raise FileNotFoundError(f"no tokenizer files in {folder}")
         tok_src = resolve_checkpoint_dir(src)
-    tokenizer = load_tokenizer(tok_src)
+    # config= names the tokenizer class when tokenizer_config.json does not, so transformers
+    # never opens the wrapper's config.json (whose auto_map would ask for remote code)
+    tokenizer = load_tokenizer(tok_src, config=config)
     meta = dict(raw)
+    # the window: OpenProvence's documented max_length, or prunekit's marker. A flat config's
+    # max_length is PretrainedConfig's generation length (default 20), not a window: ignored.
+    meta["window"] = raw.get("max_length") if raw.get("model_type") in NESTED_LAYOUTS else None
     if (folder / MARKER).is_file():
-        meta.update(json.loads((folder / MARKER).read_text()))
+        marker = json.loads((folder / MARKER).read_text())
+        meta.update(marker)
+        meta["window"] = marker.get("max_length")
     model.eval()
     if device is not None or dtype is not None:
         model.to(device=resolve_device(device), dtype=resolve_dtype(dtype, device))
@@ -283,13 +337,20 @@ def check_fast_tokenizer(tokenizer) -> None:
 class ProvencePruner:
     """Prune and rerank RAG contexts with a Provence model.
 
+    Safe to call from many threads at once: every thread encodes with its own copy of the
+    tokenizer (a fast tokenizer's truncation/padding settings are state that each call
+    changes), and the model is only read. Picklable (the per-thread copies are dropped).
+
     Args:
         model_or_path: a :class:`ProvenceModel`, or a folder / cached hub id to load.
         tokenizer: a fast tokenizer (required when a model object is passed).
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda:0"``...
         dtype: ``"auto"`` (bf16/fp16 on CUDA, fp32 on CPU), or a torch dtype / name.
-        max_length: window in tokens (query + context + special tokens); longer contexts are
-            split into blocks with the query repeated.
+        max_length: window in tokens (query + context + special tokens), at most the
+            backbone's position limit; longer contexts are split into blocks with the query
+            repeated. Default: the window saved with the checkpoint (prunekit marker or
+            OpenProvence ``max_length``), else ``min(512, position limit)`` — never the
+            generation default ``PretrainedConfig.max_length`` (20).
         sentence_splitter: ``text -> list[(start, end)]`` character spans (default: the
             rule-based :func:`tokenprune.provence.sentences.split_sentences`).
         mode: sentence rule of :func:`tokenprune.provence.core.provence_sentences`.
@@ -323,30 +384,44 @@ class ProvencePruner:
                 f"model_or_path must be a ProvenceModel or a path / hub id, got {type(model_or_path).__name__}"
             )
         check_fast_tokenizer(tokenizer)
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.tokenizer = tokenizer
-        if max_length is None:
-            max_length = int(meta.get("max_length") or getattr(model.config, "max_length", 0) or 0)
-            if not max_length or max_length > 8192:
-                max_length = min(int(getattr(model.config, "max_position_embeddings", 512)), 512)
-        self.max_length = int(max_length)
         self.n_special = int(tokenizer.num_special_tokens_to_add(pair=True))
-        if self.max_length < self.n_special + 8:
-            raise ValueError(f"max_length={self.max_length} is too small for this tokenizer")
+        self.max_length = check_window(max_length, meta.get("window"), model.config, self.n_special)
         self.max_query_tokens = int(max_query_tokens or (self.max_length - self.n_special) // 2)
         self.sentence_splitter = sentence_splitter
         self.mode = mode
+        self._local = threading.local()
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        del state["_local"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
+
+    def thread_tokenizer(self):
+        """This thread's own copy of the tokenizer (made on first use in the thread)."""
+        tok = getattr(self._local, "tokenizer", None)
+        if tok is None:
+            tok = self._local.tokenizer = copy.deepcopy(self.tokenizer)
+        return tok
 
     # -- token probabilities ----------------------------------------------------------------
     def _prepare_query(self, question: str) -> tuple[str, int]:
+        tok = self.thread_tokenizer()
         q = normalize_query(question)
-        enc = self.tokenizer(q, add_special_tokens=False, return_offsets_mapping=True)
+        enc = tok(q, add_special_tokens=False, return_offsets_mapping=True)
         ids = enc["input_ids"]
         if len(ids) > self.max_query_tokens:
             q = q[: enc["offset_mapping"][self.max_query_tokens - 1][1]]
-            ids = self.tokenizer(q, add_special_tokens=False)["input_ids"]
+            ids = tok(q, add_special_tokens=False)["input_ids"]
         return q, len(ids)
 
     @torch.inference_mode()
@@ -356,12 +431,13 @@ class ProvencePruner:
         Returns ``(per pair: (offsets (T_c, 2) into text, keep probs (T_c,), rank logit),
         number of forward passes)``.
         """
+        tok = self.thread_tokenizer()
         results: list[Any] = [None] * len(texts)
         lengths = np.array([len(q) + len(t) for q, t in zip(queries, texts)])
         order = np.argsort(-lengths, kind="stable")
         for s in range(0, len(order), batch_size):
             idx = order[s : s + batch_size].tolist()
-            enc = self.tokenizer(
+            enc = tok(
                 [queries[i] for i in idx],
                 [texts[i] for i in idx],
                 padding=True,
@@ -387,19 +463,24 @@ class ProvencePruner:
         self,
         question,
         context,
-        *,
         title="first_sentence",
         batch_size: int = 32,
         threshold: float = 0.1,
         always_select_title: bool = False,
         reorder: bool = False,
         top_k: int = 5,
+        enable_warnings: bool = True,
+        *,
         mode: str | None = None,
+        target_tokens: int | None = None,
+        target_total_tokens: int | None = None,
+        target_ratio: float | None = None,
     ):
         """Prune (and optionally rerank) contexts for questions.
 
-        Shapes follow the released API: ``(str, str)`` -> scalars; ``(str, [str, ...])`` -> one
-        list; ``([q, ...], [[ctx, ...], ...])`` -> nested lists (one list per question);
+        The signature up to ``enable_warnings`` is the released one (positional order
+        included). Shapes: ``(str, str)`` -> scalars; ``(str, [str, ...])`` -> one list;
+        ``([q, ...], [[ctx, ...], ...])`` -> nested lists (one list per question);
         ``([q, ...], [ctx, ...])`` of equal length -> one context per question, lists.
 
         Args:
@@ -407,19 +488,31 @@ class ProvencePruner:
                 ``None`` (no title), or title text(s) matching the contexts' structure: a given
                 title is placed before its context (``title + "\\n" + context``) and can then
                 appear in the output.
-            threshold, mode: see :func:`tokenprune.provence.core.provence_sentences`.
+            threshold, mode: the threshold rule, see
+                :func:`tokenprune.provence.core.provence_sentences`.
             always_select_title: keep the title iff another sentence is kept.
             reorder: sort each question's contexts by reranking score (descending) and keep
                 ``top_k``.
+            enable_warnings: warn about a question that is empty after normalisation.
+            target_tokens, target_total_tokens, target_ratio: the token budget rule, used
+                instead of the threshold when any is given: keep the highest-scoring sentences
+                (mean keep probability) that fit in ``target_tokens`` per context, in
+                ``target_total_tokens`` over all contexts of a question, and in
+                ``keep_count(T, target_ratio)`` tokens of a context of T tokens
+                (:func:`tokenprune.provence.core.budget_sentences`; tokens are the model's).
 
         Returns:
-            dict with ``pruned_context``, ``reranking_score``, ``kept_sentences`` (sorted
-            sentence indices), ``compression`` (share of characters removed), with
-            ``reorder=True`` also ``context_index`` (original positions), and ``stats``: one
+            dict with, per context, ``pruned_context``, ``reranking_score``,
+            ``kept_sentences`` (sorted sentence indices), ``kept_spans`` (``(start, end)``
+            character offsets of the kept sentences in the context as passed; a separately
+            given title has none), ``compression`` (share of characters removed),
+            ``compression_rate`` (the same in percent, OpenProvence's key),
+            ``token_compression`` (share of context tokens removed); with ``reorder=True``
+            also ``context_index`` (original positions); and ``stats``: one
             :class:`~tokenprune.stats.TokenStats` of the call (context tokens in / inside kept
             sentences, forward passes; extras ``contexts`` and ``blocks``).
         """
-        scored = self.score(question, context, title=title, batch_size=batch_size)
+        scored = self.score(question, context, title=title, batch_size=batch_size, enable_warnings=enable_warnings)
         return self.decide(
             scored,
             threshold=threshold,
@@ -427,33 +520,49 @@ class ProvencePruner:
             reorder=reorder,
             top_k=top_k,
             mode=mode,
+            target_tokens=target_tokens,
+            target_total_tokens=target_total_tokens,
+            target_ratio=target_ratio,
         )
 
-    def score(self, question, context, *, title="first_sentence", batch_size: int = 32) -> dict:
+    __call__ = process
+
+    def score(
+        self, question, context, *, title="first_sentence", batch_size: int = 32, enable_warnings: bool = True
+    ) -> dict:
         """The model part of :meth:`process`: token keep probabilities and reranking scores.
 
-        Returns an opaque dict for :meth:`decide` (so several thresholds can be applied to one
+        Returns an opaque dict for :meth:`decide` (so several rules can be applied to one
         forward pass); ``scored["items"][q][c]`` holds ``text``, ``sents`` (S, 2), ``offsets``
         (T, 2), ``probs`` (T,) and ``score`` of each context.
         """
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         questions, contexts, shape = batch_inputs(question, context)
         titles = batch_titles(title, contexts, shape)
+        tok = self.thread_tokenizer()
         pairs_q, pairs_t, owners, per_ctx = [], [], [], []
         for qi, (q, ctxs) in enumerate(zip(questions, contexts)):
             qn, q_len = self._prepare_query(q)
+            if enable_warnings and not qn:
+                warnings.warn(
+                    f"question {qi} is empty after normalisation ({q!r}): Provence scores the contexts "
+                    "without a query, so pruning is not query-aware",
+                    stacklevel=3,
+                )
             budget = self.max_length - self.n_special - q_len
             for ci, ctx in enumerate(ctxs):
                 if not isinstance(ctx, str):
                     raise TypeError(f"contexts must be str, got {type(ctx).__name__}")
                 t = titles[qi][ci]
-                text, title_idx = (
-                    (ctx, 0) if t == "first_sentence" else ((ctx, None) if t is None else (f"{t}\n{ctx}", 0))
-                )
+                given_title = t not in ("first_sentence", None)
+                text = f"{t}\n{ctx}" if given_title else ctx
                 sents = np.asarray(self.sentence_splitter(text), dtype=np.int64).reshape(-1, 2)
-                enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+                enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
                 off = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
                 tok_spans = token_sentence_spans(off, sents)
-                for a, b in plan_blocks(tok_spans[:, 0], len(off), budget):
+                blocks = plan_blocks(tok_spans[:, 0], len(off), budget)
+                for a, b in blocks:
                     ca = 0 if a == 0 else int(off[a, 0])
                     cb = len(text) if b >= len(off) else int(off[b, 0])
                     pairs_q.append(qn)
@@ -465,8 +574,9 @@ class ProvencePruner:
                         "c": ci,
                         "text": text,
                         "ctx": ctx,
+                        "ctx_start": len(text) - len(ctx),
                         "sents": sents,
-                        "title_idx": title_idx if len(sents) else None,
+                        "title_idx": None if t is None or not len(sents) else 0,
                     }
                 )
         raw, passes = self._run_pairs(pairs_q, pairs_t, batch_size) if pairs_q else ([], 0)
@@ -489,30 +599,46 @@ class ProvencePruner:
         reorder: bool = False,
         top_k: int = 5,
         mode: str | None = None,
+        target_tokens: int | None = None,
+        target_total_tokens: int | None = None,
+        target_ratio: float | None = None,
     ):
         """The sentence part of :meth:`process`, applied to the output of :meth:`score`."""
         mode = mode or self.mode
+        budgeted = any(x is not None for x in (target_tokens, target_total_tokens, target_ratio))
         out = []
         stats = TokenStats("provence", forward_passes=scored["forward_passes"], extras={"contexts": 0, "blocks": 0})
         for row in scored["items"]:
+            spans = [token_sentence_spans(info["offsets"], info["sents"]) for info in row]
+            if budgeted:
+                keeps = budget_keeps(row, spans, always_select_title, target_tokens, target_total_tokens, target_ratio)
+            else:
+                keeps = [
+                    provence_sentences(info["probs"], sp, threshold=threshold, mode=mode)
+                    for info, sp in zip(row, spans)
+                ]
             new_row = []
-            for info in row:
-                spans = token_sentence_spans(info["offsets"], info["sents"])
-                keep = provence_sentences(info["probs"], spans, threshold=threshold, mode=mode)
+            for info, sp, keep in zip(row, spans, keeps):
                 keep = apply_title_rule(keep, title_index=info["title_idx"], always_select_title=always_select_title)
                 pruned = assemble_pruned(info["text"], info["sents"], keep)
+                n_kept = kept_token_count(sp, keep)
                 stats = stats + TokenStats(
                     "provence",
                     tokens_in=len(info["offsets"]),
-                    tokens_kept=kept_token_count(spans, keep),
+                    tokens_kept=n_kept,
                     extras={"contexts": 1, "blocks": info["n_blocks"]},
                 )
+                char_share = compression(info["text"], pruned)
+                in_ctx = info["sents"][keep] - info["ctx_start"]
                 new_row.append(
                     {
                         "pruned_context": pruned,
                         "reranking_score": info["score"],
                         "kept_sentences": np.flatnonzero(keep).tolist(),
-                        "compression": compression(info["text"], pruned),
+                        "kept_spans": [tuple(s) for s in in_ctx[in_ctx[:, 0] >= 0].tolist()],
+                        "compression": char_share,
+                        "compression_rate": 100.0 * char_share,
+                        "token_compression": 1.0 - n_kept / len(info["offsets"]) if len(info["offsets"]) else 0.0,
                     }
                 )
             out.append(new_row)
@@ -520,4 +646,58 @@ class ProvencePruner:
         result["stats"] = stats
         return result
 
-    __call__ = process
+
+def check_window(max_length, saved_window, config, n_special: int) -> int:
+    """The window in tokens: ``max_length``, else the saved one, else ``min(512, limit)``.
+
+    Raises a ValueError when it exceeds the backbone's position limit or cannot hold the
+    special tokens plus a few query/context tokens.
+    """
+    limit = position_limit(config)
+    window = max_length if max_length is not None else (saved_window or min(512, limit))
+    if isinstance(window, bool) or not isinstance(window, (int, np.integer)):
+        raise TypeError(f"max_length must be an int, got {type(window).__name__}")
+    window = int(window)
+    if window > limit:
+        raise ValueError(
+            f"max_length={window} exceeds the model's position limit of {limit} tokens "
+            f"(max_position_embeddings={config.max_position_embeddings}); pass max_length <= {limit} "
+            "(longer contexts are split into blocks automatically)"
+        )
+    if window < n_special + 8:
+        raise ValueError(f"max_length={window} is too small for this tokenizer; pass at least {n_special + 8}")
+    return window
+
+
+def budget_keeps(row: list[dict], spans: list, always_select_title: bool, target_tokens, target_total, target_ratio):
+    """Sentence keep masks of one question's contexts under the token budgets.
+
+    ``row``: the contexts' scored items; ``spans``: their (S_c, 2) token spans. Budgets per
+    context: ``target_tokens`` and ``keep_count(T_c, target_ratio)`` (the smaller), and
+    ``target_total`` over the row. With ``always_select_title`` the title is taken first so
+    that it fits inside the budget.
+    """
+    scores, lengths, groups, group_budgets = [], [], [], []
+    for c, (info, sp) in enumerate(zip(row, spans)):
+        sc = sentence_scores(info["probs"], sp)
+        if always_select_title and info["title_idx"] is not None and np.isfinite(sc[info["title_idx"]]):
+            sc[info["title_idx"]] = np.inf
+        scores.append(sc)
+        lengths.append(sp[:, 1] - sp[:, 0])
+        groups.append(np.full(len(sp), c))
+        n_tokens = len(info["offsets"])
+        cap = n_tokens if target_tokens is None else int(target_tokens)
+        if target_ratio is not None:
+            cap = min(cap, keep_count(n_tokens, float(target_ratio)))
+        group_budgets.append(cap)
+    if not row:
+        return []
+    keep = budget_sentences(
+        np.concatenate(scores),
+        np.concatenate(lengths),
+        groups=np.concatenate(groups),
+        group_budgets=group_budgets,
+        total_budget=target_total,
+    )
+    bounds = np.cumsum([0] + [len(sp) for sp in spans])
+    return [keep[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
