@@ -368,3 +368,26 @@ def test_cached_generate_counts_nfe_and_work(family, mode, models):
         window = (T - s + lead) if mode == "prefix" else (blk + lead)
         fed += 2 * (T + (passes - 1) * window)  # block start: the full canvas; then the window
     assert res.stats.extras["positions_computed"] == fed
+
+
+# ------------------------------------------------------------------ pipeline entry
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dllm_generate_loads_a_folder_of_either_family(family, folders, models):
+    from pipelines.generate import dllm_generate
+
+    prompts = ["w1 w2 w3", "w7"] if family == "llada" else ["abc d", "e"]
+    out = dllm_generate(str(folders[family]), None, prompts, gen_length=16, block_length=8, use_cache="dual")
+    assert isinstance(out.text, list) and len(out.text) == 2 and all(isinstance(t, str) for t in out.text)
+    assert out.stats["cache"] == "dual" and out.stats["nfe"] == out.token_stats.forward_passes
+    assert out.stats["tokens_per_forward"] == pytest.approx(out.token_stats.tokens_kept / sum(out.stats["row_nfe"]))
+    assert out.token_stats.tokens_in == 32 and out.ids.shape == (2, 16)
+    # the same as the loop on the loaded model with the folder's tokenizer and ids from its config
+    model, tok = load_dllm(folders[family])
+    eos = model.config.eos_token_id
+    res = localleap_generate(
+        model, [tok.encode(p) for p in prompts], gen_length=16, block_length=8,
+        mask_id=model.config.mask_token_id, eos_id=eos, pad_id=tok.pad_token_id, use_cache="dual",
+    )  # fmt: skip
+    assert torch.equal(out.ids, res.generated)
+    with pytest.raises(ValueError, match="no tokenizer"):
+        dllm_generate(models[family], None, "x")
