@@ -123,13 +123,14 @@ def cache_mode(use_cache) -> str:
 
 
 def accepts(model, name: str) -> bool:
-    """Whether ``model``'s forward takes the keyword ``name`` (or ``**kwargs``)."""
+    """Whether ``model``'s forward names the keyword ``name`` (``**kwargs`` does not count: such
+    models may swallow it silently)."""
     fn = getattr(model, "forward", model)
     try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
         return False
-    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+    return any(p.name == name for p in params)
 
 
 @dataclass
@@ -140,7 +141,8 @@ class ModelCall:
     ``(B, T)`` (``cumsum(mask) - 1``) are passed sliced to the window when the model accepts
     ``position_ids``; ``cfg_scale > 0`` runs the unconditional canvas (real prompt tokens
     replaced by ``mask_id``) in the same batch and mixes ``un + (s + 1) * (cond - un)``;
-    ``shift`` moves the logits right by one inside the window (Dream).
+    ``shift`` moves the logits right by one (Dream). Models that accept ``logits_range`` apply
+    their LM head only to the positions whose logits are used.
     """
 
     model: Callable
@@ -150,10 +152,12 @@ class ModelCall:
     mask_id: int
     cfg_scale: float = 0.0
     shift: bool = False
+    ranged: bool = False
     positions_computed: int = 0
 
-    def __call__(self, x, a, b, *, cache=None, want_cache=False, replace=False):
-        """Logits ``(B, b - a, V)`` of the window (shifted when ``shift``) and the returned cache."""
+    def __call__(self, x, a, b, out, *, cache=None, want_cache=False, replace=False):
+        """Logits ``(B, out[1] - out[0], V)`` of canvas positions ``out`` (inside ``[a, b)``),
+        shifted within that range when ``shift``, and the cache the model returned."""
         inp, am, pos = x[:, a:b], self.attention_mask, self.positions
         if self.cfg_scale > 0:
             un = x.masked_fill(self.prompt_tokens, self.mask_id)[:, a:b]
@@ -171,22 +175,27 @@ class ModelCall:
             kwargs["replace_position"] = (a, b)
         if want_cache or cache is not None:
             kwargs["use_cache"] = want_cache
-        out = self.model(input_ids=inp, **kwargs)
-        logits = out.logits if hasattr(out, "logits") else out
+        if self.ranged:
+            kwargs["logits_range"] = (out[0] - a, out[1] - a)
+        result = self.model(input_ids=inp, **kwargs)
+        logits = result.logits if hasattr(result, "logits") else result
         if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
             raise TypeError("model output must have .logits of shape (B, T, V)")
-        if logits.shape[:2] != inp.shape:
+        expect = (inp.shape[0], out[1] - out[0]) if self.ranged else inp.shape
+        if logits.shape[:2] != expect:
             raise ValueError(
                 f"model returned logits of shape {tuple(logits.shape)} for input "
                 f"{tuple(inp.shape)}; it must score every canvas position it is fed"
             )
+        if not self.ranged:
+            logits = logits[:, out[0] - a : out[1] - a]
         self.positions_computed += inp.numel()
         if self.cfg_scale > 0:
             cond, un = logits.chunk(2)
             logits = un + (self.cfg_scale + 1) * (cond - un)
         if self.shift:
             logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
-        return logits, getattr(out, "past_key_values", None)
+        return logits, getattr(result, "past_key_values", None)
 
 
 def commit_mask(rule, conf, masked, entropy, k, *, threshold, relaxed_threshold, radius, gamma):
@@ -341,7 +350,16 @@ def localleap_generate(
             full_am = torch.cat([am, torch.ones((B, gen_length), dtype=torch.long, device=device)], dim=1)
             if accepts(model, "position_ids"):
                 positions = (full_am.cumsum(-1) - 1).clamp_min(0)
-    call = ModelCall(model, full_am, positions, prompt_tokens, int(mask_id), float(cfg_scale), bool(shift_logits))
+    call = ModelCall(
+        model,
+        full_am,
+        positions,
+        prompt_tokens,
+        int(mask_id),
+        float(cfg_scale),
+        bool(shift_logits),
+        accepts(model, "logits_range"),
+    )
     num_blocks = gen_length // block_length
     steps_per_block = 0
     if rule == "llada":
@@ -377,19 +395,20 @@ def localleap_generate(
                         step += 1
                     if step >= steps_per_block:  # schedule exhausted (cannot happen: it sums to n)
                         break
+                out = (s - lead, e)  # the logits used (the block's, from one position earlier when shifted)
                 if mode == "none":
-                    block_logits = call(x, 0, T)[0][:, s:e]
+                    logits = call(x, 0, T, out)[0]
                 elif cache is None:  # block start: one full pass that caches every position
-                    logits, cache = call(x, 0, T, want_cache=True)
+                    logits, cache = call(x, 0, T, out, want_cache=True)
                     if cache is None:
                         raise TypeError(f"use_cache={use_cache!r} but the model returned no past_key_values")
-                    block_logits = logits[:, s:e]
                     if mode == "prefix":
                         cache = _trim_cache(cache, s - lead)
                 elif mode == "prefix":
-                    block_logits = call(x, s - lead, T, cache=cache)[0][:, lead : lead + e - s]
+                    logits = call(x, s - lead, T, out, cache=cache)[0]
                 else:
-                    block_logits = call(x, s - lead, e, cache=cache, replace=True)[0][:, lead:]
+                    logits = call(x, s - lead, e, out, cache=cache, replace=True)[0]
+                block_logits = logits[:, lead:]
                 nfe += 1
                 block_passes += 1
                 row_nfe += masked.any(-1).long()

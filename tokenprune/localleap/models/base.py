@@ -239,6 +239,7 @@ class NativeDLLM(nn.Module):
         past_key_values: tuple | None = None,
         use_cache: bool = False,
         replace_position: tuple[int, int] | None = None,
+        logits_range: tuple[int, int] | None = None,
     ) -> DLLMOutput:
         """Bidirectional forward.
 
@@ -252,8 +253,11 @@ class NativeDLLM(nn.Module):
             past_key_values: prefix or full cache (see the module docstring).
             use_cache: return the per-layer ``(k, v)`` over all attended positions.
             replace_position: ``(a, b)`` for the dual cache: the fed ids are positions ``[a, b)``.
+            logits_range: ``(i, j)`` indices into the fed positions: apply the LM head only there
+                (the decoding loop needs the current block's logits, not the whole canvas's).
         Returns:
-            :class:`DLLMOutput`; logits ``(B, L, V)`` float32 for the fed positions.
+            :class:`DLLMOutput`; logits ``(B, L, V)`` float32 for the fed positions (``(B, j - i, V)``
+            with ``logits_range``).
         """
         B, L = input_ids.shape
         if replace_position is not None:
@@ -287,6 +291,8 @@ class NativeDLLM(nn.Module):
             past = past_key_values[i] if past_key_values is not None else None
             x, kv = block(x, cos, sin, key_mask, past, replace, rope_dtype=rope_dtype)
             cache.append(kv)
+        if logits_range is not None:
+            x = x[:, logits_range[0] : logits_range[1]]
         return DLLMOutput(logits=self.head(x).float(), past_key_values=tuple(cache) if use_cache else None)
 
     @classmethod
