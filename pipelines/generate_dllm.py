@@ -1,38 +1,40 @@
 """Generate with a masked diffusion LLM (LLaDA, Dream, ...) and a parallel-decoding rule.
 
-Thin adapter around :func:`tokenprune.localleap.localleap_generate`: it turns a prompt (or a
-chat ``messages`` list, or a batch of prompts) into ids with the user's tokenizer, finds the
-mask and EOS ids from the tokenizer/config, runs the loop and decodes text.
+Thin adapter around :func:`tokenprune.localleap.localleap_generate`: it loads a LLaDA or
+Dream checkpoint folder natively (:func:`tokenprune.load_dllm`, no remote code) or takes a
+loaded model, turns a prompt (or a chat ``messages`` list, or a batch of prompts) into ids with
+the tokenizer, finds the mask and EOS ids from the tokenizer/config, runs the loop and decodes.
 
-    >>> from transformers import AutoModel, AutoTokenizer
-    >>> tok = AutoTokenizer.from_pretrained(path)             # e.g. a local LLaDA folder
-    >>> model = AutoModel.from_pretrained(path, trust_remote_code=True)  # the caller's choice
-    >>> out = dllm_generate(model, tok, "What is 12*7?", rule="localleap", gen_length=128)
-    >>> out.text, out.stats["nfe"]
+    >>> out = dllm_generate("path/to/LLaDA-8B-Instruct", None, "What is 12*7?", gen_length=128)
+    >>> out.text, out.stats["nfe"], out.stats["tokens_per_forward"]
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-from tokenprune.localleap import RULES, localleap_generate
+from tokenprune.localleap import RULES, load_dllm, localleap_generate
+from tokenprune.stats import TokenStats
 
 __all__ = ["DLLMGeneration", "resolve_mask_id", "resolve_eos_id", "dllm_generate"]
 
 
 @dataclass
 class DLLMGeneration:
-    """``text`` (str, or list for a batch), ``ids`` (B, gen_length) and ``stats``.
+    """``text`` (str, or list for a batch), ``ids`` (B, gen_length), ``stats`` and ``token_stats``.
 
     ``stats``: ``nfe``, ``row_nfe`` (list), ``block_nfe`` (list), ``tokens_per_forward``,
-    ``gen_length``, ``rule``.
+    ``gen_length``, ``rule``, ``cache``. ``token_stats``: the loop's
+    :class:`~tokenprune.stats.TokenStats` (positions generated, tokens committed, NFE).
     """
 
     text: str | list
     ids: torch.Tensor
     stats: dict = field(default_factory=dict)
+    token_stats: TokenStats | None = None
 
 
 def _sources(model, tokenizer):
@@ -86,9 +88,9 @@ def _encode(tokenizer, prompt, chat: bool | None):
 
 
 def dllm_generate(
-    model,
+    model_or_path,
     tokenizer,
-    prompt,
+    prompts,
     *,
     rule: str = "localleap",
     gen_length: int = 256,
@@ -97,37 +99,48 @@ def dllm_generate(
     eos_id: int | None = None,
     chat: bool | None = None,
     skip_special_tokens: bool = True,
+    device="auto",
+    dtype="auto",
     **kwargs,
 ) -> DLLMGeneration:
-    """Generate text from a loaded dLLM + tokenizer with a parallel-decoding rule.
+    """Generate text from a dLLM with a parallel-decoding rule.
 
     Args:
-        model: a masked diffusion LM (``model(input_ids, attention_mask) -> .logits``).
-        tokenizer: its tokenizer (``encode``/``decode``; ``apply_chat_template`` for chats).
-        prompt: a str, a list of chat messages (``[{"role": ..., "content": ...}]``), or a
+        model_or_path: a LLaDA / Dream checkpoint folder (loaded natively with
+            :func:`tokenprune.load_dllm` on ``device`` in ``dtype``), or a loaded masked
+            diffusion LM (``model(input_ids, attention_mask) -> .logits``).
+        tokenizer: its tokenizer (``encode``/``decode``; ``apply_chat_template`` for chats);
+            None = the folder's.
+        prompts: a str, a list of chat messages (``[{"role": ..., "content": ...}]``), or a
             list of those for a batch (left-padded).
         rule: ``"localleap"``, ``"fastdllm"``, ``"llada"`` or ``"eb"`` (or a callable).
         gen_length, block_length: canvas and block sizes (defaults 256 / 32).
         mask_id, eos_id: override what the tokenizer/config say.
         chat: wrap a str prompt in the chat template (default: no).
         **kwargs: passed to :func:`localleap_generate` (threshold, relaxed_threshold, radius,
-            gamma, steps, temperature, early_stop, use_cache, shift_logits, generator).
-            ``shift_logits`` defaults to True for ``config.model_type == "dream"``.
+            gamma, steps, temperature, top_p, top_k, remasking, cfg_scale, early_stop,
+            use_cache, shift_logits, generator). Native models bring their own logit shift;
+            a loaded model with ``config.model_type == "dream"`` gets ``shift_logits=True``.
     Returns:
         :class:`DLLMGeneration`; the text stops at the first EOS.
     """
     if isinstance(rule, str) and rule not in RULES:
         raise ValueError(f"unknown rule {rule!r}; expected one of {RULES}")
+    model = model_or_path
+    if isinstance(model_or_path, (str, Path)):
+        model, folder_tokenizer = load_dllm(model_or_path, device=device, dtype=dtype)
+        tokenizer = tokenizer if tokenizer is not None else folder_tokenizer
+    if tokenizer is None:
+        raise ValueError("no tokenizer: pass one, or a checkpoint folder that ships its tokenizer files")
     mid = resolve_mask_id(model, tokenizer, mask_id)
     eid = resolve_eos_id(model, tokenizer, eos_id)
-    batch = isinstance(prompt, (list, tuple)) and prompt and not isinstance(prompt[0], dict)
-    prompts = list(prompt) if batch else [prompt]
-    encoded = [_encode(tokenizer, p, chat) for p in prompts]
+    batch = isinstance(prompts, (list, tuple)) and prompts and not isinstance(prompts[0], dict)
+    encoded = [_encode(tokenizer, p, chat) for p in (list(prompts) if batch else [prompts])]
     pad = getattr(tokenizer, "pad_token_id", None)
     pad = pad if pad is not None else (eid if eid is not None else mid)
     cfg = getattr(model, "config", None)
-    if "shift_logits" not in kwargs and str(getattr(cfg, "model_type", "")).lower() == "dream":
-        kwargs["shift_logits"] = True  # Dream predicts token i from the logits at i - 1
+    if not hasattr(model, "shift_logits") and str(getattr(cfg, "model_type", "")).lower() == "dream":
+        kwargs.setdefault("shift_logits", True)  # Dream predicts token i from the logits at i - 1
     res = localleap_generate(
         model,
         encoded,
@@ -151,6 +164,7 @@ def dllm_generate(
         "block_nfe": res.block_nfe,
         "tokens_per_forward": res.tokens_per_forward,
         "gen_length": gen_length,
-        "rule": rule if isinstance(rule, str) else getattr(rule, "__name__", "custom"),
+        "rule": res.stats.extras["rule"],
+        "cache": res.stats.extras["cache"],
     }
-    return DLLMGeneration(text=texts if batch else texts[0], ids=gen, stats=stats)
+    return DLLMGeneration(text=texts if batch else texts[0], ids=gen, stats=stats, token_stats=res.stats)

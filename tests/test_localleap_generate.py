@@ -229,16 +229,22 @@ def test_shift_logits_dream_convention():
     )
     # position p takes the proposal made at p - 1: token (p - 1) % 4
     assert res.generated[0].tolist() == [(p - 1) % 4 for p in range(P, P + gen)]
-    with pytest.raises(ValueError, match="use_cache"):
-        localleap_generate(
-            model,
-            torch.zeros(1, P, dtype=torch.long),
-            gen_length=gen,
-            block_length=8,
-            mask_id=MASK,
-            shift_logits=True,
-            use_cache=True,
-        )
+    # shifted logits with the prefix cache: the fed window starts one position before the block
+    blocks = localleap_generate(
+        model, torch.zeros(1, P, dtype=torch.long), gen_length=gen, block_length=4, mask_id=MASK, shift_logits=True
+    )
+    model.calls.clear()
+    cached = localleap_generate(
+        model,
+        torch.zeros(1, P, dtype=torch.long),
+        gen_length=gen,
+        block_length=4,
+        mask_id=MASK,
+        shift_logits=True,
+        use_cache=True,
+    )
+    assert torch.equal(cached.ids, blocks.ids) and cached.nfe == blocks.nfe
+    assert all(past in (0, P - 1, P + 3) for past, _ in model.calls)
 
 
 def test_left_padding_equals_single_runs():

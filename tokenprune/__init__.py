@@ -15,6 +15,7 @@ _EXPORTS = {
     "llada_topk": "tokenprune.localleap.rules",
     "fastdllm_threshold": "tokenprune.localleap.rules",
     "eb_sampler": "tokenprune.localleap.rules",
+    "load_dllm": "tokenprune.localleap.models.loading",
     "provence_sentences": "tokenprune.provence.core",
     "ProvencePruner": "tokenprune.provence.model",
     "TokenStats": "tokenprune.stats",

@@ -6,6 +6,7 @@ LLaDA top-k, EB-sampler), :mod:`.generate` (the block-wise generate loop, NFE co
 """
 
 from .generate import RULES, DecodeResult, localleap_generate
+from .models import load_dllm
 from .rules import (
     confidence_from_logits,
     eb_sampler,
@@ -19,6 +20,7 @@ __all__ = [
     "RULES",
     "DecodeResult",
     "localleap_generate",
+    "load_dllm",
     "confidence_from_logits",
     "eb_sampler",
     "fastdllm_threshold",

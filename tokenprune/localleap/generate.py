@@ -10,6 +10,7 @@ attention_mask=...)`` returns ``.logits`` over the canvas and counts forward pas
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -27,9 +28,11 @@ from .rules import (
     localleap_transfer,
 )
 
-__all__ = ["DecodeResult", "localleap_generate", "RULES"]
+__all__ = ["DecodeResult", "localleap_generate", "RULES", "CACHE_MODES", "cache_mode"]
 
 RULES = ("llada", "fastdllm", "localleap", "eb")
+CACHE_MODES = ("none", "prefix", "dual")
+REMASKING = ("low_confidence", "random")
 
 
 @dataclass
@@ -49,7 +52,9 @@ class DecodeResult:
         stats: :class:`~tokenprune.stats.TokenStats` with ``method="localleap"``,
             ``tokens_in`` = positions generated (``B * gen_length``), ``tokens_kept`` = tokens
             committed by the rule, ``forward_passes`` = NFE; ``extras``: ``row_nfe`` (sum over
-            rows), ``tokens_per_forward``, ``rule``.
+            rows), ``tokens_per_forward``, ``rule``, ``cache``, ``positions_computed`` (token
+            positions fed through the model, summed over passes and rows: the compute the
+            caches save).
     """
 
     ids: torch.Tensor
@@ -106,6 +111,112 @@ def _trim_cache(cache, n: int):
     raise TypeError(f"unsupported past_key_values type {type(cache).__name__}")
 
 
+def cache_mode(use_cache) -> str:
+    """``False``/``None``/``"none"`` -> ``"none"``; ``True``/``"prefix"`` -> ``"prefix"``; ``"dual"``."""
+    if use_cache is None or use_cache is False:
+        return "none"
+    if use_cache is True:
+        return "prefix"
+    if use_cache in CACHE_MODES:
+        return use_cache
+    raise ValueError(f"use_cache must be False, True, 'prefix' or 'dual', got {use_cache!r}")
+
+
+def accepts(model, name: str) -> bool:
+    """Whether ``model``'s forward names the keyword ``name`` (``**kwargs`` does not count: such
+    models may swallow it silently)."""
+    fn = getattr(model, "forward", model)
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == name for p in params)
+
+
+@dataclass
+class ModelCall:
+    """One forward pass of the canvas window ``[a, b)`` with what the model needs.
+
+    ``attention_mask`` ``(B, T)`` covers the whole canvas (cached and fed keys); ``positions``
+    ``(B, T)`` (``cumsum(mask) - 1``) are passed sliced to the window when the model accepts
+    ``position_ids``; ``cfg_scale > 0`` runs the unconditional canvas (real prompt tokens
+    replaced by ``mask_id``) in the same batch and mixes ``un + (s + 1) * (cond - un)``;
+    ``shift`` moves the logits right by one (Dream). Models that accept ``logits_range`` apply
+    their LM head only to the positions whose logits are used.
+    """
+
+    model: Callable
+    attention_mask: torch.Tensor | None
+    positions: torch.Tensor | None
+    prompt_tokens: torch.Tensor
+    mask_id: int
+    cfg_scale: float = 0.0
+    shift: bool = False
+    ranged: bool = False
+    positions_computed: int = 0
+
+    def __call__(self, x, a, b, out, *, cache=None, want_cache=False, replace=False):
+        """Logits ``(B, out[1] - out[0], V)`` of canvas positions ``out`` (inside ``[a, b)``),
+        shifted within that range when ``shift``, and the cache the model returned."""
+        inp, am, pos = x[:, a:b], self.attention_mask, self.positions
+        if self.cfg_scale > 0:
+            un = x.masked_fill(self.prompt_tokens, self.mask_id)[:, a:b]
+            inp = torch.cat([inp, un])
+            am = torch.cat([am, am]) if am is not None else None
+            pos = torch.cat([pos, pos]) if pos is not None else None
+        kwargs = {}
+        if am is not None:
+            kwargs["attention_mask"] = am
+        if pos is not None:
+            kwargs["position_ids"] = pos[:, a:b]
+        if cache is not None:
+            kwargs["past_key_values"] = cache
+        if replace:
+            kwargs["replace_position"] = (a, b)
+        if want_cache or cache is not None:
+            kwargs["use_cache"] = want_cache
+        if self.ranged:
+            kwargs["logits_range"] = (out[0] - a, out[1] - a)
+        result = self.model(input_ids=inp, **kwargs)
+        logits = result.logits if hasattr(result, "logits") else result
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
+            raise TypeError("model output must have .logits of shape (B, T, V)")
+        expect = (inp.shape[0], out[1] - out[0]) if self.ranged else inp.shape
+        if logits.shape[:2] != expect:
+            raise ValueError(
+                f"model returned logits of shape {tuple(logits.shape)} for input "
+                f"{tuple(inp.shape)}; it must score every canvas position it is fed"
+            )
+        if not self.ranged:
+            logits = logits[:, out[0] - a : out[1] - a]
+        self.positions_computed += inp.numel()
+        if self.cfg_scale > 0:
+            cond, un = logits.chunk(2)
+            logits = un + (self.cfg_scale + 1) * (cond - un)
+        if self.shift:
+            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+        return logits, getattr(result, "past_key_values", None)
+
+
+def commit_mask(rule, conf, masked, entropy, k, *, threshold, relaxed_threshold, radius, gamma):
+    """The ``(B, L)`` commit mask of ``rule`` (a name of :data:`RULES` or a callable)."""
+    if rule == "localleap":
+        return localleap_transfer(conf, masked, threshold=threshold, relaxed_threshold=relaxed_threshold, radius=radius)
+    if rule == "fastdllm":
+        return fastdllm_threshold(conf, masked, threshold=threshold)
+    if rule == "eb":
+        return eb_sampler(conf, masked, entropy, gamma=gamma)
+    if rule == "llada":
+        return llada_topk(conf, masked, k)
+    commit = rule(conf, masked)
+    if not isinstance(commit, torch.Tensor) or commit.dtype != torch.bool or commit.shape != masked.shape:
+        raise TypeError("a custom rule must return a (B, L) bool tensor")
+    commit = commit & masked
+    if (masked.any(-1) & ~commit.any(-1)).any():
+        raise RuntimeError("custom rule committed nothing for a row with masked tokens; it would never finish")
+    return commit
+
+
 def localleap_generate(
     model: Callable,
     input_ids,
@@ -120,25 +231,30 @@ def localleap_generate(
     gamma: float = 1e-3,
     steps: int | None = None,
     temperature: float = 0.0,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    remasking: str = "low_confidence",
+    cfg_scale: float = 0.0,
     eos_id: int | None = None,
     early_stop: bool = False,
     attention_mask: torch.Tensor | None = None,
     pad_id: int | None = None,
-    use_cache: bool = False,
-    shift_logits: bool = False,
+    use_cache: bool | str = False,
+    shift_logits: bool | None = None,
+    scaled_confidence: bool | None = None,
     generator: torch.Generator | None = None,
 ) -> DecodeResult:
     """Semi-autoregressive masked-diffusion decoding with a pluggable commit rule.
 
     The canvas is ``prompt + [mask_id] * gen_length``; it is filled block by block
     (``block_length`` tokens), left to right; tokens after the current block are never
-    committed. Each iteration runs one forward pass of ``model`` over the canvas, takes
-    ``x0``/confidence at the current block's masked positions and commits what ``rule``
-    selects.
+    committed. Each iteration runs one forward pass, takes ``x0``/confidence at the current
+    block's masked positions and commits what ``rule`` selects.
 
     Args:
         model: callable ``model(input_ids=(B,T), attention_mask=(B,T) or None) -> obj`` with
-            ``obj.logits`` of shape ``(B, T, V)`` (bidirectional, LLaDA/Dream-style).
+            ``obj.logits`` of shape ``(B, T, V)`` (bidirectional, LLaDA/Dream-style). When its
+            forward takes ``position_ids`` and the batch is padded, ``cumsum(mask) - 1`` is passed.
         input_ids: ``(B, P)`` int tensor (left-padded when ``attention_mask`` has zeros), or a
             list of 1-D prompts that are left-padded here with ``pad_id``.
         gen_length: tokens to generate; must be a multiple of ``block_length``.
@@ -149,24 +265,32 @@ def localleap_generate(
         gamma: EB-sampler entropy budget.
         steps: LLaDA only; total steps over ``gen_length`` (default ``gen_length``: one token
             per step), split evenly over blocks. Steps in which no row commits are skipped.
-        temperature: 0 = greedy; > 0 adds Gumbel noise in float64.
+        temperature: 0 = greedy; > 0 Gumbel-max sampling in float64.
+        top_p, top_k: nucleus / top-k filtering before choosing ``x0`` (Dream's options).
+        remasking: ``"low_confidence"`` (commit by model confidence) or ``"random"`` (LLaDA's
+            random remasking: uniform random scores; ``rule="llada"`` only).
+        cfg_scale: LLaDA's classifier-free guidance (> 0: each pass also runs the canvas with
+            the prompt masked, in the same batch; counted as one pass). Not with ``use_cache``.
         eos_id: end-of-sequence id. With ``early_stop=True``, once a finished block of a row
             contains ``eos_id``, the rest of that row is filled with ``eos_id`` without
             further passes, and decoding stops when every row is done.
         attention_mask: ``(B, P)`` 1/0 for left-padded tensor prompts; extended with ones
-            over the generated part and passed to the model. When None (and prompts are a
-            tensor) no mask is passed.
+            over the generated part and passed to the model (dropped when it has no zeros).
         pad_id: padding id for list prompts (default ``eos_id`` if given, else ``mask_id``).
-        use_cache: prefix KV caching (Fast-dLLM's "prefix cache", an approximation for
-            bidirectional models): at each block start one full pass with ``use_cache=True``;
-            the cache of the positions before the block is kept and the block's later passes
-            feed only ``canvas[:, block_start:]`` with ``past_key_values``. The model must
-            accept ``use_cache``/``past_key_values`` and return ``.past_key_values`` (a tuple
-            of per-layer ``(k, v)`` with positions on dim -2, or an object with ``crop``).
-        shift_logits: the model predicts position ``i`` from the logits at ``i - 1`` (Dream,
-            which is initialised from an autoregressive LM); logits are shifted right by one
-            before use. Not combinable with ``use_cache``.
-        generator: torch generator for the Gumbel noise.
+        use_cache: Fast-dLLM's block-wise caches (approximations for bidirectional models;
+            ``False`` is exact). Every block starts with a full pass that returns the keys and
+            values of every position (``use_cache=True``). ``True``/``"prefix"``: the block's
+            later passes feed ``canvas[:, block_start:]`` with the cache of the positions before
+            (``past_key_values``, a tuple of per-layer ``(k, v)`` with positions on dim -2, or
+            an object with ``crop``). ``"dual"``: they feed only the block with the cache of
+            every position and ``replace_position=(a, b)`` (native models; the block's keys and
+            values are refreshed, prefix and suffix are reused). With ``shift_logits`` the fed
+            window starts one position earlier (the logits of the block's first token).
+        shift_logits: the logits for position ``i`` are the model's at ``i - 1`` (Dream). None:
+            the model's own ``shift_logits`` attribute (native models), else False.
+        scaled_confidence: confidence from the temperature-scaled, filtered distribution
+            (Dream) rather than the unscaled one (LLaDA). None: the model's attribute, else False.
+        generator: torch generator for the Gumbel noise and random remasking.
     Returns:
         :class:`DecodeResult` (unpacks as ``ids, nfe``).
     """
@@ -186,10 +310,23 @@ def localleap_generate(
         check_threshold("threshold", threshold)
         if relaxed_threshold > threshold:
             raise ValueError("relaxed_threshold must be <= threshold")
+    if remasking not in REMASKING:
+        raise ValueError(f"remasking must be one of {REMASKING}, got {remasking!r}")
+    if remasking == "random" and rule != "llada":
+        raise ValueError("remasking='random' is LLaDA's top-k remasking; use it with rule='llada'")
     if early_stop and eos_id is None:
         raise ValueError("early_stop=True needs eos_id")
-    if shift_logits and use_cache:
-        raise ValueError("shift_logits (Dream) is not supported together with use_cache")
+    mode = cache_mode(use_cache)
+    if cfg_scale < 0:
+        raise ValueError(f"cfg_scale must be >= 0, got {cfg_scale}")
+    if cfg_scale > 0 and mode != "none":
+        raise ValueError("cfg_scale > 0 is not supported together with use_cache; pass use_cache=False")
+    if mode == "dual" and not accepts(model, "replace_position"):
+        raise TypeError("use_cache='dual' needs a model whose forward takes replace_position (the native models)")
+    if shift_logits is None:
+        shift_logits = getattr(model, "shift_logits", False) is True
+    if scaled_confidence is None:
+        scaled_confidence = getattr(model, "scaled_confidence", False) is True
 
     prompt, am = _left_pad(
         input_ids, attention_mask, pad_id if pad_id is not None else (eos_id if eos_id is not None else mask_id)
@@ -201,12 +338,30 @@ def localleap_generate(
         pass
     prompt = prompt.to(device)
     B, P = prompt.shape
+    T = P + gen_length
     x = torch.cat([prompt, torch.full((B, gen_length), int(mask_id), dtype=torch.long, device=device)], dim=1)
-    full_am = None
+    full_am = positions = None
+    prompt_tokens = torch.zeros_like(x, dtype=torch.bool)
+    prompt_tokens[:, :P] = True
     if am is not None:
-        am = am.to(device)
-        full_am = torch.cat([am.long(), torch.ones((B, gen_length), dtype=torch.long, device=device)], dim=1)
+        am = am.to(device).long()
+        prompt_tokens[:, :P] = am.bool()
+        if not bool(am.all()):  # one check before the loop; unpadded batches pass no mask
+            full_am = torch.cat([am, torch.ones((B, gen_length), dtype=torch.long, device=device)], dim=1)
+            if accepts(model, "position_ids"):
+                positions = (full_am.cumsum(-1) - 1).clamp_min(0)
+    call = ModelCall(
+        model,
+        full_am,
+        positions,
+        prompt_tokens,
+        int(mask_id),
+        float(cfg_scale),
+        bool(shift_logits),
+        accepts(model, "logits_range"),
+    )
     num_blocks = gen_length // block_length
+    steps_per_block = 0
     if rule == "llada":
         total_steps = gen_length if steps is None else int(steps)
         if total_steps < num_blocks or total_steps % num_blocks:
@@ -214,7 +369,6 @@ def localleap_generate(
                 f"steps ({total_steps}) must be a positive multiple of the number of blocks ({num_blocks})"
             )
         steps_per_block = total_steps // num_blocks
-    need_entropy = rule == "eb"
 
     nfe = 0
     row_nfe = torch.zeros(B, dtype=torch.long, device=device)
@@ -222,39 +376,16 @@ def localleap_generate(
     block_nfe: list[int] = []
     done = torch.zeros(B, dtype=torch.bool, device=device)
 
-    def forward(inp, cache=None, want_cache=False):
-        kwargs = {}
-        if full_am is not None:
-            kwargs["attention_mask"] = full_am
-        if cache is not None:
-            kwargs["past_key_values"] = cache
-        if want_cache or cache is not None:
-            kwargs["use_cache"] = want_cache
-        out = model(input_ids=inp, **kwargs)
-        logits = out.logits if hasattr(out, "logits") else out
-        if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
-            raise TypeError("model output must have .logits of shape (B, T, V)")
-        if logits.shape[:2] != inp.shape:
-            raise ValueError(
-                f"model returned logits of shape {tuple(logits.shape)} for input "
-                f"{tuple(inp.shape)}; it must score every canvas position"
-            )
-        if shift_logits:
-            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
-        return logits, getattr(out, "past_key_values", None)
-
     with torch.no_grad():
         for b in range(num_blocks):
             s, e = P + b * block_length, P + (b + 1) * block_length
             if early_stop and done.all():
                 block_nfe.append(0)
                 continue
-            block_passes = 0
-            cache = None
+            lead = 1 if shift_logits and s > 0 else 0  # the block's first logits come from s - 1
+            block_passes, step, cache, schedule = 0, 0, None, None
             if rule == "llada":
-                schedule = llada_schedule((x[:, s:e] == mask_id).sum(-1), steps_per_block)
-                schedule = schedule.to(device)
-            step = 0
+                schedule = llada_schedule((x[:, s:e] == mask_id).sum(-1), steps_per_block).to(device)
             while True:
                 masked = x[:, s:e] == mask_id
                 if not masked.any():
@@ -262,60 +393,56 @@ def localleap_generate(
                 if rule == "llada":
                     while step < steps_per_block and not schedule[:, step].any():
                         step += 1
-                    if step >= steps_per_block:  # schedule exhausted (cannot happen: sums)
+                    if step >= steps_per_block:  # schedule exhausted (cannot happen: it sums to n)
                         break
-                if use_cache and cache is not None:
-                    logits, _ = forward(x[:, s:], cache=cache)
-                    block_logits = logits[:, : e - s]
-                    cache = _trim_cache(cache, s)
+                out = (s - lead, e)  # the logits used (the block's, from one position earlier when shifted)
+                if mode == "none":
+                    logits = call(x, 0, T, out)[0]
+                elif cache is None:  # block start: one full pass that caches every position
+                    logits, cache = call(x, 0, T, out, want_cache=True)
+                    if cache is None:
+                        raise TypeError(f"use_cache={use_cache!r} but the model returned no past_key_values")
+                    if mode == "prefix":
+                        cache = _trim_cache(cache, s - lead)
+                elif mode == "prefix":
+                    logits = call(x, s - lead, T, out, cache=cache)[0]
                 else:
-                    logits, new_cache = forward(x, want_cache=use_cache)
-                    block_logits = logits[:, s:e]
-                    if use_cache:
-                        if new_cache is None:
-                            raise TypeError("use_cache=True but the model returned no past_key_values")
-                        cache = _trim_cache(new_cache, s)
+                    logits = call(x, s - lead, e, out, cache=cache, replace=True)[0]
+                block_logits = logits[:, lead:]
                 nfe += 1
                 block_passes += 1
                 row_nfe += masked.any(-1).long()
                 x0, conf, ent = confidence_from_logits(
                     block_logits,
                     temperature=temperature,
+                    top_p=top_p,
+                    top_k=top_k,
+                    scaled_confidence=scaled_confidence,
                     generator=generator,
-                    need_entropy=need_entropy,
+                    need_entropy=rule == "eb",
                     exclude_id=int(mask_id),
                 )
-                if rule == "localleap":
-                    commit = localleap_transfer(
-                        conf, masked, threshold=threshold, relaxed_threshold=relaxed_threshold, radius=radius
-                    )
-                elif rule == "fastdllm":
-                    commit = fastdllm_threshold(conf, masked, threshold=threshold)
-                elif rule == "eb":
-                    commit = eb_sampler(conf, masked, ent, gamma=gamma)
-                elif rule == "llada":
-                    commit = llada_topk(conf, masked, schedule[:, step])
-                    step += 1
-                else:
-                    commit = rule(conf, masked)
-                    if (
-                        not isinstance(commit, torch.Tensor)
-                        or commit.dtype != torch.bool
-                        or commit.shape != masked.shape
-                    ):
-                        raise TypeError("a custom rule must return a (B, L) bool tensor")
-                    commit = commit & masked
-                    stuck = masked.any(-1) & ~commit.any(-1)
-                    if stuck.any():
-                        raise RuntimeError(
-                            "custom rule committed nothing for a row with masked tokens; it would never finish"
-                        )
+                if remasking == "random":
+                    conf = torch.rand(conf.shape, device=device, generator=generator)
+                k = schedule[:, step] if rule == "llada" else None
+                step += 1
+                commit = commit_mask(
+                    rule,
+                    conf,
+                    masked,
+                    ent,
+                    k,
+                    threshold=threshold,
+                    relaxed_threshold=relaxed_threshold,
+                    radius=radius,
+                    gamma=gamma,
+                )
                 x[:, s:e] = torch.where(commit, x0, x[:, s:e])
                 committed += commit.sum(-1)
             block_nfe.append(block_passes)
             if early_stop:
                 done |= (x[:, P:e] == eos_id).any(-1)
-                if done.any() and e < x.shape[1]:
+                if done.any() and e < T:
                     tail = x[:, e:]
                     x[:, e:] = torch.where(done.unsqueeze(1), torch.full_like(tail, eos_id), tail)
     total_rows = int(row_nfe.sum())
@@ -329,15 +456,17 @@ def localleap_generate(
             "row_nfe": total_rows,
             "tokens_per_forward": tpf,
             "rule": rule if isinstance(rule, str) else getattr(rule, "__name__", "custom"),
+            "cache": mode,
+            "positions_computed": call.positions_computed,
         },
     )
     return DecodeResult(
         ids=x,
-        stats=stats,
         nfe=nfe,
         row_nfe=row_nfe,
         block_nfe=block_nfe,
         committed=committed,
         tokens_per_forward=tpf,
         prompt_length=P,
+        stats=stats,
     )

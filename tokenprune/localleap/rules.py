@@ -31,6 +31,7 @@ __all__ = [
     "localleap_transfer",
     "eb_sampler",
     "confidence_from_logits",
+    "filter_logits",
     "check_threshold",
 ]
 
@@ -205,10 +206,40 @@ def eb_sampler(conf: torch.Tensor, masked: torch.Tensor, entropy: torch.Tensor, 
     return out & masked
 
 
+def filter_logits(logits: torch.Tensor, *, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """Nucleus then top-k filtering (Dream's order): dropped tokens get ``-inf``.
+
+    Args:
+        logits: ``(..., V)`` float.
+        top_p: keep the smallest set of most likely tokens whose probability reaches ``top_p``
+            (the token that crosses it included); None or 1 = off.
+        top_k: keep the ``top_k`` largest logits (ties at the k-th value kept); None or 0 = off.
+    Returns:
+        ``(..., V)`` logits with the dropped entries at ``-inf``.
+    """
+    if top_p is not None and top_p < 1:
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)
+        beyond = torch.softmax(sorted_logits, dim=-1).cumsum(-1) > top_p
+        drop = torch.zeros_like(beyond)
+        drop[..., 1:] = beyond[..., :-1]  # keep the token that crosses top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter_(-1, order, drop), float("-inf"))
+    if top_k:
+        if top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {top_k}")
+        kth = torch.topk(logits, min(int(top_k), logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return logits
+
+
 def confidence_from_logits(
     logits: torch.Tensor,
     *,
     temperature: float = 0.0,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    scaled_confidence: bool = False,
     generator: torch.Generator | None = None,
     need_entropy: bool = False,
     exclude_id: int | None = None,
@@ -217,22 +248,32 @@ def confidence_from_logits(
 
     Args:
         logits: ``(B, L, V)``.
-        temperature: 0 -> ``x0 = argmax(logits)``; > 0 -> Gumbel-max sampling at that
-            temperature, computed in float64 (LLaDA convention).
+        temperature: 0 -> ``x0 = argmax``; > 0 -> Gumbel-max sampling at that temperature with
+            the noise in float64 (LLaDA's convention; the same distribution as Dream's
+            categorical sampling, a different random stream).
+        top_p, top_k: :func:`filter_logits` before choosing ``x0`` (Dream's sampling options).
+        scaled_confidence: the confidence is read from the temperature-scaled, filtered
+            distribution (Dream: scale, filter, softmax); False: from the unscaled (filtered)
+            distribution (LLaDA: ``softmax(logits)[x0]``).
         exclude_id: a token that may never be proposed (the mask id: committing it would
             leave the position masked forever); its logit is set to -inf first.
     Returns:
-        ``(x0, conf, entropy)``: ``(B, L)`` int64, ``(B, L)`` float32 ``softmax(logits)[x0]``,
-        and ``(B, L)`` float32 entropy of ``softmax(logits)`` (or None).
+        ``(x0, conf, entropy)``: ``(B, L)`` int64, ``(B, L)`` float32 confidence of ``x0``,
+        and ``(B, L)`` float32 entropy of the confidence distribution (or None).
     """
-    if exclude_id is not None and 0 <= exclude_id < logits.shape[-1]:
-        logits = logits.clone()
-        logits[..., exclude_id] = float("-inf")
-    logp = torch.log_softmax(logits.float(), dim=-1)
+    z = logits.float()
+    if exclude_id is not None and 0 <= exclude_id < z.shape[-1]:
+        z = z.clone()
+        z[..., exclude_id] = float("-inf")
+    if temperature > 0 and scaled_confidence:
+        z = z / temperature
+    z = filter_logits(z, top_k=top_k, top_p=top_p)
+    logp = torch.log_softmax(z, dim=-1)
     if temperature > 0:
-        u = torch.rand(logits.shape, dtype=torch.float64, device=logits.device, generator=generator)
+        u = torch.rand(z.shape, dtype=torch.float64, device=z.device, generator=generator)
         gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))
-        x0 = (logits.to(torch.float64) / temperature + gumbel).argmax(-1)
+        scale = 1.0 if scaled_confidence else temperature
+        x0 = (z.to(torch.float64) / scale + gumbel).argmax(-1)
     else:
         x0 = logp.argmax(-1)
     conf = logp.gather(-1, x0.unsqueeze(-1)).squeeze(-1).exp()

@@ -1,0 +1,25 @@
+"""Native diffusion LLMs, loaded from the published checkpoint layouts without remote code.
+
+:mod:`.base` (shared blocks, the Fast-dLLM caches, the family registry keyed by
+``model_type``), :mod:`.llada` (LLaDA 8B / 1.5), :mod:`.dream` (Dream 7B), :mod:`.loading`
+(:func:`load_dllm`). A new family is one module registering a :class:`NativeDLLM` subclass.
+"""
+
+from .base import FAMILIES, DLLMConfig, DLLMOutput, NativeDLLM, family_for, register_family
+from .dream import DreamConfig, DreamModel
+from .llada import LLaDAConfig, LLaDAModelLM
+from .loading import load_dllm
+
+__all__ = [
+    "FAMILIES",
+    "DLLMConfig",
+    "DLLMOutput",
+    "NativeDLLM",
+    "family_for",
+    "register_family",
+    "DreamConfig",
+    "DreamModel",
+    "LLaDAConfig",
+    "LLaDAModelLM",
+    "load_dllm",
+]

@@ -1,0 +1,102 @@
+"""``load_dllm(folder)``: a native LLaDA or Dream from a local checkpoint folder, no remote code.
+
+The folder's ``config.json`` ``model_type`` picks the family (:data:`.base.FAMILIES`); its
+``auto_map`` is never executed. Weights are read from ``model.safetensors`` or the shards named
+by ``model.safetensors.index.json`` into a model built on the meta device (no random init of
+8B parameters), with a strict key check. The tokenizer loads with ``trust_remote_code=False``;
+Dream's tokenizer class (``DreamTokenizer``, remote code) is read as the Qwen2 BPE tokenizer
+whose files it ships (``vocab.json``, ``merges.txt``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from prunecore.device import resolve_device, resolve_dtype
+from prunecore.models import load_tokenizer
+
+from .base import NativeDLLM, family_for
+
+__all__ = ["load_dllm", "load_dllm_model", "read_safetensors", "TOKENIZER_FALLBACKS"]
+
+# model_type (lower case) -> transformers tokenizer class that reads the family's tokenizer files
+TOKENIZER_FALLBACKS = {"dream": "Qwen2Tokenizer"}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of ``model.safetensors`` or of the shards listed in its index (CPU)."""
+    from safetensors.torch import load_file
+
+    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+    if single.exists():
+        return load_file(str(single))
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        state: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            state.update(load_file(str(folder / shard)))
+        return state
+    raise FileNotFoundError(
+        f"{folder} has neither model.safetensors nor model.safetensors.index.json; "
+        "save the weights with safetensors (save_pretrained(..., safe_serialization=True))"
+    )
+
+
+def load_dllm_model(folder, *, device="auto", dtype="auto") -> NativeDLLM:
+    """The native model of ``folder`` (eval mode) on ``device`` in ``dtype`` (``auto``: fp32 on CPU, bf16 on GPU)."""
+    folder = Path(folder)
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{folder} has no config.json; pass a checkpoint folder of LLaDA or Dream")
+    values = json.loads(cfg_path.read_text())
+    if "model_type" not in values:
+        raise ValueError(f"{cfg_path} has no model_type; expected 'llada' or 'Dream'")
+    cls = family_for(values["model_type"])
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    with torch.device("meta"):
+        model = cls.from_config(values)
+    state = read_safetensors(folder)
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"{folder} does not hold a {cls.model_type} checkpoint in the published layout: "
+            f"missing keys {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    state = {k: v.to(device=dev, dtype=dt) for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+def load_family_tokenizer(folder: Path, model_type: str):
+    """The folder's tokenizer without remote code, or None when it ships no tokenizer files."""
+    if not any((folder / name).exists() for name in _TOKENIZER_FILES):
+        return None
+    fallback = TOKENIZER_FALLBACKS.get(model_type.lower())
+    if fallback is not None:
+        import transformers
+
+        return getattr(transformers, fallback).from_pretrained(str(folder))
+    return load_tokenizer(folder)
+
+
+def load_dllm(folder, *, device="auto", dtype="auto"):
+    """Load a LLaDA or Dream checkpoint folder natively: ``(model, tokenizer)``.
+
+    Args:
+        folder: local folder with ``config.json`` (``model_type`` ``"llada"`` or ``"Dream"``),
+            safetensors weights in the published key layout and (optionally) tokenizer files.
+        device, dtype: where and in which precision (``"auto"``: CUDA + bf16 when present,
+            else CPU + fp32).
+    Returns:
+        ``(model, tokenizer)``; the tokenizer is None when the folder has no tokenizer files.
+        ``model.config.mask_token_id`` is the checkpoint's; ``model.shift_logits`` is True for Dream.
+    """
+    model = load_dllm_model(folder, device=device, dtype=dtype)
+    return model, load_family_tokenizer(Path(folder), model.model_type)
