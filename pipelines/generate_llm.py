@@ -89,32 +89,6 @@ def resolve_router(router, schedule):
     return r, schedule
 
 
-def split_stats(decisions, valid, T0, flops) -> dict:
-    """Per-block sparsity in prefill / decode and FLOPs saved, from recorded decisions.
-
-    decisions: per block (B, S) bool; valid: (B, S) bool (prompt padding and tokens after an
-    end-of-sequence token are False); T0: prompt length; flops: per block FLOPs per token.
-    """
-    out = {}
-    for part, sl in (("prefill", slice(0, T0)), ("decode", slice(T0, None))):
-        v = valid[:, sl]
-        n = int(v.sum())
-        kept = [int((d[:, sl] & v).sum()) for d in decisions]
-        sp = [1.0 - k / n if n else 0.0 for k in kept]
-        dense = n * sum(flops)
-        saved = sum((n - k) * f for k, f in zip(kept, flops))
-        out[part] = {
-            "sparsity_per_block": sp,
-            "mean_sparsity": (sum(sp) / len(sp)) if n else 0.0,
-            "tokens": n,
-            "tokens_kept": sum(kept),
-            "layer_flops_dense": dense,
-            "layer_flops_saved": saved,
-            "flops_saved_frac": saved / dense if dense else 0.0,
-        }
-    return out
-
-
 def ftp_generate(
     model_or_path,
     prompts,
@@ -147,14 +121,17 @@ def ftp_generate(
         allow_full, nested: as in :func:`tokenprune.ftp.attach_ftp` (``nested=True``: no re-entry
             of skipped tokens; recommended for learned routers, see ``docs/ftp.md``).
     Returns:
-        :class:`FTPGenerateResult`; ``stats`` is a :class:`~tokenprune.stats.TokenStats`
-        (``tokens_in``/``tokens_kept``: token-block pairs routed / computed, prefill and decode;
-        ``forward_passes``: model forward calls) with ``extras = {"prefill": {...}, "decode":
-        {...}, "schedule": [...], "keep": [...]}``.
+        :class:`FTPGenerateResult`; ``stats`` is the handle's
+        :class:`~tokenprune.stats.TokenStats` (``tokens_in``/``tokens_kept``: token-block pairs
+        routed / computed, prefill and decode; ``forward_passes``: model forward calls), read
+        once after ``generate``, with ``extras["prefill"]``, ``extras["decode"]`` (per-block
+        sparsity, tokens, FLOPs saved), ``extras["schedule"]`` and ``extras["keep"]``. Decode
+        counts stop at a row's end-of-sequence token (a finished row of a batch keeps being fed
+        padding by ``generate``; those steps are not counted). With beam search every beam's
+        tokens count (the compute spent).
     """
     from tokenprune.ftp import attach_ftp
     from tokenprune.ftp.schedule import sparsity_schedule
-    from tokenprune.stats import TokenStats
 
     model, tok = load_causal_lm(model_or_path, gguf_file=gguf_file, tokenizer=tokenizer)
     single = isinstance(prompts, str)
@@ -176,27 +153,22 @@ def ftp_generate(
         tok.padding_side = old_side
     r, schedule = resolve_router(router, sparsity_schedule(keep, schedule, allow_full=allow_full, required=False))
     handle = attach_ftp(model, r, schedule, allow_full=allow_full, nested=nested)
+    stop = generate_kwargs.get("eos_token_id", getattr(getattr(model, "generation_config", None), "eos_token_id", None))
+    handle.set_stop_tokens(stop if stop is not None else tok.eos_token_id)
     try:
-        with torch.no_grad(), handle.recording():
+        with torch.no_grad():
             seq = model.generate(
-                **enc,
+                **enc.to(model.device),
                 max_new_tokens=max_new_tokens,
                 do_sample=do_sample,
                 pad_token_id=tok.pad_token_id,
                 **generate_kwargs,
             )
-        decisions = handle.decisions()
-        sched, keeps = list(handle.state.schedule), list(handle.state.keep)
-        flops = list(handle.flops_per_token)
-        passes = handle.state.forward_passes
+        stats = handle.stats()
     finally:
         handle.detach()
+    stats.extras["schedule"] = stats.extras.pop("target_per_block")
+    stats.extras["keep"] = stats.extras.pop("keep_per_block")
     T0 = enc["input_ids"].shape[1]
-    S = decisions[0].shape[1]
-    valid = torch.cat([enc["attention_mask"].bool(), torch.ones(seq.shape[0], S - T0, dtype=torch.bool)], 1)
-    parts = split_stats(decisions, valid, T0, flops)
-    routed = len(flops) * (parts["prefill"]["tokens"] + parts["decode"]["tokens"])
-    kept = parts["prefill"]["tokens_kept"] + parts["decode"]["tokens_kept"]
-    stats = TokenStats("ftp", routed, kept, passes, {**parts, "schedule": sched, "keep": keeps})
     texts = tok.batch_decode(seq[:, T0:], skip_special_tokens=True)
     return FTPGenerateResult(texts=texts, sequences=seq, stats=stats)

@@ -7,7 +7,17 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from prunecore.budget import keep_count
-from tokenprune.ftp import RandomRouter, StaticRouter, TokenRouter, attach_ftp, detach_ftp, ftp_routing, get_handle
+from tokenprune.ftp import (
+    FTPCache,
+    RandomRouter,
+    StaticRouter,
+    TokenRouter,
+    attach_ftp,
+    cache_nbytes,
+    detach_ftp,
+    ftp_routing,
+    get_handle,
+)
 
 V = 97
 
@@ -334,33 +344,39 @@ def _cache_kw(model, cache):
     return {name: cache}
 
 
-def test_skipped_kv_are_never_attended():
-    import copy
+def _out_cache(out):
+    return getattr(out, "cache", None) or out.past_key_values
 
+
+def test_compact_cache_stores_only_computed_tokens():
     model = _llama()
     ids = _ids(1, 12)
-    with torch.no_grad(), attach_ftp(model, StaticRouter(), [0.0, 0.5, 0.5, 0.0]) as m:
-        out = m(ids, use_cache=True)
-        cache = getattr(out, "cache", None) or out.past_key_values
+    with torch.no_grad():
+        dense = model(ids, use_cache=True)
+        with attach_ftp(model, StaticRouter(), [0.0, 0.5, 0.5, 0.0]) as m:
+            out = m(ids, use_cache=True)
+    cache = _out_cache(out)
+    assert isinstance(cache, FTPCache) and cache.get_seq_length() == 12
+    assert cache.layers[1].keys.shape[2] == 6  # sink + the 5 most recent of 12 (keep 0.5)
+    assert cache.layers[1].slots[0].tolist() == [0, 7, 8, 9, 10, 11]
+    assert cache.layers[0].keys.shape[2] == 12 and cache.layers[0].slots[0].tolist() == list(range(12))
+    assert cache_nbytes(cache) == cache_nbytes(_out_cache(dense)) * (12 + 6 + 6 + 12) // 48
+
+
+def test_compact_cache_grows_only_with_computed_tokens():
+    model = _llama()
+    ids = _ids(1, 11)
+    with torch.no_grad(), attach_ftp(model, RandomRouter(2), [0.2, 0.5, 0.4, 0.3]) as m:
         h = get_handle(m)
-        kv_valid = m.model.layers[1].kv_valid[0]
-        assert kv_valid.sum() == 6 and not kv_valid[1:6].any()
-        keys = cache.layers[1].keys
-        assert keys.shape[2] == 12  # true length kept in every layer
-        assert torch.count_nonzero(keys[0, :, 1:6]) == 0
-        saved = [w.kv_valid.clone() for w in m.model.layers]
-        sv, ss = h.state.valid.clone(), h.state.score.clone()
-        c2 = copy.deepcopy(cache)
-        nxt = torch.tensor([[5]])
-        a = m(nxt, use_cache=True, **_cache_kw(m, cache)).logits
-        # garbage where the skipped tokens' K/V sit: the next step must not change
-        c2.layers[1].keys[:, :, 1:6] = 1e4
-        c2.layers[1].values[:, :, 1:6] = -1e4
-        for w, kv in zip(m.model.layers, saved):
-            w.kv_valid = kv
-        h.state.valid, h.state.score = sv, ss
-        b = m(nxt, use_cache=True, **_cache_kw(m, c2)).logits
-    assert torch.equal(a, b)
+        with h.recording():
+            out = m.generate(ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True, pad_token_id=0)
+        dec = h.decisions()
+    cache = _out_cache(out)
+    assert cache.get_seq_length() == 11 + 5  # the last generated token is never fed
+    for l, layer in enumerate(cache.layers):
+        assert layer.slots[0].tolist() == torch.nonzero(dec[l][0]).flatten().tolist()
+        assert layer.keys.shape[2] == int(dec[l].sum()) and layer.valid.all()
+    assert any(not d[0, 11:].all() for d in dec)  # some decode steps skipped a layer: no entry for them
 
 
 def test_fully_skipped_block_allow_full():

@@ -2,12 +2,14 @@
 
 Modules: :mod:`.router` (TokenRouter MLP, static and random routers, features),
 :mod:`.schedule` (genetic search of per-block sparsities), :mod:`.losses`,
-:mod:`.attach` (routed layer wrappers for transformers decoder-only LLMs), :mod:`.train`.
+:mod:`.attach` (routed layer wrappers for transformers decoder-only LLMs), :mod:`.cache`
+(the compact per-layer KV cache), :mod:`.train`.
 """
 
 from .attach import (
     FTPHandle,
     RoutedLayer,
+    apply_rotary,
     attach_ftp,
     detach_ftp,
     find_decoder,
@@ -15,6 +17,7 @@ from .attach import (
     get_handle,
     validate_schedule,
 )
+from .cache import CompactLayer, FTPCache, cache_nbytes
 from .router import (
     RandomRouter,
     RouteInputs,
@@ -27,6 +30,10 @@ from .router import (
 )
 
 __all__ = [
+    "apply_rotary",
+    "CompactLayer",
+    "FTPCache",
+    "cache_nbytes",
     "FTPHandle",
     "RoutedLayer",
     "attach_ftp",

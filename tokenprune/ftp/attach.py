@@ -1,39 +1,47 @@
-"""Routed decoder layers for transformers decoder-only LLMs (Llama, Qwen2, Mistral-style).
+"""Routed decoder layers for transformers decoder-only LLMs (Llama, Qwen2, Mistral, Phi-style).
 
-``attach_ftp(model, router, schedule)`` swaps each ``model.model.layers[i]`` instance for a
+``attach_ftp(model, router, keep=...)`` swaps each ``model.model.layers[i]`` instance for a
 :class:`RoutedLayer` wrapper (no transformers class is patched; :func:`detach_ftp` or leaving
 the ``with`` block puts the original modules back).
 
 What a routed layer does in one forward call (hidden states ``(B, T, H)``):
 
 1. the router gives a keep probability per token (:mod:`tokenprune.ftp.router`); prefill keeps
-   the top ``floor(keep_l * n_valid + 0.5)`` tokens of each row (``keep_l = 1 - s_l``), a decode step (one new token per
-   row against a cache) keeps the token when ``router.decode_keep`` says so;
+   the top ``floor(keep_l * n_valid + 0.5)`` tokens of each row (``keep_l = 1 - s_l``), a
+   decode step (one new token per row against a cache) keeps the token when
+   ``router.decode_keep`` says so;
 2. the kept tokens are gathered per row (padded to the largest kept count; no padding when
-   ``B == 1``) and the ORIGINAL decoder layer runs on that subsequence with their original
-   rotary embeddings / position ids and an explicit attention mask (kept tokens attend only
-   to kept tokens, causally, by their original slots);
+   every row keeps the same count, e.g. ``B == 1``) and the ORIGINAL decoder layer runs on
+   that subsequence with their original rotary embeddings and position ids;
 3. the outputs are scattered back; skipped tokens pass the block unchanged (identity).
 
-KV cache: the layer's attention talks to a small proxy cache. New K/V of the kept tokens are
-scattered into a full-length ``(B, H_kv, T, D)`` block (zeros for skipped and padding tokens)
-before the real cache is updated, so every layer's cache keeps the true sequence length
-(``get_seq_length``, position ids and ``generate`` bookkeeping stay correct), and a per-layer
-validity mask records which cached slots hold real K/V. Attention then only ever reads the
-valid slots (gathered per row), so a skipped token's K/V are never attended to.
+KV cache: :class:`~tokenprune.ftp.cache.FTPCache` (swapped in for the model's empty cache at
+the prefill). Each layer stores only the K/V of the tokens it computed, with their original
+slots, so the KV memory shrinks with the sparsity and a kept token attends only to that
+layer's compact cache. Attention needs no mask when a layer's cache has no invalid entry
+(``B == 1``, no padding, no sliding window that bites); otherwise an explicit mask built on
+the device from the stored slots.
+
+Host synchronisation: none per layer in a decode step on a GPU. Prefill reads the per-row
+valid counts once per forward (the top-k sizes). A decode decision is a device tensor; on a
+GPU the token is computed and blended (``where(keep, out, h)``) and its K/V entry is marked
+invalid when skipped, on CPU (where reading a value costs nothing) a token no row keeps
+skips the layer entirely. Statistics stay on the device until :meth:`FTPHandle.stats`.
 
 Padding (2-D ``attention_mask`` with zeros) is read by a pre-hook on the base model; padding
-tokens are never routed into a block.
+tokens are never routed into a block. In a decode step on a GPU the new token is assumed valid
+(``generate`` appends ones to the mask).
 
-Exactness: when a layer keeps every valid token and its cache has no holes, the original
-layer is called with the original arguments (so sparsity 0 gives bit-identical logits).
+Exactness: a schedule of all zeros leaves the model's own layers and cache in charge (logits
+and generations are bit-identical to the plain model); a dense layer whose cache holds every
+slot is called with the model's own arguments.
 
-Mistral-style sliding windows (``config.sliding_window``) are applied in the masks, also
-with the sliding-window cache (it returns only the last slots; the gather accounts for the
-offset). Not supported
-(clear error at attach): per-layer sliding-window layers (Qwen2 ``use_sliding_window``),
-attention implementations other than ``sdpa``/``eager``. Partial rotary embeddings are not
-supported.
+Sliding windows: a model-wide window (Mistral ``config.sliding_window``) is applied in the
+masks. Per-layer sliding-window layers (Qwen2 ``use_sliding_window``, ``layer_types``) are
+refused at attach. Partial rotary embeddings (Phi ``partial_rotary_factor``) work: the
+attention receives the gathered cos/sin, and the score feature rotates the first
+``rotary_dim`` channels of the query as those models do. Supported attention
+implementations: ``sdpa`` and ``eager``.
 """
 
 from __future__ import annotations
@@ -47,15 +55,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from prunecore.budget import torch_rank
+from prunecore.budget import keep_count, torch_rank, torch_top_k
 from tokenprune.stats import TokenStats
 
-from .cache import ProxyCache
+from .cache import CompactLayer, FTPCache
 from .router import RandomRouter, RouteInputs, Router, StaticRouter, keep_topk, normalised_positions, score_ranks
 from .schedule import sparsity_schedule
 
 _HANDLES: weakref.WeakKeyDictionary[nn.Module, FTPHandle] = weakref.WeakKeyDictionary()
 _SUPPORTED_ATTN = ("sdpa", "eager")
+PREFILL, DECODE = 0, 1  # statistics phases
 
 
 # ----------------------------------------------------------------------------------------------
@@ -104,18 +113,25 @@ def validate_schedule(schedule, n_layers: int, *, allow_full: bool = False) -> l
     return values
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of ``x (..., D)`` with ``cos``/``sin (..., d)``, ``d <= D``.
+
+    The first ``d`` channels are rotated (rotate-half layout), the rest pass unchanged: the
+    partial-rotary convention of Phi / GPT-NeoX / StableLM; ``d == D`` is the Llama case.
+    """
+    d = cos.shape[-1]
+    rot = x[..., :d]
+    r1, r2 = rot.chunk(2, dim=-1)
+    rot = rot * cos + torch.cat((-r2, r1), dim=-1) * sin
+    return rot if d == x.shape[-1] else torch.cat([rot, x[..., d:]], dim=-1)
 
 
-def _bool_rows(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices of True entries per row, padded. (B, T) bool -> idx (B, K) long, ok (B, K) bool."""
-    counts = mask.sum(1)
-    k = int(counts.max()) if mask.numel() else 0
-    order = torch.sort(torch_rank(mask.to(torch.uint8)), dim=1).indices[:, :k]
-    ok = torch.arange(k, device=mask.device)[None, :] < counts[:, None]
-    return order, ok
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x (B or 1, T, ...)`` at ``index (B, K)`` along dim 1 -> ``(B, K, ...)``."""
+    B, K = index.shape
+    x = x.expand(B, *x.shape[1:])
+    idx = index.reshape(B, K, *([1] * (x.ndim - 2))).expand(B, K, *x.shape[2:])
+    return x.gather(1, idx)
 
 
 def layer_linear_flops(layer: nn.Module) -> int:
@@ -144,7 +160,7 @@ def block_budgets(schedule=None, n_layers: int = 0, *, keep=None, allow_full: bo
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class FTPState:
-    """State shared by the routed layers of one model (one sequence batch at a time)."""
+    """State shared by the routed layers of one model (one forward call at a time)."""
 
     router: Router
     schedule: list  # per block target sparsity (router feature)
@@ -154,19 +170,22 @@ class FTPState:
     compute_scores: bool = True
     nested: bool = False  # no re-entry: prefer tokens the previous block computed
     prev_keep: torch.Tensor | None = None  # (B, T) decisions of the previous block in this call
-    # per sequence (reset when a forward starts without a filled cache)
-    valid: torch.Tensor | None = None  # (B, S) bool, False on padding
-    score: torch.Tensor | None = None  # (B, S) float, latest attention-score feature
-    n_past: int = 0
-    n_new: int = 0
-    decode: bool = False
+    # the current call (set by the base model's pre-hook)
+    cache: FTPCache | None = None  # routing state + compact KV; None = the plain model runs
+    past: int = 0  # slots before this call
+    n_new_host: list | None = None  # valid new tokens per row (host ints), None in a GPU decode step
+    new_all_valid: bool = True  # host: every new token of every row is valid
+    host_cheap: bool = True  # tensors on CPU: reading a value costs no device synchronisation
+    stop_ids: torch.Tensor | None = None  # end-of-sequence ids: decode stats stop after one
+    dense_alive: torch.Tensor | None = None  # (B,) EOS tracking while the plain model runs
     # decisions
     forced: list | None = None  # per layer (B, S_total) bool
     record: bool = False
     decisions: list = field(default_factory=list)
-    # statistics
+    # statistics: per phase (PREFILL, DECODE) per layer, device scalars or 0
     kept: list = field(default_factory=list)
     total: list = field(default_factory=list)
+    dense_tokens: list = field(default_factory=list)  # per phase, tokens run by the plain model
     forward_passes: int = 0
     # training buffers (per layer)
     probs: list = field(default_factory=list)
@@ -176,8 +195,9 @@ class FTPState:
 
     def reset_stats(self) -> None:
         n = len(self.schedule)
-        self.kept = [0] * n
-        self.total = [0] * n
+        self.kept = [[0] * n, [0] * n]
+        self.total = [[0] * n, [0] * n]
+        self.dense_tokens = [0, 0]
         self.forward_passes = 0
 
     def reset_decisions(self) -> None:
@@ -187,6 +207,31 @@ class FTPState:
         n = len(self.schedule)
         self.probs, self.keeps = [None] * n, [None] * n
         self.static_keeps, self.train_valid = [None] * n, [None] * n
+
+    def dense_schedule(self) -> bool:
+        """Every block keeps every token and nothing forces decisions: the plain model can run."""
+        return not self.training and self.forced is None and all(s == 0.0 for s in self.schedule)
+
+
+@dataclass
+class Route:
+    """One layer's decision for one call.
+
+    kind: ``"none"`` (no token computed), ``"all"`` (every valid new token, in order),
+    ``"select"`` (gather ``sel_idx``), ``"masked"`` (compute all new tokens, keep where
+    ``keep``; used where skipping would need a host synchronisation).
+    keep: (B, T) bool decisions; sel_idx: (B, Tq) ascending slots in the call or None (all T);
+    sel_ok: (B, Tq) bool, which computed rows are kept tokens; all_ok: host flag, sel_ok is
+    all True; prob / static: router probabilities and static decisions (training).
+    """
+
+    kind: str
+    keep: torch.Tensor
+    sel_idx: torch.Tensor | None = None
+    sel_ok: torch.Tensor | None = None
+    all_ok: bool = True
+    prob: torch.Tensor | None = None
+    static: torch.Tensor | None = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,7 +253,8 @@ class RoutedLayer(nn.Module):
             or getattr(layer, "attention_type", "full_attention") != "full_attention"
         ):
             raise ValueError(
-                f"decoder layer {layer_idx} uses sliding-window attention; FTP supports full attention only"
+                f"decoder layer {layer_idx} uses per-layer sliding-window attention; FTP supports full attention "
+                "and a model-wide window (Mistral config.sliding_window) only"
             )
         # Mistral-style: the window lives in the config and applies to every layer
         self.window = None if hasattr(attn, "sliding_window") else getattr(attn.config, "sliding_window", None)
@@ -218,12 +264,13 @@ class RoutedLayer(nn.Module):
         self.n_heads = int(cfg.num_attention_heads)
         self.n_kv = int(cfg.num_key_value_heads)
         self.scaling = float(getattr(attn, "scaling", self.head_dim**-0.5))
-        self.kv_valid: torch.Tensor | None = None  # (B, S) bool: cache slot holds real K/V
+        self.sdpa = getattr(cfg, "_attn_implementation", None) == "sdpa"
         self._q = None
         self._capture = False
-        src = attn.q_norm if hasattr(attn, "q_norm") else attn.q_proj
+        src = next(getattr(attn, n) for n in ("q_norm", "q_layernorm", "q_proj") if getattr(attn, n, None) is not None)
         self._hook = src.register_forward_hook(self._q_hook)
-        self._sig = inspect.signature(layer.forward)
+        self._sig = inspect.signature(layer.forward)  # used only for positional calls (bound once per such call)
+        self.cache_arg = "cache" if "cache" in self._sig.parameters else "past_key_values"
 
     # nn.Module attributes of the wrapped layer (e.g. attention_type) stay reachable
     def __getattr__(self, name):
@@ -239,49 +286,185 @@ class RoutedLayer(nn.Module):
     def remove_hooks(self) -> None:
         self._hook.remove()
 
-    # ------------------------------------------------------------------
-    def _decide(self, hidden: torch.Tensor, valid_new: torch.Tensor):
-        """keep (B, T) bool, prob (B, T) or None, static keep or None."""
+    # ------------------------------------------------------------------ decisions
+    def _inputs(self, seq: FTPCache, valid_new: torch.Tensor, s: float, decode: bool) -> RouteInputs:
+        """Router features of the new tokens; a decode step updates them incrementally (no sort)."""
+        st = self.state
+        past = st.past
+        needs = st.router.needs_scores
+        score = seq.score[:, past:]
+        if decode:  # one new token: its position is the last, its rank a count
+            n_before = (seq.n_valid - valid_new[:, 0].long()).float()
+            pos = torch.where(valid_new, (n_before / n_before.clamp_min(1.0))[:, None], 0.0)
+            if needs:
+                greater = ((seq.score[:, :past] > score) & seq.seq_valid[:, :past]).sum(1, keepdim=True)
+                n = (seq.n_valid.clamp_min(2) - 1)[:, None].float()
+                rank = torch.where(valid_new, greater.float() / n, 1.0)
+            else:
+                rank = torch.zeros_like(pos)
+        else:
+            pos = normalised_positions(seq.seq_valid)[:, past:]
+            rank = score_ranks(seq.score, seq.seq_valid)[:, past:] if needs else torch.zeros_like(pos)
+        return RouteInputs(position=pos, score=score, rank=rank, sparsity=s, valid=valid_new, decode=decode)
+
+    def _from_mask(self, keep: torch.Tensor) -> Route:
+        """Route for an arbitrary (B, T) keep mask (replayed decisions; reads the counts)."""
+        counts = keep.sum(1).tolist()
+        Tq = max(counts) if counts else 0
+        if Tq == 0:
+            return Route("none", keep)
+        all_ok = min(counts) == Tq
+        if all_ok and Tq == keep.shape[1]:
+            return Route("all", keep, sel_ok=keep)
+        sel = torch_top_k(keep.to(torch.uint8), Tq)
+        return Route("select", keep, sel_idx=sel, sel_ok=keep.gather(1, sel), all_ok=all_ok)
+
+    def _decide(self, seq: FTPCache, hidden: torch.Tensor, valid_new: torch.Tensor) -> Route:
         st, i = self.state, self.layer_idx
-        s = st.schedule[i]
-        past, T = st.n_past, hidden.shape[1]
+        s, keep_frac = st.schedule[i], st.keep[i]
+        past, (B, T) = st.past, valid_new.shape
+        decode = past > 0 and T == 1
         if st.forced is not None:
             f = st.forced[i]
             if f.shape[1] < past + T:
                 raise ValueError(f"forced decisions for layer {i} cover {f.shape[1]} tokens, need {past + T}")
-            return f[:, past : past + T].to(valid_new.device) & valid_new, None, None
+            return self._from_mask(f[:, past : past + T].to(valid_new.device) & valid_new)
         if s >= 1.0:
-            return torch.zeros_like(valid_new), None, None
-        if s == 0.0 and not st.training:
-            return valid_new.clone(), None, None
-        pos = normalised_positions(st.valid)[:, past:]
-        inputs = RouteInputs(
-            position=pos.to(hidden.device),
-            score=st.score[:, past:].to(hidden.device),
-            rank=score_ranks(st.score, st.valid)[:, past:].to(hidden.device),
-            sparsity=s,
-            valid=valid_new,
-            decode=st.decode,
-        )
+            return Route("none", torch.zeros_like(valid_new))
+        if not st.training and (s == 0.0 or (decode and st.router.decode_keeps_all)):
+            return Route("all", valid_new, sel_ok=valid_new, all_ok=st.new_all_valid)
+        inputs = self._inputs(seq, valid_new, s, decode)
         prob = st.router.keep_prob(inputs)
-        if st.decode:
+        if decode:
             keep = st.router.decode_keep(prob, inputs)
-        else:
-            pri = prob.detach()
-            if st.nested and st.prev_keep is not None:
-                pri = pri + 2.0 * st.prev_keep.to(pri.dtype)
-            if getattr(st.router, "keep_sink", False):
-                first = valid_new & (st.valid.long().cumsum(1)[:, past:] == 1)
-                pri = torch.where(first, torch.full_like(pri, 4.0), pri)
-            keep = keep_topk(pri, valid_new, keep=st.keep[i])
-        static = None
+            if st.host_cheap:  # CPU: a token nobody keeps costs nothing
+                n_kept = int(keep.sum())
+                if n_kept == 0:
+                    return Route("none", keep)
+                if n_kept == B:
+                    return Route("all", keep, sel_ok=keep)
+            return Route("masked", keep, sel_ok=keep, all_ok=False, prob=prob)
+        pri = prob.detach()
+        if st.nested and st.prev_keep is not None:
+            pri = pri + 2.0 * st.prev_keep.to(pri.dtype)
+        if st.router.keep_sink:
+            n_before = (seq.n_valid - valid_new.sum(1))[:, None]
+            first = valid_new & (n_before + valid_new.long().cumsum(1) == 1)
+            pri = torch.where(first, torch.full_like(pri, 4.0), pri)
+        k_rows = [keep_count(int(n), keep_frac) for n in st.n_new_host]
+        Tq = max(k_rows)
+        p = torch.where(valid_new, pri.float(), torch.full((), -float("inf"), device=pri.device))
+        k = torch.tensor(k_rows, device=p.device)
+        keep = (torch_rank(p) < k[:, None]) & valid_new
         if st.training:
-            static = keep_topk(StaticRouter().keep_prob(inputs), valid_new, keep=st.keep[i])
-        return keep, prob, static
+            static = keep_topk(StaticRouter().keep_prob(inputs), valid_new, keep=keep_frac)
+            return Route("select", keep, prob=prob, static=static)
+        if Tq == 0:
+            return Route("none", keep, prob=prob)
+        all_ok = min(k_rows) == Tq
+        if all_ok and Tq == T:
+            return Route("all", keep, sel_ok=keep, prob=prob)
+        sel = torch_top_k(p, Tq)
+        return Route("select", keep, sel_idx=sel, sel_ok=keep.gather(1, sel), all_ok=all_ok, prob=prob)
+
+    def _count(self, seq: FTPCache, keep: torch.Tensor, valid_new: torch.Tensor, all_kept: bool) -> None:
+        st, i = self.state, self.layer_idx
+        phase = DECODE if st.past > 0 and valid_new.shape[1] == 1 else PREFILL
+        counted = valid_new if st.stop_ids is None else valid_new & seq.alive[:, None]
+        n = counted.sum()
+        st.total[phase][i] = st.total[phase][i] + n
+        st.kept[phase][i] = st.kept[phase][i] + (n if all_kept else (keep & counted).sum())
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, hidden_states, *args, **kwargs):
+        st = self.state
+        seq = st.cache
+        if seq is None:
+            return self.layer(hidden_states, *args, **kwargs)
+        kw = self._bind(args, kwargs) if args else dict(kwargs)
+        kw.pop("past_key_values", None)
+        kw.pop("cache", None)
+        kw[self.cache_arg] = seq
+        lay = seq.layers[self.layer_idx]
+        B, T, _ = hidden_states.shape
+        past = st.past
+        if lay.seen != past or seq.seq_valid.shape != (B, past + T):
+            raise ValueError(
+                f"routed layer {self.layer_idx} lost track of its cache ({lay.seen} slots cached, call at {past} "
+                f"with hidden states {tuple(hidden_states.shape)}): attach FTP before the prefill"
+            )
+        valid_new = seq.seq_valid[:, past:]
+        route = self._decide(seq, hidden_states, valid_new)
+        st.prev_keep = route.keep
+        lay.seen = past + T
+        self._count(seq, route.keep, valid_new, route.kind == "all")
+        if st.record:
+            st.decisions[self.layer_idx].append(route.keep.detach())
+        if st.training:
+            return self._forward_train(seq, lay, hidden_states, kw, route, valid_new)
+        if route.kind == "none":
+            lay.complete = False
+            return hidden_states
+        if route.kind == "all" and lay.complete:
+            # the model's own arguments: this layer's cache holds every slot, in order
+            slots = (past + torch.arange(T, device=valid_new.device)).expand(B, T)
+            lay.pending = (slots, valid_new)
+            lay.holes = lay.holes or not st.new_all_valid
+            out = self._call(hidden_states, kw)
+            self._update_scores(seq, lay, kw.get("position_embeddings"), slots, valid_new, st.new_all_valid)
+            return out
+        return self._routed(seq, lay, hidden_states, kw, route)
+
+    def _routed(self, seq: FTPCache, lay: CompactLayer, hidden: torch.Tensor, kw: dict, route: Route):
+        st = self.state
+        past = st.past
+        B, T, H = hidden.shape
+        sel, ok = route.sel_idx, route.sel_ok
+        if sel is None:
+            h, Tq = hidden, T
+            q_slot = (past + torch.arange(T, device=hidden.device)).expand(B, T)
+        else:
+            Tq = sel.shape[1]
+            h = gather_tokens(hidden, sel)
+            pe = kw.get("position_embeddings")
+            if pe is not None:
+                kw["position_embeddings"] = tuple(gather_tokens(t, sel) for t in pe)
+            if kw.get("position_ids") is not None:
+                kw["position_ids"] = gather_tokens(kw["position_ids"], sel)
+            q_slot = past + sel
+        lay.complete = lay.complete and route.kind == "all"  # every slot, in order, with its validity
+        lay.holes = lay.holes or not route.all_ok
+        kw["attention_mask"] = self._mask(lay, q_slot, ok, Tq, hidden.dtype)
+        lay.pending = (q_slot, ok)
+        out = self._call(h, kw)
+        if not route.all_ok:
+            out = torch.where(ok[..., None], out, h)
+        if sel is not None:
+            out = hidden.scatter(1, sel[..., None].expand(B, Tq, H), out.to(hidden.dtype))
+        self._update_scores(seq, lay, kw.get("position_embeddings"), q_slot, ok, route.all_ok)
+        return out
+
+    def _mask(self, lay: CompactLayer, q_slot, q_ok, Tq: int, dtype) -> torch.Tensor | None:
+        """Additive mask (B, 1, Tq, N + Tq) over the layer's compact keys, or None when not needed.
+
+        A query sees valid entries at slots <= its own (inside the window) and always itself.
+        """
+        n_old = lay.entries()
+        window_bites = self.window is not None and self.state.cache.seq_valid.shape[1] > self.window
+        if not lay.holes and not window_bites and (Tq == 1 or (n_old == 0 and self.sdpa)):
+            return None  # every entry is valid and earlier: plain (causal) attention
+        k_slot = q_slot if n_old == 0 else torch.cat([lay.slots, q_slot], 1)
+        k_ok = q_ok if n_old == 0 else torch.cat([lay.valid, q_ok], 1)
+        rel = k_slot[:, None, :] - q_slot[:, :, None]  # (B, Tq, K)
+        allowed = k_ok[:, None, :] & (rel <= 0)
+        if self.window is not None:
+            allowed &= rel > -self.window
+        allowed |= rel == 0
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=q_slot.device)
+        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+        return mask[:, None]
 
     def _bind(self, args, kwargs) -> dict:
-        if not args:
-            return dict(kwargs)
         bound = self._sig.bind_partial(None, *args, **kwargs)
         out = dict(bound.arguments)
         out.pop(next(iter(self._sig.parameters)))
@@ -290,109 +473,6 @@ class RoutedLayer(nn.Module):
             out.update(extra)
         return out
 
-    def forward(self, hidden_states, *args, **kwargs):
-        st = self.state
-        if not st.active or st.valid is None:
-            return self.layer(hidden_states, *args, **kwargs)
-        kw = self._bind(args, kwargs)
-        ckey = "past_key_values" if "past_key_values" in kw else "cache"
-        cache = kw.get(ckey)
-        B, T, _ = hidden_states.shape
-        past = st.n_past
-        if st.valid.shape != (B, past + T):
-            raise ValueError(
-                f"FTP state holds {tuple(st.valid.shape)} tokens but layer {self.layer_idx} "
-                f"got hidden states {tuple(hidden_states.shape)} after {past} cached tokens"
-            )
-        valid_new = st.valid[:, past:]
-        if cache is None or past == 0 or self.kv_valid is None or self.kv_valid.shape != (B, past):
-            self.kv_valid = torch.zeros(B, 0, dtype=torch.bool, device=hidden_states.device)
-            if cache is not None and past > 0:
-                raise ValueError("routed layer lost track of its cache: attach FTP before the prefill")
-        keep, prob, static = self._decide(hidden_states, valid_new)
-        keep = keep.to(hidden_states.device)
-        st.prev_keep = keep
-        holes = bool((st.valid[:, :past] & ~self.kv_valid).any()) if past else False
-        self.kv_valid = torch.cat([self.kv_valid, keep], dim=1)
-        i = self.layer_idx
-        st.kept[i] += int(keep.sum())
-        st.total[i] += int(valid_new.sum())
-        if st.record:
-            st.decisions[i].append(keep.detach().cpu())
-        want_scores = st.compute_scores and st.router.needs_scores
-
-        if st.training:
-            return self._forward_train(hidden_states, kw, ckey, keep, prob, static, valid_new)
-
-        if bool(torch.equal(keep, valid_new)) and not holes:
-            # exact path: the original call (padding tokens computed as in the dense model)
-            if not want_scores:
-                return self.layer(hidden_states, *args, **kwargs)
-            proxy = ProxyCache(cache, T=T)
-            kw[ckey] = proxy
-            out = self._call(hidden_states, kw)
-            self._update_scores(kw, torch.arange(T, device=keep.device).expand(B, T), keep, proxy, key_slots=None)
-            return out
-
-        q_idx, q_ok = _bool_rows(keep)
-        Tq = q_idx.shape[1]
-        if Tq == 0:  # nobody computed in any row: identity, zero K/V for the cache bookkeeping
-            if cache is not None:
-                z = hidden_states.new_zeros(B, self.n_kv, T, self.head_dim)
-                cache.update(z, z.clone(), self.layer_idx)
-            return hidden_states
-        key_valid = torch.cat([self.kv_valid[:, :past], keep], dim=1)  # (B, S)
-        k_idx, k_ok = _bool_rows(key_valid)  # (B, K)
-        if past == 0 and self.window is None and self._sdpa() and bool(q_ok.all()):
-            # fresh prefill, no padding: the keys are exactly the gathered queries, in order, so
-            # the explicit mask is plain causal -> let sdpa use its causal kernel
-            kw["attention_mask"] = None
-        else:
-            kw["attention_mask"] = self._gathered_mask(q_idx + past, q_ok, k_idx, k_ok, hidden_states.dtype)
-        h = hidden_states.new_zeros(B, Tq, hidden_states.shape[-1])
-        h[q_ok] = hidden_states[keep]
-        pe = kw.get("position_embeddings")
-        if pe is not None:
-            cos, sin = (t.expand(B, *t.shape[1:]) for t in pe)
-            cg = cos.new_zeros(B, Tq, cos.shape[-1])
-            cg[q_ok] = cos[keep]
-            sg = sin.new_zeros(B, Tq, sin.shape[-1])
-            sg[q_ok] = sin[keep]
-            kw["position_embeddings"] = (cg, sg)
-        pid = kw.get("position_ids")
-        if pid is not None:
-            pid = pid.expand(B, T)
-            pg = pid.new_zeros(B, Tq)
-            pg[q_ok] = pid[keep]
-            kw["position_ids"] = pg
-        if "cache_position" in kw and kw["cache_position"] is not None:
-            pass  # the real cache is updated with all T slots, so cache_position stays valid
-        proxy = ProxyCache(cache, T=T, S_total=past + T, q_keep=keep, q_ok=q_ok, k_idx=k_idx)
-        kw[ckey] = proxy
-        out_g = self._call(h, kw)
-        out = hidden_states.clone()
-        out[keep] = out_g[q_ok].to(out.dtype)
-        if want_scores:
-            self._update_scores(kw, q_idx, q_ok, proxy, key_slots=(k_idx, k_ok))
-        return out
-
-    def _sdpa(self) -> bool:
-        return getattr(self._attn.config, "_attn_implementation", None) == "sdpa"
-
-    def _gathered_mask(self, q_slot, q_ok, k_idx, k_ok, dtype) -> torch.Tensor:
-        """Additive mask (B, 1, Tq, K): a kept query sees kept keys at slots <= its own slot.
-
-        q_slot: (B, Tq) slots of the gathered queries; q_ok: (B, Tq) real (not padding) rows;
-        k_idx/k_ok: (B, K) slots of the gathered keys and which of them are real.
-        """
-        allowed = k_ok[:, None, :] & (k_idx[:, None, :] <= q_slot[:, :, None])
-        if self.window is not None:
-            allowed &= k_idx[:, None, :] > q_slot[:, :, None] - self.window
-        allowed[:, :, 0] |= ~q_ok  # padded rows: no NaN
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=q_slot.device)
-        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-        return mask[:, None]
-
     def _call(self, h, kw):
         self._capture = self.state.compute_scores and self.state.router.needs_scores
         try:
@@ -400,13 +480,14 @@ class RoutedLayer(nn.Module):
         finally:
             self._capture = False
 
-    # ------------------------------------------------------------------
-    def _forward_train(self, hidden, kw, ckey, keep, prob, static, valid_new):
+    # ------------------------------------------------------------------ training
+    def _forward_train(self, seq, lay, hidden, kw, route, valid_new):
         """Differentiable routing: all tokens run with kept-only keys; straight-through gate."""
         st, i = self.state, self.layer_idx
         B, T, _ = hidden.shape
-        if kw.get(ckey) is not None and st.n_past:
+        if st.past:
             raise ValueError("FTP training mode does not take a filled KV cache")
+        keep, prob = route.keep, route.prob
         ar = torch.arange(T, device=hidden.device)
         causal = ar[None, :] <= ar[:, None]
         if self.window is not None:
@@ -415,75 +496,57 @@ class RoutedLayer(nn.Module):
         mask = torch.zeros(allowed.shape, dtype=hidden.dtype, device=hidden.device)
         mask.masked_fill_(~allowed, torch.finfo(hidden.dtype).min)
         kw["attention_mask"] = mask[:, None]
-        proxy = ProxyCache(None, T=T)
-        kw[ckey] = proxy
+        lay.complete = False
+        lay.pending = (ar.expand(B, T), keep)
         out_full = self._call(hidden, kw)
         if prob is None:
             gate = keep.to(hidden.dtype)
         else:
             gate = keep.to(prob.dtype) + prob - prob.detach()
-            st.probs[i], st.static_keeps[i] = prob, static
+            st.probs[i], st.static_keeps[i] = prob, route.static
         st.keeps[i], st.train_valid[i] = keep, valid_new
         out = hidden + gate[..., None].to(hidden.dtype) * (out_full - hidden)
-        if st.compute_scores and st.router.needs_scores:
-            with torch.no_grad():
-                self._update_scores(kw, ar.expand(B, T), keep, proxy, key_slots=None, key_valid=keep)
+        self._update_scores(seq, lay, kw.get("position_embeddings"), ar.expand(B, T), keep, False)
         return out
 
+    # ------------------------------------------------------------------ score feature
     @torch.no_grad()
-    def _update_scores(self, kw, q_idx, q_ok, proxy, *, key_slots, key_valid=None):
-        """Attention of the last computed token of each row to the keys it may see -> state.score.
+    def _update_scores(self, seq: FTPCache, lay: CompactLayer, pe, q_slot, q_ok, all_ok: bool) -> None:
+        """Attention of the last computed token of each row to the layer's entries -> ``seq.score``.
 
-        q_idx: (B, Tq) slots (in the current call) of the query rows the layer ran on;
-        q_ok: (B, Tq) bool, which of those rows are real computed tokens (kept, not padding).
-        key_slots: (k_idx, k_ok) of the keys returned by the proxy, or None when the proxy
-        returned every slot ``0..S-1`` (then ``key_valid`` (B, T) or the state decides validity).
+        q_slot: (B, Tq) slots of the query rows the layer ran on; q_ok: (B, Tq) which of them
+        are kept tokens; pe: the (cos, sin) the attention received for those rows.
         """
-        st = self.state
         q = self._q
         self._q = None
-        if q is None or proxy.keys is None:
+        if q is None:
             return
-        B, Tq = q_idx.shape
-        self._T_call = st.valid.shape[1] - st.n_past
-        has = q_ok.any(1)
-        last = (Tq - 1) - q_ok.flip(1).to(torch.uint8).argmax(1)  # (B,) last computed row
+        B, Tq = q_slot.shape
         rows = torch.arange(B, device=q.device)
-        q_last = q.reshape(B, q.shape[1], -1, self.head_dim)[rows, last]  # (B, H, D) pre-rope
-        if q_last.shape[1] != self.n_heads:
-            return
-        pe = kw.get("position_embeddings")
-        if pe is not None:
-            cos, sin = (t.expand(B, *t.shape[1:]) for t in pe)
-            c, s = cos[rows, last][:, None, :], sin[rows, last][:, None, :]
-            if c.shape[-1] == self.head_dim:
-                q_last = q_last * c + _rotate_half(q_last) * s
-        keys = proxy.keys  # (B, Hkv, K, D)
-        if keys.shape[1] != self.n_heads:
-            keys = keys.repeat_interleave(self.n_heads // keys.shape[1], dim=1)
-        logits = torch.einsum("bhd,bhkd->bhk", q_last.float(), keys.float()) * self.scaling
-        past = st.n_past
-        q_slot = past + q_idx[rows, last]  # (B,)
-        if key_slots is None:
-            S = keys.shape[2]
-            slots = (torch.arange(S, device=q.device) + (past + self._T_call - S)).expand(B, S)
-            if key_valid is not None:
-                kv = torch.cat([self.kv_valid[:, :past], key_valid], 1)[:, -S:] if past else key_valid
-            else:
-                kv = self.kv_valid[:, -S:]
-            ok = kv.clone()
+        if all_ok:
+            last = torch.full((B,), Tq - 1, device=q.device)
         else:
-            slots, ok = key_slots
-            ok = ok.clone()
-        ok &= slots <= q_slot[:, None]
+            last = (Tq - 1) - q_ok.flip(1).to(torch.uint8).argmax(1)  # (B,) last computed row
+        q_last = q.reshape(B, Tq, -1, self.head_dim)[rows, last]  # (B, H, D) before rotary
+        if q_last.shape[1] != self.n_heads:
+            raise ValueError(f"layer {self.layer_idx}: captured {q_last.shape[1]} query heads, expected {self.n_heads}")
+        if pe is not None:
+            cos, sin = (t.expand(B, *t.shape[1:])[rows, last][:, None, :] for t in pe)
+            q_last = apply_rotary(q_last, cos.to(q_last.dtype), sin.to(q_last.dtype))
+        keys = lay.keys  # (B, Hkv, N, D)
+        g = self.n_heads // keys.shape[1]
+        qg = q_last.reshape(B, keys.shape[1], g, self.head_dim).to(keys.dtype)
+        logits = torch.einsum("bkgd,bknd->bkgn", qg, keys).float() * self.scaling
+        q_slot_last = q_slot[rows, last][:, None]
+        ok = lay.valid & (lay.slots <= q_slot_last)
         if self.window is not None:
-            ok &= slots > q_slot[:, None] - self.window
-        ok &= has[:, None]
-        logits = logits.masked_fill(~ok[:, None, :], -float("inf"))
-        a = torch.softmax(logits, dim=-1).nan_to_num(0.0).mean(1)  # (B, K)
-        n = ok.sum(1, keepdim=True).clamp_min(1)
-        feat = torch.log1p(a * n)
-        st.score[rows[:, None].expand_as(slots)[ok], slots[ok]] = feat[ok].to(st.score.dtype)
+            ok &= lay.slots > q_slot_last - self.window
+        if not all_ok:
+            ok &= q_ok.any(1, keepdim=True)
+        logits = logits.masked_fill(~ok[:, None, None, :], -float("inf"))
+        a = torch.softmax(logits, dim=-1).nan_to_num(0.0).mean((1, 2))  # (B, N)
+        feat = torch.log1p(a * ok.sum(1, keepdim=True).clamp_min(1))
+        seq.score.scatter_(1, lay.slots, torch.where(ok, feat, seq.score.gather(1, lay.slots)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -492,10 +555,10 @@ class RoutedLayer(nn.Module):
 class FTPHandle:
     """Result of :func:`attach_ftp`: a context manager (yields the model) and a control panel."""
 
-    def __init__(self, model, base, layers, originals, wrappers, state, hook):
+    def __init__(self, model, base, layers, originals, wrappers, state, hooks):
         self.model, self.base, self.layers = model, base, layers
         self.originals, self.wrappers, self.state = originals, wrappers, state
-        self._hook = hook
+        self._hooks = hooks
         self.attached = True
         self.flops_per_token = [layer_linear_flops(m) for m in originals]
 
@@ -514,7 +577,8 @@ class FTPHandle:
         for i, orig in enumerate(self.originals):
             self.wrappers[i].remove_hooks()
             self.layers[i] = orig
-        self._hook.remove()
+        for h in self._hooks:
+            h.remove()
         self.attached = False
         _HANDLES.pop(self.model, None)
 
@@ -527,8 +591,16 @@ class FTPHandle:
         self.state.reset_stats()
 
     def set_router(self, router: Router) -> None:
-        _check_router(router)
+        check_router(router)
         self.state.router = router
+
+    def set_stop_tokens(self, token_ids) -> None:
+        """Decode statistics stop counting a row once it fed one of ``token_ids`` (its EOS).
+
+        ``None`` counts every routed token (the compute actually spent).
+        """
+        ids = None if token_ids is None else torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
+        self.state.stop_ids = ids
 
     @contextlib.contextmanager
     def paused(self):
@@ -551,8 +623,8 @@ class FTPHandle:
             self.state.record = False
 
     def decisions(self) -> list[torch.Tensor]:
-        """Per layer, the recorded decisions of all calls concatenated: (B, S) bool."""
-        return [torch.cat(d, dim=1) if d else torch.zeros(0, 0, dtype=torch.bool) for d in self.state.decisions]
+        """Per layer, the recorded decisions of all calls concatenated: (B, S) bool on the CPU."""
+        return [torch.cat(d, dim=1).cpu() if d else torch.zeros(0, 0, dtype=torch.bool) for d in self.state.decisions]
 
     @contextlib.contextmanager
     def forced(self, decisions):
@@ -568,41 +640,61 @@ class FTPHandle:
     def reset_stats(self) -> None:
         self.state.reset_stats()
 
-    def stats(self) -> TokenStats:
-        """Routing counts since the last reset, as one :class:`~tokenprune.stats.TokenStats`.
-
-        ``tokens_in``/``tokens_kept``: token-block pairs routed / computed (summed over blocks);
-        ``forward_passes``: base-model forward calls. ``extras``: ``sparsity_per_block``,
-        ``mean_sparsity``, ``target_per_block``, ``keep_per_block``, ``tokens_in_per_block``,
-        ``tokens_kept_per_block`` and the FLOPs of the decoder layers' linear maps
-        (``layer_flops_dense``, ``layer_flops_saved``, ``flops_saved_frac``).
-        """
-        st = self.state
-        kept, total = [int(k) for k in st.kept], [int(t) for t in st.total]
+    def _phase(self, kept: list[int], total: list[int]) -> dict:
+        flops = self.flops_per_token
         sp = [1.0 - k / t if t else 0.0 for k, t in zip(kept, total)]
-        dense = sum(t * f for t, f in zip(total, self.flops_per_token))
-        saved = sum((t - k) * f for k, t, f in zip(kept, total, self.flops_per_token))
-        extras = {
+        dense = sum(t * f for t, f in zip(total, flops))
+        saved = sum((t - k) * f for k, t, f in zip(kept, total, flops))
+        return {
             "sparsity_per_block": sp,
             "mean_sparsity": sum(t - k for k, t in zip(kept, total)) / max(sum(total), 1),
-            "target_per_block": list(st.schedule),
-            "keep_per_block": list(st.keep),
+            "tokens": max(total, default=0),
             "tokens_in_per_block": total,
             "tokens_kept_per_block": kept,
             "layer_flops_dense": dense,
             "layer_flops_saved": saved,
             "flops_saved_frac": saved / dense if dense else 0.0,
         }
+
+    def stats(self) -> TokenStats:
+        """Routing counts since the last reset, as one :class:`~tokenprune.stats.TokenStats`.
+
+        Reads the device counters once. ``tokens_in``/``tokens_kept``: token-block pairs routed /
+        computed (summed over blocks and phases); ``forward_passes``: base-model forward calls.
+        ``extras``: ``sparsity_per_block``, ``mean_sparsity``, ``target_per_block``,
+        ``keep_per_block``, ``tokens_in_per_block``, ``tokens_kept_per_block``, the FLOPs of the
+        decoder layers' linear maps (``layer_flops_dense``, ``layer_flops_saved``,
+        ``flops_saved_frac``), and the same per phase under ``"prefill"`` and ``"decode"``
+        (a decode step is a call of one new token per row against a cache).
+        """
+        st = self.state
+        n = len(st.schedule)
+        counts = torch.tensor(
+            [[float(st.kept[p][i] + st.dense_tokens[p]) for i in range(n)] for p in (PREFILL, DECODE)]
+            + [[float(st.total[p][i] + st.dense_tokens[p]) for i in range(n)] for p in (PREFILL, DECODE)]
+        ).long()
+        kept_p, kept_d, total_p, total_d = (row.tolist() for row in counts)
+        kept = [a + b for a, b in zip(kept_p, kept_d)]
+        total = [a + b for a, b in zip(total_p, total_d)]
+        extras = self._phase(kept, total) | {
+            "target_per_block": list(st.schedule),
+            "keep_per_block": list(st.keep),
+            "prefill": self._phase(kept_p, total_p),
+            "decode": self._phase(kept_d, total_d),
+        }
+        extras.pop("tokens")
         return TokenStats("ftp", sum(total), sum(kept), st.forward_passes, extras)
 
 
-def _check_router(router) -> None:
+def check_router(router) -> None:
+    """Raise a TypeError unless ``router`` is a :class:`~tokenprune.ftp.router.Router`."""
     if not isinstance(router, Router):
         raise TypeError(f"router must be a TokenRouter, StaticRouter or RandomRouter, got {type(router).__name__}")
 
 
-def _base_pre_hook(state: FTPState, wrappers):
+def _base_pre_hook(state: FTPState, n_layers: int, cache_arg: str):
     def hook(module, args, kwargs):
+        state.cache = None
         if not state.active:
             return None
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -611,8 +703,12 @@ def _base_pre_hook(state: FTPState, wrappers):
         if x is None:
             raise ValueError("FTP needs input_ids or inputs_embeds")
         B, T = x.shape[0], x.shape[1]
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        past = int(cache.get_seq_length()) if cache is not None else 0
+        given_key = next((k for k in ("cache", "past_key_values") if kwargs.get(k) is not None), None)
+        given = kwargs.get(given_key) if given_key else None
+        past = given.get_seq_length() if given is not None else 0
+        routed = isinstance(given, FTPCache) or not state.dense_schedule()
+        if routed and past and not isinstance(given, FTPCache):
+            raise ValueError("FTP was attached after the cache was filled; attach before the prefill")
         am = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         if am is not None:
             if am.ndim != 2:
@@ -622,20 +718,50 @@ def _base_pre_hook(state: FTPState, wrappers):
             new_valid = am[:, past:].bool().to(x.device)
         else:
             new_valid = torch.ones(B, T, dtype=torch.bool, device=x.device)
-        if past == 0 or state.valid is None or state.valid.shape != (B, past):
-            if past:
-                raise ValueError("FTP was attached after the cache was filled; attach before the prefill")
-            state.valid = new_valid
-            state.score = torch.zeros(B, T, dtype=torch.float32, device=x.device)
-        else:
-            state.valid = torch.cat([state.valid, new_valid], 1)
-            state.score = torch.cat([state.score, torch.zeros(B, T, dtype=torch.float32, device=x.device)], 1)
-        state.n_past, state.n_new = past, T
         state.forward_passes += 1
-        state.decode = past > 0 and T == 1
         state.prev_keep = None
+        state.host_cheap = x.device.type == "cpu"
+        stop = None
+        if state.stop_ids is not None and ids is not None and past:
+            stop = torch.isin(ids, state.stop_ids.to(ids.device)).any(1)
+        if not routed:  # the plain model runs (all-zero schedule); count its tokens
+            if not past or state.dense_alive is None:
+                state.dense_alive = torch.ones(B, dtype=torch.bool, device=x.device)
+            elif stop is not None:
+                state.dense_alive = state.dense_alive & ~stop
+            counted = new_valid if state.stop_ids is None else new_valid & state.dense_alive[:, None]
+            phase = DECODE if past and T == 1 else PREFILL
+            state.dense_tokens[phase] = state.dense_tokens[phase] + counted.sum()
+            return None
+        seq = given if isinstance(given, FTPCache) else FTPCache(n_layers)
+        if past == 0 or T > 1 or state.host_cheap:
+            state.n_new_host = new_valid.sum(1).tolist()
+            state.new_all_valid = all(n == T for n in state.n_new_host)
+        else:  # a GPU decode step: no read-back; generate appends valid tokens
+            state.n_new_host, state.new_all_valid = None, True
+        seq.append_tokens(new_valid, padded=not state.new_all_valid)
+        if stop is not None and past:
+            seq.alive = seq.alive & ~stop
+        state.past, state.cache = past, seq
         if isinstance(state.router, RandomRouter) and past == 0:
             state.router.reset()
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(getattr(module, "config", None), "use_cache", True)
+        if use_cache or given is not None:
+            kwargs = dict(kwargs)
+            kwargs.pop("past_key_values", None)
+            kwargs.pop("cache", None)
+            kwargs[cache_arg] = seq
+            return args, kwargs
+        return None
+
+    return hook
+
+
+def _base_post_hook(state: FTPState):
+    def hook(module, args, kwargs, output):
+        state.cache = None  # the routing state lives on in the returned cache, if any
         return None
 
     return hook
@@ -672,7 +798,7 @@ def attach_ftp(
     Returns:
         :class:`FTPHandle`; use ``with attach_ftp(...) as model:`` to detach on exit.
     """
-    _check_router(router)
+    check_router(router)
     if model in _HANDLES:
         raise ValueError("FTP is already attached to this model; detach it first")
     base, layers = find_decoder(model)
@@ -696,8 +822,12 @@ def attach_ftp(
         raise
     for i, w in enumerate(wrappers):
         layers[i] = w
-    hook = base.register_forward_pre_hook(_base_pre_hook(state, wrappers), with_kwargs=True)
-    handle = FTPHandle(model, base, layers, originals, wrappers, state, hook)
+    cache_arg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    hooks = [
+        base.register_forward_pre_hook(_base_pre_hook(state, len(layers), cache_arg), with_kwargs=True),
+        base.register_forward_hook(_base_post_hook(state), with_kwargs=True),
+    ]
+    handle = FTPHandle(model, base, layers, originals, wrappers, state, hooks)
     _HANDLES[model] = handle
     return handle
 

@@ -1,49 +1,186 @@
-"""The cache a routed layer's attention talks to (see :mod:`tokenprune.ftp.attach`)."""
+"""A compact per-layer KV cache for FTP (a transformers ``Cache``).
+
+Each layer stores only the K/V of the tokens it computed, ``(B, H_kv, N_l, D)``, with their
+original slots ``(B, N_l)`` and a validity mask ``(B, N_l)`` (False for padding, and for
+entries a batch row did not compute while another row did). ``N_l`` is the largest number of
+tokens any row computed in that layer, so the KV memory shrinks with the sparsity.
+
+The cache also carries the per-sequence routing state (validity of every slot, the latest
+attention-score feature, the valid-token count, and which rows are still before an
+end-of-sequence token), so that beam search reorders it together with the K/V
+(:meth:`FTPCache.reorder_cache`, :meth:`FTPCache.batch_select_indices`,
+:meth:`FTPCache.batch_repeat_interleave`).
+
+``get_seq_length()`` is the number of slots seen (prompt plus generated tokens), as with a
+dense cache, so ``generate``'s position bookkeeping and the model's mask sizes stay correct.
+"""
 
 from __future__ import annotations
 
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
 
-class ProxyCache:
-    """What the wrapped attention sees as its cache; only ``update`` is used by the attention.
 
-    ``update`` receives the K/V of the gathered query tokens ``(B, H_kv, Tq, D)``, writes them
-    (at their slots, zeros elsewhere) into the real cache when there is one, and returns the K/V
-    of the key slots the layer may attend to, ``(B, H_kv, K, D)``.
+class CompactLayer(CacheLayerMixin):
+    """One layer's compact K/V.
+
+    Attributes:
+        keys, values: (B, H_kv, N, D) K/V of the entries (after rotary embeddings).
+        slots: (B, N) long, the original slot of every entry.
+        valid: (B, N) bool, entries a query may attend to.
+        seen: slots processed by this layer so far (host int; skipped tokens count).
+        complete: host flag, the layer holds every slot ``0..seen-1`` in order with the
+            sequence's validity (a dense layer: the model's own mask is right for it).
+        holes: host flag, some entry is invalid (attention then needs an explicit mask).
+        pending: ``(slots (B, Tq), valid (B, Tq))`` of the next :meth:`update`, set by the
+            routed layer before it calls the wrapped attention.
     """
 
-    def __init__(self, real, *, T, S_total=None, q_keep=None, q_ok=None, k_idx=None):
-        self.real = real
-        self.T = T
-        self.S_total = T if S_total is None else S_total
-        self.q_keep = q_keep  # (B, T) bool or None (= identity, all T queries in order)
-        self.q_ok = q_ok  # (B, Tq) bool
-        self.k_idx = k_idx  # (B, K) long slots to return, or None (= everything)
-        self.keys = None
+    is_sliding = False
+    is_croppable = False
 
-    def _full(self, x):
-        if self.q_keep is None:
-            return x
-        B, H, _, D = x.shape
-        full = x.new_zeros(B, self.T, H, D)
-        full[self.q_keep] = x.transpose(1, 2)[self.q_ok]
-        return full.transpose(1, 2)
+    def __init__(self):
+        super().__init__()
+        self.slots: torch.Tensor | None = None
+        self.valid: torch.Tensor | None = None
+        self.seen = 0
+        self.complete = True
+        self.holes = False
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        k, v = self._full(key_states), self._full(value_states)
-        if self.real is not None:
-            k, v = self.real.update(k, v, layer_idx, *args, **kwargs)
-        if self.k_idx is not None:
-            # a sliding-window cache returns only the last slots; older ones are outside the
-            # window of every query of this call (masked), so clamping their index is harmless
-            offset = self.S_total - k.shape[2]
-            kidx = (self.k_idx - offset).clamp_min(0)
-            idx = kidx[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
-            k, v = k.gather(2, idx), v.gather(2, idx)
-        self.keys = k
-        return k, v
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        B, H, _, D = key_states.shape
+        dev = key_states.device
+        self.keys = key_states.new_zeros(B, H, 0, D)
+        self.values = value_states.new_zeros(B, value_states.shape[1], 0, value_states.shape[3])
+        self.slots = torch.zeros(B, 0, dtype=torch.long, device=dev)
+        self.valid = torch.zeros(B, 0, dtype=torch.bool, device=dev)
+        self.is_initialized = True
 
-    def __getattr__(self, name):  # anything else (rarely used by attention code) -> real cache
-        real = self.__dict__.get("real")
-        if real is None:
-            raise AttributeError(name)
-        return getattr(real, name)
+    def update(self, key_states, value_states, *args, **kwargs):
+        """Append the staged entries; return every entry's K/V ``(B, H_kv, N + Tq, D)``."""
+        if self.pending is None:
+            raise RuntimeError("FTP cache layer updated without staged slots; the layer must be wrapped by attach_ftp")
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        slots, ok = self.pending
+        self.pending = None
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        self.slots = torch.cat([self.slots, slots], dim=1)
+        self.valid = torch.cat([self.valid, ok], dim=1)
+        return self.keys, self.values
+
+    def entries(self) -> int:
+        """N, the number of stored entries (0 before the first update)."""
+        return 0 if self.keys is None else int(self.keys.shape[-2])
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.__init__()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("the FTP cache cannot be cropped (assisted decoding is not supported with FTP)")
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep/reorder batch rows: ``index`` (B',) long."""
+        if self.is_initialized:
+            index = index.to(self.keys.device)
+            self.keys, self.values = self.keys.index_select(0, index), self.values.index_select(0, index)
+            self.slots, self.valid = self.slots.index_select(0, index), self.valid.index_select(0, index)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.select_rows(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.select_rows(torch.as_tensor(indices).reshape(-1))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            B = self.keys.shape[0]
+            self.select_rows(torch.arange(B, device=self.keys.device).repeat_interleave(repeats))
+
+
+class FTPCache(Cache):
+    """Compact per-layer KV cache plus the per-sequence routing state of FTP.
+
+    Attributes (the routing state; all ``(B, ...)`` on the model's device):
+        seq_valid: (B, S) bool, False on padding slots.
+        score: (B, S) float32, the latest attention-score feature of every slot.
+        n_valid: (B,) long, valid slots so far.
+        alive: (B,) bool, False once the row fed an end-of-sequence token (statistics only).
+        padded: host flag, some slot so far is padding.
+    """
+
+    def __init__(self, n_layers: int):
+        super().__init__(layers=[CompactLayer() for _ in range(n_layers)])
+        self.seq_valid: torch.Tensor | None = None
+        self.score: torch.Tensor | None = None
+        self.n_valid: torch.Tensor | None = None
+        self.alive: torch.Tensor | None = None
+        self.padded = False
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.layers[layer_idx].seen
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        return self.layers[layer_idx].get_mask_sizes(query_length)
+
+    def past_length(self) -> int:
+        """Slots before the current call (the routing state's length minus the new tokens)."""
+        return 0 if self.seq_valid is None else int(self.seq_valid.shape[1])
+
+    def append_tokens(self, valid_new: torch.Tensor, *, padded: bool) -> None:
+        """Grow the routing state by the ``(B, T)`` bool validity of a call's new tokens."""
+        B, T = valid_new.shape
+        new_score = torch.zeros(B, T, dtype=torch.float32, device=valid_new.device)
+        if self.seq_valid is None:
+            self.seq_valid, self.score = valid_new, new_score
+            self.n_valid = valid_new.sum(1)
+            self.alive = torch.ones(B, dtype=torch.bool, device=valid_new.device)
+        else:
+            self.seq_valid = torch.cat([self.seq_valid, valid_new], 1)
+            self.score = torch.cat([self.score, new_score], 1)
+            self.n_valid = self.n_valid + valid_new.sum(1)
+        self.padded = self.padded or padded
+
+    def _select_state(self, index: torch.Tensor) -> None:
+        if self.seq_valid is not None:
+            index = index.to(self.seq_valid.device)
+            self.seq_valid, self.score = self.seq_valid.index_select(0, index), self.score.index_select(0, index)
+            self.n_valid, self.alive = self.n_valid.index_select(0, index), self.alive.index_select(0, index)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._select_state(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._select_state(torch.as_tensor(indices).reshape(-1))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.seq_valid is not None:
+            B = self.seq_valid.shape[0]
+            self._select_state(torch.arange(B, device=self.seq_valid.device).repeat_interleave(repeats))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("the FTP cache cannot be cropped (assisted decoding is not supported with FTP)")
+
+
+def cache_nbytes(cache) -> int:
+    """Bytes held by the K/V tensors of a transformers cache (an :class:`FTPCache` or a dense one)."""
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total

@@ -134,6 +134,7 @@ class Router:
 
     needs_scores = False
     keep_sink = False
+    decode_keeps_all = False  # decode_keep is always the validity (no router call needed)
 
     def keep_prob(self, inputs: RouteInputs) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
@@ -150,6 +151,8 @@ class StaticRouter(Router):
     others, so top-k keeps ``x_0, x_{L-1}, x_{L-2}, ...`` and a new decode token (position 1)
     is always kept.
     """
+
+    decode_keeps_all = True
 
     def keep_prob(self, inputs: RouteInputs) -> torch.Tensor:
         first = inputs.valid & (inputs.valid.long().cumsum(1) == 1)
