@@ -21,7 +21,35 @@ def ensure_clustering(
         return kmeans(emb, k, seed=seed, device=device, niter=niter)
     if clustering.labels.shape != (n,):
         raise ValueError(f"clustering covers {clustering.labels.shape[0]} rows, embeddings have {n}")
+    check_clustering(clustering)
     return clustering
+
+
+def check_clustering(clustering: Clustering) -> None:
+    """Raise ValueError unless every label is a centroid id in [0, k) and every sim is finite
+    (a negative label would silently index centroids from the end; NaN would silently reorder)."""
+    labels, k = np.asarray(clustering.labels), int(clustering.centroids.shape[0])
+    if labels.size == 0:
+        return
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"cluster labels must be integers, got {labels.dtype}")
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= k:
+        bad = int(np.flatnonzero((labels < 0) | (labels >= k))[0])
+        raise ValueError(
+            f"cluster label {int(labels[bad])} at row {bad} is outside [0, {k}) ({k} centroids): "
+            "labels must index the clustering's centroids"
+        )
+    sim = np.asarray(clustering.sim)
+    if sim.shape != labels.shape:
+        raise ValueError(f"clustering.sim has shape {sim.shape}, labels {labels.shape}")
+    finite = np.isfinite(sim)
+    if not finite.all():
+        bad = int(np.flatnonzero(~finite)[0])
+        raise ValueError(
+            f"clustering.sim has {int((~finite).sum())} non-finite value(s) (first at row {bad}: {sim[bad]}): "
+            "recompute the row-centroid similarities"
+        )
 
 
 def check_embeddings(emb):

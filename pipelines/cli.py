@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import pickle
 import sys
 
-from .shards.run import FilterConfig, default_steps, run_filter
+from .shards.run import FilterConfig, check_config, default_steps, filter_config, run_filter
 from .shards.steps import STEPS
 
 DEFAULTS = FilterConfig()
@@ -57,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--encoder",
-        help="MODULE:FACTORY of your own encoder (an object with "
-        ".fingerprint and .encode_images(list of PIL images) -> (B, d)); "
+        help="MODULE:FACTORY of your own encoder: prunekit IMPORTS that module and CALLS that factory "
+        "(with --encoder-kwargs), so this runs your code with your permissions; give only code you trust. "
+        "The factory returns an object with .fingerprint and .encode_images(list of PIL images) -> (B, d); "
         "replaces --model",
     )
     g.add_argument("--encoder-kwargs", default="{}", help="JSON keyword arguments of the --encoder factory")
@@ -79,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--strict",
         action="store_true",
-        help="stop on the first missing/undecodable image or corrupt shard instead of counting and reporting it",
+        help="stop on the first missing/undecodable image, corrupt shard, non-UTF-8 or unsafe (../, absolute) "
+        "member name instead of counting and reporting it",
     )
     c = f.add_argument_group("clustering")
     c.add_argument("--clusters", type=int, default=DEFAULTS.clusters, help="k of spherical k-means")
@@ -136,6 +140,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     r.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
+    r.add_argument(
+        "--verify",
+        action="store_true",
+        help="before trusting a finished stage, check the sha256 of all its files (default: sizes, and "
+        "sha256 of files whose mtime changed); a changed file is redone",
+    )
+    r.add_argument(
+        "--wait-lock",
+        action="store_true",
+        help="when another run holds --out, wait for it instead of exiting with an error",
+    )
 
     rep = sub.add_parser("report", help="write OUT/report/index.html with plots")
     rep.add_argument("out", help="the folder given to `prunekit filter --out`")
@@ -150,11 +165,38 @@ def main(argv=None) -> int:
         if args.command == "filter":
             return _filter(args)
         return _report(args)
-    except (ValueError, FileNotFoundError, TypeError) as exc:
+    except KeyboardInterrupt:
+        print(f"prunekit {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as exc:  # every failure: one line naming what and the fix, exit code 2
         if os.environ.get("PRUNEKIT_DEBUG"):
             raise
-        print(f"prunekit {args.command}: error: {exc}", file=sys.stderr)
+        print(f"prunekit {args.command}: error: {error_line(exc, args)}", file=sys.stderr)
         return 2
+
+
+def error_line(exc: BaseException, args) -> str:
+    """One line for a failure: the message's first line, with the file and the fix where the
+    exception type says what happened (disk full, a refused checkpoint, an I/O error)."""
+    lines = str(exc).strip().splitlines()
+    first = lines[0] if lines else type(exc).__name__
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = exc.filename or getattr(args, "out", "")
+        return (
+            f"no space left on the device writing {where}: free space (or use another --out) "
+            "and rerun the same command; finished work is kept and resumed"
+        )
+    if isinstance(exc, pickle.UnpicklingError) or "weights_only" in first.lower():
+        return (
+            f"the checkpoint {getattr(args, 'pretrained', None) or ''} was refused: it is not a plain tensor "
+            f"file that torch loads with weights_only=True ({first}); export its state_dict (or safetensors) "
+            "from a trusted copy and pass that"
+        )
+    if isinstance(exc, OSError) and exc.filename:
+        return f"{exc.strerror or first}: {exc.filename}"
+    if isinstance(exc, (ValueError, TypeError, FileNotFoundError, OSError)):
+        return first
+    return f"{type(exc).__name__}: {first} (set PRUNEKIT_DEBUG=1 to see the traceback)"
 
 
 def _filter(args) -> int:
@@ -164,10 +206,7 @@ def _filter(args) -> int:
         torch.set_num_threads(args.threads)
     if not args.shards and not args.embeddings:
         raise ValueError("give shards and/or --embeddings")
-    encoder = None
-    if args.encoder:
-        encoder = load_encoder_factory(args.encoder, args.encoder_kwargs)
-    elif args.embeddings is None and args.model is None:
+    if not args.encoder and args.embeddings is None and args.model is None:
         raise ValueError("give --model (and --pretrained) to embed, or --embeddings")
     steps = default_steps(
         dedup_eps=args.dedup_eps,
@@ -182,10 +221,7 @@ def _filter(args) -> int:
         clip_score_min=args.clip_score_min,
         clip_score_keep=args.clip_score_keep,
     )
-    result = run_filter(
-        args.shards or None,
-        args.out,
-        encoder=encoder,
+    config = filter_config(
         model=args.model,
         pretrained=args.pretrained,
         precision=args.precision,
@@ -209,7 +245,12 @@ def _filter(args) -> int:
         backend=args.backend,
         ray_address=args.ray_address,
         progress=not args.quiet,
+        verify=args.verify,
+        wait_lock=args.wait_lock,
     )
+    check_config(config)  # every option, before the encoder is imported or any work starts
+    encoder = load_encoder_factory(args.encoder, args.encoder_kwargs) if args.encoder else None
+    result = run_filter(args.shards or None, args.out, config, encoder=encoder)
     print()
     print(result.table())
     print(f"\nkeep-list: {result.out / 'select' / 'keep.parquet'}")
@@ -219,7 +260,10 @@ def _filter(args) -> int:
 
 
 def load_encoder_factory(spec: str, kwargs_json: str = "{}"):
-    """``"package.module:factory"`` -> ``factory(**kwargs)`` (an encoder object)."""
+    """``"package.module:factory"`` -> ``factory(**kwargs)`` (an encoder object).
+
+    This imports ``package.module`` and calls ``factory``: it runs that code, like any
+    Python import (only pass code you trust)."""
     import importlib
     import json
 
@@ -230,7 +274,13 @@ def load_encoder_factory(spec: str, kwargs_json: str = "{}"):
         factory = getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as exc:
         raise ValueError(f"cannot import encoder factory {spec!r}: {exc}") from exc
-    encoder = factory(**json.loads(kwargs_json))
+    try:
+        kwargs = json.loads(kwargs_json)
+    except ValueError as exc:
+        raise ValueError(f"--encoder-kwargs is not JSON ({exc}): pass an object such as '{{\"dim\": 64}}'") from None
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"--encoder-kwargs must be a JSON object, got {kwargs_json!r}")
+    encoder = factory(**kwargs)
     if not hasattr(encoder, "fingerprint") or not hasattr(encoder, "encode_images"):
         raise TypeError(f"{spec} returned {type(encoder).__name__}, which lacks .fingerprint or .encode_images")
     return encoder

@@ -22,7 +22,15 @@ import pytest
 from conftest import REPO, shared_data_dir
 
 from dataprune import prune_dbp, semdedup
-from pipelines.shards import PipelineError, expand_shards, iter_shard, plan_output_shards, run_filter, split_member_name
+from pipelines.shards import (
+    PipelineError,
+    ShardError,
+    expand_shards,
+    iter_shard,
+    plan_output_shards,
+    run_filter,
+    split_member_name,
+)
 from prunecore import ChunkedRows, Clustering, kmeans
 
 N_SHARDS, PER_SHARD, N_DUP = 3, 80, 8
@@ -243,7 +251,8 @@ def test_output_shards_hold_exactly_the_kept_samples_byte_identical(e2e, shard_d
 
 def test_rerun_skips_and_param_change_reruns_downstream(e2e, shard_dir, tiny_model):
     out, _ = e2e
-    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    # every file but the lock (which records each run's pid/host) stays untouched on a skip
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != ".prunekit.lock"}
     res = run_filter(
         pattern(shard_dir),
         out,
@@ -256,7 +265,7 @@ def test_rerun_skips_and_param_change_reruns_downstream(e2e, shard_dir, tiny_mod
         log=lambda *_: None,
     )
     assert all(st.skipped for st in res.stages.values())
-    after = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    after = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != ".prunekit.lock"}
     assert after == before
     assert "skipped" in res.table()
     # a different keep fraction: embed and cluster reused, select and write rerun
@@ -390,11 +399,12 @@ def _cli(out: Path, shards: str, die: str | None = None) -> subprocess.Completed
 
 
 def _artifact_bytes(out: Path) -> dict[str, bytes]:
-    """Every artifact file except the stage records (which hold timings)."""
+    """Every artifact file except the stage records (which hold timings) and the marker and
+    lock of the folder (which hold a creation time and the last run's pid)."""
     return {
         str(p.relative_to(out)): p.read_bytes()
         for p in sorted(out.rglob("*"))
-        if p.is_file() and p.name != "_stage.json"
+        if p.is_file() and p.name not in ("_stage.json", ".prunekit.json", ".prunekit.lock")
     }
 
 
@@ -430,12 +440,12 @@ def test_killed_mid_embed_and_mid_write_resumes_to_identical_output(shard_dir, t
     assert "resuming" in r2.stdout
     done = sorted((out / "write" / "done").glob("*.json"))
     assert 1 <= len(done) < len(list((ref / "write").glob("*.tar")))
-    assert list((out / "write").glob(".*.partial"))  # the shard being written when killed
+    assert list((out / "write").glob(".shard-*.tar.*.tmp"))  # the shard being written when killed (unique name)
 
     r3 = _cli(out, shards)
     assert r3.returncode == 0, r3.stderr[-2000:]
     assert "| write | ran" in r3.stdout and "| embed | skipped" in r3.stdout
-    assert not list((out / "write").glob(".*.partial"))
+    assert not list((out / "write").glob(".*.tmp"))
     assert _artifact_bytes(out) == _artifact_bytes(ref)
 
 
@@ -490,9 +500,21 @@ def test_corrupt_and_missing_inputs_are_counted_not_fatal(bad_shards, tmp_path):
     table = res.table()
     assert "1 missing image" in table and "1 undecodable" in table and "1 corrupt" in table
 
-    with pytest.raises(PipelineError, match="no image member"):
+    with pytest.raises(ShardError, match="corrupt tar .*c.tar"):  # found by the header scan, before embedding
         run_filter(
             shards,
+            tmp_path / "strict_corrupt",
+            encoder=enc,
+            clusters=3,
+            strict=True,
+            steps=[{"method": "random", "keep": 0.5}],
+            progress=False,
+            log=lambda *_: None,
+        )
+    assert not (tmp_path / "strict_corrupt" / "embed" / "chunks").exists()
+    with pytest.raises(PipelineError, match="no image member"):
+        run_filter(
+            shards[:2],
             tmp_path / "strict",
             encoder=enc,
             clusters=3,
@@ -501,7 +523,7 @@ def test_corrupt_and_missing_inputs_are_counted_not_fatal(bad_shards, tmp_path):
             progress=False,
             log=lambda *_: None,
         )
-    with pytest.raises(PipelineError, match="duplicate keys"):
+    with pytest.raises(ShardError, match="duplicate keys"):  # from the tar headers, before embedding
         run_filter(
             [shards[0], str(bad_shards / "d.tar")],
             tmp_path / "dup",

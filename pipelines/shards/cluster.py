@@ -33,6 +33,7 @@ class ClusterStage(Stage):
     streaming assignment of every row (:func:`prunecore.kmeans`)."""
 
     name = "cluster"
+    owned = ("centroids.npy", "assign.parquet")
 
     def __init__(
         self,
@@ -94,4 +95,4 @@ class ClusterStage(Stage):
             sim=df["sim"].to_numpy(np.float32),
             params=params,
         )
-        return ClusterArtifact(self.dir, clu, self.fingerprint)
+        return ClusterArtifact(self.dir, clu, self.digest)

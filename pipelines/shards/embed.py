@@ -22,7 +22,17 @@ from prunecore.io import atomic_write_json
 from prunecore.rows import ChunkedRows
 
 from .stage import MISSING_IMAGE, STATUS_OK, UNDECODABLE, PipelineError, Stage, die_hook, save_npy, save_parquet
-from .tario import IMAGE_EXTS, TEXT_EXTS, ShardScan, file_fingerprint, iter_shard
+from .tario import (
+    IMAGE_EXTS,
+    NAME_COUNTERS,
+    NO_IMAGE,
+    NON_UTF8_NAME,
+    TEXT_EXTS,
+    ShardScan,
+    file_fingerprint,
+    iter_shard,
+    sample_problem,
+)
 
 
 @dataclass
@@ -109,9 +119,9 @@ def embed_shard(
             batch_txts.clear()
 
     for sample in iter_shard(shard, scan):
-        status = STATUS_OK
+        status = sample_problem(sample) or STATUS_OK  # no_image / non_utf8_name, from the tar
         found = sample.get(image_exts)
-        if found is None:
+        if status == STATUS_OK and found is None:
             status = MISSING_IMAGE
             if strict:
                 raise PipelineError(
@@ -119,7 +129,7 @@ def embed_shard(
                     f"(looked for {'/'.join(image_exts)}; it has "
                     f"{sorted(sample.members)})"
                 )
-        else:
+        elif status == STATUS_OK:
             try:
                 image = decode_image(found[1])
             except Exception as exc:  # PIL raises many types for bad data
@@ -168,12 +178,12 @@ def save_chunk(
     save_npy(paths["img"], (images if images is not None else np.zeros((0, width), np.float32)).astype(dtype))
     if text:
         save_npy(paths["txt"], (texts if texts is not None else np.zeros((0, width), np.float32)).astype(dtype))
-    save_parquet(paths["keys"], table, {"scan": {"error": scan.error, "skipped_members": scan.skipped_members}})
+    save_parquet(paths["keys"], table, {"scan": scan.counters()})
 
 
 def finalize_embed(stage_dir: Path, shards: list[str], *, text: bool) -> dict:
     """Merge per-shard chunk tables into keys.parquet, check keys, write embeddings.json."""
-    tables, errors, skipped = [], [], 0
+    tables, errors, totals, examples = [], [], dict.fromkeys(NAME_COUNTERS, 0), []
     images, texts = [], []
     for i, shard in enumerate(shards):
         paths = chunk_paths(stage_dir, i)
@@ -181,7 +191,9 @@ def finalize_embed(stage_dir: Path, shards: list[str], *, text: bool) -> dict:
         scan = json.loads((t.schema.metadata or {}).get(b"scan", b"{}"))
         if scan.get("error"):
             errors.append(scan["error"])
-        skipped += int(scan.get("skipped_members", 0))
+        for name in NAME_COUNTERS:
+            totals[name] += int(scan.get(name, 0))
+        examples += scan.get("examples", [])
         df = t.to_pandas()
         df.insert(1, "shard", shard)
         df.insert(2, "shard_idx", np.int64(i))
@@ -207,8 +219,11 @@ def finalize_embed(stage_dir: Path, shards: list[str], *, text: bool) -> dict:
         "embedded": int(ok.sum()),
         "missing_image": int(counts.get(MISSING_IMAGE, 0)),
         "undecodable": int(counts.get(UNDECODABLE, 0)),
+        "no_image": int(counts.get(NO_IMAGE, 0)),
+        "non_utf8_name": int(counts.get(NON_UTF8_NAME, 0)),
         "corrupt_shards": errors,
-        "skipped_members": skipped,
+        **totals,
+        "name_examples": examples[:5],
         "shards": len(shards),
     }
 
@@ -233,6 +248,7 @@ class EmbedStage(Stage):
     """
 
     name = "embed"
+    owned = ("keys.parquet", "embeddings.json", "chunks/*.npy", "chunks/*.parquet")
 
     def __init__(
         self,
@@ -329,7 +345,14 @@ class EmbedStage(Stage):
                 self.embed_one(i, progress=bar, on_sample=on_sample)
 
     def load(self) -> EmbedArtifact:
-        return load_embed_artifact(self.dir, self.fingerprint)
+        return load_embed_artifact(self.dir, self.digest)
+
+    def invalidate(self, rels: list[str]) -> None:
+        """A changed chunk file: delete its whole chunk, so that input shard is embedded again."""
+        for rel in rels:
+            stem = rel.split("/")[-1].split(".")[0]
+            for path in chunk_paths(self.dir, int(stem)).values() if rel.startswith("chunks/") else [self.dir / rel]:
+                path.unlink(missing_ok=True)
 
 
 def _known_width(stage_dir: Path) -> int | None:

@@ -13,7 +13,7 @@ from prunecore.io import atomic_write_json
 from prunecore.rows import open_embeddings
 
 from .embed import EmbedArtifact, check_duplicate_keys, load_embed_artifact
-from .stage import NO_EMBEDDING, STATUS_OK, PipelineError, Stage, save_parquet
+from .stage import NO_EMBEDDING, STATUS_OK, PipelineError, Stage, read_parquet, save_parquet
 from .tario import ShardScan, file_fingerprint, iter_shard_headers
 
 
@@ -25,6 +25,7 @@ class IngestStage(Stage):
     """
 
     name = "embed"
+    owned = ("keys.parquet", "embeddings.json")
 
     def __init__(
         self,
@@ -65,7 +66,7 @@ class IngestStage(Stage):
         metas = []
         for emb_path, meta_path in zip(self.emb_files, self.meta_files):
             arr = open_embeddings(emb_path)
-            meta = pd.read_parquet(meta_path)
+            meta = read_parquet(meta_path, fix="re-export it, or check that --metadata lists the right files")
             if key_col not in meta.columns:
                 raise PipelineError(f"{meta_path} has no {key_col!r} column (columns: {list(meta.columns)[:12]})")
             if len(meta) != arr.shape[0]:
@@ -125,7 +126,7 @@ class IngestStage(Stage):
         }
 
     def load(self) -> EmbedArtifact:
-        art = load_embed_artifact(self.dir, self.fingerprint)
+        art = load_embed_artifact(self.dir, self.digest)
         if art.keys["row"].max() + 1 != art.n_rows:
             raise PipelineError("embedding rows and keys disagree")
         return art

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from .embed import decode_image, load_embed_artifact
+from .stage import read_parquet
 from .tario import IMAGE_EXTS, iter_shard
 
 
@@ -85,7 +86,7 @@ def write_report(
     plt = _plt()
     rep = out / "report"
     rep.mkdir(parents=True, exist_ok=True)
-    keep = pd.read_parquet(keep_path)
+    keep = read_parquet(keep_path, fix=f"rerun `prunekit filter --out {out}` with the same options to repair it")
     stats = {p.stem[len("stats_") :]: pd.read_parquet(p) for p in sorted((out / "select").glob("stats_*.parquet"))}
     emb_rows = keep[keep["cluster"] >= 0]
     k = int(json.loads((out / "cluster" / "_stage.json").read_text())["params"]["k"])

@@ -15,11 +15,18 @@ Output folder::
     OUT/select/   keep.parquet (key, shard, kept, reason, cluster, score, ...),
                   stats_*.parquet (per-cluster tables of each method), _stage.json
     OUT/write/    shard-000000.tar ..., plan.parquet, manifest.json, done/, _stage.json
+    OUT/.prunekit.json, OUT/.prunekit.lock   the ownership marker and the run lock
+
+Before any work: every option is checked (:func:`check_config`), inputs inside ``OUT`` and
+files in ``OUT`` that prunekit did not write are refused, and ``OUT`` is locked for the run
+(:mod:`pipelines.shards.outdir`); tar headers are scanned for duplicate keys before embedding.
 """
 
 from __future__ import annotations
 
 import glob
+import math
+import numbers
 import os
 import re
 import time
@@ -27,14 +34,26 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+from prunecore.budget import check_keep
+
 from .cluster import ClusterStage
 from .embed import EmbedStage
 from .ingest import IngestStage
+from .outdir import check_inputs_outside, claim_output, output_lock
 from .select import SelectStage
 from .stage import PipelineError
-from .steps import STEPS
-from .tario import expand_shards
+from .steps import STEPS, normalize_steps
+from .tario import expand_shards, scan_headers
 from .write import WriteStage
+
+# files prunekit writes under OUT, per folder (a stage's ``owned`` patterns; report/ by prunekit report)
+OWNED = {
+    "embed": tuple(dict.fromkeys(EmbedStage.owned + IngestStage.owned)),
+    "cluster": ClusterStage.owned,
+    "select": SelectStage.owned,
+    "write": WriteStage.owned,
+    "report": ("index.html", "*.png"),
+}
 
 
 @dataclass
@@ -57,6 +76,8 @@ class FilterResult:
                     f"{s.get('undecodable', 0)} undecodable, "
                     f"{len(s.get('corrupt_shards', []))} corrupt shard(s)"
                 )
+                extra = {label: s.get(name, 0) for name, label in TAR_COUNTS.items() if s.get(name, 0)}
+                res += "".join(f", {v} {label}" for label, v in extra.items())
             elif name == "cluster":
                 res = (
                     f"k={s.get('k')}, trained on {s.get('n_train', 0):,} rows, "
@@ -70,9 +91,17 @@ class FilterResult:
                     f"{s.get('samples', 0):,} samples in {s.get('output_shards', 0)} shard(s), "
                     f"{s.get('bytes', 0) / 1e6:.1f} MB"
                 )
-            status = "skipped (up to date)" if st.skipped else "ran"
+            status = "skipped (up to date)" if st.skipped else ("repaired" if st.repaired else "ran")
             lines.append(f"| {name} | {status} | {s.get('seconds', 0):.2f} | {res} |")
         return "\n".join(lines)
+
+
+TAR_COUNTS = {
+    "no_image": "no image (links/devices only)",
+    "non_utf8_name": "non-UTF-8 name",
+    "unsafe_names": "unsafe member name(s) (../ or absolute)",
+    "special_members": "link/device member(s)",
+}
 
 
 def _natural(path: str):
@@ -168,7 +197,7 @@ class FilterConfig:
     batch_size: int = 64
     text: bool | None = None  # embed captions (default: when a clipscore step asks)
     dtype: str = "float16"
-    strict: bool = False
+    strict: bool = False  # stop on bad samples/names/tars instead of counting them
     # clustering
     clusters: int = 100
     kmeans_iter: int = 20
@@ -186,6 +215,9 @@ class FilterConfig:
     ray_address: str | None = None
     progress: bool = True
     log: Callable = print
+    # safety
+    verify: bool = False  # check the sha256 of every finished artifact before trusting it
+    wait_lock: bool = False  # wait for another run holding OUT instead of failing
 
 
 def filter_config(config: FilterConfig | None = None, **options) -> FilterConfig:
@@ -218,22 +250,32 @@ def run_filter(shards=None, out="prunekit_out", config: FilterConfig | None = No
     """
     cfg = filter_config(config, **options)
     t0 = time.perf_counter()
+    steps = check_config(cfg)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     shard_list = expand_shards(shards) if shards is not None else []
-    steps = list(default_steps() if cfg.steps is None else cfg.steps)
+    files = [_glob_files(spec) for spec in (cfg.embeddings, cfg.metadata, cfg.text_embeddings)]
+    check_inputs_outside(out, [*shard_list, *files[0], *files[1], *files[2]])
+    claim_output(out, OWNED)
+    with output_lock(out, wait=cfg.wait_lock, log=cfg.log):
+        result = _run_stages(cfg, steps, out, shard_list, files)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _run_stages(cfg: FilterConfig, steps: list[dict], out: Path, shard_list: list[str], files: list) -> FilterResult:
+    """The chain under the lock: embed/ingest -> cluster -> select -> write."""
     text = any(s.get("method") == "clipscore" for s in steps) if cfg.text is None else cfg.text
     executor = make_executor(cfg.backend, cfg.ray_address)
-    log, progress = cfg.log, cfg.progress
+    log, progress, verify = cfg.log, cfg.progress, cfg.verify
 
     result = FilterResult(out)
     if cfg.embeddings is not None:
         emb_stage = IngestStage(
             out,
-            _glob_files(cfg.embeddings),
-            _glob_files(cfg.metadata),
+            files[0],
+            files[1],
             shards=shard_list,
-            text_embeddings=_glob_files(cfg.text_embeddings),
+            text_embeddings=files[2],
             key_column=cfg.key_column,
             progress=progress,
         )
@@ -249,10 +291,14 @@ def run_filter(shards=None, out="prunekit_out", config: FilterConfig | None = No
             progress=progress,
             executor=executor,
         )
-    embed = emb_stage.run(log)
+        if not emb_stage.finished():
+            preflight(emb_stage.shards, cfg, log)
+    embed = emb_stage.run(log, verify=verify)
     result.stages["embed"] = emb_stage
     for err in emb_stage.summary.get("corrupt_shards", []):
         log(f"[embed] WARNING {err}")
+    for note in emb_stage.summary.get("name_examples", []):
+        log(f"[embed] WARNING {note}")
     cl_stage = ClusterStage(
         out,
         embed,
@@ -262,10 +308,10 @@ def run_filter(shards=None, out="prunekit_out", config: FilterConfig | None = No
         max_points_per_centroid=cfg.max_points_per_centroid,
         device=cfg.device,
     )
-    cluster = cl_stage.run(log)
+    cluster = cl_stage.run(log, verify=verify)
     result.stages["cluster"] = cl_stage
     sel_stage = SelectStage(out, embed, cluster, steps, device=cfg.device, progress=progress, executor=executor)
-    select = sel_stage.run(log)
+    select = sel_stage.run(log, verify=verify)
     result.stages["select"] = sel_stage
     result.keep = select.keep
     if cfg.write and shard_list:
@@ -278,10 +324,80 @@ def run_filter(shards=None, out="prunekit_out", config: FilterConfig | None = No
             progress=progress,
             executor=executor,
         )
-        result.manifest = wr_stage.run(log)
+        result.manifest = wr_stage.run(log, verify=verify)
         result.stages["write"] = wr_stage
-    result.seconds = time.perf_counter() - t0
     return result
+
+
+def preflight(shards: list[str], cfg: FilterConfig, log) -> None:
+    """Before embedding: scan the tar headers (duplicate keys; with ``strict`` problem names
+    and corrupt tars) and check that ``--clusters`` can be met by the samples there."""
+    scans = scan_headers(shards, strict=cfg.strict, progress=cfg.progress)
+    total = sum(s.n_samples for s in scans)
+    if cfg.clusters > total:
+        raise PipelineError(f"--clusters {cfg.clusters} is more than the {total} samples in the shards: lower it")
+    log(f"[embed] {total:,} samples in {len(shards)} shard(s); keys unique")
+
+
+def _positive_int(name: str, value, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _in_range(name: str, value, lo: float, hi: float, *, lo_open=False, hi_open=False) -> None:
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
+    ok = ok and (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    if not ok:
+        brackets = ("(" if lo_open else "[") + f"{lo}, {hi}" + (")" if hi_open else "]")
+        raise ValueError(f"{name} must be a number in {brackets}, got {value!r}")
+
+
+def check_step(step: dict) -> None:
+    """Raise ValueError (naming the CLI flag) for a step parameter the step would reject
+    later: ``keep``, SemDeDup's ``eps``, DBP's ``temperature``/``n_neighbors``/``balance``..."""
+    method = step["method"]
+    if step.get("keep") is not None:
+        try:
+            check_keep(step["keep"])
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"--keep of {method}: {exc}") from None
+    if method == "semdedup":
+        _in_range("--dedup-eps", step["eps"], 0.0, 2.0, lo_open=True, hi_open=True)
+        if step["block_size"] is not None:
+            _positive_int("semdedup block_size", step["block_size"])
+    if method == "dbp":
+        _in_range("--temperature", step["temperature"], 0.0, math.inf, lo_open=True, hi_open=True)
+        _positive_int("--n-neighbors", step["n_neighbors"])
+        _in_range("--balance", step["balance"], 0.0, 1.0)
+        _positive_int("dbp min_per_cluster", step["min_per_cluster"], 0)
+    if method == "clipscore" and step.get("min") is not None:
+        _in_range("--clip-score-min", step["min"], -1.0, 1.0)
+    for name, choices in (("order", ("hard", "easy", "random")), ("mode", ("hard", "easy"))):
+        if name in step and step[name] not in choices:
+            raise ValueError(f"{method} {name} must be one of {choices}, got {step[name]!r}")
+
+
+def check_config(cfg: FilterConfig) -> list[dict]:
+    """Check every option before any work starts; returns the normalized steps.
+
+    Raises ValueError naming the option (its CLI flag) and what it accepts."""
+    for name in ("clusters", "kmeans_iter", "max_points_per_centroid", "batch_size", "shard_max_count"):
+        _positive_int("--" + name.replace("_", "-"), getattr(cfg, name))
+    _positive_int("--shard-max-size", cfg.shard_max_size)
+    for name in ("seed", "model_seed"):
+        _positive_int("--" + name.replace("_", "-"), getattr(cfg, name), 0)
+    choices = {"dtype": ("float16", "float32"), "precision": ("fp32", "fp16", "bf16"), "backend": ("local", "ray")}
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"--{name} must be one of {allowed}, got {getattr(cfg, name)!r}")
+    if not isinstance(cfg.key_column, str) or not cfg.key_column:
+        raise ValueError(f"--key-column must be a column name, got {cfg.key_column!r}")
+    if not isinstance(cfg.device, str) or not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):
+        raise ValueError(f"--device must be auto, cpu, mps, cuda or cuda:N, got {cfg.device!r}")
+    steps = normalize_steps(list(default_steps() if cfg.steps is None else cfg.steps))
+    for step in steps:
+        check_step(step)
+    return steps
 
 
 def _encoder(cfg: FilterConfig, shard_list: list[str]):

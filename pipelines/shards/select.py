@@ -67,6 +67,7 @@ class SelectStage(Stage):
     ``executor``: who runs the chain (``None``: :func:`select_chain` in this process)."""
 
     name = "select"
+    owned = ("keep.parquet", "stats_*.parquet")
 
     def __init__(
         self,
@@ -106,7 +107,7 @@ class SelectStage(Stage):
 
     def load(self) -> SelectArtifact:
         stats = {p.stem[len("stats_") :]: pd.read_parquet(p) for p in sorted(self.dir.glob("stats_*.parquet"))}
-        return SelectArtifact(self.dir, pd.read_parquet(self.dir / "keep.parquet"), stats, self.fingerprint)
+        return SelectArtifact(self.dir, pd.read_parquet(self.dir / "keep.parquet"), stats, self.digest)
 
 
 def build_keep_list(keys: pd.DataFrame, sel, clustering: Clustering) -> pd.DataFrame:

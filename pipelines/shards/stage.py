@@ -7,8 +7,14 @@ upstream artifacts / input files). Its fingerprint is a hash of both. The folder
 * Same fingerprint and state ``done``: the stage is skipped and its artifact reused.
 * Same fingerprint and state ``running`` (a killed run): the stage resumes; embed and write
   keep their finished units (one chunk per input shard; one file per output shard).
-* Different fingerprint: the folder is cleared and the stage reruns, which changes its own
-  fingerprint and so reruns every stage after it.
+* Different fingerprint: the stage's own files are deleted (a file it does not own stops
+  the run, nothing deleted) and the stage reruns; the stages after it rerun too, because
+  their inputs are the artifact digests of the stages before them.
+* Verification: a ``done`` record lists every artifact file with its size, mtime and sha256.
+  Before a stage is skipped, each file must still have its size, and its sha256 when its
+  mtime changed (or always, with ``verify=True``). A changed or missing file is deleted with
+  the unit it belongs to (an embed chunk, an output shard) and the stage resumes, redoing
+  just those units; its new digest then reruns the later stages if the repaired output differs.
 
 All files are written through :mod:`prunecore.io` (temporary name + rename), so a
 finished-looking file is a finished file. Inputs are opened read-only and never modified.
@@ -16,9 +22,9 @@ finished-looking file is a finished file. Inputs are opened read-only and never 
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -28,16 +34,27 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from prunecore.io import TMP_SUFFIX, atomic_path, atomic_write_json, json_digest
+from prunecore.io import TMP_SUFFIX, atomic_path, atomic_write_json, file_digest, json_digest
 
 STAGE_FILE = "_stage.json"
-VERSION = 1
+VERSION = 2  # 2: done records list their artifact files (size, mtime, sha256)
 STATUS_OK = "ok"
 # reasons for samples that never reach the selection methods
 MISSING_IMAGE = "missing_image"
 UNDECODABLE = "undecodable"
 NO_EMBEDDING = "no_embedding"
-PARTIAL_SUFFIX = ".partial"  # an output shard being written
+
+
+def is_temporary(name: str) -> bool:
+    """Whether a file name is one of :func:`prunecore.io.atomic_path`'s temporaries."""
+    return name.startswith(".") and name.endswith(TMP_SUFFIX)
+
+
+def is_owned_file(inner: str, patterns) -> bool:
+    """Whether ``inner`` (a ``/``-separated path inside a stage folder) matches one of the
+    stage's artifact ``patterns`` (fnmatch), its record, or is a temporary."""
+    base = inner.rsplit("/", 1)[-1]
+    return inner == STAGE_FILE or is_temporary(base) or any(fnmatch.fnmatchcase(inner, p) for p in patterns)
 
 
 class PipelineError(ValueError):
@@ -61,6 +78,17 @@ def save_parquet(path: Path, df: pd.DataFrame, metadata: dict | None = None) -> 
         pq.write_table(table, tmp)
 
 
+def read_parquet(path: str | os.PathLike, *, columns=None, fix: str = "") -> pd.DataFrame:
+    """``pd.read_parquet`` that names the file (and ``fix``) when it is not readable parquet."""
+    try:
+        return pd.read_parquet(path, columns=columns)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise PipelineError(f"{path} is not a readable parquet file ({first}){': ' + fix if fix else ''}") from exc
+
+
 def die_hook(stage: str, count: int) -> None:
     """Test hook: ``PRUNEKIT_DIE_AFTER="embed:120"`` SIGKILLs this process once ``stage`` has
     processed ``count`` samples in this process (used by the kill/resume tests)."""
@@ -75,11 +103,14 @@ def die_hook(stage: str, count: int) -> None:
 class Stage:
     """Base class: fingerprinting, skip-if-done, resume, atomic completion marker.
 
-    Subclasses set ``name`` and implement ``compute(log) -> summary dict`` (writes the
-    artifact) and ``load() -> artifact`` (reads it back).
+    Subclasses set ``name`` and ``owned`` (fnmatch patterns of the files the stage writes,
+    relative to its folder) and implement ``compute(log) -> summary dict`` (writes the
+    artifact) and ``load() -> artifact`` (reads it back). ``digest`` (set by :meth:`run`)
+    identifies the finished artifact's content: the later stages take it as their input.
     """
 
     name = "stage"
+    owned: tuple[str, ...] = ()
 
     def __init__(self, out: str | os.PathLike, params: dict, inputs: dict):
         self.out = Path(out)
@@ -88,7 +119,9 @@ class Stage:
         self.inputs = inputs
         self.fingerprint = json_digest({"stage": self.name, "version": VERSION, "params": params, "inputs": inputs})
         self.skipped = False
+        self.repaired: list[str] = []
         self.summary: dict = {}
+        self.digest = ""
 
     def record(self) -> dict | None:
         path = self.dir / STAGE_FILE
@@ -99,7 +132,8 @@ class Stage:
         except ValueError:
             return None
 
-    def is_done(self) -> bool:
+    def finished(self) -> bool:
+        """Whether a run with this fingerprint completed (its files are checked by :meth:`run`)."""
         rec = self.record()
         return bool(rec and rec.get("fingerprint") == self.fingerprint and rec.get("state") == "done")
 
@@ -107,30 +141,109 @@ class Stage:
         rec = {"fingerprint": self.fingerprint, "state": state, "params": self.params, "inputs": self.inputs}
         atomic_write_json(self.dir / STAGE_FILE, {**rec, **extra})
 
-    def run(self, log=print):
-        """Run (or skip, or resume) the stage; return its artifact."""
+    def artifact_files(self) -> list[str]:
+        """The stage's files (relative, ``/``-separated), record and temporaries excluded."""
+        return sorted(
+            p.relative_to(self.dir).as_posix()
+            for p in self.dir.rglob("*")
+            if p.is_file() and p.name != STAGE_FILE and not is_temporary(p.name)
+        )
+
+    def known_digests(self) -> dict[str, str]:
+        """sha256 of artifact files the stage hashed while writing them (not read again)."""
+        return {}
+
+    def file_table(self) -> dict[str, list]:
+        """``{relative path: [size, mtime_ns, sha256]}`` of every artifact file."""
+        known = self.known_digests()
+        table = {}
+        for rel in self.artifact_files():
+            path = self.dir / rel
+            st = path.stat()
+            table[rel] = [st.st_size, st.st_mtime_ns, known.get(rel) or file_digest(path)]
+        return table
+
+    def changed_files(self, files: dict, *, verify: bool = False) -> list[str]:
+        """Recorded files that are missing, changed size, or (mtime changed, or ``verify``)
+        changed sha256. Cheap by default: a file is hashed only when its mtime moved."""
+        bad = []
+        for rel, (size, mtime_ns, sha) in sorted(files.items()):
+            path = self.dir / rel
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                bad.append(f"{rel} (missing)")
+                continue
+            if st.st_size != size:
+                bad.append(f"{rel} (size {st.st_size}, recorded {size})")
+            elif (verify or st.st_mtime_ns != mtime_ns) and file_digest(path) != sha:
+                bad.append(f"{rel} (sha256 differs from the record)")
+        return bad
+
+    def invalidate(self, rels: list[str]) -> None:
+        """Delete the changed files ``rels`` so that :meth:`compute` redoes them (subclasses
+        also delete the rest of the unit each belongs to)."""
+        for rel in rels:
+            (self.dir / rel).unlink(missing_ok=True)
+
+    def clear(self) -> None:
+        """Delete the stage's own files; a file it does not own raises (nothing deleted)."""
+        foreign = [
+            p.relative_to(self.dir).as_posix()
+            for p in self.dir.rglob("*")
+            if p.is_file() and not is_owned_file(p.relative_to(self.dir).as_posix(), self.owned)
+        ]
+        if foreign:
+            raise PipelineError(
+                f"{self.dir} holds files prunekit did not write ({', '.join(foreign[:5])}): it only deletes its own "
+                "files, so it stops here; move them away or choose another --out"
+            )
+        for p in sorted(self.dir.rglob("*"), key=lambda q: len(q.parts), reverse=True):
+            if p.is_dir():
+                p.rmdir()
+            else:
+                p.unlink()
+
+    def run(self, log=print, *, verify: bool = False):
+        """Run (or skip, or resume, or repair) the stage; return its artifact.
+
+        ``verify``: check the sha256 of every recorded artifact file before skipping (by
+        default only files whose size or mtime changed are hashed)."""
         rec = self.record()
-        if self.is_done():
-            self.skipped = True
-            self.summary = rec.get("summary", {})
-            log(f"[{self.name}] up to date, skipped ({self.dir})")
-            return self.load()
-        if rec is None or rec.get("fingerprint") != self.fingerprint:
-            if self.dir.exists():
-                log(f"[{self.name}] parameters or inputs changed: recomputing")
-                shutil.rmtree(self.dir)
-        else:
+        same = bool(rec and rec.get("fingerprint") == self.fingerprint)
+        if self.finished():
+            changed = self.changed_files(rec.get("files", {}), verify=verify)
+            if not changed:
+                self.skipped = True
+                self.summary = rec.get("summary", {})
+                self.digest = self._digest(rec["files"])
+                log(f"[{self.name}] up to date, skipped ({self.dir})")
+                return self.load()
+            self.repaired = changed
+            log(f"[{self.name}] {len(changed)} artifact file(s) changed since it finished: {'; '.join(changed[:3])}")
+            log(f"[{self.name}] redoing the affected part")
+            self.invalidate([c.split(" (", 1)[0] for c in changed])
+        elif not same and self.dir.exists():
+            log(f"[{self.name}] parameters or inputs changed: recomputing")
+            self.clear()
+        elif same:
             log(f"[{self.name}] resuming an interrupted run")
         self.dir.mkdir(parents=True, exist_ok=True)
-        for suffix in (TMP_SUFFIX, PARTIAL_SUFFIX):
-            for stale in self.dir.rglob(f".*{suffix}"):
-                stale.unlink()
+        for stale in self.dir.rglob(f".*{TMP_SUFFIX}"):
+            stale.unlink()
         self._write_record("running")
         t0 = time.perf_counter()
         self.summary = self.compute(log) or {}
         self.summary["seconds"] = round(time.perf_counter() - t0, 3)
-        self._write_record("done", summary=self.summary)
+        if self.repaired:
+            self.summary["repaired"] = self.repaired
+        files = self.file_table()
+        self.digest = self._digest(files)
+        self._write_record("done", summary=self.summary, files=files)
         return self.load()
+
+    def _digest(self, files: dict) -> str:
+        return json_digest({"fingerprint": self.fingerprint, "files": {rel: v[2] for rel, v in files.items()}})
 
     def compute(self, log) -> dict:  # pragma: no cover - abstract
         raise NotImplementedError

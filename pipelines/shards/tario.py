@@ -1,7 +1,12 @@
 """Tar I/O of webdataset shards: expand shard specs, stream raw samples, write byte-identical copies.
 
 A webdataset shard is a tar file whose members ``<key>.<ext>`` are grouped into samples by
-key (the member name up to the first dot of its basename, as webdataset does). This module
+key (the member name up to the first dot of its basename, as webdataset does; ``a.b.jpg`` is
+member ``b.jpg`` of key ``a``, and an image by its last extension). Members that are not
+regular files (symlinks, devices) carry no data: they are counted, and a sample made only of
+them gets status ``no_image``. A name that is not UTF-8 gives the sample status
+``non_utf8_name`` under a printable key (``\\xNN`` escapes); names that could escape a folder
+when extracted (``../``, absolute) are kept byte-identical but counted. This module
 reads tars with :mod:`tarfile` (no decoding), so every member of a sample keeps its exact
 bytes and tar header fields, and writes tars deterministically (same input -> same output
 bytes), one output shard at a time through a temporary file + rename.
@@ -23,6 +28,10 @@ import braceexpand
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff", "gif")
 TEXT_EXTS = ("txt", "caption", "text")
 TAR_BLOCK = 512
+# per-sample statuses decided from the tar alone (before any decoding)
+NO_IMAGE = "no_image"  # only symlink/device/other non-regular members
+NON_UTF8_NAME = "non_utf8_name"  # member name not valid UTF-8 (key shown with \xNN escapes)
+NAME_COUNTERS = ("skipped_members", "special_members", "non_utf8_names", "unsafe_names")  # ShardScan counts
 
 
 class ShardError(ValueError):
@@ -37,6 +46,8 @@ class RawSample:
     shard: str
     index: int  # position of the sample inside its shard
     members: dict[str, tuple[tarfile.TarInfo, bytes]] = field(default_factory=dict)
+    special: list[tarfile.TarInfo] = field(default_factory=list)  # non-regular members (no data)
+    utf8_name: bool = True  # False: a member name was not UTF-8 (``key`` shows it escaped)
 
     @property
     def nbytes(self) -> int:
@@ -44,10 +55,12 @@ class RawSample:
         return sum(tar_member_size(info.size) for info, _ in self.members.values())
 
     def get(self, exts: Sequence[str]) -> tuple[str, bytes] | None:
-        """First member whose extension (lower-cased) is in ``exts``: (ext, bytes) or None."""
-        for ext, (_, data) in self.members.items():
-            if ext.lower() in exts:
-                return ext, data
+        """The member whose extension (lower-cased) is in ``exts``, else the first whose last
+        extension is (``b.jpg`` of ``a.b.jpg``, as webdataset decodes it): (ext, bytes) or None."""
+        for whole in (True, False):
+            for ext, (_, data) in self.members.items():
+                if (ext if whole else ext.rsplit(".", 1)[-1]).lower() in exts:
+                    return ext, data
         return None
 
 
@@ -59,6 +72,20 @@ class ShardScan:
     n_samples: int = 0
     error: str | None = None  # corrupt/truncated tar: the message; samples before it stand
     skipped_members: int = 0  # members without an extension (ignored, like webdataset)
+    special_members: int = 0  # symlinks, devices, ... (not copied: no data)
+    non_utf8_names: int = 0  # member names that are not valid UTF-8
+    unsafe_names: int = 0  # member names with ``..`` parts or absolute paths
+    examples: list[str] = field(default_factory=list)  # the first few problem names, for messages
+
+    def note(self, counter: str, name: str) -> None:
+        """Count one problem member and keep its name (first 5) for the report."""
+        setattr(self, counter, getattr(self, counter) + 1)
+        if len(self.examples) < 5:
+            self.examples.append(f"{counter[:-1].replace('_', ' ')}: {name!r} in {self.shard}")
+
+    def counters(self) -> dict:
+        """JSON-able summary (stored with each embedded chunk)."""
+        return {k: getattr(self, k) for k in ("error", *NAME_COUNTERS, "examples")}
 
 
 def tar_member_size(size: int) -> int:
@@ -108,17 +135,48 @@ def split_member_name(name: str) -> tuple[str, str] | None:
     return (m.group(1), m.group(2)) if m else None
 
 
-def _keyed_members(tar: tarfile.TarFile, scan: ShardScan) -> Iterator[tuple[tarfile.TarInfo, str, str]]:
-    """``(info, key, ext)`` for the regular members of an open tar; members without an
-    extension are counted in ``scan.skipped_members`` and skipped."""
+def printable_name(name: str) -> tuple[str, bool]:
+    """A member name as tarfile decoded it (undecodable bytes as surrogates) -> (the name with
+    ``\\xNN`` escapes for those bytes, whether it was valid UTF-8)."""
+    try:
+        name.encode("utf-8")
+        return name, True
+    except UnicodeEncodeError:
+        raw = name.encode("utf-8", "surrogateescape")
+        return raw.decode("utf-8", "backslashreplace"), False
+
+
+def is_unsafe_name(name: str) -> bool:
+    """Whether extracting ``name`` could write outside the target folder (absolute, ``..``)."""
+    return name.startswith(("/", "\\")) or ".." in re.split(r"[/\\]", name)
+
+
+def _keyed_members(tar: tarfile.TarFile, scan: ShardScan) -> Iterator[tuple[tarfile.TarInfo, str, str, bool]]:
+    """``(info, key, ext, utf8)`` for the file members of an open tar (regular or special;
+    folders skipped). Members without an extension are counted in ``scan.skipped_members``
+    and skipped, like webdataset; special, non-UTF-8 and unsafe names are counted."""
     for info in tar:
-        if not info.isreg():
+        if info.isdir():
             continue
-        parts = split_member_name(info.name)
+        name, utf8 = printable_name(info.name)
+        parts = split_member_name(name)
         if parts is None:
             scan.skipped_members += 1
             continue
-        yield info, parts[0], parts[1]
+        if not utf8:
+            scan.note("non_utf8_names", name)
+        if is_unsafe_name(name):
+            scan.note("unsafe_names", name)
+        if not info.isreg():
+            scan.note("special_members", name)
+        yield info, parts[0], parts[1], utf8
+
+
+def sample_problem(sample: RawSample) -> str | None:
+    """The status a sample gets from its tar members alone: NON_UTF8_NAME, NO_IMAGE or None."""
+    if not sample.utf8_name:
+        return NON_UTF8_NAME
+    return NO_IMAGE if not sample.members else None
 
 
 def iter_shard(shard: str, scan: ShardScan | None = None) -> Iterator[RawSample]:
@@ -135,10 +193,7 @@ def iter_shard(shard: str, scan: ShardScan | None = None) -> Iterator[RawSample]
     index = 0
     try:
         with tarfile.open(shard, mode="r:*") as tar:
-            for info, key, ext in _keyed_members(tar, scan):
-                data = tar.extractfile(info).read()
-                if len(data) != info.size:
-                    raise tarfile.ReadError(f"member {info.name} truncated")
+            for info, key, ext, utf8 in _keyed_members(tar, scan):
                 if current is None or key != current.key:
                     if current is not None:
                         yield current
@@ -150,8 +205,15 @@ def iter_shard(shard: str, scan: ShardScan | None = None) -> Iterator[RawSample]
                         )
                     seen.add(key)
                     current = RawSample(key=key, shard=shard, index=index)
+                current.utf8_name = current.utf8_name and utf8
+                if not info.isreg():
+                    current.special.append(info)
+                    continue
                 if ext in current.members:
-                    raise ShardError(f"duplicate member {info.name!r} in shard {shard}")
+                    raise ShardError(f"duplicate member {key}.{ext} in shard {shard}")
+                data = tar.extractfile(info).read()
+                if len(data) != info.size:
+                    raise tarfile.ReadError(f"member {key}.{ext} truncated")
                 current.members[ext] = (info, data)
             _check_tar_end(tar, shard)
     except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
@@ -185,12 +247,12 @@ def iter_shard_headers(shard: str, scan: ShardScan | None = None) -> Iterator[tu
     key, index, nbytes = None, -1, 0
     try:
         with tarfile.open(shard, mode="r:*") as tar:
-            for info, member_key, _ in _keyed_members(tar, scan):
+            for info, member_key, _, _ in _keyed_members(tar, scan):
                 if member_key != key:
                     if key is not None:
                         yield key, index, nbytes
                     key, index, nbytes = member_key, index + 1, 0
-                nbytes += tar_member_size(info.size)
+                nbytes += tar_member_size(info.size) if info.isreg() else 0
             _check_tar_end(tar, shard)
     except (tarfile.TarError, EOFError, OSError) as exc:
         scan.error = f"corrupt tar {shard}: {type(exc).__name__}: {exc}"
@@ -198,6 +260,46 @@ def iter_shard_headers(shard: str, scan: ShardScan | None = None) -> Iterator[tu
     if key is not None:
         yield key, index, nbytes
     scan.n_samples = index + 1
+
+
+def scan_headers(shards: Sequence[str], *, strict: bool = False, progress: bool = False) -> list[ShardScan]:
+    """Read the tar headers of every shard (data is seeked over, nothing decoded) before any
+    work: raise :class:`ShardError` for a key that occurs twice (across or inside shards),
+    naming the key and its shards; with ``strict``, also for a corrupt tar, a non-UTF-8 or
+    unsafe (``../``, absolute) member name, or a sample without a regular member.
+    Returns one :class:`ShardScan` per shard (its counters)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from tqdm.auto import tqdm
+
+    scans, keys, owner = [], [], []
+    for i, shard in enumerate(tqdm(shards, desc="scan tar headers", unit="shard", disable=not progress)):
+        scan = ShardScan(shard)
+        names = []
+        for key, _, nbytes in iter_shard_headers(shard, scan):
+            names.append(key)
+            if strict and nbytes == 0:
+                raise ShardError(f"sample {key!r} in {shard} has no regular member (only links/devices): no image")
+        if strict and (scan.error or scan.non_utf8_names or scan.unsafe_names):
+            raise ShardError(
+                scan.error
+                or f"--strict: {'; '.join(scan.examples[:3])} (rename the members, or drop --strict to count them)"
+            )
+        scans.append(scan)
+        keys.append(pa.array(names, type=pa.string()))
+        owner.append(pa.array([i] * len(names), type=pa.int32()) if names else pa.array([], pa.int32()))
+    all_keys = pa.chunked_array(keys, type=pa.string())
+    if len(all_keys) and pc.count_distinct(all_keys).as_py() != len(all_keys):
+        counts = pc.value_counts(all_keys)
+        dup = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
+        where = pc.filter(pa.chunked_array(owner, type=pa.int32()), pc.is_in(all_keys, value_set=dup))
+        firsts = ", ".join(repr(k) for k in dup[:3].to_pylist())
+        files = sorted({shards[j] for j in where.to_pylist()[:20]})
+        raise ShardError(
+            f"duplicate keys: {len(dup)} key(s) occur more than once (e.g. {firsts} in {', '.join(files[:4])}); "
+            "keys must be unique across shards: rename them or leave the repeated shard out"
+        )
+    return scans
 
 
 def copy_tarinfo(info: tarfile.TarInfo, size: int) -> tarfile.TarInfo:

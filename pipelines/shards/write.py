@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import tarfile
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,10 +18,10 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from prunecore.io import atomic_write_json
+from prunecore.io import TMP_SUFFIX, atomic_write_json
 
 from .select import SelectArtifact
-from .stage import PARTIAL_SUFFIX, PipelineError, Stage, die_hook, save_parquet
+from .stage import PipelineError, Stage, die_hook, save_parquet
 from .tario import RawSample, ShardScan, add_sample, file_fingerprint, iter_shard, plan_output_shards
 
 
@@ -40,6 +41,7 @@ class WriteStage(Stage):
     """
 
     name = "write"
+    owned = ("*.tar", "plan.parquet", "manifest.json", "done/*.json")
 
     def __init__(
         self,
@@ -101,6 +103,29 @@ class WriteStage(Stage):
         atomic_write_json(self.dir / "manifest.json", manifest)
         return {"output_shards": n_out, "samples": int(len(plan)), "bytes": manifest["bytes"]}
 
+    def done_records(self) -> list[dict]:
+        """The ``done/j.json`` records of finished output shards (unreadable ones skipped)."""
+        records = []
+        for p in sorted((self.dir / "done").glob("*.json")):
+            try:
+                records.append(json.loads(p.read_text()))
+            except ValueError:
+                continue
+        return records
+
+    def known_digests(self) -> dict[str, str]:
+        return {r["file"]: r["sha256"] for r in self.done_records()}
+
+    def invalidate(self, rels: list[str]) -> None:
+        """A changed output shard or its done record: delete both, so the shard is rewritten."""
+        by_file = {r["file"]: r["index"] for r in self.done_records()}
+        for rel in rels:
+            if rel in by_file:
+                (self.dir / "done" / f"{by_file[rel]:06d}.json").unlink(missing_ok=True)
+            elif rel.startswith("done/") and rel[5:-5].isdigit():
+                (self.dir / self.out_name(int(rel[5:-5]))).unlink(missing_ok=True)
+            (self.dir / rel).unlink(missing_ok=True)
+
     def load(self) -> dict:
         manifest = json.loads((self.dir / "manifest.json").read_text())
         manifest["paths"] = [str(self.dir / r["file"]) for r in manifest["shards"]]
@@ -131,8 +156,9 @@ class OutputShard:
 
     def __init__(self, stage_dir: Path, j: int, name: str):
         self.stage_dir, self.j, self.name = stage_dir, j, name
-        self.tmp = stage_dir / f".{name}{PARTIAL_SUFFIX}"
-        self.fh = open(self.tmp, "wb")
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=TMP_SUFFIX, dir=stage_dir)
+        self.tmp = Path(tmp)  # unique per process: concurrent writers never share a name
+        self.fh = os.fdopen(fd, "wb")
         self.hf = HashingFile(self.fh)
         self.tar = tarfile.open(fileobj=self.hf, mode="w", format=tarfile.PAX_FORMAT)
         self.count = 0
@@ -146,6 +172,7 @@ class OutputShard:
         self.fh.flush()
         os.fsync(self.fh.fileno())
         self.fh.close()
+        os.chmod(self.tmp, 0o644)
         os.replace(self.tmp, self.stage_dir / self.name)
         rec = {
             "index": self.j,
