@@ -113,6 +113,36 @@ class Selection:
         keep[rows], scores[rows], reasons[rows] = self.keep, self.scores, self.reasons
         return Selection(keep=keep, scores=scores, reasons=reasons, stats=dict(self.stats))
 
+    def apply(self, dataset, *, reason_column: str | None = None, keep_dropped: bool = False):
+        """The kept rows of ``dataset`` (same ``n`` rows, in order), in its own type.
+
+        A Hugging Face ``datasets.Dataset`` gives ``dataset.select(indices)`` (rows unchanged,
+        no copy until saved); a pandas DataFrame ``.iloc[indices]``; a numpy array or a
+        sequence ``dataset[indices]`` / a list. ``reason_column``: add the reason of every
+        row (``""`` when kept) as a column (Dataset / DataFrame only); with
+        ``keep_dropped=True`` every row is returned, so the column explains the drops.
+        """
+        if hasattr(dataset, "__len__") and len(dataset) != self.n:
+            raise ValueError(f"the selection covers {self.n} rows but the dataset has {len(dataset)}")
+        rows = np.arange(self.n) if keep_dropped else self.indices
+        reasons = self.reasons[rows].astype(str).tolist()
+        if hasattr(dataset, "select") and hasattr(dataset, "add_column"):  # datasets.Dataset
+            out = dataset.select(rows)
+            return out.add_column(reason_column, reasons) if reason_column else out
+        if isinstance(dataset, pd.DataFrame):
+            out = dataset.iloc[rows]
+            return out.assign(**{reason_column: reasons}) if reason_column else out
+        if reason_column:
+            raise TypeError(f"reason_column needs a datasets.Dataset or a DataFrame, got {type(dataset).__name__}")
+        if isinstance(dataset, np.ndarray):
+            return dataset[rows]
+        if hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__"):
+            return [dataset[int(i)] for i in rows]
+        raise TypeError(
+            f"cannot apply a Selection to {type(dataset).__name__}: give a datasets.Dataset, a DataFrame, an array "
+            "or a sequence (a streaming IterableDataset has no row count: load it without streaming=True)"
+        )
+
     def reason_counts(self) -> dict[str, int]:
         """Dropped rows per reason."""
         dropped = self.reasons[~self.keep]

@@ -85,6 +85,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop on the first missing/undecodable image, corrupt shard, non-UTF-8 or unsafe (../, absolute) "
         "member name instead of counting and reporting it",
     )
+    h = f.add_argument_group("Hugging Face dataset / parquet input (instead of shards)")
+    h.add_argument(
+        "--hf-dataset",
+        help="a local dataset: save_to_disk folder, folder of data files, or .parquet/.arrow/.tar files (globs)",
+    )
+    h.add_argument("--split", help="split of a dataset with several (default: its only split)")
+    h.add_argument("--image-column", default=DEFAULTS.image_column, help="column of encoded images to embed")
+    h.add_argument("--text-column", help="column of captions (CLIP score)")
+    h.add_argument(
+        "--embedding-column", help="column of precomputed embeddings (list of floats per row): skips decoding"
+    )
+    h.add_argument("--id-column", help="column of unique row ids for the keep-list (default: the row index)")
+    h.add_argument("--chunk-rows", type=int, default=DEFAULTS.chunk_rows, help="rows per embed resume unit")
+    h.add_argument(
+        "--hf-output-format",
+        default=DEFAULTS.hf_output_format,
+        choices=["disk", "parquet"],
+        help="filtered dataset as a save_to_disk folder or parquet shards (OUT/write/dataset)",
+    )
+    h.add_argument("--hf-cache-dir", help="cache folder of load_dataset (default: the datasets cache)")
     c = f.add_argument_group("clustering")
     c.add_argument("--clusters", type=int, default=DEFAULTS.clusters, help="k of spherical k-means")
     c.add_argument("--kmeans-iter", type=int, default=DEFAULTS.kmeans_iter)
@@ -204,10 +224,10 @@ def _filter(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    if not args.shards and not args.embeddings:
-        raise ValueError("give shards and/or --embeddings")
-    if not args.encoder and args.embeddings is None and args.model is None:
-        raise ValueError("give --model (and --pretrained) to embed, or --embeddings")
+    if not args.shards and not args.embeddings and not args.hf_dataset:
+        raise ValueError("give shards and/or --embeddings, or --hf-dataset")
+    if not args.encoder and args.embeddings is None and args.embedding_column is None and args.model is None:
+        raise ValueError("give --model (and --pretrained) to embed, or --embeddings / --embedding-column")
     steps = default_steps(
         dedup_eps=args.dedup_eps,
         method=args.method,
@@ -230,6 +250,15 @@ def _filter(args) -> int:
         metadata=args.metadata,
         text_embeddings=args.text_embeddings,
         key_column=args.key_column,
+        hf_dataset=args.hf_dataset,
+        split=args.split,
+        image_column=args.image_column,
+        text_column=args.text_column,
+        embedding_column=args.embedding_column,
+        id_column=args.id_column,
+        chunk_rows=args.chunk_rows,
+        hf_output_format=args.hf_output_format,
+        hf_cache_dir=args.hf_cache_dir,
         batch_size=args.batch_size,
         dtype=args.dtype,
         clusters=args.clusters,
@@ -254,7 +283,9 @@ def _filter(args) -> int:
     print()
     print(result.table())
     print(f"\nkeep-list: {result.out / 'select' / 'keep.parquet'}")
-    if result.manifest:
+    if result.manifest and "path" in result.manifest:
+        print(f"filtered dataset: {result.manifest['path']} ({result.manifest['format']})")
+    elif result.manifest:
         print(f"filtered shards: {result.out / 'write'} (manifest.json)")
     return 0
 

@@ -209,6 +209,16 @@ class FilterConfig:
     write: bool = True
     shard_max_count: int = 10000
     shard_max_size: int = 3_000_000_000
+    # Hugging Face dataset / parquet input (pipelines/datasets.py): a local path or a Dataset
+    hf_dataset: object = None
+    split: str | None = None
+    image_column: str = "image"
+    text_column: str | None = None
+    embedding_column: str | None = None
+    id_column: str | None = None
+    chunk_rows: int = 10_000  # rows per resume unit of the embed stage
+    hf_output_format: str = "disk"  # "disk" (save_to_disk) or "parquet" (shards)
+    hf_cache_dir: str | None = None  # load_dataset's Arrow cache
     # execution
     device: str = "auto"
     backend: str = "local"
@@ -269,7 +279,35 @@ def _run_stages(cfg: FilterConfig, steps: list[dict], out: Path, shard_list: lis
     log, progress, verify = cfg.log, cfg.progress, cfg.verify
 
     result = FilterResult(out)
-    if cfg.embeddings is not None:
+    dataset = None
+    if cfg.hf_dataset is not None:
+        from pipelines.datasets import DatasetEmbedStage, DatasetInput
+
+        if shard_list or cfg.embeddings is not None:
+            raise ValueError("give either shards / precomputed embeddings or a Hugging Face dataset, not both")
+        dataset = DatasetInput.open(
+            cfg.hf_dataset,
+            split=cfg.split,
+            image_column=cfg.image_column,
+            embedding_column=cfg.embedding_column,
+            text_column=cfg.text_column,
+            id_column=cfg.id_column,
+            cache_dir=cfg.hf_cache_dir,
+            progress=progress,
+        )
+        emb_stage = DatasetEmbedStage(
+            out,
+            dataset,
+            None if cfg.embedding_column else _encoder(cfg, [cfg.hf_dataset]),
+            batch_size=cfg.batch_size,
+            text=text,
+            dtype=cfg.dtype,
+            strict=cfg.strict,
+            chunk_rows=cfg.chunk_rows,
+            progress=progress,
+            executor=executor,
+        )
+    elif cfg.embeddings is not None:
         emb_stage = IngestStage(
             out,
             files[0],
@@ -314,7 +352,21 @@ def _run_stages(cfg: FilterConfig, steps: list[dict], out: Path, shard_list: lis
     select = sel_stage.run(log, verify=verify)
     result.stages["select"] = sel_stage
     result.keep = select.keep
-    if cfg.write and shard_list:
+    if cfg.write and dataset is not None:
+        from pipelines.datasets import DatasetWriteStage
+
+        wr_stage = DatasetWriteStage(
+            out,
+            select,
+            dataset,
+            output_format=cfg.hf_output_format,
+            max_count=cfg.shard_max_count,
+            max_size=cfg.shard_max_size,
+            progress=progress,
+        )
+        result.manifest = wr_stage.run(log)
+        result.stages["write"] = wr_stage
+    elif cfg.write and shard_list:
         wr_stage = WriteStage(
             out,
             select,

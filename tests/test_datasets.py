@@ -1,0 +1,370 @@
+"""Hugging Face datasets / parquet input and output of the filter pipeline (pipelines/datasets.py).
+
+The dataset is built offline from the first samples of a CIFAR-10 webdataset shard (plus
+exact copies of some images under new keys, so SemDeDup has duplicates to find), read as
+``load_dataset("webdataset")``, as a ``save_to_disk`` folder and as a parquet table with a
+precomputed embedding column. Encoder: the weight-free pixel projection.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import REPO
+
+from dataprune import Selection
+from pipelines.datasets import DatasetInput, embedding_rows, load_local_dataset
+from pipelines.encoders import PixelProjectionEncoder
+from pipelines.shards import PipelineError, iter_shard, run_filter
+
+N_SRC, N_DUP, K, DIM, BATCH = 200, 8, 6, 32, 16
+STEPS = [{"method": "semdedup", "eps": 0.02}, {"method": "dbp", "keep": 0.5}]
+COMPARED = ["key", "kept", "reason", "cluster", "score"]
+
+
+def quiet(**options) -> dict:
+    return {"clusters": K, "steps": STEPS, "batch_size": BATCH, "progress": False, "log": lambda *_: None, **options}
+
+
+@pytest.fixture(scope="module")
+def cifar_tar(shared_data, tmp_path_factory) -> Path:
+    """One webdataset shard: the first N_SRC CIFAR-10 samples + N_DUP exact copies (new keys)."""
+    src = shared_data / "cifar10" / "cifar10-train-00000.tar"
+    samples: dict[str, list] = {}
+    with tarfile.open(src) as tar:
+        for info in tar:
+            key = info.name.split(".", 1)[0]
+            if key not in samples and len(samples) == N_SRC:
+                break
+            samples.setdefault(key, []).append((info, tar.extractfile(info).read()))
+    path = tmp_path_factory.mktemp("wds") / "cifar-00000.tar"
+    keys = list(samples)
+    with tarfile.open(path, "w") as tar:
+        for key in keys + [f"dup_{i:03d}" for i in range(N_DUP)]:
+            members = samples[key] if key in samples else samples[keys[3 * int(key[4:])]]
+            for info, data in members:
+                new = tarfile.TarInfo(f"{key}.{info.name.split('.', 1)[1]}")
+                new.size, new.mtime = len(data), info.mtime
+                tar.addfile(new, io.BytesIO(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("hf_cache"))
+
+
+@pytest.fixture(scope="module")
+def wds(cifar_tar, cache_dir):
+    """The shard as ``load_dataset("webdataset", data_files=...)``."""
+    import datasets
+
+    return datasets.load_dataset("webdataset", data_files=str(cifar_tar), split="train", cache_dir=cache_dir)
+
+
+@pytest.fixture(scope="module")
+def tar_run(cifar_tar, tmp_path_factory):
+    """The reference: the tar path on the same samples and parameters."""
+    out = tmp_path_factory.mktemp("tar_out")
+    return run_filter(str(cifar_tar), out, **quiet(encoder=PixelProjectionEncoder(dim=DIM)))
+
+
+def kept_rows(dataset, keep: pd.DataFrame) -> pa.Table:
+    """The input rows the keep-list keeps, in input order, as Arrow."""
+    return dataset.with_format("arrow")[keep.loc[keep["kept"], "index"].tolist()]
+
+
+def test_webdataset_dataset_keep_list_equals_tar_path(cifar_tar, cache_dir, wds, tar_run, tmp_path):
+    import datasets
+
+    res = run_filter(
+        None,
+        tmp_path / "out",
+        **quiet(
+            hf_dataset=str(cifar_tar),
+            image_column="jpg",
+            id_column="__key__",
+            hf_cache_dir=cache_dir,
+            encoder=PixelProjectionEncoder(dim=DIM),
+        ),
+    )
+    keep = res.keep
+    assert len(keep) == N_SRC + N_DUP
+    pd.testing.assert_frame_equal(keep[COMPARED], tar_run.keep[COMPARED])
+    assert (keep["reason"] == "duplicate").sum() >= N_DUP  # the planted copies are found
+    assert keep["index"].tolist() == list(range(len(keep)))
+
+    # the filtered dataset: the kept input rows, byte-identical, in input order
+    out = datasets.load_from_disk(res.manifest["path"])
+    assert out.features == wds.features
+    assert out.data.table.equals(kept_rows(wds, keep))
+    # ... and the same image bytes as the tar path's output shards
+    tar_images = {s.key: s.get(("jpg",))[1] for p in tar_run.manifest["paths"] for s in iter_shard(p)}
+    ds_images = {row["__key__"]: row["jpg"]["bytes"] for row in out.data.table.to_pylist()}
+    assert ds_images == tar_images
+    assert res.stages["write"].summary["samples"] == int(keep["kept"].sum())
+
+
+@pytest.fixture(scope="module")
+def emb_parquet(wds, tar_run, tmp_path_factory) -> Path:
+    """The dataset as one parquet table with a fixed-size-list embedding column holding the
+    tar path's embeddings (the rows the tar run stored)."""
+    emb = np.load(tar_run.out / "embed" / "chunks" / "00000.img.npy").astype(np.float32)
+    table = wds.data.table.replace_schema_metadata(None)
+    column = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), DIM)
+    path = tmp_path_factory.mktemp("parquet") / "data.parquet"
+    pq.write_table(table.append_column("emb", column), path, row_group_size=64)
+    return path
+
+
+def test_parquet_embedding_column_keep_list_and_parquet_output(emb_parquet, cache_dir, tar_run, tmp_path):
+    res = run_filter(
+        None,
+        tmp_path / "out",
+        **quiet(
+            hf_dataset=str(emb_parquet),
+            embedding_column="emb",
+            id_column="__key__",
+            hf_cache_dir=cache_dir,
+            hf_output_format="parquet",
+            shard_max_count=40,
+        ),
+    )
+    pd.testing.assert_frame_equal(res.keep[COMPARED], tar_run.keep[COMPARED])
+    files = sorted(Path(res.manifest["path"]).glob("*.parquet"))
+    n_kept = int(res.keep["kept"].sum())
+    assert [f.name for f in files] == [f"train-{j:05d}-of-{len(files):05d}.parquet" for j in range(len(files))]
+    assert len(files) == -(-n_kept // 40)
+    written = pa.concat_tables([pq.read_table(f) for f in files])
+    source = pq.read_table(emb_parquet)
+    want = source.take(res.keep.loc[res.keep["kept"], "index"].to_numpy())
+    assert written.replace_schema_metadata(None).equals(want.replace_schema_metadata(None))
+    assert [f["sha256"] for f in json.loads((tmp_path / "out" / "write" / "manifest.json").read_text())["files"]]
+
+
+def test_embedding_column_is_read_without_a_copy(emb_parquet, cache_dir):
+    inp = DatasetInput.open(str(emb_parquet), embedding_column="emb", cache_dir=cache_dir)
+    assert inp.dim == DIM and inp.image_column is None
+    part = inp.arrow_view(["emb"])[:50]
+    rows = embedding_rows(part.column("emb"), DIM, name="emb", start=0)
+    assert rows.shape == (50, DIM) and rows.dtype == np.float32
+    assert not rows.flags.owndata  # a view of the memory-mapped Arrow buffer
+    want = np.asarray(pq.read_table(emb_parquet).column("emb").to_pylist()[:50], dtype=np.float32)
+    np.testing.assert_array_equal(rows, want)
+
+
+def test_save_to_disk_folder_and_dataset_object_give_the_same_keep_list(wds, tar_run, tmp_path):
+    folder = tmp_path / "disk"
+    wds.save_to_disk(str(folder))
+    enc = PixelProjectionEncoder(dim=DIM)
+    a = run_filter(None, tmp_path / "a", **quiet(hf_dataset=str(folder), image_column="jpg", encoder=enc, write=False))
+    b = run_filter(None, tmp_path / "b", **quiet(hf_dataset=wds, image_column="jpg", encoder=enc, write=False))
+    # without an id column the keys are the row indices
+    assert a.keep["key"].tolist() == [str(i) for i in range(N_SRC + N_DUP)]
+    pd.testing.assert_frame_equal(a.keep, b.keep.assign(shard=a.keep["shard"]))
+    pd.testing.assert_frame_equal(a.keep[COMPARED[1:]], tar_run.keep[COMPARED[1:]])
+    assert "write" not in a.stages
+
+
+def test_selection_apply(wds):
+    rng = np.random.default_rng(0)
+    keep = rng.random(len(wds)) < 0.4
+    sel = Selection.from_mask(keep, "quota")
+    out = sel.apply(wds)
+    assert len(out) == keep.sum()
+    assert out.with_format("arrow")[:].equals(wds.with_format("arrow")[np.flatnonzero(keep).tolist()])
+    every = sel.apply(wds, reason_column="prune_reason", keep_dropped=True)
+    assert len(every) == len(wds)
+    assert every["prune_reason"] == ["" if k else "quota" for k in keep]
+    frame = pd.DataFrame({"x": np.arange(len(wds))})
+    assert sel.apply(frame, reason_column="why")["x"].tolist() == np.flatnonzero(keep).tolist()
+    assert sel.apply(np.arange(len(wds))).tolist() == np.flatnonzero(keep).tolist()
+    assert sel.apply(list(range(len(wds)))) == np.flatnonzero(keep).tolist()
+    with pytest.raises(ValueError, match="covers 208 rows but the dataset has 3"):
+        sel.apply([1, 2, 3])
+    with pytest.raises(TypeError, match="streaming"):
+        sel.apply(wds.to_iterable_dataset())
+
+
+# --------------------------------------------------------------------------- kill / resume
+
+
+def cli(out: Path, dataset: Path, die: str | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env.pop("PRUNEKIT_DIE_AFTER", None)
+    if die:
+        env["PRUNEKIT_DIE_AFTER"] = die
+    cmd = [sys.executable, "-m", "pipelines.cli", "filter", "--out", str(out), "--hf-dataset", str(dataset)]
+    cmd += ["--image-column", "jpg", "--id-column", "__key__", "--chunk-rows", "64", "--hf-output-format", "parquet"]
+    cmd += ["--encoder", "pipelines.encoders:PixelProjectionEncoder", "--encoder-kwargs", json.dumps({"dim": DIM})]
+    cmd += ["--clusters", str(K), "--dedup-eps", "0.02", "--method", "dbp", "--keep", "0.5"]
+    cmd += ["--batch-size", str(BATCH), "--shard-max-count", "25", "--quiet"]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def artifact_bytes(out: Path) -> dict[str, bytes]:
+    """Every artifact file except the stage records (which hold timings)."""
+    return {
+        str(p.relative_to(out)): p.read_bytes()
+        for p in sorted(out.rglob("*"))
+        if p.is_file() and p.name != "_stage.json"
+    }
+
+
+def test_killed_mid_embed_and_mid_write_resumes_to_identical_output(wds, tmp_path):
+    folder = tmp_path / "disk"
+    wds.save_to_disk(str(folder))
+    ref = tmp_path / "ref"
+    r0 = cli(ref, folder)
+    assert r0.returncode == 0, r0.stderr[-2000:]
+    assert "filtered dataset:" in r0.stdout
+
+    out = tmp_path / "killed"
+    r1 = cli(out, folder, die="embed:130")  # dies inside chunk 2 (rows 128..191)
+    assert r1.returncode == -9, r1.stderr[-2000:]
+    chunks = out / "embed" / "chunks"
+    assert (chunks / "00001.keys.parquet").exists() and not (chunks / "00002.keys.parquet").exists()
+    assert json.loads((out / "embed" / "_stage.json").read_text())["state"] == "running"
+
+    r2 = cli(out, folder, die="write:60")  # resumes embed, dies inside write
+    assert r2.returncode == -9, r2.stderr[-2000:]
+    assert "resuming" in r2.stdout
+    staging = out / "write" / "dataset.incomplete"
+    assert 1 <= len(list(staging.glob("*.parquet"))) < len(list((ref / "write" / "dataset").glob("*.parquet")))
+    assert not (out / "write" / "dataset").exists()
+
+    r3 = cli(out, folder)
+    assert r3.returncode == 0, r3.stderr[-2000:]
+    assert "| embed | skipped" in r3.stdout and "| write | ran" in r3.stdout
+    assert not staging.exists()
+    assert artifact_bytes(out) == artifact_bytes(ref)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def png(value: int) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_null_and_undecodable_images_are_counted_and_strict_raises(tmp_path):
+    from datasets import Dataset
+
+    images = [png(10 * i) for i in range(12)] + [None, b"\x89PNG garbage"]
+    ds = Dataset.from_dict({"image": images, "uid": [f"u{i}" for i in range(14)]})
+    res = run_filter(
+        None, tmp_path / "out", **quiet(hf_dataset=ds, id_column="uid", encoder=PixelProjectionEncoder(), clusters=2)
+    )
+    reasons = dict(zip(res.keep["key"], res.keep["reason"]))
+    assert reasons["u12"] == "missing_image" and reasons["u13"] == "undecodable"
+    assert res.stages["embed"].summary["missing_image"] == 1 and res.stages["embed"].summary["undecodable"] == 1
+    assert "u12" not in load_local_dataset(res.manifest["path"])["uid"]
+    with pytest.raises(PipelineError, match="row 12 .* has no image in column 'image'"):
+        run_filter(None, tmp_path / "strict", **quiet(hf_dataset=ds, encoder=PixelProjectionEncoder(), strict=True))
+
+
+def test_bad_columns_and_ids_give_clear_errors(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    enc = PixelProjectionEncoder()
+    base = {"image": [png(i) for i in range(6)], "uid": ["a", "b", "c", "d", "e", "f"]}
+
+    def run(ds, **kw):
+        return run_filter(
+            None, tmp_path / f"o{len(list(tmp_path.iterdir()))}", **quiet(hf_dataset=ds, clusters=2, **kw)
+        )
+
+    with pytest.raises(PipelineError, match=r"no column 'img' \(--image-column\); its columns: \['image', 'uid'\]"):
+        run(Dataset.from_dict(base), image_column="img", encoder=enc)
+    with pytest.raises(PipelineError, match="column 'uid' .* is string: --image-column needs encoded image bytes"):
+        run(Dataset.from_dict(base), image_column="uid", encoder=enc)
+    with pytest.raises(PipelineError, match="duplicate keys"):
+        run(Dataset.from_dict({**base, "uid": ["a", "b", "a", "d", "e", "f"]}), id_column="uid", encoder=enc)
+    with pytest.raises(PipelineError, match="id column 'uid' is null in row 2"):
+        run(Dataset.from_dict({**base, "uid": ["a", "b", None, "d", "e", "f"]}), id_column="uid", encoder=enc)
+    with pytest.raises(ValueError, match="splits \\['train', 'test'\\]: choose one with --split"):
+        run(DatasetDict(train=Dataset.from_dict(base), test=Dataset.from_dict(base)), encoder=enc)
+    with pytest.raises(NotImplementedError, match="streaming datasets .* are not supported yet"):
+        run(Dataset.from_dict(base).to_iterable_dataset(), encoder=enc)
+    with pytest.raises(FileNotFoundError, match="no dataset at"):
+        run(str(tmp_path / "nowhere.parquet"), encoder=enc)
+    with pytest.raises(ValueError, match="remote"):
+        run("s3://bucket/data.parquet", encoder=enc)
+    (tmp_path / "x.tar").write_bytes(b"")
+    with pytest.raises(ValueError, match="either shards"):
+        run_filter(str(tmp_path / "x.tar"), tmp_path / "both", hf_dataset=Dataset.from_dict(base), encoder=enc)
+
+
+def test_embedding_column_nulls_ragged_and_dtype(tmp_path):
+    from datasets import Dataset
+
+    rng = np.random.default_rng(1)
+    emb = rng.standard_normal((20, 4)).astype(np.float32).tolist()
+
+    def run(column, **kw):
+        ds = Dataset.from_dict({"emb": column})
+        return run_filter(
+            None,
+            tmp_path / f"o{len(list(tmp_path.iterdir()))}",
+            **quiet(hf_dataset=ds, embedding_column="emb", clusters=2, **kw),
+        )
+
+    res = run(emb[:5] + [None] + emb[6:9] + [[float("nan")] * 4] + emb[10:])  # variable-length list column
+    assert res.keep.loc[[5, 9], "reason"].tolist() == ["no_embedding", "no_embedding"]
+    assert res.keep["kept"].sum() == 9  # dbp keeps half of the 18 embedded rows
+    with pytest.raises(
+        PipelineError, match="ragged embedding lengths in column 'emb': row 7 has 3 values, the first row has 4"
+    ):
+        run(emb[:7] + [emb[7][:3]] + emb[8:])
+    with pytest.raises(
+        PipelineError, match="column 'emb' .* is list<item: string>: --embedding-column needs a list of floats"
+    ):
+        run([["a", "b"]] * 20)
+    with pytest.raises(PipelineError, match="CLIP score needs caption embeddings"):
+        run(emb, steps=[{"method": "clipscore", "keep": 0.5}])
+
+
+# --------------------------------------------------------------------------- README
+
+
+def readme_section(title: str) -> str:
+    text = (REPO / "README.md").read_text()
+    start = text.index(title)
+    end = text.find("\n## ", start)
+    return text[start : end if end >= 0 else len(text)]
+
+
+def test_readme_datasets_example_runs_as_pasted(tmp_path):
+    section = readme_section("### Pruning a Hugging Face dataset")
+    python = re.findall(r"```python\n(.*?)```", section, re.S)
+    shell = re.findall(r"```bash\n(.*?)```", section, re.S)
+    assert len(python) == 1 and len(shell) == 1
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), HF_DATASETS_CACHE=str(tmp_path / "cache"))
+    run = subprocess.run(
+        [sys.executable, "-c", python[0]], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "| write | ran" in run.stdout
+    command = shell[0].strip().replace("prunekit ", f"{sys.executable} -m pipelines.cli ", 1)
+    cmd = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert cmd.returncode == 0, cmd.stderr[-3000:]
+    assert "filtered dataset:" in cmd.stdout
+    a = pd.read_parquet(tmp_path / "pruned" / "select" / "keep.parquet")
+    b = pd.read_parquet(tmp_path / "pruned_cli" / "select" / "keep.parquet")
+    pd.testing.assert_frame_equal(a, b)  # the CLI and the Python API agree
