@@ -546,6 +546,7 @@ class DatasetWriteStage(Stage):
     """
 
     name = "write"
+    owned = ("manifest.json", "dataset/*", "dataset.incomplete/*")
 
     def __init__(
         self,

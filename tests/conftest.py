@@ -25,3 +25,13 @@ def shared_data() -> Path:
     if path is None:
         pytest.skip("real data folder absent: set PRUNEKIT_DATA or place ../shared/data")
     return path
+
+
+def artifact_bytes(out: Path) -> dict[str, bytes]:
+    """Every artifact file under ``out`` except the stage records (which hold timings) and the
+    marker and lock of the folder (which hold a creation time and the last run's pid)."""
+    return {
+        str(p.relative_to(out)): p.read_bytes()
+        for p in sorted(out.rglob("*"))
+        if p.is_file() and p.name not in ("_stage.json", ".prunekit.json", ".prunekit.lock")
+    }

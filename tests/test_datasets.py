@@ -22,7 +22,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO
+from conftest import REPO, artifact_bytes
 
 from dataprune import Selection
 from pipelines.datasets import DatasetInput, embedding_rows, load_local_dataset
@@ -212,15 +212,6 @@ def cli(out: Path, dataset: Path, die: str | None = None) -> subprocess.Complete
     cmd += ["--clusters", str(K), "--dedup-eps", "0.02", "--method", "dbp", "--keep", "0.5"]
     cmd += ["--batch-size", str(BATCH), "--shard-max-count", "25", "--quiet"]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-
-
-def artifact_bytes(out: Path) -> dict[str, bytes]:
-    """Every artifact file except the stage records (which hold timings)."""
-    return {
-        str(p.relative_to(out)): p.read_bytes()
-        for p in sorted(out.rglob("*"))
-        if p.is_file() and p.name != "_stage.json"
-    }
 
 
 def test_killed_mid_embed_and_mid_write_resumes_to_identical_output(wds, tmp_path):

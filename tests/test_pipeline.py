@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import REPO, shared_data_dir
+from conftest import REPO, artifact_bytes, shared_data_dir
 
 from dataprune import prune_dbp, semdedup
 from pipelines.shards import (
@@ -398,16 +398,6 @@ def _cli(out: Path, shards: str, die: str | None = None) -> subprocess.Completed
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
-def _artifact_bytes(out: Path) -> dict[str, bytes]:
-    """Every artifact file except the stage records (which hold timings) and the marker and
-    lock of the folder (which hold a creation time and the last run's pid)."""
-    return {
-        str(p.relative_to(out)): p.read_bytes()
-        for p in sorted(out.rglob("*"))
-        if p.is_file() and p.name not in ("_stage.json", ".prunekit.json", ".prunekit.lock")
-    }
-
-
 def test_killed_mid_embed_and_mid_write_resumes_to_identical_output(shard_dir, tmp_path):
     shards = pattern(shard_dir)
     ref = tmp_path / "ref"
@@ -446,7 +436,7 @@ def test_killed_mid_embed_and_mid_write_resumes_to_identical_output(shard_dir, t
     assert r3.returncode == 0, r3.stderr[-2000:]
     assert "| write | ran" in r3.stdout and "| embed | skipped" in r3.stdout
     assert not list((out / "write").glob(".*.tmp"))
-    assert _artifact_bytes(out) == _artifact_bytes(ref)
+    assert artifact_bytes(out) == artifact_bytes(ref)
 
 
 # --------------------------------------------------------------------------- bad inputs

@@ -264,12 +264,28 @@ def run_filter(shards=None, out="prunekit_out", config: FilterConfig | None = No
     out = Path(out)
     shard_list = expand_shards(shards) if shards is not None else []
     files = [_glob_files(spec) for spec in (cfg.embeddings, cfg.metadata, cfg.text_embeddings)]
-    check_inputs_outside(out, [*shard_list, *files[0], *files[1], *files[2]])
-    claim_output(out, OWNED)
+    check_inputs_outside(out, [*shard_list, *files[0], *files[1], *files[2], *_dataset_paths(cfg.hf_dataset)])
+    claim_output(out, _owned_patterns(cfg))
     with output_lock(out, wait=cfg.wait_lock, log=cfg.log):
         result = _run_stages(cfg, steps, out, shard_list, files)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _dataset_paths(hf_dataset) -> list[str]:
+    """The local files/folder of a ``--hf-dataset`` given by path (none for a Dataset object)."""
+    if not isinstance(hf_dataset, (str, os.PathLike)):
+        return []
+    return glob.glob(os.fspath(hf_dataset)) or [os.fspath(hf_dataset)]
+
+
+def _owned_patterns(cfg: FilterConfig) -> dict:
+    """:data:`OWNED`, plus the dataset writer's files when the input is a Hugging Face dataset."""
+    if cfg.hf_dataset is None:
+        return OWNED
+    from pipelines.datasets import DatasetWriteStage
+
+    return {**OWNED, "write": OWNED["write"] + DatasetWriteStage.owned}
 
 
 def _run_stages(cfg: FilterConfig, steps: list[dict], out: Path, shard_list: list[str], files: list) -> FilterResult:
