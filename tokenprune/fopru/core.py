@@ -43,6 +43,8 @@ __all__ = [
     "image_keep_mask",
     "merge_grid_scores",
     "merged_scores_from_packed",
+    "normalise_crop_scores",
+    "packed_select",
     "packed_patch_to_raster",
     "per_image_keep",
     "prune_mm_inputs",
@@ -338,6 +340,45 @@ def _normalise(crop_scores: torch.Tensor, how: str) -> torch.Tensor:
     return crop_scores / den.clamp_min(torch.finfo(crop_scores.dtype).tiny)
 
 
+def normalise_crop_scores(crop_scores: torch.Tensor, how: str) -> torch.Tensor:
+    """Per-crop normalisation of ``(n_crops, P)`` scores: ``"sum"`` (each crop sums to 1),
+    ``"max"`` (divided by the crop's maximum) or ``"none"``."""
+    if how not in ANYRES_NORMS:
+        raise ValueError(f"unknown anyres_norm {how!r}; expected one of {ANYRES_NORMS}")
+    return _normalise(crop_scores, how)
+
+
+def packed_select(
+    token_scores: torch.Tensor, is_newline: torch.Tensor, row: torch.Tensor, keep, *, newline: str = "row"
+) -> torch.Tensor:
+    """Positions to keep in one packed image: the K best visual tokens, then its newline tokens.
+
+    Args:
+        token_scores: ``(L,)`` score of every packed token (newline entries are ignored).
+        is_newline: ``(L,)`` bool, True for ``image_newline`` tokens.
+        row: ``(L,)`` int64 row id of every token (a newline has the id of the row it closes).
+        keep: fraction in (0, 1] of the visual tokens or an int count (newlines not counted).
+        newline: ``"row"`` keeps a row's newline iff a visual token of that row is kept,
+            ``"all"`` keeps every newline, ``"none"`` drops them.
+
+    Returns:
+        ``(K + kept newlines,)`` int64 positions in ``[0, L)``, ascending (packed order).
+    """
+    if newline not in NEWLINE_RULES:
+        raise ValueError(f"unknown newline rule {newline!r}; expected one of {NEWLINE_RULES}")
+    vis_pos = (~is_newline).nonzero().squeeze(1)  # packed positions of visual tokens, ascending
+    sel = fopru_select(token_scores[vis_pos][None].float(), keep_count(int(vis_pos.numel()), keep, minimum=1))[0]
+    keep_mask = torch.zeros_like(is_newline)
+    keep_mask[vis_pos[sel]] = True
+    if newline == "all":
+        keep_mask |= is_newline
+    elif newline == "row":
+        rows_hit = torch.zeros(int(row.max()) + 1, dtype=torch.bool, device=row.device)
+        rows_hit[row[keep_mask]] = True
+        keep_mask |= is_newline & rows_hit[row]
+    return keep_mask.nonzero().squeeze(1)
+
+
 def anyres_select(
     crop_scores: torch.Tensor,
     layout: AnyResLayout,
@@ -350,9 +391,8 @@ def anyres_select(
 
     Selection policy (reconstruction; the paper covers fixed-size LLaVA-1.5 only): ``keep``
     counts the image's visual tokens (newlines excluded); every crop's scores are first
-    normalised (``anyres_norm``: ``"sum"`` = each view sums to 1, ``"max"``, ``"none"``),
-    then base and crop patches are ranked together. ``newline``: ``"row"`` keeps a row's
-    newline iff a visual token of that row is kept, ``"all"`` keeps all, ``"none"`` drops them.
+    normalised (``anyres_norm``, :func:`normalise_crop_scores`), then base and crop patches are
+    ranked together; ``newline`` as in :func:`packed_select`.
 
     Args:
         crop_scores: ``(1 + n_crops, P)`` FoPru patch scores per crop (row 0 = base view).
@@ -372,20 +412,8 @@ def anyres_select(
         raise ValueError(f"crop_scores must be ({layout.n_crops + 1}, {p}) for this layout, got {shape}")
     check_float(crop_scores, "crop_scores")
     src = layout.source.to(crop_scores.device)
-    vis_pos = (src >= 0).nonzero().squeeze(1)  # packed positions of visual tokens, ascending
     flat = _normalise(crop_scores.float(), anyres_norm).reshape(-1)
-    sel = fopru_select(flat[src[vis_pos]][None], keep_count(int(vis_pos.numel()), keep, minimum=1))[0]
-    keep_mask = torch.zeros(src.numel(), dtype=torch.bool, device=src.device)
-    keep_mask[vis_pos[sel]] = True
-    nl = src < 0
-    if newline == "all":
-        keep_mask |= nl
-    elif newline == "row":
-        row = layout.row.to(src.device)
-        rows_hit = torch.zeros(int(row.max()) + 1, dtype=torch.bool, device=src.device)
-        rows_hit[row[keep_mask]] = True
-        keep_mask |= nl & rows_hit[row]
-    return keep_mask.nonzero().squeeze(1)
+    return packed_select(flat[src.clamp_min(0)], src < 0, layout.row.to(src.device), keep, newline=newline)
 
 
 # --------------------------------------------------------------------------- prompt compaction
