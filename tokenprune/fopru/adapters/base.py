@@ -273,7 +273,8 @@ class FoPruAdapter:
             if len(kept_indices) != len(n_tokens):
                 raise ValueError(f"kept_indices has {len(kept_indices)} entries for {len(n_tokens)} images")
             kept = self.kept_from_indices(enc, kept_indices)
-        keep_mask = image_keep_mask(input_ids, self.image_token_id, n_tokens, kept)
+        # kept image tokens and attended text; padding is rebuilt to the shortest width
+        keep_mask = image_keep_mask(input_ids, self.image_token_id, n_tokens, kept) & mask.bool()
         tensors = {"input_ids": (input_ids, self.pad_id), **self.token_tensors(mm, enc)}
         if mm.get("labels") is not None:
             tensors["labels"] = (mm["labels"], -100)
@@ -282,7 +283,7 @@ class FoPruAdapter:
         call["attention_mask"] = new_mask
         self.finish_call(call, mm)
         pruned = [f[k.to(f.device)] for f, k in zip(enc.features, kept)]
-        call.update(self.feature_inputs(call["input_ids"], pruned))
+        call.update(self.feature_inputs(call["input_ids"], pruned, enc, kept))
         kept_counts = [int(k.numel()) for k in kept]
         extras = {
             "image_tokens_in": n_tokens,
@@ -295,9 +296,15 @@ class FoPruAdapter:
         stats = TokenStats("fopru", sum(n_tokens), sum(kept_counts), forward_passes=1, extras=extras)
         return Prepared(call, input_ids, stats)
 
-    def feature_inputs(self, new_ids: torch.Tensor, pruned: list[torch.Tensor]) -> dict[str, Any]:
+    def feature_inputs(
+        self, new_ids: torch.Tensor, pruned: list[torch.Tensor], enc: Encoded, kept: list[torch.Tensor]
+    ) -> dict[str, Any]:
         """How the pruned features reach the model: ``mm_encoder_outputs`` (the model skips its
-        own image encoding) or ``inputs_embeds`` (features scattered into the placeholders)."""
+        own image encoding) or ``inputs_embeds`` (features scattered into the placeholders).
+
+        ``new_ids``: ``(B, L')`` shrunk prompt; ``pruned``: per image ``(K_i, D)`` kept features;
+        ``enc``/``kept``: the encoding and the kept run positions (for families with more
+        per-token features to gather, e.g. Qwen3-VL's deepstack)."""
         if self.feature_passing == "mm_encoder_outputs":
             from transformers.modeling_outputs import BaseModelOutputWithPooling
 

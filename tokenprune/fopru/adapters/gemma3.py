@@ -75,7 +75,9 @@ class Gemma3Adapter(FoPruAdapter):
         tt = mm.get("token_type_ids")
         return {} if tt is None else {"token_type_ids": (tt, 0)}
 
-    def feature_inputs(self, new_ids: torch.Tensor, pruned: list[torch.Tensor]) -> dict[str, Any]:
+    def feature_inputs(
+        self, new_ids: torch.Tensor, pruned: list[torch.Tensor], enc: Encoded, kept: list[torch.Tensor]
+    ) -> dict[str, Any]:
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         # Gemma3 takes one (images, tokens, D) tensor: per-image K may differ, so one row of all kept tokens
