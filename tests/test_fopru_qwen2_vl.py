@@ -299,7 +299,10 @@ def test_compact_tokens_matches_prune_mm_inputs():
     keep[ids == IMG] = img_keep
     pos = torch.arange(16).view(1, 2, 8).expand(3, 2, 8) * torch.tensor([1, 2, 3]).view(3, 1, 1)
     new_mask, (new_ids, new_pos) = compact_tokens(keep, mask, [(ids, 0), (pos, -1)])
-    assert torch.equal(new_ids, ref_ids) and torch.equal(new_mask, ref_mask)
+    assert new_ids.tolist() == [[0, 0, 5, IMG, IMG, 6], [0, 7, IMG, 8, IMG, IMG]]  # what keep says, pads too
+    assert new_mask.tolist() == [[0, 0, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1]]
+    no_pad_mask, (no_pad_ids,) = compact_tokens(keep & mask.bool(), mask, [(ids, 0)])
+    assert torch.equal(no_pad_ids, ref_ids) and torch.equal(no_pad_mask, ref_mask)  # prune_mm_inputs drops pads
     # row 1 keeps columns 0 (text), 1 (image 1, patch 0), 5 (text), 6, 7 (image 2): flat 8, 9, 13, 14, 15
     assert new_pos[:, 1].tolist() == [[-1] + [f * v for v in (8, 9, 13, 14, 15)] for f in (1, 2, 3)]
     assert new_pos[:, 0].tolist() == [[0, f * 1, f * 2, f * 4, f * 6, f * 7] for f in (1, 2, 3)]  # pads carried

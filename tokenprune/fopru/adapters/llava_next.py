@@ -123,7 +123,7 @@ class LlavaNextAdapter(LlavaAdapter):
         out = self.model.get_image_features(
             pixel_values=mm["pixel_values"], image_sizes=image_sizes, return_dict=True, **feature_kwargs
         )
-        scores = fopru_scores(self.rows(), method=self.method, num_prefix=1 if self.has_cls else 0)
+        scores = fopru_scores(self.rows(), method=self.method, num_prefix=int(self.has_cls), check_finite=False)
         vc = cfg.vision_config
         layouts = [anyres_layout(s, cfg.image_grid_pinpoints, vc.image_size, vc.patch_size) for s in image_sizes]
         p = layouts[0].side ** 2 if layouts else 0
@@ -155,7 +155,6 @@ class LlavaNextAdapter(LlavaAdapter):
         newline_kept = [int(nl[k.to(nl.device)].sum()) for nl, k in zip(masks, kept)]
         newline_in = [int(nl.sum()) for nl in masks]
         return {
-            "kept_indices": [k.cpu() for k in kept],
             "visual_in": [nl.numel() - n for nl, n in zip(masks, newline_in)],
             "visual_kept": [int(k.numel()) - n for k, n in zip(kept, newline_kept)],
             "newline_in": newline_in,

@@ -63,7 +63,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         out = self.model.get_image_features(
             pixel_values=mm["pixel_values"], image_sizes=image_sizes, return_dict=True, **feature_kwargs
         )
-        scores = fopru_scores(self.rows(), method=self.method, num_prefix=1 if self.has_cls else 0)
+        scores = fopru_scores(self.rows(), method=self.method, num_prefix=int(self.has_cls), check_finite=False)
         counts = self.crops_per_image(image_sizes, mm.get("batch_num_images"))
         if scores.shape[0] != sum(counts):
             raise ValueError(f"FoPru: captured {scores.shape[0]} crops, the model encodes {sum(counts)}")

@@ -126,7 +126,9 @@ class Qwen2VLAdapter(FoPruAdapter):
     def select(self, enc: Encoded, keeps: list) -> list[torch.Tensor]:
         m = self.merge
         return [  # per image: grids (and K) differ
-            fopru_select(s[None], kp, strategy=self.strategy, grid=(h // m, w // m), row_mode=self.row_mode)[0]
+            fopru_select(
+                s[None], kp, strategy=self.strategy, grid=(h // m, w // m), row_mode=self.row_mode, check_finite=False
+            )[0]
             for s, (h, w), kp in zip(enc.scores, enc.info["grids"], keeps)
         ]
 
