@@ -296,8 +296,9 @@ def test_speed_benchmark_quick_path():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     med = mod.main(["--quick", "--threads", "1"])
-    assert set(med) == {1.0, 0.5, 0.25, 0.1}
-    assert all(p > 0 and g > 0 for p, g in med.values())
+    assert set(med) == {(m, b) for m in ("llava15", "qwen25vl") for b in (1, 2)}
+    variants = {"plain", "fopru 0.5", "lower 0.5", "fopru 0.25", "lower 0.25"}
+    assert all(set(m) == variants and all(t > 0 for t in m.values()) for m in med.values())
 
 
 def test_public_names_resolve_to_the_package():
