@@ -213,3 +213,19 @@ def test_merge_grid_scores():
     assert m.tolist() == [[2.5, 4.5, 10.5, 12.5]]
     with pytest.raises(ValueError, match="divisible"):
         merge_grid_scores(torch.rand(1, 15), (3, 5))
+
+
+def test_transformers_floor_is_declared_and_enforced():
+    import subprocess
+    import sys
+
+    from tokenprune.fopru.adapters import MIN_TRANSFORMERS, check_transformers_version
+
+    check_transformers_version(MIN_TRANSFORMERS)
+    check_transformers_version("6.0.0")
+    with pytest.raises(ImportError, match=r"transformers>=5\.24\.0, found 4\.57\.1"):
+        check_transformers_version("4.57.1")
+    # the pure functions import without touching the model side
+    code = "import sys, tokenprune.fopru; print('transformers' in sys.modules, 'tokenprune.fopru.api' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]

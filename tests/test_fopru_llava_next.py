@@ -247,12 +247,10 @@ def test_pruned_equals_manual_reference(model, passing):
         k = keep[b] if isinstance(keep[b], int) else int(keep[b] * lay.n_visual + 0.5)
         kept = _ref_select(scores[b], lay, k, "sum", "row")
         assert st.extras["kept_indices"][b].tolist() == kept
-        ids = inp["input_ids"][b].tolist()  # original left padding kept, run shrunk
-        msk = inp["attention_mask"][b].tolist()
+        ids = inp["input_ids"][b][inp["attention_mask"][b].bool()].tolist()  # run shrunk, padding rebuilt
         s = ids.index(IMG)
-        rows.append(
-            (ids[:s] + [IMG] * len(kept) + ids[s + len(lay) :], msk[:s] + [1] * len(kept) + msk[s + len(lay) :])
-        )
+        row = ids[:s] + [IMG] * len(kept) + ids[s + len(lay) :]
+        rows.append((row, [1] * len(row)))
         img_feats.append(feats[b][kept])
     width = max(len(r) for r, _ in rows)
     ids = torch.tensor([[0] * (width - len(r)) + r for r, _ in rows])

@@ -70,7 +70,7 @@ def qwen():
     return _model()
 
 
-def _inputs(layout, seed=1):
+def qwen_inputs(layout, seed=1):
     """layout: per prompt, a list of items: ("t", [ids]) or ("i", (h, w)) patch grid."""
     rows, grids = [], []
     for items in layout:
@@ -197,7 +197,7 @@ def _bruteforce_merged_scores(probs, grid, ws=None):
     return out
 
 
-def _bruteforce_mrope(ids_row, grids):
+def bruteforce_mrope(ids_row, grids):
     """(3, n) M-RoPE positions of one unpadded row, from the Qwen2-VL rule."""
     pos, cur, i, gi = [], 0, 0, 0
     while i < len(ids_row):
@@ -238,7 +238,7 @@ def _reference_generate(model, inp, kept, steps):
             else:
                 keep_cols.append(j)
                 j += 1
-        pos = _bruteforce_mrope(row, row_grids)
+        pos = bruteforce_mrope(row, row_grids)
         rows.append((e[keep_cols], pos[:, keep_cols]))
     L = max(e.shape[0] for e, _ in rows)
     B, D = len(rows), rows[0][0].shape[1]
@@ -299,7 +299,10 @@ def test_compact_tokens_matches_prune_mm_inputs():
     keep[ids == IMG] = img_keep
     pos = torch.arange(16).view(1, 2, 8).expand(3, 2, 8) * torch.tensor([1, 2, 3]).view(3, 1, 1)
     new_mask, (new_ids, new_pos) = compact_tokens(keep, mask, [(ids, 0), (pos, -1)])
-    assert torch.equal(new_ids, ref_ids) and torch.equal(new_mask, ref_mask)
+    assert new_ids.tolist() == [[0, 0, 5, IMG, IMG, 6], [0, 7, IMG, 8, IMG, IMG]]  # what keep says, pads too
+    assert new_mask.tolist() == [[0, 0, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1]]
+    no_pad_mask, (no_pad_ids,) = compact_tokens(keep & mask.bool(), mask, [(ids, 0)])
+    assert torch.equal(no_pad_ids, ref_ids) and torch.equal(no_pad_mask, ref_mask)  # prune_mm_inputs drops pads
     # row 1 keeps columns 0 (text), 1 (image 1, patch 0), 5 (text), 6, 7 (image 2): flat 8, 9, 13, 14, 15
     assert new_pos[:, 1].tolist() == [[-1] + [f * v for v in (8, 9, 13, 14, 15)] for f in (1, 2, 3)]
     assert new_pos[:, 0].tolist() == [[0, f * 1, f * 2, f * 4, f * 6, f * 7] for f in (1, 2, 3)]  # pads carried
@@ -308,7 +311,7 @@ def test_compact_tokens_matches_prune_mm_inputs():
 # ------------------------------------------------------------------ attention capture
 @pytest.mark.parametrize("layer", [-1, -2])
 def test_capture_equals_bruteforce_attention(qwen, layer):
-    inp = _inputs(BATCH)
+    inp = qwen_inputs(BATCH)
     grid = inp["image_grid_thw"]
     block = layer + 2  # depth 2
     probs = _bruteforce_vision_attention(qwen, inp["pixel_values"], grid, block)
@@ -327,7 +330,7 @@ def test_capture_equals_bruteforce_attention(qwen, layer):
 
 def test_capture_same_under_eager_vision_attention():
     sdpa, eager = _model("sdpa", seed=4), _model("eager", seed=4)
-    inp = _inputs(TWO_IMAGES, seed=3)
+    inp = qwen_inputs(TWO_IMAGES, seed=3)
     rows = []
     for m in (sdpa, eager):
         cap = _capture(m, -1)
@@ -343,7 +346,7 @@ def test_capture_same_under_eager_vision_attention():
 # ------------------------------------------------------------------ generate
 @pytest.mark.parametrize("layout", [BATCH, TWO_IMAGES], ids=["batch2_leftpad", "two_images"])
 def test_keep_one_identical_ids(qwen, layout):
-    inp = _inputs(layout)
+    inp = qwen_inputs(layout)
     ref = qwen.generate(**inp, **GEN)
     for fp in ("mm_encoder_outputs", "inputs_embeds"):
         out, st = fopru_generate(qwen, inp, keep=1.0, method="colmean", feature_passing=fp, **GEN)
@@ -356,7 +359,7 @@ def test_keep_one_identical_ids(qwen, layout):
 
 
 def test_keep_one_identical_with_beams_and_return_sequences(qwen):
-    inp = _inputs(BATCH, seed=8)
+    inp = qwen_inputs(BATCH, seed=8)
     for kw in (dict(num_beams=2), dict(do_sample=True, top_k=5, num_return_sequences=2)):
         torch.manual_seed(0)
         ref = qwen.generate(**inp, max_new_tokens=4, **kw)
@@ -375,7 +378,7 @@ def test_keep_one_identical_with_beams_and_return_sequences(qwen):
     ids=["batch_half", "batch_counts", "two_images"],
 )
 def test_pruned_equals_bruteforce_reference(qwen, layout, keep):
-    inp = _inputs(layout, seed=2)
+    inp = qwen_inputs(layout, seed=2)
     grid = inp["image_grid_thw"]
     out, st = fopru_generate(qwen, inp, keep=keep, method="colmean", restore_prompt=False, **GEN)
     # selection from brute-force attention at the default layer (-2 = block 0 of 2)
@@ -402,11 +405,11 @@ def test_pruned_equals_bruteforce_reference(qwen, layout, keep):
 
 
 def test_batch_different_k_matches_single(qwen):
-    inp = _inputs(BATCH, seed=5)
+    inp = qwen_inputs(BATCH, seed=5)
     batch, st = fopru_generate(qwen, inp, keep=[0.5, 4], method="colmean", strategy="row", **GEN)
     assert st.extras["image_tokens_kept"] == [3, 4]
     for b, kp in enumerate([0.5, 4]):
-        single = _inputs([BATCH[b]], seed=5)
+        single = qwen_inputs([BATCH[b]], seed=5)
         a = 0 if b == 0 else 24
         single["pixel_values"] = inp["pixel_values"][a : a + int(inp["image_grid_thw"][b].prod())]
         one, st1 = fopru_generate(qwen, single, keep=kp, method="colmean", strategy="row", **GEN)
@@ -416,7 +419,7 @@ def test_batch_different_k_matches_single(qwen):
 
 
 def test_row_strategy_uses_each_images_merged_grid(qwen):
-    inp = _inputs(BATCH, seed=6)
+    inp = qwen_inputs(BATCH, seed=6)
     grid = inp["image_grid_thw"]
     _, st = fopru_generate(
         qwen, inp, keep=[3, 8], method="colmean", strategy="row", row_mode="rows", layer=-1, max_new_tokens=1
@@ -441,7 +444,7 @@ def test_rope_deltas_continue_decode_without_position_ids(qwen):
     rope_deltas path with a 2-D attention mask builds positions over the whole mask and fails
     for a 1-token decode step, with or without pruning; generate never takes that path.)
     """
-    inp = _inputs(TWO_IMAGES, seed=7)
+    inp = qwen_inputs(TWO_IMAGES, seed=7)
     out, st = fopru_generate(qwen, inp, keep=[0.5, 2], method="colmean", restore_prompt=False, max_new_tokens=1)
     ids = out[:, :-1]
     feats = qwen.get_image_features(
@@ -452,7 +455,7 @@ def test_rope_deltas_continue_decode_without_position_ids(qwen):
         (ids == IMG)[..., None].expand_as(emb), torch.cat([f[k] for f, k in zip(feats, st.extras["kept_indices"])])
     ).detach()
     row = inp["input_ids"][0].tolist()
-    full = _bruteforce_mrope(row, inp["image_grid_thw"].tolist())
+    full = bruteforce_mrope(row, inp["image_grid_thw"].tolist())
     starts = [j for j in range(len(row)) if row[j] == IMG and row[j - 1] != IMG]
     drop = {
         s + i
@@ -481,7 +484,7 @@ def _hook_count(model):
 
 
 def test_hooks_removed_and_generate_restored_on_exception(qwen):
-    inp = _inputs(BATCH)
+    inp = qwen_inputs(BATCH)
     before = _hook_count(qwen)
     with pytest.raises(ValueError, match="is outside"):
         with FoPru(qwen, keep=7, method="colmean"):  # image 0 has only 6 merged tokens
@@ -497,7 +500,7 @@ def test_hooks_removed_and_generate_restored_on_exception(qwen):
 
 
 def test_validation_errors(qwen):
-    inp = _inputs(BATCH)
+    inp = qwen_inputs(BATCH)
     with pytest.raises(ValueError, match="CLS"):
         fopru_generate(qwen, inp, keep=0.5, method="cls", **GEN)
     with pytest.raises(ValueError, match="CLS"):
@@ -598,7 +601,7 @@ def test_qwen2_5_window_order_is_the_models():
 
 
 def test_qwen2_5_capture_equals_bruteforce_and_unpermutes(qwen25):
-    inp = _inputs(BIG, seed=3)
+    inp = qwen_inputs(BIG, seed=3)
     grid = inp["image_grid_thw"]
     probs = _bruteforce_vision_attention(qwen25, inp["pixel_values"], grid, 1, ws=WS)
     ref = _bruteforce_merged_scores(probs, grid, ws=WS)
@@ -619,7 +622,7 @@ def test_qwen2_5_capture_equals_bruteforce_and_unpermutes(qwen25):
 
 @pytest.mark.parametrize("layout", [BIG, TWO_IMAGES], ids=["batch2_leftpad", "two_images"])
 def test_qwen2_5_keep_one_identical_ids(qwen25, layout):
-    inp = _inputs(layout, seed=4)
+    inp = qwen_inputs(layout, seed=4)
     ref = qwen25.generate(**inp, **GEN)
     for fp in ("mm_encoder_outputs", "inputs_embeds"):
         out, st = fopru_generate(qwen25, inp, keep=1.0, method="colmean", feature_passing=fp, **GEN)
@@ -632,7 +635,7 @@ def test_qwen2_5_keep_one_identical_ids(qwen25, layout):
 
 @pytest.mark.parametrize("layout,keep", [(BIG, [0.25, 5]), (TWO_IMAGES, 0.5)], ids=["batch", "two_images"])
 def test_qwen2_5_pruned_equals_bruteforce_reference(qwen25, layout, keep):
-    inp = _inputs(layout, seed=5)
+    inp = qwen_inputs(layout, seed=5)
     grid = inp["image_grid_thw"]
     out, st = fopru_generate(qwen25, inp, keep=keep, method="colmean", restore_prompt=False, **GEN)
     probs = _bruteforce_vision_attention(qwen25, inp["pixel_values"], grid, 1, ws=WS)
@@ -697,15 +700,14 @@ def test_unsupported_families_fail_at_construction():
 @pytest.mark.parametrize("build", [lambda: _model(), lambda: _model25()], ids=["qwen2_vl", "qwen2_5_vl"])
 def test_forward_inside_context_is_the_pruned_prefill(build):
     model = build()
-    inp = _inputs(BATCH, seed=9)
+    inp = qwen_inputs(BATCH, seed=9)
     step = dict(max_new_tokens=1, do_sample=False, output_logits=True, return_dict_in_generate=True)
     with FoPru(model, keep=0.5, method="colmean") as fp:
         first = model.generate(**inp, **step).logits[0]
         with torch.no_grad():
             out = model(**inp)
     assert "forward" not in model.__dict__ and "generate" not in model.__dict__
-    dropped = [a - b for a, b in zip(fp.stats.extras["image_tokens_in"], fp.stats.extras["image_tokens_kept"])]
-    assert out.logits.shape[1] == inp["input_ids"].shape[1] - min(dropped)  # the shrunk prompt
+    assert out.logits.shape[1] == max(fp.stats.extras["prompt_tokens_kept"])  # the shrunk prompt, shortest padding
     assert (
         len(fp.history) == 2 and fp.history[0].extras["image_tokens_kept"] == fp.history[1].extras["image_tokens_kept"]
     )
@@ -715,7 +717,7 @@ def test_forward_inside_context_is_the_pruned_prefill(build):
 
 
 def test_videos_are_refused_not_run_unpruned(qwen):
-    vid = _inputs(BATCH)
+    vid = qwen_inputs(BATCH)
     video = {
         "input_ids": torch.tensor([[5] + [VID] * 6 + [6]]),
         "pixel_values_videos": torch.randn(48, PATCH_DIM),

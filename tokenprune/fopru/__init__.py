@@ -5,10 +5,18 @@
 * :mod:`.adapters` — one registered module per model family (``config.model_type``);
 * :mod:`.api` — :func:`fopru_generate` and the :class:`FoPru` context manager.
 
-Importing this package loads no transformers (family modules import it inside functions).
+Importing this package loads no transformers; the model side (``FoPru``, ``fopru_generate``)
+loads on first use and needs ``transformers>=`` :data:`tokenprune.fopru.adapters.MIN_TRANSFORMERS`.
 """
 
-from .api import FoPru, fopru_generate
+from importlib import import_module
+
 from .core import fopru_scores, fopru_select, merge_grid_scores
 
 __all__ = ["FoPru", "fopru_generate", "fopru_scores", "fopru_select", "merge_grid_scores"]
+
+
+def __getattr__(name):
+    if name in ("FoPru", "fopru_generate"):
+        return getattr(import_module("tokenprune.fopru.api"), name)
+    raise AttributeError(f"module 'tokenprune.fopru' has no attribute {name!r}")

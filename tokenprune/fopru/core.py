@@ -43,10 +43,13 @@ __all__ = [
     "image_keep_mask",
     "merge_grid_scores",
     "merged_scores_from_packed",
+    "normalise_crop_scores",
+    "packed_select",
     "packed_patch_to_raster",
     "per_image_keep",
     "prune_mm_inputs",
     "select_per_image",
+    "shrink_prompt",
 ]
 
 METHODS = ("cls", "colmean")
@@ -56,13 +59,14 @@ ANYRES_NORMS = ("sum", "max", "none")
 NEWLINE_RULES = ("row", "all", "none")
 
 
-def check_float(t: torch.Tensor, name: str) -> None:
-    """Raise unless ``t`` is a finite floating-point tensor (the check syncs once with the device)."""
+def check_float(t: torch.Tensor, name: str, *, finite: bool = True) -> None:
+    """Raise unless ``t`` is a floating-point tensor, finite when ``finite`` (that check is a
+    host synchronisation: the adapters, which compute the scores themselves, skip it)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if not t.is_floating_point():
         raise TypeError(f"{name} must be a floating point tensor, got dtype {t.dtype}")
-    if t.numel() and not bool(torch.isfinite(t).all()):
+    if finite and t.numel() and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains NaN or inf")
 
 
@@ -86,7 +90,9 @@ def per_image_keep(keep, n_images: int) -> list:
 
 
 # --------------------------------------------------------------------------- scores
-def fopru_scores(attn: torch.Tensor, *, method: str = "cls", num_prefix: int | None = None) -> torch.Tensor:
+def fopru_scores(
+    attn: torch.Tensor, *, method: str = "cls", num_prefix: int | None = None, check_finite: bool = True
+) -> torch.Tensor:
     """Token significance from vision-encoder attention.
 
     Args:
@@ -100,13 +106,14 @@ def fopru_scores(attn: torch.Tensor, *, method: str = "cls", num_prefix: int | N
             the option for CLS-free encoders (SigLIP, Qwen2-VL).
         num_prefix: leading non-patch tokens (CLS, registers) dropped from the output.
             Default: 1 for ``"cls"``, 0 for ``"colmean"``.
+        check_finite: raise on NaN/inf (one host synchronisation; False skips it).
 
     Returns:
         ``(B, N - num_prefix)`` float32 scores of the patch tokens, in input order.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-    check_float(attn, "attn")
+    check_float(attn, "attn", finite=check_finite)
     if num_prefix is None:
         num_prefix = 1 if method == "cls" else 0
     if not isinstance(num_prefix, Integral) or num_prefix < 0:
@@ -149,6 +156,7 @@ def fopru_select(
     strategy: str = "rank",
     grid: tuple[int, int] | None = None,
     row_mode: str = "rows",
+    check_finite: bool = True,
 ) -> torch.Tensor:
     """Choose which patch tokens survive; returns ``(B, K)`` int64 indices sorted ascending.
 
@@ -164,10 +172,12 @@ def fopru_select(
             for ``"rows"``, ``K < H`` for ``"per_row"``) it falls back to ``"rank"``.
         grid: ``(H, W)`` patch grid with ``H * W == N`` (raster order); needed by ``"row"``.
         row_mode: see ``strategy``.
+        check_finite: raise on NaN/inf scores (one host synchronisation; False skips it).
 
-    Ties are broken toward the lower index, so the result is deterministic.
+    Ties are broken toward the lower index, so the result is deterministic. ``"rank"`` runs
+    without a host synchronisation; ``"row"`` needs one (``nonzero``).
     """
-    check_float(scores, "scores")
+    check_float(scores, "scores", finite=check_finite)
     if scores.dim() != 2:
         raise ValueError(f"scores must be (B, N), got shape {tuple(scores.shape)}")
     if strategy not in STRATEGIES:
@@ -216,16 +226,18 @@ def select_per_image(
 ) -> list[torch.Tensor]:
     """:func:`fopru_select` for ``scores`` ``(n_images, N)`` with one ``keep`` per image.
 
-    Images with the same K are selected in one call. Returns ``n_images`` sorted ``(K_i,)``.
+    Images with the same K are selected in one call (no NaN check: the adapters' own scores).
+    Returns ``n_images`` sorted ``(K_i,)``.
     """
     n_images, n = scores.shape
     ks = [keep_count(n, kp, minimum=1) for kp in keeps]
+    opts = dict(strategy=strategy, grid=grid, row_mode=row_mode, check_finite=False)
     if len(set(ks)) == 1:
-        return list(fopru_select(scores, ks[0], strategy=strategy, grid=grid, row_mode=row_mode).unbind(0))
+        return list(fopru_select(scores, ks[0], **opts).unbind(0))
     out: list[torch.Tensor] = [scores.new_empty(0, dtype=torch.long)] * n_images
     for k in sorted(set(ks)):
         ids = [i for i, kk in enumerate(ks) if kk == k]
-        sel = fopru_select(scores[ids], k, strategy=strategy, grid=grid, row_mode=row_mode)
+        sel = fopru_select(scores[ids], k, **opts)
         for j, i in enumerate(ids):
             out[i] = sel[j]
     return out
@@ -244,7 +256,7 @@ def merge_grid_scores(scores: torch.Tensor, grid: tuple[int, int], merge: int = 
         ``(B, (H/merge) * (W/merge))`` mean score per merged token, raster order over the
         merged grid.
     """
-    check_float(scores, "scores")
+    check_float(scores, "scores", finite=False)
     h, w = (int(g) for g in grid)
     if scores.dim() != 2 or scores.shape[1] != h * w:
         raise ValueError(f"scores {tuple(scores.shape)} does not match grid {(h, w)}")
@@ -338,6 +350,46 @@ def _normalise(crop_scores: torch.Tensor, how: str) -> torch.Tensor:
     return crop_scores / den.clamp_min(torch.finfo(crop_scores.dtype).tiny)
 
 
+def normalise_crop_scores(crop_scores: torch.Tensor, how: str) -> torch.Tensor:
+    """Per-crop normalisation of ``(n_crops, P)`` scores: ``"sum"`` (each crop sums to 1),
+    ``"max"`` (divided by the crop's maximum) or ``"none"``."""
+    if how not in ANYRES_NORMS:
+        raise ValueError(f"unknown anyres_norm {how!r}; expected one of {ANYRES_NORMS}")
+    return _normalise(crop_scores, how)
+
+
+def packed_select(
+    token_scores: torch.Tensor, is_newline: torch.Tensor, row: torch.Tensor, keep, *, newline: str = "row"
+) -> torch.Tensor:
+    """Positions to keep in one packed image: the K best visual tokens, then its newline tokens.
+
+    Args:
+        token_scores: ``(L,)`` score of every packed token (newline entries are ignored).
+        is_newline: ``(L,)`` bool, True for ``image_newline`` tokens.
+        row: ``(L,)`` int64 row id of every token (a newline has the id of the row it closes).
+        keep: fraction in (0, 1] of the visual tokens or an int count (newlines not counted).
+        newline: ``"row"`` keeps a row's newline iff a visual token of that row is kept,
+            ``"all"`` keeps every newline, ``"none"`` drops them.
+
+    Returns:
+        ``(K + kept newlines,)`` int64 positions in ``[0, L)``, ascending (packed order).
+    """
+    if newline not in NEWLINE_RULES:
+        raise ValueError(f"unknown newline rule {newline!r}; expected one of {NEWLINE_RULES}")
+    vis_pos = (~is_newline).nonzero().squeeze(1)  # packed positions of visual tokens, ascending
+    k = keep_count(int(vis_pos.numel()), keep, minimum=1)
+    sel = fopru_select(token_scores[vis_pos][None].float(), k, check_finite=False)[0]
+    keep_mask = torch.zeros_like(is_newline)
+    keep_mask[vis_pos[sel]] = True
+    if newline == "all":
+        keep_mask |= is_newline
+    elif newline == "row":
+        rows_hit = torch.zeros(int(row.max()) + 1, dtype=torch.bool, device=row.device)
+        rows_hit[row[keep_mask]] = True
+        keep_mask |= is_newline & rows_hit[row]
+    return keep_mask.nonzero().squeeze(1)
+
+
 def anyres_select(
     crop_scores: torch.Tensor,
     layout: AnyResLayout,
@@ -350,9 +402,8 @@ def anyres_select(
 
     Selection policy (reconstruction; the paper covers fixed-size LLaVA-1.5 only): ``keep``
     counts the image's visual tokens (newlines excluded); every crop's scores are first
-    normalised (``anyres_norm``: ``"sum"`` = each view sums to 1, ``"max"``, ``"none"``),
-    then base and crop patches are ranked together. ``newline``: ``"row"`` keeps a row's
-    newline iff a visual token of that row is kept, ``"all"`` keeps all, ``"none"`` drops them.
+    normalised (``anyres_norm``, :func:`normalise_crop_scores`), then base and crop patches are
+    ranked together; ``newline`` as in :func:`packed_select`.
 
     Args:
         crop_scores: ``(1 + n_crops, P)`` FoPru patch scores per crop (row 0 = base view).
@@ -372,23 +423,24 @@ def anyres_select(
         raise ValueError(f"crop_scores must be ({layout.n_crops + 1}, {p}) for this layout, got {shape}")
     check_float(crop_scores, "crop_scores")
     src = layout.source.to(crop_scores.device)
-    vis_pos = (src >= 0).nonzero().squeeze(1)  # packed positions of visual tokens, ascending
     flat = _normalise(crop_scores.float(), anyres_norm).reshape(-1)
-    sel = fopru_select(flat[src[vis_pos]][None], keep_count(int(vis_pos.numel()), keep, minimum=1))[0]
-    keep_mask = torch.zeros(src.numel(), dtype=torch.bool, device=src.device)
-    keep_mask[vis_pos[sel]] = True
-    nl = src < 0
-    if newline == "all":
-        keep_mask |= nl
-    elif newline == "row":
-        row = layout.row.to(src.device)
-        rows_hit = torch.zeros(int(row.max()) + 1, dtype=torch.bool, device=src.device)
-        rows_hit[row[keep_mask]] = True
-        keep_mask |= nl & rows_hit[row]
-    return keep_mask.nonzero().squeeze(1)
+    return packed_select(flat[src.clamp_min(0)], src < 0, layout.row.to(src.device), keep, newline=newline)
 
 
 # --------------------------------------------------------------------------- prompt compaction
+def _flat_kept(kept: Sequence[torch.Tensor], tokens_per_image: Sequence[int], device) -> torch.Tensor:
+    """Kept positions of all images as indices into the concatenated image tokens."""
+    sizes = {int(k.numel()) for k in kept}
+    if len(set(tokens_per_image)) == 1 and len(sizes) == 1:  # the common case: one kernel, no Python loop
+        n = int(tokens_per_image[0])
+        stacked = torch.stack([k.to(device) for k in kept])
+        return (stacked + torch.arange(0, n * len(kept), n, device=device)[:, None]).reshape(-1)
+    offsets = [0]
+    for n in tokens_per_image[:-1]:
+        offsets.append(offsets[-1] + int(n))
+    return torch.cat([k.to(device) + off for k, off in zip(kept, offsets)])
+
+
 def image_keep_mask(
     input_ids: torch.Tensor, image_token_id: int, tokens_per_image: Sequence[int], kept: Sequence[torch.Tensor]
 ) -> torch.Tensor:
@@ -398,25 +450,46 @@ def image_keep_mask(
         input_ids: ``(B, L)``; image placeholders appear, in order, as one run per image
             (images numbered row-major over the batch, the order of ``masked_scatter``).
         image_token_id: the placeholder id.
-        tokens_per_image: ``N_i`` placeholders per image.
+        tokens_per_image: ``N_i`` placeholders per image (their sum must be the number of
+            placeholders: :func:`shrink_prompt` checks it).
         kept: per image, sorted positions in ``[0, N_i)``.
     """
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (B, L), got {tuple(input_ids.shape)}")
-    is_img = input_ids == image_token_id
     total = int(sum(int(n) for n in tokens_per_image))
-    n_img = int(is_img.sum())
-    if n_img != total:
-        raise ValueError(f"input_ids hold {n_img} image tokens but the images have {total} features")
-    offsets = torch.tensor([0, *tokens_per_image[:-1]], device=input_ids.device).cumsum(0)
-    flat = torch.cat([k.to(input_ids.device) for k in kept]) + offsets.repeat_interleave(
-        torch.tensor([k.numel() for k in kept], device=input_ids.device)
-    )
-    img_keep = torch.zeros(n_img, dtype=torch.bool, device=input_ids.device)
-    img_keep[flat] = True
-    keep = torch.ones_like(is_img)
-    keep[is_img] = img_keep
-    return keep
+    is_img = input_ids == image_token_id
+    img_keep = torch.zeros(total, dtype=torch.bool, device=input_ids.device)
+    img_keep[_flat_kept(kept, tokens_per_image, input_ids.device)] = True
+    ordinal = (is_img.reshape(-1).long().cumsum(0) - 1).clamp(0, max(total - 1, 0))  # rank among placeholders
+    return ~is_img | img_keep[ordinal].view_as(is_img)
+
+
+def _compact(
+    keep: torch.Tensor, attention_mask: torch.Tensor, tensors, lengths: torch.Tensor, new_len: int, left: bool
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    b, L = keep.shape
+    col = keep.long().cumsum(1) - 1
+    if left:
+        col = col + (new_len - lengths)[:, None]
+    rows = torch.arange(b, device=keep.device)[:, None].expand(b, L)
+    r, c = rows[keep], col[keep]
+    new_mask = torch.zeros((b, new_len), dtype=attention_mask.dtype, device=attention_mask.device)
+    new_mask[r, c] = attention_mask[keep]
+    outs = []
+    for x, pad in tensors:
+        y = torch.full((*x.shape[:-2], b, new_len), pad, dtype=x.dtype, device=x.device)
+        y[..., r, c] = x[..., keep]
+        outs.append(y)
+    return new_mask, outs
+
+
+def _padding_side(padding_side: str | None, right_padded: bool) -> bool:
+    """True for left padding."""
+    if padding_side is None:
+        return not right_padded
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    return padding_side == "left"
 
 
 def compact_tokens(
@@ -440,26 +513,47 @@ def compact_tokens(
     Returns:
         ``(new_attention_mask (B, L'), [new x (..., B, L') per input])``.
     """
-    b, L = keep.shape
-    if padding_side is None:
-        padding_side = "right" if bool((attention_mask[:, -1] == 0).any()) else "left"
-    if padding_side not in ("left", "right"):
-        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     lengths = keep.sum(1)
-    new_len = int(lengths.max())
-    col = keep.long().cumsum(1) - 1
-    if padding_side == "left":
-        col = col + (new_len - lengths)[:, None]
-    rows = torch.arange(b, device=keep.device)[:, None].expand(b, L)
-    r, c = rows[keep], col[keep]
-    new_mask = torch.zeros((b, new_len), dtype=attention_mask.dtype, device=attention_mask.device)
-    new_mask[r, c] = attention_mask[keep]
-    outs = []
-    for x, pad in tensors:
-        y = torch.full((*x.shape[:-2], b, new_len), pad, dtype=x.dtype, device=x.device)
-        y[..., r, c] = x[..., keep]
-        outs.append(y)
-    return new_mask, outs
+    host = torch.cat([lengths.max().view(1), (attention_mask[:, -1] == 0).any().view(1).long()]).tolist()
+    return _compact(keep, attention_mask, tensors, lengths, host[0], _padding_side(padding_side, bool(host[1])))
+
+
+def shrink_prompt(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    image_token_id: int,
+    tokens_per_image: Sequence[int],
+    kept: Sequence[torch.Tensor],
+    tensors: Sequence[tuple[torch.Tensor, int]],
+    *,
+    padding_side: str | None = None,
+) -> tuple[torch.Tensor, list[torch.Tensor], list[int], list[int]]:
+    """Shrink every image's placeholder run to its kept positions, drop padding and re-pad to
+    the shortest width, with ONE host synchronisation (the new width is a shape).
+
+    Args:
+        input_ids, attention_mask: ``(B, L)``.
+        image_token_id, tokens_per_image, kept: as in :func:`image_keep_mask`.
+        tensors: ``(x, pad_value)`` pairs ``(..., B, L)`` to shrink alike (``input_ids`` itself
+            must be one of them if the shrunk ids are wanted).
+        padding_side: as in :func:`compact_tokens`.
+
+    Returns:
+        ``(new_attention_mask (B, L'), [shrunk tensors], attended tokens per row before, after)``.
+    """
+    keep = image_keep_mask(input_ids, image_token_id, tokens_per_image, kept) & attention_mask.bool()
+    lengths = keep.sum(1)
+    right = (attention_mask[:, -1] == 0).any().view(1).long()
+    n_img = (input_ids == image_token_id).sum().view(1)
+    host = torch.cat([n_img, right, attention_mask.sum(1).long(), lengths]).tolist()
+    b = input_ids.shape[0]
+    total = int(sum(int(n) for n in tokens_per_image))
+    if host[0] != total:
+        raise ValueError(f"input_ids hold {host[0]} image tokens but the images have {total} features")
+    tokens_in, tokens_out = host[2 : 2 + b], host[2 + b :]
+    left = _padding_side(padding_side, bool(host[1]))
+    new_mask, outs = _compact(keep, attention_mask, tensors, lengths, max(tokens_out), left)
+    return new_mask, outs, tokens_in, tokens_out
 
 
 def prune_mm_inputs(
@@ -473,9 +567,18 @@ def prune_mm_inputs(
     padding_side: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Shrink each image's placeholder run to its kept tokens: ``(input_ids, attention_mask)``
-    ``(B, L')`` re-padded to the longest row (see :func:`image_keep_mask`, :func:`compact_tokens`)."""
+    ``(B, L')``, padding rebuilt to the shortest width (see :func:`shrink_prompt`)."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (B, L), got {tuple(input_ids.shape)}")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    keep = image_keep_mask(input_ids, image_token_id, tokens_per_image, kept)
-    new_mask, (new_ids,) = compact_tokens(keep, attention_mask, [(input_ids, pad_token_id)], padding_side=padding_side)
+    new_mask, (new_ids,), _, _ = shrink_prompt(
+        input_ids,
+        attention_mask,
+        image_token_id,
+        tokens_per_image,
+        kept,
+        [(input_ids, pad_token_id)],
+        padding_side=padding_side,
+    )
     return new_ids, new_mask

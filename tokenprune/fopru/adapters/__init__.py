@@ -9,12 +9,50 @@ adding a family is one new file.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import pkgutil
 
 from .base import FoPruAdapter
 from .registry import ADAPTERS, adapter_class, register, supported_families
 
-__all__ = ["ADAPTERS", "FoPruAdapter", "adapter_class", "make_adapter", "register", "supported_families"]
+__all__ = [
+    "ADAPTERS",
+    "MIN_TRANSFORMERS",
+    "FoPruAdapter",
+    "adapter_class",
+    "check_transformers_version",
+    "make_adapter",
+    "register",
+    "supported_families",
+]
+
+# The lowest transformers the FoPru suite passes on (5.24.0; no older release could be run).
+# The adapters rely on APIs of the 5.x line: get_image_features(..., return_dict=True) returning
+# an output whose pooler_output is a list per image (4.x returns a list: "'list' object has no
+# attribute 'pooler_output'"), forward(mm_encoder_outputs=...), Qwen-VL get_rope_index(...,
+# mm_token_type_ids=...) and transformers.vision_utils.get_vision_window_index.
+MIN_TRANSFORMERS = "5.24.0"
+
+
+def check_transformers_version(installed: str | None = None) -> None:
+    """Raise a clear ``ImportError`` when the installed transformers is older than
+    :data:`MIN_TRANSFORMERS` (nothing to check when it is not installed: no model to prune)."""
+    from packaging.version import Version
+
+    if installed is None:
+        try:
+            installed = importlib.metadata.version("transformers")
+        except importlib.metadata.PackageNotFoundError:
+            return
+    if Version(installed) < Version(MIN_TRANSFORMERS):
+        raise ImportError(
+            f"FoPru's model adapters need transformers>={MIN_TRANSFORMERS}, found {installed}: "
+            f"pip install -U 'transformers>={MIN_TRANSFORMERS}' (the pure functions in tokenprune.fopru.core "
+            "work with any version)"
+        )
+
+
+check_transformers_version()
 
 for _info in pkgutil.iter_modules(__path__):
     if _info.name not in ("base", "registry"):

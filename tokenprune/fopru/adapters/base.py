@@ -22,9 +22,8 @@ from tokenprune.fopru.core import (
     ROW_MODES,
     STRATEGIES,
     check_token_keep,
-    compact_tokens,
-    image_keep_mask,
     per_image_keep,
+    shrink_prompt,
 )
 from tokenprune.stats import TokenStats
 
@@ -221,7 +220,8 @@ class FoPruAdapter:
         """Last edits of the pruned call's keyword arguments (e.g. turn shrunk positions into ``position_ids``)."""
 
     def stats_extras(self, enc: Encoded, kept: list[torch.Tensor]) -> dict[str, Any]:
-        """Family-specific stats; ``kept_indices`` defaults to the kept run positions."""
+        """Family-specific stats; ``kept_indices`` defaults to the kept run positions (on the
+        model's device: no copy to the host)."""
         return {}
 
     # ------------------------------------------------------------------ capture lifecycle
@@ -273,31 +273,48 @@ class FoPruAdapter:
             if len(kept_indices) != len(n_tokens):
                 raise ValueError(f"kept_indices has {len(kept_indices)} entries for {len(n_tokens)} images")
             kept = self.kept_from_indices(enc, kept_indices)
-        keep_mask = image_keep_mask(input_ids, self.image_token_id, n_tokens, kept)
         tensors = {"input_ids": (input_ids, self.pad_id), **self.token_tensors(mm, enc)}
         if mm.get("labels") is not None:
             tensors["labels"] = (mm["labels"], -100)
-        new_mask, shrunk = compact_tokens(keep_mask, mask, list(tensors.values()))
+        # kept image tokens and attended text (padding rebuilt to the shortest width), one host sync
+        new_mask, shrunk, prompt_in, prompt_kept = shrink_prompt(
+            input_ids, mask, self.image_token_id, n_tokens, kept, list(tensors.values())
+        )
         call = dict(zip(tensors, shrunk))
         call["attention_mask"] = new_mask
         self.finish_call(call, mm)
-        pruned = [f[k.to(f.device)] for f, k in zip(enc.features, kept)]
-        call.update(self.feature_inputs(call["input_ids"], pruned))
+        pruned = self.gather_features(enc, kept)
+        call.update(self.feature_inputs(call["input_ids"], pruned, enc, kept))
         kept_counts = [int(k.numel()) for k in kept]
         extras = {
             "image_tokens_in": n_tokens,
             "image_tokens_kept": kept_counts,
-            "prompt_tokens_in": mask.sum(1).tolist(),
-            "prompt_tokens_kept": new_mask.sum(1).tolist(),
-            "kept_indices": [k.cpu() for k in kept],
+            "prompt_tokens_in": prompt_in,
+            "prompt_tokens_kept": prompt_kept,
+            "kept_indices": list(kept),
             **self.stats_extras(enc, kept),
         }
         stats = TokenStats("fopru", sum(n_tokens), sum(kept_counts), forward_passes=1, extras=extras)
         return Prepared(call, input_ids, stats)
 
-    def feature_inputs(self, new_ids: torch.Tensor, pruned: list[torch.Tensor]) -> dict[str, Any]:
+    def gather_features(self, enc: Encoded, kept: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per image ``(K_i, D)`` kept features (one gather when all images have the same N and K)."""
+        feats = enc.features
+        if len({f.shape[0] for f in feats}) == 1 and len({int(k.numel()) for k in kept}) == 1 and len(feats) > 1:
+            stacked = torch.stack(feats) if not isinstance(feats, torch.Tensor) else feats
+            idx = torch.stack([k.to(stacked.device) for k in kept])
+            return list(stacked.gather(1, idx[..., None].expand(-1, -1, stacked.shape[-1])).unbind(0))
+        return [f[k.to(f.device)] for f, k in zip(feats, kept)]
+
+    def feature_inputs(
+        self, new_ids: torch.Tensor, pruned: list[torch.Tensor], enc: Encoded, kept: list[torch.Tensor]
+    ) -> dict[str, Any]:
         """How the pruned features reach the model: ``mm_encoder_outputs`` (the model skips its
-        own image encoding) or ``inputs_embeds`` (features scattered into the placeholders)."""
+        own image encoding) or ``inputs_embeds`` (features scattered into the placeholders).
+
+        ``new_ids``: ``(B, L')`` shrunk prompt; ``pruned``: per image ``(K_i, D)`` kept features;
+        ``enc``/``kept``: the encoding and the kept run positions (for families with more
+        per-token features to gather, e.g. Qwen3-VL's deepstack)."""
         if self.feature_passing == "mm_encoder_outputs":
             from transformers.modeling_outputs import BaseModelOutputWithPooling
 

@@ -62,7 +62,7 @@ class Gemma3Adapter(FoPruAdapter):
         out = self.model.get_image_features(pixel_values=mm["pixel_values"], return_dict=True)
         if self.capture.rows is None:
             raise RuntimeError("FoPru capture hooks did not fire: the chosen vision layer was not run")
-        patch_scores = fopru_scores(self.capture.rows, method="colmean")  # (n_images, P*P), raster
+        patch_scores = fopru_scores(self.capture.rows, method="colmean", check_finite=False)  # (n_images, P*P), raster
         kernel = self.patches // self.tokens_side
         scores = merge_grid_scores(patch_scores, (self.patches, self.patches), kernel)  # (n_images, T*T)
         return Encoded(list(out.pooler_output.unbind(0)), scores)
@@ -75,7 +75,9 @@ class Gemma3Adapter(FoPruAdapter):
         tt = mm.get("token_type_ids")
         return {} if tt is None else {"token_type_ids": (tt, 0)}
 
-    def feature_inputs(self, new_ids: torch.Tensor, pruned: list[torch.Tensor]) -> dict[str, Any]:
+    def feature_inputs(
+        self, new_ids: torch.Tensor, pruned: list[torch.Tensor], enc: Encoded, kept: list[torch.Tensor]
+    ) -> dict[str, Any]:
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         # Gemma3 takes one (images, tokens, D) tensor: per-image K may differ, so one row of all kept tokens

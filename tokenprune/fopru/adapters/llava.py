@@ -69,7 +69,7 @@ class LlavaAdapter(FoPruAdapter):
             )
         feature_kwargs = {k: mm[k] for k in FEATURE_KEYS if mm.get(k) is not None}
         out = self.model.get_image_features(pixel_values=mm["pixel_values"], return_dict=True, **feature_kwargs)
-        scores = fopru_scores(self.rows(), method=self.method, num_prefix=1 if self.has_cls else 0)
+        scores = fopru_scores(self.rows(), method=self.method, num_prefix=int(self.has_cls), check_finite=False)
         feats = out.pooler_output
         feats = list(feats.unbind(0)) if isinstance(feats, torch.Tensor) else list(feats)
         n_feat = feats[0].shape[0]
@@ -106,4 +106,4 @@ class LlavaAdapter(FoPruAdapter):
 
     def stats_extras(self, enc: Encoded, kept: list[torch.Tensor]) -> dict[str, Any]:
         n_prefix = enc.info["n_prefix"]
-        return {"kept_indices": [(k[n_prefix:] - n_prefix).cpu() for k in kept]}
+        return {"kept_indices": [k[n_prefix:] - n_prefix for k in kept]} if n_prefix else {}

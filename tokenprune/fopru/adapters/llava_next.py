@@ -123,7 +123,7 @@ class LlavaNextAdapter(LlavaAdapter):
         out = self.model.get_image_features(
             pixel_values=mm["pixel_values"], image_sizes=image_sizes, return_dict=True, **feature_kwargs
         )
-        scores = fopru_scores(self.rows(), method=self.method, num_prefix=1 if self.has_cls else 0)
+        scores = fopru_scores(self.rows(), method=self.method, num_prefix=int(self.has_cls), check_finite=False)
         vc = cfg.vision_config
         layouts = [anyres_layout(s, cfg.image_grid_pinpoints, vc.image_size, vc.patch_size) for s in image_sizes]
         p = layouts[0].side ** 2 if layouts else 0
@@ -137,7 +137,8 @@ class LlavaNextAdapter(LlavaAdapter):
         for f, lay in zip(feats, layouts):
             if f.shape[0] != len(lay):
                 raise ValueError(f"FoPru: packed features have {f.shape[0]} tokens, layout predicts {len(lay)}")
-        return Encoded(feats, list(scores.split(counts, dim=0)), {"layouts": layouts})
+        newline_masks = [lay.is_newline for lay in layouts]
+        return Encoded(feats, list(scores.split(counts, dim=0)), {"layouts": layouts, "newline_masks": newline_masks})
 
     def select(self, enc: Encoded, keeps: list) -> list[torch.Tensor]:
         norm, newline = self.options["anyres_norm"], self.options["newline"]
@@ -150,12 +151,12 @@ class LlavaNextAdapter(LlavaAdapter):
         return FoPruAdapter.kept_from_indices(self, enc, kept_indices)  # packed positions, not patches
 
     def stats_extras(self, enc: Encoded, kept: list[torch.Tensor]) -> dict[str, Any]:
-        layouts = enc.info["layouts"]
-        newline_kept = [int(lay.is_newline[k.cpu()].sum()) for lay, k in zip(layouts, kept)]
+        masks = enc.info["newline_masks"]
+        newline_kept = [int(nl[k.to(nl.device)].sum()) for nl, k in zip(masks, kept)]
+        newline_in = [int(nl.sum()) for nl in masks]
         return {
-            "kept_indices": [k.cpu() for k in kept],
-            "visual_in": [lay.n_visual for lay in layouts],
+            "visual_in": [nl.numel() - n for nl, n in zip(masks, newline_in)],
             "visual_kept": [int(k.numel()) - n for k, n in zip(kept, newline_kept)],
-            "newline_in": [len(lay) - lay.n_visual for lay in layouts],
+            "newline_in": newline_in,
             "newline_kept": newline_kept,
         }

@@ -11,13 +11,10 @@ put back in the merger's output order (raster over the merged grid) with the sam
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from tokenprune.fopru.capture import PackedQKVCapture, resolve_layer
 
-from .base import Encoded
 from .qwen2_vl import Qwen2VLAdapter, qwen_visual
 from .registry import register
 
@@ -45,21 +42,17 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):
                 )
         return PackedQKVCapture(visual.blocks[idx].attn, method=self.method)
 
-    def encode(self, mm: dict[str, Any]) -> Encoded:
+    def merged_scores(
+        self, patch_scores: list[torch.Tensor], grid_thw: torch.Tensor, n_merged: torch.Tensor
+    ) -> list[torch.Tensor]:
+        """The tower runs merge units in window order: pool per unit, then undo the order."""
         from transformers.vision_utils import get_vision_window_index
 
-        grid_thw, n_merged = self.check_inputs(mm)
-        out = self.model.get_image_features(pixel_values=mm["pixel_values"], image_grid_thw=grid_thw, return_dict=True)
         visual = qwen_visual(self.model)
         window_index, _ = get_vision_window_index(
             grid_thw.cpu(), spatial_merge_size=self.merge, window_size=visual.window_size, patch_size=visual.patch_size
         )
-        patch_scores = self.capture.segment_scores()  # per image, window order
-        if len(patch_scores) != grid_thw.shape[0]:
-            raise RuntimeError(f"captured {len(patch_scores)} attention segments for {grid_thw.shape[0]} images")
         in_window_order = torch.cat(patch_scores).reshape(-1, self.merge**2).mean(-1)  # per merge unit
         merged = torch.empty_like(in_window_order)
         merged[window_index.to(merged.device)] = in_window_order
-        scores = list(merged.split(n_merged.tolist()))
-        grids = grid_thw[:, 1:].tolist()
-        return Encoded(list(out.pooler_output), scores, {"grid_thw": grid_thw, "grids": grids})
+        return list(merged.split(n_merged.tolist()))

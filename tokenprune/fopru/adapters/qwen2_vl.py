@@ -107,19 +107,28 @@ class Qwen2VLAdapter(FoPruAdapter):
         return grid_thw, n_merged
 
     def encode(self, mm: dict[str, Any]) -> Encoded:
-        grid_thw, _ = self.check_inputs(mm)
+        grid_thw, n_merged = self.check_inputs(mm)
         out = self.model.get_image_features(pixel_values=mm["pixel_values"], image_grid_thw=grid_thw, return_dict=True)
         patch_scores = self.capture.segment_scores()
         if len(patch_scores) != grid_thw.shape[0]:
             raise RuntimeError(f"captured {len(patch_scores)} attention segments for {grid_thw.shape[0]} images")
-        grids = grid_thw[:, 1:].tolist()
-        scores = [merged_scores_from_packed(s, g, self.merge) for s, g in zip(patch_scores, grids)]
-        return Encoded(list(out.pooler_output), scores, {"grid_thw": grid_thw, "grids": grids})
+        scores = self.merged_scores(patch_scores, grid_thw, n_merged)
+        info = {"grid_thw": grid_thw, "grids": grid_thw[:, 1:].tolist(), "outputs": out}
+        return Encoded(list(out.pooler_output), scores, info)
+
+    def merged_scores(
+        self, patch_scores: list[torch.Tensor], grid_thw: torch.Tensor, n_merged: torch.Tensor
+    ) -> list[torch.Tensor]:
+        """Per image ``(n_merged_i,)`` scores in the merger's output order, from the captured
+        per-image patch scores (packed order: each merged token's patches are consecutive)."""
+        return [merged_scores_from_packed(s, g, self.merge) for s, g in zip(patch_scores, grid_thw[:, 1:].tolist())]
 
     def select(self, enc: Encoded, keeps: list) -> list[torch.Tensor]:
         m = self.merge
         return [  # per image: grids (and K) differ
-            fopru_select(s[None], kp, strategy=self.strategy, grid=(h // m, w // m), row_mode=self.row_mode)[0]
+            fopru_select(
+                s[None], kp, strategy=self.strategy, grid=(h // m, w // m), row_mode=self.row_mode, check_finite=False
+            )[0]
             for s, (h, w), kp in zip(enc.scores, enc.info["grids"], keeps)
         ]
 
