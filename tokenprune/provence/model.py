@@ -111,6 +111,13 @@ class ProvenceModel(nn.Module):
         model.token_classifier = nn.Linear(config.hidden_size, 2)
         return model
 
+    def __reduce__(self):
+        """Pickle as config + weights (transformers 5 installs unpicklable forward hooks; the
+        rebuilt model gets its own)."""
+        if type(self) is not ProvenceModel:  # a subclass pickles the plain way
+            return super().__reduce__()
+        return rebuild_provence_model, (self.config, self.state_dict(), self.training)
+
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
         kwargs = {
             "input_ids": input_ids,
@@ -164,6 +171,15 @@ class ProvenceModel(nn.Module):
                 f"shape mismatches [{show(shape_bad)}]"
             )
         self.load_state_dict({k: v for k, v in mapped.items() if k in own}, strict=False)
+
+
+def rebuild_provence_model(config, state: dict[str, torch.Tensor], training: bool) -> ProvenceModel:
+    """Unpickle a :class:`ProvenceModel`: same config, weights, dtype, device and mode."""
+    model = ProvenceModel(config)
+    first = next(iter(state.values()))
+    model.to(device=first.device, dtype=first.dtype)
+    model.load_state_dict(state)
+    return model.train(training)
 
 
 # ----------------------------------------------------------------------------------------
