@@ -428,3 +428,12 @@ def test_token_budget_rule_end_to_end(minilm_tok):
     assert titled["stats"].tokens_kept == budget
     with pytest.raises(ValueError, match="outside"):
         pruner.process(q, ctxs[0], target_ratio=1.5)
+    # keep= is the same rule in prunekit's budget vocabulary: a fraction or a count
+    assert (
+        pruner.decide(scored, keep=0.5)["kept_sentences"] == pruner.decide(scored, target_ratio=0.5)["kept_sentences"]
+    )
+    assert pruner.decide(scored, keep=9)["kept_sentences"] == pruner.decide(scored, target_tokens=9)["kept_sentences"]
+    with pytest.raises(ValueError, match="not both"):
+        pruner.decide(scored, keep=9, target_tokens=5)
+    with pytest.raises(TypeError, match="keep"):
+        pruner.decide(scored, keep=True)

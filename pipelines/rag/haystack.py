@@ -14,7 +14,7 @@ from typing import Any
 
 from haystack import Document, component, default_from_dict, default_to_dict
 
-from .core import DEFAULTS, ProvenceAdapter, load_pruner, provence_metadata, pruner_source
+from .core import DEFAULTS, ProvenceAdapter, ProvenceSettings, load_pruner, provence_metadata, pruner_source
 
 __all__ = ["ProvenceRanker"]
 
@@ -50,16 +50,19 @@ class ProvenceRanker(ProvenceAdapter):
         target_ratio: float | None = DEFAULTS.target_ratio,
     ):
         self.pruner = pruner
-        self.threshold = threshold
-        self.title = title
-        self.always_select_title = always_select_title
-        self.reorder = reorder
-        self.top_k = top_k
-        self.drop_empty = drop_empty
-        self.batch_size = batch_size
-        self.target_tokens = target_tokens
-        self.target_total_tokens = target_total_tokens
-        self.target_ratio = target_ratio
+        settings = ProvenceSettings(
+            threshold=threshold,
+            title=title,
+            always_select_title=always_select_title,
+            reorder=reorder,
+            top_k=top_k,
+            drop_empty=drop_empty,
+            batch_size=batch_size,
+            target_tokens=target_tokens,
+            target_total_tokens=target_total_tokens,
+            target_ratio=target_ratio,
+        )
+        vars(self).update(dataclasses.asdict(settings))  # one attribute per setting
         self._loaded = None
 
     def warm_up(self) -> None:
