@@ -15,6 +15,9 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from haystack import component
+from langchain_core.embeddings import Embeddings
+from llama_index.core.embeddings import BaseEmbedding
 
 from pipelines.rag.core import DEFAULTS, METADATA_KEYS, prune_texts
 from tokenprune.provence.model import ProvencePruner
@@ -88,7 +91,7 @@ def check_rows(texts_in, contents_out, scores_out, folder):
 
 
 # ------------------------------------------------------------------ LangChain
-class MiniLMEmbeddings:
+class MiniLMEmbeddings(Embeddings):
     """LangChain embeddings over the packaged MiniLM (built lazily; holds no model itself)."""
 
     def embed_documents(self, texts):
@@ -100,13 +103,11 @@ class MiniLMEmbeddings:
 
 def test_langchain_pipeline_sync_async_pickle(provence_folder):
     from langchain_classic.retrievers import ContextualCompressionRetriever
-    from langchain_core.embeddings import Embeddings
     from langchain_core.vectorstores import InMemoryVectorStore
 
     from pipelines.rag import ProvenceCompressor
 
-    embeddings = type("MiniLMLangChain", (MiniLMEmbeddings, Embeddings), {})()
-    store = InMemoryVectorStore(embeddings)
+    store = InMemoryVectorStore(MiniLMEmbeddings())
     store.add_texts(CORPUS, metadatas=[{"source": i} for i in range(len(CORPUS))])
     retriever = ContextualCompressionRetriever(
         base_compressor=ProvenceCompressor(pruner=provence_folder, **SETTINGS),
@@ -130,20 +131,17 @@ def test_langchain_pipeline_sync_async_pickle(provence_folder):
 
 
 # ------------------------------------------------------------------ LlamaIndex
-def llamaindex_embedding():
-    from llama_index.core.embeddings import BaseEmbedding
+class MiniLMEmbedding(BaseEmbedding):
+    """LlamaIndex embeddings over the packaged MiniLM."""
 
-    class MiniLMEmbedding(BaseEmbedding):
-        def _get_query_embedding(self, query):
-            return embed([query])[0].tolist()
+    def _get_query_embedding(self, query):
+        return embed([query])[0].tolist()
 
-        async def _aget_query_embedding(self, query):
-            return self._get_query_embedding(query)
+    async def _aget_query_embedding(self, query):
+        return self._get_query_embedding(query)
 
-        def _get_text_embedding(self, text):
-            return embed([text])[0].tolist()
-
-    return MiniLMEmbedding(model_name="all-MiniLM-L6-v2")
+    def _get_text_embedding(self, text):
+        return embed([text])[0].tolist()
 
 
 def test_llamaindex_pipeline_sync_async_serialise(provence_folder):
@@ -155,7 +153,7 @@ def test_llamaindex_pipeline_sync_async_serialise(provence_folder):
 
     post = ProvencePostprocessor(pruner=provence_folder, **SETTINGS)
     nodes = [TextNode(text=t, id_=f"n{i}", metadata={"source": i}) for i, t in enumerate(CORPUS)]
-    index = VectorStoreIndex(nodes, embed_model=llamaindex_embedding())
+    index = VectorStoreIndex(nodes, embed_model=MiniLMEmbedding(model_name="all-MiniLM-L6-v2"))
     engine = index.as_query_engine(llm=MockLLM(), similarity_top_k=TOP_K, node_postprocessors=[post])
     response = engine.query(QUERY)
     out = response.source_nodes
@@ -181,22 +179,16 @@ def test_llamaindex_pipeline_sync_async_serialise(provence_folder):
 
 
 # ------------------------------------------------------------------ Haystack
-def haystack_embedder_class():
-    from haystack import component
+@component
+class MiniLMTextEmbedder:
+    """Haystack text embedder over the packaged MiniLM."""
 
-    @component
-    class MiniLMTextEmbedder:
-        def __init__(self, model: str = "all-MiniLM-L6-v2"):
-            self.model = model
+    def __init__(self, model: str = "all-MiniLM-L6-v2"):
+        self.model = model
 
-        @component.output_types(embedding=list[float])
-        def run(self, text: str):
-            return {"embedding": embed([text])[0].tolist()}
-
-    return MiniLMTextEmbedder
-
-
-MiniLMTextEmbedder = None
+    @component.output_types(embedding=list[float])
+    def run(self, text: str):
+        return {"embedding": embed([text])[0].tolist()}
 
 
 def test_haystack_pipeline_connect_sync_async_yaml(provence_folder):
@@ -206,9 +198,6 @@ def test_haystack_pipeline_connect_sync_async_yaml(provence_folder):
 
     from pipelines.rag import ProvenceRanker
 
-    global MiniLMTextEmbedder
-    MiniLMTextEmbedder = MiniLMTextEmbedder or haystack_embedder_class()
-    MiniLMTextEmbedder.__module__, MiniLMTextEmbedder.__qualname__ = __name__, "MiniLMTextEmbedder"
     store = InMemoryDocumentStore(index="prunekit-test-provence")
     vectors = embed(CORPUS)
     store.write_documents(

@@ -3,7 +3,8 @@
 :func:`prune_texts` is what every adapter calls; :class:`ProvenceSettings` holds the settings
 (and so the defaults) the three adapters share; :class:`ProvenceAdapter` is the plumbing they
 inherit: the pruner (a :class:`~tokenprune.provence.model.ProvencePruner` or a model folder,
-loaded on first use), the sync core method :meth:`~ProvenceAdapter.prune` and its async twin
+loaded once: at construction by the pydantic adapters, in ``warm_up`` by Haystack's), the
+sync core method :meth:`~ProvenceAdapter.prune` and its async twin
 :meth:`~ProvenceAdapter.aprune`, which runs the pruner in a thread so the event loop is never
 blocked. A new framework adapter is one module: a class that inherits :class:`ProvenceAdapter`,
 declares the fields of :class:`ProvenceSettings` with these defaults, and translates the

@@ -34,6 +34,7 @@ class ProvenceFields(ProvenceAdapter, BaseModel):
     target_ratio: float | None = Field(DEFAULTS.target_ratio, description="keep at most this share of each document")
 
     def model_post_init(self, context: Any, /) -> None:
+        super().model_post_init(context)
         object.__setattr__(self, "pruner", load_pruner(self.pruner))
 
     @field_serializer("pruner")
