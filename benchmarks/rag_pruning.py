@@ -1,5 +1,6 @@
-"""RAG context pruning on held-out COVID-QA: Provence-MiniLM vs LLMLingua, a bi-encoder top-k
-sentence selector and random sentence dropping, on the same contexts in one run.
+"""RAG context pruning on held-out COVID-QA: Provence-MiniLM (threshold rule and token-budget
+rule) vs LLMLingua, a bi-encoder top-k sentence selector and random sentence dropping, on the
+same contexts in one run.
 
 Contexts: for each held-out question (articles never seen in training), a window of
 ``--window`` consecutive sentences of its article containing the gold answer sentence(s) at a
@@ -10,6 +11,8 @@ random place. Metrics per method:
 * compression: share of characters / tokens (MiniLM WordPiece) removed, mean over contexts;
 * contexts/s: wall-clock throughput of the method on this machine (model loading excluded).
 
+Provence's token-budget rule (``target_ratio``) runs on the same forward pass at the token share
+the threshold rule kept at each threshold, so the two rules compare at equal tokens kept.
 Baselines run at the compression Provence reached at each threshold ("matching rate"): the
 bi-encoder and random selectors keep sentences (best-first / random order) within the same
 per-context character budget; LLMLingua (SmolLM2-135M-Instruct as its scorer, LongLLMLingua
@@ -207,14 +210,23 @@ def main(argv=None):
     scored = pruner.score(queries, contexts, batch_size=16)
     dt_prov = time.perf_counter() - t0
     n_blocks = np.mean([it[0]["n_blocks"] for it in scored["items"]])
-    comps = {}
-    for t in [float(x) for x in args.thresholds.split(",")]:
+    comps, tok_comps = {}, {}
+    thresholds = [float(x) for x in args.thresholds.split(",")]
+    for t in thresholds:
         out = pruner.decide(scored, threshold=t)["pruned_context"]
         out = [o if isinstance(o, str) else o[0] for o in out]
         m = evaluate(records, contexts, out, tok)
-        comps[t] = m["char_comp"]
+        comps[t], tok_comps[t] = m["char_comp"], m["tok_comp"]
         rows.append((model_name, f"T={t}", m, len(records) / dt_prov))
     print(f"Provence: {dt_prov:.1f}s, {n_blocks:.2f} blocks/context", flush=True)
+    # ---- Provence token-budget rule on the same forward pass: each context keeps the
+    # best-scoring sentences within the share of tokens the threshold rule kept
+    for t in thresholds:
+        ratio = float(np.clip(1 - tok_comps[t], 0.01, 1.0))
+        out = pruner.decide(scored, target_ratio=ratio)["pruned_context"]
+        out = [o if isinstance(o, str) else o[0] for o in out]
+        m = evaluate(records, contexts, out, tok)
+        rows.append((f"{model_name} token budget", f"target_ratio={ratio:.2f} (T={t} rate)", m, len(records) / dt_prov))
 
     # ---- bi-encoder top-k sentences (MiniLM embeddings), random dropping, at matching rates
     enc = AutoModel.from_pretrained(minilm).eval()

@@ -229,16 +229,8 @@ def test_window_is_checked_against_the_position_limit():
     with pytest.raises(TypeError, match="int"):
         check_window(64.5, None, small, 3)
     tok = minilm_tokenizer()
-    model = ProvenceModel(
-        BertConfig(
-            vocab_size=len(tok),
-            hidden_size=16,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=32,
-            max_position_embeddings=128,
-        )
-    )
+    tiny = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32}
+    model = ProvenceModel(BertConfig(vocab_size=len(tok), max_position_embeddings=128, **tiny))
     with pytest.raises(ValueError, match="max_length=512 exceeds"):
         ProvencePruner(model, tok, max_length=512)
     assert ProvencePruner(model, tok).max_length == 128

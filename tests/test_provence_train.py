@@ -198,6 +198,7 @@ def test_rag_pruning_benchmark_quick(shared_data, monkeypatch):
     rows = mod.main(["--quick", "--thresholds", "0.1,0.5"])
     names = {r[0].split(" (")[0] for r in rows}
     assert {"Provence-MiniLM", "MiniLM bi-encoder top sentences", "random sentence dropping"} <= names
-    assert len(rows) == 2 + 2 * 2
+    assert "Provence-MiniLM (UNTRAINED heads, --quick plumbing) token budget" in {r[0] for r in rows}
+    assert len(rows) == 2 + 2 + 2 * 2  # threshold rule, token-budget rule, two baselines per threshold
     for _, _, m, speed in rows:
         assert 0 <= m["sent_recall"] <= 1 and m["char_comp"] <= 1 and speed > 0

@@ -1,5 +1,8 @@
 """Provence drop-in components inside the real LangChain, LlamaIndex and Haystack frameworks."""
 
+import asyncio
+import time
+
 import pytest
 import torch
 from torch import nn
@@ -138,3 +141,68 @@ def test_missing_name_is_attribute_error():
 
     with pytest.raises(AttributeError):
         rag.NotAComponent
+
+
+class SlowPruner(ProvencePruner):
+    """A pruner whose every call holds its thread for 0.3 s (like a big model on CPU)."""
+
+    def process(self, *args, **kwargs):
+        time.sleep(0.3)
+        return super().process(*args, **kwargs)
+
+
+async def with_ticker(coro):
+    """Await ``coro`` while a ticker counts 10 ms event-loop turns: a blocked loop counts ~0."""
+    ticks, done = 0, False
+
+    async def tick():
+        nonlocal ticks
+        while not done:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    task = asyncio.create_task(tick())
+    result = await coro
+    done = True
+    await task
+    return result, ticks
+
+
+def test_async_methods_do_not_block_the_event_loop(pruner):
+    from haystack import Document
+    from langchain_core.documents import Document as LCDocument
+    from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode
+
+    from pipelines.rag import ProvenceCompressor, ProvencePostprocessor, ProvenceRanker
+
+    slow = SlowPruner(pruner.model, pruner.tokenizer, max_length=128)
+    lc, ticks = asyncio.run(
+        with_ticker(
+            ProvenceCompressor(pruner=slow).acompress_documents([LCDocument(page_content=t) for t in DOCS], QUERY)
+        )
+    )
+    assert ticks >= 10 and [d.page_content for d in lc] == [EXPECTED[1], EXPECTED[2]]
+    nodes = [NodeWithScore(node=TextNode(text=t), score=0.0) for t in DOCS]
+    li, ticks = asyncio.run(
+        with_ticker(ProvencePostprocessor(pruner=slow).apostprocess_nodes(nodes, QueryBundle(QUERY)))
+    )
+    assert ticks >= 10 and [n.node.get_content() for n in li] == [EXPECTED[1], EXPECTED[2]]
+    hs, ticks = asyncio.run(
+        with_ticker(ProvenceRanker(pruner=slow).run_async([Document(content=t) for t in DOCS], QUERY))
+    )
+    assert ticks >= 10 and [d.content for d in hs["documents"]] == [EXPECTED[1], EXPECTED[2]]
+
+
+def test_token_budget_through_the_adapters(pruner):
+    from haystack import Document
+
+    from pipelines.rag import ProvenceRanker, prune_texts
+
+    # the two best sentences (mean keep probability 2/7 and 1/5) take 7 + 5 = 12 tokens
+    rows = prune_texts(pruner, QUERY, DOCS, target_total_tokens=12, drop_empty=False)
+    assert [r["pruned_context"] for r in rows] == ["", "", EXPECTED[2]]
+    assert sum(len(pruner.tokenizer(r["pruned_context"], add_special_tokens=False)["input_ids"]) for r in rows) == 12
+    ranked = ProvenceRanker(pruner=pruner, target_total_tokens=7).run(
+        documents=[Document(content=t) for t in DOCS], query=QUERY
+    )
+    assert [d.content for d in ranked["documents"]] == ["A zebra zebra herd is big."]  # 7 tokens

@@ -3,7 +3,8 @@
 :func:`prune_texts` is what every adapter calls; :class:`ProvenceSettings` holds the settings
 (and so the defaults) the three adapters share; :class:`ProvenceAdapter` is the plumbing they
 inherit: the pruner (a :class:`~tokenprune.provence.model.ProvencePruner` or a model folder,
-loaded on first use), the sync core method :meth:`~ProvenceAdapter.prune` and its async twin
+loaded once: at construction by the pydantic adapters, in ``warm_up`` by Haystack's), the
+sync core method :meth:`~ProvenceAdapter.prune` and its async twin
 :meth:`~ProvenceAdapter.aprune`, which runs the pruner in a thread so the event loop is never
 blocked. A new framework adapter is one module: a class that inherits :class:`ProvenceAdapter`,
 declares the fields of :class:`ProvenceSettings` with these defaults, and translates the
@@ -47,6 +48,9 @@ class ProvenceSettings:
         top_k: keep at most this many documents after pruning (None: all).
         drop_empty: drop documents pruned to nothing.
         batch_size: (query, block) pairs per forward pass.
+        target_tokens: token budget per document (the budget rule replaces the threshold).
+        target_total_tokens: token budget over all documents of the query.
+        target_ratio: keep at most this share of each document's tokens.
     """
 
     threshold: float = 0.1
@@ -56,6 +60,9 @@ class ProvenceSettings:
     top_k: int | None = None
     drop_empty: bool = True
     batch_size: int = 32
+    target_tokens: int | None = None
+    target_total_tokens: int | None = None
+    target_ratio: float | None = None
 
 
 DEFAULTS = ProvenceSettings()
@@ -111,6 +118,9 @@ def prune_texts(
         threshold=settings.threshold,
         always_select_title=settings.always_select_title,
         batch_size=settings.batch_size,
+        target_tokens=settings.target_tokens,
+        target_total_tokens=settings.target_total_tokens,
+        target_ratio=settings.target_ratio,
     )
     rows = [
         {

@@ -27,8 +27,14 @@ class ProvenceFields(ProvenceAdapter, BaseModel):
     top_k: int | None = Field(DEFAULTS.top_k, description="keep at most this many documents (None: all)")
     drop_empty: bool = Field(DEFAULTS.drop_empty, description="drop documents pruned to nothing")
     batch_size: int = Field(DEFAULTS.batch_size, description="(query, block) pairs per forward pass")
+    target_tokens: int | None = Field(DEFAULTS.target_tokens, description="token budget per document (budget rule)")
+    target_total_tokens: int | None = Field(
+        DEFAULTS.target_total_tokens, description="token budget over all documents of the query (budget rule)"
+    )
+    target_ratio: float | None = Field(DEFAULTS.target_ratio, description="keep at most this share of each document")
 
     def model_post_init(self, context: Any, /) -> None:
+        super().model_post_init(context)
         object.__setattr__(self, "pruner", load_pruner(self.pruner))
 
     @field_serializer("pruner")

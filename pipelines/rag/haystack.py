@@ -8,12 +8,13 @@ annotations, so ``pipe.connect("retriever.documents", "provence.documents")`` ty
     pipe.connect("retriever.documents", "provence.documents")
 """
 
+import dataclasses
 from dataclasses import replace
 from typing import Any
 
 from haystack import Document, component, default_from_dict, default_to_dict
 
-from .core import DEFAULTS, ProvenceAdapter, load_pruner, provence_metadata, pruner_source
+from .core import DEFAULTS, ProvenceAdapter, ProvenceSettings, load_pruner, provence_metadata, pruner_source
 
 __all__ = ["ProvenceRanker"]
 
@@ -25,9 +26,9 @@ class ProvenceRanker(ProvenceAdapter):
     Args:
         pruner: a ProvencePruner, or a model folder / cached hub id (loaded in ``warm_up()``
             or on the first run; ``to_dict`` stores the folder, before and after a run).
-        threshold, title, always_select_title, reorder, top_k, drop_empty, batch_size: the
-            shared settings of :class:`pipelines.rag.core.ProvenceSettings` (same defaults in
-            every adapter).
+        threshold, title, always_select_title, reorder, top_k, drop_empty, batch_size,
+        target_tokens, target_total_tokens, target_ratio: the shared settings of
+            :class:`pipelines.rag.core.ProvenceSettings` (same defaults in every adapter).
 
     Every returned document is a copy whose ``content`` is the pruned text and whose
     ``score`` is the reranking score; its ``meta`` gains ``reranking_score``,
@@ -44,15 +45,24 @@ class ProvenceRanker(ProvenceAdapter):
         top_k: int | None = DEFAULTS.top_k,
         drop_empty: bool = DEFAULTS.drop_empty,
         batch_size: int = DEFAULTS.batch_size,
+        target_tokens: int | None = DEFAULTS.target_tokens,
+        target_total_tokens: int | None = DEFAULTS.target_total_tokens,
+        target_ratio: float | None = DEFAULTS.target_ratio,
     ):
         self.pruner = pruner
-        self.threshold = threshold
-        self.title = title
-        self.always_select_title = always_select_title
-        self.reorder = reorder
-        self.top_k = top_k
-        self.drop_empty = drop_empty
-        self.batch_size = batch_size
+        settings = ProvenceSettings(
+            threshold=threshold,
+            title=title,
+            always_select_title=always_select_title,
+            reorder=reorder,
+            top_k=top_k,
+            drop_empty=drop_empty,
+            batch_size=batch_size,
+            target_tokens=target_tokens,
+            target_total_tokens=target_total_tokens,
+            target_ratio=target_ratio,
+        )
+        vars(self).update(dataclasses.asdict(settings))  # one attribute per setting
         self._loaded = None
 
     def warm_up(self) -> None:
@@ -65,17 +75,8 @@ class ProvenceRanker(ProvenceAdapter):
         return self._loaded
 
     def to_dict(self) -> dict[str, Any]:
-        return default_to_dict(
-            self,
-            pruner=pruner_source(self.pruner),
-            threshold=self.threshold,
-            title=self.title,
-            always_select_title=self.always_select_title,
-            reorder=self.reorder,
-            top_k=self.top_k,
-            drop_empty=self.drop_empty,
-            batch_size=self.batch_size,
-        )
+        settings = dataclasses.asdict(self.settings())
+        return default_to_dict(self, pruner=pruner_source(self.pruner), **settings)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ProvenceRanker":

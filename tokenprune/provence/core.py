@@ -11,6 +11,8 @@ turn those token probabilities into kept sentences (numpy in, numpy out; no file
 * :func:`apply_title_rule` — the ``always_select_title`` rule;
 * :func:`plan_blocks` / :func:`stitch_blocks` — long contexts split into windows with the query
   repeated, and stitched back (max reranking score over blocks);
+* :func:`sentence_scores` / :func:`budget_sentences` — the token budget rule (the
+  highest-scoring sentences that fit per-document and total budgets);
 * :func:`assemble_pruned` / :func:`compression` — the pruned text made of exact substrings;
 * :func:`batch_inputs` / :func:`batch_titles` / :func:`shape_outputs` — the released
   ``process()`` input shapes (str / list / nested lists) to one nested form and back.

@@ -5,11 +5,14 @@ pooler of the first token and the ``classifier`` ranking head, exactly as each a
 defines them) and adds ``token_classifier`` (hidden -> 2) on the last hidden state. Any
 transformers encoder works: DeBERTa-v2/v3, BERT/MiniLM, RoBERTa, ModernBERT...
 
-Checkpoints are read without ``trust_remote_code`` from a local folder or the user's HF cache
-(never downloaded):
+Checkpoints are read without remote code and without a prompt (``trust_remote_code`` stays
+off, a config's ``auto_map`` is never read) from a local folder or the user's HF cache (never
+downloaded):
 
-* naver/provence-reranker-debertav3-v1 layout: ``deberta.*``, ``pooler.*``, ``classifier.*``,
-  ``token_classifier.*`` (this is also prunekit's own saved format, plus a marker file);
+* naver/provence-reranker-debertav3-v1 layout: the published ``config.json`` with
+  ``"model_type": "Provence"`` and DeBERTa-v3 fields (built as ``deberta-v2``); weights
+  ``deberta.*``, ``pooler.*``, ``classifier.*``, ``token_classifier.*`` (this is also
+  prunekit's own saved format, plus a marker file);
 * OpenProvence layout (hotchpotch/open-provence-reranker-*): ``config.json`` with
   ``model_type="open_provence"`` and a nested ``base_model_config``; weights
   ``ranking_model.*`` and ``pruning_head.classifier.*``.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import json
+import numbers
 import os
 import shutil
 import tempfile
@@ -32,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from prunecore.budget import keep_count
+from prunecore.budget import check_keep, keep_count
 from prunecore.device import resolve_device, resolve_dtype
 from prunecore.io import atomic_path, atomic_write_bytes, atomic_write_json
 from prunecore.models import load_tokenizer, load_transformers
@@ -111,6 +115,13 @@ class ProvenceModel(nn.Module):
         model.token_classifier = nn.Linear(config.hidden_size, 2)
         return model
 
+    def __reduce__(self):
+        """Pickle as config + weights (transformers 5 installs unpicklable forward hooks; the
+        rebuilt model gets its own)."""
+        if type(self) is not ProvenceModel:  # a subclass pickles the plain way
+            return super().__reduce__()
+        return rebuild_provence_model, (self.config, self.state_dict(), self.training)
+
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
         kwargs = {
             "input_ids": input_ids,
@@ -164,6 +175,15 @@ class ProvenceModel(nn.Module):
                 f"shape mismatches [{show(shape_bad)}]"
             )
         self.load_state_dict({k: v for k, v in mapped.items() if k in own}, strict=False)
+
+
+def rebuild_provence_model(config, state: dict[str, torch.Tensor], training: bool) -> ProvenceModel:
+    """Unpickle a :class:`ProvenceModel`: same config, weights, dtype, device and mode."""
+    model = ProvenceModel(config)
+    first = next(iter(state.values()))
+    model.to(device=first.device, dtype=first.dtype)
+    model.load_state_dict(state)
+    return model.train(training)
 
 
 # ----------------------------------------------------------------------------------------
@@ -248,14 +268,14 @@ def _read_config(folder: Path):
     return backbone_config(raw, f"{folder}/config.json"), raw
 
 
+#: Backbones whose position ids start after the padding index (RoBERTa family: pad id 1 -> 2).
+POSITION_OFFSETS = {"roberta": 2, "xlm-roberta": 2, "camembert": 2}
+
+
 def position_limit(config) -> int:
     """Longest input (tokens, special tokens included) the backbone's position table allows."""
     offset = POSITION_OFFSETS.get(config.model_type, 0)
     return int(getattr(config, "max_position_embeddings", 512)) - offset
-
-
-#: Backbones whose position ids start after the padding index (RoBERTa family: pad id 1 -> 2).
-POSITION_OFFSETS = {"roberta": 2, "xlm-roberta": 2, "camembert": 2}
 
 
 def load_provence_model(name_or_path, *, dtype=None, device=None):
@@ -475,6 +495,7 @@ class ProvencePruner:
         target_tokens: int | None = None,
         target_total_tokens: int | None = None,
         target_ratio: float | None = None,
+        keep: float | int | None = None,
     ):
         """Prune (and optionally rerank) contexts for questions.
 
@@ -500,6 +521,8 @@ class ProvencePruner:
                 ``target_total_tokens`` over all contexts of a question, and in
                 ``keep_count(T, target_ratio)`` tokens of a context of T tokens
                 (:func:`tokenprune.provence.core.budget_sentences`; tokens are the model's).
+            keep: prunekit's budget vocabulary for the same rule: a fraction in (0, 1] is
+                ``target_ratio``, an int count is ``target_tokens`` (per context).
 
         Returns:
             dict with, per context, ``pruned_context``, ``reranking_score``,
@@ -523,6 +546,7 @@ class ProvencePruner:
             target_tokens=target_tokens,
             target_total_tokens=target_total_tokens,
             target_ratio=target_ratio,
+            keep=keep,
         )
 
     __call__ = process
@@ -602,9 +626,11 @@ class ProvencePruner:
         target_tokens: int | None = None,
         target_total_tokens: int | None = None,
         target_ratio: float | None = None,
+        keep: float | int | None = None,
     ):
         """The sentence part of :meth:`process`, applied to the output of :meth:`score`."""
         mode = mode or self.mode
+        target_tokens, target_ratio = keep_as_targets(keep, target_tokens, target_ratio)
         budgeted = any(x is not None for x in (target_tokens, target_total_tokens, target_ratio))
         out = []
         stats = TokenStats("provence", forward_passes=scored["forward_passes"], extras={"contexts": 0, "blocks": 0})
@@ -645,6 +671,21 @@ class ProvencePruner:
         result = shape_outputs(out, scored["shape"], RESULT_KEYS, reorder=reorder, top_k=top_k)
         result["stats"] = stats
         return result
+
+
+def keep_as_targets(keep, target_tokens, target_ratio):
+    """``keep=`` (a fraction or a count, checked by the one budget rule) as ``(target_tokens,
+    target_ratio)``; a ValueError when it would override an explicit target."""
+    if keep is None:
+        return target_tokens, target_ratio
+    check_keep(keep)
+    if isinstance(keep, numbers.Integral):
+        if target_tokens is not None:
+            raise ValueError("pass either keep=<count> or target_tokens=, not both")
+        return int(keep), target_ratio
+    if target_ratio is not None:
+        raise ValueError("pass either keep=<fraction> or target_ratio=, not both")
+    return target_tokens, float(keep)
 
 
 def check_window(max_length, saved_window, config, n_special: int) -> int:
