@@ -391,3 +391,18 @@ def test_dllm_generate_loads_a_folder_of_either_family(family, folders, models):
     assert torch.equal(out.ids, res.generated)
     with pytest.raises(ValueError, match="no tokenizer"):
         dllm_generate(models[family], None, "x")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_dllm_round_trip(family, models, tmp_path):
+    from tokenprune.localleap.models import save_dllm
+
+    folder = save_dllm(models[family], tmp_path / family)
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["model_type"] == {"llada": "llada", "dream": "Dream"}[family]
+    assert cfg["auto_map"]  # the published fields, kept
+    again, tok = load_dllm(folder)
+    assert tok is None  # no tokenizer files written
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, models[family](ids).logits)

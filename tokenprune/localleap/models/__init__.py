@@ -8,7 +8,7 @@
 from .base import FAMILIES, DLLMConfig, DLLMOutput, NativeDLLM, family_for, register_family
 from .dream import DreamConfig, DreamModel
 from .llada import LLaDAConfig, LLaDAModelLM
-from .loading import load_dllm
+from .loading import load_dllm, save_dllm
 
 __all__ = [
     "FAMILIES",
@@ -22,4 +22,5 @@ __all__ = [
     "LLaDAConfig",
     "LLaDAModelLM",
     "load_dllm",
+    "save_dllm",
 ]

@@ -16,11 +16,12 @@ from pathlib import Path
 import torch
 
 from prunecore.device import resolve_device, resolve_dtype
+from prunecore.io import atomic_path, atomic_write_json
 from prunecore.models import load_tokenizer
 
 from .base import NativeDLLM, family_for
 
-__all__ = ["load_dllm", "load_dllm_model", "read_safetensors", "TOKENIZER_FALLBACKS"]
+__all__ = ["load_dllm", "load_dllm_model", "save_dllm", "read_safetensors", "TOKENIZER_FALLBACKS"]
 
 # model_type (lower case) -> transformers tokenizer class that reads the family's tokenizer files
 TOKENIZER_FALLBACKS = {"dream": "Qwen2Tokenizer"}
@@ -72,6 +73,24 @@ def load_dllm_model(folder, *, device="auto", dtype="auto") -> NativeDLLM:
     state = {k: v.to(device=dev, dtype=dt) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
+
+
+def save_dllm(model: NativeDLLM, folder) -> Path:
+    """Write a native model as a checkpoint folder in its family's published layout.
+
+    ``config.json`` (the config's fields, ``model_type`` and ``architectures``) and
+    ``model.safetensors`` (the published key names), both written atomically. Returns the folder.
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    values = {**model.config.to_dict(), "model_type": model.model_type, "architectures": [type(model).__name__]}
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    with atomic_path(folder / "model.safetensors") as tmp:
+        save_file(state, str(tmp))
+    atomic_write_json(folder / "config.json", values)
+    return folder
 
 
 def load_family_tokenizer(folder: Path, model_type: str):
