@@ -4,10 +4,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PhiConfig,
+    PhiForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from prunecore.budget import keep_count
 from tokenprune.ftp import (
+    CompactLayer,
     FTPCache,
     RandomRouter,
     StaticRouter,
@@ -77,7 +87,33 @@ def _mistral(window=8):
     return MistralForCausalLM(cfg).eval()
 
 
-MODELS = {"llama": _llama, "llama_eager": lambda: _llama("eager"), "qwen2": _qwen2, "mistral": _mistral}
+def _phi(attn="sdpa", qk_layernorm=False):
+    torch.manual_seed(3)
+    cfg = PhiConfig(
+        vocab_size=V,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        partial_rotary_factor=0.5,
+        qk_layernorm=qk_layernorm,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
+    cfg._attn_implementation = attn
+    return PhiForCausalLM(cfg).eval()
+
+
+MODELS = {
+    "llama": _llama,
+    "llama_eager": lambda: _llama("eager"),
+    "qwen2": _qwen2,
+    "mistral": _mistral,
+    "phi": _phi,
+}
 
 
 def _ids(B, T, seed=0):
@@ -105,7 +141,8 @@ def _reference_logits(model, ids, decisions, window=None):
         mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
         out = layer(h, attention_mask=mask, position_embeddings=pe, position_ids=pid)
         h = torch.where(keep[..., None], out, h)
-    return model.lm_head(base.norm(h))
+    norm = base.norm if hasattr(base, "norm") else base.final_layernorm
+    return model.lm_head(norm(h))
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -320,7 +357,7 @@ def _greedy_replay_check(model, router, sched, ids, am=None, steps=6):
     return dec, T0
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "llama_eager", "mistral"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "llama_eager", "mistral", "phi"])
 def test_generate_with_cache_equals_full_recompute(name):
     model = _mistral(window=64) if name == "mistral" else MODELS[name]()
     n = len(model.model.layers)
@@ -454,3 +491,135 @@ def test_keep_is_the_budget_and_sparsity_its_alias():
     with pytest.raises(ValueError, match="outside"):
         attach_ftp(model, StaticRouter(), keep=0.0)
     assert get_handle(model) is None
+
+
+class _Recorder(TokenRouter):
+    """A TokenRouter that keeps the features it was shown."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def keep_prob(self, inputs):
+        self.seen.append(inputs.score.clone())  # the state is updated in place by later layers
+        return super().keep_prob(inputs)
+
+
+@pytest.mark.parametrize("qk_layernorm", [False, True], ids=["plain", "qk_layernorm"])
+def test_score_feature_is_the_real_attention_with_partial_rotary(qk_layernorm):
+    """Phi rotates half of each head (partial_rotary_factor=0.5): the score factor must be the
+    attention the model really computed, read from eager attention weights."""
+    model = _phi("eager", qk_layernorm=qk_layernorm)
+    assert model.model.layers[0].self_attn.rotary_ndims < model.model.layers[0].self_attn.head_dim
+    ids = _ids(2, 13, seed=4)
+    with torch.no_grad():
+        attn = model(ids, output_attentions=True).attentions[0]  # (B, H, T, T) of the dense layer 0
+        want = torch.log1p(attn[:, :, -1, :].mean(1) * 13)
+        r = _Recorder()
+        with attach_ftp(model, r, [0.0, 0.5, 0.5]):
+            model(ids)
+    got = r.seen[0]  # what layer 1's router saw: layer 0's attention of the last token
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def _rank_router():
+    """Decode decision by the rank of the new token's score: keep when it ranks in the top ~45%."""
+    r = TokenRouter()
+    with torch.no_grad():
+        for p in r.parameters():
+            p.zero_()
+        r.net[0].weight[0, 2] = -20.0  # rank feature
+        r.net[0].bias[0] = 10.0
+        r.net[2].weight[0, 0] = 1.0
+        r.net[2].bias[0] = -1.0
+    return r
+
+
+def _replay_alone(model, router, sched, seq, T0):
+    """Sum of log-probs of seq[T0:] when the row is decoded alone with the cache, token by token,
+    and the same logits recomputed from scratch (no cache) with that run's decisions."""
+    with torch.no_grad(), attach_ftp(model, router, sched) as m:
+        h = get_handle(m)
+        with h.recording():
+            out = m(seq[None, :T0], use_cache=True)
+            logits, cache = [out.logits[0, -1]], _out_cache(out)
+            for t in range(T0, len(seq) - 1):
+                out = m(seq[None, t : t + 1], use_cache=True, **_cache_kw(m, cache))
+                logits.append(out.logits[0, -1])
+                cache = _out_cache(out)
+        dec = h.decisions()
+        with h.forced(dec):
+            for t, lg in zip(range(T0, len(seq)), logits):
+                full = m(seq[None, :t], use_cache=False).logits[0, -1]
+                assert torch.allclose(full, lg, atol=1e-4, rtol=1e-4)
+    lp = torch.stack([torch.log_softmax(lg, -1)[tok] for lg, tok in zip(logits, seq[T0:])])
+    return float(lp.sum()), dec
+
+
+def _cache_kw(model, cache):
+    import inspect
+
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache}
+
+
+def test_beam_search_reorders_routing_state_with_the_cache():
+    model = _llama()
+    sched = [0.0, 0.4, 0.5, 0.3]
+    ids, T0, steps = _ids(1, 10, seed=21), 10, 7
+    with torch.no_grad(), attach_ftp(model, _rank_router(), sched) as m:
+        h = get_handle(m)
+        with h.recording():
+            out = m.generate(
+                ids,
+                num_beams=3,
+                num_return_sequences=3,
+                max_new_tokens=steps,
+                do_sample=False,
+                length_penalty=0.0,
+                early_stopping=True,
+                eos_token_id=None,
+                return_dict_in_generate=True,
+                output_scores=True,
+                pad_token_id=0,
+            )
+        dec = h.decisions()
+    # the router treats the beams differently in decode steps
+    assert any((d[:, T0:] != d[:1, T0:]).any() for d in dec[1:])
+    for b in range(3):
+        want, alone = _replay_alone(model, _rank_router(), sched, out.sequences[b], T0)
+        # brute force: the beam's score is the sum of the log-probs the row gets decoded alone
+        assert out.sequences_scores[b].item() == pytest.approx(want, abs=1e-3)
+    assert any(not a[:, T0:].all() for a in alone[1:])  # decode steps really skipped blocks
+
+
+def test_beam_search_without_reorder_is_caught(monkeypatch):
+    """The check above fails when the per-layer validity is not reordered with the K/V."""
+
+    def kv_only(self, index):
+        self.keys, self.values = self.keys.index_select(0, index), self.values.index_select(0, index)
+
+    monkeypatch.setattr(CompactLayer, "select_rows", kv_only)
+    model = _llama()
+    sched = [0.0, 0.4, 0.5, 0.3]
+    ids, T0 = _ids(1, 10, seed=21), 10
+    with torch.no_grad(), attach_ftp(model, _rank_router(), sched) as m:
+        out = m.generate(
+            ids,
+            num_beams=3,
+            num_return_sequences=3,
+            max_new_tokens=7,
+            do_sample=False,
+            length_penalty=0.0,
+            early_stopping=True,
+            eos_token_id=None,
+            return_dict_in_generate=True,
+            output_scores=True,
+            pad_token_id=0,
+        )
+    monkeypatch.undo()
+    diffs = [
+        abs(out.sequences_scores[b].item() - _replay_alone(model, _rank_router(), sched, out.sequences[b], T0)[0])
+        for b in range(3)
+    ]
+    assert max(diffs) > 1e-3

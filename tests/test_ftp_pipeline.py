@@ -242,3 +242,41 @@ def test_keep_alias_in_train_router_and_generate(tmp_path):
     assert torch.equal(a.sequences, b.sequences) and a.stats.extras["keep"] == pytest.approx([0.6] * 4)
     with pytest.raises(ValueError, match="not both"):
         ftp_generate(model, "the cat", tokenizer=tok, keep=0.6, schedule=0.4)
+
+
+def test_ftp_generate_beams_and_return_sequences(tmp_path):
+    from pipelines.generate_llm import ftp_generate
+
+    model, tok = _tiny(), _word_tokenizer(tmp_path)
+    prompts = ["the cat sat on the mat and then ran far away", "a dog ran"]
+    for kw in (
+        {"num_beams": 2},
+        {"num_beams": 2, "num_return_sequences": 2},
+        {"num_return_sequences": 2, "do_sample": True},
+    ):
+        res = ftp_generate(model, prompts, tokenizer=tok, router=TokenRouter(), keep=0.7, max_new_tokens=4, **kw)
+        n = 2 * kw.get("num_return_sequences", 1)
+        assert res.sequences.shape[0] == n and len(res.texts) == n
+        rows = 2 * max(kw.get("num_beams", 1), kw.get("num_return_sequences", 1))  # rows generate ran
+        assert res.stats.extras["prefill"]["tokens"] == rows // 2 * (11 + 3)
+        assert 0 < res.stats.extras["prefill"]["flops_saved_frac"] < 1
+
+
+def test_decode_stats_stop_at_eos(tmp_path):
+    from pipelines.generate_llm import ftp_generate
+
+    model, tok = _tiny(), _word_tokenizer(tmp_path)
+    prompts = ["the cat sat on the mat and then ran far away", "a dog ran"]
+    n_new = 6
+    free = ftp_generate(model, prompts, tokenizer=tok, router="static", keep=0.7, max_new_tokens=n_new)
+    assert free.stats.extras["decode"]["tokens"] == 2 * (n_new - 1)  # the last token is never fed
+    gen = free.sequences[:, -n_new:]
+    # an end-of-sequence id that row 0 generates at step 2 and row 1 never does
+    eos = int(gen[0, 1])
+    assert eos not in gen[1].tolist() and eos not in gen[0, :1].tolist()
+    res = ftp_generate(model, prompts, tokenizer=tok, router="static", keep=0.7, max_new_tokens=n_new, eos_token_id=eos)
+    assert torch.equal(res.sequences[1], free.sequences[1]) and int(res.sequences[0, -n_new + 1]) == eos
+    # row 0 fed one generated token before its EOS, row 1 fed n_new - 1; padding after EOS is not counted
+    assert res.stats.extras["decode"]["tokens"] == 1 + (n_new - 1)
+    assert res.stats.extras["prefill"] == free.stats.extras["prefill"]
+    assert res.stats.forward_passes == free.stats.forward_passes == n_new

@@ -267,8 +267,10 @@ class RoutedLayer(nn.Module):
         self.sdpa = getattr(cfg, "_attn_implementation", None) == "sdpa"
         self._q = None
         self._capture = False
-        src = next(getattr(attn, n) for n in ("q_norm", "q_layernorm", "q_proj") if getattr(attn, n, None) is not None)
-        self._hook = src.register_forward_hook(self._q_hook)
+        # the query before rotary: q_norm (Qwen3, (B, T, H, D)), Phi's q_layernorm ((B, H, T, D)), or q_proj
+        name = next(n for n in ("q_norm", "q_layernorm", "q_proj") if getattr(attn, n, None) is not None)
+        self._q_heads_first = name == "q_layernorm"
+        self._hook = getattr(attn, name).register_forward_hook(self._q_hook)
         self._sig = inspect.signature(layer.forward)  # used only for positional calls (bound once per such call)
         self.cache_arg = "cache" if "cache" in self._sig.parameters else "past_key_values"
 
@@ -521,6 +523,8 @@ class RoutedLayer(nn.Module):
         self._q = None
         if q is None:
             return
+        if self._q_heads_first:
+            q = q.transpose(1, 2)
         B, Tq = q_slot.shape
         rows = torch.arange(B, device=q.device)
         if all_ok:
