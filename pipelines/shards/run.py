@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from .cluster import ClusterStage
+from .decode import DecodeOptions
 from .embed import EmbedStage
 from .ingest import IngestStage
 from .select import SelectStage
@@ -54,7 +55,7 @@ class FilterResult:
                 res = (
                     f"{s.get('samples', 0):,} samples, {s.get('embedded', 0):,} embedded, "
                     f"{s.get('missing_image', 0)} missing image, "
-                    f"{s.get('undecodable', 0)} undecodable, "
+                    f"{s.get('undecodable', 0)} undecodable, {s.get('too_large', 0)} too large, "
                     f"{len(s.get('corrupt_shards', []))} corrupt shard(s)"
                 )
             elif name == "cluster":
@@ -169,6 +170,11 @@ class FilterConfig:
     text: bool | None = None  # embed captions (default: when a clipscore step asks)
     dtype: str = "float16"
     strict: bool = False
+    # decoding (pipelines.shards.decode.DecodeOptions)
+    decode_workers: int | None = DecodeOptions.workers  # None: one process per core minus one
+    jpeg_draft: float = DecodeOptions.draft
+    max_pixels: int = DecodeOptions.max_pixels
+    gpu_decode: bool = DecodeOptions.gpu
     # clustering
     clusters: int = 100
     kmeans_iter: int = 20
@@ -246,6 +252,9 @@ def run_filter(shards=None, out="prunekit_out", config: FilterConfig | None = No
             text=text,
             dtype=cfg.dtype,
             strict=cfg.strict,
+            decode=DecodeOptions(
+                workers=cfg.decode_workers, draft=cfg.jpeg_draft, max_pixels=cfg.max_pixels, gpu=cfg.gpu_decode
+            ),
             progress=progress,
             executor=executor,
         )
