@@ -72,6 +72,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", default=DEFAULTS.dtype, choices=["float16", "float32"], help="storage dtype of the embedding chunks"
     )
     g.add_argument(
+        "--decode-workers",
+        type=int,
+        default=DEFAULTS.decode_workers,
+        help="image decode processes (default: one per core minus one; 0: decode in the encoding process)",
+    )
+    g.add_argument(
+        "--jpeg-draft",
+        type=float,
+        default=DEFAULTS.jpeg_draft,
+        help="decode JPEGs at a reduced DCT scale keeping at least this multiple of the model's input side (0: off)",
+    )
+    g.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULTS.max_pixels,
+        help="images with more decoded pixels get status too_large instead of being decoded",
+    )
+    g.add_argument(
+        "--gpu-decode",
+        action="store_true",
+        help="decode JPEGs in batches on the device (torchvision nvjpeg on CUDA), CPU fallback",
+    )
+    g.add_argument(
         "--embeddings",
         nargs="+",
         help="precomputed image embeddings (.npy files or globs, e.g. 'emb/img_emb_*.npy'): skips decoding",
@@ -261,6 +284,10 @@ def _filter(args) -> int:
         hf_cache_dir=args.hf_cache_dir,
         batch_size=args.batch_size,
         dtype=args.dtype,
+        decode_workers=args.decode_workers,
+        jpeg_draft=args.jpeg_draft,
+        max_pixels=args.max_pixels,
+        gpu_decode=args.gpu_decode,
         clusters=args.clusters,
         kmeans_iter=args.kmeans_iter,
         max_points_per_centroid=args.max_points_per_centroid,

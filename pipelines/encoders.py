@@ -4,6 +4,13 @@ An encoder has ``fingerprint`` (a JSON-able dict that identifies its weights: it
 the embed stage's fingerprint), ``encode_images(list[PIL.Image]) -> (B, d) float32`` unit
 rows, and optionally ``encode_texts(list[str]) -> (B, d)`` (``has_text``).
 
+Encoders that split their preprocessing (open_clip, pixel projection) also have
+``image_preparer()`` (a picklable PIL image -> uint8 (H, W, 3) array function that the
+embed stage runs in its decode worker processes), ``encode_prepared(items) -> (B, d)``
+(normalise + encode a batch of those arrays in the encoding process) and ``input_size``
+(the side the model sees, for JPEG draft decoding); ``encode_images(images)`` equals
+``encode_prepared([prepare(im) for im in images])``.
+
 * :class:`OpenClipEncoder`: an open_clip model by name (``"ViT-B-32"``) or by a model
   config JSON path (a custom/tiny architecture), with a pretrained tag or a local checkpoint;
   ``pretrained=None`` gives seeded random weights (tests).
@@ -21,9 +28,60 @@ import numpy as np
 import torch
 
 from prunecore.device import resolve_device
-from prunecore.embed import embed_images, embed_texts_clip
+from prunecore.embed import embed_pixels, embed_texts_clip, input_dtype
 from prunecore.io import file_digest
 from prunecore.models import load_open_clip, load_transformers
+
+
+class PILSteps:
+    """The PIL part of a preprocessing pipeline: PIL image -> uint8 (H, W, 3) array (picklable)."""
+
+    def __init__(self, steps: Sequence[Callable]):
+        self.steps = list(steps)
+
+    def __call__(self, image) -> np.ndarray:
+        for step in self.steps:
+            image = step(image)
+        return np.asarray(image, dtype=np.uint8)
+
+
+class TensorSteps:
+    """The same steps on a decoded (3, H, W) uint8 tensor (torchvision resize/crop work on
+    tensors): -> (H, W, 3) uint8 tensor on the tensor's device."""
+
+    def __init__(self, steps: Sequence[Callable]):
+        self.steps = list(steps)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        for step in self.steps:
+            image = step(image)
+        return image.permute(1, 2, 0)
+
+
+def split_preprocess(preprocess) -> tuple[list, tuple, tuple]:
+    """open_clip's eval Compose ``[PIL steps..., ToTensor, Normalize]`` -> (PIL steps, mean, std).
+
+    ToTensor + Normalize are then applied to whole uint8 batches on the encoder's device with
+    the same float operations, so the pixels are bit-identical to ``preprocess(image)``.
+    """
+    from torchvision.transforms import Normalize, ToTensor
+
+    steps = list(getattr(preprocess, "transforms", []))
+    if len(steps) < 2 or not isinstance(steps[-2], ToTensor) or not isinstance(steps[-1], Normalize):
+        raise ValueError(f"cannot split the preprocessing {preprocess!r}: expected [..., ToTensor, Normalize]")
+    return steps[:-2], tuple(steps[-1].mean), tuple(steps[-1].std)
+
+
+def uint8_batch(items: Sequence, device: torch.device) -> torch.Tensor:
+    """Stack uint8 (H, W, 3) arrays/tensors into (B, H, W, 3) on ``device``; on CUDA through
+    pinned memory with a non-blocking copy."""
+    if not all(isinstance(x, np.ndarray) for x in items):
+        return torch.stack([torch.as_tensor(x).to(device, non_blocking=True) for x in items])
+    if device.type != "cuda":
+        return torch.from_numpy(np.stack(items))
+    host = torch.empty((len(items), *items[0].shape), dtype=torch.uint8, pin_memory=True)
+    np.stack(items, out=host.numpy())
+    return host.to(device, non_blocking=True)
 
 
 def _file_id(path: str) -> dict:
@@ -92,23 +150,43 @@ class OpenClipEncoder:
             ) from exc
         finally:
             torch.random.set_rng_state(state)
+        self.pil_steps, mean, std = split_preprocess(self.preprocess)
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state.update(model=None, preprocess=None, tokenizer=None)  # workers reload
+        state.update(model=None, preprocess=None, tokenizer=None, pil_steps=None, mean=None, std=None)  # reload
         return state
 
-    def encode_images(self, images: Sequence) -> np.ndarray:
+    @property
+    def input_size(self) -> int:
+        """The shorter side of the model's input (224 for ViT-B-32)."""
         self._load()
-        return embed_images(
-            self.model,
-            images,
-            self.preprocess,
-            batch_size=max(len(images), 1),
-            device=str(self.device),
-            out_dtype=np.float32,
-            progress=False,
-        )
+        return int(min(np.atleast_1d(self.model.visual.image_size)))
+
+    def image_preparer(self) -> PILSteps:
+        """PIL image -> uint8 (H, W, 3): open_clip's resize/crop/RGB steps (runs in decode workers)."""
+        self._load()
+        return PILSteps(self.pil_steps)
+
+    def tensor_preparer(self) -> TensorSteps:
+        """Decoded (3, H, W) uint8 tensor -> (H, W, 3): the same resize/crop on the tensor's device."""
+        self._load()
+        return TensorSteps(self.pil_steps)
+
+    @torch.inference_mode()
+    def encode_prepared(self, items: Sequence) -> np.ndarray:
+        """Batch of uint8 (H, W, 3) arrays/tensors -> (B, d) float32 unit rows: ToTensor +
+        Normalize on the device, then the image tower in the model's precision."""
+        self._load()
+        pixels = uint8_batch(items, self.device).permute(0, 3, 1, 2).float().div(255)
+        pixels = pixels.sub(self.mean).div(self.std)
+        return embed_pixels(self.model, pixels).cpu().numpy()
+
+    def encode_images(self, images: Sequence) -> np.ndarray:
+        prepare = self.image_preparer()
+        return self.encode_prepared([prepare(im) for im in images])
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         self._load()
@@ -151,7 +229,7 @@ class HFImageEncoder:
     @torch.inference_mode()
     def encode_images(self, images: Sequence) -> np.ndarray:
         pixels = self.processor(images=list(images), return_tensors="pt")["pixel_values"]
-        pixels = pixels.to(self.device, next(self.model.parameters()).dtype)
+        pixels = pixels.to(self.device, input_dtype(self.model))
         if hasattr(self.model, "get_image_features"):
             feats = self.model.get_image_features(pixel_values=pixels)
             if not torch.is_tensor(feats):
@@ -179,6 +257,18 @@ class CallableEncoder:
         return feats / np.linalg.norm(feats, axis=1, keepdims=True).clip(1e-12)
 
 
+class PixelGrid:
+    """PIL image -> RGB resized to size x size (bilinear), uint8 (size, size, 3)."""
+
+    def __init__(self, size: int):
+        self.size = int(size)
+
+    def __call__(self, image) -> np.ndarray:
+        from PIL import Image
+
+        return np.asarray(image.convert("RGB").resize((self.size, self.size), Image.BILINEAR), dtype=np.uint8)
+
+
 class PixelProjectionEncoder:
     """Weight-free fallback: images resized to ``size`` x ``size`` RGB, centred per image,
     then a seeded Gaussian random projection to ``dim``; rows (B, dim) unit norm.
@@ -195,18 +285,20 @@ class PixelProjectionEncoder:
         self.proj = rng.standard_normal((3 * self.size * self.size, self.dim)).astype(np.float32)
         self.fingerprint = {"kind": "pixel_projection", "size": self.size, "dim": self.dim, "seed": self.seed}
 
-    def encode_images(self, images: Sequence) -> np.ndarray:
-        from PIL import Image
+    @property
+    def input_size(self) -> int:
+        return self.size
 
-        px = (
-            np.stack(
-                [
-                    np.asarray(im.convert("RGB").resize((self.size, self.size), Image.BILINEAR), dtype=np.float32)
-                    for im in images
-                ]
-            ).reshape(len(images), -1)
-            / 255.0
-        )
+    def image_preparer(self) -> PixelGrid:
+        return PixelGrid(self.size)
+
+    def encode_images(self, images: Sequence) -> np.ndarray:
+        prepare = self.image_preparer()
+        return self.encode_prepared([prepare(im) for im in images])
+
+    def encode_prepared(self, items: Sequence) -> np.ndarray:
+        """(size, size, 3) uint8 grids -> (B, dim) unit rows."""
+        px = np.stack(items).reshape(len(items), -1).astype(np.float32) / 255.0
         px -= px.mean(axis=1, keepdims=True)
         feats = px @ self.proj
         flat = np.linalg.norm(feats, axis=1) < 1e-9

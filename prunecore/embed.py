@@ -16,7 +16,16 @@ from tqdm.auto import tqdm
 from .device import resolve_device
 from .models import load_open_clip, load_tokenizer, load_transformers
 
-__all__ = ["embed_images", "embed_texts_clip", "embed_texts_hf", "load_hf_encoder", "load_open_clip", "mean_pool"]
+__all__ = [
+    "embed_images",
+    "embed_pixels",
+    "embed_texts_clip",
+    "embed_texts_hf",
+    "input_dtype",
+    "load_hf_encoder",
+    "load_open_clip",
+    "mean_pool",
+]
 
 
 def _batched(items: Iterable, batch_size: int) -> Iterable[list]:
@@ -36,6 +45,27 @@ def _finish(chunks: list[np.ndarray], out_dtype, width: int) -> np.ndarray:
     return np.concatenate(chunks).astype(out_dtype, copy=False)
 
 
+def input_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype a model's inputs must have: that of its first conv/linear weight.
+
+    open_clip in fp16/bf16 keeps some parameters (class embedding, norms) in fp32, so the
+    first parameter's dtype is not the input dtype.
+    """
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+            return module.weight.dtype
+    return next(model.parameters()).dtype
+
+
+@torch.inference_mode()
+def embed_pixels(model, pixels: torch.Tensor) -> torch.Tensor:
+    """``model.encode_image`` of a preprocessed batch (B, 3, H, W) cast to the model's input
+    dtype: (B, d) float32 unit rows on the model's device."""
+    visual = getattr(model, "visual", model)
+    feats = model.encode_image(pixels.to(input_dtype(visual))).float()
+    return torch.nn.functional.normalize(feats, dim=-1)
+
+
 @torch.inference_mode()
 def embed_images(
     model,
@@ -48,7 +78,9 @@ def embed_images(
     total: int | None = None,
     progress: bool = True,
 ) -> np.ndarray:
-    """Encode PIL images with an open_clip-style ``model.encode_image``: (n, d) unit rows."""
+    """Encode PIL images with an open_clip-style ``model.encode_image``: (n, d) unit rows.
+
+    The model may be in any precision (fp32/fp16/bf16): pixels are cast to its input dtype."""
     dev = resolve_device(device)
     chunks = []
     width = 0
@@ -58,10 +90,7 @@ def embed_images(
         disable=not progress,
         total=None if total is None else -(-total // batch_size),
     ):
-        pixels = torch.stack([preprocess(im) for im in batch]).to(dev)
-        pixels = pixels.to(next(model.parameters()).dtype)
-        feats = model.encode_image(pixels).float()
-        feats = torch.nn.functional.normalize(feats, dim=-1)
+        feats = embed_pixels(model, torch.stack([preprocess(im) for im in batch]).to(dev))
         chunks.append(feats.cpu().numpy())
         width = feats.shape[1]
     return _finish(chunks, out_dtype, width)

@@ -1,7 +1,9 @@
 """The Ray executor (``--backend ray``): embed, SemDeDup scoring and write as Ray Data jobs.
 
-* **embed**: a Ray Data job over the input shards (one task per shard, one chunk per shard,
-  the same function as the local backend, so the chunks are the same files).
+* **embed**: a Ray Data job over the input shards, ``map_batches`` with an actor class: each
+  actor loads the encoder once (one per GPU, ``num_gpus=1``) and decodes in its own worker
+  processes; one chunk per shard, written by the same function as the local backend, so the
+  chunks are the same files.
 * **cluster**: k-means runs on the driver on the seeded sample, assignment streams there too
   (faiss on the driver's GPU when there is one).
 * **select**: SemDeDup, the per-cluster O(m^2 d) part, is a ``groupby("cluster")
@@ -27,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipelines.shards.embed import load_embed_artifact
+from pipelines.shards.embed import load_embed_artifact, throughput_summary
 from pipelines.shards.select import select_chain
 from pipelines.shards.steps import run_step
 from pipelines.shards.write import output_name, write_outputs
@@ -45,10 +47,11 @@ class RayExecutor:
     """Connect to (or start) Ray. ``address=None`` starts a local Ray (``num_cpus`` CPUs)
     unless ``RAY_ADDRESS`` is set; ``"auto"`` or ``"ray://host:10001"`` joins a cluster."""
 
-    def __init__(self, address: str | None = None, num_cpus: int | None = None):
+    def __init__(self, address: str | None = None, num_cpus: int | None = None, embed_actors: int | None = None):
         import ray
 
         self.address = address or os.environ.get("RAY_ADDRESS")
+        self.embed_actors = embed_actors
         if not ray.is_initialized():
             if self.address:
                 import dataprune
@@ -67,24 +70,39 @@ class RayExecutor:
                 )
 
     def __getstate__(self):
-        return {"address": self.address}
+        return {"address": self.address, "embed_actors": self.embed_actors}
 
     # ----------------------------------------------------------------- embed
     def embed(self, stage, todo: list[int]) -> None:
+        """Embed input shards ``todo`` in Ray Data actors that each load the encoder once
+        (``map_batches`` with a class: ``embed_actors`` of them, ``num_gpus`` each) and decode
+        in their own worker processes; each shard's chunk is the same file as locally."""
         import ray
         from tqdm.auto import tqdm
 
         shipped = copy.copy(stage)
         shipped.executor = None
-
-        def embed_task(row):
-            shipped.embed_one(int(row["i"]))
-            return {"i": int(row["i"])}
-
-        ds = ray.data.from_items([{"i": int(i)} for i in todo]).map(embed_task)
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        actors = self.embed_actors or max(gpus, 1)
+        workers = stage.decode.workers
+        if workers is None:  # the cluster's cores, one per actor for the encoding process
+            workers = max(int(ray.cluster_resources().get("CPU", 1)) // actors - 1, 0)
+        ds = ray.data.from_items([{"i": int(i)} for i in todo]).map_batches(
+            EmbedActor,
+            fn_constructor_args=(shipped, workers),
+            batch_size=1,
+            batch_format="numpy",
+            concurrency=actors,
+            num_gpus=1 if gpus else 0,
+            num_cpus=1,
+        )
+        totals = {"images": 0, "wall_s": 0.0, "decode_wait_s": 0.0, "encode_s": 0.0}
         with tqdm(total=len(todo), desc="embed shards (ray)", unit="shard", disable=not stage.progress) as bar:
-            for _ in ds.iter_rows():
+            for row in ds.iter_rows():
+                for name in totals:
+                    totals[name] += row[name]
                 bar.update(1)
+        stage.throughput = throughput_summary(**totals)  # per actor-second
 
     # ----------------------------------------------------------------- select
     def select(self, embed, clustering, steps, *, device="auto", progress=False):
@@ -115,6 +133,31 @@ class RayExecutor:
         with tqdm(total=len(todo), desc="write shards (ray)", unit="shard", disable=not stage.progress) as bar:
             for _ in ds.iter_rows():
                 bar.update(1)
+
+
+class EmbedActor:
+    """A Ray Data actor: the encoder loaded once, a decode pool of ``workers`` spawned
+    processes; ``__call__`` embeds the input shards of a batch ``{"i": [...]}``."""
+
+    def __init__(self, stage, workers: int):
+        self.stage = stage
+        self.decoder = stage.make_decoder(workers=workers, start_method="spawn")
+
+    def __call__(self, batch: dict) -> dict:
+        import time
+
+        from pipelines.shards.embed import EmbedTiming
+
+        out = {"i": [], "images": [], "wall_s": [], "decode_wait_s": [], "encode_s": []}
+        for i in batch["i"]:
+            timing, wait0, t0 = EmbedTiming(), self.decoder.wait_s, time.perf_counter()
+            self.stage.embed_one(int(i), self.decoder, timing=timing)
+            for name, value in zip(
+                out,
+                (int(i), timing.images, time.perf_counter() - t0, self.decoder.wait_s - wait0, timing.encode_s),
+            ):
+                out[name].append(value)
+        return {k: np.asarray(v) for k, v in out.items()}
 
 
 class _WriterSpec:

@@ -6,11 +6,11 @@ per input shard, ``keys.parquet`` (every sample, input order), ``embeddings.json
 
 from __future__ import annotations
 
-import io
 import json
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,8 @@ from tqdm.auto import tqdm
 from prunecore.io import atomic_write_json
 from prunecore.rows import ChunkedRows
 
+from .decode import TOO_LARGE, DecodeOptions, make_decoder
+from .decode import decode_image as decode_image  # re-exported (the report's thumbnails)
 from .stage import MISSING_IMAGE, STATUS_OK, UNDECODABLE, PipelineError, Stage, die_hook, save_npy, save_parquet
 from .tario import (
     IMAGE_EXTS,
@@ -79,18 +81,92 @@ def load_embed_artifact(stage_dir: Path, fingerprint: str) -> EmbedArtifact:
     return EmbedArtifact(stage_dir, keys, images, texts, index.get("shards", []), fingerprint)
 
 
-def decode_image(data: bytes):
-    """PIL RGB image from encoded bytes (raises on undecodable data)."""
-    from PIL import Image
+@dataclass
+class EmbeddedBatch:
+    """A run of consecutive input samples and the embeddings of those that decoded.
 
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()
-        return im.convert("RGB")
+    keys, status, errors: (n,) per sample in input order (``status`` ``"ok"`` or why it has
+    no embedding; ``errors`` the message, None when ok). embeddings: (n_ok, d) float32 rows of
+    the ``ok`` samples in order, or None when none of them decoded.
+    """
+
+    keys: list
+    status: list
+    errors: list
+    embeddings: np.ndarray | None
+
+
+@dataclass
+class EmbedTiming:
+    """Where the embed loop spends its time: images encoded, seconds in the encoder,
+    and (read from the decoder) seconds waiting for decoding."""
+
+    images: int = 0
+    encode_s: float = 0.0
+    start: float = field(default_factory=time.perf_counter)
+
+    def summary(self, decode_wait_s: float) -> dict:
+        return throughput_summary(self.images, time.perf_counter() - self.start, decode_wait_s, self.encode_s)
+
+
+def throughput_summary(images: int, wall_s: float, decode_wait_s: float, encode_s: float) -> dict:
+    """images/s and the shares of the wall time spent waiting on decode and in the encoder."""
+    wall = max(float(wall_s), 1e-9)
+    return {
+        "images_per_s": round(images / wall, 1),
+        "decode_wait_share": round(decode_wait_s / wall, 3),
+        "encode_share": round(encode_s / wall, 3),
+    }
+
+
+def embed_stream(
+    items: Iterable[tuple[str, bytes | None]],
+    encoder,
+    decoder,
+    *,
+    batch_size: int,
+    timing: EmbedTiming | None = None,
+) -> Iterator[EmbeddedBatch]:
+    """Decode + encode a stream of ``(key, image bytes or None)`` **in input order**.
+
+    ``decoder``: from :func:`~pipelines.shards.decode.make_decoder` (worker processes or
+    inline). The encoder sees batches of exactly ``batch_size`` decoded images (the last one
+    smaller), so the rows do not depend on the number of decode workers. Yields consecutive
+    :class:`EmbeddedBatch` runs covering every item once; memory holds at most the decoder's
+    prefetch plus one batch of prepared images.
+    """
+    encode = getattr(encoder, "encode_prepared", None) or encoder.encode_images
+    timing = timing if timing is not None else EmbedTiming()
+    keys, status, errors, ready = [], [], [], []
+
+    def flush() -> EmbeddedBatch:
+        emb = None
+        if ready:
+            t0 = time.perf_counter()
+            emb = np.asarray(encode(ready), dtype=np.float32)
+            timing.encode_s += time.perf_counter() - t0
+            timing.images += len(ready)
+        batch = EmbeddedBatch(list(keys), list(status), list(errors), emb)
+        keys.clear(), status.clear(), errors.clear(), ready.clear()
+        return batch
+
+    for chunk_keys, results in decoder.imap(items, chunk_size=batch_size):
+        for key, (st, item) in zip(chunk_keys, results):
+            keys.append(key)
+            status.append(st)
+            errors.append(None if st == STATUS_OK else item)
+            if st == STATUS_OK:
+                ready.append(item)
+                if len(ready) == batch_size:
+                    yield flush()
+    if keys:
+        yield flush()
 
 
 def embed_shard(
     shard: str,
     encoder,
+    decoder,
     *,
     batch_size: int,
     image_exts: Sequence[str],
@@ -98,65 +174,68 @@ def embed_shard(
     strict: bool,
     progress=None,
     on_sample=None,
+    timing: EmbedTiming | None = None,
 ) -> tuple[pd.DataFrame, np.ndarray | None, np.ndarray | None, ShardScan]:
     """Embed one shard: (sample table, image rows (m, d) f32, text rows or None, scan).
 
     Batches never cross shards, so a shard's rows are the same whichever process (local,
-    resumed, Ray worker) computes them.
+    resumed, Ray worker) computes them and however many decode workers it has.
     """
     scan = ShardScan(shard)
-    records, img_chunks, txt_chunks = [], [], []
-    batch_imgs, batch_txts = [], []
+    records, captions, members, problems = [], [], [], []
 
-    def flush():
-        if batch_imgs:
-            img_chunks.append(np.asarray(encoder.encode_images(batch_imgs), dtype=np.float32))
-            if text:
-                txt_chunks.append(np.asarray(encoder.encode_texts(batch_txts), dtype=np.float32))
-            if progress is not None:
-                progress.update(len(batch_imgs))
-            batch_imgs.clear()
-            batch_txts.clear()
-
-    for sample in iter_shard(shard, scan):
-        status = sample_problem(sample) or STATUS_OK  # no_image / non_utf8_name, from the tar
-        found = sample.get(image_exts)
-        if status == STATUS_OK and found is None:
-            status = MISSING_IMAGE
-            if strict:
+    def items():
+        for sample in iter_shard(shard, scan):
+            problem = sample_problem(sample)  # no_image / non_utf8_name, from the tar alone
+            problems.append(problem)
+            found = None if problem else sample.get(image_exts)
+            if found is None and problem is None and strict:
                 raise PipelineError(
                     f"sample {sample.key!r} in {shard} has no image member "
                     f"(looked for {'/'.join(image_exts)}; it has "
                     f"{sorted(sample.members)})"
                 )
-        elif status == STATUS_OK:
-            try:
-                image = decode_image(found[1])
-            except Exception as exc:  # PIL raises many types for bad data
-                status = UNDECODABLE
-                if strict:
-                    raise PipelineError(f"undecodable image {sample.key}.{found[0]} in {shard}: {exc}") from exc
-        caption = ""
-        if text and status == STATUS_OK:
-            cap = sample.get(TEXT_EXTS)
-            caption = cap[1].decode("utf-8", errors="replace") if cap else ""
-        records.append((sample.key, sample.index, sample.nbytes, status))
-        if status == STATUS_OK:
-            batch_imgs.append(image)
-            batch_txts.append(caption)
-            if len(batch_imgs) == batch_size:
-                flush()
-        if on_sample is not None:
-            on_sample()
-    flush()
+            cap = sample.get(TEXT_EXTS) if text else None
+            captions.append(cap[1].decode("utf-8", errors="replace") if cap else "")
+            members.append(f"{sample.key}.{found[0]}" if found else sample.key)
+            records.append((sample.key, sample.index, sample.nbytes))
+            yield sample.key, (found[1] if found else None)
+            if on_sample is not None:
+                on_sample()
+
+    statuses, img_chunks, txt_chunks = [], [], []
+    timing = timing if timing is not None else EmbedTiming()
+    for batch in embed_stream(items(), encoder, decoder, batch_size=batch_size, timing=timing):
+        start = len(statuses)
+        statuses.extend(problems[start + j] or st for j, st in enumerate(batch.status))
+        if strict:
+            for j, (st, err) in enumerate(zip(batch.status, batch.errors)):
+                if st in (UNDECODABLE, TOO_LARGE):
+                    what = "undecodable image" if st == UNDECODABLE else "image too large:"
+                    raise PipelineError(f"{what} {members[start + j]} in {shard}: {err}")
+        if batch.embeddings is None:
+            continue
+        img_chunks.append(batch.embeddings)
+        if text:
+            ok = [captions[start + j] for j, st in enumerate(batch.status) if st == STATUS_OK]
+            txt_chunks.append(np.asarray(encoder.encode_texts(ok), dtype=np.float32))
+        if progress is not None:
+            progress.update(len(batch.embeddings))
+            progress.set_postfix_str(_timing_note(timing, decoder), refresh=False)
     if scan.error and strict:
         raise PipelineError(scan.error)
-    table = pd.DataFrame(records, columns=["key", "index", "nbytes", "status"])
+    table = pd.DataFrame(records, columns=["key", "index", "nbytes"])
+    table["status"] = pd.Series(statuses, dtype=object)
     table["index"] = table["index"].astype(np.int64)
     table["nbytes"] = table["nbytes"].astype(np.int64)
     images = np.concatenate(img_chunks) if img_chunks else None
     texts = np.concatenate(txt_chunks) if txt_chunks else None
     return table, images, texts, scan
+
+
+def _timing_note(timing: EmbedTiming, decoder) -> str:
+    s = timing.summary(decoder.wait_s)
+    return f"waiting on decode {s['decode_wait_share']:.0%}, encoding {s['encode_share']:.0%}"
 
 
 def chunk_paths(stage_dir: Path, i: int) -> dict[str, Path]:
@@ -221,6 +300,7 @@ def finalize_embed(stage_dir: Path, shards: list[str], *, text: bool) -> dict:
         "undecodable": int(counts.get(UNDECODABLE, 0)),
         "no_image": int(counts.get(NO_IMAGE, 0)),
         "non_utf8_name": int(counts.get(NON_UTF8_NAME, 0)),
+        "too_large": int(counts.get(TOO_LARGE, 0)),
         "corrupt_shards": errors,
         **totals,
         "name_examples": examples[:5],
@@ -243,8 +323,9 @@ class EmbedStage(Stage):
     """Decode images from shards and embed them; one chunk (rows + keys) per input shard.
 
     params: encoder fingerprint, batch_size, image_exts, text (embed captions too), dtype,
-    strict. Resume unit: one input shard. ``executor``: who embeds the pending shards
-    (``None``: this process; see :mod:`pipelines.executors`).
+    strict, decode (the :class:`~pipelines.shards.decode.DecodeOptions` that change rows:
+    draft, max_pixels, gpu). Resume unit: one input shard. ``executor``: who embeds the
+    pending shards (``None``: this process; see :mod:`pipelines.executors`).
     """
 
     name = "embed"
@@ -262,6 +343,7 @@ class EmbedStage(Stage):
         text: bool = False,
         dtype: str = "float16",
         strict: bool = False,
+        decode: DecodeOptions | None = None,
         progress: bool = True,
         executor=None,
     ):
@@ -269,6 +351,7 @@ class EmbedStage(Stage):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if dtype not in ("float16", "float32"):
             raise ValueError(f"dtype must be float16 or float32, got {dtype!r}")
+        self.decode = decode or DecodeOptions()
         fp = encoder_fingerprint if encoder_fingerprint is not None else encoder.fingerprint
         params = {
             "encoder": fp,
@@ -277,12 +360,14 @@ class EmbedStage(Stage):
             "text": bool(text),
             "dtype": dtype,
             "strict": bool(strict),
+            "decode": self.decode.fingerprint(),
         }
         super().__init__(out, params, {"shards": file_fingerprint(shards)})
         self.shards = list(shards)
         self.encoder = encoder
         self.progress = progress
         self.executor = executor
+        self.throughput: dict = {}
 
     def pending(self) -> list[int]:
         return [i for i in range(len(self.shards)) if not chunk_paths(self.dir, i)["keys"].exists()]
@@ -293,26 +378,35 @@ class EmbedStage(Stage):
             self.executor.embed(self, todo)
         elif todo:
             self.embed_local(todo)
-        return finalize_embed(self.dir, self.shards, text=self.params["text"])
+        return {**finalize_embed(self.dir, self.shards, text=self.params["text"]), **self.throughput}
 
     def encoder_obj(self):
         if callable(self.encoder) and not hasattr(self.encoder, "encode_images"):
             self.encoder = self.encoder()  # a factory: build lazily (skipped stages never load)
         return self.encoder
 
-    def embed_one(self, i: int, progress=None, on_sample=None) -> None:
+    def make_decoder(self, workers: int | None = None, start_method: str | None = None):
+        """This stage's decoder for its encoder (``workers`` overrides the options' count)."""
+        encoder = self.encoder_obj()
+        options = self.decode if workers is None else replace(self.decode, workers=workers)
+        return make_decoder(encoder, options, device=getattr(encoder, "device", "cpu"), start_method=start_method)
+
+    def embed_one(self, i: int, decoder, progress=None, on_sample=None, timing: EmbedTiming | None = None) -> None:
+        """Embed input shard ``i`` with ``decoder`` (see :meth:`make_decoder`) and save its chunk."""
         encoder = self.encoder_obj()
         if self.params["text"] and not getattr(encoder, "has_text", False):
             raise PipelineError("caption embeddings requested (CLIP score) but the encoder has no text tower")
         table, images, texts, scan = embed_shard(
             self.shards[i],
             encoder,
+            decoder,
             batch_size=self.params["batch_size"],
             image_exts=tuple(self.params["image_exts"]),
             text=self.params["text"],
             strict=self.params["strict"],
             progress=progress,
             on_sample=on_sample,
+            timing=timing,
         )
         dim = None
         if images is None:  # nothing decodable in this shard: width from another chunk
@@ -332,17 +426,19 @@ class EmbedStage(Stage):
             tqdm.write(f"[embed] WARNING {scan.error}")
 
     def embed_local(self, todo: list[int]) -> None:
-        """Embed input shards ``todo`` in this process, one after the other."""
+        """Embed input shards ``todo`` in this process (decoding in worker processes), in order."""
         done = [0]
 
         def on_sample():
             done[0] += 1
             die_hook("embed", done[0])
 
+        timing = EmbedTiming()
         bar = tqdm(desc="embed", unit="img", disable=not self.progress)
-        with bar:
+        with bar, self.make_decoder() as decoder:
             for i in tqdm(todo, desc="embed shards", unit="shard", disable=not self.progress, leave=False):
-                self.embed_one(i, progress=bar, on_sample=on_sample)
+                self.embed_one(i, decoder, progress=bar, on_sample=on_sample, timing=timing)
+            self.throughput = timing.summary(decoder.wait_s)
 
     def load(self) -> EmbedArtifact:
         return load_embed_artifact(self.dir, self.digest)

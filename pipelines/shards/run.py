@@ -37,6 +37,7 @@ from pathlib import Path
 from prunecore.budget import check_keep
 
 from .cluster import ClusterStage
+from .decode import DecodeOptions
 from .embed import EmbedStage
 from .ingest import IngestStage
 from .outdir import check_inputs_outside, claim_output, output_lock
@@ -73,7 +74,7 @@ class FilterResult:
                 res = (
                     f"{s.get('samples', 0):,} samples, {s.get('embedded', 0):,} embedded, "
                     f"{s.get('missing_image', 0)} missing image, "
-                    f"{s.get('undecodable', 0)} undecodable, "
+                    f"{s.get('undecodable', 0)} undecodable, {s.get('too_large', 0)} too large, "
                     f"{len(s.get('corrupt_shards', []))} corrupt shard(s)"
                 )
                 extra = {label: s.get(name, 0) for name, label in TAR_COUNTS.items() if s.get(name, 0)}
@@ -198,6 +199,11 @@ class FilterConfig:
     text: bool | None = None  # embed captions (default: when a clipscore step asks)
     dtype: str = "float16"
     strict: bool = False  # stop on bad samples/names/tars instead of counting them
+    # decoding (pipelines.shards.decode.DecodeOptions)
+    decode_workers: int | None = DecodeOptions.workers  # None: one process per core minus one
+    jpeg_draft: float = DecodeOptions.draft
+    max_pixels: int = DecodeOptions.max_pixels
+    gpu_decode: bool = DecodeOptions.gpu
     # clustering
     clusters: int = 100
     kmeans_iter: int = 20
@@ -342,6 +348,9 @@ def _run_stages(cfg: FilterConfig, steps: list[dict], out: Path, shard_list: lis
             text=text,
             dtype=cfg.dtype,
             strict=cfg.strict,
+            decode=DecodeOptions(
+                workers=cfg.decode_workers, draft=cfg.jpeg_draft, max_pixels=cfg.max_pixels, gpu=cfg.gpu_decode
+            ),
             progress=progress,
             executor=executor,
         )
