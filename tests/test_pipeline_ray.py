@@ -33,7 +33,7 @@ def _files(out):
     return {
         str(p.relative_to(out)): p.read_bytes()
         for p in sorted(out.rglob("*"))
-        if p.is_file() and p.name != "_stage.json"
+        if p.is_file() and p.name not in ("_stage.json", ".prunekit.json", ".prunekit.lock")
     }
 
 

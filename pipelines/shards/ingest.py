@@ -7,14 +7,16 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
 from prunecore.io import atomic_write_json
 from prunecore.rows import open_embeddings
 
-from .embed import EmbedArtifact, check_duplicate_keys, load_embed_artifact
-from .stage import NO_EMBEDDING, STATUS_OK, PipelineError, Stage, read_parquet, save_parquet
-from .tario import ShardScan, file_fingerprint, iter_shard_headers
+from .embed import EmbedArtifact, load_embed_artifact
+from .stage import NO_EMBEDDING, STATUS_OK, PipelineError, Stage, parquet_columns, read_parquet, save_parquet
+from .tario import ShardScan, check_unique_keys, file_fingerprint, iter_shard_headers
 
 
 class IngestStage(Stage):
@@ -61,69 +63,93 @@ class IngestStage(Stage):
         super().__init__(out, params, inputs)
         self.progress = progress
 
-    def compute(self, log):
+    def read_keys(self) -> pa.ChunkedArray:
+        """The key column of every metadata file (one chunk per file, Arrow strings), checked
+        against its embedding file's row count and for repeated keys."""
         key_col = self.params["key_column"]
-        metas = []
+        chunks = []
         for emb_path, meta_path in zip(self.emb_files, self.meta_files):
             arr = open_embeddings(emb_path)
-            meta = read_parquet(meta_path, fix="re-export it, or check that --metadata lists the right files")
-            if key_col not in meta.columns:
-                raise PipelineError(f"{meta_path} has no {key_col!r} column (columns: {list(meta.columns)[:12]})")
-            if len(meta) != arr.shape[0]:
+            columns = parquet_columns(meta_path)
+            if key_col not in columns:
+                raise PipelineError(f"{meta_path} has no {key_col!r} column (columns: {columns[:12]})")
+            col = read_parquet(meta_path, columns=[key_col], fix="re-export it, or check --metadata", arrow=True)
+            col = col.column(key_col)
+            if len(col) != arr.shape[0]:
                 raise PipelineError(
-                    f"mismatched counts: {emb_path} has {arr.shape[0]} embeddings but {meta_path} has {len(meta)} keys"
+                    f"mismatched counts: {emb_path} has {arr.shape[0]} embeddings but {meta_path} has {len(col)} keys"
                 )
-            metas.append(meta[[key_col]].rename(columns={key_col: "key"}).astype({"key": str}))
+            chunks.append(pc.cast(col.combine_chunks(), pa.large_string()))
         for emb_path, txt_path in zip(self.emb_files, self.txt_files):
             a, b = open_embeddings(emb_path), open_embeddings(txt_path)
             if a.shape != b.shape:
                 raise PipelineError(f"mismatched counts: {emb_path} has shape {a.shape} but {txt_path} has {b.shape}")
-        keys = pd.concat(metas, ignore_index=True)
-        keys["row"] = np.arange(len(keys), dtype=np.int64)
-        check_duplicate_keys(keys)
+        keys = pa.chunked_array(chunks, type=pa.large_string())
+        check_unique_keys(keys, self.meta_files)
+        return keys
+
+    def compute(self, log):
+        keys_arr = self.read_keys()
+        n = len(keys_arr)
         errors = []
         if self.shards:
-            located = []
-            for i, shard in enumerate(tqdm(self.shards, desc="scan shards", unit="shard", disable=not self.progress)):
-                scan = ShardScan(shard)
-                rows = list(iter_shard_headers(shard, scan))
-                if scan.error:
-                    errors.append(scan.error)
-                df = pd.DataFrame(rows, columns=["key", "index", "nbytes"])
-                df["shard"], df["shard_idx"] = shard, np.int64(i)
-                located.append(df)
-            where = pd.concat(located, ignore_index=True)
-            check_duplicate_keys(where)
-            merged = where.merge(keys, on="key", how="outer", indicator=True)
-            missing = merged[merged["_merge"] == "right_only"]
-            if len(missing):
-                raise PipelineError(
-                    f"{len(missing)} embedding keys are not in the shards, e.g. {missing['key'].head(5).tolist()}"
-                )
-            merged["status"] = np.where(merged["_merge"] == "both", STATUS_OK, NO_EMBEDDING)
-            merged["row"] = merged["row"].fillna(-1).astype(np.int64)
-            keys = merged.drop(columns="_merge").sort_values(["shard_idx", "index"], kind="stable")
-        else:
-            keys["shard"], keys["shard_idx"] = "", np.int64(-1)
-            keys["index"], keys["nbytes"] = keys["row"], np.int64(0)
-            keys["status"] = STATUS_OK
-        keys = keys[["key", "shard", "shard_idx", "index", "nbytes", "status", "row"]]
-        keys = keys.astype({"index": np.int64, "nbytes": np.int64, "shard_idx": np.int64})
-        save_parquet(self.dir / "keys.parquet", keys.reset_index(drop=True))
+            keys = self.locate(pa.table({"key": keys_arr, "row": np.arange(n, dtype=np.int64)}).to_pandas(), errors)
+        else:  # straight from Arrow columns: no Python object per key
+            zeros = pa.array(np.zeros(n, np.int8))
+            keys = pa.table(
+                {
+                    "key": keys_arr,
+                    "shard": pa.DictionaryArray.from_arrays(zeros, pa.array([""])),
+                    "shard_idx": np.full(n, -1, np.int64),
+                    "index": np.arange(n, dtype=np.int64),
+                    "nbytes": np.zeros(n, np.int64),
+                    "status": pa.DictionaryArray.from_arrays(zeros, pa.array([STATUS_OK])),
+                    "row": np.arange(n, dtype=np.int64),
+                }
+            )
+        save_parquet(self.dir / "keys.parquet", keys)
         atomic_write_json(
             self.dir / "embeddings.json", {"images": self.emb_files, "texts": self.txt_files, "shards": self.shards}
         )
-        n_ok = int((keys["status"] == STATUS_OK).sum())
+        total = keys.num_rows if isinstance(keys, pa.Table) else len(keys)
         return {
-            "samples": int(len(keys)),
-            "embedded": n_ok,
+            "samples": int(total),
+            "embedded": n,
             "precomputed": True,
-            "no_embedding": int(len(keys) - n_ok),
+            "no_embedding": int(total - n),
             "missing_image": 0,
             "undecodable": 0,
             "corrupt_shards": errors,
             "shards": len(self.shards),
         }
+
+    def locate(self, keys: pd.DataFrame, errors: list) -> pd.DataFrame:
+        """Shard, index and size of every key from the shards' tar headers (samples the
+        embeddings lack get status ``no_embedding``); corrupt-tar messages go to ``errors``."""
+        located = []
+        for i, shard in enumerate(tqdm(self.shards, desc="scan shards", unit="shard", disable=not self.progress)):
+            scan = ShardScan(shard)
+            rows = list(iter_shard_headers(shard, scan))
+            if scan.error:
+                errors.append(scan.error)
+            df = pd.DataFrame(rows, columns=["key", "index", "nbytes"])
+            df["shard"], df["shard_idx"] = shard, np.int64(i)
+            located.append(df)
+        per_shard = [pa.array(df["key"], pa.string()) for df in located]
+        check_unique_keys(pa.chunked_array(per_shard, pa.string()), self.shards)
+        where = pd.concat(located, ignore_index=True)
+        merged = where.merge(keys, on="key", how="outer", indicator=True)
+        missing = merged[merged["_merge"] == "right_only"]
+        if len(missing):
+            raise PipelineError(
+                f"{len(missing)} embedding keys are not in the shards, e.g. {missing['key'].head(5).tolist()}"
+            )
+        merged["status"] = np.where(merged["_merge"] == "both", STATUS_OK, NO_EMBEDDING)
+        merged["row"] = merged["row"].fillna(-1).astype(np.int64)
+        keys = merged.drop(columns="_merge").sort_values(["shard_idx", "index"], kind="stable")
+        keys = keys[["key", "shard", "shard_idx", "index", "nbytes", "status", "row"]]
+        keys = keys.astype({"index": np.int64, "nbytes": np.int64, "shard_idx": np.int64})
+        return keys.reset_index(drop=True)
 
     def load(self) -> EmbedArtifact:
         art = load_embed_artifact(self.dir, self.digest)

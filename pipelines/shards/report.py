@@ -87,6 +87,7 @@ def write_report(
     rep = out / "report"
     rep.mkdir(parents=True, exist_ok=True)
     keep = read_parquet(keep_path, fix=f"rerun `prunekit filter --out {out}` with the same options to repair it")
+    keep = keep.astype({"reason": str, "shard": str})  # stored as categoricals; plain labels here
     stats = {p.stem[len("stats_") :]: pd.read_parquet(p) for p in sorted((out / "select").glob("stats_*.parquet"))}
     emb_rows = keep[keep["cluster"] >= 0]
     k = int(json.loads((out / "cluster" / "_stage.json").read_text())["params"]["k"])

@@ -84,6 +84,7 @@ class SelectStage(Stage):
         super().__init__(out, {"steps": steps}, {"embed": embed.fingerprint, "cluster": cluster.fingerprint})
         self.embed, self.cluster, self.steps = embed, cluster, steps
         self.device, self.progress, self.executor = device, progress, executor
+        self.computed: pd.DataFrame | None = None
 
     def compute(self, log):
         if self.executor is not None:
@@ -95,45 +96,63 @@ class SelectStage(Stage):
                 self.embed, self.cluster.clustering, self.steps, device=self.device, progress=self.progress
             )
         keep = build_keep_list(self.embed.keys, sel, self.cluster.clustering)
+        del sel
         for name, df in stats.items():
             save_parquet(self.dir / f"stats_{name}.parquet", df.reset_index(drop=True))
         save_parquet(self.dir / "keep.parquet", keep)
+        self.computed = keep  # load() returns it: its key/shard/row columns share the sample table's memory
         counts = keep.loc[~keep["kept"], "reason"].value_counts().to_dict()
         return {
             "samples": int(len(keep)),
             "kept": int(keep["kept"].sum()),
-            "dropped": {str(k): int(v) for k, v in sorted(counts.items())},
+            "dropped": {str(k): int(v) for k, v in sorted(counts.items()) if v},
         }
 
     def load(self) -> SelectArtifact:
         stats = {p.stem[len("stats_") :]: pd.read_parquet(p) for p in sorted(self.dir.glob("stats_*.parquet"))}
-        return SelectArtifact(self.dir, pd.read_parquet(self.dir / "keep.parquet"), stats, self.digest)
+        keep = self.computed if self.computed is not None else pd.read_parquet(self.dir / "keep.parquet")
+        self.computed = None
+        return SelectArtifact(self.dir, keep, stats, self.digest)
+
+
+def reason_column(status: pd.Series, row: np.ndarray, reasons: np.ndarray) -> pd.Categorical:
+    """Per sample: the selection's reason (``reasons[row]``) where it has an embedding row,
+    else its ``status``; a categorical (small integer codes, no string per row)."""
+    status = pd.Categorical(status)
+    sel_codes, sel_names = pd.factorize(reasons)
+    names = list(status.categories) + [r for r in sel_names if r not in set(status.categories)]
+    lookup = np.array([names.index(r) for r in sel_names], dtype=np.int32)
+    codes = status.codes.astype(np.int32)
+    has = row >= 0
+    codes[has] = lookup[sel_codes[row[has]]]
+    return pd.Categorical.from_codes(codes, categories=names).remove_unused_categories()
 
 
 def build_keep_list(keys: pd.DataFrame, sel, clustering: Clustering) -> pd.DataFrame:
     """One row per input sample (input order): key, shard, kept, reason, cluster, score,
-    plus row (embedding row or -1), shard_idx, index and nbytes (for the write stage)."""
+    plus row (embedding row or -1), shard_idx, index and nbytes (for the write stage).
+
+    Per-row memory stays small: key/shard are the sample table's own columns (Arrow strings,
+    categorical), reason is categorical, the rest fixed-width numbers."""
     row = keys["row"].to_numpy(np.int64)
     has = row >= 0
     kept = np.zeros(len(keys), dtype=bool)
-    reason = keys["status"].to_numpy(dtype=object).copy()
     cluster = np.full(len(keys), -1, dtype=np.int64)
     score = np.full(len(keys), np.nan, dtype=np.float32)
     kept[has] = sel.keep[row[has]]
-    reason[has] = sel.reasons[row[has]]
     cluster[has] = clustering.labels[row[has]]
     score[has] = sel.scores[row[has]]
     return pd.DataFrame(
         {
-            "key": keys["key"].to_numpy(),
-            "shard": keys["shard"].to_numpy(),
+            "key": keys["key"],
+            "shard": keys["shard"],
             "kept": kept,
-            "reason": reason.astype(str),
+            "reason": reason_column(keys["status"], row, sel.reasons),
             "cluster": cluster,
             "score": score,
-            "row": row,
-            "shard_idx": keys["shard_idx"].to_numpy(np.int64),
-            "index": keys["index"].to_numpy(np.int64),
-            "nbytes": keys["nbytes"].to_numpy(np.int64),
+            "row": keys["row"],
+            "shard_idx": keys["shard_idx"],
+            "index": keys["index"],
+            "nbytes": keys["nbytes"],
         }
     )

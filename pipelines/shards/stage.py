@@ -67,9 +67,20 @@ def save_npy(path: Path, arr: np.ndarray) -> None:
         np.save(fh, arr, allow_pickle=False)
 
 
-def save_parquet(path: Path, df: pd.DataFrame, metadata: dict | None = None) -> None:
-    """Publish ``df`` as parquet atomically; ``metadata`` values go into the schema as JSON."""
-    table = pa.Table.from_pandas(df, preserve_index=False)
+# few distinct values per table: stored dictionary-encoded, read back as pandas categoricals
+# (1-2 bytes per row in memory instead of a string each)
+CATEGORY_COLUMNS = ("shard", "status", "reason")
+
+
+def save_parquet(path: Path, df: pd.DataFrame | pa.Table, metadata: dict | None = None) -> None:
+    """Publish ``df`` (a DataFrame or an Arrow table) as parquet atomically; ``metadata``
+    values go into the schema as JSON. DataFrame columns named in :data:`CATEGORY_COLUMNS`
+    are stored dictionary-encoded."""
+    if isinstance(df, pa.Table):
+        table = df
+    else:
+        df = df.astype({c: "category" for c in CATEGORY_COLUMNS if c in df.columns and df[c].dtype != "category"})
+        table = pa.Table.from_pandas(df, preserve_index=False)
     if metadata:
         meta = dict(table.schema.metadata or {})
         meta.update({k.encode(): json.dumps(v, default=str).encode() for k, v in metadata.items()})
@@ -78,15 +89,27 @@ def save_parquet(path: Path, df: pd.DataFrame, metadata: dict | None = None) -> 
         pq.write_table(table, tmp)
 
 
-def read_parquet(path: str | os.PathLike, *, columns=None, fix: str = "") -> pd.DataFrame:
-    """``pd.read_parquet`` that names the file (and ``fix``) when it is not readable parquet."""
+def read_parquet(path: str | os.PathLike, *, columns=None, fix: str = "", arrow: bool = False):
+    """``pd.read_parquet`` (or with ``arrow`` a pyarrow Table) that names the file (and
+    ``fix``) when it is not readable parquet."""
     try:
-        return pd.read_parquet(path, columns=columns)
+        return pq.read_table(path, columns=columns) if arrow else pd.read_parquet(path, columns=columns)
     except (pa.ArrowException, OSError, ValueError) as exc:
         if isinstance(exc, FileNotFoundError):
             raise
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise PipelineError(f"{path} is not a readable parquet file ({first}){': ' + fix if fix else ''}") from exc
+
+
+def parquet_columns(path: str | os.PathLike) -> list[str]:
+    """Column names of a parquet file from its footer (the data is not read)."""
+    try:
+        return list(pq.read_schema(path).names)
+    except (pa.ArrowException, OSError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise PipelineError(f"{path} is not a readable parquet file ({first}): re-export it") from exc
 
 
 def die_hook(stage: str, count: int) -> None:

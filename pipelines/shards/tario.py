@@ -269,11 +269,10 @@ def scan_headers(shards: Sequence[str], *, strict: bool = False, progress: bool 
     unsafe (``../``, absolute) member name, or a sample without a regular member.
     Returns one :class:`ShardScan` per shard (its counters)."""
     import pyarrow as pa
-    import pyarrow.compute as pc
     from tqdm.auto import tqdm
 
-    scans, keys, owner = [], [], []
-    for i, shard in enumerate(tqdm(shards, desc="scan tar headers", unit="shard", disable=not progress)):
+    scans, keys = [], []
+    for shard in tqdm(shards, desc="scan tar headers", unit="shard", disable=not progress):
         scan = ShardScan(shard)
         names = []
         for key, _, nbytes in iter_shard_headers(shard, scan):
@@ -287,19 +286,32 @@ def scan_headers(shards: Sequence[str], *, strict: bool = False, progress: bool 
             )
         scans.append(scan)
         keys.append(pa.array(names, type=pa.string()))
-        owner.append(pa.array([i] * len(names), type=pa.int32()) if names else pa.array([], pa.int32()))
-    all_keys = pa.chunked_array(keys, type=pa.string())
-    if len(all_keys) and pc.count_distinct(all_keys).as_py() != len(all_keys):
-        counts = pc.value_counts(all_keys)
-        dup = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
-        where = pc.filter(pa.chunked_array(owner, type=pa.int32()), pc.is_in(all_keys, value_set=dup))
-        firsts = ", ".join(repr(k) for k in dup[:3].to_pylist())
-        files = sorted({shards[j] for j in where.to_pylist()[:20]})
-        raise ShardError(
-            f"duplicate keys: {len(dup)} key(s) occur more than once (e.g. {firsts} in {', '.join(files[:4])}); "
-            "keys must be unique across shards: rename them or leave the repeated shard out"
-        )
+    check_unique_keys(pa.chunked_array(keys, type=pa.string()), shards)
     return scans
+
+
+def check_unique_keys(keys, sources: Sequence[str]) -> None:
+    """Raise :class:`ShardError` when a key occurs twice. ``keys``: a pyarrow ChunkedArray of
+    strings with one chunk per source (shard or metadata file) in ``sources``; the message
+    names a few repeated keys and their sources. Hashing runs in Arrow (no Python object per key)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if len(keys) < 2:
+        return
+    # sort, then compare neighbours: ~30 bytes per key of scratch (a hash table takes ~150)
+    ordered = pc.take(keys, pc.sort_indices(keys))
+    repeated = pc.equal(ordered.slice(1), ordered.slice(0, len(ordered) - 1))
+    if not pc.any(repeated).as_py():
+        return
+    dup = pc.unique(pc.filter(ordered.slice(1), repeated))
+    probe = pa.array(dup[:3].to_pylist(), type=keys.type)
+    files = [src for src, chunk in zip(sources, keys.chunks) if pc.any(pc.is_in(chunk, value_set=probe)).as_py()]
+    firsts = ", ".join(repr(k) for k in probe.to_pylist())
+    raise ShardError(
+        f"duplicate keys: {len(dup)} key(s) occur more than once (e.g. {firsts} in {', '.join(files[:4])}); "
+        "keys must be unique: rename them or leave the repeated file out"
+    )
 
 
 def copy_tarinfo(info: tarfile.TarInfo, size: int) -> tarfile.TarInfo:
