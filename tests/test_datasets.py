@@ -198,6 +198,52 @@ def test_selection_apply(wds):
         sel.apply(wds.to_iterable_dataset())
 
 
+def test_captions_from_the_text_column_give_the_tar_paths_clip_scores(cifar_tar, cache_dir, tmp_path):
+    from test_pipeline import TINY_VIT
+
+    model = tmp_path / "prunekit-test-vit.json"
+    model.write_text(json.dumps(TINY_VIT))
+    opts = quiet(model=str(model), steps=[{"method": "clipscore", "keep": 0.5}], write=False)
+    tar = run_filter(str(cifar_tar), tmp_path / "tar", **opts)
+    res = run_filter(
+        None,
+        tmp_path / "ds",
+        hf_dataset=str(cifar_tar),
+        image_column="jpg",
+        text_column="txt",
+        id_column="__key__",
+        hf_cache_dir=cache_dir,
+        **opts,
+    )
+    pd.testing.assert_frame_equal(res.keep[COMPARED], tar.keep[COMPARED])
+    assert set(res.keep.loc[~res.keep["kept"], "reason"]) == {"low_clip_score"}
+    for kind in ("img", "txt"):
+        a, b = (np.load(out / "embed" / "chunks" / f"00000.{kind}.npy") for out in (tmp_path / "tar", tmp_path / "ds"))
+        np.testing.assert_array_equal(a, b)
+
+
+def test_ray_backend_embeds_dataset_chunks_like_the_local_backend(wds, tmp_path):
+    ray = pytest.importorskip("ray", reason="ray is in the dev extra: pip install 'ray[data]'")
+    import datasets
+
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}},
+    )
+    try:
+        opts = quiet(hf_dataset=wds, image_column="jpg", encoder=PixelProjectionEncoder(dim=DIM), chunk_rows=64)
+        local = run_filter(None, tmp_path / "local", **opts)
+        remote = run_filter(None, tmp_path / "ray", backend="ray", **opts)
+    finally:
+        ray.shutdown()
+    assert len(list((tmp_path / "ray" / "embed" / "chunks").glob("*.keys.parquet"))) == 4
+    pd.testing.assert_frame_equal(remote.keep, local.keep)
+    a, b = (datasets.load_from_disk(r.manifest["path"]).data.table for r in (local, remote))
+    assert a.equals(b)
+
+
 # --------------------------------------------------------------------------- kill / resume
 
 
