@@ -187,8 +187,9 @@ class FilterConfig:
     text_column: str | None = None
     embedding_column: str | None = None
     id_column: str | None = None
+    streaming: bool = False  # read the dataset as a stream (IterableDataset)
     chunk_rows: int = 10_000  # rows per resume unit of the embed stage
-    hf_output_format: str = "disk"  # "disk" (save_to_disk) or "parquet" (shards)
+    hf_output_format: str | None = None  # "disk" (save_to_disk) or "parquet" (shards; streams)
     hf_cache_dir: str | None = None  # load_dataset's Arrow cache
     # execution
     device: str = "auto"
@@ -251,6 +252,7 @@ def run_filter(shards=None, out="prunekit_out", config: FilterConfig | None = No
             text_column=cfg.text_column,
             id_column=cfg.id_column,
             cache_dir=cfg.hf_cache_dir,
+            streaming=cfg.streaming,
             progress=progress,
         )
         emb_stage = DatasetEmbedStage(
