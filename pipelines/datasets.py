@@ -811,10 +811,56 @@ class DatasetWriteStage(Stage):
         return manifest
 
 
+# --------------------------------------------------------------------------- run_filter's stages
+
+
+def dataset_embed_stage(out, cfg, encoder, *, text: bool, executor=None) -> tuple[DatasetInput, DatasetEmbedStage]:
+    """The input and embed stage of ``run_filter`` for ``cfg.hf_dataset`` (``cfg``: a FilterConfig)."""
+    source = DatasetInput.open(
+        cfg.hf_dataset,
+        split=cfg.split,
+        image_column=cfg.image_column,
+        embedding_column=cfg.embedding_column,
+        text_column=cfg.text_column,
+        id_column=cfg.id_column,
+        cache_dir=cfg.hf_cache_dir,
+        streaming=cfg.streaming,
+        progress=cfg.progress,
+    )
+    stage = DatasetEmbedStage(
+        out,
+        source,
+        encoder,
+        batch_size=cfg.batch_size,
+        text=text,
+        dtype=cfg.dtype,
+        strict=cfg.strict,
+        chunk_rows=cfg.chunk_rows,
+        progress=cfg.progress,
+        executor=executor,
+    )
+    return source, stage
+
+
+def dataset_write_stage(out, select: SelectArtifact, source: DatasetInput, cfg) -> DatasetWriteStage:
+    """The write stage of ``run_filter`` for a dataset input (``cfg``: a FilterConfig)."""
+    return DatasetWriteStage(
+        out,
+        select,
+        source,
+        output_format=cfg.hf_output_format,
+        max_count=cfg.shard_max_count,
+        max_size=cfg.shard_max_size,
+        progress=cfg.progress,
+    )
+
+
 __all__ = [
     "ChunkEmbedder",
     "DatasetEmbedStage",
     "DatasetInput",
     "DatasetWriteStage",
+    "dataset_embed_stage",
+    "dataset_write_stage",
     "load_local_dataset",
 ]

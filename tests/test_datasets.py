@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import REPO
+from test_pipeline import TINY_VIT, _artifact_bytes
 
 from dataprune import Selection
 from pipelines.datasets import DatasetInput, embedding_rows, load_local_dataset
@@ -194,13 +195,17 @@ def test_selection_apply(wds):
     assert sel.apply(list(range(len(wds)))) == np.flatnonzero(keep).tolist()
     with pytest.raises(ValueError, match="covers 208 rows but the dataset has 3"):
         sel.apply([1, 2, 3])
-    with pytest.raises(TypeError, match="streaming"):
-        sel.apply(wds.to_iterable_dataset())
+    # a stream (in 2 shards) is filtered lazily, row i of the stream being row i of the selection
+    streamed = list(sel.apply(wds.to_iterable_dataset(num_shards=2), reason_column="why", keep_dropped=True))
+    assert [r["__key__"] for r in streamed] == wds["__key__"]
+    assert [r["why"] for r in streamed] == every["prune_reason"]
+    kept_keys = [r["__key__"] for r in sel.apply(wds.to_iterable_dataset(num_shards=2))]
+    assert kept_keys == out["__key__"]
+    with pytest.raises(ValueError, match="more rows than the 5"):
+        list(Selection.keep_all(5).apply(wds.to_iterable_dataset()))
 
 
 def test_captions_from_the_text_column_give_the_tar_paths_clip_scores(cifar_tar, cache_dir, tmp_path):
-    from test_pipeline import TINY_VIT
-
     model = tmp_path / "prunekit-test-vit.json"
     model.write_text(json.dumps(TINY_VIT))
     opts = quiet(model=str(model), steps=[{"method": "clipscore", "keep": 0.5}], write=False)
@@ -260,15 +265,6 @@ def cli(out: Path, dataset: Path, *extra: str, die: str | None = None) -> subpro
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
-def artifact_bytes(out: Path) -> dict[str, bytes]:
-    """Every artifact file except the stage records (which hold timings)."""
-    return {
-        str(p.relative_to(out)): p.read_bytes()
-        for p in sorted(out.rglob("*"))
-        if p.is_file() and p.name != "_stage.json"
-    }
-
-
 @pytest.mark.parametrize("streaming", [False, True], ids=["save_to_disk", "streamed_tar"])
 def test_killed_mid_embed_and_mid_write_resumes_to_identical_output(streaming, wds, cifar_tar, tmp_path):
     if streaming:
@@ -299,7 +295,7 @@ def test_killed_mid_embed_and_mid_write_resumes_to_identical_output(streaming, w
     assert r3.returncode == 0, r3.stderr[-2000:]
     assert "| embed | skipped" in r3.stdout and "| write | ran" in r3.stdout
     assert not staging.exists()
-    assert artifact_bytes(out) == artifact_bytes(ref)
+    assert _artifact_bytes(out) == _artifact_bytes(ref)
 
 
 # --------------------------------------------------------------------------- streaming
