@@ -122,6 +122,8 @@ class Selection:
         row (``""`` when kept) as a column (Dataset / DataFrame only); with
         ``keep_dropped=True`` every row is returned, so the column explains the drops.
         """
+        if hasattr(dataset, "filter") and not hasattr(dataset, "__len__"):  # a streaming IterableDataset
+            return self.apply_stream(dataset, reason_column=reason_column, keep_dropped=keep_dropped)
         if hasattr(dataset, "__len__") and len(dataset) != self.n:
             raise ValueError(f"the selection covers {self.n} rows but the dataset has {len(dataset)}")
         rows = np.arange(self.n) if keep_dropped else self.indices
@@ -139,9 +141,24 @@ class Selection:
         if hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__"):
             return [dataset[int(i)] for i in rows]
         raise TypeError(
-            f"cannot apply a Selection to {type(dataset).__name__}: give a datasets.Dataset, a DataFrame, an array "
-            "or a sequence (a streaming IterableDataset has no row count: load it without streaming=True)"
+            f"cannot apply a Selection to {type(dataset).__name__}: give a datasets.Dataset or IterableDataset, "
+            "a DataFrame, an array or a sequence"
         )
+
+    def apply_stream(self, dataset, *, reason_column: str | None = None, keep_dropped: bool = False):
+        """:meth:`apply` for a ``datasets.IterableDataset`` (lazy: rows are filtered as they
+        stream; row i is the i-th row the stream yields, which must be the selection's row i)."""
+        keep, reasons = self.keep, self.reasons
+
+        def wanted(_, i: int) -> bool:
+            if i >= self.n:
+                raise ValueError(f"the stream has more rows than the {self.n} the selection covers")
+            return keep_dropped or bool(keep[i])
+
+        out = dataset.filter(wanted, with_indices=True)
+        if reason_column:
+            out = out.map(lambda _, i: {reason_column: str(reasons[i])}, with_indices=True)
+        return out
 
     def reason_counts(self) -> dict[str, int]:
         """Dropped rows per reason."""

@@ -122,10 +122,15 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--id-column", help="column of unique row ids for the keep-list (default: the row index)")
     h.add_argument("--chunk-rows", type=int, default=DEFAULTS.chunk_rows, help="rows per embed resume unit")
     h.add_argument(
+        "--streaming",
+        action="store_true",
+        help="read the files as a stream (IterableDataset: no Arrow cache, one pass per stage)",
+    )
+    h.add_argument(
         "--hf-output-format",
-        default=DEFAULTS.hf_output_format,
         choices=["disk", "parquet"],
-        help="filtered dataset as a save_to_disk folder or parquet shards (OUT/write/dataset)",
+        help="filtered dataset (OUT/write/dataset) as a save_to_disk folder or parquet shards "
+        "(default: disk; parquet with --streaming)",
     )
     h.add_argument("--hf-cache-dir", help="cache folder of load_dataset (default: the datasets cache)")
     c = f.add_argument_group("clustering")
@@ -280,6 +285,7 @@ def _filter(args) -> int:
         embedding_column=args.embedding_column,
         id_column=args.id_column,
         chunk_rows=args.chunk_rows,
+        streaming=args.streaming,
         hf_output_format=args.hf_output_format,
         hf_cache_dir=args.hf_cache_dir,
         batch_size=args.batch_size,

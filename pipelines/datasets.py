@@ -14,7 +14,12 @@ same cluster and select stages as for tar shards, and writes the kept rows as a 
   (the Arrow rows are copied, never decoded), as a ``save_to_disk`` folder or parquet shards
   under ``OUT/write/dataset``, built in ``OUT/write/dataset.incomplete`` and renamed.
 
-Streaming (``IterableDataset``) inputs are not supported yet (:data:`STREAMING_UNSUPPORTED`).
+Streaming inputs (an ``IterableDataset``, or ``--streaming`` to read local files without
+``load_dataset``'s Arrow cache) go through the same stages in one sequential pass per stage:
+memory is bounded by one batch of rows; a killed run keeps its finished chunks / output
+shards and re-reads the stream from the start to reach the first unfinished one (the keys
+of the finished chunks are compared on the way, so a changed stream is detected). Streaming
+output is parquet shards.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ import json
 import os
 import re
 import shutil
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +41,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from pipelines.shards.embed import EmbedStage, decode_image, save_chunk
+from pipelines.shards.embed import EmbedStage, chunk_paths, decode_image, finalize_embed, save_chunk
 from pipelines.shards.select import SelectArtifact
 from pipelines.shards.stage import (
     MISSING_IMAGE,
@@ -53,10 +59,6 @@ DATA_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".tar": "webdata
 OUTPUT_FORMATS = ("disk", "parquet")
 DEFAULT_CHUNK_ROWS = 10_000
 WRITE_BATCH_ROWS = 1_000
-STREAMING_UNSUPPORTED = (
-    "streaming datasets (IterableDataset) are not supported yet: load the dataset without "
-    "streaming=True (a map-style Dataset is memory-mapped from disk, so it needs disk space, not memory)"
-)
 
 
 # --------------------------------------------------------------------------- loading
@@ -81,29 +83,33 @@ def hf_progress(enabled: bool):
             datasets.enable_progress_bars()
 
 
-def load_local_dataset(source, split: str | None = None, *, cache_dir: str | None = None):
-    """A map-style ``datasets.Dataset`` from ``source``.
+def load_local_dataset(source, split: str | None = None, *, cache_dir: str | None = None, streaming: bool = False):
+    """A ``datasets.Dataset`` (or ``IterableDataset`` when streaming) from ``source``.
 
-    source: a ``Dataset`` / ``DatasetDict``; a ``save_to_disk`` folder; a folder of data files
-    (``load_dataset(folder)``); a ``.parquet`` / ``.arrow`` / ``.tar`` (webdataset) file, a list
-    of them or a glob. Nothing is downloaded: Hub names and remote URLs are refused.
-    split: the split of a ``DatasetDict`` (default: its only split). cache_dir: where
-    ``load_dataset`` keeps its Arrow cache (default: the ``datasets`` cache).
+    source: a ``Dataset`` / ``DatasetDict`` / ``IterableDataset`` / ``IterableDatasetDict``; a
+    ``save_to_disk`` folder; a folder of data files (``load_dataset(folder)``); a ``.parquet`` /
+    ``.arrow`` / ``.tar`` (webdataset) file, a list of them or a glob. Nothing is downloaded:
+    Hub names and remote URLs are refused. split: the split of a dataset dict (default: its
+    only split). cache_dir: ``load_dataset``'s Arrow cache (default: the ``datasets`` cache).
+    streaming: read the files as a stream (no Arrow cache); a map-style input is turned into
+    an ``IterableDataset`` (an ``IterableDataset`` input always streams).
     """
     import datasets
 
-    if isinstance(source, (datasets.IterableDataset, datasets.IterableDatasetDict)):
-        raise NotImplementedError(STREAMING_UNSUPPORTED)
-    if isinstance(source, (datasets.Dataset, datasets.DatasetDict)):
-        ds = source
+    if isinstance(source, (str, os.PathLike, list, tuple)):
+        ds = load_path(source, split, cache_dir, streaming)
     else:
-        ds = load_path(source, split, cache_dir)
-    if isinstance(ds, datasets.DatasetDict):
+        ds = source
+    if isinstance(ds, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         ds = pick_split(ds, split)
+    if streaming and isinstance(ds, datasets.Dataset):
+        ds = ds.to_iterable_dataset()
+    if not isinstance(ds, (datasets.Dataset, datasets.IterableDataset)):
+        raise TypeError(f"hf_dataset must be a path or a datasets Dataset / IterableDataset, got {type(ds).__name__}")
     return ds
 
 
-def load_path(source, split: str | None, cache_dir: str | None):
+def load_path(source, split: str | None, cache_dir: str | None, streaming: bool = False):
     """``load_from_disk`` for a ``save_to_disk`` folder, else ``load_dataset`` of local files."""
     import datasets
 
@@ -116,7 +122,19 @@ def load_path(source, split: str | None, cache_dir: str | None):
         folder = paths[0]
         if any(os.path.exists(os.path.join(folder, f)) for f in ("dataset_dict.json", "state.json")):
             return datasets.load_from_disk(folder)
-        return datasets.load_dataset(folder, cache_dir=cache_dir)
+        return datasets.load_dataset(folder, cache_dir=cache_dir, streaming=streaming)
+    files = data_files(paths)
+    kinds = sorted({Path(f).suffix for f in files})
+    builders = {DATA_FILE_BUILDERS.get(k) for k in kinds}
+    if None in builders or len(builders) != 1:
+        raise ValueError(f"cannot read {kinds} files as one dataset: give only .parquet, .arrow or .tar files")
+    return datasets.load_dataset(
+        builders.pop(), data_files={split or "train": files}, cache_dir=cache_dir, streaming=streaming
+    )
+
+
+def data_files(paths: list[str]) -> list[str]:
+    """The files named by ``paths`` (globs expanded, numbers sorted as numbers)."""
     files = []
     for p in paths:
         matched = sorted(glob.glob(p), key=natural_key) if glob.has_magic(p) else [p]
@@ -127,11 +145,7 @@ def load_path(source, split: str | None, cache_dir: str | None):
                 f".parquet/.arrow/.tar files (globs allowed); Hub names are not downloaded"
             )
         files.extend(matched)
-    kinds = sorted({Path(f).suffix for f in files})
-    builders = {DATA_FILE_BUILDERS.get(k) for k in kinds}
-    if None in builders or len(builders) != 1:
-        raise ValueError(f"cannot read {kinds} files as one dataset: give only .parquet, .arrow or .tar files")
-    return datasets.load_dataset(builders.pop(), data_files={split or "train": files}, cache_dir=cache_dir)
+    return files
 
 
 def natural_key(path: str):
@@ -191,10 +205,11 @@ COLUMN_RULES = {
 
 @dataclass
 class DatasetInput:
-    """A local map-style dataset and the roles of its columns.
+    """A local dataset (map-style, or a stream) and the roles of its columns.
 
     Exactly one of ``image_column`` / ``embedding_column`` is set (an embedding column wins).
     ``dim``: the embedding width (embedding column only, from its first non-null row).
+    ``files``: the data files it was opened from (identity of a stream).
     """
 
     dataset: object
@@ -204,6 +219,7 @@ class DatasetInput:
     text_column: str | None = None
     id_column: str | None = None
     dim: int | None = None
+    files: list[str] = field(default_factory=list)
 
     @classmethod
     def open(
@@ -216,28 +232,48 @@ class DatasetInput:
         text_column: str | None = None,
         id_column: str | None = None,
         cache_dir: str | None = None,
+        streaming: bool = False,
         progress: bool = True,
     ) -> DatasetInput:
         """Load ``source`` (see :func:`load_local_dataset`) and check the named columns."""
         with hf_progress(progress):
-            ds = load_local_dataset(source, split, cache_dir=cache_dir)
-        label = os.fspath(source) if isinstance(source, (str, os.PathLike)) else f"Dataset({ds.split or 'rows'})"
-        inp = cls(
-            ds,
-            label,
-            None if embedding_column else image_column,
-            embedding_column,
-            text_column,
-            id_column,
-        )
+            ds = load_local_dataset(source, split, cache_dir=cache_dir, streaming=streaming)
+        is_path = isinstance(source, (str, os.PathLike))
+        label = os.fspath(source) if is_path else f"Dataset({ds.split or 'rows'})"
+        roles = (None if embedding_column else image_column, embedding_column, text_column, id_column)
+        inp = cls(ds, label, *roles)
+        if inp.streaming and is_path:  # a stream's identity: the files it reads
+            folder = Path(source)
+            inp.files = sorted(map(str, folder.rglob("*"))) if folder.is_dir() else data_files([label])
         inp.check_columns()
         if embedding_column:
-            inp.dim = first_list_length(inp.arrow_view([embedding_column]), embedding_column)
+            inp.dim = first_list_length(inp.iter_tables([embedding_column], 4096), embedding_column)
         return inp
 
     @property
-    def n_rows(self) -> int:
-        return len(self.dataset)
+    def streaming(self) -> bool:
+        return not hasattr(self.dataset, "cache_files")  # an IterableDataset
+
+    @property
+    def n_rows(self) -> int | None:
+        """Row count (None for a stream: unknown until read)."""
+        return None if self.streaming else len(self.dataset)
+
+    @property
+    def schema(self) -> pa.Schema:
+        """The Arrow schema of the rows (with the ``datasets`` features in its metadata)."""
+        if not self.streaming:
+            return self.dataset.data.schema
+        if self.dataset.features is None:
+            raise PipelineError(
+                f"{self.label}: the stream does not declare its features (column types); "
+                "give them: dataset.cast(features) or load_dataset(..., features=...)"
+            )
+        return self.dataset.features.arrow_schema
+
+    @property
+    def split_name(self) -> str:
+        return str(self.dataset.split or "train")
 
     def roles(self) -> dict[str, str]:
         names = {
@@ -252,7 +288,7 @@ class DatasetInput:
         roles = self.roles()
         if "image" not in roles and "embedding" not in roles:
             raise ValueError("give --image-column (embed images) or --embedding-column (precomputed embeddings)")
-        schema = self.dataset.data.schema
+        schema = self.schema
         for role, col in roles.items():
             check, needs, flag = COLUMN_RULES[role]
             if col not in schema.names:
@@ -268,24 +304,65 @@ class DatasetInput:
                 )
 
     def fingerprint(self) -> dict:
-        """Identity of the rows: the dataset's own fingerprint, its Arrow files (path, size,
-        mtime) and its length."""
+        """Identity of the rows. Map-style: the dataset's own fingerprint, its Arrow files
+        (path, size, mtime) and its length. Stream: its data files (when opened from a path),
+        features and shard count (a resumed stream also re-checks the finished chunks' keys)."""
+        if self.streaming:
+            return {
+                "stream": self.label,
+                "files": file_fingerprint(self.files),
+                "features": str(self.dataset.features),
+                "n_shards": self.dataset.n_shards,
+            }
         files = [f["filename"] for f in self.dataset.cache_files]
         return {"dataset": self.dataset._fingerprint, "files": file_fingerprint(files), "rows": self.n_rows}
 
+    def embed_columns(self, text: bool) -> list[str]:
+        """The columns the embed stage reads (each once)."""
+        wanted = (self.embedding_column or self.image_column, self.text_column if text else None, self.id_column)
+        return list(dict.fromkeys(c for c in wanted if c))
+
     def arrow_view(self, columns: list[str]):
-        """The dataset restricted to ``columns``, indexed as Arrow tables (``view[a:b]``)."""
+        """Map-style only: the dataset restricted to ``columns``, indexed as Arrow tables (``view[a:b]``)."""
         return self.dataset.select_columns(columns).with_format("arrow")
 
-    def chunk_labels(self, chunk_rows: int) -> list[str]:
+    def iter_tables(
+        self, columns: list[str], batch_size: int, start: int = 0, stop: int | None = None
+    ) -> Iterator[tuple[int, pa.Table]]:
+        """(first row index, Arrow table of up to ``batch_size`` consecutive rows) for rows
+        ``start..stop-1`` (a stream: every row, from the first). Cells are never decoded: a
+        stream's image columns are read with ``decode=False`` and encoded back to Arrow."""
+        if not self.streaming:
+            view = self.arrow_view(columns)
+            stop = len(view) if stop is None else stop
+            for lo in range(start, stop, batch_size):
+                yield lo, view[lo : min(lo + batch_size, stop)]
+            return
+        if start or stop is not None:
+            raise ValueError("a stream is read from its first row to its end")
+        stream = self.dataset.select_columns(columns)
+        features = stream.features
+        for name, feature in features.items():
+            if getattr(feature, "decode", False):
+                stream = stream.cast_column(name, replace(feature, decode=False))
+        raw = stream.features
+        full = self.schema
+        schema = full if columns == full.names else pa.schema([full.field(c) for c in columns])
+        row = 0
+        for batch in stream.iter(batch_size=batch_size):
+            table = pa.Table.from_pydict(raw.encode_batch(batch), schema=schema)
+            yield row, table
+            row += table.num_rows
+
+    def chunk_labels(self, chunk_rows: int, n_rows: int) -> list[str]:
         """One label per resume unit: ``LABEL[a:b]`` for rows a..b-1."""
-        return [f"{self.label}[{a}:{min(a + chunk_rows, self.n_rows)}]" for a in range(0, self.n_rows, chunk_rows)]
+        return [f"{self.label}[{a}:{min(a + chunk_rows, n_rows)}]" for a in range(0, n_rows, chunk_rows)]
 
 
-def first_list_length(view, column: str, batch_rows: int = 4096) -> int:
-    """Length of the first non-null list in ``column`` (the embedding width)."""
-    for lo in range(0, len(view), batch_rows):
-        lengths = pc.drop_null(pc.list_value_length(view[lo : lo + batch_rows].column(column)))
+def first_list_length(tables: Iterator[tuple[int, pa.Table]], column: str) -> int:
+    """Length of the first non-null list in ``column`` of ``tables`` (the embedding width)."""
+    for _, table in tables:
+        lengths = pc.drop_null(pc.list_value_length(table.column(column)))
         if len(lengths):
             return int(lengths[0].as_py())
     raise PipelineError(f"embedding column {column!r} has no non-null row")
@@ -344,7 +421,8 @@ class DatasetEmbedStage(EmbedStage):
     The artifact is the embed stage's (``chunks/{i}.img.npy`` + ``keys.parquet``), so the
     cluster and select stages run unchanged; ``keys.parquet`` holds ``key`` (id column or row
     index), ``index`` (row index), ``nbytes`` (encoded image bytes), ``status``; ``shard`` is
-    the chunk's label ``LABEL[a:b]``. Executors embed the pending chunks as they embed shards.
+    the chunk's label ``LABEL[a:b]``. Map-style: executors embed the pending chunks as they
+    embed shards. Stream: one pass in this process (:meth:`embed_stream`).
     """
 
     def __init__(
@@ -389,142 +467,212 @@ class DatasetEmbedStage(EmbedStage):
         }
         Stage.__init__(self, out, params, {"dataset": source.fingerprint()})
         self.source = source
-        self.shards = source.chunk_labels(chunk_rows)
+        self.shards = [] if source.streaming else source.chunk_labels(chunk_rows, source.n_rows)
         self.encoder, self.progress, self.executor = encoder, progress, executor
 
-    def rows_of(self, i: int) -> tuple[int, int]:
-        size = self.params["chunk_rows"]
-        return i * size, min((i + 1) * size, self.source.n_rows)
+    def compute(self, log):
+        if not self.source.streaming:
+            return super().compute(log)
+        self.embed_stream()
+        return finalize_embed(self.dir, self.shards, text=self.params["text"])
 
-    def embed_one(self, i: int, progress=None, on_sample=None) -> None:
-        start, stop = self.rows_of(i)
-        if self.source.embedding_column:
-            table, images = read_embedding_chunk(self.source, start, stop, strict=self.params["strict"])
-            texts = None
-            for _ in range(stop - start):
-                if progress is not None:
-                    progress.update(1)
-                if on_sample is not None:
-                    on_sample()
-        else:
+    def chunk_embedder(self, progress=None, on_sample=None) -> ChunkEmbedder:
+        encoder = None
+        if not self.source.embedding_column:
             encoder = self.encoder_obj()
             if self.params["text"] and not getattr(encoder, "has_text", False):
                 raise PipelineError("caption embeddings requested (CLIP score) but the encoder has no text tower")
-            table, images, texts = embed_image_rows(
-                self.source,
-                start,
-                stop,
-                encoder,
-                batch_size=self.params["batch_size"],
-                text=self.params["text"],
-                strict=self.params["strict"],
-                progress=progress,
-                on_sample=on_sample,
-            )
+        return ChunkEmbedder(
+            self.source,
+            encoder,
+            batch_size=self.params["batch_size"],
+            text=self.params["text"],
+            strict=self.params["strict"],
+            progress=progress,
+            on_sample=on_sample,
+        )
+
+    def save(self, i: int, embedder: ChunkEmbedder) -> None:
+        table, images, texts = embedder.finish()
         save_chunk(
             self.dir,
             i,
             table,
             images,
             texts,
-            ShardScan(self.shards[i]),
+            ShardScan(f"{self.source.label}[chunk {i}]"),
             dim=self.source.dim,
             dtype=np.dtype(self.params["dtype"]),
             text=self.params["text"],
         )
 
+    def close(self, i: int, embedder) -> None:
+        """End chunk ``i`` of a stream: save it, or verify a finished one (nothing before chunk 0)."""
+        if isinstance(embedder, FinishedChunk):
+            embedder.verify()
+        elif embedder is not None:
+            self.save(i, embedder)
 
-def chunk_table(keys: list[str], start: int, nbytes, status) -> pd.DataFrame:
-    """The per-chunk sample table (key, index, nbytes, status) the embed stage merges."""
-    return pd.DataFrame(
-        {
-            "key": pd.Series(keys, dtype=object),
-            "index": np.arange(start, start + len(keys), dtype=np.int64),
-            "nbytes": np.asarray(nbytes, dtype=np.int64),
-            "status": pd.Series(status, dtype=object),
-        }
-    )
+    def embed_one(self, i: int, progress=None, on_sample=None) -> None:
+        """Embed chunk ``i`` of a map-style dataset (rows ``i * chunk_rows ...``)."""
+        size = self.params["chunk_rows"]
+        start, stop = i * size, min((i + 1) * size, self.source.n_rows)
+        embedder = self.chunk_embedder(progress, on_sample)
+        columns = self.source.embed_columns(self.params["text"])
+        for lo, part in self.source.iter_tables(columns, self.params["batch_size"], start, stop):
+            embedder.feed(part, lo)
+        self.save(i, embedder)
+
+    def embed_stream(self) -> None:
+        """One pass over a stream: rows are cut into chunks of ``chunk_rows``; chunks finished
+        by a killed run are not embedded again (their keys are compared with the stream's)."""
+        size = self.params["chunk_rows"]
+        done = [0]
+
+        def on_sample():
+            done[0] += 1
+            die_hook("embed", done[0])
+
+        columns = self.source.embed_columns(self.params["text"])
+        current, embedder, n_rows = -1, None, 0
+        with tqdm(desc="embed", unit="img", disable=not self.progress) as bar:
+            for lo, part in self.source.iter_tables(columns, self.params["batch_size"]):
+                pos = 0
+                while pos < part.num_rows:
+                    row = lo + pos
+                    i = row // size
+                    if i != current:
+                        self.close(current, embedder)
+                        finished = chunk_paths(self.dir, i)["keys"]
+                        if finished.exists():
+                            embedder = FinishedChunk(finished, self.source.id_column)
+                        else:
+                            embedder = self.chunk_embedder(bar, on_sample)
+                        current = i
+                    take = min(part.num_rows - pos, (i + 1) * size - row)
+                    embedder.feed(part.slice(pos, take), row)
+                    pos += take
+                n_rows = lo + part.num_rows
+        self.close(current, embedder)
+        self.shards = self.source.chunk_labels(size, n_rows)
 
 
-def read_embedding_chunk(source: DatasetInput, start: int, stop: int, *, strict: bool):
-    """Rows ``start..stop-1`` of the embedding column: (sample table, (m, d) rows of the
-    non-null, finite embeddings). Null or non-finite embeddings get status ``no_embedding``."""
-    col = source.embedding_column
-    columns = [col] + ([source.id_column] if source.id_column else [])
-    table = source.arrow_view(columns)[start:stop]
-    keys = row_keys(table, source.id_column, start)
-    rows = embedding_rows(table.column(col), source.dim, name=col, start=start)
-    ok = ~table.column(col).is_null().to_numpy(zero_copy_only=False)
-    finite = np.isfinite(rows).all(axis=1)
-    if not finite.all():
-        ok[np.flatnonzero(ok)[~finite]] = False
-        rows = rows[finite]
-    if strict and not ok.all():
-        bad = start + int(np.flatnonzero(~ok)[0])
-        raise PipelineError(f"row {bad} of {source.label} has a null or non-finite embedding in column {col!r}")
-    status = np.where(ok, STATUS_OK, NO_EMBEDDING)
-    return chunk_table(keys, start, np.zeros(len(keys)), status), rows
+class ChunkEmbedder:
+    """Embeds one chunk's rows, fed in order as Arrow tables: :meth:`feed`, then :meth:`finish`.
 
+    Image column: cells are decoded with the tar path's ``decode_image`` and sent to the
+    encoder in batches of ``batch_size`` decodable images (as the tar path batches a shard),
+    so how the rows are fed does not change the batches. Embedding column: the rows are taken
+    from the Arrow buffers (:func:`embedding_rows`); null or non-finite ones get ``no_embedding``.
+    """
 
-def embed_image_rows(
-    source: DatasetInput,
-    start: int,
-    stop: int,
-    encoder,
-    *,
-    batch_size: int,
-    text: bool,
-    strict: bool,
-    progress=None,
-    on_sample=None,
-):
-    """Decode and embed rows ``start..stop-1``: (sample table, image rows (m, d) f32 or None,
-    caption rows or None). Images are decoded with the tar path's ``decode_image`` and sent to
-    the encoder in batches of ``batch_size`` decodable images (batches never cross chunks)."""
-    img_col, txt_col = source.image_column, source.text_column if text else None
-    columns = [img_col] + [c for c in (txt_col, source.id_column) if c and c != img_col]
-    view = source.arrow_view(columns)
-    keys, nbytes, status = [], [], []
-    ready_imgs, ready_txts, img_rows, txt_rows = [], [], [], []
+    def __init__(self, source: DatasetInput, encoder, *, batch_size: int, text: bool, strict: bool, **hooks):
+        self.source, self.encoder = source, encoder
+        self.batch_size, self.text, self.strict = batch_size, text, strict
+        self.progress, self.on_sample = hooks.get("progress"), hooks.get("on_sample")
+        self.start: int | None = None
+        self.keys: list[str] = []
+        self.nbytes: list[int] = []
+        self.status: list[str] = []
+        self.ready_imgs, self.ready_txts, self.img_rows, self.txt_rows = [], [], [], []
 
-    def encode_ready():
-        img_rows.append(np.asarray(encoder.encode_images(ready_imgs), dtype=np.float32))
-        if text:
-            txt_rows.append(np.asarray(encoder.encode_texts(ready_txts), dtype=np.float32))
-        if progress is not None:
-            progress.update(len(ready_imgs))
-        ready_imgs.clear()
-        ready_txts.clear()
+    def feed(self, part: pa.Table, start: int) -> None:
+        """Rows ``start .. start + len(part) - 1`` of the dataset."""
+        if self.start is None:
+            self.start = start
+        keys = row_keys(part, self.source.id_column, start)
+        if self.source.embedding_column:
+            self.feed_embeddings(part, start)
+        else:
+            self.feed_images(part, start)
+        self.keys.extend(keys)
 
-    for lo in range(start, stop, batch_size):
-        part = view[lo : min(lo + batch_size, stop)]
-        part_keys = row_keys(part, source.id_column, lo)
-        captions = part.column(txt_col).to_pylist() if txt_col else [""] * part.num_rows
+    def feed_embeddings(self, part: pa.Table, start: int) -> None:
+        col = self.source.embedding_column
+        rows = embedding_rows(part.column(col), self.source.dim, name=col, start=start)
+        ok = ~part.column(col).is_null().to_numpy(zero_copy_only=False)
+        finite = np.isfinite(rows).all(axis=1)
+        if not finite.all():
+            ok[np.flatnonzero(ok)[~finite]] = False
+            rows = rows[finite]
+        if self.strict and not ok.all():
+            bad = start + int(np.flatnonzero(~ok)[0])
+            raise PipelineError(f"row {bad} of {self.source.label} has a null or non-finite embedding in {col!r}")
+        self.img_rows.append(rows)
+        self.status.extend(np.where(ok, STATUS_OK, NO_EMBEDDING).tolist())
+        self.nbytes.extend([0] * part.num_rows)
+        for _ in range(part.num_rows):
+            if self.progress is not None:
+                self.progress.update(1)
+            if self.on_sample is not None:
+                self.on_sample()
+
+    def feed_images(self, part: pa.Table, start: int) -> None:
+        img_col, label = self.source.image_column, self.source.label
+        captions = part.column(self.source.text_column).to_pylist() if self.text else [""] * part.num_rows
         for j, cell in enumerate(part.column(img_col).to_pylist()):
             data = image_payload(cell)
             state = STATUS_OK if data is not None else MISSING_IMAGE
             if data is not None:
                 try:
-                    ready_imgs.append(decode_image(data))
-                    ready_txts.append(captions[j] or "")
+                    self.ready_imgs.append(decode_image(data))
+                    self.ready_txts.append(captions[j] or "")
                 except Exception as exc:  # PIL raises many types for bad data
                     state = UNDECODABLE
-                    if strict:
-                        raise PipelineError(f"undecodable image in row {lo + j} ({img_col!r}): {exc}") from exc
-            elif strict:
-                raise PipelineError(f"row {lo + j} of {source.label} has no image in column {img_col!r}")
-            keys.append(part_keys[j])
-            nbytes.append(len(data) if data is not None else 0)
-            status.append(state)
-            if len(ready_imgs) == batch_size:
-                encode_ready()
-            if on_sample is not None:
-                on_sample()
-    if ready_imgs:
-        encode_ready()
-    images = np.concatenate(img_rows) if img_rows else None
-    texts = np.concatenate(txt_rows) if txt_rows else None
-    return chunk_table(keys, start, nbytes, status), images, texts
+                    if self.strict:
+                        raise PipelineError(f"undecodable image in row {start + j} ({img_col!r}): {exc}") from exc
+            elif self.strict:
+                raise PipelineError(f"row {start + j} of {label} has no image in column {img_col!r}")
+            self.nbytes.append(len(data) if data is not None else 0)
+            self.status.append(state)
+            if len(self.ready_imgs) == self.batch_size:
+                self.encode_ready()
+            if self.on_sample is not None:
+                self.on_sample()
+
+    def encode_ready(self) -> None:
+        self.img_rows.append(np.asarray(self.encoder.encode_images(self.ready_imgs), dtype=np.float32))
+        if self.text:
+            self.txt_rows.append(np.asarray(self.encoder.encode_texts(self.ready_txts), dtype=np.float32))
+        if self.progress is not None:
+            self.progress.update(len(self.ready_imgs))
+        self.ready_imgs.clear()
+        self.ready_txts.clear()
+
+    def finish(self) -> tuple[pd.DataFrame, np.ndarray | None, np.ndarray | None]:
+        """(sample table: key, index, nbytes, status; image rows (m, d) or None; caption rows or None)."""
+        if self.ready_imgs:
+            self.encode_ready()
+        table = pd.DataFrame(
+            {
+                "key": pd.Series(self.keys, dtype=object),
+                "index": np.arange(self.start or 0, (self.start or 0) + len(self.keys), dtype=np.int64),
+                "nbytes": np.asarray(self.nbytes, dtype=np.int64),
+                "status": pd.Series(self.status, dtype=object),
+            }
+        )
+        images = np.concatenate(self.img_rows) if self.img_rows else None
+        texts = np.concatenate(self.txt_rows) if self.txt_rows else None
+        return table, images, texts
+
+
+class FinishedChunk:
+    """A chunk a killed run finished: its rows are read past, and :meth:`verify` checks their
+    keys are the ones it recorded (else the stream changed, and the finished chunks are stale)."""
+
+    def __init__(self, keys_path: Path, id_column: str | None):
+        self.path, self.id_column, self.keys = keys_path, id_column, []
+
+    def feed(self, part: pa.Table, start: int) -> None:
+        self.keys.extend(row_keys(part, self.id_column, start))
+
+    def verify(self) -> None:
+        recorded = pd.read_parquet(self.path, columns=["key"])["key"].tolist()
+        if recorded != self.keys:
+            raise PipelineError(
+                f"the stream changed since the interrupted run: {self.path.name} recorded {len(recorded)} "
+                f"rows, the stream now gives {len(self.keys)} with other keys; use a new --out"
+            )
 
 
 # --------------------------------------------------------------------------- write
@@ -542,7 +690,8 @@ class DatasetWriteStage(Stage):
     The dataset is built in ``dataset.incomplete`` and renamed when whole. Parquet shards are
     planned up front (``--shard-max-count`` rows / ``--shard-max-size`` image bytes) and each
     is published atomically, so a killed run keeps its finished shards (resume unit: one
-    output shard); a ``save_to_disk`` folder is rebuilt whole.
+    output shard); a ``save_to_disk`` folder is rebuilt whole. ``output_format`` None:
+    ``"disk"`` for a map-style dataset, ``"parquet"`` for a stream (the only one it can write).
     """
 
     name = "write"
@@ -554,13 +703,16 @@ class DatasetWriteStage(Stage):
         select: SelectArtifact,
         source: DatasetInput,
         *,
-        output_format: str = "disk",
+        output_format: str | None = None,
         max_count: int = 10000,
         max_size: int = 3_000_000_000,
         progress: bool = True,
     ):
+        output_format = output_format or ("parquet" if source.streaming else "disk")
         if output_format not in OUTPUT_FORMATS:
             raise ValueError(f"output format must be one of {OUTPUT_FORMATS}, got {output_format!r}")
+        if output_format == "disk" and source.streaming:
+            raise ValueError("a streaming input is written as parquet shards: use --hf-output-format parquet")
         params = {"format": output_format, "max_count": int(max_count), "max_size": int(max_size)}
         super().__init__(out, params, {"select": select.fingerprint, "dataset": source.fingerprint()})
         self.select, self.source, self.progress = select, source, progress
@@ -607,26 +759,51 @@ class DatasetWriteStage(Stage):
     def write_parquet(self, staging: Path, rows: np.ndarray, plan: np.ndarray, n_out: int) -> None:
         """Parquet shard j holds ``rows[plan == j]``; finished shards of a killed run are kept."""
         staging.mkdir(exist_ok=True)
-        view = self.source.dataset.with_format("arrow")
-        schema = self.source.dataset.data.schema
-        split = str(self.source.dataset.split or "train")
-        written = 0
-        with tqdm(total=int(rows.size), desc="write", unit="row", disable=not self.progress) as bar:
-            for j in range(n_out):
-                path = staging / output_shard_name(split, j, n_out)
+        paths = [staging / output_shard_name(self.source.split_name, j, n_out) for j in range(n_out)]
+        todo = np.array([not p.exists() for p in paths])
+        schema = self.source.schema
+        if rows.size == 0:
+            with atomic_path(paths[0]) as tmp:
+                pq.write_table(schema.empty_table(), tmp)
+            return
+        written, shard, stack = 0, -1, contextlib.ExitStack()
+        with tqdm(total=int(todo[plan].sum()), desc="write", unit="row", disable=not self.progress) as bar:
+            for j, table in self.kept_tables(rows, plan, todo):
+                if j != shard:  # output shards come in order: publish the previous one
+                    stack.close()
+                    stack = contextlib.ExitStack()
+                    writer = stack.enter_context(pq.ParquetWriter(stack.enter_context(atomic_path(paths[j])), schema))
+                    shard = j
+                writer.write_table(table)
+                written += table.num_rows
+                bar.update(table.num_rows)
+                die_hook("write", written)
+            stack.close()
+
+    def kept_tables(self, rows: np.ndarray, plan: np.ndarray, todo: np.ndarray) -> Iterator[tuple[int, pa.Table]]:
+        """(output shard, Arrow table of its next kept rows) for the shards in ``todo``, in order.
+        Map-style: the rows are taken by index; a stream is read once, from the start."""
+        wanted = todo[plan]
+        if not wanted.any():
+            return
+        if not self.source.streaming:
+            view = self.source.dataset.with_format("arrow")
+            for j in np.flatnonzero(todo):
                 part = rows[plan == j]
-                if path.exists():
-                    bar.update(part.size)
-                    continue
-                with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
-                    if part.size == 0:
-                        writer.write_table(view[:0])
-                    for lo in range(0, part.size, WRITE_BATCH_ROWS):
-                        batch = part[lo : lo + WRITE_BATCH_ROWS]
-                        writer.write_table(view[batch.tolist()])
-                        written += batch.size
-                        bar.update(batch.size)
-                        die_hook("write", written)
+                for lo in range(0, part.size, WRITE_BATCH_ROWS):
+                    yield int(j), view[part[lo : lo + WRITE_BATCH_ROWS].tolist()]
+            return
+        last = int(rows[wanted].max())
+        for lo, table in self.source.iter_tables(self.source.schema.names, WRITE_BATCH_ROWS):
+            index = np.arange(lo, lo + table.num_rows)
+            pos = np.minimum(np.searchsorted(rows, index), rows.size - 1)
+            hit = (rows[pos] == index) & wanted[pos]
+            shards = plan[pos[hit]]
+            local = np.flatnonzero(hit)
+            for j in np.unique(shards):
+                yield int(j), table.take(local[shards == j])
+            if lo + table.num_rows > last:
+                return
 
     def load(self) -> dict:
         """The manifest, with ``path``: the filtered dataset's folder."""
@@ -635,10 +812,56 @@ class DatasetWriteStage(Stage):
         return manifest
 
 
+# --------------------------------------------------------------------------- run_filter's stages
+
+
+def dataset_embed_stage(out, cfg, encoder, *, text: bool, executor=None) -> tuple[DatasetInput, DatasetEmbedStage]:
+    """The input and embed stage of ``run_filter`` for ``cfg.hf_dataset`` (``cfg``: a FilterConfig)."""
+    source = DatasetInput.open(
+        cfg.hf_dataset,
+        split=cfg.split,
+        image_column=cfg.image_column,
+        embedding_column=cfg.embedding_column,
+        text_column=cfg.text_column,
+        id_column=cfg.id_column,
+        cache_dir=cfg.hf_cache_dir,
+        streaming=cfg.streaming,
+        progress=cfg.progress,
+    )
+    stage = DatasetEmbedStage(
+        out,
+        source,
+        encoder,
+        batch_size=cfg.batch_size,
+        text=text,
+        dtype=cfg.dtype,
+        strict=cfg.strict,
+        chunk_rows=cfg.chunk_rows,
+        progress=cfg.progress,
+        executor=executor,
+    )
+    return source, stage
+
+
+def dataset_write_stage(out, select: SelectArtifact, source: DatasetInput, cfg) -> DatasetWriteStage:
+    """The write stage of ``run_filter`` for a dataset input (``cfg``: a FilterConfig)."""
+    return DatasetWriteStage(
+        out,
+        select,
+        source,
+        output_format=cfg.hf_output_format,
+        max_count=cfg.shard_max_count,
+        max_size=cfg.shard_max_size,
+        progress=cfg.progress,
+    )
+
+
 __all__ = [
+    "ChunkEmbedder",
     "DatasetEmbedStage",
     "DatasetInput",
     "DatasetWriteStage",
-    "STREAMING_UNSUPPORTED",
+    "dataset_embed_stage",
+    "dataset_write_stage",
     "load_local_dataset",
 ]

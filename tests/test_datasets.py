@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import REPO, artifact_bytes
+from test_pipeline import TINY_VIT
 
 from dataprune import Selection
 from pipelines.datasets import DatasetInput, embedding_rows, load_local_dataset
@@ -194,19 +195,69 @@ def test_selection_apply(wds):
     assert sel.apply(list(range(len(wds)))) == np.flatnonzero(keep).tolist()
     with pytest.raises(ValueError, match="covers 208 rows but the dataset has 3"):
         sel.apply([1, 2, 3])
-    with pytest.raises(TypeError, match="streaming"):
-        sel.apply(wds.to_iterable_dataset())
+    # a stream (in 2 shards) is filtered lazily, row i of the stream being row i of the selection
+    streamed = list(sel.apply(wds.to_iterable_dataset(num_shards=2), reason_column="why", keep_dropped=True))
+    assert [r["__key__"] for r in streamed] == wds["__key__"]
+    assert [r["why"] for r in streamed] == every["prune_reason"]
+    kept_keys = [r["__key__"] for r in sel.apply(wds.to_iterable_dataset(num_shards=2))]
+    assert kept_keys == out["__key__"]
+    with pytest.raises(ValueError, match="more rows than the 5"):
+        list(Selection.keep_all(5).apply(wds.to_iterable_dataset()))
+
+
+def test_captions_from_the_text_column_give_the_tar_paths_clip_scores(cifar_tar, cache_dir, tmp_path):
+    model = tmp_path / "prunekit-test-vit.json"
+    model.write_text(json.dumps(TINY_VIT))
+    opts = quiet(model=str(model), steps=[{"method": "clipscore", "keep": 0.5}], write=False)
+    tar = run_filter(str(cifar_tar), tmp_path / "tar", **opts)
+    res = run_filter(
+        None,
+        tmp_path / "ds",
+        hf_dataset=str(cifar_tar),
+        image_column="jpg",
+        text_column="txt",
+        id_column="__key__",
+        hf_cache_dir=cache_dir,
+        **opts,
+    )
+    pd.testing.assert_frame_equal(res.keep[COMPARED], tar.keep[COMPARED])
+    assert set(res.keep.loc[~res.keep["kept"], "reason"]) == {"low_clip_score"}
+    for kind in ("img", "txt"):
+        a, b = (np.load(out / "embed" / "chunks" / f"00000.{kind}.npy") for out in (tmp_path / "tar", tmp_path / "ds"))
+        np.testing.assert_array_equal(a, b)
+
+
+def test_ray_backend_embeds_dataset_chunks_like_the_local_backend(wds, tmp_path):
+    ray = pytest.importorskip("ray", reason="ray is in the dev extra: pip install 'ray[data]'")
+    import datasets
+
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}},
+    )
+    try:
+        opts = quiet(hf_dataset=wds, image_column="jpg", encoder=PixelProjectionEncoder(dim=DIM), chunk_rows=64)
+        local = run_filter(None, tmp_path / "local", **opts)
+        remote = run_filter(None, tmp_path / "ray", backend="ray", **opts)
+    finally:
+        ray.shutdown()
+    assert len(list((tmp_path / "ray" / "embed" / "chunks").glob("*.keys.parquet"))) == 4
+    pd.testing.assert_frame_equal(remote.keep, local.keep)
+    a, b = (datasets.load_from_disk(r.manifest["path"]).data.table for r in (local, remote))
+    assert a.equals(b)
 
 
 # --------------------------------------------------------------------------- kill / resume
 
 
-def cli(out: Path, dataset: Path, die: str | None = None) -> subprocess.CompletedProcess:
+def cli(out: Path, dataset: Path, *extra: str, die: str | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     env.pop("PRUNEKIT_DIE_AFTER", None)
     if die:
         env["PRUNEKIT_DIE_AFTER"] = die
-    cmd = [sys.executable, "-m", "pipelines.cli", "filter", "--out", str(out), "--hf-dataset", str(dataset)]
+    cmd = [sys.executable, "-m", "pipelines.cli", "filter", "--out", str(out), "--hf-dataset", str(dataset), *extra]
     cmd += ["--image-column", "jpg", "--id-column", "__key__", "--chunk-rows", "64", "--hf-output-format", "parquet"]
     cmd += ["--encoder", "pipelines.encoders:PixelProjectionEncoder", "--encoder-kwargs", json.dumps({"dim": DIM})]
     cmd += ["--clusters", str(K), "--dedup-eps", "0.02", "--method", "dbp", "--keep", "0.5"]
@@ -214,33 +265,81 @@ def cli(out: Path, dataset: Path, die: str | None = None) -> subprocess.Complete
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_killed_mid_embed_and_mid_write_resumes_to_identical_output(wds, tmp_path):
-    folder = tmp_path / "disk"
-    wds.save_to_disk(str(folder))
+@pytest.mark.parametrize("streaming", [False, True], ids=["save_to_disk", "streamed_tar"])
+def test_killed_mid_embed_and_mid_write_resumes_to_identical_output(streaming, wds, cifar_tar, tmp_path):
+    if streaming:
+        dataset, extra = cifar_tar, ("--streaming", "--hf-cache-dir", str(tmp_path / "cache"))
+    else:
+        dataset, extra = tmp_path / "disk", ()
+        wds.save_to_disk(str(dataset))
     ref = tmp_path / "ref"
-    r0 = cli(ref, folder)
+    r0 = cli(ref, dataset, *extra)
     assert r0.returncode == 0, r0.stderr[-2000:]
     assert "filtered dataset:" in r0.stdout
 
     out = tmp_path / "killed"
-    r1 = cli(out, folder, die="embed:130")  # dies inside chunk 2 (rows 128..191)
+    r1 = cli(out, dataset, *extra, die="embed:130")  # dies inside chunk 2 (rows 128..191)
     assert r1.returncode == -9, r1.stderr[-2000:]
     chunks = out / "embed" / "chunks"
     assert (chunks / "00001.keys.parquet").exists() and not (chunks / "00002.keys.parquet").exists()
     assert json.loads((out / "embed" / "_stage.json").read_text())["state"] == "running"
 
-    r2 = cli(out, folder, die="write:60")  # resumes embed, dies inside write
+    r2 = cli(out, dataset, *extra, die="write:60")  # resumes embed, dies inside write
     assert r2.returncode == -9, r2.stderr[-2000:]
     assert "resuming" in r2.stdout
     staging = out / "write" / "dataset.incomplete"
     assert 1 <= len(list(staging.glob("*.parquet"))) < len(list((ref / "write" / "dataset").glob("*.parquet")))
     assert not (out / "write" / "dataset").exists()
 
-    r3 = cli(out, folder)
+    r3 = cli(out, dataset, *extra)
     assert r3.returncode == 0, r3.stderr[-2000:]
     assert "| embed | skipped" in r3.stdout and "| write | ran" in r3.stdout
     assert not staging.exists()
     assert artifact_bytes(out) == artifact_bytes(ref)
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+def test_streams_give_the_map_style_keep_list_and_rows(cifar_tar, emb_parquet, wds, tar_run, cache_dir, tmp_path):
+    enc = PixelProjectionEncoder(dim=DIM)
+    opts = quiet(image_column="jpg", id_column="__key__", hf_cache_dir=cache_dir, streaming=True, chunk_rows=50)
+    res = run_filter(None, tmp_path / "tar", hf_dataset=str(cifar_tar), encoder=enc, shard_max_count=40, **opts)
+    pd.testing.assert_frame_equal(res.keep[COMPARED], tar_run.keep[COMPARED])
+    assert res.keep["shard"].iloc[-1] == f"{cifar_tar}[200:208]"  # 5 chunks, the last one partial
+    files = sorted(Path(res.manifest["path"]).glob("*.parquet"))
+    written = pa.concat_tables([pq.read_table(f) for f in files])
+    assert written.equals(kept_rows(wds, res.keep).replace_schema_metadata(written.schema.metadata))
+    assert written.schema.metadata == wds.data.schema.metadata  # the features (Image) travel along
+
+    column = run_filter(
+        None, tmp_path / "emb", hf_dataset=str(emb_parquet), **{**opts, "embedding_column": "emb", "write": False}
+    )
+    pd.testing.assert_frame_equal(column.keep[COMPARED], tar_run.keep[COMPARED])
+    # an IterableDataset object in several shards
+    obj = run_filter(None, tmp_path / "obj", hf_dataset=wds.to_iterable_dataset(num_shards=3), encoder=enc, **opts)
+    pd.testing.assert_frame_equal(obj.keep[COMPARED], tar_run.keep[COMPARED])
+
+
+def test_resuming_a_stream_that_changed_is_refused(tmp_path):
+    from datasets import Dataset
+
+    rng = np.random.default_rng(2)
+    emb = rng.standard_normal((40, 8)).astype(np.float32)
+
+    def stream(keys):
+        return Dataset.from_dict({"uid": keys, "emb": emb}).to_iterable_dataset()
+
+    opts = quiet(embedding_column="emb", id_column="uid", clusters=2, chunk_rows=16, write=False)
+    out = tmp_path / "out"
+    run_filter(None, out, hf_dataset=stream([f"a{i}" for i in range(40)]), **opts)
+    record = json.loads((out / "embed" / "_stage.json").read_text())
+    (out / "embed" / "_stage.json").write_text(json.dumps({**record, "state": "running"}))  # as if killed
+    (out / "embed" / "chunks" / "00002.keys.parquet").unlink()
+    with pytest.raises(PipelineError, match="the stream changed since the interrupted run: 00000.keys.parquet"):
+        run_filter(None, out, hf_dataset=stream([f"b{i}" for i in range(40)]), **opts)
+    again = run_filter(None, out, hf_dataset=stream([f"a{i}" for i in range(40)]), **opts)
+    assert again.stages["embed"].summary["samples"] == 40 and again.keep["key"].iloc[-1] == "a39"
 
 
 # --------------------------------------------------------------------------- bad input
@@ -291,8 +390,10 @@ def test_bad_columns_and_ids_give_clear_errors(tmp_path):
         run(Dataset.from_dict({**base, "uid": ["a", "b", None, "d", "e", "f"]}), id_column="uid", encoder=enc)
     with pytest.raises(ValueError, match="splits \\['train', 'test'\\]: choose one with --split"):
         run(DatasetDict(train=Dataset.from_dict(base), test=Dataset.from_dict(base)), encoder=enc)
-    with pytest.raises(NotImplementedError, match="streaming datasets .* are not supported yet"):
-        run(Dataset.from_dict(base).to_iterable_dataset(), encoder=enc)
+    with pytest.raises(TypeError, match="hf_dataset must be a path or a datasets Dataset"):
+        run(42, encoder=enc)
+    with pytest.raises(ValueError, match="a streaming input is written as parquet shards"):
+        run(Dataset.from_dict(base).to_iterable_dataset(), encoder=enc, hf_output_format="disk")
     with pytest.raises(FileNotFoundError, match="no dataset at"):
         run(str(tmp_path / "nowhere.parquet"), encoder=enc)
     with pytest.raises(ValueError, match="remote"):

@@ -222,8 +222,9 @@ class FilterConfig:
     text_column: str | None = None
     embedding_column: str | None = None
     id_column: str | None = None
+    streaming: bool = False  # read the dataset as a stream (IterableDataset)
     chunk_rows: int = 10_000  # rows per resume unit of the embed stage
-    hf_output_format: str = "disk"  # "disk" (save_to_disk) or "parquet" (shards)
+    hf_output_format: str | None = None  # "disk" (save_to_disk) or "parquet" (shards; streams)
     hf_cache_dir: str | None = None  # load_dataset's Arrow cache
     # execution
     device: str = "auto"
@@ -303,32 +304,12 @@ def _run_stages(cfg: FilterConfig, steps: list[dict], out: Path, shard_list: lis
     result = FilterResult(out)
     dataset = None
     if cfg.hf_dataset is not None:
-        from pipelines.datasets import DatasetEmbedStage, DatasetInput
+        from pipelines.datasets import dataset_embed_stage
 
         if shard_list or cfg.embeddings is not None:
             raise ValueError("give either shards / precomputed embeddings or a Hugging Face dataset, not both")
-        dataset = DatasetInput.open(
-            cfg.hf_dataset,
-            split=cfg.split,
-            image_column=cfg.image_column,
-            embedding_column=cfg.embedding_column,
-            text_column=cfg.text_column,
-            id_column=cfg.id_column,
-            cache_dir=cfg.hf_cache_dir,
-            progress=progress,
-        )
-        emb_stage = DatasetEmbedStage(
-            out,
-            dataset,
-            None if cfg.embedding_column else _encoder(cfg, [cfg.hf_dataset]),
-            batch_size=cfg.batch_size,
-            text=text,
-            dtype=cfg.dtype,
-            strict=cfg.strict,
-            chunk_rows=cfg.chunk_rows,
-            progress=progress,
-            executor=executor,
-        )
+        encoder = None if cfg.embedding_column else _encoder(cfg, [cfg.hf_dataset])
+        dataset, emb_stage = dataset_embed_stage(out, cfg, encoder, text=text, executor=executor)
     elif cfg.embeddings is not None:
         emb_stage = IngestStage(
             out,
@@ -378,17 +359,9 @@ def _run_stages(cfg: FilterConfig, steps: list[dict], out: Path, shard_list: lis
     result.stages["select"] = sel_stage
     result.keep = select.keep
     if cfg.write and dataset is not None:
-        from pipelines.datasets import DatasetWriteStage
+        from pipelines.datasets import dataset_write_stage
 
-        wr_stage = DatasetWriteStage(
-            out,
-            select,
-            dataset,
-            output_format=cfg.hf_output_format,
-            max_count=cfg.shard_max_count,
-            max_size=cfg.shard_max_size,
-            progress=progress,
-        )
+        wr_stage = dataset_write_stage(out, select, dataset, cfg)
         result.manifest = wr_stage.run(log)
         result.stages["write"] = wr_stage
     elif cfg.write and shard_list:
