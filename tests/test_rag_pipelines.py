@@ -123,9 +123,9 @@ def test_langchain_pipeline_sync_async_pickle(provence_folder):
     adocs = asyncio.run(retriever.ainvoke(QUERY))
     assert [(d.page_content, d.metadata) for d in adocs] == [(d.page_content, d.metadata) for d in docs]
 
-    compressor = pickle.loads(pickle.dumps(retriever.base_compressor))
-    assert compressor.pruner.source == provence_folder and compressor.threshold == 0.5
-    again = compressor.compress_documents(store.as_retriever(search_kwargs={"k": TOP_K}).invoke(QUERY), QUERY)
+    clone = pickle.loads(pickle.dumps(retriever))  # the whole pipeline: store, retriever, compressor
+    assert clone.base_compressor.pruner.source == provence_folder and clone.base_compressor.threshold == 0.5
+    again = clone.invoke(QUERY)
     assert [(d.page_content, d.metadata) for d in again] == [(d.page_content, d.metadata) for d in docs]
     assert retriever.base_compressor.model_dump()["pruner"] == provence_folder
 
