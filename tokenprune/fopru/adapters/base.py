@@ -27,7 +27,15 @@ from tokenprune.fopru.core import (
 )
 from tokenprune.stats import TokenStats
 
-__all__ = ["FEATURE_PASSING", "Encoded", "FoPruAdapter", "Prepared", "pad_token_id", "restore_original_prompt"]
+__all__ = [
+    "CORE_OPTIONS",
+    "FEATURE_PASSING",
+    "Encoded",
+    "FoPruAdapter",
+    "Prepared",
+    "pad_token_id",
+    "restore_original_prompt",
+]
 
 FEATURE_PASSING = ("auto", "mm_encoder_outputs", "inputs_embeds")
 
@@ -181,8 +189,7 @@ class FoPruAdapter:
     @classmethod
     def option_names(cls) -> frozenset[str]:
         """The FoPru options this adapter takes (constructor keywords and ``family_options``)."""
-        params = inspect.signature(FoPruAdapter.__init__).parameters
-        return frozenset(k for k, p in params.items() if p.kind is p.KEYWORD_ONLY) | set(cls.family_options)
+        return CORE_OPTIONS | set(cls.family_options)
 
     # ------------------------------------------------------------------ family interface
     def default_method(self) -> str:
@@ -354,3 +361,9 @@ class FoPruAdapter:
             call = {k: v for k, v in call.items() if k != "input_ids"}
         fwd = forward_fn if forward_fn is not None else self.model.forward
         return fwd(**call, **rest), prep.stats
+
+
+# the constructor's keyword options, read once
+CORE_OPTIONS = frozenset(
+    name for name, p in inspect.signature(FoPruAdapter.__init__).parameters.items() if p.kind is p.KEYWORD_ONLY
+)
