@@ -308,7 +308,7 @@ class FoPruAdapter:
         """Per image ``(K_i, D)`` kept features (one gather when all images have the same N and K)."""
         feats = enc.features
         if len({f.shape[0] for f in feats}) == 1 and len({int(k.numel()) for k in kept}) == 1 and len(feats) > 1:
-            stacked = torch.stack(feats) if not isinstance(feats, torch.Tensor) else feats
+            stacked = torch.stack(feats)
             idx = torch.stack([k.to(stacked.device) for k in kept])
             return list(stacked.gather(1, idx[..., None].expand(-1, -1, stacked.shape[-1])).unbind(0))
         return [f[k.to(f.device)] for f, k in zip(feats, kept)]
