@@ -223,6 +223,9 @@ def test_transformers_floor_is_declared_and_enforced():
 
     check_transformers_version(MIN_TRANSFORMERS)
     check_transformers_version("6.0.0")
+    check_transformers_version("5.24.1.dev0")
+    with pytest.raises(ImportError, match="found 5.23.9"):
+        check_transformers_version("5.23.9")
     with pytest.raises(ImportError, match=r"transformers>=5\.24\.0, found 4\.57\.1"):
         check_transformers_version("4.57.1")
     # the pure functions import without touching the model side
