@@ -128,6 +128,8 @@ def build_qwen25(s: dict, vocab: int):
             num_key_value_heads=s["kv"],
             rope_parameters={"rope_type": "default", "mrope_section": mrope_section(s), "rope_theta": 1e6},
             pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
         ),
         image_token_id=IMG,
         video_token_id=VID,

@@ -223,9 +223,32 @@ def test_transformers_floor_is_declared_and_enforced():
 
     check_transformers_version(MIN_TRANSFORMERS)
     check_transformers_version("6.0.0")
+    check_transformers_version("5.24.1.dev0")
+    with pytest.raises(ImportError, match="found 5.23.9"):
+        check_transformers_version("5.23.9")
     with pytest.raises(ImportError, match=r"transformers>=5\.24\.0, found 4\.57\.1"):
         check_transformers_version("4.57.1")
     # the pure functions import without touching the model side
     code = "import sys, tokenprune.fopru; print('transformers' in sys.modules, 'tokenprune.fopru.api' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_family_table_is_filled_by_discovery():
+    import pkgutil
+
+    from tokenprune.fopru import adapters
+    from tokenprune.fopru.adapters import ADAPTERS, register, supported_families
+    from tokenprune.fopru.adapters.base import FoPruAdapter
+
+    families = {m.name for m in pkgutil.iter_modules(adapters.__path__)} - {"base", "registry"}
+    assert families == {"llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3"}
+    # every family module registered itself under its model_type, nothing else is in the table
+    assert {cls.__module__.rsplit(".", 1)[1] for cls in ADAPTERS.values()} == families
+    assert set(ADAPTERS) == families
+    assert all(issubclass(cls, FoPruAdapter) and cls.family for cls in ADAPTERS.values())
+    assert "Qwen2.5-VL (qwen2_5_vl)" in supported_families()
+    with pytest.raises(ValueError, match="already registered"):
+        register("llava")(type("Other", (FoPruAdapter,), {}))
+    with pytest.raises(ValueError, match="at least one"):
+        register()

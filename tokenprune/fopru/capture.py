@@ -159,13 +159,14 @@ class AttentionRowCapture(_Hooks):
         b, n, dim = q.shape
         d = dim // self.num_heads
         scale = self.scale if self.scale is not None else d**-0.5
-        qh = q.float().view(b, n, self.num_heads, d).transpose(1, 2)
         kt = k.float().view(b, n, self.num_heads, d).permute(0, 2, 3, 1)  # (B, heads, d, N)
         if self.method == "cls":
-            return torch.softmax(qh[:, :, :1] @ kt * scale, dim=-1)[:, :, 0]
+            q0 = q[:, :1].float().view(b, 1, self.num_heads, d).transpose(1, 2) * scale  # the CLS query only
+            return torch.softmax(q0 @ kt, dim=-1)[:, :, 0]
+        qh = q.float().view(b, n, self.num_heads, d).transpose(1, 2) * scale  # scale (N, d), not (N, N)
         acc = torch.zeros(b, self.num_heads, n, dtype=torch.float32, device=q.device)
         for start in range(0, n, self.query_block):  # blocks of queries bound the N x N memory
-            acc += torch.softmax(qh[:, :, start : start + self.query_block] @ kt * scale, dim=-1).sum(dim=2)
+            acc += torch.softmax(qh[:, :, start : start + self.query_block] @ kt, dim=-1).sum(dim=2)
         return acc / n
 
     @classmethod
@@ -247,8 +248,10 @@ class PackedQKVCapture(_Hooks):
         q, k, _ = qkv.reshape(n, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)  # (N, heads, d)
         dtype = q.dtype
         c, s = cos.unsqueeze(-2).float(), sin.unsqueeze(-2).float()
-        q = (q.float() * c + _rotate_half(q.float()) * s).to(dtype).float().transpose(0, 1)  # (heads, N, d)
-        k = (k.float() * c + _rotate_half(k.float()) * s).to(dtype).float().transpose(0, 1)
+        q, k = q.float(), k.float()
+        q = (q * c + _rotate_half(q) * s).to(dtype).float().transpose(0, 1)  # (heads, N, d)
+        k = (k * c + _rotate_half(k) * s).to(dtype).float().transpose(0, 1)
+        q = q * self.scale  # scale the (N, d) queries, not the (N, N) scores
         out = torch.zeros(self.num_heads, n, dtype=torch.float32, device=qkv.device)
         bounds = cu_seqlens.tolist()
         for a, b in zip(bounds[:-1], bounds[1:]):  # one segment at a time: block-diagonal
@@ -259,7 +262,7 @@ class PackedQKVCapture(_Hooks):
             blk = max(1, self.max_block_elems // (self.num_heads * seg))
             acc = out[:, a:b]
             for start in range(a, b, blk):
-                acc += torch.softmax(q[:, start : min(b, start + blk)] @ kt * self.scale, dim=-1).sum(dim=1)
+                acc += torch.softmax(q[:, start : min(b, start + blk)] @ kt, dim=-1).sum(dim=1)
             acc /= seg
         return out
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import pkgutil
+import re
 
 from .base import FoPruAdapter
 from .registry import ADAPTERS, adapter_class, register, supported_families
@@ -34,17 +35,23 @@ __all__ = [
 MIN_TRANSFORMERS = "5.24.0"
 
 
+def _release(version: str) -> tuple[int, ...]:
+    """``"5.24.0.dev0"`` -> ``(5, 24, 0)``: the numeric release part (pre-releases count as the release)."""
+    match = re.match(r"\d+(?:\.\d+)*", version)
+    if match is None:
+        raise ImportError(f"cannot read the transformers version {version!r}")
+    return tuple(int(part) for part in match.group(0).split("."))
+
+
 def check_transformers_version(installed: str | None = None) -> None:
     """Raise a clear ``ImportError`` when the installed transformers is older than
     :data:`MIN_TRANSFORMERS` (nothing to check when it is not installed: no model to prune)."""
-    from packaging.version import Version
-
     if installed is None:
         try:
             installed = importlib.metadata.version("transformers")
         except importlib.metadata.PackageNotFoundError:
             return
-    if Version(installed) < Version(MIN_TRANSFORMERS):
+    if _release(installed) < _release(MIN_TRANSFORMERS):
         raise ImportError(
             f"FoPru's model adapters need transformers>={MIN_TRANSFORMERS}, found {installed}: "
             f"pip install -U 'transformers>={MIN_TRANSFORMERS}' (the pure functions in tokenprune.fopru.core "

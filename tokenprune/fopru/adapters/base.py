@@ -27,7 +27,15 @@ from tokenprune.fopru.core import (
 )
 from tokenprune.stats import TokenStats
 
-__all__ = ["FEATURE_PASSING", "Encoded", "FoPruAdapter", "Prepared", "pad_token_id", "restore_original_prompt"]
+__all__ = [
+    "CORE_OPTIONS",
+    "FEATURE_PASSING",
+    "Encoded",
+    "FoPruAdapter",
+    "Prepared",
+    "pad_token_id",
+    "restore_original_prompt",
+]
 
 FEATURE_PASSING = ("auto", "mm_encoder_outputs", "inputs_embeds")
 
@@ -181,8 +189,7 @@ class FoPruAdapter:
     @classmethod
     def option_names(cls) -> frozenset[str]:
         """The FoPru options this adapter takes (constructor keywords and ``family_options``)."""
-        params = inspect.signature(FoPruAdapter.__init__).parameters
-        return frozenset(k for k, p in params.items() if p.kind is p.KEYWORD_ONLY) | set(cls.family_options)
+        return CORE_OPTIONS | set(cls.family_options)
 
     # ------------------------------------------------------------------ family interface
     def default_method(self) -> str:
@@ -301,7 +308,7 @@ class FoPruAdapter:
         """Per image ``(K_i, D)`` kept features (one gather when all images have the same N and K)."""
         feats = enc.features
         if len({f.shape[0] for f in feats}) == 1 and len({int(k.numel()) for k in kept}) == 1 and len(feats) > 1:
-            stacked = torch.stack(feats) if not isinstance(feats, torch.Tensor) else feats
+            stacked = torch.stack(feats)
             idx = torch.stack([k.to(stacked.device) for k in kept])
             return list(stacked.gather(1, idx[..., None].expand(-1, -1, stacked.shape[-1])).unbind(0))
         return [f[k.to(f.device)] for f, k in zip(feats, kept)]
@@ -354,3 +361,9 @@ class FoPruAdapter:
             call = {k: v for k, v in call.items() if k != "input_ids"}
         fwd = forward_fn if forward_fn is not None else self.model.forward
         return fwd(**call, **rest), prep.stats
+
+
+# the constructor's keyword options, read once
+CORE_OPTIONS = frozenset(
+    name for name, p in inspect.signature(FoPruAdapter.__init__).parameters.items() if p.kind is p.KEYWORD_ONLY
+)
