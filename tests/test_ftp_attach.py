@@ -597,7 +597,9 @@ def test_beam_search_without_reorder_is_caught(monkeypatch):
     """The check above fails when the per-layer validity is not reordered with the K/V."""
 
     def kv_only(self, index):
-        self.keys, self.values = self.keys.index_select(0, index), self.values.index_select(0, index)
+        kb, vb, sb, ob = self.buffers
+        self.buffers = [kb.index_select(0, index), vb.index_select(0, index), sb, ob]
+        self.set_views()
 
     monkeypatch.setattr(CompactLayer, "select_rows", kv_only)
     model = _llama()
@@ -623,3 +625,54 @@ def test_beam_search_without_reorder_is_caught(monkeypatch):
         for b in range(3)
     ]
     assert max(diffs) > 1e-3
+
+
+SYNCING = {
+    torch.Tensor.item,
+    torch.Tensor.tolist,
+    torch.Tensor.__bool__,
+    torch.Tensor.__int__,
+    torch.Tensor.__float__,
+    torch.Tensor.cpu,
+    torch.Tensor.numpy,
+}
+
+
+class _ReadBackSpy(torch.overrides.TorchFunctionMode):
+    """Records tensor reads to the host (item, tolist, bool(), int(), .cpu()) made by tokenprune code."""
+
+    def __init__(self):
+        super().__init__()
+        self.hits = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in SYNCING:
+            import inspect
+
+            files = [f.filename for f in inspect.stack()[1:4]]
+            if any("tokenprune" in f for f in files):
+                self.hits.append((getattr(func, "__name__", str(func)), files))
+        return func(*args, **(kwargs or {}))
+
+
+def test_gpu_decode_step_reads_nothing_back(monkeypatch):
+    """With host reads treated as costly (as on a GPU), a routed decode step of the learned router
+    (batch 2, blended decisions) makes no host read in tokenprune code, and still equals a full
+    recompute with its decisions."""
+    import tokenprune.ftp.attach as attach_mod
+
+    monkeypatch.setattr(attach_mod, "reads_are_free", lambda device: False)
+    model = _llama()
+    with torch.no_grad(), attach_ftp(model, _rank_router(), [0.0, 0.4, 0.5, 0.3]) as m:
+        out = m(_ids(2, 12, seed=5), use_cache=True)
+        cache, nxt = _out_cache(out), out.logits[:, -1:].argmax(-1)
+        spy = _ReadBackSpy()
+        with spy:
+            for _ in range(3):
+                out = m(nxt, use_cache=True, **_cache_kw(m, cache))
+                cache, nxt = _out_cache(out), out.logits[:, -1:].argmax(-1)
+        assert spy.hits == []
+        st = get_handle(m).stats()  # the one read
+    assert st.extras["decode"]["tokens"] == 2 * 3
+    # blended decode on the "GPU" path is exact too
+    _greedy_replay_check(model, _rank_router(), [0.0, 0.4, 0.5, 0.3], _ids(2, 11, seed=6))
