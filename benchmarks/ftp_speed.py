@@ -42,37 +42,29 @@ DEFAULTS = {
 }
 
 
-def tiny_config():
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=8192,
-        hidden_size=256,
-        intermediate_size=768,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        max_position_embeddings=16384,
-    )
-
-
-def llama1b_config():
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=32000,
-        hidden_size=2048,
-        intermediate_size=5632,
-        num_hidden_layers=22,
-        num_attention_heads=32,
-        num_key_value_heads=4,
-        max_position_embeddings=16384,
-    )
+CONFIGS = {  # random-weight Llama configs: timing depends only on the shapes
+    "tiny": {
+        "vocab_size": 8192,
+        "hidden_size": 256,
+        "intermediate_size": 768,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+    },
+    "llama1b": {
+        "vocab_size": 32000,
+        "hidden_size": 2048,
+        "intermediate_size": 5632,
+        "num_hidden_layers": 22,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 4,
+    },
+}
 
 
 def load_model(name: str, device: torch.device, dtype: torch.dtype):
     """A causal LM by benchmark name: random-weight configs, or SmolLM2-135M from its offline wheel."""
-    from transformers import LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     if name == "smollm2":
         spec = importlib.util.spec_from_file_location("ftp_bench", REPO / "benchmarks" / "ftp.py")
@@ -87,7 +79,7 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype):
             dtype=dtype,
             attn_implementation="sdpa",
         )
-    cfg = {"tiny": tiny_config, "llama1b": llama1b_config}[name]()
+    cfg = LlamaConfig(**CONFIGS[name], max_position_embeddings=16384)
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     return LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()

@@ -582,20 +582,21 @@ class RoutedLayer(nn.Module):
         qg = q_last.reshape(B, keys.shape[1], g, self.head_dim).to(keys.dtype)
         logits = torch.einsum("bkgd,bknd->bkgn", qg, keys).float() * self.scaling
         window_bites = self.window is not None and seq.seq_valid.shape[1] > self.window
+        slots = lay.slots
         if all_ok and not lay.holes and not window_bites:
             # every entry is valid and at or before the last query: plain softmax, every slot updated
             a = torch.softmax(logits, dim=-1).mean((1, 2))  # (B, N)
-            seq.score.scatter_(1, lay.slots, torch.log1p(a * a.shape[1]))
+            seq.score.scatter_(1, slots, torch.log1p(a * a.shape[1]))
             return
-        ok = lay.valid & (lay.slots <= q_slot_last)
+        ok = lay.valid & (slots <= q_slot_last)
         if window_bites:
-            ok &= lay.slots > q_slot_last - self.window
+            ok &= slots > q_slot_last - self.window
         if not all_ok:
             ok &= q_ok.any(1, keepdim=True)
         logits = logits.masked_fill(~ok[:, None, None, :], -float("inf"))
         a = torch.softmax(logits, dim=-1).nan_to_num(0.0).mean((1, 2))  # (B, N)
         feat = torch.log1p(a * ok.sum(1, keepdim=True).clamp_min(1))
-        seq.score.scatter_(1, lay.slots, torch.where(ok, feat, seq.score.gather(1, lay.slots)))
+        seq.score.scatter_(1, slots, torch.where(ok, feat, seq.score.gather(1, slots)))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -43,8 +43,6 @@ class CompactLayer(CacheLayerMixin):
 
     def __init__(self):
         super().__init__()
-        self.slots: torch.Tensor | None = None
-        self.valid: torch.Tensor | None = None
         self.buffers: list[torch.Tensor] = []  # keys, values (B, H, cap, D); slots, valid (B, cap)
         self.n = 0
         self.seen = 0
@@ -65,9 +63,15 @@ class CompactLayer(CacheLayerMixin):
         self.set_views()
 
     def set_views(self) -> None:
-        n = self.n
-        kb, vb, sb, ob = self.buffers
-        self.keys, self.values, self.slots, self.valid = kb[:, :, :n], vb[:, :, :n], sb[:, :n], ob[:, :n]
+        self.keys, self.values = self.buffers[0][:, :, : self.n], self.buffers[1][:, :, : self.n]
+
+    @property
+    def slots(self) -> torch.Tensor | None:
+        return self.buffers[2][:, : self.n] if self.buffers else None
+
+    @property
+    def valid(self) -> torch.Tensor | None:
+        return self.buffers[3][:, : self.n] if self.buffers else None
 
     def update(self, key_states, value_states, *args, **kwargs):
         """Append the staged entries; return every entry's K/V ``(B, H_kv, N + Tq, D)``."""
