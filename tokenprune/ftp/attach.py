@@ -55,7 +55,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from prunecore.budget import keep_count, torch_rank, torch_top_k
+from prunecore.budget import keep_count, keep_counts, torch_rank, torch_top_k
 from tokenprune.stats import TokenStats
 
 from .cache import CompactLayer, FTPCache
@@ -394,7 +394,7 @@ class RoutedLayer(nn.Module):
         k_rows = [keep_count(int(n), keep_frac) for n in st.n_new_host]
         Tq = max(k_rows)
         p = torch.where(valid_new, pri.float(), torch.full((), -float("inf"), device=pri.device))
-        k = torch.tensor(k_rows, device=p.device)
+        k = keep_counts(valid_new.sum(1), keep_frac)  # the same counts, computed on the device (no copy)
         keep = (torch_rank(p) < k[:, None]) & valid_new
         if st.training:
             static = keep_topk(StaticRouter().keep_prob(inputs), valid_new, keep=keep_frac)
