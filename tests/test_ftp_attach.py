@@ -32,79 +32,49 @@ from tokenprune.ftp import (
 V = 97
 
 
-def _llama(attn="sdpa", layers=4):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=V,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=2,
-    )
+BASE = {
+    "vocab_size": V,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "pad_token_id": 0,
+    "eos_token_id": 1,
+    "bos_token_id": 2,
+}
+
+
+def _build(config_cls, model_cls, seed, attn="sdpa", **overrides):
+    torch.manual_seed(seed)
+    cfg = config_cls(**(BASE | overrides))
     cfg._attn_implementation = attn
-    return LlamaForCausalLM(cfg).eval()
+    return model_cls(cfg).eval()
+
+
+def _llama(attn="sdpa", layers=4):
+    return _build(LlamaConfig, LlamaForCausalLM, 0, attn, num_hidden_layers=layers)
 
 
 def _qwen2():
-    torch.manual_seed(1)
-    cfg = Qwen2Config(
-        vocab_size=V,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=2,
-    )
-    cfg._attn_implementation = "sdpa"
-    return Qwen2ForCausalLM(cfg).eval()
+    return _build(Qwen2Config, Qwen2ForCausalLM, 1, num_hidden_layers=3)
 
 
 def _mistral(window=8):
-    torch.manual_seed(2)
-    cfg = MistralConfig(
-        vocab_size=V,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        sliding_window=window,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=2,
-    )
-    cfg._attn_implementation = "sdpa"
-    return MistralForCausalLM(cfg).eval()
+    return _build(MistralConfig, MistralForCausalLM, 2, num_hidden_layers=3, sliding_window=window)
 
 
 def _phi(attn="sdpa", qk_layernorm=False):
-    torch.manual_seed(3)
-    cfg = PhiConfig(
-        vocab_size=V,
-        hidden_size=64,
-        intermediate_size=128,
+    return _build(
+        PhiConfig,
+        PhiForCausalLM,
+        3,
+        attn,
         num_hidden_layers=3,
-        num_attention_heads=4,
         num_key_value_heads=4,
         partial_rotary_factor=0.5,
         qk_layernorm=qk_layernorm,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=2,
     )
-    cfg._attn_implementation = attn
-    return PhiForCausalLM(cfg).eval()
 
 
 MODELS = {
@@ -563,18 +533,19 @@ def _cache_kw(model, cache):
     return {name: cache}
 
 
-def test_beam_search_reorders_routing_state_with_the_cache():
-    model = _llama()
-    sched = [0.0, 0.4, 0.5, 0.3]
-    ids, T0, steps = _ids(1, 10, seed=21), 10, 7
-    with torch.no_grad(), attach_ftp(model, _rank_router(), sched) as m:
+BEAM_SCHED, BEAM_T0 = [0.0, 0.4, 0.5, 0.3], 10
+
+
+def _beam_search(model):
+    """3 beams, 7 new tokens, scores = sums of log-probs; returns (output, recorded decisions)."""
+    with torch.no_grad(), attach_ftp(model, _rank_router(), BEAM_SCHED) as m:
         h = get_handle(m)
         with h.recording():
             out = m.generate(
-                ids,
+                _ids(1, BEAM_T0, seed=21),
                 num_beams=3,
                 num_return_sequences=3,
-                max_new_tokens=steps,
+                max_new_tokens=7,
                 do_sample=False,
                 length_penalty=0.0,
                 early_stopping=True,
@@ -583,43 +554,83 @@ def test_beam_search_reorders_routing_state_with_the_cache():
                 output_scores=True,
                 pad_token_id=0,
             )
-        dec = h.decisions()
+        return out, h.decisions()
+
+
+def test_beam_search_reorders_routing_state_with_the_cache():
+    model = _llama()
+    out, dec = _beam_search(model)
     # the router treats the beams differently in decode steps
-    assert any((d[:, T0:] != d[:1, T0:]).any() for d in dec[1:])
+    assert any((d[:, BEAM_T0:] != d[:1, BEAM_T0:]).any() for d in dec[1:])
     for b in range(3):
-        want, alone = _replay_alone(model, _rank_router(), sched, out.sequences[b], T0)
+        want, alone = _replay_alone(model, _rank_router(), BEAM_SCHED, out.sequences[b], BEAM_T0)
         # brute force: the beam's score is the sum of the log-probs the row gets decoded alone
         assert out.sequences_scores[b].item() == pytest.approx(want, abs=1e-3)
-    assert any(not a[:, T0:].all() for a in alone[1:])  # decode steps really skipped blocks
+    assert any(not a[:, BEAM_T0:].all() for a in alone[1:])  # decode steps really skipped blocks
 
 
 def test_beam_search_without_reorder_is_caught(monkeypatch):
     """The check above fails when the per-layer validity is not reordered with the K/V."""
 
     def kv_only(self, index):
-        self.keys, self.values = self.keys.index_select(0, index), self.values.index_select(0, index)
+        kb, vb, sb, ob = self.buffers
+        self.buffers = [kb.index_select(0, index), vb.index_select(0, index), sb, ob]
+        self.set_views()
 
     monkeypatch.setattr(CompactLayer, "select_rows", kv_only)
     model = _llama()
-    sched = [0.0, 0.4, 0.5, 0.3]
-    ids, T0 = _ids(1, 10, seed=21), 10
-    with torch.no_grad(), attach_ftp(model, _rank_router(), sched) as m:
-        out = m.generate(
-            ids,
-            num_beams=3,
-            num_return_sequences=3,
-            max_new_tokens=7,
-            do_sample=False,
-            length_penalty=0.0,
-            early_stopping=True,
-            eos_token_id=None,
-            return_dict_in_generate=True,
-            output_scores=True,
-            pad_token_id=0,
-        )
+    out, _ = _beam_search(model)
     monkeypatch.undo()
-    diffs = [
-        abs(out.sequences_scores[b].item() - _replay_alone(model, _rank_router(), sched, out.sequences[b], T0)[0])
-        for b in range(3)
-    ]
-    assert max(diffs) > 1e-3
+    replays = [_replay_alone(model, _rank_router(), BEAM_SCHED, out.sequences[b], BEAM_T0)[0] for b in range(3)]
+    assert max(abs(out.sequences_scores[b].item() - r) for b, r in enumerate(replays)) > 1e-3
+
+
+SYNCING = {
+    torch.Tensor.item,
+    torch.Tensor.tolist,
+    torch.Tensor.__bool__,
+    torch.Tensor.__int__,
+    torch.Tensor.__float__,
+    torch.Tensor.cpu,
+    torch.Tensor.numpy,
+}
+
+
+class _ReadBackSpy(torch.overrides.TorchFunctionMode):
+    """Records tensor reads to the host (item, tolist, bool(), int(), .cpu()) made by tokenprune code."""
+
+    def __init__(self):
+        super().__init__()
+        self.hits = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in SYNCING:
+            import inspect
+
+            files = [f.filename for f in inspect.stack()[1:4]]
+            if any("tokenprune" in f for f in files):
+                self.hits.append((getattr(func, "__name__", str(func)), files))
+        return func(*args, **(kwargs or {}))
+
+
+def test_gpu_decode_step_reads_nothing_back(monkeypatch):
+    """With host reads treated as costly (as on a GPU), a routed decode step of the learned router
+    (batch 2, blended decisions) makes no host read in tokenprune code, and still equals a full
+    recompute with its decisions."""
+    import tokenprune.ftp.attach as attach_mod
+
+    monkeypatch.setattr(attach_mod, "reads_are_free", lambda device: False)
+    model = _llama()
+    with torch.no_grad(), attach_ftp(model, _rank_router(), [0.0, 0.4, 0.5, 0.3]) as m:
+        out = m(_ids(2, 12, seed=5), use_cache=True)
+        cache, nxt = _out_cache(out), out.logits[:, -1:].argmax(-1)
+        spy = _ReadBackSpy()
+        with spy:
+            for _ in range(3):
+                out = m(nxt, use_cache=True, **_cache_kw(m, cache))
+                cache, nxt = _out_cache(out), out.logits[:, -1:].argmax(-1)
+        assert spy.hits == []
+        st = get_handle(m).stats()  # the one read
+    assert st.extras["decode"]["tokens"] == 2 * 3
+    # blended decode on the "GPU" path is exact too
+    _greedy_replay_check(model, _rank_router(), [0.0, 0.4, 0.5, 0.3], _ids(2, 11, seed=6))

@@ -55,7 +55,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from prunecore.budget import keep_count, torch_rank, torch_top_k
+from prunecore.budget import keep_count, keep_counts, torch_rank, torch_top_k
 from tokenprune.stats import TokenStats
 
 from .cache import CompactLayer, FTPCache
@@ -126,6 +126,11 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return rot if d == x.shape[-1] else torch.cat([rot, x[..., d:]], dim=-1)
 
 
+def reads_are_free(device: torch.device) -> bool:
+    """Whether reading a tensor value on the host costs no device synchronisation (CPU tensors)."""
+    return device.type == "cpu"
+
+
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Rows of ``x (B or 1, T, ...)`` at ``index (B, K)`` along dim 1 -> ``(B, K, ...)``."""
     B, K = index.shape
@@ -182,11 +187,17 @@ class FTPState:
     forced: list | None = None  # per layer (B, S_total) bool
     record: bool = False
     decisions: list = field(default_factory=list)
-    # statistics: per phase (PREFILL, DECODE) per layer, device scalars or 0
-    kept: list = field(default_factory=list)
-    total: list = field(default_factory=list)
-    dense_tokens: list = field(default_factory=list)  # per phase, tokens run by the plain model
+    new_slots: torch.Tensor | None = None  # (B, T) slots of this call's tokens
+    # statistics, kept on the device and read by FTPHandle.stats(): per phase (PREFILL, DECODE)
+    tokens: list = field(default_factory=list)  # tokens offered to every block (0-d tensors)
+    kept: list = field(default_factory=list)  # (L,) tokens each block computed
     forward_passes: int = 0
+    # this call's counting (flushed by the base model's forward hook)
+    call_counted: torch.Tensor | None = None  # (B, T) bool, valid and before the row's EOS
+    call_all: list = field(default_factory=list)  # per layer: computed every counted token
+    call_kept: list = field(default_factory=list)  # (layer, 0-d tensor) for the other layers
+    call_phase: int = PREFILL
+    index_cache: dict = field(default_factory=dict)
     # training buffers (per layer)
     probs: list = field(default_factory=list)
     keeps: list = field(default_factory=list)
@@ -195,10 +206,37 @@ class FTPState:
 
     def reset_stats(self) -> None:
         n = len(self.schedule)
-        self.kept = [[0] * n, [0] * n]
-        self.total = [[0] * n, [0] * n]
-        self.dense_tokens = [0, 0]
+        self.tokens = [0, 0]
+        self.kept = [torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long)]
         self.forward_passes = 0
+        self.call_counted = None
+
+    def begin_call(self, counted: torch.Tensor, phase: int, all_layers: bool) -> None:
+        """Start counting a forward call: ``counted`` (B, T) bool tokens that count."""
+        self.call_counted, self.call_phase = counted, phase
+        self.call_all = [all_layers] * len(self.schedule)
+        self.call_kept = []
+
+    def device_index(self, values: tuple, device) -> torch.Tensor:
+        """``values`` as a device tensor, copied once per distinct pattern (no per-step host copy)."""
+        key = (values, str(device))
+        if key not in self.index_cache:
+            self.index_cache[key] = torch.tensor(values, dtype=torch.long, device=device)
+        return self.index_cache[key]
+
+    def end_call(self) -> None:
+        """Add this call's counts to the device totals (a few tensor ops per forward, no read-back)."""
+        if self.call_counted is None:
+            return
+        p, n = self.call_phase, self.call_counted.sum()
+        kept = self.kept[p].to(n.device)
+        self.tokens[p] = self.tokens[p] + n
+        kept = kept + n * self.device_index(tuple(self.call_all), n.device)
+        if self.call_kept:
+            idx = self.device_index(tuple(i for i, _ in self.call_kept), n.device)
+            kept = kept.index_add(0, idx, torch.stack([v for _, v in self.call_kept]))
+        self.kept[p] = kept
+        self.call_counted = None
 
     def reset_decisions(self) -> None:
         self.decisions = [[] for _ in self.schedule]
@@ -356,7 +394,7 @@ class RoutedLayer(nn.Module):
         k_rows = [keep_count(int(n), keep_frac) for n in st.n_new_host]
         Tq = max(k_rows)
         p = torch.where(valid_new, pri.float(), torch.full((), -float("inf"), device=pri.device))
-        k = torch.tensor(k_rows, device=p.device)
+        k = keep_counts(valid_new.sum(1), keep_frac)  # the same counts, computed on the device (no copy)
         keep = (torch_rank(p) < k[:, None]) & valid_new
         if st.training:
             static = keep_topk(StaticRouter().keep_prob(inputs), valid_new, keep=keep_frac)
@@ -369,13 +407,14 @@ class RoutedLayer(nn.Module):
         sel = torch_top_k(p, Tq)
         return Route("select", keep, sel_idx=sel, sel_ok=keep.gather(1, sel), all_ok=all_ok, prob=prob)
 
-    def _count(self, seq: FTPCache, keep: torch.Tensor, valid_new: torch.Tensor, all_kept: bool) -> None:
-        st, i = self.state, self.layer_idx
-        phase = DECODE if st.past > 0 and valid_new.shape[1] == 1 else PREFILL
-        counted = valid_new if st.stop_ids is None else valid_new & seq.alive[:, None]
-        n = counted.sum()
-        st.total[phase][i] = st.total[phase][i] + n
-        st.kept[phase][i] = st.kept[phase][i] + (n if all_kept else (keep & counted).sum())
+    def _count(self, keep: torch.Tensor, all_kept: bool) -> None:
+        st = self.state
+        if st.call_counted is None:
+            return
+        if all_kept:
+            st.call_all[self.layer_idx] = True
+        else:
+            st.call_kept.append((self.layer_idx, (keep & st.call_counted).sum()))
 
     # ------------------------------------------------------------------ forward
     def forward(self, hidden_states, *args, **kwargs):
@@ -399,7 +438,7 @@ class RoutedLayer(nn.Module):
         route = self._decide(seq, hidden_states, valid_new)
         st.prev_keep = route.keep
         lay.seen = past + T
-        self._count(seq, route.keep, valid_new, route.kind == "all")
+        self._count(route.keep, route.kind == "all")
         if st.record:
             st.decisions[self.layer_idx].append(route.keep.detach())
         if st.training:
@@ -409,7 +448,7 @@ class RoutedLayer(nn.Module):
             return hidden_states
         if route.kind == "all" and lay.complete:
             # the model's own arguments: this layer's cache holds every slot, in order
-            slots = (past + torch.arange(T, device=valid_new.device)).expand(B, T)
+            slots = st.new_slots
             lay.pending = (slots, valid_new)
             lay.holes = lay.holes or not st.new_all_valid
             out = self._call(hidden_states, kw)
@@ -423,8 +462,7 @@ class RoutedLayer(nn.Module):
         B, T, H = hidden.shape
         sel, ok = route.sel_idx, route.sel_ok
         if sel is None:
-            h, Tq = hidden, T
-            q_slot = (past + torch.arange(T, device=hidden.device)).expand(B, T)
+            h, Tq, q_slot = hidden, T, st.new_slots
         else:
             Tq = sel.shape[1]
             h = gather_tokens(hidden, sel)
@@ -526,31 +564,39 @@ class RoutedLayer(nn.Module):
         if self._q_heads_first:
             q = q.transpose(1, 2)
         B, Tq = q_slot.shape
-        rows = torch.arange(B, device=q.device)
-        if all_ok:
-            last = torch.full((B,), Tq - 1, device=q.device)
+        q = q.reshape(B, Tq, -1, self.head_dim)
+        if q.shape[2] != self.n_heads:
+            raise ValueError(f"layer {self.layer_idx}: captured {q.shape[2]} query heads, expected {self.n_heads}")
+        if all_ok:  # every row's last computed query is its last row
+            q_last, q_slot_last = q[:, -1], q_slot[:, -1:]
+            cs = None if pe is None else [t[:, -1:] for t in pe]
         else:
+            rows = torch.arange(B, device=q.device)
             last = (Tq - 1) - q_ok.flip(1).to(torch.uint8).argmax(1)  # (B,) last computed row
-        q_last = q.reshape(B, Tq, -1, self.head_dim)[rows, last]  # (B, H, D) before rotary
-        if q_last.shape[1] != self.n_heads:
-            raise ValueError(f"layer {self.layer_idx}: captured {q_last.shape[1]} query heads, expected {self.n_heads}")
-        if pe is not None:
-            cos, sin = (t.expand(B, *t.shape[1:])[rows, last][:, None, :] for t in pe)
-            q_last = apply_rotary(q_last, cos.to(q_last.dtype), sin.to(q_last.dtype))
+            q_last, q_slot_last = q[rows, last], q_slot[rows, last][:, None]
+            cs = None if pe is None else [t.expand(B, *t.shape[1:])[rows, last][:, None, :] for t in pe]
+        if cs is not None:  # (B or 1, 1, d): broadcast over heads
+            q_last = apply_rotary(q_last, cs[0].to(q_last.dtype), cs[1].to(q_last.dtype))
         keys = lay.keys  # (B, Hkv, N, D)
         g = self.n_heads // keys.shape[1]
         qg = q_last.reshape(B, keys.shape[1], g, self.head_dim).to(keys.dtype)
         logits = torch.einsum("bkgd,bknd->bkgn", qg, keys).float() * self.scaling
-        q_slot_last = q_slot[rows, last][:, None]
-        ok = lay.valid & (lay.slots <= q_slot_last)
-        if self.window is not None:
-            ok &= lay.slots > q_slot_last - self.window
+        window_bites = self.window is not None and seq.seq_valid.shape[1] > self.window
+        slots = lay.slots
+        if all_ok and not lay.holes and not window_bites:
+            # every entry is valid and at or before the last query: plain softmax, every slot updated
+            a = torch.softmax(logits, dim=-1).mean((1, 2))  # (B, N)
+            seq.score.scatter_(1, slots, torch.log1p(a * a.shape[1]))
+            return
+        ok = lay.valid & (slots <= q_slot_last)
+        if window_bites:
+            ok &= slots > q_slot_last - self.window
         if not all_ok:
             ok &= q_ok.any(1, keepdim=True)
         logits = logits.masked_fill(~ok[:, None, None, :], -float("inf"))
         a = torch.softmax(logits, dim=-1).nan_to_num(0.0).mean((1, 2))  # (B, N)
         feat = torch.log1p(a * ok.sum(1, keepdim=True).clamp_min(1))
-        seq.score.scatter_(1, lay.slots, torch.where(ok, feat, seq.score.gather(1, lay.slots)))
+        seq.score.scatter_(1, slots, torch.where(ok, feat, seq.score.gather(1, slots)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -673,11 +719,8 @@ class FTPHandle:
         """
         st = self.state
         n = len(st.schedule)
-        counts = torch.tensor(
-            [[float(st.kept[p][i] + st.dense_tokens[p]) for i in range(n)] for p in (PREFILL, DECODE)]
-            + [[float(st.total[p][i] + st.dense_tokens[p]) for i in range(n)] for p in (PREFILL, DECODE)]
-        ).long()
-        kept_p, kept_d, total_p, total_d = (row.tolist() for row in counts)
+        total_p, total_d = ([int(st.tokens[p])] * n for p in (PREFILL, DECODE))
+        kept_p, kept_d = (st.kept[p].tolist() for p in (PREFILL, DECODE))
         kept = [a + b for a, b in zip(kept_p, kept_d)]
         total = [a + b for a, b in zip(total_p, total_d)]
         extras = self._phase(kept, total) | {
@@ -724,18 +767,18 @@ def _base_pre_hook(state: FTPState, n_layers: int, cache_arg: str):
             new_valid = torch.ones(B, T, dtype=torch.bool, device=x.device)
         state.forward_passes += 1
         state.prev_keep = None
-        state.host_cheap = x.device.type == "cpu"
+        state.host_cheap = reads_are_free(x.device)
         stop = None
         if state.stop_ids is not None and ids is not None and past:
             stop = torch.isin(ids, state.stop_ids.to(ids.device)).any(1)
+        phase = DECODE if past and T == 1 else PREFILL
         if not routed:  # the plain model runs (all-zero schedule); count its tokens
             if not past or state.dense_alive is None:
                 state.dense_alive = torch.ones(B, dtype=torch.bool, device=x.device)
             elif stop is not None:
                 state.dense_alive = state.dense_alive & ~stop
             counted = new_valid if state.stop_ids is None else new_valid & state.dense_alive[:, None]
-            phase = DECODE if past and T == 1 else PREFILL
-            state.dense_tokens[phase] = state.dense_tokens[phase] + counted.sum()
+            state.begin_call(counted, phase, all_layers=True)
             return None
         seq = given if isinstance(given, FTPCache) else FTPCache(n_layers)
         if past == 0 or T > 1 or state.host_cheap:
@@ -744,9 +787,11 @@ def _base_pre_hook(state: FTPState, n_layers: int, cache_arg: str):
         else:  # a GPU decode step: no read-back; generate appends valid tokens
             state.n_new_host, state.new_all_valid = None, True
         seq.append_tokens(new_valid, padded=not state.new_all_valid)
-        if stop is not None and past:
+        if stop is not None:
             seq.alive = seq.alive & ~stop
+        state.begin_call(new_valid if state.stop_ids is None else new_valid & seq.alive[:, None], phase, False)
         state.past, state.cache = past, seq
+        state.new_slots = (past + torch.arange(T, device=x.device)).expand(B, T)
         if isinstance(state.router, RandomRouter) and past == 0:
             state.router.reset()
         use_cache = kwargs.get("use_cache")
@@ -766,6 +811,7 @@ def _base_pre_hook(state: FTPState, n_layers: int, cache_arg: str):
 def _base_post_hook(state: FTPState):
     def hook(module, args, kwargs, output):
         state.cache = None  # the routing state lives on in the returned cache, if any
+        state.end_call()
         return None
 
     return hook

@@ -25,7 +25,9 @@ class CompactLayer(CacheLayerMixin):
     """One layer's compact K/V.
 
     Attributes:
-        keys, values: (B, H_kv, N, D) K/V of the entries (after rotary embeddings).
+        keys, values: (B, H_kv, N, D) K/V of the entries (after rotary embeddings); views of
+            buffers with a little spare room (at most 1/32 + 8 slots), so a decode step appends
+            in place instead of copying the whole cache as ``torch.cat`` would.
         slots: (B, N) long, the original slot of every entry.
         valid: (B, N) bool, entries a query may attend to.
         seen: slots processed by this layer so far (host int; skipped tokens count).
@@ -41,21 +43,35 @@ class CompactLayer(CacheLayerMixin):
 
     def __init__(self):
         super().__init__()
-        self.slots: torch.Tensor | None = None
-        self.valid: torch.Tensor | None = None
+        self.buffers: list[torch.Tensor] = []  # keys, values (B, H, cap, D); slots, valid (B, cap)
+        self.n = 0
         self.seen = 0
         self.complete = True
         self.holes = False
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        B, H, _, D = key_states.shape
-        dev = key_states.device
-        self.keys = key_states.new_zeros(B, H, 0, D)
-        self.values = value_states.new_zeros(B, value_states.shape[1], 0, value_states.shape[3])
-        self.slots = torch.zeros(B, 0, dtype=torch.long, device=dev)
-        self.valid = torch.zeros(B, 0, dtype=torch.bool, device=dev)
+        B, dev = key_states.shape[0], key_states.device
+        self.buffers = [
+            key_states.new_zeros(*key_states.shape[:2], 0, key_states.shape[3]),
+            value_states.new_zeros(*value_states.shape[:2], 0, value_states.shape[3]),
+            torch.zeros(B, 0, dtype=torch.long, device=dev),
+            torch.zeros(B, 0, dtype=torch.bool, device=dev),
+        ]
+        self.device = dev
         self.is_initialized = True
+        self.set_views()
+
+    def set_views(self) -> None:
+        self.keys, self.values = self.buffers[0][:, :, : self.n], self.buffers[1][:, :, : self.n]
+
+    @property
+    def slots(self) -> torch.Tensor | None:
+        return self.buffers[2][:, : self.n] if self.buffers else None
+
+    @property
+    def valid(self) -> torch.Tensor | None:
+        return self.buffers[3][:, : self.n] if self.buffers else None
 
     def update(self, key_states, value_states, *args, **kwargs):
         """Append the staged entries; return every entry's K/V ``(B, H_kv, N + Tq, D)``."""
@@ -65,15 +81,38 @@ class CompactLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         slots, ok = self.pending
         self.pending = None
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
-        self.slots = torch.cat([self.slots, slots], dim=1)
-        self.valid = torch.cat([self.valid, ok], dim=1)
+        n, new = self.n, (key_states, value_states, slots, ok)
+        need = n + key_states.shape[-2]
+        cap = self.buffers[2].shape[1]
+        if need > cap:  # grow: exact for a prefill, then a little spare room for decode steps
+            room = need if n == 0 else need + 8 + need // 32
+            self.buffers = [self.grown(buf, n, room) for buf in self.buffers]
+        for buf, x in zip(self.buffers, new):
+            if buf.ndim == 4:
+                buf[:, :, n:need] = x
+            else:
+                buf[:, n:need] = x
+        self.n = need
+        self.set_views()
         return self.keys, self.values
+
+    @staticmethod
+    def grown(buf: torch.Tensor, n: int, room: int) -> torch.Tensor:
+        """A buffer with ``room`` slots holding the first ``n`` slots of ``buf``."""
+        dim = 2 if buf.ndim == 4 else 1
+        shape = list(buf.shape)
+        shape[dim] = room
+        out = buf.new_zeros(shape)
+        out.narrow(dim, 0, n).copy_(buf.narrow(dim, 0, n))
+        return out
 
     def entries(self) -> int:
         """N, the number of stored entries (0 before the first update)."""
-        return 0 if self.keys is None else int(self.keys.shape[-2])
+        return self.n
+
+    def nbytes(self) -> int:
+        """Bytes allocated for this layer's K/V (spare room included)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers[:2])
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.seen + query_length, 0
@@ -90,12 +129,15 @@ class CompactLayer(CacheLayerMixin):
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("the FTP cache cannot be cropped (assisted decoding is not supported with FTP)")
 
+    def offload(self):
+        raise NotImplementedError("the FTP cache does not offload")
+
     def select_rows(self, index: torch.Tensor) -> None:
         """Keep/reorder batch rows: ``index`` (B',) long."""
         if self.is_initialized:
-            index = index.to(self.keys.device)
-            self.keys, self.values = self.keys.index_select(0, index), self.values.index_select(0, index)
-            self.slots, self.valid = self.slots.index_select(0, index), self.valid.index_select(0, index)
+            index = index.to(self.device)
+            self.buffers = [b.index_select(0, index) for b in self.buffers]
+            self.set_views()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.select_rows(beam_idx)
@@ -105,8 +147,8 @@ class CompactLayer(CacheLayerMixin):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.is_initialized:
-            B = self.keys.shape[0]
-            self.select_rows(torch.arange(B, device=self.keys.device).repeat_interleave(repeats))
+            B = self.buffers[0].shape[0]
+            self.select_rows(torch.arange(B, device=self.device).repeat_interleave(repeats))
 
 
 class FTPCache(Cache):
@@ -177,9 +219,12 @@ class FTPCache(Cache):
 
 
 def cache_nbytes(cache) -> int:
-    """Bytes held by the K/V tensors of a transformers cache (an :class:`FTPCache` or a dense one)."""
+    """Bytes allocated for the K/V of a transformers cache (an :class:`FTPCache` or a dense one)."""
     total = 0
     for layer in getattr(cache, "layers", []):
+        if isinstance(layer, CompactLayer):
+            total += layer.nbytes()
+            continue
         for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
             if isinstance(t, torch.Tensor):
                 total += t.numel() * t.element_size()
