@@ -90,15 +90,26 @@ def save_parquet(path: Path, df: pd.DataFrame | pa.Table, metadata: dict | None 
 
 
 def read_parquet(path: str | os.PathLike, *, columns=None, fix: str = "", arrow: bool = False):
-    """``pd.read_parquet`` (or with ``arrow`` a pyarrow Table) that names the file (and
-    ``fix``) when it is not readable parquet."""
+    """A parquet file as a DataFrame (or with ``arrow`` a pyarrow Table), naming the file (and
+    ``fix``) when it is not readable parquet. The Arrow buffers are released column by column
+    while the frame is built, so the peak is about one copy of the data, not two."""
     try:
-        return pq.read_table(path, columns=columns) if arrow else pd.read_parquet(path, columns=columns)
+        table = pq.read_table(path, columns=columns)
+        if arrow:
+            return table
+        return table.to_pandas(split_blocks=True, self_destruct=True, types_mapper=string_dtype)
     except (pa.ArrowException, OSError, ValueError) as exc:
         if isinstance(exc, FileNotFoundError):
             raise
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise PipelineError(f"{path} is not a readable parquet file ({first}){': ' + fix if fix else ''}") from exc
+
+
+def string_dtype(arrow_type):
+    """Arrow strings -> pandas' Arrow-backed ``str`` dtype (no Python object per value)."""
+    if pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type):
+        return pd.StringDtype(storage="pyarrow", na_value=np.nan)
+    return None
 
 
 def parquet_columns(path: str | os.PathLike) -> list[str]:
