@@ -37,10 +37,10 @@ def select_chain(
     from dataprune import Selection
 
     n = embed.n_rows
-    sel = Selection.keep_all(n)
+    sel = None  # None: every row still kept (no arrays allocated for it)
     stats = {}
     for i, step in enumerate(steps):
-        idx = sel.indices
+        idx = np.arange(n) if sel is None else sel.indices
         if idx.size == 0:
             break
         whole = idx.size == n  # every row: no subset copies, no lift
@@ -51,9 +51,11 @@ def select_chain(
         s = runner(step, sub_rows, sub_clu, sub_txt, device=device, progress=progress)
         for name, df in s.stats.items():
             stats[f"{i}_{name}"] = df
-        sel = sel & (s if whole else s.lift(idx, n))
+        lifted = s if whole else s.lift(idx, n)
         del s
-    return sel, stats
+        sel = lifted if sel is None else sel & lifted
+        del lifted
+    return (Selection.keep_all(n) if sel is None else sel), stats
 
 
 @dataclass
