@@ -16,6 +16,14 @@ from prunecore.io import atomic_path
 KEPT = ""
 
 
+def reasons_array(keep: np.ndarray, reason: str) -> np.ndarray:
+    """(n,) object array: ``""`` where ``keep`` else ``reason`` (one shared str object each,
+    8 bytes per row; no fixed-width string temporary)."""
+    out = np.full(keep.shape[0], KEPT, dtype=object)
+    out[~keep] = reason
+    return out
+
+
 @dataclass
 class Selection:
     """Keep decision for ``n`` rows.
@@ -43,7 +51,7 @@ class Selection:
             self.scores = np.full(n, np.nan, dtype=np.float32)
         self.scores = np.array(self.scores, dtype=np.float32)
         if self.reasons is None:
-            self.reasons = np.where(self.keep, KEPT, "dropped").astype(object)
+            self.reasons = reasons_array(self.keep, "dropped")
         self.reasons = np.array(self.reasons, dtype=object)
         if self.scores.shape != (n,) or self.reasons.shape != (n,):
             raise ValueError(f"scores {self.scores.shape} and reasons {self.reasons.shape} must match keep ({n},)")
@@ -53,8 +61,7 @@ class Selection:
     def from_mask(cls, keep: np.ndarray, reason: str, scores=None, stats=None) -> Selection:
         """Selection whose dropped rows all carry ``reason``."""
         keep = np.asarray(keep, dtype=bool)
-        reasons = np.where(keep, KEPT, reason).astype(object)
-        return cls(keep=keep, scores=scores, reasons=reasons, stats=dict(stats or {}))
+        return cls(keep=keep, scores=scores, reasons=reasons_array(keep, reason), stats=dict(stats or {}))
 
     @classmethod
     def keep_all(cls, n: int) -> Selection:

@@ -55,6 +55,7 @@ class ClusterStage(Stage):
         super().__init__(out, params, {"embed": embed.fingerprint})
         self.embed = embed
         self.device = device
+        self.computed: Clustering | None = None
 
     def compute(self, log):
         n = self.embed.n_rows
@@ -76,6 +77,7 @@ class ClusterStage(Stage):
             {"kmeans": clu.params},
         )
         sizes = clu.sizes
+        self.computed = clu  # load() returns it instead of reading assign.parquet back
         return {
             "k": clu.k,
             "n_train": clu.params["n_train"],
@@ -85,14 +87,16 @@ class ClusterStage(Stage):
         }
 
     def load(self) -> ClusterArtifact:
+        if self.computed is not None:
+            clu, self.computed = self.computed, None
+            return ClusterArtifact(self.dir, clu, self.digest)
         centroids = np.load(self.dir / "centroids.npy")
-        table = pq.read_table(self.dir / "assign.parquet")
-        df = table.to_pandas()
+        table = pq.read_table(self.dir / "assign.parquet", columns=["cluster", "sim"])
         params = json.loads((table.schema.metadata or {}).get(b"kmeans", b"{}"))
         clu = Clustering(
             centroids=centroids,
-            labels=df["cluster"].to_numpy(np.int64),
-            sim=df["sim"].to_numpy(np.float32),
+            labels=table.column("cluster").to_numpy().astype(np.int64, copy=False),
+            sim=table.column("sim").to_numpy().astype(np.float32, copy=False),
             params=params,
         )
         return ClusterArtifact(self.dir, clu, self.digest)

@@ -23,7 +23,17 @@ from prunecore.rows import ChunkedRows
 
 from .decode import TOO_LARGE, DecodeOptions, make_decoder
 from .decode import decode_image as decode_image  # re-exported (the report's thumbnails)
-from .stage import MISSING_IMAGE, STATUS_OK, UNDECODABLE, PipelineError, Stage, die_hook, save_npy, save_parquet
+from .stage import (
+    MISSING_IMAGE,
+    STATUS_OK,
+    UNDECODABLE,
+    PipelineError,
+    Stage,
+    die_hook,
+    read_parquet,
+    save_npy,
+    save_parquet,
+)
 from .tario import (
     IMAGE_EXTS,
     NAME_COUNTERS,
@@ -66,9 +76,10 @@ def _open_rows(paths: list[Path]):
     return arrays[0] if len(arrays) == 1 else ChunkedRows(arrays)
 
 
-def load_embed_artifact(stage_dir: Path, fingerprint: str) -> EmbedArtifact:
+def load_embed_artifact(stage_dir: Path, fingerprint: str, keys: pd.DataFrame | None = None) -> EmbedArtifact:
+    """The embed stage's artifact; ``keys``: the sample table when the caller holds it already."""
     index = json.loads((stage_dir / "embeddings.json").read_text())
-    keys = pd.read_parquet(stage_dir / "keys.parquet")
+    keys = read_parquet(stage_dir / "keys.parquet") if keys is None else keys
 
     def resolve(p):
         return Path(p) if os.path.isabs(p) else stage_dir / p

@@ -15,7 +15,16 @@ from prunecore.io import atomic_write_json
 from prunecore.rows import open_embeddings
 
 from .embed import EmbedArtifact, load_embed_artifact
-from .stage import NO_EMBEDDING, STATUS_OK, PipelineError, Stage, parquet_columns, read_parquet, save_parquet
+from .stage import (
+    NO_EMBEDDING,
+    STATUS_OK,
+    PipelineError,
+    Stage,
+    parquet_columns,
+    read_parquet,
+    save_parquet,
+    string_dtype,
+)
 from .tario import ShardScan, check_unique_keys, file_fingerprint, iter_shard_headers
 
 
@@ -62,6 +71,7 @@ class IngestStage(Stage):
         }
         super().__init__(out, params, inputs)
         self.progress = progress
+        self.computed: pa.Table | None = None
 
     def read_keys(self) -> pa.ChunkedArray:
         """The key column of every metadata file (one chunk per file, Arrow strings), checked
@@ -94,20 +104,23 @@ class IngestStage(Stage):
         errors = []
         if self.shards:
             keys = self.locate(pa.table({"key": keys_arr, "row": np.arange(n, dtype=np.int64)}).to_pandas(), errors)
-        else:  # straight from Arrow columns: no Python object per key
+        else:  # straight from Arrow columns: no Python object per key; index and row share one buffer
             zeros = pa.array(np.zeros(n, np.int8))
+            rows = np.arange(n, dtype=np.int64)
             keys = pa.table(
                 {
                     "key": keys_arr,
                     "shard": pa.DictionaryArray.from_arrays(zeros, pa.array([""])),
                     "shard_idx": np.full(n, -1, np.int64),
-                    "index": np.arange(n, dtype=np.int64),
+                    "index": rows,
                     "nbytes": np.zeros(n, np.int64),
                     "status": pa.DictionaryArray.from_arrays(zeros, pa.array([STATUS_OK])),
-                    "row": np.arange(n, dtype=np.int64),
+                    "row": rows,
                 }
             )
         save_parquet(self.dir / "keys.parquet", keys)
+        if isinstance(keys, pa.Table):
+            self.computed = keys  # load() converts it without copies instead of reading the file back
         atomic_write_json(
             self.dir / "embeddings.json", {"images": self.emb_files, "texts": self.txt_files, "shards": self.shards}
         )
@@ -152,7 +165,10 @@ class IngestStage(Stage):
         return keys.reset_index(drop=True)
 
     def load(self) -> EmbedArtifact:
-        art = load_embed_artifact(self.dir, self.digest)
+        keys, self.computed = self.computed, None
+        if keys is not None:
+            keys = keys.to_pandas(split_blocks=True, types_mapper=string_dtype)
+        art = load_embed_artifact(self.dir, self.digest, keys)
         if art.keys["row"].max() + 1 != art.n_rows:
             raise PipelineError("embedding rows and keys disagree")
         return art

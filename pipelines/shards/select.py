@@ -17,7 +17,7 @@ from prunecore.rows import RowSubset
 
 from .cluster import ClusterArtifact
 from .embed import EmbedArtifact
-from .stage import Stage, save_parquet
+from .stage import Stage, read_parquet, save_parquet
 from .steps import normalize_steps, run_step
 
 
@@ -37,21 +37,25 @@ def select_chain(
     from dataprune import Selection
 
     n = embed.n_rows
-    sel = Selection.keep_all(n)
+    sel = None  # None: every row still kept (no arrays allocated for it)
     stats = {}
     for i, step in enumerate(steps):
-        idx = sel.indices
+        idx = np.arange(n) if sel is None else sel.indices
         if idx.size == 0:
             break
-        sub_clu = Clustering(clustering.centroids, clustering.labels[idx], clustering.sim[idx], clustering.params)
+        whole = idx.size == n  # every row: no subset copies, no lift
+        sub_clu = clustering if whole else clustering.subset(idx)
         sub_rows = subset_rows(embed.images, idx)
         sub_txt = subset_rows(embed.texts, idx) if embed.texts is not None else None
         runner = step_runner or run_step
         s = runner(step, sub_rows, sub_clu, sub_txt, device=device, progress=progress)
         for name, df in s.stats.items():
             stats[f"{i}_{name}"] = df
-        sel = sel & s.lift(idx, n)
-    return sel, stats
+        lifted = s if whole else s.lift(idx, n)
+        del s
+        sel = lifted if sel is None else sel & lifted
+        del lifted
+    return (Selection.keep_all(n) if sel is None else sel), stats
 
 
 @dataclass
@@ -110,7 +114,7 @@ class SelectStage(Stage):
 
     def load(self) -> SelectArtifact:
         stats = {p.stem[len("stats_") :]: pd.read_parquet(p) for p in sorted(self.dir.glob("stats_*.parquet"))}
-        keep = self.computed if self.computed is not None else pd.read_parquet(self.dir / "keep.parquet")
+        keep = self.computed if self.computed is not None else read_parquet(self.dir / "keep.parquet")
         self.computed = None
         return SelectArtifact(self.dir, keep, stats, self.digest)
 
@@ -142,7 +146,7 @@ def build_keep_list(keys: pd.DataFrame, sel, clustering: Clustering) -> pd.DataF
     kept[has] = sel.keep[row[has]]
     cluster[has] = clustering.labels[row[has]]
     score[has] = sel.scores[row[has]]
-    return pd.DataFrame(
+    return pd.DataFrame(  # copy=False: the sample table's columns are shared, not copied
         {
             "key": keys["key"],
             "shard": keys["shard"],
@@ -154,5 +158,6 @@ def build_keep_list(keys: pd.DataFrame, sel, clustering: Clustering) -> pd.DataF
             "shard_idx": keys["shard_idx"],
             "index": keys["index"],
             "nbytes": keys["nbytes"],
-        }
+        },
+        copy=False,
     )

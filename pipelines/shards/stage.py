@@ -90,15 +90,31 @@ def save_parquet(path: Path, df: pd.DataFrame | pa.Table, metadata: dict | None 
 
 
 def read_parquet(path: str | os.PathLike, *, columns=None, fix: str = "", arrow: bool = False):
-    """``pd.read_parquet`` (or with ``arrow`` a pyarrow Table) that names the file (and
-    ``fix``) when it is not readable parquet."""
+    """A parquet file as a DataFrame (or with ``arrow`` a pyarrow Table), naming the file (and
+    ``fix``) when it is not readable parquet. The Arrow buffers are released column by column
+    while the frame is built, so the peak is about one copy of the data, not two."""
     try:
-        return pq.read_table(path, columns=columns) if arrow else pd.read_parquet(path, columns=columns)
+        table = pq.read_table(path, columns=columns)
+        if arrow:
+            return table
+        return table.to_pandas(split_blocks=True, self_destruct=True, types_mapper=string_dtype)
     except (pa.ArrowException, OSError, ValueError) as exc:
-        if isinstance(exc, FileNotFoundError):
-            raise
-        first = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise PipelineError(f"{path} is not a readable parquet file ({first}){': ' + fix if fix else ''}") from exc
+        raise _unreadable(path, exc, fix) from exc
+
+
+def _unreadable(path, exc: Exception, fix: str) -> Exception:
+    """The error to raise for a parquet file that could not be read (a missing file stays as is)."""
+    if isinstance(exc, FileNotFoundError):
+        return exc
+    first = (str(exc).splitlines() or [type(exc).__name__])[0]
+    return PipelineError(f"{path} is not a readable parquet file ({first}){': ' + fix if fix else ''}")
+
+
+def string_dtype(arrow_type):
+    """Arrow strings -> pandas' Arrow-backed ``str`` dtype (no Python object per value)."""
+    if pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type):
+        return pd.StringDtype(storage="pyarrow", na_value=np.nan)
+    return None
 
 
 def parquet_columns(path: str | os.PathLike) -> list[str]:
@@ -106,10 +122,7 @@ def parquet_columns(path: str | os.PathLike) -> list[str]:
     try:
         return list(pq.read_schema(path).names)
     except (pa.ArrowException, OSError) as exc:
-        if isinstance(exc, FileNotFoundError):
-            raise
-        first = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise PipelineError(f"{path} is not a readable parquet file ({first}): re-export it") from exc
+        raise _unreadable(path, exc, "re-export it") from exc
 
 
 def die_hook(stage: str, count: int) -> None:
@@ -186,21 +199,22 @@ class Stage:
             table[rel] = [st.st_size, st.st_mtime_ns, known.get(rel) or file_digest(path)]
         return table
 
-    def changed_files(self, files: dict, *, verify: bool = False) -> list[str]:
-        """Recorded files that are missing, changed size, or (mtime changed, or ``verify``)
-        changed sha256. Cheap by default: a file is hashed only when its mtime moved."""
-        bad = []
+    def changed_files(self, files: dict, *, verify: bool = False) -> dict[str, str]:
+        """``{relative path: what changed}`` for recorded files that are missing, changed size,
+        or (mtime changed, or ``verify``) changed sha256. Cheap by default: a file is hashed
+        only when its mtime moved."""
+        bad = {}
         for rel, (size, mtime_ns, sha) in sorted(files.items()):
             path = self.dir / rel
             try:
                 st = path.stat()
             except FileNotFoundError:
-                bad.append(f"{rel} (missing)")
+                bad[rel] = "missing"
                 continue
             if st.st_size != size:
-                bad.append(f"{rel} (size {st.st_size}, recorded {size})")
+                bad[rel] = f"size {st.st_size}, recorded {size}"
             elif (verify or st.st_mtime_ns != mtime_ns) and file_digest(path) != sha:
-                bad.append(f"{rel} (sha256 differs from the record)")
+                bad[rel] = "sha256 differs from the record"
         return bad
 
     def invalidate(self, rels: list[str]) -> None:
@@ -242,10 +256,10 @@ class Stage:
                 self.digest = self._digest(rec["files"])
                 log(f"[{self.name}] up to date, skipped ({self.dir})")
                 return self.load()
-            self.repaired = changed
-            log(f"[{self.name}] {len(changed)} artifact file(s) changed since it finished: {'; '.join(changed[:3])}")
-            log(f"[{self.name}] redoing the affected part")
-            self.invalidate([c.split(" (", 1)[0] for c in changed])
+            self.repaired = [f"{rel} ({why})" for rel, why in changed.items()]
+            shown = "; ".join(self.repaired[:3])
+            log(f"[{self.name}] {len(changed)} artifact file(s) changed since it finished: {shown}; redoing them")
+            self.invalidate(list(changed))
         elif not same and self.dir.exists():
             log(f"[{self.name}] parameters or inputs changed: recomputing")
             self.clear()

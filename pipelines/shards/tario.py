@@ -293,7 +293,7 @@ def scan_headers(shards: Sequence[str], *, strict: bool = False, progress: bool 
 def check_unique_keys(keys, sources: Sequence[str]) -> None:
     """Raise :class:`ShardError` when a key occurs twice. ``keys``: a pyarrow ChunkedArray of
     strings with one chunk per source (shard or metadata file) in ``sources``; the message
-    names a few repeated keys and their sources. Hashing runs in Arrow (no Python object per key)."""
+    names a few repeated keys and their sources. Sorting runs in Arrow (no Python object per key)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
