@@ -16,10 +16,10 @@ same cluster and select stages as for tar shards, and writes the kept rows as a 
 
 Streaming inputs (an ``IterableDataset``, or ``--streaming`` to read local files without
 ``load_dataset``'s Arrow cache) go through the same stages in one sequential pass per stage:
-memory is bounded by one batch of rows; a killed run keeps its finished chunks / output
-shards and re-reads the stream from the start to reach the first unfinished one (the keys
-of the finished chunks are compared on the way, so a changed stream is detected). Streaming
-output is parquet shards.
+memory is bounded by one batch of rows plus one chunk's embeddings and keys; a killed run
+keeps its finished chunks / output shards and re-reads the stream from the start to reach
+the first unfinished one (the keys of the finished chunks are compared on the way, so a
+changed stream is detected). Streaming output is parquet shards.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import os
 import re
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +59,7 @@ DATA_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".tar": "webdata
 OUTPUT_FORMATS = ("disk", "parquet")
 DEFAULT_CHUNK_ROWS = 10_000
 WRITE_BATCH_ROWS = 1_000
+STREAM_BATCH_ROWS = 1_000
 
 
 # --------------------------------------------------------------------------- loading
@@ -128,9 +129,22 @@ def load_path(source, split: str | None, cache_dir: str | None, streaming: bool 
     builders = {DATA_FILE_BUILDERS.get(k) for k in kinds}
     if None in builders or len(builders) != 1:
         raise ValueError(f"cannot read {kinds} files as one dataset: give only .parquet, .arrow or .tar files")
+    builder = builders.pop()
+    options = stream_options(builder) if streaming else {}
     return datasets.load_dataset(
-        builders.pop(), data_files={split or "train": files}, cache_dir=cache_dir, streaming=streaming
+        builder, data_files={split or "train": files}, cache_dir=cache_dir, streaming=streaming, **options
     )
+
+
+def stream_options(builder: str) -> dict:
+    """``load_dataset`` options that keep a stream's memory bounded: parquet is read in
+    batches of :data:`STREAM_BATCH_ROWS` rows without pre-buffering (pyarrow's default
+    pre-buffering keeps every row group read so far in memory)."""
+    if builder != "parquet":
+        return {}
+    import pyarrow.dataset as pds
+
+    return {"fragment_scan_options": pds.ParquetFragmentScanOptions(pre_buffer=False), "batch_size": STREAM_BATCH_ROWS}
 
 
 def data_files(paths: list[str]) -> list[str]:
@@ -331,7 +345,7 @@ class DatasetInput:
     ) -> Iterator[tuple[int, pa.Table]]:
         """(first row index, Arrow table of up to ``batch_size`` consecutive rows) for rows
         ``start..stop-1`` (a stream: every row, from the first). Cells are never decoded: a
-        stream's image columns are read with ``decode=False`` and encoded back to Arrow."""
+        stream is read with ``decode(False)`` (media stay bytes) and encoded back to Arrow."""
         if not self.streaming:
             view = self.arrow_view(columns)
             stop = len(view) if stop is None else stop
@@ -340,11 +354,7 @@ class DatasetInput:
             return
         if start or stop is not None:
             raise ValueError("a stream is read from its first row to its end")
-        stream = self.dataset.select_columns(columns)
-        features = stream.features
-        for name, feature in features.items():
-            if getattr(feature, "decode", False):
-                stream = stream.cast_column(name, replace(feature, decode=False))
+        stream = self.dataset.select_columns(columns).decode(False)  # media cells stay bytes
         raw = stream.features
         full = self.schema
         schema = full if columns == full.names else pa.schema([full.field(c) for c in columns])
@@ -566,10 +576,12 @@ class ChunkEmbedder:
     from the Arrow buffers (:func:`embedding_rows`); null or non-finite ones get ``no_embedding``.
     """
 
-    def __init__(self, source: DatasetInput, encoder, *, batch_size: int, text: bool, strict: bool, **hooks):
+    def __init__(
+        self, source: DatasetInput, encoder, *, batch_size: int, text: bool, strict: bool, progress=None, on_sample=None
+    ):
         self.source, self.encoder = source, encoder
         self.batch_size, self.text, self.strict = batch_size, text, strict
-        self.progress, self.on_sample = hooks.get("progress"), hooks.get("on_sample")
+        self.progress, self.on_sample = progress, on_sample
         self.start: int | None = None
         self.keys: list[str] = []
         self.nbytes: list[int] = []

@@ -403,6 +403,22 @@ def test_bad_columns_and_ids_give_clear_errors(tmp_path):
         run_filter(str(tmp_path / "x.tar"), tmp_path / "both", hf_dataset=Dataset.from_dict(base), encoder=enc)
 
 
+def test_cli_reports_dataset_errors(tmp_path, capsys):
+    from datasets import Dataset
+
+    from pipelines.cli import main
+
+    folder = tmp_path / "disk"
+    Dataset.from_dict({"emb": [[1.0, 0.0], [0.0, 1.0]]}).save_to_disk(str(folder))
+    base = ["filter", "--out", str(tmp_path / "out"), "--quiet"]
+    assert main(base + ["--hf-dataset", str(tmp_path / "none.parquet"), "--embedding-column", "emb"]) == 2
+    assert "no dataset at" in capsys.readouterr().err
+    assert main(base + ["--hf-dataset", str(folder), "--embedding-column", "vec"]) == 2
+    assert "has no column 'vec' (--embedding-column); its columns: ['emb']" in capsys.readouterr().err
+    assert main(base + ["--hf-dataset", str(folder)]) == 2  # images to embed, but no model
+    assert "give --model" in capsys.readouterr().err
+
+
 def test_embedding_column_nulls_ragged_and_dtype(tmp_path):
     from datasets import Dataset
 
