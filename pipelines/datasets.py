@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import itertools
 import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,13 +42,20 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from pipelines.shards.embed import EmbedStage, chunk_paths, decode_image, finalize_embed, save_chunk
+from pipelines.shards.decode import DecodeOptions, decode_options_of
+from pipelines.shards.embed import (
+    EmbeddedBatch,
+    EmbedStage,
+    EmbedTiming,
+    chunk_paths,
+    embed_stream,
+    finalize_embed,
+    save_chunk,
+)
 from pipelines.shards.select import SelectArtifact
 from pipelines.shards.stage import (
-    MISSING_IMAGE,
     NO_EMBEDDING,
     STATUS_OK,
-    UNDECODABLE,
     PipelineError,
     Stage,
     die_hook,
@@ -446,6 +454,7 @@ class DatasetEmbedStage(EmbedStage):
         dtype: str = "float16",
         strict: bool = False,
         chunk_rows: int = DEFAULT_CHUNK_ROWS,
+        decode: DecodeOptions | None = None,
         progress: bool = True,
         executor=None,
     ):
@@ -475,6 +484,9 @@ class DatasetEmbedStage(EmbedStage):
             "dtype": dtype,
             "strict": bool(strict),
         }
+        self.decode = decode or DecodeOptions()
+        if not source.embedding_column:
+            params["decode"] = self.decode.fingerprint()
         Stage.__init__(self, out, params, {"dataset": source.fingerprint()})
         self.source = source
         self.shards = [] if source.streaming else source.chunk_labels(chunk_rows, source.n_rows)
@@ -486,7 +498,7 @@ class DatasetEmbedStage(EmbedStage):
         self.embed_stream()
         return finalize_embed(self.dir, self.shards, text=self.params["text"])
 
-    def chunk_embedder(self, progress=None, on_sample=None) -> ChunkEmbedder:
+    def chunk_embedder(self, decoder, progress=None, on_sample=None, timing=None) -> ChunkEmbedder:
         encoder = None
         if not self.source.embedding_column:
             encoder = self.encoder_obj()
@@ -495,12 +507,18 @@ class DatasetEmbedStage(EmbedStage):
         return ChunkEmbedder(
             self.source,
             encoder,
+            decoder,
             batch_size=self.params["batch_size"],
             text=self.params["text"],
             strict=self.params["strict"],
             progress=progress,
             on_sample=on_sample,
+            timing=timing,
         )
+
+    def make_decoder(self, workers: int | None = None, start_method: str | None = None):
+        """The image decoder (worker processes); an embedding column decodes nothing (no workers)."""
+        return super().make_decoder(0 if self.source.embedding_column else workers, start_method)
 
     def save(self, i: int, embedder: ChunkEmbedder) -> None:
         table, images, texts = embedder.finish()
@@ -516,21 +534,14 @@ class DatasetEmbedStage(EmbedStage):
             text=self.params["text"],
         )
 
-    def close(self, i: int, embedder) -> None:
-        """End chunk ``i`` of a stream: save it, or verify a finished one (nothing before chunk 0)."""
-        if isinstance(embedder, FinishedChunk):
-            embedder.verify()
-        elif embedder is not None:
-            self.save(i, embedder)
-
-    def embed_one(self, i: int, progress=None, on_sample=None) -> None:
-        """Embed chunk ``i`` of a map-style dataset (rows ``i * chunk_rows ...``)."""
+    def embed_one(self, i: int, decoder=None, progress=None, on_sample=None, timing: EmbedTiming | None = None) -> None:
+        """Embed chunk ``i`` of a map-style dataset (rows ``i * chunk_rows ...``) with ``decoder``
+        (the executors' :meth:`make_decoder`)."""
         size = self.params["chunk_rows"]
         start, stop = i * size, min((i + 1) * size, self.source.n_rows)
-        embedder = self.chunk_embedder(progress, on_sample)
         columns = self.source.embed_columns(self.params["text"])
-        for lo, part in self.source.iter_tables(columns, self.params["batch_size"], start, stop):
-            embedder.feed(part, lo)
+        embedder = self.chunk_embedder(decoder, progress, on_sample, timing)
+        embedder.run(self.source.iter_tables(columns, self.params["batch_size"], start, stop))
         self.save(i, embedder)
 
     def embed_stream(self) -> None:
@@ -544,60 +555,123 @@ class DatasetEmbedStage(EmbedStage):
             die_hook("embed", done[0])
 
         columns = self.source.embed_columns(self.params["text"])
-        current, embedder, n_rows = -1, None, 0
-        with tqdm(desc="embed", unit="img", disable=not self.progress) as bar:
+        rows_seen = [0]
+
+        def tables():
             for lo, part in self.source.iter_tables(columns, self.params["batch_size"]):
-                pos = 0
-                while pos < part.num_rows:
-                    row = lo + pos
-                    i = row // size
-                    if i != current:
-                        self.close(current, embedder)
-                        finished = chunk_paths(self.dir, i)["keys"]
-                        if finished.exists():
-                            embedder = FinishedChunk(finished, self.source.id_column)
-                        else:
-                            embedder = self.chunk_embedder(bar, on_sample)
-                        current = i
-                    take = min(part.num_rows - pos, (i + 1) * size - row)
-                    embedder.feed(part.slice(pos, take), row)
-                    pos += take
-                n_rows = lo + part.num_rows
-        self.close(current, embedder)
-        self.shards = self.source.chunk_labels(size, n_rows)
+                rows_seen[0] = lo + part.num_rows
+                yield lo, part
+
+        timing = EmbedTiming()
+        with tqdm(desc="embed", unit="img", disable=not self.progress) as bar, self.make_decoder() as decoder:
+            for i, group in itertools.groupby(split_at_chunks(tables(), size), key=lambda item: item[0]):
+                parts = ((row, part) for _, row, part in group)
+                finished = chunk_paths(self.dir, i)["keys"]
+                if finished.exists():
+                    FinishedChunk(finished, self.source.id_column).verify(parts)
+                    continue
+                embedder = self.chunk_embedder(decoder, bar, on_sample, timing)
+                embedder.run(parts)
+                self.save(i, embedder)
+            self.throughput = timing.summary(decoder.wait_s)
+        self.shards = self.source.chunk_labels(size, rows_seen[0])
+
+
+def split_at_chunks(tables: Iterable[tuple[int, pa.Table]], size: int) -> Iterator[tuple[int, int, pa.Table]]:
+    """(chunk index, first row, Arrow slice) for consecutive tables cut at multiples of ``size`` rows."""
+    for lo, part in tables:
+        pos = 0
+        while pos < part.num_rows:
+            row = lo + pos
+            i = row // size
+            take = min(part.num_rows - pos, (i + 1) * size - row)
+            yield i, row, part.slice(pos, take)
+            pos += take
 
 
 class ChunkEmbedder:
-    """Embeds one chunk's rows, fed in order as Arrow tables: :meth:`feed`, then :meth:`finish`.
+    """Embeds one chunk's rows, given in order as Arrow tables: :meth:`run`, then :meth:`finish`.
 
-    Image column: cells are decoded with the tar path's ``decode_image`` and sent to the
-    encoder in batches of ``batch_size`` decodable images (as the tar path batches a shard),
-    so how the rows are fed does not change the batches. Embedding column: the rows are taken
-    from the Arrow buffers (:func:`embedding_rows`); null or non-finite ones get ``no_embedding``.
+    Image column: cells go through the tar path's :func:`~pipelines.shards.embed.embed_stream`
+    with the stage's decoder (parallel decode workers, JPEG draft, pixel cap), in batches of
+    ``batch_size`` decodable images per chunk, as the tar path batches a shard. Embedding
+    column: the rows are taken from the Arrow buffers (:func:`embedding_rows`); null or
+    non-finite ones get ``no_embedding``.
     """
 
     def __init__(
-        self, source: DatasetInput, encoder, *, batch_size: int, text: bool, strict: bool, progress=None, on_sample=None
+        self,
+        source: DatasetInput,
+        encoder,
+        decoder,
+        *,
+        batch_size: int,
+        text: bool,
+        strict: bool,
+        progress=None,
+        on_sample=None,
+        timing: EmbedTiming | None = None,
     ):
-        self.source, self.encoder = source, encoder
+        self.source, self.encoder, self.decoder = source, encoder, decoder
         self.batch_size, self.text, self.strict = batch_size, text, strict
-        self.progress, self.on_sample = progress, on_sample
+        self.progress, self.on_sample, self.timing = progress, on_sample, timing
         self.start: int | None = None
         self.keys: list[str] = []
         self.nbytes: list[int] = []
         self.status: list[str] = []
-        self.ready_imgs, self.ready_txts, self.img_rows, self.txt_rows = [], [], [], []
+        self.captions: list[str] = []
+        self.img_rows, self.txt_rows = [], []
 
-    def feed(self, part: pa.Table, start: int) -> None:
-        """Rows ``start .. start + len(part) - 1`` of the dataset."""
-        if self.start is None:
-            self.start = start
-        keys = row_keys(part, self.source.id_column, start)
+    def run(self, parts: Iterable[tuple[int, pa.Table]]) -> None:
+        """Embed the chunk's rows: ``(first row index, Arrow table)`` parts in order."""
         if self.source.embedding_column:
-            self.feed_embeddings(part, start)
-        else:
-            self.feed_images(part, start)
-        self.keys.extend(keys)
+            for start, part in parts:
+                self.start = start if self.start is None else self.start
+                self.keys.extend(row_keys(part, self.source.id_column, start))
+                self.feed_embeddings(part, start)
+            return
+        stream = embed_stream(
+            self.image_items(parts), self.encoder, self.decoder, batch_size=self.batch_size, timing=self.timing
+        )
+        for batch in stream:
+            self.add_batch(batch)
+
+    def image_items(self, parts: Iterable[tuple[int, pa.Table]]) -> Iterator[tuple[str, bytes | None]]:
+        """``(key, encoded image or None)`` per row; records keys, sizes and captions on the way."""
+        img_col = self.source.image_column
+        for start, part in parts:
+            self.start = start if self.start is None else self.start
+            keys = row_keys(part, self.source.id_column, start)
+            captions = part.column(self.source.text_column).to_pylist() if self.text else [""] * part.num_rows
+            for j, cell in enumerate(part.column(img_col).to_pylist()):
+                data = image_payload(cell)
+                if data is None and self.strict:
+                    raise PipelineError(f"row {start + j} of {self.source.label} has no image in column {img_col!r}")
+                self.keys.append(keys[j])
+                self.nbytes.append(len(data) if data is not None else 0)
+                self.captions.append(captions[j] or "")
+                yield keys[j], data
+                if self.on_sample is not None:
+                    self.on_sample()
+
+    def add_batch(self, batch: EmbeddedBatch) -> None:
+        """Record one decoded + encoded run of rows (and embed its captions)."""
+        first = len(self.status)
+        self.status.extend(batch.status)
+        if self.strict:
+            for j, (state, err) in enumerate(zip(batch.status, batch.errors)):
+                if state != STATUS_OK:
+                    raise PipelineError(
+                        f"{state} image in row {self.start + first + j} ({self.source.image_column!r}): {err}"
+                    )
+        if batch.embeddings is None:
+            return
+        self.img_rows.append(batch.embeddings)
+        if self.text:
+            ok = [self.captions[first + j] for j, state in enumerate(batch.status) if state == STATUS_OK]
+            self.txt_rows.append(np.asarray(self.encoder.encode_texts(ok), dtype=np.float32))
+        if self.progress is not None:
+            self.progress.update(len(batch.embeddings))
 
     def feed_embeddings(self, part: pa.Table, start: int) -> None:
         col = self.source.embedding_column
@@ -619,42 +693,8 @@ class ChunkEmbedder:
             if self.on_sample is not None:
                 self.on_sample()
 
-    def feed_images(self, part: pa.Table, start: int) -> None:
-        img_col, label = self.source.image_column, self.source.label
-        captions = part.column(self.source.text_column).to_pylist() if self.text else [""] * part.num_rows
-        for j, cell in enumerate(part.column(img_col).to_pylist()):
-            data = image_payload(cell)
-            state = STATUS_OK if data is not None else MISSING_IMAGE
-            if data is not None:
-                try:
-                    self.ready_imgs.append(decode_image(data))
-                    self.ready_txts.append(captions[j] or "")
-                except Exception as exc:  # PIL raises many types for bad data
-                    state = UNDECODABLE
-                    if self.strict:
-                        raise PipelineError(f"undecodable image in row {start + j} ({img_col!r}): {exc}") from exc
-            elif self.strict:
-                raise PipelineError(f"row {start + j} of {label} has no image in column {img_col!r}")
-            self.nbytes.append(len(data) if data is not None else 0)
-            self.status.append(state)
-            if len(self.ready_imgs) == self.batch_size:
-                self.encode_ready()
-            if self.on_sample is not None:
-                self.on_sample()
-
-    def encode_ready(self) -> None:
-        self.img_rows.append(np.asarray(self.encoder.encode_images(self.ready_imgs), dtype=np.float32))
-        if self.text:
-            self.txt_rows.append(np.asarray(self.encoder.encode_texts(self.ready_txts), dtype=np.float32))
-        if self.progress is not None:
-            self.progress.update(len(self.ready_imgs))
-        self.ready_imgs.clear()
-        self.ready_txts.clear()
-
     def finish(self) -> tuple[pd.DataFrame, np.ndarray | None, np.ndarray | None]:
         """(sample table: key, index, nbytes, status; image rows (m, d) or None; caption rows or None)."""
-        if self.ready_imgs:
-            self.encode_ready()
         table = pd.DataFrame(
             {
                 "key": pd.Series(self.keys, dtype=object),
@@ -673,17 +713,16 @@ class FinishedChunk:
     keys are the ones it recorded (else the stream changed, and the finished chunks are stale)."""
 
     def __init__(self, keys_path: Path, id_column: str | None):
-        self.path, self.id_column, self.keys = keys_path, id_column, []
+        self.path, self.id_column = keys_path, id_column
 
-    def feed(self, part: pa.Table, start: int) -> None:
-        self.keys.extend(row_keys(part, self.id_column, start))
-
-    def verify(self) -> None:
+    def verify(self, parts: Iterable[tuple[int, pa.Table]]) -> None:
+        """Read past the chunk's rows (``(first row, Arrow table)`` parts), comparing their keys."""
+        keys = [key for start, part in parts for key in row_keys(part, self.id_column, start)]
         recorded = pd.read_parquet(self.path, columns=["key"])["key"].tolist()
-        if recorded != self.keys:
+        if recorded != keys:
             raise PipelineError(
                 f"the stream changed since the interrupted run: {self.path.name} recorded {len(recorded)} "
-                f"rows, the stream now gives {len(self.keys)} with other keys; use a new --out"
+                f"rows, the stream now gives {len(keys)} with other keys; use a new --out"
             )
 
 
@@ -849,6 +888,7 @@ def dataset_embed_stage(out, cfg, encoder, *, text: bool, executor=None) -> tupl
         dtype=cfg.dtype,
         strict=cfg.strict,
         chunk_rows=cfg.chunk_rows,
+        decode=decode_options_of(cfg),
         progress=cfg.progress,
         executor=executor,
     )

@@ -179,6 +179,26 @@ def test_save_to_disk_folder_and_dataset_object_give_the_same_keep_list(wds, tar
     assert "write" not in a.stages
 
 
+def test_image_column_goes_through_the_decode_workers_with_identical_rows(wds, tmp_path):
+    """Dataset images are decoded by the embed stage's worker processes; the embeddings and the
+    keep-list do not depend on how many there are."""
+    enc = PixelProjectionEncoder(dim=DIM)
+    runs = {
+        workers: run_filter(
+            None,
+            tmp_path / f"w{workers}",
+            **quiet(hf_dataset=wds, image_column="jpg", encoder=enc, write=False, decode_workers=workers),
+        )
+        for workers in (0, 2)
+    }
+    pd.testing.assert_frame_equal(runs[0].keep, runs[2].keep)
+    chunks = [sorted((r.out / "embed" / "chunks").glob("*.img.npy")) for r in runs.values()]
+    assert len(chunks[0]) == len(chunks[1]) >= 1
+    for a, b in zip(*chunks):
+        assert np.load(a).tobytes() == np.load(b).tobytes()
+    assert runs[2].stages["embed"].summary["images_per_s"] > 0
+
+
 def test_selection_apply(wds):
     rng = np.random.default_rng(0)
     keep = rng.random(len(wds)) < 0.4

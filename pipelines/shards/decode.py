@@ -69,6 +69,14 @@ class DecodeOptions:
         return {"draft": float(self.draft), "max_pixels": int(self.max_pixels), "gpu": bool(self.gpu)}
 
 
+def decode_options_of(config) -> DecodeOptions:
+    """The :class:`DecodeOptions` of a ``FilterConfig`` (``decode_workers``, ``jpeg_draft``,
+    ``max_pixels``, ``gpu_decode``)."""
+    return DecodeOptions(
+        workers=config.decode_workers, draft=config.jpeg_draft, max_pixels=config.max_pixels, gpu=config.gpu_decode
+    )
+
+
 def available_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))

@@ -37,7 +37,7 @@ from pathlib import Path
 from prunecore.budget import check_keep
 
 from .cluster import ClusterStage
-from .decode import DecodeOptions
+from .decode import DecodeOptions, decode_options_of
 from .embed import EmbedStage
 from .ingest import IngestStage
 from .outdir import check_inputs_outside, claim_output, output_lock
@@ -329,9 +329,7 @@ def _run_stages(cfg: FilterConfig, steps: list[dict], out: Path, shard_list: lis
             text=text,
             dtype=cfg.dtype,
             strict=cfg.strict,
-            decode=DecodeOptions(
-                workers=cfg.decode_workers, draft=cfg.jpeg_draft, max_pixels=cfg.max_pixels, gpu=cfg.gpu_decode
-            ),
+            decode=decode_options_of(cfg),
             progress=progress,
             executor=executor,
         )
