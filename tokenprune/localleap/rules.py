@@ -50,7 +50,7 @@ def _check_pair(conf: torch.Tensor, masked: torch.Tensor) -> None:
         raise TypeError(f"masked must be a bool tensor, got {masked.dtype}")
     if not conf.is_floating_point():
         raise TypeError(f"conf must be a floating tensor, got {conf.dtype}")
-    if torch.isnan(conf[masked]).any():
+    if (conf.isnan() & masked).any():  # no boolean indexing: one host sync, not two
         raise ValueError("conf has NaN at masked positions")
 
 
