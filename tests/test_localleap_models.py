@@ -391,6 +391,12 @@ def test_dllm_generate_loads_a_folder_of_either_family(family, folders, models):
     assert torch.equal(out.ids, res.generated)
     with pytest.raises(ValueError, match="no tokenizer"):
         dllm_generate(models[family], None, "x")
+    from pipelines.generate_dllm import resolve_mask_id
+
+    class OtherMask:  # a tokenizer that disagrees: the native checkpoint's config wins
+        mask_token_id = 3
+
+    assert resolve_mask_id(models[family], OtherMask()) == models[family].config.mask_token_id
 
 
 @pytest.mark.parametrize("family", FAMILIES)
