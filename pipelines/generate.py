@@ -5,8 +5,9 @@
   sees them (``tokenprune.fopru``).
 * LLMs (Llama/Qwen2/Mistral-style): :func:`ftp_generate` loads a model, attaches FTP token
   routing and generates, returning sparsity and FLOPs stats (``pipelines.generate_llm``).
-* Diffusion LLMs (LLaDA/Dream-style): :func:`dllm_generate` decodes with LocalLeap or another
-  parallel commit rule and returns text plus NFE stats (``pipelines.generate_dllm``).
+* Diffusion LLMs (LLaDA, Dream): :func:`dllm_generate` loads a checkpoint folder natively (no
+  remote code) or takes a loaded model, decodes with LocalLeap or another parallel commit rule
+  and returns text plus NFE / tokens-per-forward stats (``pipelines.generate_dllm``).
 
 Names resolve lazily so importing this module loads no model code.
 """

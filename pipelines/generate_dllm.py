@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from tokenprune.localleap import RULES, load_dllm, localleap_generate
+from tokenprune.localleap.models import NativeDLLM
 from tokenprune.stats import TokenStats
 
 __all__ = ["DLLMGeneration", "resolve_mask_id", "resolve_eos_id", "dllm_generate"]
@@ -45,10 +46,12 @@ def _sources(model, tokenizer):
 
 def resolve_mask_id(model, tokenizer=None, mask_id: int | None = None) -> int:
     """The mask token id: explicit > ``tokenizer.mask_token_id`` > ``config.mask_token_id`` >
-    ``generation_config.mask_token_id``. Raises ValueError when none has one."""
+    ``generation_config.mask_token_id``; for a native LLaDA/Dream the checkpoint's config comes
+    first. Raises ValueError when none has one."""
     if mask_id is not None:
         return int(mask_id)
-    for src in _sources(model, tokenizer):
+    native = getattr(model, "config", None) if isinstance(model, NativeDLLM) else None
+    for src in [native, *_sources(model, tokenizer)]:
         val = getattr(src, "mask_token_id", None) if src is not None else None
         if val is not None:
             return int(val)

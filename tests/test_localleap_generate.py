@@ -298,6 +298,12 @@ def test_tiny_transformers_bert_bidirectional():
             model, prompt[i : i + 1], gen_length=16, block_length=8, mask_id=mask_id, rule="localleap"
         )
         assert torch.equal(single.generated[0], outs["localleap"].generated[i])
+    # ragged prompts: left padding + position_ids = cumsum(mask) - 1 give each row its lone result
+    prompts = [[7, 8, 9, 10, 11, 12, 13], [20, 21]]
+    batch = localleap_generate(model, prompts, gen_length=16, block_length=8, mask_id=mask_id, pad_id=0)
+    for i, p in enumerate(prompts):
+        alone = localleap_generate(model, torch.tensor([p]), gen_length=16, block_length=8, mask_id=mask_id)
+        assert torch.equal(alone.generated[0], batch.generated[i])
 
 
 def test_custom_rule_and_errors():

@@ -391,6 +391,12 @@ def test_dllm_generate_loads_a_folder_of_either_family(family, folders, models):
     assert torch.equal(out.ids, res.generated)
     with pytest.raises(ValueError, match="no tokenizer"):
         dllm_generate(models[family], None, "x")
+    from pipelines.generate_dllm import resolve_mask_id
+
+    class OtherMask:  # a tokenizer that disagrees: the native checkpoint's config wins
+        mask_token_id = 3
+
+    assert resolve_mask_id(models[family], OtherMask()) == models[family].config.mask_token_id
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -406,3 +412,16 @@ def test_save_dllm_round_trip(family, models, tmp_path):
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
         assert torch.equal(again(ids).logits, models[family](ids).logits)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bf16_load_runs_the_gpu_precision_on_cpu(family, folders, models):
+    model, _ = load_dllm(folders[family], device="cpu", dtype="bf16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    ids = torch.tensor([[3, 9, 27, 1, 4, 60 if family == "dream" else 44]])
+    with torch.no_grad():
+        low, ref = model(ids).logits, models[family](ids).logits
+    assert low.dtype == torch.float32  # logits are returned in float32
+    assert (low - ref).abs().max() < 0.25 * ref.abs().max()
+    res = localleap_generate(model, ids, gen_length=8, block_length=8, mask_id=model.config.mask_token_id)
+    assert not (res.generated == model.config.mask_token_id).any()

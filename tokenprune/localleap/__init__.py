@@ -5,9 +5,10 @@ LLaDA top-k, EB-sampler), :mod:`.generate` (the block-wise generate loop, NFE co
 :class:`DecodeResult`), :mod:`.models` (native LLaDA and Dream, loaded without remote code).
 """
 
-from .generate import RULES, DecodeResult, localleap_generate
+from .generate import DecodeResult, localleap_generate
 from .models import load_dllm
 from .rules import (
+    RULES,
     confidence_from_logits,
     eb_sampler,
     fastdllm_threshold,

@@ -18,19 +18,11 @@ import torch
 
 from tokenprune.stats import TokenStats
 
-from .rules import (
-    check_threshold,
-    confidence_from_logits,
-    eb_sampler,
-    fastdllm_threshold,
-    llada_schedule,
-    llada_topk,
-    localleap_transfer,
-)
+from .models.base import padded_positions
+from .rules import RULES, check_threshold, commit_mask, confidence_from_logits, llada_schedule
 
-__all__ = ["DecodeResult", "localleap_generate", "RULES", "CACHE_MODES", "cache_mode"]
+__all__ = ["DecodeResult", "localleap_generate", "CACHE_MODES", "cache_mode"]
 
-RULES = ("llada", "fastdllm", "localleap", "eb")
 CACHE_MODES = ("none", "prefix", "dual")
 REMASKING = ("low_confidence", "random")
 
@@ -198,25 +190,6 @@ class ModelCall:
         return logits, getattr(result, "past_key_values", None)
 
 
-def commit_mask(rule, conf, masked, entropy, k, *, threshold, relaxed_threshold, radius, gamma):
-    """The ``(B, L)`` commit mask of ``rule`` (a name of :data:`RULES` or a callable)."""
-    if rule == "localleap":
-        return localleap_transfer(conf, masked, threshold=threshold, relaxed_threshold=relaxed_threshold, radius=radius)
-    if rule == "fastdllm":
-        return fastdllm_threshold(conf, masked, threshold=threshold)
-    if rule == "eb":
-        return eb_sampler(conf, masked, entropy, gamma=gamma)
-    if rule == "llada":
-        return llada_topk(conf, masked, k)
-    commit = rule(conf, masked)
-    if not isinstance(commit, torch.Tensor) or commit.dtype != torch.bool or commit.shape != masked.shape:
-        raise TypeError("a custom rule must return a (B, L) bool tensor")
-    commit = commit & masked
-    if (masked.any(-1) & ~commit.any(-1)).any():
-        raise RuntimeError("custom rule committed nothing for a row with masked tokens; it would never finish")
-    return commit
-
-
 def localleap_generate(
     model: Callable,
     input_ids,
@@ -349,7 +322,7 @@ def localleap_generate(
         if not bool(am.all()):  # one check before the loop; unpadded batches pass no mask
             full_am = torch.cat([am, torch.ones((B, gen_length), dtype=torch.long, device=device)], dim=1)
             if accepts(model, "position_ids"):
-                positions = (full_am.cumsum(-1) - 1).clamp_min(0)
+                positions = padded_positions(full_am)
     call = ModelCall(
         model,
         full_am,

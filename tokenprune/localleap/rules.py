@@ -12,7 +12,8 @@ always a subset of ``masked`` and non-empty for every row that still has a maske
 - :func:`eb_sampler` -- EB-sampler: the largest confidence-sorted prefix whose entropy sum
   minus its max entropy stays ``<= gamma``.
 
-:func:`confidence_from_logits` turns logits into proposals ``x0`` and confidences.
+:func:`confidence_from_logits` turns logits into proposals ``x0`` and confidences
+(:func:`filter_logits`: top-p / top-k); :func:`commit_mask` dispatches a rule by name.
 Tie-breaking is deterministic everywhere: among equal confidences the lower position wins
 (the stable ranking of :mod:`prunecore.budget`).
 """
@@ -24,7 +25,11 @@ import torch.nn.functional as F
 
 from prunecore.budget import torch_rank
 
+RULES = ("llada", "fastdllm", "localleap", "eb")
+
 __all__ = [
+    "RULES",
+    "commit_mask",
     "llada_schedule",
     "llada_topk",
     "fastdllm_threshold",
@@ -50,7 +55,7 @@ def _check_pair(conf: torch.Tensor, masked: torch.Tensor) -> None:
         raise TypeError(f"masked must be a bool tensor, got {masked.dtype}")
     if not conf.is_floating_point():
         raise TypeError(f"conf must be a floating tensor, got {conf.dtype}")
-    if torch.isnan(conf[masked]).any():
+    if (conf.isnan() & masked).any():  # no boolean indexing: one host sync, not two
         raise ValueError("conf has NaN at masked positions")
 
 
@@ -279,3 +284,29 @@ def confidence_from_logits(
     conf = logp.gather(-1, x0.unsqueeze(-1)).squeeze(-1).exp()
     entropy = -(logp.exp() * logp).nan_to_num(0.0).sum(-1) if need_entropy else None
     return x0, conf, entropy
+
+
+def commit_mask(rule, conf, masked, entropy, k, *, threshold, relaxed_threshold, radius, gamma):
+    """The ``(B, L)`` commit mask of ``rule`` over the current block.
+
+    Args:
+        rule: a name of :data:`RULES` or a callable ``rule(conf, masked) -> (B, L) bool``.
+        conf, masked: ``(B, L)`` confidences and still-masked positions.
+        entropy: ``(B, L)`` entropies (``"eb"``), else unused.
+        k: ``(B,)`` tokens to commit (``"llada"``), else unused.
+    """
+    if rule == "localleap":
+        return localleap_transfer(conf, masked, threshold=threshold, relaxed_threshold=relaxed_threshold, radius=radius)
+    if rule == "fastdllm":
+        return fastdllm_threshold(conf, masked, threshold=threshold)
+    if rule == "eb":
+        return eb_sampler(conf, masked, entropy, gamma=gamma)
+    if rule == "llada":
+        return llada_topk(conf, masked, k)
+    commit = rule(conf, masked)
+    if not isinstance(commit, torch.Tensor) or commit.dtype != torch.bool or commit.shape != masked.shape:
+        raise TypeError("a custom rule must return a (B, L) bool tensor")
+    commit = commit & masked
+    if (masked.any(-1) & ~commit.any(-1)).any():
+        raise RuntimeError("custom rule committed nothing for a row with masked tokens; it would never finish")
+    return commit

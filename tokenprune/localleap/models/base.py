@@ -190,10 +190,8 @@ class NativeBlock(nn.Module):
             k, v = past
         elif past is not None:  # prefix cache
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        group = self.n_heads // self.n_kv_heads
-        kk = k.repeat_interleave(group, dim=1) if group > 1 else k
-        vv = v.repeat_interleave(group, dim=1) if group > 1 else v
-        att = F.scaled_dot_product_attention(q, kk, vv, attn_mask=key_mask)  # bidirectional
+        grouped = self.n_heads != self.n_kv_heads  # grouped-query attention without copying k/v
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, enable_gqa=grouped)  # bidirectional
         x = x + o_proj(att.transpose(1, 2).reshape(B, L, self.n_heads * self.head_dim))
         h = mlp_norm(x)
         return x + down(F.silu(gate(h)) * up(h)), (k, v)
