@@ -12,7 +12,7 @@
 Names resolve lazily so importing this module loads no model code.
 """
 
-from importlib import import_module
+from prunecore.lazy import lazy_exports
 
 _EXPORTS = {
     "fopru_generate": "tokenprune.fopru",
@@ -26,7 +26,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'pipelines.generate' has no attribute {name!r}")
-    return getattr(import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from .device import resolve_device
 from .models import load_open_clip, load_tokenizer, load_transformers
+from .rows import batched
 
 __all__ = [
     "embed_images",
@@ -26,17 +27,6 @@ __all__ = [
     "load_open_clip",
     "mean_pool",
 ]
-
-
-def _batched(items: Iterable, batch_size: int) -> Iterable[list]:
-    batch = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == batch_size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 def _finish(chunks: list[np.ndarray], out_dtype, width: int) -> np.ndarray:
@@ -85,7 +75,7 @@ def embed_images(
     chunks = []
     width = 0
     for batch in tqdm(
-        _batched(images, batch_size),
+        batched(images, batch_size),
         desc="embed images",
         disable=not progress,
         total=None if total is None else -(-total // batch_size),
@@ -111,7 +101,7 @@ def embed_texts_clip(
     dev = resolve_device(device)
     chunks = []
     width = 0
-    for batch in tqdm(_batched(texts, batch_size), desc="embed texts", disable=not progress):
+    for batch in tqdm(batched(texts, batch_size), desc="embed texts", disable=not progress):
         feats = model.encode_text(tokenizer(list(batch)).to(dev)).float()
         feats = torch.nn.functional.normalize(feats, dim=-1)
         chunks.append(feats.cpu().numpy())
@@ -151,7 +141,7 @@ def embed_texts_hf(
     """
     dev = resolve_device(device)
     chunks = []
-    for batch in tqdm(_batched(texts, batch_size), desc="embed texts", disable=not progress):
+    for batch in tqdm(batched(texts, batch_size), desc="embed texts", disable=not progress):
         enc = tokenizer(list(batch), padding=True, truncation=True, max_length=max_length, return_tensors="pt").to(dev)
         hidden = model(**enc).last_hidden_state
         pooled = torch.nn.functional.normalize(mean_pool(hidden, enc["attention_mask"]).float(), dim=-1)

@@ -7,7 +7,7 @@ Every streaming stage (normalisation, assignment, scoring) reads rows through
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -144,3 +144,17 @@ def iter_row_batches(x, batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
     n = x.shape[0]
     for start in range(0, n, batch_size):
         yield start, np.asarray(x[start : min(start + batch_size, n)])
+
+
+def batched(items: Iterable, size: int) -> Iterator[list]:
+    """Consecutive lists of ``size`` items (the last one shorter) from any iterable, lazily."""
+    if size < 1:
+        raise ValueError(f"batch size must be >= 1, got {size}")
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

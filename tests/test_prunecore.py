@@ -191,3 +191,17 @@ def test_top_k_mask_ties_go_to_lower_index():
     scores = np.array([1.0, 3.0, 3.0, 2.0, 3.0])
     assert top_k_mask(scores, 2).tolist() == [False, True, True, False, False]
     assert top_k_mask(scores, 2, largest=False).tolist() == [True, False, False, True, False]
+
+
+def test_lazy_exports_resolve_on_access_and_name_missing_dependencies():
+    from prunecore.lazy import lazy_exports
+
+    getattr_ = lazy_exports("pkg", {"dumps": "json", "json": "json", "x": "no_such_module_xyz"}, install_hint="pip it")
+    import json
+
+    assert getattr_("dumps") is json.dumps
+    assert getattr_("json") is json  # a name equal to its module's last part is the module
+    with pytest.raises(AttributeError, match="module 'pkg' has no attribute 'y'"):
+        getattr_("y")
+    with pytest.raises(ImportError, match="x needs its optional dependencies: pip it"):
+        getattr_("x")

@@ -4,7 +4,7 @@ Names are resolved lazily so that importing :mod:`tokenprune` never pulls in tra
 or a model; each method lives in its own module.
 """
 
-from importlib import import_module
+from prunecore.lazy import lazy_exports
 
 _EXPORTS = {
     "fopru_scores": "tokenprune.fopru",
@@ -25,8 +25,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'tokenprune' has no attribute {name!r}")
-    module = import_module(_EXPORTS[name])
-    return module if name == "ftp" else getattr(module, name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -11,8 +11,9 @@ in its framework's module; the three names are resolved here on first access, so
 ``pipelines.rag`` imports no framework.
 """
 
-from importlib import import_module
 from typing import TYPE_CHECKING
+
+from prunecore.lazy import lazy_exports
 
 from .core import DEFAULTS, ProvenceSettings, prune_texts
 
@@ -37,11 +38,4 @@ _ADAPTERS = {
 }
 
 
-def __getattr__(name: str):
-    if name not in _ADAPTERS:
-        raise AttributeError(f"module 'pipelines.rag' has no attribute {name!r}")
-    try:
-        module = import_module(_ADAPTERS[name])
-    except ImportError as exc:
-        raise ImportError(f"{name} needs its framework installed: pip install 'prunekit[rag]' ({exc})") from exc
-    return getattr(module, name)
+__getattr__ = lazy_exports(__name__, _ADAPTERS, install_hint="pip install 'prunekit[rag]'")
