@@ -154,8 +154,8 @@ def ftp_generate(
     r, schedule = resolve_router(router, sparsity_schedule(keep, schedule, allow_full=allow_full, required=False))
     handle = attach_ftp(model, r, schedule, allow_full=allow_full, nested=nested)
     stop = generate_kwargs.get("eos_token_id", getattr(getattr(model, "generation_config", None), "eos_token_id", None))
-    handle.set_stop_tokens(stop if stop is not None else tok.eos_token_id)
     try:
+        handle.set_stop_tokens(stop if stop is not None else tok.eos_token_id)
         with torch.no_grad():
             seq = model.generate(
                 **enc.to(model.device),

@@ -634,3 +634,20 @@ def test_gpu_decode_step_reads_nothing_back(monkeypatch):
     assert st.extras["decode"]["tokens"] == 2 * 3
     # blended decode on the "GPU" path is exact too
     _greedy_replay_check(model, _rank_router(), [0.0, 0.4, 0.5, 0.3], _ids(2, 11, seed=6))
+
+
+def test_cache_row_selection_moves_kv_and_routing_state_together():
+    model = _llama()
+    ids = torch.cat([_ids(1, 9, seed=7), _ids(1, 9, seed=8)])
+    with torch.no_grad(), attach_ftp(model, TokenRouter(), keep=0.6) as m:
+        cache = _out_cache(m(ids, use_cache=True))
+    lay = cache.layers[2]
+    keys, slots, score = lay.keys.clone(), lay.slots.clone(), cache.score.clone()
+    cache.batch_repeat_interleave(2)  # rows 0, 0, 1, 1
+    cache.batch_select_indices(torch.tensor([1, 2]))  # rows 0, 1
+    assert torch.equal(lay.keys, keys) and torch.equal(lay.slots, slots) and torch.equal(cache.score, score)
+    cache.reorder_cache(torch.tensor([1, 1]))
+    assert torch.equal(lay.keys[0], keys[1]) and torch.equal(lay.slots[0], slots[1])
+    assert torch.equal(cache.score[0], score[1]) and cache.get_seq_length() == 9
+    with pytest.raises(NotImplementedError, match="crop"):
+        cache.crop(-1)

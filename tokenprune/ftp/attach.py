@@ -296,11 +296,9 @@ class RoutedLayer(nn.Module):
             )
         # Mistral-style: the window lives in the config and applies to every layer
         self.window = None if hasattr(attn, "sliding_window") else getattr(attn.config, "sliding_window", None)
-        self._attn = attn
         self.head_dim = int(attn.head_dim)
         cfg = attn.config
         self.n_heads = int(cfg.num_attention_heads)
-        self.n_kv = int(cfg.num_key_value_heads)
         self.scaling = float(getattr(attn, "scaling", self.head_dim**-0.5))
         self.sdpa = getattr(cfg, "_attn_implementation", None) == "sdpa"
         self._q = None
@@ -786,7 +784,7 @@ def _base_pre_hook(state: FTPState, n_layers: int, cache_arg: str):
             state.new_all_valid = all(n == T for n in state.n_new_host)
         else:  # a GPU decode step: no read-back; generate appends valid tokens
             state.n_new_host, state.new_all_valid = None, True
-        seq.append_tokens(new_valid, padded=not state.new_all_valid)
+        seq.append_tokens(new_valid)
         if stop is not None:
             seq.alive = seq.alive & ~stop
         state.begin_call(new_valid if state.stop_ids is None else new_valid & seq.alive[:, None], phase, False)

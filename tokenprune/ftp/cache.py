@@ -159,7 +159,6 @@ class FTPCache(Cache):
         score: (B, S) float32, the latest attention-score feature of every slot.
         n_valid: (B,) long, valid slots so far.
         alive: (B,) bool, False once the row fed an end-of-sequence token (statistics only).
-        padded: host flag, some slot so far is padding.
     """
 
     def __init__(self, n_layers: int):
@@ -168,7 +167,6 @@ class FTPCache(Cache):
         self.score: torch.Tensor | None = None
         self.n_valid: torch.Tensor | None = None
         self.alive: torch.Tensor | None = None
-        self.padded = False
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.layers[layer_idx].seen
@@ -176,11 +174,7 @@ class FTPCache(Cache):
     def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
         return self.layers[layer_idx].get_mask_sizes(query_length)
 
-    def past_length(self) -> int:
-        """Slots before the current call (the routing state's length minus the new tokens)."""
-        return 0 if self.seq_valid is None else int(self.seq_valid.shape[1])
-
-    def append_tokens(self, valid_new: torch.Tensor, *, padded: bool) -> None:
+    def append_tokens(self, valid_new: torch.Tensor) -> None:
         """Grow the routing state by the ``(B, T)`` bool validity of a call's new tokens."""
         B, T = valid_new.shape
         new_score = torch.zeros(B, T, dtype=torch.float32, device=valid_new.device)
@@ -192,7 +186,6 @@ class FTPCache(Cache):
             self.seq_valid = torch.cat([self.seq_valid, valid_new], 1)
             self.score = torch.cat([self.score, new_score], 1)
             self.n_valid = self.n_valid + valid_new.sum(1)
-        self.padded = self.padded or padded
 
     def _select_state(self, index: torch.Tensor) -> None:
         if self.seq_valid is not None:
