@@ -31,7 +31,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -534,15 +534,16 @@ class DatasetEmbedStage(EmbedStage):
             text=self.params["text"],
         )
 
-    def embed_one(self, i: int, decoder=None, progress=None, on_sample=None, timing: EmbedTiming | None = None) -> None:
-        """Embed chunk ``i`` of a map-style dataset (rows ``i * chunk_rows ...``) with ``decoder``
-        (the executors' :meth:`make_decoder`)."""
+    def embed_many(self, todo: Sequence[int], decoder, progress=None, on_sample=None, timing=None) -> None:
+        """Embed chunks ``todo`` of a map-style dataset (chunk ``i``: rows ``i * chunk_rows ...``)
+        with ``decoder`` (the executors' :meth:`make_decoder`), saving each when complete."""
         size = self.params["chunk_rows"]
-        start, stop = i * size, min((i + 1) * size, self.source.n_rows)
         columns = self.source.embed_columns(self.params["text"])
-        embedder = self.chunk_embedder(decoder, progress, on_sample, timing)
-        embedder.run(self.source.iter_tables(columns, self.params["batch_size"], start, stop))
-        self.save(i, embedder)
+        for i in todo:
+            start, stop = i * size, min((i + 1) * size, self.source.n_rows)
+            embedder = self.chunk_embedder(decoder, progress, on_sample, timing)
+            embedder.run(self.source.iter_tables(columns, self.params["batch_size"], start, stop))
+            self.save(i, embedder)
 
     def embed_stream(self) -> None:
         """One pass over a stream: rows are cut into chunks of ``chunk_rows``; chunks finished

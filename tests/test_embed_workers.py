@@ -215,6 +215,20 @@ def test_torch_jpeg_decode_falls_back_to_the_cpu_for_what_it_cannot_decode(tiny_
     assert emb.shape == ref.shape == (4, 32) and (np.sum(emb * ref, axis=1) > 0.98).all()
 
 
+def test_gpu_decode_option_runs_the_stage_on_the_encoder_device(jpeg_shards, tiny_model, tmp_path):
+    """--gpu-decode end to end (on the CPU device here): same statuses as the CPU decoder,
+    embeddings close to it (resize on tensors vs PIL), and a different stage fingerprint."""
+    kw = dict(model=tiny_model, clusters=3, steps=[{"method": "random", "keep": 0.5}], batch_size=8, write=False)
+    kw.update(progress=False, log=lambda *_: None)
+    cpu = run_filter(jpeg_shards, tmp_path / "a", **kw)
+    gpu = run_filter(jpeg_shards, tmp_path / "b", gpu_decode=True, **kw)
+    assert gpu.stages["embed"].fingerprint != cpu.stages["embed"].fingerprint
+    assert cpu.stages["embed"].load().keys["status"].tolist() == gpu.stages["embed"].load().keys["status"].tolist()
+    a, b = (np.concatenate([np.load(p) for p in sorted((tmp_path / o).glob("embed/chunks/*.img.npy"))]) for o in "ab")
+    cos = np.sum(a.astype(np.float32) * b.astype(np.float32), axis=1)
+    assert len(cos) == 2 * 46 and cos.min() > 0.95
+
+
 def test_gpu_decode_needs_a_tensor_preparer():
     from pipelines.shards.decode import make_decoder
 

@@ -151,7 +151,7 @@ class EmbedActor:
         out = {"i": [], "images": [], "wall_s": [], "decode_wait_s": [], "encode_s": []}
         for i in batch["i"]:
             timing, wait0, t0 = EmbedTiming(), self.decoder.wait_s, time.perf_counter()
-            self.stage.embed_one(int(i), self.decoder, timing=timing)
+            self.stage.embed_many([int(i)], self.decoder, timing=timing)
             for name, value in zip(
                 out,
                 (int(i), timing.images, time.perf_counter() - t0, self.decoder.wait_s - wait0, timing.encode_s),

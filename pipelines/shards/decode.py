@@ -46,7 +46,7 @@ class DecodeOptions:
     process). draft: decode JPEGs at a reduced DCT scale (1/2, 1/4, 1/8) while the result
     keeps at least ``draft`` x the encoder's input side (0: full decode). max_pixels: cap on
     decoded pixels (after draft); larger images get status ``too_large``. prefetch: decoded
-    chunks in flight (None: 2 per worker, at least 2). gpu: batched torchvision JPEG decode
+    chunks in flight (None: 2 per worker, at least 4). gpu: batched torchvision JPEG decode
     on the encoder's device (nvjpeg on CUDA) with a CPU fallback.
     """
 
@@ -197,7 +197,7 @@ class DecodePool:
         from concurrent.futures import ProcessPoolExecutor
 
         self.decoder, self.workers = decoder, int(workers)
-        self.prefetch = prefetch or max(2 * self.workers, 2)
+        self.prefetch = prefetch or max(2 * self.workers, 4)
         self.wait_s = 0.0
         self.executor = None
         if self.workers > 0:
@@ -319,10 +319,11 @@ class TorchJpegDecoder:
         self.close()
 
 
-def make_decoder(encoder, options: DecodeOptions, *, device: str = "cpu", start_method: str | None = None):
-    """The decoder the embed stage uses for ``encoder``: a :class:`TorchJpegDecoder` when
-    ``options.gpu`` (needs the encoder's ``tensor_preparer``), else a :class:`DecodePool`."""
-    cpu = ImageDecoder.for_encoder(encoder, options)
+def make_decoder(encoder, options: DecodeOptions, *, start_method: str | None = None):
+    """The decoder the embed stage uses for ``encoder``: a :class:`TorchJpegDecoder` on the
+    encoder's device when ``options.gpu`` (needs the encoder's ``tensor_preparer``), else a
+    :class:`DecodePool`. Use it as a context manager (it owns worker processes)."""
+    cpu = ImageDecoder.for_encoder(encoder, options)  # loads the encoder's preprocessing
     if options.gpu:
         make = getattr(encoder, "tensor_preparer", None)
         if make is None:
@@ -330,6 +331,6 @@ def make_decoder(encoder, options: DecodeOptions, *, device: str = "cpu", start_
                 f"GPU JPEG decoding needs an encoder with tensor_preparer() (open_clip); {type(encoder).__name__} "
                 "has none: turn gpu decoding off"
             )
-        return TorchJpegDecoder(cpu, make(), device)
+        return TorchJpegDecoder(cpu, make(), getattr(encoder, "device", "cpu"))
     workers = default_decode_workers() if options.workers is None else options.workers
     return DecodePool(cpu, workers, prefetch=options.prefetch, start_method=start_method)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -92,19 +93,25 @@ def load_embed_artifact(stage_dir: Path, fingerprint: str, keys: pd.DataFrame | 
     return EmbedArtifact(stage_dir, keys, images, texts, index.get("shards", []), fingerprint)
 
 
+SHARD_END = "\x00shard-end"  # an item key that closes the current encoder batch (a shard boundary)
+DECODE_CHUNK = 32  # images per decode task
+
+
 @dataclass
 class EmbeddedBatch:
     """A run of consecutive input samples and the embeddings of those that decoded.
 
     keys, status, errors: (n,) per sample in input order (``status`` ``"ok"`` or why it has
     no embedding; ``errors`` the message, None when ok). embeddings: (n_ok, d) float32 rows of
-    the ``ok`` samples in order, or None when none of them decoded.
+    the ``ok`` samples in order, or None when none of them decoded. end: the run ends at a
+    :data:`SHARD_END` item.
     """
 
     keys: list
     status: list
     errors: list
     embeddings: np.ndarray | None
+    end: bool = False
 
 
 @dataclass
@@ -142,27 +149,31 @@ def embed_stream(
 
     ``decoder``: from :func:`~pipelines.shards.decode.make_decoder` (worker processes or
     inline). The encoder sees batches of exactly ``batch_size`` decoded images (the last one
-    smaller), so the rows do not depend on the number of decode workers. Yields consecutive
-    :class:`EmbeddedBatch` runs covering every item once; memory holds at most the decoder's
-    prefetch plus one batch of prepared images.
+    smaller, and one ends at each ``(SHARD_END, None)`` item), so the rows do not depend on
+    the number of decode workers. Yields consecutive :class:`EmbeddedBatch` runs covering
+    every item once (SHARD_END items excepted); memory holds at most the decoder's prefetch
+    plus one batch of prepared images. Decoding runs ahead across SHARD_END items.
     """
     encode = getattr(encoder, "encode_prepared", None) or encoder.encode_images
     timing = timing if timing is not None else EmbedTiming()
     keys, status, errors, ready = [], [], [], []
 
-    def flush() -> EmbeddedBatch:
+    def flush(end: bool = False) -> EmbeddedBatch:
         emb = None
         if ready:
             t0 = time.perf_counter()
             emb = np.asarray(encode(ready), dtype=np.float32)
             timing.encode_s += time.perf_counter() - t0
             timing.images += len(ready)
-        batch = EmbeddedBatch(list(keys), list(status), list(errors), emb)
+        batch = EmbeddedBatch(list(keys), list(status), list(errors), emb, end)
         keys.clear(), status.clear(), errors.clear(), ready.clear()
         return batch
 
-    for chunk_keys, results in decoder.imap(items, chunk_size=batch_size):
+    for chunk_keys, results in decoder.imap(items, chunk_size=min(batch_size, DECODE_CHUNK)):
         for key, (st, item) in zip(chunk_keys, results):
+            if key == SHARD_END:
+                yield flush(end=True)
+                continue
             keys.append(key)
             status.append(st)
             errors.append(None if st == STATUS_OK else item)
@@ -174,8 +185,43 @@ def embed_stream(
         yield flush()
 
 
-def embed_shard(
-    shard: str,
+@dataclass
+class ShardRead:
+    """What the reader collected from one input shard (filled ahead of the encoder)."""
+
+    i: int
+    shard: str
+    scan: ShardScan
+    records: list = field(default_factory=list)  # (key, index, nbytes)
+    captions: list = field(default_factory=list)
+    members: list = field(default_factory=list)  # image member names, for error messages
+    problems: list = field(default_factory=list)  # status from the tar alone (no_image, non_utf8_name) or None
+
+
+def shard_items(
+    read: ShardRead, *, image_exts: Sequence[str], text: bool, strict: bool
+) -> Iterator[tuple[str, bytes | None]]:
+    """``(key, image bytes or None)`` of one shard, then ``(SHARD_END, None)``; fills ``read``."""
+    for sample in iter_shard(read.shard, read.scan):
+        problem = sample_problem(sample)
+        read.problems.append(problem)
+        found = None if problem else sample.get(image_exts)
+        if found is None and problem is None and strict:
+            raise PipelineError(
+                f"sample {sample.key!r} in {read.shard} has no image member "
+                f"(looked for {'/'.join(image_exts)}; it has "
+                f"{sorted(sample.members)})"
+            )
+        cap = sample.get(TEXT_EXTS) if text else None
+        read.captions.append(cap[1].decode("utf-8", errors="replace") if cap else "")
+        read.members.append(f"{sample.key}.{found[0]}" if found else sample.key)
+        read.records.append((sample.key, sample.index, sample.nbytes))
+        yield sample.key, (found[1] if found else None)
+    yield SHARD_END, None
+
+
+def embed_shards(
+    shards: Sequence[tuple[int, str]],
     encoder,
     decoder,
     *,
@@ -186,62 +232,54 @@ def embed_shard(
     progress=None,
     on_sample=None,
     timing: EmbedTiming | None = None,
-) -> tuple[pd.DataFrame, np.ndarray | None, np.ndarray | None, ShardScan]:
-    """Embed one shard: (sample table, image rows (m, d) f32, text rows or None, scan).
+) -> Iterator[tuple[int, pd.DataFrame, np.ndarray | None, np.ndarray | None, ShardScan]]:
+    """Embed input shards ``(i, path)`` as one stream (decoding runs ahead into the next
+    shard): per shard ``(i, sample table, image rows (m, d) f32, text rows or None, scan)``.
 
-    Batches never cross shards, so a shard's rows are the same whichever process (local,
-    resumed, Ray worker) computes them and however many decode workers it has.
+    Encoder batches never cross shards, so a shard's rows are the same whichever process
+    (local, resumed, Ray worker) computes them and however many decode workers it has.
+    ``on_sample`` is called once per sample whose result is in (the kill/resume test hook).
     """
-    scan = ShardScan(shard)
-    records, captions, members, problems = [], [], [], []
+    reads: deque[ShardRead] = deque()
 
     def items():
-        for sample in iter_shard(shard, scan):
-            problem = sample_problem(sample)  # no_image / non_utf8_name, from the tar alone
-            problems.append(problem)
-            found = None if problem else sample.get(image_exts)
-            if found is None and problem is None and strict:
-                raise PipelineError(
-                    f"sample {sample.key!r} in {shard} has no image member "
-                    f"(looked for {'/'.join(image_exts)}; it has "
-                    f"{sorted(sample.members)})"
-                )
-            cap = sample.get(TEXT_EXTS) if text else None
-            captions.append(cap[1].decode("utf-8", errors="replace") if cap else "")
-            members.append(f"{sample.key}.{found[0]}" if found else sample.key)
-            records.append((sample.key, sample.index, sample.nbytes))
-            yield sample.key, (found[1] if found else None)
-            if on_sample is not None:
-                on_sample()
+        for i, shard in shards:
+            reads.append(ShardRead(i, shard, ShardScan(shard)))
+            yield from shard_items(reads[-1], image_exts=image_exts, text=text, strict=strict)
 
-    statuses, img_chunks, txt_chunks = [], [], []
     timing = timing if timing is not None else EmbedTiming()
+    statuses, img_chunks, txt_chunks = [], [], []
     for batch in embed_stream(items(), encoder, decoder, batch_size=batch_size, timing=timing):
-        start = len(statuses)
-        statuses.extend(problems[start + j] or st for j, st in enumerate(batch.status))
+        read, start = reads[0], len(statuses)
+        statuses.extend(read.problems[start + j] or st for j, st in enumerate(batch.status))
         if strict:
             for j, (st, err) in enumerate(zip(batch.status, batch.errors)):
                 if st in (UNDECODABLE, TOO_LARGE):
                     what = "undecodable image" if st == UNDECODABLE else "image too large:"
-                    raise PipelineError(f"{what} {members[start + j]} in {shard}: {err}")
-        if batch.embeddings is None:
-            continue
-        img_chunks.append(batch.embeddings)
-        if text:
-            ok = [captions[start + j] for j, st in enumerate(batch.status) if st == STATUS_OK]
-            txt_chunks.append(np.asarray(encoder.encode_texts(ok), dtype=np.float32))
-        if progress is not None:
-            progress.update(len(batch.embeddings))
-            progress.set_postfix_str(_timing_note(timing, decoder), refresh=False)
-    if scan.error and strict:
-        raise PipelineError(scan.error)
-    table = pd.DataFrame(records, columns=["key", "index", "nbytes"])
-    table["status"] = pd.Series(statuses, dtype=object)
-    table["index"] = table["index"].astype(np.int64)
-    table["nbytes"] = table["nbytes"].astype(np.int64)
-    images = np.concatenate(img_chunks) if img_chunks else None
-    texts = np.concatenate(txt_chunks) if txt_chunks else None
-    return table, images, texts, scan
+                    raise PipelineError(f"{what} {read.members[start + j]} in {read.shard}: {err}")
+        if batch.embeddings is not None:
+            img_chunks.append(batch.embeddings)
+            if text:
+                ok = [read.captions[start + j] for j, st in enumerate(batch.status) if st == STATUS_OK]
+                txt_chunks.append(np.asarray(encoder.encode_texts(ok), dtype=np.float32))
+            if progress is not None:
+                progress.update(len(batch.embeddings))
+                progress.set_postfix_str(_timing_note(timing, decoder), refresh=False)
+        if on_sample is not None:
+            for _ in batch.keys:
+                on_sample()
+        if batch.end:
+            reads.popleft()
+            if read.scan.error and strict:
+                raise PipelineError(read.scan.error)
+            table = pd.DataFrame(read.records, columns=["key", "index", "nbytes"])
+            table["status"] = pd.Series(statuses, dtype=object)
+            table["index"] = table["index"].astype(np.int64)
+            table["nbytes"] = table["nbytes"].astype(np.int64)
+            images = np.concatenate(img_chunks) if img_chunks else None
+            texts = np.concatenate(txt_chunks) if txt_chunks else None
+            yield read.i, table, images, texts, read.scan
+            statuses, img_chunks, txt_chunks = [], [], []
 
 
 def _timing_note(timing: EmbedTiming, decoder) -> str:
@@ -400,15 +438,16 @@ class EmbedStage(Stage):
         """This stage's decoder for its encoder (``workers`` overrides the options' count)."""
         encoder = self.encoder_obj()
         options = self.decode if workers is None else replace(self.decode, workers=workers)
-        return make_decoder(encoder, options, device=getattr(encoder, "device", "cpu"), start_method=start_method)
+        return make_decoder(encoder, options, start_method=start_method)
 
-    def embed_one(self, i: int, decoder, progress=None, on_sample=None, timing: EmbedTiming | None = None) -> None:
-        """Embed input shard ``i`` with ``decoder`` (see :meth:`make_decoder`) and save its chunk."""
+    def embed_many(self, todo: Sequence[int], decoder, progress=None, on_sample=None, timing=None) -> None:
+        """Embed input shards ``todo`` with ``decoder`` (see :meth:`make_decoder`) as one
+        stream and save each shard's chunk as soon as it is complete."""
         encoder = self.encoder_obj()
         if self.params["text"] and not getattr(encoder, "has_text", False):
             raise PipelineError("caption embeddings requested (CLIP score) but the encoder has no text tower")
-        table, images, texts, scan = embed_shard(
-            self.shards[i],
+        for i, table, images, texts, scan in embed_shards(
+            [(i, self.shards[i]) for i in todo],
             encoder,
             decoder,
             batch_size=self.params["batch_size"],
@@ -418,23 +457,14 @@ class EmbedStage(Stage):
             progress=progress,
             on_sample=on_sample,
             timing=timing,
-        )
-        dim = None
-        if images is None:  # nothing decodable in this shard: width from another chunk
-            dim = _known_width(self.dir) or _probe_width(encoder)
-        save_chunk(
-            self.dir,
-            i,
-            table,
-            images,
-            texts,
-            scan,
-            dim=dim,
-            dtype=np.dtype(self.params["dtype"]),
-            text=self.params["text"],
-        )
-        if scan.error:
-            tqdm.write(f"[embed] WARNING {scan.error}")
+        ):
+            dim = None
+            if images is None:  # nothing decodable in this shard: width from another chunk
+                dim = _known_width(self.dir) or _probe_width(encoder)
+            dtype = np.dtype(self.params["dtype"])
+            save_chunk(self.dir, i, table, images, texts, scan, dim=dim, dtype=dtype, text=self.params["text"])
+            if scan.error:
+                tqdm.write(f"[embed] WARNING {scan.error}")
 
     def embed_local(self, todo: list[int]) -> None:
         """Embed input shards ``todo`` in this process (decoding in worker processes), in order."""
@@ -445,10 +475,8 @@ class EmbedStage(Stage):
             die_hook("embed", done[0])
 
         timing = EmbedTiming()
-        bar = tqdm(desc="embed", unit="img", disable=not self.progress)
-        with bar, self.make_decoder() as decoder:
-            for i in tqdm(todo, desc="embed shards", unit="shard", disable=not self.progress, leave=False):
-                self.embed_one(i, decoder, progress=bar, on_sample=on_sample, timing=timing)
+        with tqdm(desc="embed", unit="img", disable=not self.progress) as bar, self.make_decoder() as decoder:
+            self.embed_many(todo, decoder, progress=bar, on_sample=on_sample, timing=timing)
             self.throughput = timing.summary(decoder.wait_s)
 
     def load(self) -> EmbedArtifact:
