@@ -175,11 +175,10 @@ def take_per_cluster(
     """Keep mask (n,): the first ``quotas[j]`` rows of cluster j in ``order`` (see
     :func:`dataprune._clusters.cluster_sorted_order`)."""
     walk = cluster_sorted_order(labels, sim, order, seed)
-    sorted_labels = labels[walk]
-    starts = group_bounds(sorted_labels, quotas.shape[0])
-    rank = np.arange(labels.shape[0]) - starts[sorted_labels]
+    starts = group_bounds(labels[walk], quotas.shape[0])  # one (n,) temporary, freed here
     keep = np.zeros(labels.shape[0], dtype=bool)
-    keep[walk[rank < quotas[sorted_labels]]] = True
+    for j in np.flatnonzero(quotas > 0):  # k slices: no per-row rank arrays
+        keep[walk[starts[j] : starts[j] + quotas[j]]] = True
     return keep
 
 

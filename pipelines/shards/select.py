@@ -119,24 +119,43 @@ class SelectStage(Stage):
         return SelectArtifact(self.dir, keep, stats, self.digest)
 
 
-def reason_column(status: pd.Series, row: np.ndarray, reasons: np.ndarray) -> pd.Categorical:
+def distinct_codes(values: np.ndarray) -> tuple[np.ndarray, list]:
+    """(n,) int16 codes and the distinct values of an object array that has few distinct
+    values (one mask per value: no hash table, no int64 code per row)."""
+    codes = np.zeros(values.shape[0], dtype=np.int16)
+    pending = np.ones(values.shape[0], dtype=bool)
+    names: list = []
+    while pending.any():
+        name = values[int(pending.argmax())]
+        mask = values == name
+        codes[mask] = len(names)
+        pending &= ~mask
+        names.append(name)
+    return codes, names
+
+
+def reason_column(status: pd.Series, row: np.ndarray | None, reasons: np.ndarray) -> pd.Categorical:
     """Per sample: the selection's reason (``reasons[row]``) where it has an embedding row,
-    else its ``status``; a categorical (small integer codes, no string per row)."""
-    status = pd.Categorical(status)
-    sel_names = list(pd.unique(reasons))  # a handful of distinct reasons
-    names = list(status.categories) + [r for r in sel_names if r not in set(status.categories)]
-    code_type = np.int8 if len(names) < 128 else np.int32
-    sel_codes = np.zeros(reasons.shape[0], dtype=code_type)  # one mask per reason: no (n,) int64 codes
-    for name in sel_names:
-        sel_codes[reasons == name] = names.index(name)
-    if row is None:  # sample i is embedding row i
-        codes = sel_codes
-    else:
-        codes = status.codes.astype(code_type)
+    else its ``status`` (``row=None``: sample i is embedding row i); a categorical with the
+    used reasons as sorted categories (small integer codes, no string per row)."""
+    codes, names = distinct_codes(reasons)
+    if row is not None:
         has = row >= 0
-        codes[has] = sel_codes[row[has]]
-    del sel_codes
-    return pd.Categorical.from_codes(codes, categories=names).remove_unused_categories()
+        status = pd.Categorical(status)
+        status_codes = status.codes[~has]  # the samples without an embedding (usually few)
+        remap = np.full(len(status.categories), -1, dtype=np.int16)
+        for c in np.unique(status_codes):
+            name = status.categories[c]
+            names += [] if name in names else [name]
+            remap[c] = names.index(name)
+        all_codes = np.empty(row.shape[0], dtype=np.int16)
+        all_codes[has] = codes[row[has]]
+        all_codes[~has] = remap[status_codes]
+        codes = all_codes
+    order = sorted(range(len(names)), key=names.__getitem__)
+    perm = np.empty(len(names), dtype=np.int16)
+    perm[order] = np.arange(len(names), dtype=np.int16)
+    return pd.Categorical.from_codes(perm[codes], categories=[names[i] for i in order])
 
 
 def is_identity(row: np.ndarray, block: int = 1 << 20) -> bool:
