@@ -22,6 +22,8 @@ from ._clusters import check_embeddings, cluster_sorted_order, ensure_clustering
 from .selection import Selection
 from .ssp import ssp_scores
 
+BLOCK = 1 << 20  # rows per bincount block (bounded float64 temporaries)
+
 
 def cluster_complexity(
     emb, clustering: Clustering, *, n_neighbors: int = 20
@@ -35,10 +37,14 @@ def cluster_complexity(
     if isinstance(n_neighbors, bool) or not isinstance(n_neighbors, numbers.Integral) or n_neighbors < 1:
         raise ValueError(f"n_neighbors must be a positive integer, got {n_neighbors!r}")
     k = clustering.k
-    dist = ssp_scores(emb, clustering).astype(np.float64)
+    dist = ssp_scores(emb, clustering)  # (n,) float32; summed per cluster in float64, in blocks
+    sums = np.zeros(k, dtype=np.float64)
+    for s in range(0, dist.shape[0], BLOCK):
+        sums += np.bincount(clustering.labels[s : s + BLOCK], weights=dist[s : s + BLOCK], minlength=k)
+    del dist
     sizes = clustering.sizes
     with np.errstate(invalid="ignore", divide="ignore"):
-        d_intra = np.bincount(clustering.labels, weights=dist, minlength=k) / sizes
+        d_intra = sums / sizes
     d_inter = np.full(k, np.nan)
     n_nb = min(n_neighbors, k - 1)
     if n_nb > 0:
@@ -175,11 +181,10 @@ def take_per_cluster(
     """Keep mask (n,): the first ``quotas[j]`` rows of cluster j in ``order`` (see
     :func:`dataprune._clusters.cluster_sorted_order`)."""
     walk = cluster_sorted_order(labels, sim, order, seed)
-    sorted_labels = labels[walk]
-    starts = group_bounds(sorted_labels, quotas.shape[0])
-    rank = np.arange(labels.shape[0]) - starts[sorted_labels]
+    starts = group_bounds(labels[walk], quotas.shape[0])  # one (n,) temporary, freed here
     keep = np.zeros(labels.shape[0], dtype=bool)
-    keep[walk[rank < quotas[sorted_labels]]] = True
+    for j in np.flatnonzero(quotas > 0):  # k slices: no per-row rank arrays
+        keep[walk[starts[j] : starts[j] + quotas[j]]] = True
     return keep
 
 

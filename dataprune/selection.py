@@ -51,8 +51,9 @@ class Selection:
             self.scores = np.full(n, np.nan, dtype=np.float32)
         self.scores = np.array(self.scores, dtype=np.float32)
         if self.reasons is None:
-            self.reasons = reasons_array(self.keep, "dropped")
-        self.reasons = np.array(self.reasons, dtype=object)
+            self.reasons = reasons_array(self.keep, "dropped")  # fresh: no copy needed
+        else:
+            self.reasons = np.array(self.reasons, dtype=object)
         if self.scores.shape != (n,) or self.reasons.shape != (n,):
             raise ValueError(f"scores {self.scores.shape} and reasons {self.reasons.shape} must match keep ({n},)")
         self.reasons[self.keep] = KEPT
@@ -60,8 +61,9 @@ class Selection:
     @classmethod
     def from_mask(cls, keep: np.ndarray, reason: str, scores=None, stats=None) -> Selection:
         """Selection whose dropped rows all carry ``reason``."""
-        keep = np.asarray(keep, dtype=bool)
-        return cls(keep=keep, scores=scores, reasons=reasons_array(keep, reason), stats=dict(stats or {}))
+        sel = cls(keep=keep, scores=scores, stats=dict(stats or {}))
+        sel.reasons[~sel.keep] = reason  # one reasons array, built in place (8 bytes/row)
+        return sel
 
     @classmethod
     def keep_all(cls, n: int) -> Selection:

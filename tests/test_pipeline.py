@@ -490,39 +490,14 @@ def test_corrupt_and_missing_inputs_are_counted_not_fatal(bad_shards, tmp_path):
     table = res.table()
     assert "1 missing image" in table and "1 undecodable" in table and "1 corrupt" in table
 
+    opts = dict(encoder=enc, clusters=3, steps=[{"method": "random", "keep": 0.5}], progress=False)
     with pytest.raises(ShardError, match="corrupt tar .*c.tar"):  # found by the header scan, before embedding
-        run_filter(
-            shards,
-            tmp_path / "strict_corrupt",
-            encoder=enc,
-            clusters=3,
-            strict=True,
-            steps=[{"method": "random", "keep": 0.5}],
-            progress=False,
-            log=lambda *_: None,
-        )
+        run_filter(shards, tmp_path / "strict_corrupt", strict=True, log=lambda *_: None, **opts)
     assert not (tmp_path / "strict_corrupt" / "embed" / "chunks").exists()
     with pytest.raises(PipelineError, match="no image member"):
-        run_filter(
-            shards[:2],
-            tmp_path / "strict",
-            encoder=enc,
-            clusters=3,
-            strict=True,
-            steps=[{"method": "random", "keep": 0.5}],
-            progress=False,
-            log=lambda *_: None,
-        )
+        run_filter(shards[:2], tmp_path / "strict", strict=True, log=lambda *_: None, **opts)
     with pytest.raises(ShardError, match="duplicate keys"):  # from the tar headers, before embedding
-        run_filter(
-            [shards[0], str(bad_shards / "d.tar")],
-            tmp_path / "dup",
-            encoder=enc,
-            clusters=3,
-            steps=[{"method": "random", "keep": 0.5}],
-            progress=False,
-            log=lambda *_: None,
-        )
+        run_filter([shards[0], str(bad_shards / "d.tar")], tmp_path / "dup", log=lambda *_: None, **opts)
 
 
 def test_cli_reports_clear_errors(shard_dir, tmp_path, capsys):

@@ -439,3 +439,17 @@ def test_api_rejects_bad_cluster_labels_and_nan_similarities():
     with pytest.raises(ValueError, match="non-finite value.*row 2"):
         semdedup(emb, 0.1, clustering=nan_sim)
     assert semdedup(emb, 0.1, clustering=good).keep.shape == (20,)
+
+
+# --------------------------------------------------------------------------- the memory benchmark runs
+
+
+def test_memory_benchmark_prints_bytes_per_row():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, str(REPO / "benchmarks" / "pipeline_memory.py"), "--sizes", "20000", "--clusters", "10"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    row = [line for line in r.stdout.splitlines() if line.startswith("| 20,000 |")]
+    assert len(row) == 1
+    cells = [c.strip() for c in row[0].strip("|").split("|")]
+    assert float(cells[5]) > 0 and "<= 100" in cells[7]  # bytes/row measured, target named

@@ -10,13 +10,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from prunecore.cluster import Clustering, kmeans
+from prunecore.io import atomic_path
 
 from .embed import EmbedArtifact
-from .stage import PipelineError, Stage, save_npy, save_parquet
+from .stage import PipelineError, Stage, save_npy
 
 
 @dataclass
@@ -26,6 +27,19 @@ class ClusterArtifact:
     dir: Path
     clustering: Clustering
     fingerprint: str
+
+
+def save_assignment(path: Path, clu: Clustering, block: int = 1 << 20) -> None:
+    """Publish ``assign.parquet`` (row, cluster, sim; k-means params in the schema) atomically,
+    one row group of ``block`` rows at a time (no whole-length temporary)."""
+    meta = {b"kmeans": json.dumps(clu.params, default=str).encode()}
+    schema = pa.schema([("row", pa.int64()), ("cluster", pa.int64()), ("sim", pa.float32())], metadata=meta)
+    n = clu.labels.shape[0]
+    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+        for s in range(0, n, block):
+            e = min(s + block, n)
+            cols = {"row": np.arange(s, e, dtype=np.int64), "cluster": clu.labels[s:e], "sim": clu.sim[s:e]}
+            writer.write_table(pa.table(cols, schema=schema))
 
 
 class ClusterStage(Stage):
@@ -71,11 +85,7 @@ class ClusterStage(Stage):
             device=self.device,
         )
         save_npy(self.dir / "centroids.npy", clu.centroids)
-        save_parquet(
-            self.dir / "assign.parquet",
-            pd.DataFrame({"row": np.arange(n, dtype=np.int64), "cluster": clu.labels, "sim": clu.sim}),
-            {"kmeans": clu.params},
-        )
+        save_assignment(self.dir / "assign.parquet", clu)
         sizes = clu.sizes
         self.computed = clu  # load() returns it instead of reading assign.parquet back
         return {

@@ -119,39 +119,75 @@ class SelectStage(Stage):
         return SelectArtifact(self.dir, keep, stats, self.digest)
 
 
-def reason_column(status: pd.Series, row: np.ndarray, reasons: np.ndarray) -> pd.Categorical:
+def distinct_codes(values: np.ndarray) -> tuple[np.ndarray, list]:
+    """(n,) int16 codes and the distinct values of an object array that has few distinct
+    values (one mask per value: no hash table, no int64 code per row)."""
+    codes = np.zeros(values.shape[0], dtype=np.int16)
+    pending = np.ones(values.shape[0], dtype=bool)
+    names: list = []
+    while pending.any():
+        name = values[int(pending.argmax())]
+        mask = values == name
+        codes[mask] = len(names)
+        pending &= ~mask
+        names.append(name)
+    return codes, names
+
+
+def reason_column(status: pd.Series, row: np.ndarray | None, reasons: np.ndarray) -> pd.Categorical:
     """Per sample: the selection's reason (``reasons[row]``) where it has an embedding row,
-    else its ``status``; a categorical (small integer codes, no string per row)."""
-    status = pd.Categorical(status)
-    sel_codes, sel_names = pd.factorize(reasons)
-    names = list(status.categories) + [r for r in sel_names if r not in set(status.categories)]
-    lookup = np.array([names.index(r) for r in sel_names], dtype=np.int32)
-    codes = status.codes.astype(np.int32)
-    has = row >= 0
-    codes[has] = lookup[sel_codes[row[has]]]
-    return pd.Categorical.from_codes(codes, categories=names).remove_unused_categories()
+    else its ``status`` (``row=None``: sample i is embedding row i); a categorical with the
+    used reasons as sorted categories (small integer codes, no string per row)."""
+    codes, names = distinct_codes(reasons)
+    if row is not None:
+        has = row >= 0
+        status = pd.Categorical(status)
+        status_codes = status.codes[~has]  # the samples without an embedding (usually few)
+        remap = np.full(len(status.categories), -1, dtype=np.int16)
+        for c in np.unique(status_codes):
+            name = status.categories[c]
+            names += [] if name in names else [name]
+            remap[c] = names.index(name)
+        all_codes = np.empty(row.shape[0], dtype=np.int16)
+        all_codes[has] = codes[row[has]]
+        all_codes[~has] = remap[status_codes]
+        codes = all_codes
+    order = sorted(range(len(names)), key=names.__getitem__)
+    perm = np.empty(len(names), dtype=np.int16)
+    perm[order] = np.arange(len(names), dtype=np.int16)
+    return pd.Categorical.from_codes(perm[codes], categories=[names[i] for i in order])
+
+
+def is_identity(row: np.ndarray, block: int = 1 << 20) -> bool:
+    """Whether ``row`` is ``0, 1, ..., n-1`` (checked in blocks: no (n,) temporary)."""
+    n = row.shape[0]
+    return all(np.array_equal(row[s : s + block], np.arange(s, min(s + block, n))) for s in range(0, n, block))
 
 
 def build_keep_list(keys: pd.DataFrame, sel, clustering: Clustering) -> pd.DataFrame:
     """One row per input sample (input order): key, shard, kept, reason, cluster, score,
     plus row (embedding row or -1), shard_idx, index and nbytes (for the write stage).
 
-    Per-row memory stays small: key/shard are the sample table's own columns (Arrow strings,
-    categorical), reason is categorical, the rest fixed-width numbers."""
+    Per-row memory stays small: key/shard/row/... are the sample table's own columns
+    (Arrow strings, categoricals, shared numpy buffers), reason is categorical, and when
+    sample i is embedding row i the selection's arrays are used as they are."""
     row = keys["row"].to_numpy(np.int64)
-    has = row >= 0
-    kept = np.zeros(len(keys), dtype=bool)
-    cluster = np.full(len(keys), -1, dtype=np.int64)
-    score = np.full(len(keys), np.nan, dtype=np.float32)
-    kept[has] = sel.keep[row[has]]
-    cluster[has] = clustering.labels[row[has]]
-    score[has] = sel.scores[row[has]]
+    if is_identity(row) and row.shape[0] == sel.n:
+        kept, cluster, score, reason_rows = sel.keep, clustering.labels, sel.scores, None
+    else:
+        has = row >= 0
+        rows = row[has]
+        kept = np.zeros(len(keys), dtype=bool)
+        cluster = np.full(len(keys), -1, dtype=np.int64)
+        score = np.full(len(keys), np.nan, dtype=np.float32)
+        kept[has], cluster[has], score[has] = sel.keep[rows], clustering.labels[rows], sel.scores[rows]
+        reason_rows = row
     return pd.DataFrame(  # copy=False: the sample table's columns are shared, not copied
         {
             "key": keys["key"],
             "shard": keys["shard"],
             "kept": kept,
-            "reason": reason_column(keys["status"], row, sel.reasons),
+            "reason": reason_column(keys["status"], reason_rows, sel.reasons),
             "cluster": cluster,
             "score": score,
             "row": keys["row"],
