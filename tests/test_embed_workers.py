@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, artifact_bytes
 from PIL import Image
 
 from pipelines.encoders import OpenClipEncoder, PixelProjectionEncoder
@@ -98,11 +98,6 @@ def jpeg_shards(tmp_path_factory):
         samples.insert(30, (f"s{s}_noimg", {"txt": b"caption only"}))
         write_tar(root / f"{s:05d}.tar", samples)
     return str(root / "{00000..00001}.tar")
-
-
-def artifact_bytes(out: Path) -> dict[str, bytes]:
-    files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != "_stage.json")
-    return {str(p.relative_to(out)): p.read_bytes() for p in files}
 
 
 # --------------------------------------------------------------------------- decode
