@@ -7,7 +7,7 @@ float16 (``out_dtype``). Precomputed arrays are opened with :func:`prunecore.row
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -17,6 +17,7 @@ from .device import resolve_device
 from .models import load_open_clip, load_tokenizer, load_transformers
 
 __all__ = [
+    "batched",
     "embed_images",
     "embed_pixels",
     "embed_texts_clip",
@@ -28,7 +29,8 @@ __all__ = [
 ]
 
 
-def _batched(items: Iterable, batch_size: int) -> Iterable[list]:
+def batched(items: Iterable, batch_size: int) -> Iterator[list]:
+    """Consecutive lists of ``batch_size`` items (the last one shorter)."""
     batch = []
     for item in items:
         batch.append(item)
@@ -85,7 +87,7 @@ def embed_images(
     chunks = []
     width = 0
     for batch in tqdm(
-        _batched(images, batch_size),
+        batched(images, batch_size),
         desc="embed images",
         disable=not progress,
         total=None if total is None else -(-total // batch_size),
@@ -111,7 +113,7 @@ def embed_texts_clip(
     dev = resolve_device(device)
     chunks = []
     width = 0
-    for batch in tqdm(_batched(texts, batch_size), desc="embed texts", disable=not progress):
+    for batch in tqdm(batched(texts, batch_size), desc="embed texts", disable=not progress):
         feats = model.encode_text(tokenizer(list(batch)).to(dev)).float()
         feats = torch.nn.functional.normalize(feats, dim=-1)
         chunks.append(feats.cpu().numpy())
@@ -151,7 +153,7 @@ def embed_texts_hf(
     """
     dev = resolve_device(device)
     chunks = []
-    for batch in tqdm(_batched(texts, batch_size), desc="embed texts", disable=not progress):
+    for batch in tqdm(batched(texts, batch_size), desc="embed texts", disable=not progress):
         enc = tokenizer(list(batch), padding=True, truncation=True, max_length=max_length, return_tensors="pt").to(dev)
         hidden = model(**enc).last_hidden_state
         pooled = torch.nn.functional.normalize(mean_pool(hidden, enc["attention_mask"]).float(), dim=-1)

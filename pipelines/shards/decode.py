@@ -25,6 +25,8 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
+from prunecore.embed import batched
+
 from .stage import MISSING_IMAGE, STATUS_OK, UNDECODABLE
 
 TOO_LARGE = "too_large"
@@ -171,17 +173,6 @@ def _decode_chunk(datas: list) -> list[tuple[str, object]]:
     return _WORKER_DECODER.chunk(datas)
 
 
-def chunked(items: Iterable, size: int) -> Iterator[list]:
-    chunk = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
 class DecodePool:
     """Ordered, bounded decoding of ``(key, bytes)`` streams in ``workers`` processes.
 
@@ -211,7 +202,7 @@ class DecodePool:
             )
 
     def imap(self, items: Iterable[tuple[str, bytes | None]], chunk_size: int) -> Iterator[tuple[list, list]]:
-        chunks = chunked(items, max(int(chunk_size), 1))
+        chunks = batched(items, max(int(chunk_size), 1))
         if self.executor is None:
             for chunk in chunks:
                 t0 = time.perf_counter()
@@ -304,7 +295,7 @@ class TorchJpegDecoder:
         return results
 
     def imap(self, items, chunk_size: int):
-        for chunk in chunked(items, max(int(chunk_size), 1)):
+        for chunk in batched(items, max(int(chunk_size), 1)):
             t0 = time.perf_counter()
             results = self.chunk([d for _, d in chunk])
             self.wait_s += time.perf_counter() - t0
