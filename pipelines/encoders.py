@@ -75,8 +75,9 @@ def split_preprocess(preprocess) -> tuple[list, tuple, tuple]:
 def uint8_batch(items: Sequence, device: torch.device) -> torch.Tensor:
     """Stack uint8 (H, W, 3) arrays/tensors into (B, H, W, 3) on ``device``; on CUDA through
     pinned memory with a non-blocking copy."""
-    if not all(isinstance(x, np.ndarray) for x in items):
-        return torch.stack([torch.as_tensor(x).to(device, non_blocking=True) for x in items])
+    if not all(isinstance(x, np.ndarray) for x in items):  # GPU-decoded tensors + CPU fallbacks
+        tensors = [torch.from_numpy(np.array(x)) if isinstance(x, np.ndarray) else x for x in items]
+        return torch.stack([t.to(device, non_blocking=True) for t in tensors])
     if device.type != "cuda":
         return torch.from_numpy(np.stack(items))
     host = torch.empty((len(items), *items[0].shape), dtype=torch.uint8, pin_memory=True)
