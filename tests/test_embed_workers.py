@@ -287,17 +287,9 @@ def test_too_large_images_are_counted_and_reasoned(tmp_path):
     samples = [(f"small_{i}", {"jpg": jpeg(photo(rng, 100, 80))}) for i in range(6)]
     samples.insert(2, ("huge", {"jpg": jpeg(photo(rng, 1200, 1000))}))
     write_tar(tmp_path / "a.tar", samples)
-    res = run_filter(
-        str(tmp_path / "a.tar"),
-        tmp_path / "out",
-        encoder=PixelProjectionEncoder(dim=16),
-        clusters=2,
-        steps=[{"method": "random", "keep": 0.5}],
-        jpeg_draft=0,
-        max_pixels=1_000_000,
-        progress=False,
-        log=lambda *_: None,
-    )
+    kw = dict(encoder=PixelProjectionEncoder(dim=16), clusters=2, steps=[{"method": "random", "keep": 0.5}])
+    kw.update(jpeg_draft=0, max_pixels=1_000_000, progress=False, log=lambda *_: None)
+    res = run_filter(str(tmp_path / "a.tar"), tmp_path / "out", **kw)
     assert res.stages["embed"].summary["too_large"] == 1
     keep = res.keep.set_index("key")
     assert keep.loc["huge", "reason"] == TOO_LARGE and not keep.loc["huge", "kept"]
@@ -305,18 +297,7 @@ def test_too_large_images_are_counted_and_reasoned(tmp_path):
     from pipelines.shards import PipelineError
 
     with pytest.raises(PipelineError, match="image too large: huge.jpg"):
-        run_filter(
-            str(tmp_path / "a.tar"),
-            tmp_path / "strict",
-            encoder=PixelProjectionEncoder(dim=16),
-            clusters=2,
-            steps=[{"method": "random", "keep": 0.5}],
-            jpeg_draft=0,
-            max_pixels=1_000_000,
-            strict=True,
-            progress=False,
-            log=lambda *_: None,
-        )
+        run_filter(str(tmp_path / "a.tar"), tmp_path / "strict", strict=True, **kw)
 
 
 # --------------------------------------------------------------------------- memory

@@ -137,27 +137,26 @@ class RayExecutor:
 
 class EmbedActor:
     """A Ray Data actor: the encoder loaded once, a decode pool of ``workers`` spawned
-    processes; ``__call__`` embeds the input shards of a batch ``{"i": [...]}``."""
+    processes (they exit with the actor)."""
 
     def __init__(self, stage, workers: int):
         self.stage = stage
         self.decoder = stage.make_decoder(workers=workers, start_method="spawn")
 
     def __call__(self, batch: dict) -> dict:
+        """Embed input shards ``batch["i"]`` as one stream; one row of timings back."""
         import time
 
         from pipelines.shards.embed import EmbedTiming
 
-        out = {"i": [], "images": [], "wall_s": [], "decode_wait_s": [], "encode_s": []}
-        for i in batch["i"]:
-            timing, wait0, t0 = EmbedTiming(), self.decoder.wait_s, time.perf_counter()
-            self.stage.embed_many([int(i)], self.decoder, timing=timing)
-            for name, value in zip(
-                out,
-                (int(i), timing.images, time.perf_counter() - t0, self.decoder.wait_s - wait0, timing.encode_s),
-            ):
-                out[name].append(value)
-        return {k: np.asarray(v) for k, v in out.items()}
+        timing, wait0 = EmbedTiming(), self.decoder.wait_s
+        self.stage.embed_many([int(i) for i in batch["i"]], self.decoder, timing=timing)
+        return {
+            "images": np.array([timing.images]),
+            "wall_s": np.array([time.perf_counter() - timing.start]),
+            "decode_wait_s": np.array([self.decoder.wait_s - wait0]),
+            "encode_s": np.array([timing.encode_s]),
+        }
 
 
 class _WriterSpec:
