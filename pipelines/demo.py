@@ -9,8 +9,10 @@
    digits (at most 10 epochs or 20 s on CPU) and uses its centred 32-d bottleneck.
    A user runs the same pipeline with an open_clip model instead
    (``prunekit filter ... --model ViT-B-32 --pretrained PATH``).
-3. Runs the pipeline (embed -> cluster -> SemDeDup -> DBP -> write) into ``--out``, writes
-   the HTML report, and prints a summary table. Rerunning skips every finished stage.
+3. Runs the pipeline (embed -> cluster -> SemDeDup -> DBP -> write) into ``--out/filter``
+   (the input shards and the encoder lie beside it, in ``--out``: prunekit refuses inputs
+   inside its output folder), writes the HTML report, and prints a summary table. Rerunning
+   skips every finished stage.
 
 Usage: ``python -m pipelines.demo --out demo_out``.
 """
@@ -217,9 +219,10 @@ def main(argv=None) -> int:
         {"method": "semdedup", "eps": args.eps},
         {"method": "dbp", "keep": args.keep, "temperature": args.temperature, "seed": args.seed},
     ]
+    filter_out = args.out / "filter"  # prunekit's folder; the inputs and the encoder lie beside it
     result = run_filter(
         shards,
-        args.out,
+        filter_out,
         encoder=encoder,
         clusters=args.clusters,
         seed=args.seed,
@@ -241,10 +244,10 @@ def main(argv=None) -> int:
     if not args.no_report:
         from .shards.report import write_report
 
-        print(f"report: {write_report(args.out)}")
+        print(f"report: {write_report(filter_out)}")
     print(
-        f"keep-list: {args.out / 'select' / 'keep.parquet'}; filtered shards: "
-        f"{args.out / 'write'}; total {time.perf_counter() - t0:.1f} s"
+        f"keep-list: {filter_out / 'select' / 'keep.parquet'}; filtered shards: "
+        f"{filter_out / 'write'}; total {time.perf_counter() - t0:.1f} s"
     )
     return 0
 
