@@ -11,7 +11,14 @@ photos shipped with scikit-learn and matplotlib — randomly cropped, flipped an
 * the bound: ``min(b, c)`` where decode and encode have their own hardware (GPU), and
   ``1 / (1/b + 1/c)`` on a CPU where they share the cores; the ratio (a) / bound,
 * the old serial path (511e02a: decode, preprocess and encode one after another in one
-  process) for the before/after.
+  process) for the before/after,
+* with ``--gpu-decode``: (a) and (c) again with batched torchvision JPEG decoding on the
+  encoder's device (nvjpeg on CUDA; ``TorchJpegDecoder``), rows "gpu" in the table.
+
+``--device cuda``: the encoder runs in ``--precision`` on the GPU, every variant is run once
+untimed first (warm-up), and the clocks are read after ``torch.cuda.synchronize()``; the bound
+is then ``min(b, c)`` (decode on the CPU cores, encode on the GPU). On the CPU (the default) the
+bound is ``1 / (1/b + 1/c)`` and nothing is warmed up, as before.
 
 Under load from other processes the wall-clock rates depend on the scheduler's share per
 process, so every variant's CPU time (this process + its finished decode workers) is
@@ -23,6 +30,8 @@ open_clip models (no download): a small ViT and ViT-B-32. Also: how far JPEG dra
 moves the embeddings (cosine to the full-decode embedding) and the encoder input pixels.
 
     PYTHONPATH=. python benchmarks/embed_throughput.py [--images 600] [--rounds 3]
+    PYTHONPATH=. python benchmarks/embed_throughput.py --device cuda --precision bf16 --models ViT-B-32 --gpu-decode
+    PYTHONPATH=. python benchmarks/embed_throughput.py --quick   # seconds: 24 images, 1 round, small ViT
 """
 
 from __future__ import annotations
@@ -44,9 +53,17 @@ import torch
 from PIL import Image
 
 from pipelines.encoders import OpenClipEncoder
-from pipelines.shards.decode import DecodeOptions, DecodePool, ImageDecoder, available_cores, decode_image
+from pipelines.shards.decode import (
+    DecodeOptions,
+    DecodePool,
+    ImageDecoder,
+    available_cores,
+    decode_image,
+    make_decoder,
+)
 from pipelines.shards.embed import EmbedStage
 from pipelines.shards.tario import iter_shard
+from prunecore.device import resolve_device
 from prunecore.embed import embed_images
 
 SMALL_VIT = {
@@ -131,16 +148,38 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def timed_both(fn) -> tuple[float, float]:
-    """(wall seconds, CPU seconds incl. finished child processes) of ``fn()``."""
+def synchronizer(device: torch.device):
+    """What to call before reading a clock: ``torch.cuda.synchronize`` on CUDA (queued GPU work
+    finishes first), nothing on the CPU."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def timed_both(fn, sync=lambda: None) -> tuple[float, float]:
+    """(wall seconds, CPU seconds incl. finished child processes) of ``fn()``; ``sync()`` runs
+    before both clock readings."""
+    sync()
     c0, t0 = cpu_seconds(), time.perf_counter()
     fn()
+    sync()
     return time.perf_counter() - t0, cpu_seconds() - c0
 
 
-def run_stage(root: Path, shards, encoder, batch: int, workers: int, draft: float, tag: str) -> None:
+def bound_of(b: float, c: float, device: torch.device) -> float:
+    """images/s the embed stage can reach at best: ``min(b, c)`` when encode has its own
+    hardware (a GPU) and decode the CPU cores; ``1 / (1/b + 1/c)`` when both share the CPU."""
+    return min(b, c) if device.type == "cuda" else 1 / (1 / b + 1 / c)
+
+
+def bound_rule(device: torch.device) -> str:
+    """The formula :func:`bound_of` uses on ``device``, for the printed table."""
+    return "min(b,c)" if device.type == "cuda" else "1/(1/b+1/c)"
+
+
+def run_stage(root: Path, shards, encoder, batch: int, workers: int, draft: float, tag: str, gpu: bool = False) -> None:
     out = root / f"out_{tag}_{time.monotonic_ns()}"
-    options = DecodeOptions(workers=workers, draft=draft)
+    options = DecodeOptions(workers=workers, draft=draft, gpu=gpu)
     EmbedStage(out, shards, encoder, batch_size=batch, decode=options, progress=False).run(log=lambda *_: None)
 
 
@@ -155,17 +194,26 @@ def run_decode(decoder: ImageDecoder, items: list, workers: int, batch: int) -> 
             pass
 
 
+def run_gpu_decode(encoder, items: list, draft: float, batch: int) -> None:
+    """(c) with ``--gpu-decode``: batched torchvision JPEG decode + resize/crop on the
+    encoder's device (the embed stage's ``TorchJpegDecoder``)."""
+    with make_decoder(encoder, DecodeOptions(draft=draft, gpu=True)) as decoder:
+        for _ in decoder.imap(iter(items), chunk_size=batch):
+            pass
+
+
 def run_old_serial(shards, encoder, batch: int) -> None:
     """The 511e02a embed loop: decode (full), preprocess per image, encode, one process."""
+    device = str(encoder.device)
     for shard in shards:
         images = []
         for sample in iter_shard(shard):
             images.append(decode_image(sample.get(("jpg",))[1]))
             if len(images) == batch:
-                embed_images(encoder.model, images, encoder.preprocess, batch_size=batch, device="cpu", progress=False)
+                embed_images(encoder.model, images, encoder.preprocess, batch_size=batch, device=device, progress=False)
                 images = []
         if images:
-            embed_images(encoder.model, images, encoder.preprocess, batch_size=batch, device="cpu", progress=False)
+            embed_images(encoder.model, images, encoder.preprocess, batch_size=batch, device=device, progress=False)
 
 
 def draft_effect(encoder, jpegs: list[bytes], factors=(1.0, 2.0)) -> list[dict]:
@@ -215,23 +263,34 @@ def bench_model(name: str, encoder, shards, jpegs, args, root: Path) -> list[dic
         variants[f"a w{w} t{t}"] = (t, lambda w=w: run_stage(root, shards, encoder, batch, w, args.draft, name))
         variants[f"c w{w}"] = (1, lambda w=w: run_decode(decoder, items, w, batch))
     for t in args.threads:
+        if args.gpu_decode:
+            variants[f"a wgpu t{t}"] = (t, lambda: run_stage(root, shards, encoder, batch, 1, args.draft, name, True))
         variants[f"b t{t}"] = (t, lambda: run_encoder(encoder, prepared, batch))
         variants[f"old t{t}"] = (t, lambda: run_old_serial(shards, encoder, batch))
+    if args.gpu_decode:
+        variants["c wgpu"] = (1, lambda: run_gpu_decode(encoder, items, args.draft, batch))
+    sync = synchronizer(encoder.device)
+    if encoder.device.type == "cuda":  # warm-up: CUDA context, cuDNN/cuBLAS plans, nvjpeg handles
+        for threads, fn in variants.values():
+            torch.set_num_threads(threads)
+            timed_both(fn, sync)
     times: dict[str, list[float]] = {k: [] for k in variants}
     cpu: dict[str, list[float]] = {k: [] for k in variants}
     for r in range(args.rounds):
         for key, (threads, fn) in variants.items():
             torch.set_num_threads(threads)
-            wall, cpus = timed_both(fn)
+            wall, cpus = timed_both(fn, sync)
             times[key].append(wall)
             cpu[key].append(cpus)
         print(f"  {name} round {r + 1}/{args.rounds} done (load {os.getloadavg()[0]:.1f})", flush=True)
     rate = {k: n / statistics.median(v) for k, v in times.items()}
     per_cpu = {k: statistics.median(v) / n for k, v in cpu.items()}  # CPU seconds per image
     rows = []
+    if args.gpu_decode:
+        configs += [("gpu", t) for t in args.threads]
     for w, t in configs:
         a, b, c = rate[f"a w{w} t{t}"], rate[f"b t{t}"], rate[f"c w{w}"]
-        bound = 1 / (1 / b + 1 / c)
+        bound = bound_of(b, c, encoder.device)
         cpu_ratio = (per_cpu[f"b t{t}"] + per_cpu[f"c w{w}"]) / per_cpu[f"a w{w} t{t}"]
         rows.append(
             {
@@ -261,7 +320,14 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[1], help="torch thread counts to measure")
     ap.add_argument("--draft", type=float, default=DecodeOptions.draft, help="JPEG draft factor of the runs")
     ap.add_argument("--models", nargs="+", default=["small-vit", "ViT-B-32"])
+    ap.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu", help="where the encoder runs")
+    ap.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32", help="open_clip precision")
+    ap.add_argument("--gpu-decode", action="store_true", help="also (a) and (c) with JPEG decode on --device")
+    ap.add_argument("--quick", action="store_true", help="seconds: 24 images, 2 shards, 1 round, small ViT, 1 worker")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.images, args.shards, args.rounds, args.models, args.workers = 24, 2, 1, ["small-vit"], [1]
+    device = resolve_device(args.device)
 
     load0 = os.getloadavg()
     photos = source_photos()
@@ -279,20 +345,26 @@ def main(argv=None) -> None:
             if model == "small-vit":
                 cfg = root / "prunekit-bench-small-vit.json"
                 cfg.write_text(json.dumps(SMALL_VIT))
-                encoder = OpenClipEncoder(str(cfg), device="cpu")
+                encoder = OpenClipEncoder(str(cfg), device=str(device), precision=args.precision)
             else:
-                encoder = OpenClipEncoder(model, device="cpu")
+                encoder = OpenClipEncoder(model, device=str(device), precision=args.precision)
             rows += bench_model(model, encoder, shards, jpegs, args, root)
             torch.set_num_threads(available_cores())
             drafts += [{"model": model, **d} for d in draft_effect(encoder, jpegs[:200])]
     load1 = os.getloadavg()
     print(f"\nload average: {load0[0]:.1f} at start, {load1[0]:.1f} at end (1-minute)")
+    on_gpu = device.type == "cuda"
+    where = f"{device} ({torch.cuda.get_device_name(device)})" if on_gpu else str(device)
+    sharing = "encode on the GPU, decode on the CPU cores" if on_gpu else "decode and encode share the CPU cores"
     print(
-        f"\nbatch {args.batch_size}, JPEG draft {args.draft}, medians of {args.rounds} interleaved rounds, images/s\n"
+        f"\ndevice {where}, precision {args.precision}, batch {args.batch_size}, JPEG draft {args.draft}, "
+        f"medians of {args.rounds} interleaved rounds{', after a warm-up round' if on_gpu else ''}, images/s; "
+        f"bound = {bound_rule(device)} ({sharing})"
+        f"{'; decode workers gpu = batched torchvision JPEG decode on the device' if args.gpu_decode else ''}\n"
     )
     print(
         "| model | decode workers | torch threads | (a) embed stage | (b) encoder alone | (c) decode alone "
-        "| bound 1/(1/b+1/c) | (a)/bound | (a)/bound, CPU time | old serial | (a)/old | (a)/old, CPU time |"
+        f"| bound {bound_rule(device)} | (a)/bound | (a)/bound, CPU time | old serial | (a)/old | (a)/old, CPU time |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
