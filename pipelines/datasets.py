@@ -864,6 +864,65 @@ class DatasetWriteStage(Stage):
         return manifest
 
 
+# --------------------------------------------------------------------------- the report's images
+
+
+def recorded_image_cells(dataset_record: dict, column: str, rows: Sequence[int]) -> dict[int, bytes | None]:
+    """Encoded images of ``rows`` (row indices) in ``column`` of the dataset a run read.
+
+    dataset_record: :meth:`DatasetInput.fingerprint` as the embed stage recorded it. A
+    map-style dataset is reopened from its Arrow files (memory-mapped; only the asked rows'
+    cells are read); a stream is read again from its path up to the last asked row, one batch
+    at a time. Raises :class:`PipelineError` when the dataset was moved, changed or passed as
+    an in-memory object (nothing to reopen).
+    """
+    wanted = sorted({int(r) for r in rows})
+    if not wanted:
+        return {}
+    if "stream" in dataset_record:
+        return stream_image_cells(dataset_record, column, wanted)
+    recorded = dataset_record.get("files") or []
+    if not recorded:
+        raise PipelineError("the run read an in-memory dataset (no files): its images cannot be reopened")
+    import datasets
+
+    check_recorded_files(recorded)
+    with hf_progress(False):
+        parts = [datasets.Dataset.from_file(path) for path, _, _ in recorded]
+        ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    if len(ds) != dataset_record.get("rows", len(ds)):
+        raise PipelineError(f"the dataset's files hold {len(ds)} rows, the run read {dataset_record['rows']}")
+    if column not in ds.column_names:
+        raise PipelineError(f"the dataset has no column {column!r} any more; its columns: {ds.column_names}")
+    cells = ds.select_columns([column]).with_format("arrow")[wanted].column(column).to_pylist()
+    return {row: image_payload(cell) for row, cell in zip(wanted, cells)}
+
+
+def check_recorded_files(recorded: list) -> None:
+    """Raise :class:`PipelineError` unless every ``(path, size, mtime_ns)`` file is still there, unchanged."""
+    for path, size, mtime in recorded:
+        if not os.path.exists(path):
+            raise PipelineError(f"{path} is gone (moved or deleted since the run)")
+        if file_fingerprint([path])[0] != [path, size, mtime]:
+            raise PipelineError(f"{path} changed since the run")
+
+
+def stream_image_cells(dataset_record: dict, column: str, wanted: list[int]) -> dict[int, bytes | None]:
+    """:func:`recorded_image_cells` for a stream: one pass from the first row to ``wanted[-1]``."""
+    check_recorded_files(dataset_record.get("files") or [])
+    source = DatasetInput.open(dataset_record["stream"], image_column=column, streaming=True, progress=False)
+    found: dict[int, bytes | None] = {}
+    want = np.asarray(wanted, dtype=np.int64)
+    for lo, table in source.iter_tables([column], STREAM_BATCH_ROWS):
+        hit = want[(want >= lo) & (want < lo + table.num_rows)]
+        if hit.size:
+            cells = table.take(pa.array(hit - lo)).column(column).to_pylist()
+            found.update(zip(hit.tolist(), map(image_payload, cells)))
+        if lo + table.num_rows > wanted[-1]:
+            break
+    return found
+
+
 # --------------------------------------------------------------------------- run_filter's stages
 
 
@@ -917,4 +976,5 @@ __all__ = [
     "dataset_embed_stage",
     "dataset_write_stage",
     "load_local_dataset",
+    "recorded_image_cells",
 ]

@@ -3,8 +3,8 @@
 Plots: cluster size histogram; DBP complexity vs. quota; kept fraction per cluster (stacked
 by drop reason); kept vs. dropped example images for a few clusters; duplicate pairs found
 by SemDeDup (each dropped image next to its most similar earlier image). Writes
-``OUT/report/index.html`` + PNGs. Reads only the artifacts (and a few images from the
-input shards for the grids).
+``OUT/report/index.html`` + PNGs. Reads only the artifacts (and, for the grids, the few
+images shown: from the input shards, or by row index from the input Hugging Face dataset).
 """
 
 from __future__ import annotations
@@ -16,8 +16,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .embed import decode_image, load_embed_artifact
-from .stage import read_parquet
+from pipelines.datasets import recorded_image_cells
+
+from .decode import DEFAULT_MAX_PIXELS, decode_image
+from .embed import load_embed_artifact
+from .stage import PipelineError, read_parquet
 from .tario import IMAGE_EXTS, iter_shard
 
 
@@ -35,8 +38,18 @@ def _stage(out: Path, name: str) -> dict:
     return json.loads(p.read_text()) if p.exists() else {}
 
 
+def thumbnail(data: bytes, limit_px: int) -> np.ndarray | None:
+    """(h, w, 3) uint8 thumbnail of at most ``limit_px`` a side; None when undecodable or over the pixel cap."""
+    try:
+        im = decode_image(data, max_pixels=DEFAULT_MAX_PIXELS, draft_size=limit_px)
+    except Exception:  # undecodable or too large: shown as missing
+        return None
+    im.thumbnail((limit_px, limit_px))
+    return np.asarray(im)
+
+
 def fetch_images(keep: pd.DataFrame, keys: list[str], limit_px: int = 96) -> dict:
-    """Decode the images of ``keys`` from their input shards (only those shards are read)."""
+    """Thumbnails of ``keys`` from their input shards (only those shards are read)."""
     want = set(keys)
     rows = keep[keep["key"].isin(want)]
     found = {}
@@ -46,14 +59,34 @@ def fetch_images(keep: pd.DataFrame, keys: list[str], limit_px: int = 96) -> dic
         for sample in iter_shard(shard):
             if sample.key in want:
                 img = sample.get(IMAGE_EXTS)
-                if img is not None:
-                    try:
-                        im = decode_image(img[1])
-                        im.thumbnail((limit_px, limit_px))
-                        found[sample.key] = np.asarray(im)
-                    except Exception:  # undecodable: shown as missing
-                        pass
+                if img is not None and (thumb := thumbnail(img[1], limit_px)) is not None:
+                    found[sample.key] = thumb
     return found
+
+
+def fetch_dataset_images(
+    embed_record: dict, keep: pd.DataFrame, keys: list[str], limit_px: int = 96
+) -> tuple[dict, str]:
+    """Thumbnails of ``keys`` from the Hugging Face dataset a run read (only their rows, by
+    ``index``), and a note for the report ("" when every image could be read).
+
+    embed_record: the embed stage's ``_stage.json``. A run on an embedding column (no image
+    column), or a dataset that moved or changed since, gives no thumbnails and says why.
+    """
+    column = embed_record.get("params", {}).get("columns", {}).get("image")
+    if not column:
+        return {}, "the run read an embedding column (no image column): no example images to show"
+    rows = keep[keep["key"].isin(set(keys))]
+    try:
+        cells = recorded_image_cells(embed_record["inputs"]["dataset"], column, rows["index"].tolist())
+    except (PipelineError, OSError, ValueError) as exc:
+        return {}, f"example images not shown: the input dataset cannot be read again ({exc})"
+    found = {}
+    for key, index in rows[["key", "index"]].itertuples(index=False):
+        data = cells.get(int(index))
+        if data is not None and (thumb := thumbnail(data, limit_px)) is not None:
+            found[key] = thumb
+    return found, ""
 
 
 def _grid(plt, path: Path, rows: list[tuple[str, list[tuple[str, str]]]], images: dict, per_row: int) -> None:
@@ -172,13 +205,21 @@ def write_report(
     # 5. duplicate pairs: dropped row next to its most similar earlier row of the cluster
     pairs = _duplicate_pairs(out, keep, duplicate_pairs)
     want += [a for a, b, s in pairs] + [b for a, b, s in pairs]
-    images = fetch_images(keep, want)
-    if grid_rows:
+    embed_record = _stage(out, "embed")
+    if "dataset" in embed_record.get("inputs", {}):
+        images, image_note = fetch_dataset_images(embed_record, keep, want)
+    else:
+        images, image_note = fetch_images(keep, want), ""
+    for stale in ("examples.png", "duplicates.png"):  # an earlier report's grids, redrawn below if shown
+        (rep / stale).unlink(missing_ok=True)
+    if image_note:
+        sections.append(("Example images", "", image_note))
+    if grid_rows and not image_note:
         _grid(plt, rep / "examples.png", grid_rows, images, images_per_row)
         sections.append(
             ("Kept vs. dropped examples", "examples.png", f"the {len(grid_rows)} largest clusters: kept images first")
         )
-    if pairs:
+    if pairs and not image_note:
         cells = [cell for a, b, s in pairs for cell in ((b, "earlier row"), (a, f"dropped, cos {s:.4f}"))]
         dup_rows = [
             (f"pairs {i // 2 + 1}-{min(i // 2 + 4, len(pairs))}", cells[i : i + 8]) for i in range(0, len(cells), 8)
@@ -213,9 +254,8 @@ def write_report(
         f"<h2>Stages</h2><table><tr><th>stage</th><th>params</th><th>summary</th></tr>{stage_html}</table>",
     ]
     for title, png, caption in sections:
-        body.append(
-            f"<h2>{html.escape(title)}</h2><p>{html.escape(caption)}</p><img src='{png}' style='max-width:100%'>"
-        )
+        img = f"<img src='{png}' style='max-width:100%'>" if png else ""
+        body.append(f"<h2>{html.escape(title)}</h2><p>{html.escape(caption)}</p>{img}")
     page = (
         "<!doctype html><html><head><meta charset='utf-8'><title>prunekit report</title>"
         "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}"
