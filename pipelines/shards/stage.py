@@ -72,10 +72,26 @@ def save_npy(path: Path, arr: np.ndarray) -> None:
 CATEGORY_COLUMNS = ("shard", "status", "reason")
 
 
+ROW_GROUP_ROWS = 1 << 18  # rows per parquet row group: bounds the writer's encode buffers
+
+
+def release_arrow_scratch() -> None:
+    """Return the memory Arrow's pool keeps after a read or write (mimalloc/jemalloc hold
+    freed pages for reuse) to the OS, so the next stage's numpy arrays do not stack on it."""
+    pa.default_memory_pool().release_unused()
+
+
+def dictionary_columns(schema: pa.Schema) -> list[str]:
+    """The columns to dictionary-encode in parquet: those that are dictionaries already (few
+    distinct values). Per-row columns (keys, row ids, sizes) are stored plain: trying a
+    dictionary on them costs a hash table per column chunk and gains nothing."""
+    return [f.name for f in schema if pa.types.is_dictionary(f.type)]
+
+
 def save_parquet(path: Path, df: pd.DataFrame | pa.Table, metadata: dict | None = None) -> None:
-    """Publish ``df`` (a DataFrame or an Arrow table) as parquet atomically; ``metadata``
-    values go into the schema as JSON. DataFrame columns named in :data:`CATEGORY_COLUMNS`
-    are stored dictionary-encoded."""
+    """Publish ``df`` (a DataFrame or an Arrow table) as parquet atomically, in row groups of
+    :data:`ROW_GROUP_ROWS` (bounded write buffers); ``metadata`` values go into the schema as
+    JSON. DataFrame columns named in :data:`CATEGORY_COLUMNS` are stored dictionary-encoded."""
     if isinstance(df, pa.Table):
         table = df
     else:
@@ -86,7 +102,9 @@ def save_parquet(path: Path, df: pd.DataFrame | pa.Table, metadata: dict | None 
         meta.update({k.encode(): json.dumps(v, default=str).encode() for k, v in metadata.items()})
         table = table.replace_schema_metadata(meta)
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+        pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS, use_dictionary=dictionary_columns(table.schema))
+    del table
+    release_arrow_scratch()
 
 
 def read_parquet(path: str | os.PathLike, *, columns=None, fix: str = "", arrow: bool = False):
