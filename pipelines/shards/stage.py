@@ -22,6 +22,7 @@ finished-looking file is a finished file. Inputs are opened read-only and never 
 
 from __future__ import annotations
 
+import ctypes
 import fnmatch
 import json
 import os
@@ -72,13 +73,28 @@ def save_npy(path: Path, arr: np.ndarray) -> None:
 CATEGORY_COLUMNS = ("shard", "status", "reason")
 
 
-ROW_GROUP_ROWS = 1 << 18  # rows per parquet row group: bounds the writer's encode buffers
+def _glibc():
+    """The C library when it is glibc (``malloc_trim``), else None."""
+    try:
+        lib = ctypes.CDLL(None)
+        return lib if hasattr(lib, "malloc_trim") else None
+    except OSError:  # pragma: no cover - no C library to load
+        return None
+
+
+LIBC = _glibc()
+
+ROW_GROUP_ROWS = 1 << 16  # rows per parquet row group: bounds the writer's encode buffers
 
 
 def release_arrow_scratch() -> None:
     """Return the memory Arrow's pool keeps after a read or write (mimalloc/jemalloc hold
-    freed pages for reuse) to the OS, so the next stage's numpy arrays do not stack on it."""
+    freed pages for reuse) to the OS, so the next stage's numpy arrays do not stack on it;
+    likewise the free pages of the C heap (glibc keeps freed arrays below its adaptive mmap
+    threshold, up to 32 MB each, in the heap)."""
     pa.default_memory_pool().release_unused()
+    if LIBC is not None:
+        LIBC.malloc_trim(0)
 
 
 def dictionary_columns(schema: pa.Schema) -> list[str]:
@@ -112,7 +128,7 @@ def read_parquet(path: str | os.PathLike, *, columns=None, fix: str = "", arrow:
     ``fix``) when it is not readable parquet. The Arrow buffers are released column by column
     while the frame is built, so the peak is about one copy of the data, not two."""
     try:
-        table = pq.read_table(path, columns=columns)
+        table = pq.read_table(path, columns=columns, memory_map=True)  # no read buffer for the compressed file
         if arrow:
             return table
         return table.to_pandas(split_blocks=True, self_destruct=True, types_mapper=string_dtype)
