@@ -17,7 +17,7 @@ from prunecore.cluster import Clustering, kmeans
 from prunecore.io import atomic_path
 
 from .embed import EmbedArtifact
-from .stage import ROW_GROUP_ROWS, PipelineError, Stage, release_arrow_scratch, save_npy
+from .stage import ROW_GROUP_ROWS, PipelineError, Stage, release_scratch, save_npy
 
 
 @dataclass
@@ -40,7 +40,7 @@ def save_assignment(path: Path, clu: Clustering, block: int = ROW_GROUP_ROWS) ->
             e = min(s + block, n)
             cols = {"row": np.arange(s, e, dtype=np.int64), "cluster": clu.labels[s:e], "sim": clu.sim[s:e]}
             writer.write_table(pa.table(cols, schema=schema))
-    release_arrow_scratch()
+    release_scratch()
 
 
 class ClusterStage(Stage):

@@ -87,7 +87,7 @@ LIBC = _glibc()
 ROW_GROUP_ROWS = 1 << 16  # rows per parquet row group: bounds the writer's encode buffers
 
 
-def release_arrow_scratch() -> None:
+def release_scratch() -> None:
     """Return the memory Arrow's pool keeps after a read or write (mimalloc/jemalloc hold
     freed pages for reuse) to the OS, so the next stage's numpy arrays do not stack on it;
     likewise the free pages of the C heap (glibc keeps freed arrays below its adaptive mmap
@@ -120,7 +120,7 @@ def save_parquet(path: Path, df: pd.DataFrame | pa.Table, metadata: dict | None 
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS, use_dictionary=dictionary_columns(table.schema))
     del table
-    release_arrow_scratch()
+    release_scratch()
 
 
 def read_parquet(path: str | os.PathLike, *, columns=None, fix: str = "", arrow: bool = False):
