@@ -17,7 +17,7 @@ from prunecore.cluster import Clustering, kmeans
 from prunecore.io import atomic_path
 
 from .embed import EmbedArtifact
-from .stage import PipelineError, Stage, save_npy
+from .stage import ROW_GROUP_ROWS, PipelineError, Stage, release_scratch, save_npy
 
 
 @dataclass
@@ -29,17 +29,18 @@ class ClusterArtifact:
     fingerprint: str
 
 
-def save_assignment(path: Path, clu: Clustering, block: int = 1 << 20) -> None:
+def save_assignment(path: Path, clu: Clustering, block: int = ROW_GROUP_ROWS) -> None:
     """Publish ``assign.parquet`` (row, cluster, sim; k-means params in the schema) atomically,
     one row group of ``block`` rows at a time (no whole-length temporary)."""
     meta = {b"kmeans": json.dumps(clu.params, default=str).encode()}
     schema = pa.schema([("row", pa.int64()), ("cluster", pa.int64()), ("sim", pa.float32())], metadata=meta)
     n = clu.labels.shape[0]
-    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema, use_dictionary=["cluster"]) as writer:
         for s in range(0, n, block):
             e = min(s + block, n)
             cols = {"row": np.arange(s, e, dtype=np.int64), "cluster": clu.labels[s:e], "sim": clu.sim[s:e]}
             writer.write_table(pa.table(cols, schema=schema))
+    release_scratch()
 
 
 class ClusterStage(Stage):

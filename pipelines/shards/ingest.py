@@ -22,6 +22,7 @@ from .stage import (
     Stage,
     parquet_columns,
     read_parquet,
+    release_scratch,
     save_parquet,
     string_dtype,
 )
@@ -96,6 +97,7 @@ class IngestStage(Stage):
                 raise PipelineError(f"mismatched counts: {emb_path} has shape {a.shape} but {txt_path} has {b.shape}")
         keys = pa.chunked_array(chunks, type=pa.large_string())
         check_unique_keys(keys, self.meta_files)
+        release_scratch()  # the parquet decode and sort scratch: the sample table reuses those pages
         return keys
 
     def compute(self, log):

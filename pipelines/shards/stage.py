@@ -22,6 +22,7 @@ finished-looking file is a finished file. Inputs are opened read-only and never 
 
 from __future__ import annotations
 
+import ctypes
 import fnmatch
 import json
 import os
@@ -72,10 +73,41 @@ def save_npy(path: Path, arr: np.ndarray) -> None:
 CATEGORY_COLUMNS = ("shard", "status", "reason")
 
 
+def _glibc():
+    """The C library when it is glibc (``malloc_trim``), else None."""
+    try:
+        lib = ctypes.CDLL(None)
+        return lib if hasattr(lib, "malloc_trim") else None
+    except OSError:  # pragma: no cover - no C library to load
+        return None
+
+
+LIBC = _glibc()
+
+ROW_GROUP_ROWS = 1 << 16  # rows per parquet row group: bounds the writer's encode buffers
+
+
+def release_scratch() -> None:
+    """Return the memory Arrow's pool keeps after a read or write (mimalloc/jemalloc hold
+    freed pages for reuse) to the OS, so the next stage's numpy arrays do not stack on it;
+    likewise the free pages of the C heap (glibc keeps freed arrays below its adaptive mmap
+    threshold, up to 32 MB each, in the heap)."""
+    pa.default_memory_pool().release_unused()
+    if LIBC is not None:
+        LIBC.malloc_trim(0)
+
+
+def dictionary_columns(schema: pa.Schema) -> list[str]:
+    """The columns to dictionary-encode in parquet: those that are dictionaries already (few
+    distinct values). Per-row columns (keys, row ids, sizes) are stored plain: trying a
+    dictionary on them costs a hash table per column chunk and gains nothing."""
+    return [f.name for f in schema if pa.types.is_dictionary(f.type)]
+
+
 def save_parquet(path: Path, df: pd.DataFrame | pa.Table, metadata: dict | None = None) -> None:
-    """Publish ``df`` (a DataFrame or an Arrow table) as parquet atomically; ``metadata``
-    values go into the schema as JSON. DataFrame columns named in :data:`CATEGORY_COLUMNS`
-    are stored dictionary-encoded."""
+    """Publish ``df`` (a DataFrame or an Arrow table) as parquet atomically, in row groups of
+    :data:`ROW_GROUP_ROWS` (bounded write buffers); ``metadata`` values go into the schema as
+    JSON. DataFrame columns named in :data:`CATEGORY_COLUMNS` are stored dictionary-encoded."""
     if isinstance(df, pa.Table):
         table = df
     else:
@@ -86,7 +118,9 @@ def save_parquet(path: Path, df: pd.DataFrame | pa.Table, metadata: dict | None 
         meta.update({k.encode(): json.dumps(v, default=str).encode() for k, v in metadata.items()})
         table = table.replace_schema_metadata(meta)
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+        pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS, use_dictionary=dictionary_columns(table.schema))
+    del table
+    release_scratch()
 
 
 def read_parquet(path: str | os.PathLike, *, columns=None, fix: str = "", arrow: bool = False):
@@ -94,7 +128,7 @@ def read_parquet(path: str | os.PathLike, *, columns=None, fix: str = "", arrow:
     ``fix``) when it is not readable parquet. The Arrow buffers are released column by column
     while the frame is built, so the peak is about one copy of the data, not two."""
     try:
-        table = pq.read_table(path, columns=columns)
+        table = pq.read_table(path, columns=columns, memory_map=True)  # no read buffer for the compressed file
         if arrow:
             return table
         return table.to_pandas(split_blocks=True, self_destruct=True, types_mapper=string_dtype)
