@@ -184,6 +184,21 @@ def test_foreign_files_in_out_are_refused_and_kept(shards, tmp_path):
     assert json.loads((mine / ".prunekit.json").read_text())["tool"] == "prunekit"
 
 
+def test_a_concurrent_runs_marker_being_published_is_not_foreign(tmp_path):
+    """Two runs starting on a new --out at once: one may see the other's marker temporary."""
+    from pipelines.shards.outdir import MARKER, claim_output
+    from prunecore.io import atomic_path
+
+    out = tmp_path / "o"
+    out.mkdir()
+    with atomic_path(out / MARKER) as tmp:
+        tmp.write_text("{}")
+        claim_output(out, {})  # the other run's temporary is prunekit's own: no refusal
+    (out / ".notes.abc.tmp").write_text("x")  # a temporary prunekit never writes there
+    with pytest.raises(ForeignFiles, match=".notes.abc.tmp"):
+        claim_output(out, {})
+
+
 def test_input_shards_inside_out_are_refused(shards, tmp_path):
     out = tmp_path / "o"
     run(shards, out)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from prunecore.io import atomic_write_json
 
-from .stage import PipelineError, is_owned_file
+from .stage import PipelineError, is_owned_file, is_temporary
 
 MARKER = ".prunekit.json"
 LOCK = ".prunekit.lock"
@@ -43,8 +43,9 @@ class ForeignFiles(PipelineError):
 def is_owned(rel: str, patterns: Mapping[str, Sequence[str]]) -> bool:
     """Whether ``rel`` (a path relative to OUT, ``/``-separated) is a file prunekit writes:
     the marker/lock, or ``folder/inner`` of a stage folder where ``inner`` is one of that
-    folder's patterns, its ``_stage.json`` or a temporary."""
-    if rel in TOP_LEVEL:
+    folder's patterns, its ``_stage.json`` or a temporary (the marker's own temporary too: a
+    concurrent run may be publishing it)."""
+    if rel in TOP_LEVEL or (is_temporary(rel) and rel.startswith(tuple(f".{name}." for name in TOP_LEVEL))):
         return True
     folder, _, inner = rel.partition("/")
     return folder in patterns and bool(inner) and is_owned_file(inner, patterns[folder])
