@@ -47,6 +47,7 @@ from pipelines.shards.embed import (
     EmbeddedBatch,
     EmbedStage,
     EmbedTiming,
+    check_embed_options,
     chunk_paths,
     embed_stream,
     finalize_embed,
@@ -458,10 +459,9 @@ class DatasetEmbedStage(EmbedStage):
         progress: bool = True,
         executor=None,
     ):
-        if batch_size < 1 or chunk_rows < 1:
-            raise ValueError(f"batch_size and chunk_rows must be >= 1, got {batch_size}, {chunk_rows}")
-        if dtype not in ("float16", "float32"):
-            raise ValueError(f"dtype must be float16 or float32, got {dtype!r}")
+        check_embed_options(batch_size, dtype)
+        if chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
         if source.embedding_column:
             if text:
                 raise PipelineError(
@@ -499,11 +499,7 @@ class DatasetEmbedStage(EmbedStage):
         return finalize_embed(self.dir, self.shards, text=self.params["text"])
 
     def chunk_embedder(self, decoder, progress=None, on_sample=None, timing=None) -> ChunkEmbedder:
-        encoder = None
-        if not self.source.embedding_column:
-            encoder = self.encoder_obj()
-            if self.params["text"] and not getattr(encoder, "has_text", False):
-                raise PipelineError("caption embeddings requested (CLIP score) but the encoder has no text tower")
+        encoder = None if self.source.embedding_column else self.image_encoder()
         return ChunkEmbedder(
             self.source,
             encoder,
@@ -549,12 +545,6 @@ class DatasetEmbedStage(EmbedStage):
         """One pass over a stream: rows are cut into chunks of ``chunk_rows``; chunks finished
         by a killed run are not embedded again (their keys are compared with the stream's)."""
         size = self.params["chunk_rows"]
-        done = [0]
-
-        def on_sample():
-            done[0] += 1
-            die_hook("embed", done[0])
-
         columns = self.source.embed_columns(self.params["text"])
         rows_seen = [0]
 
@@ -563,18 +553,16 @@ class DatasetEmbedStage(EmbedStage):
                 rows_seen[0] = lo + part.num_rows
                 yield lo, part
 
-        timing = EmbedTiming()
-        with tqdm(desc="embed", unit="img", disable=not self.progress) as bar, self.make_decoder() as decoder:
+        with self.local_run() as (decoder, hooks):
             for i, group in itertools.groupby(split_at_chunks(tables(), size), key=lambda item: item[0]):
                 parts = ((row, part) for _, row, part in group)
                 finished = chunk_paths(self.dir, i)["keys"]
                 if finished.exists():
                     FinishedChunk(finished, self.source.id_column).verify(parts)
                     continue
-                embedder = self.chunk_embedder(decoder, bar, on_sample, timing)
+                embedder = self.chunk_embedder(decoder, **hooks)
                 embedder.run(parts)
                 self.save(i, embedder)
-            self.throughput = timing.summary(decoder.wait_s)
         self.shards = self.source.chunk_labels(size, rows_seen[0])
 
 

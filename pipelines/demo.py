@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from prunecore.io import file_digest
+
 N_PLANTED = 250
 SHARD_SIZE = 1000
 
@@ -158,7 +160,7 @@ def make_demo_encoder(kind: str, folder: Path, seed: int = 0, train_seconds: flo
             if mse == mse
             else f"MLP autoencoder loaded from {path}"
         )
-        sha = hashlib.sha256(path.read_bytes()).hexdigest()
+        sha = file_digest(path)
 
         @torch.inference_mode()
         def fn(images):

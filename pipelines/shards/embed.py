@@ -6,6 +6,7 @@ per input shard, ``keys.parquet`` (every sample, input order), ``embeddings.json
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -368,6 +369,14 @@ def check_duplicate_keys(keys: pd.DataFrame) -> None:
         )
 
 
+def check_embed_options(batch_size: int, dtype: str) -> None:
+    """The embed stages' shared option checks (a clear error before any work)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if dtype not in ("float16", "float32"):
+        raise ValueError(f"dtype must be float16 or float32, got {dtype!r}")
+
+
 class EmbedStage(Stage):
     """Decode images from shards and embed them; one chunk (rows + keys) per input shard.
 
@@ -396,10 +405,7 @@ class EmbedStage(Stage):
         progress: bool = True,
         executor=None,
     ):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if dtype not in ("float16", "float32"):
-            raise ValueError(f"dtype must be float16 or float32, got {dtype!r}")
+        check_embed_options(batch_size, dtype)
         self.decode = decode or DecodeOptions()
         fp = encoder_fingerprint if encoder_fingerprint is not None else encoder.fingerprint
         params = {
@@ -434,6 +440,13 @@ class EmbedStage(Stage):
             self.encoder = self.encoder()  # a factory: build lazily (skipped stages never load)
         return self.encoder
 
+    def image_encoder(self):
+        """The encoder, checked to have a text tower when captions are embedded (CLIP score)."""
+        encoder = self.encoder_obj()
+        if self.params["text"] and not getattr(encoder, "has_text", False):
+            raise PipelineError("caption embeddings requested (CLIP score) but the encoder has no text tower")
+        return encoder
+
     def make_decoder(self, workers: int | None = None, start_method: str | None = None):
         """This stage's decoder for its encoder (``workers`` overrides the options' count)."""
         encoder = self.encoder_obj()
@@ -443,9 +456,7 @@ class EmbedStage(Stage):
     def embed_many(self, todo: Sequence[int], decoder, progress=None, on_sample=None, timing=None) -> None:
         """Embed input shards ``todo`` with ``decoder`` (see :meth:`make_decoder`) as one
         stream and save each shard's chunk as soon as it is complete."""
-        encoder = self.encoder_obj()
-        if self.params["text"] and not getattr(encoder, "has_text", False):
-            raise PipelineError("caption embeddings requested (CLIP score) but the encoder has no text tower")
+        encoder = self.image_encoder()
         for i, table, images, texts, scan in embed_shards(
             [(i, self.shards[i]) for i in todo],
             encoder,
@@ -466,8 +477,11 @@ class EmbedStage(Stage):
             if scan.error:
                 tqdm.write(f"[embed] WARNING {scan.error}")
 
-    def embed_local(self, todo: list[int]) -> None:
-        """Embed input shards ``todo`` in this process (decoding in worker processes), in order."""
+    @contextlib.contextmanager
+    def local_run(self):
+        """Embedding in this process: yields ``(decoder, hooks)`` where ``hooks`` are the
+        ``progress``/``on_sample``/``timing`` keywords of :meth:`embed_many`; records the
+        throughput on exit. ``on_sample`` is the kill/resume test hook."""
         done = [0]
 
         def on_sample():
@@ -476,8 +490,13 @@ class EmbedStage(Stage):
 
         timing = EmbedTiming()
         with tqdm(desc="embed", unit="img", disable=not self.progress) as bar, self.make_decoder() as decoder:
-            self.embed_many(todo, decoder, progress=bar, on_sample=on_sample, timing=timing)
+            yield decoder, {"progress": bar, "on_sample": on_sample, "timing": timing}
             self.throughput = timing.summary(decoder.wait_s)
+
+    def embed_local(self, todo: list[int]) -> None:
+        """Embed input shards ``todo`` in this process (decoding in worker processes), in order."""
+        with self.local_run() as (decoder, hooks):
+            self.embed_many(todo, decoder, **hooks)
 
     def load(self) -> EmbedArtifact:
         return load_embed_artifact(self.dir, self.digest)
