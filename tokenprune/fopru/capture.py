@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .core import METHODS
+from .core import METHODS, packed_colmean
 
 __all__ = [
     "AttentionRowCapture",
@@ -249,22 +249,9 @@ class PackedQKVCapture(_Hooks):
         dtype = q.dtype
         c, s = cos.unsqueeze(-2).float(), sin.unsqueeze(-2).float()
         q, k = q.float(), k.float()
-        q = (q * c + _rotate_half(q) * s).to(dtype).float().transpose(0, 1)  # (heads, N, d)
-        k = (k * c + _rotate_half(k) * s).to(dtype).float().transpose(0, 1)
-        q = q * self.scale  # scale the (N, d) queries, not the (N, N) scores
-        out = torch.zeros(self.num_heads, n, dtype=torch.float32, device=qkv.device)
-        bounds = cu_seqlens.tolist()
-        for a, b in zip(bounds[:-1], bounds[1:]):  # one segment at a time: block-diagonal
-            seg = b - a
-            if seg == 0:
-                continue
-            kt = k[:, a:b].transpose(-1, -2)
-            blk = max(1, self.max_block_elems // (self.num_heads * seg))
-            acc = out[:, a:b]
-            for start in range(a, b, blk):
-                acc += torch.softmax(q[:, start : min(b, start + blk)] @ kt, dim=-1).sum(dim=1)
-            acc /= seg
-        return out
+        q = (q * c + _rotate_half(q) * s).to(dtype).transpose(0, 1)  # (heads, N, d)
+        k = (k * c + _rotate_half(k) * s).to(dtype).transpose(0, 1)
+        return packed_colmean(q, k, cu_seqlens, scale=self.scale, max_block_elems=self.max_block_elems)
 
     def segment_scores(self) -> list[torch.Tensor]:
         """Head-mean colmean score of every patch, one ``(n_s,)`` tensor per segment."""

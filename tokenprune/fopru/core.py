@@ -44,12 +44,14 @@ __all__ = [
     "merge_grid_scores",
     "merged_scores_from_packed",
     "normalise_crop_scores",
+    "packed_colmean",
     "packed_select",
     "packed_patch_to_raster",
     "per_image_keep",
     "prune_mm_inputs",
     "select_per_image",
     "shrink_prompt",
+    "window_merged_scores",
 ]
 
 METHODS = ("cls", "colmean")
@@ -306,6 +308,61 @@ def merged_scores_from_packed(scores: torch.Tensor, grid: tuple[int, int], merge
     if h % merge or w % merge:
         raise ValueError(f"patch grid {(h, w)} is not divisible by the merge size {merge}")
     return scores.reshape(*scores.shape[:-1], -1, merge * merge).mean(-1)
+
+
+def packed_colmean(
+    q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, *, scale: float, max_block_elems: int = 1 << 24
+) -> torch.Tensor:
+    """Column means of block-diagonal attention over a packed sequence of images.
+
+    Args:
+        q, k: ``(heads, N, d)`` queries and keys after the rotary embedding (any float dtype;
+            the math runs in float32).
+        cu_seqlens: ``(S+1,)`` segment boundaries (CPU or device; read once on the host).
+        scale: the attention scale (``d ** -0.5`` for these towers).
+        max_block_elems: queries run in blocks of at most ``max_block_elems / (heads * n_s)``
+            rows, so memory stays bounded for big images.
+
+    Returns:
+        ``(heads, N)`` float32: for a patch ``j`` of segment ``s``, ``mean_{i in s} A_s[h, i, j]``
+        with ``A_s = softmax(q_s k_s^T * scale)``. One rule for every runtime that scores a
+        packed tower (the transformers hooks and the vLLM plugin).
+    """
+    heads, n, _ = q.shape
+    q = q.float() * scale  # scale the (N, d) queries, not the (N, N) scores
+    k = k.float()
+    out = torch.zeros(heads, n, dtype=torch.float32, device=q.device)
+    bounds = cu_seqlens.tolist()
+    for a, b in zip(bounds[:-1], bounds[1:]):  # one segment at a time: block-diagonal
+        seg = b - a
+        if seg == 0:
+            continue
+        kt = k[:, a:b].transpose(-1, -2)
+        blk = max(1, max_block_elems // (heads * seg))
+        acc = out[:, a:b]
+        for start in range(a, b, blk):
+            acc += torch.softmax(q[:, start : min(b, start + blk)] @ kt, dim=-1).sum(dim=1)
+        acc /= seg
+    return out
+
+
+def window_merged_scores(patch_scores: torch.Tensor, window_index: torch.Tensor, merge: int) -> torch.Tensor:
+    """Merged-token scores of a windowed tower (Qwen2.5-VL) in the merger's output order.
+
+    Args:
+        patch_scores: ``(N,)`` per-patch scores in the tower's *window order* (merge units
+            permuted by the model's window index, each unit's ``merge**2`` patches consecutive).
+        window_index: ``(N / merge**2,)`` the permutation the tower applied to the merge units
+            (``window_order[i] = raster_unit[window_index[i]]``).
+        merge: ``spatial_merge_size``.
+
+    Returns:
+        ``(N / merge**2,)`` mean score of each merged token, raster order over the merged grids.
+    """
+    in_window_order = patch_scores.reshape(-1, merge * merge).mean(-1)  # per merge unit
+    merged = torch.empty_like(in_window_order)
+    merged[window_index.to(merged.device)] = in_window_order
+    return merged
 
 
 # --------------------------------------------------------------------------- any-res (LLaVA-NeXT)

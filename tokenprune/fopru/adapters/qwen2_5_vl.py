@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from tokenprune.fopru.capture import PackedQKVCapture, resolve_layer
+from tokenprune.fopru.core import window_merged_scores
 
 from .qwen2_vl import Qwen2VLAdapter, qwen_visual
 from .registry import register
@@ -52,7 +53,5 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):
         window_index, _ = get_vision_window_index(
             grid_thw.cpu(), spatial_merge_size=self.merge, window_size=visual.window_size, patch_size=visual.patch_size
         )
-        in_window_order = torch.cat(patch_scores).reshape(-1, self.merge**2).mean(-1)  # per merge unit
-        merged = torch.empty_like(in_window_order)
-        merged[window_index.to(merged.device)] = in_window_order
+        merged = window_merged_scores(torch.cat(patch_scores), window_index, self.merge)
         return list(merged.split(n_merged.tolist()))
