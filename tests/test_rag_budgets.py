@@ -290,3 +290,24 @@ def test_budget_tokenizer_errors_and_adapters(pruner, tmp_path):
     assert [d.content for d in docs["documents"]] == ["Zebra runs."]
     with pytest.raises(ValueError, match="save_pretrained"):
         ProvenceRanker(pruner="some/folder", budget_tokenizer=lambda s: 1).to_dict()
+
+
+def test_budget_tokenizer_folder_counts_and_serialises(pruner, tok, tmp_path):
+    """A tokenizer folder works as budget_tokenizer and is what the adapters serialise."""
+    from pipelines.rag import ProvencePostprocessor, ProvenceRanker
+
+    folder = tmp_path / "generator-tokenizer"
+    tok.save_pretrained(folder)
+    docs = ["Zebra herd runs. Lion eats grass. Zebra big."]
+    by_folder = pruner.process(QUERY, docs, target_tokens=8, budget_tokenizer=str(folder))
+    assert (
+        by_folder["pruned_context"]
+        == pruner.process(QUERY, docs, target_tokens=8, budget_tokenizer=tok)["pruned_context"]
+    )
+    ranker = ProvenceRanker(pruner="some/folder", budget_tokenizer=tok)
+    assert ranker.to_dict()["init_parameters"]["budget_tokenizer"] == tok.name_or_path
+    post = ProvencePostprocessor(pruner=pruner, budget_tokenizer=str(folder))
+    assert post.model_dump(include={"budget_tokenizer"})["budget_tokenizer"] == str(folder)
+    assert ProvencePostprocessor(pruner=pruner, budget_tokenizer=tok).model_dump(include={"budget_tokenizer"})[
+        "budget_tokenizer"
+    ] == (tok.name_or_path)
