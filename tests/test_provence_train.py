@@ -202,3 +202,48 @@ def test_rag_pruning_benchmark_quick(shared_data, monkeypatch):
     assert len(rows) == 2 + 2 + 2 * 2  # threshold rule, token-budget rule, two baselines per threshold
     for _, _, m, speed in rows:
         assert 0 <= m["sent_recall"] <= 1 and m["char_comp"] <= 1 and speed > 0
+
+
+def load_train_script():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "train_provence_minilm.py"
+    spec = importlib.util.spec_from_file_location("train_provence_minilm", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_train_script_defaults_are_the_documented_recipe_and_never_stop_on_their_own():
+    """docs/provence.md documents `--steps 600 --lr 1e-4`: those are the defaults, and no
+    wall-clock cap applies unless --max-minutes is given."""
+    mod = load_train_script()
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "provence.md").read_text()
+    assert "train_provence_minilm.py --steps 600 --lr 1e-4" in doc
+    args = mod.parse_args([])
+    assert (args.steps, args.lr, args.batch_size, args.head_lr, args.max_minutes) == (600, 1e-4, 8, 1e-3, None)
+    assert not mod.time_is_up(10**9, None)  # days on a busy machine: still running
+    assert not mod.time_is_up(60 * 24, 24.0) and mod.time_is_up(60 * 24 + 1, 24.0)
+    with pytest.raises(SystemExit):
+        mod.parse_args(["--max-minutes", "-1"])
+
+
+def test_train_script_stops_early_only_when_asked_and_says_so(shared_data, tmp_path, monkeypatch, capsys):
+    """A tiny run capped by --max-minutes 0 stops after its first step: the banner says so on
+    stderr, the marker records stopped_early, and the exit status is EXIT_STOPPED_EARLY."""
+    mod = load_train_script()
+    monkeypatch.setenv("PRUNEKIT_DATA", str(shared_data))
+    threads = torch.get_num_threads()
+    common = ["--batch-size", "2", "--trainable-layers", "1", "--save-every", "100"]
+    try:
+        code = mod.main(["--steps", "3", "--max-minutes", "0", "--out", str(tmp_path / "capped"), *common])
+        err = capsys.readouterr().err
+        full = mod.main(["--steps", "2", "--out", str(tmp_path / "full"), *common])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == mod.EXIT_STOPPED_EARLY and "STOPPED EARLY at step 1 of 3" in err
+    train = json.loads((tmp_path / "capped" / "prunekit_provence.json").read_text())["train"]
+    assert (train["steps"], train["planned_steps"], train["stopped_early"]) == (1, 3, True)
+    assert full == 0 and "STOPPED EARLY" not in capsys.readouterr().err
+    train = json.loads((tmp_path / "full" / "prunekit_provence.json").read_text())["train"]
+    assert (train["steps"], train["stopped_early"]) == (2, False)

@@ -144,11 +144,11 @@ def test_missing_name_is_attribute_error():
 
 
 class SlowPruner(ProvencePruner):
-    """A pruner whose every call holds its thread for 0.3 s (like a big model on CPU)."""
+    """A pruner whose every forward pass holds its thread for 0.3 s (like a big model on CPU)."""
 
-    def process(self, *args, **kwargs):
+    def score(self, *args, **kwargs):
         time.sleep(0.3)
-        return super().process(*args, **kwargs)
+        return super().score(*args, **kwargs)
 
 
 async def with_ticker(coro):
@@ -206,3 +206,25 @@ def test_token_budget_through_the_adapters(pruner):
         documents=[Document(content=t) for t in DOCS], query=QUERY
     )
     assert [d.content for d in ranked["documents"]] == ["A zebra zebra herd is big."]  # 7 tokens
+
+
+def test_retriever_score_is_kept_in_metadata(pruner):
+    """LlamaIndex and Haystack return the reranking score as the score (it wins); the
+    retriever's score stays in metadata ``retrieval_score`` (hidden from the LLM text)."""
+    from haystack import Document
+    from llama_index.core.schema import MetadataMode, NodeWithScore, TextNode
+
+    from pipelines.rag import ProvencePostprocessor, ProvenceRanker
+
+    nodes = [NodeWithScore(node=TextNode(text=t), score=0.25 * (i + 1)) for i, t in enumerate(DOCS)]
+    out = ProvencePostprocessor(pruner=pruner, reorder=True).postprocess_nodes(nodes, query_str=QUERY)
+    assert [(n.score, n.node.metadata["retrieval_score"]) for n in out] == [(3.0, 0.75), (1.0, 0.5)]
+    assert "retrieval_score" not in out[0].node.get_content(metadata_mode=MetadataMode.LLM)
+    assert "retrieval_score" not in nodes[2].node.metadata  # inputs untouched
+    again = ProvencePostprocessor(pruner=pruner).postprocess_nodes(out, query_str=QUERY)
+    assert [n.node.metadata["retrieval_score"] for n in again] == [0.75, 0.5]  # the first retriever's
+    docs = [Document(content=t, score=s) for t, s in zip(DOCS, [0.1, 0.2, 0.3])]
+    ranked = ProvenceRanker(pruner=pruner, reorder=True).run(documents=docs, query=QUERY)["documents"]
+    assert [(d.score, d.meta["retrieval_score"]) for d in ranked] == [(3.0, 0.3), (1.0, 0.2)]
+    unscored = ProvenceRanker(pruner=pruner).run(documents=[Document(content=DOCS[1])], query=QUERY)["documents"]
+    assert "retrieval_score" not in unscored[0].meta

@@ -18,22 +18,29 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 from tokenprune.provence.model import ProvencePruner
 
 __all__ = [
     "DEFAULTS",
     "METADATA_KEYS",
+    "RETRIEVAL_SCORE_KEY",
     "ProvenceAdapter",
     "ProvenceSettings",
     "load_pruner",
+    "budget_tokenizer_source",
     "provence_metadata",
     "pruner_source",
+    "retrieval_metadata",
     "prune_texts",
 ]
 
 #: Metadata keys every adapter adds to a returned document.
 METADATA_KEYS = ("reranking_score", "provence_compression", "provence_kept_sentences")
+#: Metadata key under which the scored adapters (LlamaIndex, Haystack) keep the retriever's
+#: score: their returned score is the reranking score.
+RETRIEVAL_SCORE_KEY = "retrieval_score"
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,12 @@ class ProvenceSettings:
         target_tokens: token budget per document (the budget rule replaces the threshold).
         target_total_tokens: token budget over all documents of the query.
         target_ratio: keep at most this share of each document's tokens.
+        budget_tokenizer: count the budgets in the generator's tokens: a Hugging Face
+            tokenizer, a tokenizer folder, or a callable ``text -> token count`` (None: the
+            pruner's tokens).
+
+    With ``top_k`` the budgets are spent on the documents that are returned: the ``top_k``
+    first (by reranking score with ``reorder``, else in input order) that keep something.
     """
 
     threshold: float = 0.1
@@ -63,6 +76,7 @@ class ProvenceSettings:
     target_tokens: int | None = None
     target_total_tokens: int | None = None
     target_ratio: float | None = None
+    budget_tokenizer: Any = None
 
 
 DEFAULTS = ProvenceSettings()
@@ -95,6 +109,31 @@ def pruner_source(pruner) -> str:
     return source
 
 
+def budget_tokenizer_source(budget_tokenizer) -> str | None:
+    """The folder a budget tokenizer is (re)loaded from, for serialising an adapter.
+
+    None and a folder stay as they are; a Hugging Face tokenizer loaded from a local folder
+    gives that folder. A callable or an in-memory tokenizer cannot be serialised: a
+    ValueError says to pass a folder.
+    """
+    if budget_tokenizer is None or isinstance(budget_tokenizer, (str, os.PathLike)):
+        return None if budget_tokenizer is None else os.fspath(budget_tokenizer)
+    source = getattr(budget_tokenizer, "name_or_path", None)
+    if isinstance(source, str) and os.path.isdir(source):
+        return source
+    raise ValueError(
+        f"budget_tokenizer {type(budget_tokenizer).__name__} cannot be serialised (a callable, or a tokenizer "
+        "not loaded from a local folder); save the tokenizer with tokenizer.save_pretrained(folder) and pass the folder"
+    )
+
+
+def ranking(rows: list[dict], reorder: bool) -> list[int]:
+    """Indices of ``rows`` in the order ``top_k`` takes them: by reranking score descending
+    (ties by position) with ``reorder``, else in input order."""
+    order = list(range(len(rows)))
+    return sorted(order, key=lambda i: -rows[i]["reranking_score"]) if reorder else order
+
+
 def prune_texts(
     pruner: ProvencePruner, query: str, texts: list[str], settings: ProvenceSettings | None = None, **overrides
 ) -> list[dict]:
@@ -111,27 +150,27 @@ def prune_texts(
         raise TypeError(f"query must be a str, got {type(query).__name__}")
     if not texts:
         return []
-    out = pruner.process(
-        query,
-        list(texts),
-        title=settings.title,
-        threshold=settings.threshold,
-        always_select_title=settings.always_select_title,
-        batch_size=settings.batch_size,
-        target_tokens=settings.target_tokens,
-        target_total_tokens=settings.target_total_tokens,
-        target_ratio=settings.target_ratio,
-    )
-    rows = [
-        {
-            "index": i,
-            "pruned_context": out["pruned_context"][i],
-            "reranking_score": out["reranking_score"][i],
-            "compression": out["compression"][i],
-            "kept_sentences": out["kept_sentences"][i],
-        }
-        for i in range(len(texts))
-    ]
+    scored = pruner.score(query, list(texts), title=settings.title, batch_size=settings.batch_size)
+    rule = {
+        "threshold": settings.threshold,
+        "always_select_title": settings.always_select_title,
+        "target_tokens": settings.target_tokens,
+        "target_total_tokens": settings.target_total_tokens,
+        "target_ratio": settings.target_ratio,
+        "budget_tokenizer": settings.budget_tokenizer,
+    }
+    rows = decided_rows(pruner.decide(scored, **rule))
+    if settings.top_k is not None and settings.target_total_tokens is not None:
+        # the total budget is spent on the documents top_k returns: the first top_k in
+        # ranking order, skipping (with drop_empty) those that keep nothing even so
+        order, skipped = ranking(rows, settings.reorder), set()
+        while True:
+            chosen = [i for i in order if i not in skipped][: int(settings.top_k)]
+            rows = decided_rows(pruner.decide(scored, budget_candidates=chosen, **rule))
+            empty = {i for i in chosen if not rows[i]["pruned_context"].strip()}
+            if not settings.drop_empty or not empty or len(order) - len(skipped) <= len(chosen):
+                break
+            skipped |= empty
     if settings.drop_empty:
         rows = [r for r in rows if r["pruned_context"].strip()]
     if settings.reorder:
@@ -139,6 +178,28 @@ def prune_texts(
     if settings.top_k is not None:
         rows = rows[: int(settings.top_k)]
     return rows
+
+
+def decided_rows(out: dict) -> list[dict]:
+    """The one-query output of :meth:`ProvencePruner.decide` as one row per text."""
+    return [
+        {
+            "index": i,
+            "pruned_context": out["pruned_context"][i],
+            "reranking_score": out["reranking_score"][i],
+            "compression": out["compression"][i],
+            "kept_sentences": out["kept_sentences"][i],
+        }
+        for i in range(len(out["pruned_context"]))
+    ]
+
+
+def retrieval_metadata(metadata: dict, score: float | None) -> dict:
+    """``{RETRIEVAL_SCORE_KEY: score}`` for a document whose score the reranking score
+    replaces; empty when it had none or already keeps an earlier retriever's score."""
+    if score is None or RETRIEVAL_SCORE_KEY in metadata:
+        return {}
+    return {RETRIEVAL_SCORE_KEY: score}
 
 
 def provence_metadata(row: dict) -> dict:

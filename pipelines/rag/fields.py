@@ -5,7 +5,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_serializer
 
-from .core import DEFAULTS, ProvenceAdapter, load_pruner, pruner_source
+from .core import DEFAULTS, ProvenceAdapter, budget_tokenizer_source, load_pruner, pruner_source
 
 __all__ = ["ProvenceFields"]
 
@@ -14,7 +14,8 @@ class ProvenceFields(ProvenceAdapter, BaseModel):
     """Pydantic fields of :class:`~pipelines.rag.core.ProvenceSettings` plus ``pruner``.
 
     The pruner is loaded at construction (a folder or cached hub id becomes a ProvencePruner)
-    and serialised (``model_dump``, ``to_dict``) as the folder it was loaded from.
+    and serialised (``model_dump``, ``to_dict``) as the folder it was loaded from; so is a
+    ``budget_tokenizer`` (a callable one cannot be serialised, only pickled).
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
@@ -32,6 +33,10 @@ class ProvenceFields(ProvenceAdapter, BaseModel):
         DEFAULTS.target_total_tokens, description="token budget over all documents of the query (budget rule)"
     )
     target_ratio: float | None = Field(DEFAULTS.target_ratio, description="keep at most this share of each document")
+    budget_tokenizer: Any = Field(
+        DEFAULTS.budget_tokenizer,
+        description="count budgets in the generator's tokens: a HF tokenizer, a tokenizer folder or text -> int",
+    )
 
     def model_post_init(self, context: Any, /) -> None:
         super().model_post_init(context)
@@ -40,3 +45,7 @@ class ProvenceFields(ProvenceAdapter, BaseModel):
     @field_serializer("pruner")
     def serialize_pruner(self, pruner: Any) -> str:
         return pruner_source(pruner)
+
+    @field_serializer("budget_tokenizer")
+    def serialize_budget_tokenizer(self, budget_tokenizer: Any) -> str | None:
+        return budget_tokenizer_source(budget_tokenizer)

@@ -14,7 +14,16 @@ from typing import Any
 
 from haystack import Document, component, default_from_dict, default_to_dict
 
-from .core import DEFAULTS, ProvenceAdapter, ProvenceSettings, load_pruner, provence_metadata, pruner_source
+from .core import (
+    DEFAULTS,
+    ProvenceAdapter,
+    ProvenceSettings,
+    budget_tokenizer_source,
+    load_pruner,
+    provence_metadata,
+    pruner_source,
+    retrieval_metadata,
+)
 
 __all__ = ["ProvenceRanker"]
 
@@ -27,12 +36,13 @@ class ProvenceRanker(ProvenceAdapter):
         pruner: a ProvencePruner, or a model folder / cached hub id (loaded in ``warm_up()``
             or on the first run; ``to_dict`` stores the folder, before and after a run).
         threshold, title, always_select_title, reorder, top_k, drop_empty, batch_size,
-        target_tokens, target_total_tokens, target_ratio: the shared settings of
-            :class:`pipelines.rag.core.ProvenceSettings` (same defaults in every adapter).
+        target_tokens, target_total_tokens, target_ratio, budget_tokenizer: the shared settings
+            of :class:`pipelines.rag.core.ProvenceSettings` (same defaults in every adapter).
 
     Every returned document is a copy whose ``content`` is the pruned text and whose
-    ``score`` is the reranking score; its ``meta`` gains ``reranking_score``,
-    ``provence_compression`` and ``provence_kept_sentences``.
+    ``score`` is the reranking score (it wins); its ``meta`` gains ``reranking_score``,
+    ``provence_compression``, ``provence_kept_sentences`` and ``retrieval_score``: the
+    retriever's score (when the document had one and ``meta`` holds no earlier one).
     """
 
     def __init__(
@@ -48,6 +58,7 @@ class ProvenceRanker(ProvenceAdapter):
         target_tokens: int | None = DEFAULTS.target_tokens,
         target_total_tokens: int | None = DEFAULTS.target_total_tokens,
         target_ratio: float | None = DEFAULTS.target_ratio,
+        budget_tokenizer: Any = DEFAULTS.budget_tokenizer,
     ):
         self.pruner = pruner
         settings = ProvenceSettings(
@@ -61,6 +72,7 @@ class ProvenceRanker(ProvenceAdapter):
             target_tokens=target_tokens,
             target_total_tokens=target_total_tokens,
             target_ratio=target_ratio,
+            budget_tokenizer=budget_tokenizer,
         )
         vars(self).update(dataclasses.asdict(settings))  # one attribute per setting
         self._loaded = None
@@ -76,6 +88,7 @@ class ProvenceRanker(ProvenceAdapter):
 
     def to_dict(self) -> dict[str, Any]:
         settings = dataclasses.asdict(self.settings())
+        settings["budget_tokenizer"] = budget_tokenizer_source(self.budget_tokenizer)
         return default_to_dict(self, pruner=pruner_source(self.pruner), **settings)
 
     @classmethod
@@ -91,7 +104,11 @@ class ProvenceRanker(ProvenceAdapter):
                     documents[r["index"]],
                     content=r["pruned_context"],
                     score=r["reranking_score"],
-                    meta={**documents[r["index"]].meta, **provence_metadata(r)},
+                    meta={
+                        **documents[r["index"]].meta,
+                        **provence_metadata(r),
+                        **retrieval_metadata(documents[r["index"]].meta, documents[r["index"]].score),
+                    },
                 )
                 for r in rows
             ]

@@ -8,7 +8,7 @@ Importing this module imports ``llama_index.core``::
 from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import NodeWithScore, QueryBundle
 
-from .core import METADATA_KEYS, provence_metadata
+from .core import METADATA_KEYS, RETRIEVAL_SCORE_KEY, provence_metadata, retrieval_metadata
 from .fields import ProvenceFields
 
 __all__ = ["ProvencePostprocessor"]
@@ -18,8 +18,10 @@ class ProvencePostprocessor(ProvenceFields, BaseNodePostprocessor):
     """Provence context pruning + reranking as a LlamaIndex node postprocessor.
 
     Every returned node is a copy whose content is the pruned text and whose score is the
-    reranking score; its metadata gains ``reranking_score``, ``provence_compression`` and
-    ``provence_kept_sentences``, excluded from the LLM and embedding text. ``to_dict`` /
+    reranking score (it wins); its metadata gains ``reranking_score``,
+    ``provence_compression``, ``provence_kept_sentences`` and ``retrieval_score`` (the
+    retriever's score, when the node had one and its metadata holds no earlier one), all
+    excluded from the LLM and embedding text. ``to_dict`` /
     ``from_dict`` and pickle work (the pruner is serialised as the folder it was loaded from).
     """
 
@@ -33,9 +35,10 @@ class ProvencePostprocessor(ProvenceFields, BaseNodePostprocessor):
         for r in rows:
             node = nodes[r["index"]].node.model_copy(deep=True)
             node.set_content(r["pruned_context"])
+            node.metadata.update(retrieval_metadata(node.metadata, nodes[r["index"]].score))
             node.metadata.update(provence_metadata(r))
             for excluded in (node.excluded_llm_metadata_keys, node.excluded_embed_metadata_keys):
-                excluded.extend(k for k in METADATA_KEYS if k not in excluded)
+                excluded.extend(k for k in (*METADATA_KEYS, RETRIEVAL_SCORE_KEY) if k not in excluded)
             out.append(NodeWithScore(node=node, score=r["reranking_score"]))
         return out
 

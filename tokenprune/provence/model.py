@@ -21,6 +21,7 @@ downloaded):
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import numbers
 import os
@@ -36,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from prunecore.budget import check_keep, keep_count
+from prunecore.budget import check_keep, keep_count, rank_order
 from prunecore.device import resolve_device, resolve_dtype
 from prunecore.io import atomic_path, atomic_write_bytes, atomic_write_json
 from prunecore.models import load_tokenizer, load_transformers
@@ -437,11 +438,13 @@ class ProvencePruner:
     def _prepare_query(self, question: str) -> tuple[str, int]:
         tok = self.thread_tokenizer()
         q = normalize_query(question)
-        enc = tok(q, add_special_tokens=False, return_offsets_mapping=True)
+        # verbose=False: a long query is truncated here, so transformers' "longer than the
+        # maximum sequence length" warning would be false
+        enc = tok(q, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
         ids = enc["input_ids"]
         if len(ids) > self.max_query_tokens:
             q = q[: enc["offset_mapping"][self.max_query_tokens - 1][1]]
-            ids = tok(q, add_special_tokens=False)["input_ids"]
+            ids = tok(q, add_special_tokens=False, verbose=False)["input_ids"]
         return q, len(ids)
 
     @torch.inference_mode()
@@ -496,6 +499,7 @@ class ProvencePruner:
         target_total_tokens: int | None = None,
         target_ratio: float | None = None,
         keep: float | int | None = None,
+        budget_tokenizer=None,
     ):
         """Prune (and optionally rerank) contexts for questions.
 
@@ -520,9 +524,21 @@ class ProvencePruner:
                 (mean keep probability) that fit in ``target_tokens`` per context, in
                 ``target_total_tokens`` over all contexts of a question, and in
                 ``keep_count(T, target_ratio)`` tokens of a context of T tokens
-                (:func:`tokenprune.provence.core.budget_sentences`; tokens are the model's).
+                (:func:`tokenprune.provence.core.budget_sentences`; tokens are the model's
+                unless ``budget_tokenizer`` is given). With ``reorder``, the budgets are spent
+                on the ``top_k`` contexts that are returned (highest reranking scores), so a
+                total budget is not lost on contexts that are cut. An integer budget smaller
+                than every sentence warns (everything would be pruned to nothing).
             keep: prunekit's budget vocabulary for the same rule: a fraction in (0, 1] is
-                ``target_ratio``, an int count is ``target_tokens`` (per context).
+                ``target_ratio``, an int count is ``target_tokens`` (per context). ``keep=1``
+                is a one-token budget, not "keep all" (that is ``keep=1.0``): an int ``keep``
+                smaller than every sentence raises a ValueError saying so.
+            budget_tokenizer: count the budgets in the generator's tokens instead of the
+                pruner's: a Hugging Face tokenizer (counted without special tokens), a
+                tokenizer folder, or a callable ``text -> number of tokens``. Sentences are
+                counted one by one, and every pruned context is re-counted whole, so
+                ``budget_tokenizer(pruned_context)`` never exceeds ``target_tokens`` and the
+                sum over a question's contexts never exceeds ``target_total_tokens``.
 
         Returns:
             dict with, per context, ``pruned_context``, ``reranking_score``,
@@ -547,6 +563,7 @@ class ProvencePruner:
             target_total_tokens=target_total_tokens,
             target_ratio=target_ratio,
             keep=keep,
+            budget_tokenizer=budget_tokenizer,
         )
 
     __call__ = process
@@ -582,7 +599,10 @@ class ProvencePruner:
                 given_title = t not in ("first_sentence", None)
                 text = f"{t}\n{ctx}" if given_title else ctx
                 sents = np.asarray(self.sentence_splitter(text), dtype=np.int64).reshape(-1, 2)
-                enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+                # the whole text is tokenised only for its offsets, then split into windows
+                # (plan_blocks): verbose=False silences transformers' false "will result in
+                # indexing errors" warning for texts longer than the model's window
+                enc = tok(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
                 off = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
                 tok_spans = token_sentence_spans(off, sents)
                 blocks = plan_blocks(tok_spans[:, 0], len(off), budget)
@@ -627,17 +647,40 @@ class ProvencePruner:
         target_total_tokens: int | None = None,
         target_ratio: float | None = None,
         keep: float | int | None = None,
+        budget_tokenizer=None,
+        budget_candidates=None,
     ):
-        """The sentence part of :meth:`process`, applied to the output of :meth:`score`."""
+        """The sentence part of :meth:`process`, applied to the output of :meth:`score`.
+
+        ``budget_candidates``: for a single question, the indices of the contexts the token
+        budgets are spent on (the others keep nothing), e.g. the ones a caller's ``top_k``
+        will return. Default: with ``reorder``, the ``top_k`` best-scored contexts; else all.
+        """
         mode = mode or self.mode
+        keep_int = keep if isinstance(keep, numbers.Integral) and not isinstance(keep, bool) else None
         target_tokens, target_ratio = keep_as_targets(keep, target_tokens, target_ratio)
         budgeted = any(x is not None for x in (target_tokens, target_total_tokens, target_ratio))
+        count = token_counter(budget_tokenizer)
+        candidates = check_candidates(budget_candidates, scored["items"])
         out = []
         stats = TokenStats("provence", forward_passes=scored["forward_passes"], extras={"contexts": 0, "blocks": 0})
         for row in scored["items"]:
             spans = [token_sentence_spans(info["offsets"], info["sents"]) for info in row]
             if budgeted:
-                keeps = budget_keeps(row, spans, always_select_title, target_tokens, target_total_tokens, target_ratio)
+                chosen = candidates
+                if chosen is None and reorder:
+                    chosen = sorted(range(len(row)), key=lambda i, row=row: -row[i]["score"])[:top_k]
+                keeps, shortest = budget_keeps(
+                    row,
+                    spans,
+                    always_select_title,
+                    target_tokens,
+                    target_total_tokens,
+                    target_ratio,
+                    count=count,
+                    candidates=chosen,
+                )
+                check_int_budget(shortest, keep_int, target_tokens, target_total_tokens)
             else:
                 keeps = [
                     provence_sentences(info["probs"], sp, threshold=threshold, mode=mode)
@@ -688,6 +731,75 @@ def keep_as_targets(keep, target_tokens, target_ratio):
     return target_tokens, float(keep)
 
 
+def token_counter(budget_tokenizer) -> Callable[[str], int] | None:
+    """``text -> token count`` of a budget tokenizer (None: count the pruner's own tokens).
+
+    Accepts a Hugging Face tokenizer (counted without special tokens), a tokenizer folder /
+    cached hub id (loaded once, no remote code) or a callable ``text -> int``.
+    """
+    if budget_tokenizer is None:
+        return None
+    if isinstance(budget_tokenizer, (str, os.PathLike)):
+        budget_tokenizer = cached_tokenizer(os.fspath(budget_tokenizer))
+    if hasattr(budget_tokenizer, "num_special_tokens_to_add") and hasattr(budget_tokenizer, "encode"):
+        tok = budget_tokenizer
+        return lambda text: len(tok.encode(text, add_special_tokens=False, verbose=False))
+    if callable(budget_tokenizer):
+        fn = budget_tokenizer
+
+        def count(text: str) -> int:
+            n = fn(text)
+            if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+                raise TypeError(f"budget_tokenizer must return a non-negative int token count, got {n!r}")
+            return int(n)
+
+        return count
+    raise TypeError(
+        "budget_tokenizer must be a Hugging Face tokenizer, a tokenizer folder, or a callable text -> token "
+        f"count (e.g. lambda s: len(enc.encode(s)) for tiktoken), got {type(budget_tokenizer).__name__}"
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def cached_tokenizer(name_or_path: str):
+    """A budget tokenizer loaded once per folder / cached hub id (no download, no remote code)."""
+    return load_tokenizer(resolve_checkpoint_dir(name_or_path))
+
+
+def check_candidates(candidates, items: list[list[dict]]) -> list[int] | None:
+    """``budget_candidates`` as a list of context indices of the single question (or None)."""
+    if candidates is None:
+        return None
+    if len(items) != 1:
+        raise ValueError(f"budget_candidates needs a single question, got {len(items)}")
+    out = [int(i) for i in candidates]
+    if any(not 0 <= i < len(items[0]) for i in out):
+        raise ValueError(f"budget_candidates {out} out of range for {len(items[0])} contexts")
+    return out
+
+
+def check_int_budget(shortest: int | None, keep_int, target_tokens, target_total) -> None:
+    """Refuse (``keep=<int>``) or warn (``target_tokens`` / ``target_total_tokens``) when an
+    integer token budget is smaller than every sentence, so every context would come back
+    empty. ``shortest``: tokens of the shortest sentence that could be kept (None: none)."""
+    ints = [b for b in (target_tokens, target_total) if b is not None]
+    if shortest is None or not ints or min(ints) >= shortest:
+        return
+    if keep_int is not None and keep_int == min(ints):
+        raise ValueError(
+            f"keep={keep_int} is a budget of {keep_int} token(s) (an int keep is a token count), smaller than "
+            f"every sentence (the shortest has {shortest} tokens): every context would be pruned to nothing. "
+            f"To keep everything pass keep=1.0 (a fraction) or no budget; for a token budget pass keep >= {shortest}"
+        )
+    warnings.warn(
+        f"token budget {min(ints)} (target_tokens={target_tokens}, target_total_tokens={target_total}) is smaller "
+        f"than every sentence (the shortest has {shortest} tokens): every context is pruned to nothing. To keep "
+        f"everything pass no budget (or target_ratio=1.0 / keep=1.0); for a token budget pass at least {shortest}",
+        UserWarning,
+        stacklevel=4,
+    )
+
+
 def check_window(max_length, saved_window, config, n_special: int) -> int:
     """The window in tokens: ``max_length``, else the saved one, else ``min(512, limit)``.
 
@@ -710,35 +822,83 @@ def check_window(max_length, saved_window, config, n_special: int) -> int:
     return window
 
 
-def budget_keeps(row: list[dict], spans: list, always_select_title: bool, target_tokens, target_total, target_ratio):
+def budget_keeps(
+    row: list[dict],
+    spans: list,
+    always_select_title: bool,
+    target_tokens,
+    target_total,
+    target_ratio,
+    *,
+    count: Callable[[str], int] | None = None,
+    candidates: list[int] | None = None,
+):
     """Sentence keep masks of one question's contexts under the token budgets.
 
     ``row``: the contexts' scored items; ``spans``: their (S_c, 2) token spans. Budgets per
     context: ``target_tokens`` and ``keep_count(T_c, target_ratio)`` (the smaller), and
     ``target_total`` over the row. With ``always_select_title`` the title is taken first so
-    that it fits inside the budget.
+    that it fits inside the budget. ``count``: ``text -> tokens`` of the budget tokenizer
+    (None: the pruner's tokens); then every pruned context is counted whole, as it will be
+    sent (:func:`counted_budget_sentences`: token counts need not add up over sentences).
+    ``candidates``: the contexts the budgets are spent on (None: all); the others keep nothing.
+
+    Returns ``(masks, shortest)``: the (S_c,) bool masks, and the tokens of the shortest
+    sentence that could be kept (None when there is none), for :func:`check_int_budget`.
     """
+    if not row:
+        return [], None
+    chosen = set(range(len(row)) if candidates is None else candidates)
     scores, lengths, groups, group_budgets = [], [], [], []
     for c, (info, sp) in enumerate(zip(row, spans)):
         sc = sentence_scores(info["probs"], sp)
         if always_select_title and info["title_idx"] is not None and np.isfinite(sc[info["title_idx"]]):
             sc[info["title_idx"]] = np.inf
+        if c not in chosen:
+            sc[:] = -np.inf
         scores.append(sc)
-        lengths.append(sp[:, 1] - sp[:, 0])
+        if count is None:
+            lengths.append(sp[:, 1] - sp[:, 0])
+            n_tokens = len(info["offsets"])
+        else:
+            lengths.append(np.array([count(info["text"][a:b]) for a, b in info["sents"]], dtype=np.int64))
+            n_tokens = count(info["text"])
         groups.append(np.full(len(sp), c))
-        n_tokens = len(info["offsets"])
         cap = n_tokens if target_tokens is None else int(target_tokens)
         if target_ratio is not None:
             cap = min(cap, keep_count(n_tokens, float(target_ratio)))
         group_budgets.append(cap)
-    if not row:
-        return []
-    keep = budget_sentences(
-        np.concatenate(scores),
-        np.concatenate(lengths),
-        groups=np.concatenate(groups),
-        group_budgets=group_budgets,
-        total_budget=target_total,
-    )
+    scores, lengths, groups = np.concatenate(scores), np.concatenate(lengths), np.concatenate(groups)
+    keepable = (scores != -np.inf) & (lengths > 0)
+    shortest = int(lengths[keepable].min()) if keepable.any() else None
     bounds = np.cumsum([0] + [len(sp) for sp in spans])
-    return [keep[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    if count is None:
+        keep = budget_sentences(scores, lengths, groups=groups, group_budgets=group_budgets, total_budget=target_total)
+    else:
+        keep = counted_budget_sentences(row, scores, groups, bounds, group_budgets, target_total, count)
+    return [keep[a:b] for a, b in zip(bounds[:-1], bounds[1:])], shortest
+
+
+def counted_budget_sentences(row, scores, groups, bounds, group_budgets, target_total, count) -> np.ndarray:
+    """The budget rule of :func:`~tokenprune.provence.core.budget_sentences` with a token
+    count that need not add up over sentences: sentences are visited by score (best first,
+    ties by position) and one is kept when the whole pruned text of its context, counted by
+    ``count``, still fits its context's budget and the sum over contexts the total budget.
+
+    Returns the (N,) bool mask over the concatenated sentences of ``row``.
+    """
+    keep = np.zeros(scores.shape[0], dtype=bool)
+    used = np.zeros(len(row), dtype=np.int64)
+    total = np.iinfo(np.int64).max if target_total is None else int(target_total)
+    for i in rank_order(scores).tolist():
+        if scores[i] == -np.inf:
+            continue
+        g = int(groups[i])
+        keep[i] = True
+        mask = keep[bounds[g] : bounds[g + 1]]
+        n = count(assemble_pruned(row[g]["text"], row[g]["sents"], mask))
+        if n <= group_budgets[g] and used.sum() - used[g] + n <= total:
+            used[g] = n
+        else:
+            keep[i] = False
+    return keep
