@@ -157,16 +157,21 @@ def read_torch_bin(path: Path) -> dict[str, torch.Tensor]:
 def nonfinite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
     """Names of the floating tensors of ``state`` holding a NaN or an infinity, in key order.
 
-    One float32-accumulated sum per tensor (a NaN or an infinity makes the sum non-finite; no
-    temporary of the tensor's size), all read back at once; only a tensor whose sum is not
-    finite (a bad value, or an overflow of large finite values) is checked element-wise.
+    One ``aminmax`` per tensor in its own dtype (a NaN propagates to both ends, an infinity is
+    an end; no temporary of the tensor's size, no overflow), all read back at once.
     """
     names = [k for k, t in state.items() if t.is_floating_point() and t.numel()]
     if not names:
         return []
-    sums = torch.stack([state[k].sum(dtype=torch.float32) for k in names])
-    suspects = [k for k, ok in zip(names, sums.isfinite().tolist()) if not ok]
-    return [k for k in suspects if not bool(state[k].isfinite().all())]
+    ends = torch.stack([tensor_ends(state[k]) for k in names])
+    return [k for k, ok in zip(names, ends.isfinite().all(-1).tolist()) if not ok]
+
+
+def tensor_ends(t: torch.Tensor) -> torch.Tensor:
+    """``(2,)`` float64 ``[min, max]`` of a floating tensor (NaN if it holds one)."""
+    if t.element_size() == 1:  # float8 kinds have no native min / max
+        t = t.float()
+    return torch.stack(torch.aminmax(t)).double()
 
 
 def check_finite_weights(state: dict[str, torch.Tensor], origin: dict[str, Path]) -> None:

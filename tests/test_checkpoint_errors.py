@@ -97,8 +97,8 @@ def test_non_finite_weight_is_found_at_load(llada, value):
             load(llada)
 
 
-def test_nonfinite_tensors_fast_path_and_overflow():
-    big = torch.full((4, 4), 3e38)  # finite, but its float32 sum overflows: checked element-wise
+def test_nonfinite_tensors_every_dtype():
+    big = torch.full((4, 4), 1e300, dtype=torch.float64)  # finite beyond float32: not an error
     state = {
         "ok": torch.randn(8, dtype=torch.bfloat16),
         "big": big,
@@ -106,9 +106,11 @@ def test_nonfinite_tensors_fast_path_and_overflow():
         "nan16": torch.tensor([1.0, float("nan")], dtype=torch.float16),
         "empty": torch.zeros(0),
         "neg_inf": torch.tensor([-float("inf"), 1.0], dtype=torch.float64),
+        "inf32": torch.tensor([[0.5, float("inf")]]),
+        "nan_bf16": torch.tensor([float("nan"), 2.0], dtype=torch.bfloat16),
     }
-    assert nonfinite_tensors(state) == ["nan16", "neg_inf"]
-    assert nonfinite_tensors({"big": big}) == []
+    assert nonfinite_tensors(state) == ["nan16", "neg_inf", "inf32", "nan_bf16"]
+    assert nonfinite_tensors({"big": big, "ids": torch.arange(3)}) == []
 
 
 def test_bad_json_names_the_file(tmp_path):
