@@ -172,6 +172,10 @@ def test_provence_corrupt_files_name_the_file(provence, tmp_path):
     with pytest.raises(CheckpointError, match=f"{re.escape(str(cfg))} is not valid JSON"):
         load_provence_model(cfg.parent)
 
+    cfg.write_text(json.dumps({**json.loads((provence / "config.json").read_text()), "num_attention_heads": 3}))
+    with pytest.raises(CheckpointError, match=f"{re.escape(str(cfg))}: the backbone cannot be built.*attention heads"):
+        load_provence_model(cfg.parent)
+
     marker = copy_folder(provence, tmp_path / "k") / "prunekit_provence.json"
     marker.write_text("{")
     with pytest.raises(CheckpointError, match=f"{re.escape(str(marker))} is not valid JSON"):

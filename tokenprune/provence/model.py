@@ -251,12 +251,7 @@ def backbone_config(raw: dict, where: str = "config.json"):
 
 def _read_config(folder: Path):
     raw = read_json(folder / "config.json")
-    try:
-        return backbone_config(raw, f"{folder}/config.json"), raw
-    except (TypeError, ValueError) as exc:  # a field transformers refuses: name the file
-        if str(folder) in str(exc):
-            raise
-        raise CheckpointError(f"{folder}/config.json: {exc}") from None
+    return backbone_config(raw, f"{folder}/config.json"), raw
 
 
 #: Backbones whose position ids start after the padding index (RoBERTa family: pad id 1 -> 2).
@@ -279,7 +274,10 @@ def load_provence_model(name_or_path, *, dtype=None, device=None):
     """
     folder = resolve_checkpoint_dir(name_or_path)
     config, raw = _read_config(folder)
-    model = ProvenceModel(config)
+    try:
+        model = ProvenceModel(config)
+    except (TypeError, ValueError) as exc:  # fields the backbone refuses: name the file
+        raise CheckpointError(f"{folder}/config.json: the backbone cannot be built from it ({exc})") from None
     state = read_safetensors(folder, torch_bin=True)
     try:
         model.load_released_state_dict(state)
