@@ -252,3 +252,27 @@ def test_family_table_is_filled_by_discovery():
         register("llava")(type("Other", (FoPruAdapter,), {}))
     with pytest.raises(ValueError, match="at least one"):
         register()
+
+
+def test_every_video_input_of_every_family_is_refused():
+    """Each registered family lists every video input of its model's forward in video_keys, so a
+    video (alone or with images) is refused, never run unpruned."""
+    import inspect
+
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    from tokenprune.fopru.adapters import ADAPTERS
+
+    for model_type, cls in ADAPTERS.items():
+        model_cls = getattr(transformers, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES[model_type])
+        videos = {name for name in inspect.signature(model_cls.forward).parameters if "video" in name}
+        assert videos <= set(cls.video_keys), (model_type, videos - set(cls.video_keys))
+        adapter = object.__new__(cls)  # the checks read class attributes only
+        for key in cls.video_keys:
+            call = {"pixel_values": torch.zeros(1), key: torch.zeros(1)}
+            assert adapter.has_visual({key: torch.zeros(1)})
+            assert adapter.split_inputs(call)[1] == {}  # consumed, never passed through unpruned
+            with pytest.raises(ValueError, match=f"videos are not supported.*{key}"):
+                adapter.refuse_videos(call)
+        adapter.refuse_videos({"pixel_values": torch.zeros(1)})  # images alone pass

@@ -15,7 +15,7 @@ from tokenprune.fopru.adapters import make_adapter  # noqa: E402
 from tokenprune.fopru.adapters.llava_next import anyres_layout  # noqa: E402
 from tokenprune.fopru.core import anyres_select, normalise_crop_scores  # noqa: E402
 
-IMG = 99
+IMG, VID = 99, 98
 CROP, PATCH, P = 16, 4, 16
 PINS = [[16, 32], [32, 16], [32, 32], [16, 48]]
 SIZES = torch.tensor([[20, 37], [30, 14]])  # 2x2 and 2x1 crops
@@ -44,6 +44,7 @@ def _model(attn="sdpa", seed=0, aspect="anyres_max_9"):
             pad_token_id=0,
         ),
         image_token_id=IMG,
+        video_token_id=VID,
         image_grid_pinpoints=PINS,
         vision_feature_layer=-1,
         vision_feature_select_strategy="full",
@@ -185,3 +186,34 @@ def test_errors(model):
         FoPru(model, strategy="row")
     with pytest.raises(ValueError, match="CLS"):
         FoPru(model, method="cls")
+
+
+def _video(model, seed=2):
+    """A valid video-only call: one 2-frame video between two text tokens."""
+    pv = torch.randn(1, 2, 3, CROP, CROP, generator=torch.Generator().manual_seed(seed))
+    n = model.model.get_video_features(pixel_values_videos=pv, return_dict=True).pooler_output.shape[1]
+    return {"input_ids": torch.tensor([[1] + [VID] * n + [2]]), "pixel_values_videos": pv}
+
+
+def test_videos_are_refused_not_run_unpruned(model):
+    """A video-only call and an image + video call raise inside the context (no stats recorded)
+    and in fopru_generate; both calls are valid for the model (they run outside FoPru)."""
+    video = _video(model)
+    image = _inputs(model, sizes=SIZES[:1], heads=((1, 2),), tails=((3,),))
+    ids = torch.cat([image["input_ids"], video["input_ids"]], dim=1)
+    both = {**image, **video, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    for call in (video, both):
+        assert model.generate(**call, **GEN).shape[1] == call["input_ids"].shape[1] + GEN["max_new_tokens"]
+    with FoPru(model, keep=0.25) as fp:
+        for call in (video, both):
+            with pytest.raises(ValueError, match="videos are not supported.*pixel_values_videos"):
+                model.generate(**call, **GEN)
+            with pytest.raises(ValueError, match="videos are not supported"), torch.no_grad():
+                model(**call)
+            with pytest.raises(ValueError, match="videos are not supported"):
+                model(**{**call, "pixel_values_videos": None, "image_sizes_videos": torch.tensor([[16, 16]])})
+        assert fp.history == []
+        text = model.generate(input_ids=torch.tensor([[5, 6, 7]]), **GEN)  # text-only: unchanged
+    assert torch.equal(text, model.generate(input_ids=torch.tensor([[5, 6, 7]]), **GEN))
+    with pytest.raises(ValueError, match="videos are not supported"):
+        fopru_generate(model, both, keep=0.25, **GEN)

@@ -6,6 +6,12 @@ current block, the model proposes ``x0 = argmax(logits)`` with confidence
 ``c = softmax(logits)[x0]``; a commit rule of :mod:`.rules` decides which proposals become
 final. :func:`localleap_generate` runs any rule on any model whose ``forward(input_ids,
 attention_mask=...)`` returns ``.logits`` over the canvas and counts forward passes (NFE).
+
+The loop reads values back to the host (a wait for the accelerator) exactly once per forward
+pass: one small flag tensor saying whether the block still has masked tokens, whether the pass
+gave NaN confidences at masked positions and whether a row committed nothing
+(:func:`pass_flags`); the rules run with ``check_values=False``. Add one read per call for the
+final counts, one for a padded batch and one per block with ``early_stop``.
 """
 
 from __future__ import annotations
@@ -19,9 +25,9 @@ import torch
 from tokenprune.stats import TokenStats
 
 from .models.base import padded_positions
-from .rules import RULES, check_threshold, commit_mask, confidence_from_logits, llada_schedule
+from .rules import RULES, check_threshold, commit_mask, confidence_from_logits, llada_step_counts
 
-__all__ = ["DecodeResult", "localleap_generate", "CACHE_MODES", "cache_mode"]
+__all__ = ["DecodeResult", "localleap_generate", "CACHE_MODES", "cache_mode", "pass_flags"]
 
 CACHE_MODES = ("none", "prefix", "dual")
 REMASKING = ("low_confidence", "random")
@@ -123,6 +129,19 @@ def accepts(model, name: str) -> bool:
     except (TypeError, ValueError):
         return False
     return any(p.name == name for p in params)
+
+
+def pass_flags(conf: torch.Tensor, masked: torch.Tensor, commit: torch.Tensor, still_masked: torch.Tensor):
+    """The checks of one pass as one ``(3,)`` bool tensor (read back to the host at once).
+
+    Args:
+        conf: ``(B, L)`` confidences of the block; masked: ``(B, L)`` masked before the pass;
+        commit: ``(B, L)`` committed by the rule; still_masked: ``(B, L)`` masked after it.
+    Returns:
+        ``[block not done, NaN confidence at a masked position, a row with masked positions
+        committed nothing]``.
+    """
+    return torch.stack([still_masked.any(), (conf.isnan() & masked).any(), (masked.any(-1) & ~commit.any(-1)).any()])
 
 
 @dataclass
@@ -334,7 +353,7 @@ def localleap_generate(
         accepts(model, "logits_range"),
     )
     num_blocks = gen_length // block_length
-    steps_per_block = 0
+    steps_per_block, schedule = 0, []
     if rule == "llada":
         total_steps = gen_length if steps is None else int(steps)
         if total_steps < num_blocks or total_steps % num_blocks:
@@ -342,6 +361,10 @@ def localleap_generate(
                 f"steps ({total_steps}) must be a positive multiple of the number of blocks ({num_blocks})"
             )
         steps_per_block = total_steps // num_blocks
+        # every row still running starts a block with all its block_length positions masked
+        # (rows finished by early_stop have none, and commit nothing whatever k is): one schedule
+        schedule = llada_step_counts(block_length, steps_per_block)
+    rule_name = rule if isinstance(rule, str) else getattr(rule, "__name__", "custom")
 
     nfe = 0
     row_nfe = torch.zeros(B, dtype=torch.long, device=device)
@@ -356,15 +379,12 @@ def localleap_generate(
                 block_nfe.append(0)
                 continue
             lead = 1 if shift_logits and s > 0 else 0  # the block's first logits come from s - 1
-            block_passes, step, cache, schedule = 0, 0, None, None
-            if rule == "llada":
-                schedule = llada_schedule((x[:, s:e] == mask_id).sum(-1), steps_per_block).to(device)
+            block_passes, step, cache = 0, 0, None
+            # a block starts fully masked in every running row: no read to decide the first pass
+            masked = x[:, s:e] == mask_id
             while True:
-                masked = x[:, s:e] == mask_id
-                if not masked.any():
-                    break
                 if rule == "llada":
-                    while step < steps_per_block and not schedule[:, step].any():
+                    while step < steps_per_block and schedule[step] == 0:  # steps committing nothing
                         step += 1
                     if step >= steps_per_block:  # schedule exhausted (cannot happen: it sums to n)
                         break
@@ -397,7 +417,7 @@ def localleap_generate(
                 )
                 if remasking == "random":
                     conf = torch.rand(conf.shape, device=device, generator=generator)
-                k = schedule[:, step] if rule == "llada" else None
+                k = schedule[step] if rule == "llada" else None
                 step += 1
                 commit = commit_mask(
                     rule,
@@ -409,26 +429,43 @@ def localleap_generate(
                     relaxed_threshold=relaxed_threshold,
                     radius=radius,
                     gamma=gamma,
+                    check_values=False,
                 )
                 x[:, s:e] = torch.where(commit, x0, x[:, s:e])
                 committed += commit.sum(-1)
+                still_masked = x[:, s:e] == mask_id
+                going, nan, stuck = pass_flags(conf, masked, commit, still_masked).tolist()  # the pass's one read
+                if nan:
+                    raise ValueError(
+                        f"NaN confidences at masked positions in pass {nfe} (block {b}): the model's logits hold "
+                        "NaN; check its weights (load_dllm refuses non-finite weights) and its dtype (float16 "
+                        "overflows: use bfloat16 or float32)"
+                    )
+                if stuck:
+                    raise RuntimeError(
+                        f"rule {rule_name!r} committed nothing for a row with masked tokens (pass {nfe}); "
+                        "it would never finish"
+                    )
+                if not going:
+                    break
+                masked = still_masked
             block_nfe.append(block_passes)
             if early_stop:
                 done |= (x[:, P:e] == eos_id).any(-1)
-                if done.any() and e < T:
+                if e < T:  # finished rows: the rest is EOS (no read: a no-op for running rows)
                     tail = x[:, e:]
                     x[:, e:] = torch.where(done.unsqueeze(1), torch.full_like(tail, eos_id), tail)
-    total_rows = int(row_nfe.sum())
-    tpf = float(committed.sum()) / total_rows if total_rows else 0.0
+    total_rows, total_committed = torch.stack([row_nfe.sum(), committed.sum()]).tolist()  # one read per call
+    tpf = total_committed / total_rows if total_rows else 0.0
     stats = TokenStats(
         method="localleap",
         tokens_in=B * gen_length,
-        tokens_kept=int(committed.sum()),
+        tokens_kept=total_committed,
         forward_passes=nfe,
         extras={
             "row_nfe": total_rows,
             "tokens_per_forward": tpf,
-            "rule": rule if isinstance(rule, str) else getattr(rule, "__name__", "custom"),
+            "rule": rule_name,
             "cache": mode,
             "positions_computed": call.positions_computed,
         },

@@ -5,7 +5,7 @@ Each rule maps ``(B, L)`` tensors over the current block (``conf`` float confide
 always a subset of ``masked`` and non-empty for every row that still has a masked position:
 
 - :func:`llada_topk` -- LLaDA low-confidence remasking: a fixed number per step
-  (:func:`llada_schedule` gives the linear schedule);
+  (:func:`llada_schedule` / :func:`llada_step_counts` give the linear schedule);
 - :func:`fastdllm_threshold` -- Fast-dLLM: top-1 plus every ``c >= threshold``;
 - :func:`localleap_transfer` -- LocalLeap (arXiv 2510.07081): anchors (``c >= threshold``)
   relax the threshold to ``relaxed_threshold`` within ``radius`` positions;
@@ -16,6 +16,11 @@ always a subset of ``masked`` and non-empty for every row that still has a maske
 (:func:`filter_logits`: top-p / top-k); :func:`commit_mask` dispatches a rule by name.
 Tie-breaking is deterministic everywhere: among equal confidences the lower position wins
 (the stable ranking of :mod:`prunecore.budget`).
+
+Host reads: the rules are device-side except their value checks (NaN confidences, a negative
+``k`` tensor, a custom rule that commits nothing), each one read of a value back to the host.
+``check_values=False`` skips them for a caller that checks on the device itself
+(:func:`~tokenprune.localleap.generate.localleap_generate` folds them into its one read per pass).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ __all__ = [
     "RULES",
     "commit_mask",
     "llada_schedule",
+    "llada_step_counts",
     "llada_topk",
     "fastdllm_threshold",
     "localleap_transfer",
@@ -44,7 +50,7 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 # validation helpers
 # --------------------------------------------------------------------------------------------
-def _check_pair(conf: torch.Tensor, masked: torch.Tensor) -> None:
+def _check_pair(conf: torch.Tensor, masked: torch.Tensor, check_values: bool = True) -> None:
     if not isinstance(conf, torch.Tensor) or not isinstance(masked, torch.Tensor):
         raise TypeError("conf and masked must be torch tensors")
     if conf.dim() != 2:
@@ -55,7 +61,7 @@ def _check_pair(conf: torch.Tensor, masked: torch.Tensor) -> None:
         raise TypeError(f"masked must be a bool tensor, got {masked.dtype}")
     if not conf.is_floating_point():
         raise TypeError(f"conf must be a floating tensor, got {conf.dtype}")
-    if (conf.isnan() & masked).any():  # no boolean indexing: one host sync, not two
+    if check_values and (conf.isnan() & masked).any():  # no boolean indexing: one host read, not two
         raise ValueError("conf has NaN at masked positions")
 
 
@@ -99,30 +105,48 @@ def llada_schedule(n_masked: torch.Tensor | int, steps: int) -> torch.Tensor:
     return base + (torch.arange(steps, device=n.device).unsqueeze(0) < rem).long()
 
 
-def llada_topk(conf: torch.Tensor, masked: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
+def llada_step_counts(n_masked: int, steps: int) -> list[int]:
+    """One row of :func:`llada_schedule` as Python ints (no tensor, no host read): the tokens to
+    commit at each of ``steps`` steps from ``n_masked >= 0`` masked tokens."""
+    n, steps = int(n_masked), int(steps)
+    if steps < 1 or n < 0:
+        raise ValueError(f"steps must be >= 1 and n_masked >= 0, got steps={steps}, n_masked={n}")
+    return [n // steps + (j < n % steps) for j in range(steps)]
+
+
+def llada_topk(
+    conf: torch.Tensor, masked: torch.Tensor, k: torch.Tensor | int, *, check_values: bool = True
+) -> torch.Tensor:
     """LLaDA low-confidence rule: commit the ``k`` most confident masked positions per row.
 
     Args:
         conf: ``(B, L)`` float confidences.
         masked: ``(B, L)`` bool, still-masked positions of the current block.
         k: int or ``(B,)`` int tensor; clipped to the number of masked positions.
+        check_values: check ``conf`` for NaN and a ``k`` tensor for negatives (host reads).
     Returns:
         ``(B, L)`` bool commit mask (``<= k`` per row, subset of ``masked``). Ties: lower index
         first.
     """
-    _check_pair(conf, masked)
+    _check_pair(conf, masked, check_values)
     B, L = conf.shape
-    k = torch.as_tensor(k, dtype=torch.long, device=conf.device).reshape(-1)
+    if not isinstance(k, torch.Tensor):  # a Python count: checked and compared without a tensor
+        if int(k) < 0:
+            raise ValueError("k must be >= 0")
+        return (torch_rank(_masked_conf(conf, masked)) < int(k)) & masked
+    k = k.to(dtype=torch.long, device=conf.device).reshape(-1)
     if k.numel() == 1:
         k = k.expand(B)
     if k.shape != (B,):
         raise ValueError(f"k must be an int or a (B,)={B} tensor, got shape {tuple(k.shape)}")
-    if (k < 0).any():
+    if check_values and (k < 0).any():
         raise ValueError("k must be >= 0")
     return (torch_rank(_masked_conf(conf, masked)) < k.unsqueeze(1)) & masked
 
 
-def fastdllm_threshold(conf: torch.Tensor, masked: torch.Tensor, *, threshold: float = 0.9) -> torch.Tensor:
+def fastdllm_threshold(
+    conf: torch.Tensor, masked: torch.Tensor, *, threshold: float = 0.9, check_values: bool = True
+) -> torch.Tensor:
     """Fast-dLLM confidence-threshold rule.
 
     Commit every masked position with ``conf >= threshold`` plus the most confident masked
@@ -130,10 +154,11 @@ def fastdllm_threshold(conf: torch.Tensor, masked: torch.Tensor, *, threshold: f
 
     Args:
         conf: ``(B, L)`` float; masked: ``(B, L)`` bool.
+        check_values: check ``conf`` for NaN at masked positions (one host read).
     Returns:
         ``(B, L)`` bool commit mask.
     """
-    _check_pair(conf, masked)
+    _check_pair(conf, masked, check_values)
     check_threshold("threshold", threshold)
     return (masked & (conf >= threshold)) | _top1(conf, masked)
 
@@ -145,6 +170,7 @@ def localleap_transfer(
     threshold: float = 0.9,
     relaxed_threshold: float = 0.75,
     radius: int = 4,
+    check_values: bool = True,
 ) -> torch.Tensor:
     """LocalLeap one-step commit rule (arXiv 2510.07081).
 
@@ -163,10 +189,11 @@ def localleap_transfer(
         threshold: anchor / global threshold.
         relaxed_threshold: threshold near anchors (``<= threshold``).
         radius: half-width of the window in positions (``>= 0``).
+        check_values: check ``conf`` for NaN at masked positions (one host read).
     Returns:
         ``(B, L)`` bool commit mask.
     """
-    _check_pair(conf, masked)
+    _check_pair(conf, masked, check_values)
     check_threshold("threshold", threshold)
     check_threshold("relaxed_threshold", relaxed_threshold)
     if relaxed_threshold > threshold:
@@ -182,7 +209,9 @@ def localleap_transfer(
     return commit | _top1(conf, masked)
 
 
-def eb_sampler(conf: torch.Tensor, masked: torch.Tensor, entropy: torch.Tensor, *, gamma: float = 1e-3) -> torch.Tensor:
+def eb_sampler(
+    conf: torch.Tensor, masked: torch.Tensor, entropy: torch.Tensor, *, gamma: float = 1e-3, check_values: bool = True
+) -> torch.Tensor:
     """EB-sampler (entropy-bounded unmasking).
 
     Sort the masked positions by confidence (descending, lower index first on ties) and
@@ -194,10 +223,11 @@ def eb_sampler(conf: torch.Tensor, masked: torch.Tensor, entropy: torch.Tensor, 
         masked: ``(B, L)`` bool.
         entropy: ``(B, L)`` float, entropy ``H(p_i)`` (nats) of each position's distribution.
         gamma: entropy budget (>= 0).
+        check_values: check ``conf`` for NaN at masked positions (one host read).
     Returns:
         ``(B, L)`` bool commit mask.
     """
-    _check_pair(conf, masked)
+    _check_pair(conf, masked, check_values)
     if not isinstance(entropy, torch.Tensor) or entropy.shape != conf.shape:
         raise ValueError(f"entropy must be a tensor of shape {tuple(conf.shape)}")
     if gamma < 0:
@@ -286,27 +316,38 @@ def confidence_from_logits(
     return x0, conf, entropy
 
 
-def commit_mask(rule, conf, masked, entropy, k, *, threshold, relaxed_threshold, radius, gamma):
+def commit_mask(
+    rule, conf, masked, entropy, k, *, threshold, relaxed_threshold, radius, gamma, check_values: bool = True
+):
     """The ``(B, L)`` commit mask of ``rule`` over the current block.
 
     Args:
         rule: a name of :data:`RULES` or a callable ``rule(conf, masked) -> (B, L) bool``.
         conf, masked: ``(B, L)`` confidences and still-masked positions.
         entropy: ``(B, L)`` entropies (``"eb"``), else unused.
-        k: ``(B,)`` tokens to commit (``"llada"``), else unused.
+        k: ``(B,)`` tensor or int, tokens to commit (``"llada"``), else unused.
+        check_values: the value checks that read back to the host (NaN confidences, a custom
+            rule committing nothing for a row with masked positions); False: the caller checks.
     """
     if rule == "localleap":
-        return localleap_transfer(conf, masked, threshold=threshold, relaxed_threshold=relaxed_threshold, radius=radius)
+        return localleap_transfer(
+            conf,
+            masked,
+            threshold=threshold,
+            relaxed_threshold=relaxed_threshold,
+            radius=radius,
+            check_values=check_values,
+        )
     if rule == "fastdllm":
-        return fastdllm_threshold(conf, masked, threshold=threshold)
+        return fastdllm_threshold(conf, masked, threshold=threshold, check_values=check_values)
     if rule == "eb":
-        return eb_sampler(conf, masked, entropy, gamma=gamma)
+        return eb_sampler(conf, masked, entropy, gamma=gamma, check_values=check_values)
     if rule == "llada":
-        return llada_topk(conf, masked, k)
+        return llada_topk(conf, masked, k, check_values=check_values)
     commit = rule(conf, masked)
     if not isinstance(commit, torch.Tensor) or commit.dtype != torch.bool or commit.shape != masked.shape:
         raise TypeError("a custom rule must return a (B, L) bool tensor")
     commit = commit & masked
-    if (masked.any(-1) & ~commit.any(-1)).any():
+    if check_values and (masked.any(-1) & ~commit.any(-1)).any():
         raise RuntimeError("custom rule committed nothing for a row with masked tokens; it would never finish")
     return commit

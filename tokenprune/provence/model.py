@@ -16,13 +16,16 @@ downloaded):
 * OpenProvence layout (hotchpotch/open-provence-reranker-*): ``config.json`` with
   ``model_type="open_provence"`` and a nested ``base_model_config``; weights
   ``ranking_model.*`` and ``pruning_head.classifier.*``.
+
+The files are read by :func:`prunecore.models.read_json` / :func:`~prunecore.models.read_safetensors`:
+a truncated or corrupt file, a ``config.json`` that is not JSON, weights of another model or a
+NaN / infinite weight is a :class:`~prunecore.models.CheckpointError` at load naming the file.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
-import json
 import numbers
 import os
 import shutil
@@ -40,7 +43,7 @@ from torch import nn
 from prunecore.budget import check_keep, keep_count, rank_order
 from prunecore.device import resolve_device, resolve_dtype
 from prunecore.io import atomic_path, atomic_write_bytes, atomic_write_json
-from prunecore.models import load_tokenizer, load_transformers
+from prunecore.models import CheckpointError, load_tokenizer, load_transformers, read_json, read_safetensors
 from tokenprune.stats import TokenStats
 
 from .core import (
@@ -210,23 +213,6 @@ def resolve_checkpoint_dir(name_or_path: str | os.PathLike) -> Path:
     raise FileNotFoundError(f"Provence checkpoint folder not found: {name_or_path}")
 
 
-def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    index = folder / "model.safetensors.index.json"
-    if (folder / "model.safetensors").is_file():
-        return load_file(str(folder / "model.safetensors"))
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        state = {}
-        for f in files:
-            state.update(load_file(str(folder / f)))
-        return state
-    if (folder / "pytorch_model.bin").is_file():
-        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"no model.safetensors / pytorch_model.bin in {folder}")
-
-
 #: Wrapper ``model_type`` values of published Provence configs whose backbone fields sit at the
 #: top level of ``config.json`` -> the transformers backbone type they are built as (naver's
 #: release: ``"Provence"`` with DeBERTa-v3 fields). A new flat layout is one entry here.
@@ -265,7 +251,7 @@ def backbone_config(raw: dict, where: str = "config.json"):
 
 
 def _read_config(folder: Path):
-    raw = json.loads((folder / "config.json").read_text())
+    raw = read_json(folder / "config.json")
     return backbone_config(raw, f"{folder}/config.json"), raw
 
 
@@ -289,8 +275,15 @@ def load_provence_model(name_or_path, *, dtype=None, device=None):
     """
     folder = resolve_checkpoint_dir(name_or_path)
     config, raw = _read_config(folder)
-    model = ProvenceModel(config)
-    model.load_released_state_dict(_read_weights(folder))
+    try:
+        model = ProvenceModel(config)
+    except (TypeError, ValueError) as exc:  # fields the backbone refuses: name the file
+        raise CheckpointError(f"{folder}/config.json: the backbone cannot be built from it ({exc})") from None
+    state = read_safetensors(folder, torch_bin=True)
+    try:
+        model.load_released_state_dict(state)
+    except ValueError as exc:  # keys / shapes of another model: name the folder
+        raise CheckpointError(f"{folder}: {exc}") from None
     tok_src = folder
     if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
         src = raw.get("tokenizer_name_or_path") or raw.get("base_model_name_or_path")
@@ -305,7 +298,7 @@ def load_provence_model(name_or_path, *, dtype=None, device=None):
     # max_length is PretrainedConfig's generation length (default 20), not a window: ignored.
     meta["window"] = raw.get("max_length") if raw.get("model_type") in NESTED_LAYOUTS else None
     if (folder / MARKER).is_file():
-        marker = json.loads((folder / MARKER).read_text())
+        marker = read_json(folder / MARKER)
         meta.update(marker)
         meta["window"] = marker.get("max_length")
     model.eval()

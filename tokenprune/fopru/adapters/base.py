@@ -115,8 +115,11 @@ class FoPruAdapter:
     * ``family``: human name for messages (``"LLaVA"``);
     * ``input_keys``: the call's keyword arguments it consumes besides ``input_ids``,
       ``attention_mask`` and ``labels`` (``pixel_values``, ``image_grid_thw`` ...);
-    * ``visual_keys``: the inputs that carry images or videos: a call with any of them set is
-      pruned (or refused), a call with none runs unchanged (text-only);
+    * ``visual_keys``: the inputs that carry images: a call with any of them set is pruned;
+    * ``video_keys``: every video input of the model's ``forward`` (``pixel_values_videos``,
+      ``video_grid_thw`` ...): FoPru prunes images only, so a call with any of them set is
+      refused with a clear error (never run unpruned); a call with neither images nor videos
+      runs unchanged (text-only);
     * ``family_options``: extra FoPru options and their defaults (``{"newline": "row"}``);
 
     and implements:
@@ -124,7 +127,7 @@ class FoPruAdapter:
     * :meth:`make_capture` — the attention capture on the scoring layer (``attach``/``remove``/``reset``);
     * :meth:`encode` — run the model's own image-feature path (the capture is attached and
       reset around it) and return :class:`Encoded` per-image features and scores; it validates
-      the family's inputs and raises a clear error for what it cannot prune (e.g. videos);
+      the family's inputs and raises a clear error for what it cannot prune;
     * :meth:`select` — per image, the sorted positions to keep inside its placeholder run.
 
     Optional overrides: :meth:`default_method`, :meth:`check_options` (construction-time
@@ -138,6 +141,7 @@ class FoPruAdapter:
     model_types: tuple[str, ...] = ()
     input_keys: tuple[str, ...] = ("pixel_values",)
     visual_keys: tuple[str, ...] = ("pixel_values",)
+    video_keys: tuple[str, ...] = ()
     family_options: dict[str, Any] = {}
 
     def __init__(
@@ -252,18 +256,28 @@ class FoPruAdapter:
 
     # ------------------------------------------------------------------ plumbing
     def has_visual(self, kwargs: Mapping[str, Any]) -> bool:
-        """True when the call carries images/videos (it must be pruned or refused)."""
-        return any(kwargs.get(k) is not None for k in self.visual_keys)
+        """True when the call carries images or videos (it must be pruned or refused)."""
+        return any(kwargs.get(k) is not None for k in (*self.visual_keys, *self.video_keys))
+
+    def refuse_videos(self, kwargs: Mapping[str, Any]) -> None:
+        """Raise a clear ``ValueError`` when the call carries a video input (FoPru prunes images only)."""
+        given = [k for k in self.video_keys if kwargs.get(k) is not None]
+        if given:
+            raise ValueError(
+                f"FoPru for {self.family} prunes images only; videos are not supported (the call passes "
+                f"{', '.join(given)}): run video prompts outside the FoPru context, or without fopru_generate"
+            )
 
     def split_inputs(self, kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """``(multimodal inputs this adapter consumes, everything else)``."""
-        consumed = ("input_ids", "attention_mask", "labels", *self.input_keys)
+        consumed = ("input_ids", "attention_mask", "labels", *self.input_keys, *self.video_keys)
         mm = {k: v for k, v in kwargs.items() if k in consumed}
         rest = {k: v for k, v in kwargs.items() if k not in consumed}
         return mm, rest
 
     def prepare(self, mm: dict[str, Any], kept_indices: Sequence | None = None) -> Prepared:
         """Encode, score, select and shrink one call's multimodal inputs."""
+        self.refuse_videos(mm)
         input_ids = mm.get("input_ids")
         if input_ids is None or not self.has_visual(mm):
             raise ValueError(f"FoPru needs input_ids and {' or '.join(self.visual_keys)}")

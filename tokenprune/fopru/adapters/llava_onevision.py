@@ -38,6 +38,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
 
     family = "LLaVA-OneVision"
     input_keys = ("pixel_values", "image_sizes", *ONEVISION_KEYS)
+    video_keys = ("pixel_values_videos", "image_sizes_videos")
 
     def crops_per_image(self, image_sizes: torch.Tensor, batch_num_images) -> list[int]:
         """Crops the model encodes per image (1 for every image of a multi-image prompt)."""

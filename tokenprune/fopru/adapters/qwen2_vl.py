@@ -53,11 +53,9 @@ class Qwen2VLAdapter(FoPruAdapter):
         "pixel_values",
         "image_grid_thw",
         "mm_token_type_ids",
-        "pixel_values_videos",
-        "video_grid_thw",
         "position_ids",
     )
-    visual_keys = ("pixel_values", "pixel_values_videos")
+    video_keys = ("pixel_values_videos", "video_grid_thw")
 
     def check_options(self) -> None:
         if self.method == "cls":
@@ -80,8 +78,6 @@ class Qwen2VLAdapter(FoPruAdapter):
         """Validate the call; returns ``(image_grid_thw (n_images, 3), merged tokens per image)``."""
         if mm.get("position_ids") is not None:
             raise ValueError("position_ids cannot be passed: FoPru computes the M-RoPE positions of the pruned prompt")
-        if mm.get("pixel_values_videos") is not None or mm.get("video_grid_thw") is not None:
-            raise ValueError(f"FoPru for {self.family} prunes images only; videos are not supported")
         if mm.get("pixel_values") is None:
             raise ValueError("FoPru needs pixel_values")
         grid_thw = mm.get("image_grid_thw")

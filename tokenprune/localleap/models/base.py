@@ -93,9 +93,12 @@ class DLLMConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> DLLMConfig:
+        """The config of a ``config.json`` dict, validated; ``mask_token_id`` is required (the
+        decoding loop cannot run without it and never guesses it)."""
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in values.items() if k in names}
         cfg = cls(**known, extra={k: v for k, v in values.items() if k not in names})
+        check_mask_token_id(cfg.mask_token_id)
         cfg.validate()
         return cfg
 
@@ -297,6 +300,16 @@ class NativeDLLM(nn.Module):
     def from_config(cls, values: dict[str, Any]) -> NativeDLLM:
         """Build a randomly initialised model from a ``config.json`` dict (no weights)."""
         return cls(cls.config_class.from_dict(values))
+
+
+def check_mask_token_id(mask_token_id) -> None:
+    """Raise a ValueError naming the fix unless ``mask_token_id`` is a non-negative int."""
+    if isinstance(mask_token_id, bool) or not isinstance(mask_token_id, int) or mask_token_id < 0:
+        raise ValueError(
+            f"config.json field 'mask_token_id' must be the model's mask token id (a non-negative int), got "
+            f'{mask_token_id!r}: add it to config.json, e.g. "mask_token_id": 151666 for Dream-v0 or 126336 for '
+            "LLaDA (the id of the tokenizer's mask token, <|mask|> / <|mdm_mask|>)"
+        )
 
 
 def check_positive(cfg: DLLMConfig, *names: str) -> None:

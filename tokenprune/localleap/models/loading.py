@@ -2,22 +2,24 @@
 
 The folder's ``config.json`` ``model_type`` picks the family (:data:`.base.FAMILIES`); its
 ``auto_map`` is never executed. Weights are read from ``model.safetensors`` or the shards named
-by ``model.safetensors.index.json`` into a model built on the meta device (no random init of
-8B parameters), with a strict key check. The tokenizer loads with ``trust_remote_code=False``;
+by ``model.safetensors.index.json`` (:func:`prunecore.models.read_safetensors`: a truncated
+file, a bad index or a NaN / infinite weight is a clear error naming the file) into a model
+built on the meta device (no random init of 8B parameters), with a strict key check. A bad
+``config.json`` (not JSON, no ``model_type``, no ``mask_token_id``, an unsupported option) is an
+error naming it at load. The tokenizer loads with ``trust_remote_code=False``;
 Dream's tokenizer class (``DreamTokenizer``, remote code) is read as the Qwen2 BPE tokenizer
 whose files it ships (``vocab.json``, ``merges.txt``).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from prunecore.device import resolve_device, resolve_dtype
 from prunecore.io import atomic_path, atomic_write_json
-from prunecore.models import load_tokenizer
+from prunecore.models import CheckpointError, load_tokenizer, read_json, read_safetensors
 
 from .base import NativeDLLM, family_for
 
@@ -28,47 +30,40 @@ TOKENIZER_FALLBACKS = {"dream": "Qwen2Tokenizer"}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
-def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
-    """All tensors of ``model.safetensors`` or of the shards listed in its index (CPU)."""
-    from safetensors.torch import load_file
-
-    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
-    if single.exists():
-        return load_file(str(single))
-    if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        state: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            state.update(load_file(str(folder / shard)))
-        return state
-    raise FileNotFoundError(
-        f"{folder} has neither model.safetensors nor model.safetensors.index.json; "
-        "save the weights with safetensors (save_pretrained(..., safe_serialization=True))"
-    )
-
-
 def load_dllm_model(folder, *, device="auto", dtype="auto") -> NativeDLLM:
     """The native model of ``folder`` (eval mode) on ``device`` in ``dtype`` (``auto``: fp32 on CPU, bf16 on GPU)."""
     folder = Path(folder)
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{folder} has no config.json; pass a checkpoint folder of LLaDA or Dream")
-    values = json.loads(cfg_path.read_text())
+    values = read_json(cfg_path)
     if "model_type" not in values:
-        raise ValueError(f"{cfg_path} has no model_type; expected 'llada' or 'Dream'")
-    cls = family_for(values["model_type"])
+        raise CheckpointError(f"{cfg_path} has no model_type; expected 'llada' or 'Dream'")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    with torch.device("meta"):
-        model = cls.from_config(values)
+    try:
+        cls = family_for(values["model_type"])
+        with torch.device("meta"):
+            model = cls.from_config(values)
+    except ValueError as exc:  # the config's own checks: name the file they are about
+        raise CheckpointError(f"{cfg_path}: {exc}") from None
     state = read_safetensors(folder)
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
-        raise ValueError(
+        raise CheckpointError(
             f"{folder} does not hold a {cls.model_type} checkpoint in the published layout: "
             f"missing keys {missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    shapes = model.state_dict()
+    wrong = [k for k in sorted(state) if state[k].shape != shapes[k].shape]
+    if wrong:
+        k = wrong[0]
+        raise CheckpointError(
+            f"{folder}: {len(wrong)} weight(s) do not have the shape {cfg_path} implies (first: {k} is "
+            f"{tuple(state[k].shape)}, expected {tuple(shapes[k].shape)}): the config and the weights come from "
+            "different checkpoints"
         )
     state = {k: v.to(device=dev, dtype=dt) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
