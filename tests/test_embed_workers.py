@@ -236,7 +236,25 @@ def test_gpu_decode_needs_a_tensor_preparer():
 # --------------------------------------------------------------------------- stream + stage
 
 
-def test_embed_stream_keeps_input_order_and_full_batches(tiny_model):
+class LayoutSensitiveEncoder(PixelProjectionEncoder):
+    """The pixel projection, moved by the batch layout: a row shifts with the batch's length
+    and its place in it, as when a BLAS kernel picks another reduction order for another shape
+    or row (on some machines by a last bit; here always, and visibly). Records the lengths."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.fingerprint = {**self.fingerprint, "kind": "layout_sensitive"}
+        self.lengths = []
+
+    def encode_prepared(self, items):
+        self.lengths.append(len(items))
+        rows = super().encode_prepared(items)
+        rows[:, 0] += 1e-3 * len(items)
+        rows[:, 1] += 1e-3 * np.arange(len(items))
+        return rows
+
+
+def test_embed_stream_keeps_input_order_and_batches_by_position(tiny_model):
     rng = np.random.default_rng(5)
     enc = OpenClipEncoder(tiny_model, device="cpu")
     datas = [jpeg(photo(rng, 60 + i, 70)) for i in range(11)]
@@ -246,13 +264,50 @@ def test_embed_stream_keeps_input_order_and_full_batches(tiny_model):
     with DecodePool(ImageDecoder.for_encoder(enc, DecodeOptions(draft=0)), workers=1) as pool:
         batches = list(embed_stream(items, enc, pool, batch_size=4, timing=timing))
     assert [k for b in batches for k in b.keys] == [k for k, _ in items]
-    assert [len(b.embeddings) for b in batches] == [4, 4, 1]  # encoder batches count decoded images
-    assert batches[0].status == [STATUS_OK] * 3 + [UNDECODABLE] + [STATUS_OK]
+    assert [len(b.keys) for b in batches] == [4, 4, 3]  # batches are positions 0-3, 4-7, 8-10
+    assert [len(b.embeddings) for b in batches] == [3, 4, 2]
+    assert [b.slots for b in batches] == [[0, 1, 2], [0, 1, 2, 3], [1, 2]]
+    assert batches[0].status == [STATUS_OK] * 3 + [UNDECODABLE]
     assert batches[0].errors[3] and batches[0].errors[0] is None
     emb = np.concatenate([b.embeddings for b in batches])
     ok = [Image.open(io.BytesIO(d)).convert("RGB") for d in datas if d not in (b"junk", None)]
     np.testing.assert_allclose(emb, enc.encode_images(ok), atol=1e-6)
     assert timing.images == 9 and timing.encode_s > 0
+
+
+def test_rows_depend_on_their_position_not_on_neighbours_or_where_the_stream_starts():
+    """The encoder always gets ``batch_size`` rows and an image keeps its slot (position mod
+    batch size): undecodable neighbours, a shard end or a stream that starts mid-batch (a
+    dataset chunk) change no row, whatever the encoder's arithmetic does with the layout."""
+    rng = np.random.default_rng(8)
+    datas = [jpeg(photo(rng, 40 + i, 50)) for i in range(13)]
+    enc = LayoutSensitiveEncoder(dim=8)
+    decoder = ImageDecoder.for_encoder(enc, DecodeOptions(draft=0))
+
+    class Inline:  # the decoder protocol of embed_stream, in this process
+        wait_s = 0.0
+
+        def imap(self, items, chunk_size):
+            items = list(items)
+            for i in range(0, len(items), chunk_size):
+                part = items[i : i + chunk_size]
+                yield [k for k, _ in part], decoder.chunk([d for _, d in part])
+
+    def rows(items, first_position=0):
+        out = {}
+        for b in embed_stream(items, enc, Inline(), batch_size=5, first_position=first_position):
+            ok = [k for k, st in zip(b.keys, b.status) if st == STATUS_OK]
+            out.update(zip(ok, b.embeddings if b.embeddings is not None else []))
+        return out
+
+    whole = rows([(f"k{i}", d) for i, d in enumerate(datas)])
+    holes = rows([(f"k{i}", b"junk" if i in (1, 6, 7) else d) for i, d in enumerate(datas)])
+    tail = rows([(f"k{i}", datas[i]) for i in range(8, 13)], first_position=8)  # a chunk starting at row 8
+    assert set(enc.lengths) == {5}
+    assert len(holes) == 10 and len(tail) == 5
+    for part in (holes, tail):
+        for key, row in part.items():
+            assert row.tobytes() == whole[key].tobytes(), key
 
 
 def test_artifacts_identical_for_0_1_2_decode_workers(jpeg_shards, tiny_model, tmp_path):

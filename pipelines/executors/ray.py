@@ -147,10 +147,11 @@ class EmbedActor:
         """Embed input shards ``batch["i"]`` as one stream; one row of timings back."""
         import time
 
-        from pipelines.shards.embed import EmbedTiming
+        from pipelines.shards.embed import EmbedTiming, torch_threads
 
         timing, wait0 = EmbedTiming(), self.decoder.wait_s
-        self.stage.embed_many([int(i) for i in batch["i"]], self.decoder, timing=timing)
+        with torch_threads(self.stage.params.get("threads")):  # the driver's count, not Ray's OMP_NUM_THREADS=1
+            self.stage.embed_many([int(i) for i in batch["i"]], self.decoder, timing=timing)
         return {
             "images": np.array([timing.images]),
             "wall_s": np.array([time.perf_counter() - timing.start]),

@@ -104,7 +104,8 @@ class EmbeddedBatch:
 
     keys, status, errors: (n,) per sample in input order (``status`` ``"ok"`` or why it has
     no embedding; ``errors`` the message, None when ok). embeddings: (n_ok, d) float32 rows of
-    the ``ok`` samples in order, or None when none of them decoded. end: the run ends at a
+    the ``ok`` samples in order, or None when none of them decoded. slots: (n_ok,) the encoder
+    batch slot of each ``ok`` sample (see :func:`encode_in_slots`). end: the run ends at a
     :data:`SHARD_END` item.
     """
 
@@ -113,6 +114,22 @@ class EmbeddedBatch:
     errors: list
     embeddings: np.ndarray | None
     end: bool = False
+    slots: list = field(default_factory=list)
+
+
+def encode_in_slots(encode, items: Sequence, slots: Sequence[int], batch_size: int) -> np.ndarray:
+    """``encode`` one fixed-shape batch: item ``j`` in slot ``slots[j]`` of ``batch_size``
+    slots, the empty slots filled with copies of ``items[0]``; returns the rows of ``items``
+    (len(items), d) float32, in their order.
+
+    The encoder always sees ``batch_size`` rows and each item the same slot whatever else is
+    in the batch, so a BLAS/cuBLAS kernel choice that depends on the batch's shape, or a
+    reduction order that depends on the row's place in it, cannot change an item's row.
+    """
+    batch = [items[0]] * batch_size
+    for slot, item in zip(slots, items):
+        batch[slot] = item
+    return np.asarray(encode(batch), dtype=np.float32)[np.asarray(slots, dtype=np.int64)]
 
 
 @dataclass
@@ -145,43 +162,52 @@ def embed_stream(
     *,
     batch_size: int,
     timing: EmbedTiming | None = None,
+    first_position: int = 0,
 ) -> Iterator[EmbeddedBatch]:
     """Decode + encode a stream of ``(key, image bytes or None)`` **in input order**.
 
     ``decoder``: from :func:`~pipelines.shards.decode.make_decoder` (worker processes or
-    inline). The encoder sees batches of exactly ``batch_size`` decoded images (the last one
-    smaller, and one ends at each ``(SHARD_END, None)`` item), so the rows do not depend on
-    the number of decode workers. Yields consecutive :class:`EmbeddedBatch` runs covering
-    every item once (SHARD_END items excepted); memory holds at most the decoder's prefetch
-    plus one batch of prepared images. Decoding runs ahead across SHARD_END items.
+    inline). Batches are fixed by position: the item at position ``p`` (counted from
+    ``first_position``, and from 0 again after each ``(SHARD_END, None)`` item) belongs to
+    encoder batch ``p // batch_size`` in slot ``p % batch_size``, and every batch is encoded
+    with ``batch_size`` slots (:func:`encode_in_slots`). So a row depends only on its image,
+    ``batch_size`` and its position: not on where the stream or a chunk starts, on which
+    neighbours failed to decode, or on the number of decode workers. Yields consecutive
+    :class:`EmbeddedBatch` runs covering every item once (SHARD_END items excepted); memory
+    holds at most the decoder's prefetch plus one batch of prepared images. Decoding runs
+    ahead across SHARD_END items.
     """
     encode = getattr(encoder, "encode_prepared", None) or encoder.encode_images
     timing = timing if timing is not None else EmbedTiming()
-    keys, status, errors, ready = [], [], [], []
+    keys, status, errors, ready, slots = [], [], [], [], []
+    position = first_position
 
     def flush(end: bool = False) -> EmbeddedBatch:
         emb = None
         if ready:
             t0 = time.perf_counter()
-            emb = np.asarray(encode(ready), dtype=np.float32)
+            emb = encode_in_slots(encode, ready, slots, batch_size)
             timing.encode_s += time.perf_counter() - t0
             timing.images += len(ready)
-        batch = EmbeddedBatch(list(keys), list(status), list(errors), emb, end)
-        keys.clear(), status.clear(), errors.clear(), ready.clear()
+        batch = EmbeddedBatch(list(keys), list(status), list(errors), emb, end, list(slots))
+        keys.clear(), status.clear(), errors.clear(), ready.clear(), slots.clear()
         return batch
 
     for chunk_keys, results in decoder.imap(items, chunk_size=min(batch_size, DECODE_CHUNK)):
         for key, (st, item) in zip(chunk_keys, results):
             if key == SHARD_END:
                 yield flush(end=True)
+                position = 0
                 continue
             keys.append(key)
             status.append(st)
             errors.append(None if st == STATUS_OK else item)
             if st == STATUS_OK:
                 ready.append(item)
-                if len(ready) == batch_size:
-                    yield flush()
+                slots.append(position % batch_size)
+            position += 1
+            if position % batch_size == 0:
+                yield flush()
     if keys:
         yield flush()
 
@@ -262,7 +288,7 @@ def embed_shards(
             img_chunks.append(batch.embeddings)
             if text:
                 ok = [read.captions[start + j] for j, st in enumerate(batch.status) if st == STATUS_OK]
-                txt_chunks.append(np.asarray(encoder.encode_texts(ok), dtype=np.float32))
+                txt_chunks.append(encode_in_slots(encoder.encode_texts, ok, batch.slots, batch_size))
             if progress is not None:
                 progress.update(len(batch.embeddings))
                 progress.set_postfix_str(_timing_note(timing, decoder), refresh=False)
@@ -369,12 +395,39 @@ def check_duplicate_keys(keys: pd.DataFrame) -> None:
         )
 
 
-def check_embed_options(batch_size: int, dtype: str) -> None:
+def check_embed_options(batch_size: int, dtype: str, threads: int | None = None) -> None:
     """The embed stages' shared option checks (a clear error before any work)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if dtype not in ("float16", "float32"):
         raise ValueError(f"dtype must be float16 or float32, got {dtype!r}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
+
+
+def encoder_threads(threads: int | None) -> int:
+    """The torch CPU thread count an encoder runs under: ``threads``, or torch's current one."""
+    import torch
+
+    return int(threads) if threads is not None else torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None):
+    """Run the block with torch on ``threads`` CPU threads (None: unchanged), then restore."""
+    if threads is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    if before != threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 class EmbedStage(Stage):
@@ -382,8 +435,10 @@ class EmbedStage(Stage):
 
     params: encoder fingerprint, batch_size, image_exts, text (embed captions too), dtype,
     strict, decode (the :class:`~pipelines.shards.decode.DecodeOptions` that change rows:
-    draft, max_pixels, gpu). Resume unit: one input shard. ``executor``: who embeds the
-    pending shards (``None``: this process; see :mod:`pipelines.executors`).
+    draft, max_pixels, gpu), threads (torch's CPU thread count, which the encoder runs under
+    in every process that embeds, local or Ray: BLAS reductions may depend on it; None: the
+    count torch has when the stage is made). Resume unit: one input shard. ``executor``: who
+    embeds the pending shards (``None``: this process; see :mod:`pipelines.executors`).
     """
 
     name = "embed"
@@ -404,8 +459,9 @@ class EmbedStage(Stage):
         decode: DecodeOptions | None = None,
         progress: bool = True,
         executor=None,
+        threads: int | None = None,
     ):
-        check_embed_options(batch_size, dtype)
+        check_embed_options(batch_size, dtype, threads)
         self.decode = decode or DecodeOptions()
         fp = encoder_fingerprint if encoder_fingerprint is not None else encoder.fingerprint
         params = {
@@ -416,6 +472,7 @@ class EmbedStage(Stage):
             "dtype": dtype,
             "strict": bool(strict),
             "decode": self.decode.fingerprint(),
+            "threads": encoder_threads(threads),
         }
         super().__init__(out, params, {"shards": file_fingerprint(shards)})
         self.shards = list(shards)
@@ -479,9 +536,10 @@ class EmbedStage(Stage):
 
     @contextlib.contextmanager
     def local_run(self):
-        """Embedding in this process: yields ``(decoder, hooks)`` where ``hooks`` are the
-        ``progress``/``on_sample``/``timing`` keywords of :meth:`embed_many`; records the
-        throughput on exit. ``on_sample`` is the kill/resume test hook."""
+        """Embedding in this process, torch on the stage's thread count: yields ``(decoder,
+        hooks)`` where ``hooks`` are the ``progress``/``on_sample``/``timing`` keywords of
+        :meth:`embed_many`; records the throughput on exit. ``on_sample`` is the kill/resume
+        test hook."""
         done = [0]
 
         def on_sample():
@@ -489,7 +547,11 @@ class EmbedStage(Stage):
             die_hook("embed", done[0])
 
         timing = EmbedTiming()
-        with tqdm(desc="embed", unit="img", disable=not self.progress) as bar, self.make_decoder() as decoder:
+        with (
+            torch_threads(self.params.get("threads")),
+            tqdm(desc="embed", unit="img", disable=not self.progress) as bar,
+            self.make_decoder() as decoder,
+        ):
             yield decoder, {"progress": bar, "on_sample": on_sample, "timing": timing}
             self.throughput = timing.summary(decoder.wait_s)
 

@@ -228,6 +228,7 @@ class FilterConfig:
     hf_cache_dir: str | None = None  # load_dataset's Arrow cache
     # execution
     device: str = "auto"
+    threads: int | None = None  # torch CPU threads of the encoder (None: torch's count); in the embed fingerprint
     backend: str = "local"
     ray_address: str | None = None
     progress: bool = True
@@ -332,6 +333,7 @@ def _run_stages(cfg: FilterConfig, steps: list[dict], out: Path, shard_list: lis
             decode=decode_options_of(cfg),
             progress=progress,
             executor=executor,
+            threads=cfg.threads,
         )
         if not emb_stage.finished():
             preflight(emb_stage.shards, cfg, log)
@@ -434,6 +436,8 @@ def check_config(cfg: FilterConfig) -> list[dict]:
     _positive_int("--shard-max-size", cfg.shard_max_size)
     for name in ("seed", "model_seed"):
         _positive_int("--" + name.replace("_", "-"), getattr(cfg, name), 0)
+    if cfg.threads is not None:
+        _positive_int("--threads", cfg.threads)
     choices = {"dtype": ("float16", "float32"), "precision": ("fp32", "fp16", "bf16"), "backend": ("local", "ray")}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
