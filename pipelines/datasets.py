@@ -51,7 +51,6 @@ from pipelines.shards.embed import (
     chunk_paths,
     embed_stream,
     encode_in_slots,
-    encoder_threads,
     finalize_embed,
     save_chunk,
 )
@@ -64,6 +63,7 @@ from pipelines.shards.stage import (
     die_hook,
 )
 from pipelines.shards.tario import ShardScan, file_fingerprint, plan_output_shards
+from pipelines.shards.threads import resolve_threads
 from prunecore.io import atomic_path, atomic_write_json, file_digest
 
 DATA_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".tar": "webdataset"}
@@ -490,7 +490,7 @@ class DatasetEmbedStage(EmbedStage):
         self.decode = decode or DecodeOptions()
         if not source.embedding_column:
             params["decode"] = self.decode.fingerprint()
-            params["threads"] = encoder_threads(threads)  # as the tar path's (EmbedStage)
+            params["threads"] = resolve_threads(threads)  # as the tar path's (EmbedStage)
         Stage.__init__(self, out, params, {"dataset": source.fingerprint()})
         self.source = source
         self.shards = [] if source.streaming else source.chunk_labels(chunk_rows, source.n_rows)

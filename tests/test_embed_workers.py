@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from conftest import REPO, artifact_bytes
 from PIL import Image
@@ -310,13 +311,14 @@ def test_rows_depend_on_their_position_not_on_neighbours_or_where_the_stream_sta
             assert row.tobytes() == whole[key].tobytes(), key
 
 
-def test_artifacts_identical_for_0_1_2_decode_workers(jpeg_shards, tiny_model, tmp_path):
+@pytest.mark.parametrize("batch_size", [8, 5])
+def test_artifacts_identical_for_0_1_2_decode_workers(jpeg_shards, tiny_model, batch_size, tmp_path):
     """Embeddings, keep-list and output shards do not depend on the number of workers."""
     kw = dict(
         model=tiny_model,
         clusters=3,
         steps=[{"method": "semdedup", "eps": 0.01}, {"method": "dbp", "keep": 0.5}],
-        batch_size=8,
+        batch_size=batch_size,
         shard_max_count=30,
         progress=False,
         log=lambda *_: None,
@@ -335,6 +337,48 @@ def test_artifacts_identical_for_0_1_2_decode_workers(jpeg_shards, tiny_model, t
     full = run_filter(jpeg_shards, tmp_path / "w0", decode_workers=1, jpeg_draft=0, **kw)
     assert not full.stages["embed"].skipped
     assert (tmp_path / "w0/embed/chunks/00000.img.npy").read_bytes() != files[0]["embed/chunks/00000.img.npy"]
+
+
+class ThreadRecorder(PixelProjectionEncoder):
+    """The pixel projection, plus a record of torch's thread count at each batch."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.seen = set()
+
+    def encode_prepared(self, items):
+        import torch
+
+        self.seen.add(torch.get_num_threads())
+        return super().encode_prepared(items)
+
+
+def test_the_run_sets_records_and_restores_the_thread_count(jpeg_shards, tmp_path):
+    """Float results may depend on the BLAS thread count, so the run fixes it (``threads``),
+    runs the encoder, k-means and the steps under it, and records it in the fingerprints of
+    embed, cluster and select: another count reruns them; the caller's count is restored."""
+    import torch
+
+    kw = dict(clusters=3, steps=[{"method": "semdedup", "eps": 0.01}], batch_size=8, write=False, progress=False)
+    before = torch.get_num_threads()
+    runs = {}
+    for threads in (1, 2, 1):
+        enc = ThreadRecorder(dim=16)
+        runs[threads] = run_filter(
+            jpeg_shards, tmp_path / "out", encoder=enc, threads=threads, log=lambda *_: None, **kw
+        )
+        assert torch.get_num_threads() == before
+        assert enc.seen <= {threads}
+        for name in ("embed", "cluster", "select"):
+            record = json.loads((tmp_path / "out" / name / "_stage.json").read_text())
+            assert record["params"]["threads"] == threads
+    assert not any(st.skipped for st in runs[2].stages.values())  # 1 -> 2: every stage reran
+    # the pixel projection is exact integer arithmetic: its rows do not depend on the count
+    pd.testing.assert_frame_equal(runs[1].keep, runs[2].keep)
+    default = run_filter(jpeg_shards, tmp_path / "default", encoder=ThreadRecorder(dim=16), log=lambda *_: None, **kw)
+    assert default.stages["embed"].params["threads"] == before  # None: torch's count, recorded
+    with pytest.raises(ValueError, match="--threads must be an integer >= 1"):
+        run_filter(jpeg_shards, tmp_path / "bad", encoder=ThreadRecorder(dim=16), threads=0, **kw)
 
 
 def test_too_large_images_are_counted_and_reasoned(tmp_path):

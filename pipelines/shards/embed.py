@@ -47,6 +47,7 @@ from .tario import (
     iter_shard,
     sample_problem,
 )
+from .threads import compute_threads, resolve_threads
 
 
 @dataclass
@@ -405,31 +406,6 @@ def check_embed_options(batch_size: int, dtype: str, threads: int | None = None)
         raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
 
 
-def encoder_threads(threads: int | None) -> int:
-    """The torch CPU thread count an encoder runs under: ``threads``, or torch's current one."""
-    import torch
-
-    return int(threads) if threads is not None else torch.get_num_threads()
-
-
-@contextlib.contextmanager
-def torch_threads(threads: int | None):
-    """Run the block with torch on ``threads`` CPU threads (None: unchanged), then restore."""
-    if threads is None:
-        yield
-        return
-    import torch
-
-    before = torch.get_num_threads()
-    if before != threads:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != before:
-            torch.set_num_threads(before)
-
-
 class EmbedStage(Stage):
     """Decode images from shards and embed them; one chunk (rows + keys) per input shard.
 
@@ -472,7 +448,7 @@ class EmbedStage(Stage):
             "dtype": dtype,
             "strict": bool(strict),
             "decode": self.decode.fingerprint(),
-            "threads": encoder_threads(threads),
+            "threads": resolve_threads(threads),
         }
         super().__init__(out, params, {"shards": file_fingerprint(shards)})
         self.shards = list(shards)
@@ -548,7 +524,7 @@ class EmbedStage(Stage):
 
         timing = EmbedTiming()
         with (
-            torch_threads(self.params.get("threads")),
+            compute_threads(self.params.get("threads")),
             tqdm(desc="embed", unit="img", disable=not self.progress) as bar,
             self.make_decoder() as decoder,
         ):

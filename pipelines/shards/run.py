@@ -45,6 +45,7 @@ from .select import SelectStage
 from .stage import PipelineError
 from .steps import STEPS, normalize_steps
 from .tario import expand_shards, scan_headers
+from .threads import compute_threads, resolve_threads
 from .write import WriteStage
 
 # files prunekit writes under OUT, per folder (a stage's ``owned`` patterns; report/ by prunekit report)
@@ -228,7 +229,7 @@ class FilterConfig:
     hf_cache_dir: str | None = None  # load_dataset's Arrow cache
     # execution
     device: str = "auto"
-    threads: int | None = None  # torch CPU threads of the encoder (None: torch's count); in the embed fingerprint
+    threads: int | None = None  # CPU threads of torch/faiss for the whole run (None: torch's count); recorded
     backend: str = "local"
     ray_address: str | None = None
     progress: bool = True
@@ -274,7 +275,8 @@ def run_filter(shards=None, out="prunekit_out", config: FilterConfig | None = No
     files = [_glob_files(spec) for spec in (cfg.embeddings, cfg.metadata, cfg.text_embeddings)]
     check_inputs_outside(out, [*shard_list, *files[0], *files[1], *files[2], *_dataset_paths(cfg.hf_dataset)])
     claim_output(out, _owned_patterns(cfg))
-    with output_lock(out, wait=cfg.wait_lock, log=cfg.log):
+    cfg = replace(cfg, threads=resolve_threads(cfg.threads))  # recorded by the stages it can change
+    with output_lock(out, wait=cfg.wait_lock, log=cfg.log), compute_threads(cfg.threads):
         result = _run_stages(cfg, steps, out, shard_list, files)
     result.seconds = time.perf_counter() - t0
     return result
@@ -351,10 +353,13 @@ def _run_stages(cfg: FilterConfig, steps: list[dict], out: Path, shard_list: lis
         seed=cfg.seed,
         max_points_per_centroid=cfg.max_points_per_centroid,
         device=cfg.device,
+        threads=cfg.threads,
     )
     cluster = cl_stage.run(log, verify=verify)
     result.stages["cluster"] = cl_stage
-    sel_stage = SelectStage(out, embed, cluster, steps, device=cfg.device, progress=progress, executor=executor)
+    sel_stage = SelectStage(
+        out, embed, cluster, steps, device=cfg.device, progress=progress, executor=executor, threads=cfg.threads
+    )
     select = sel_stage.run(log, verify=verify)
     result.stages["select"] = sel_stage
     result.keep = select.keep
