@@ -381,6 +381,43 @@ def test_the_run_sets_records_and_restores_the_thread_count(jpeg_shards, tmp_pat
         run_filter(jpeg_shards, tmp_path / "bad", encoder=ThreadRecorder(dim=16), threads=0, **kw)
 
 
+def test_adding_or_replacing_a_shard_embeds_only_that_shard(jpeg_shards, tmp_path):
+    """A chunk depends only on its shard and the parameters: a rerun with one more shard
+    keeps the finished chunks (not rewritten) and embeds the new shard; a replaced shard is
+    embedded again; the result equals a fresh run's. Another parameter clears everything."""
+    import shutil
+
+    src = sorted(Path(jpeg_shards.split("{")[0]).glob("*.tar"))
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for p in src:
+        shutil.copy(p, shards / p.name)
+    a, b = (str(shards / p.name) for p in src)
+    kw = dict(encoder=PixelProjectionEncoder(dim=16), clusters=3, steps=[{"method": "random", "keep": 0.5}])
+    kw.update(batch_size=8, write=False, progress=False, log=lambda *_: None)
+    out = tmp_path / "out"
+    chunk = out / "embed" / "chunks"
+
+    def stamp(i):
+        st = (chunk / f"{i:05d}.img.npy").stat()
+        return st.st_ino, st.st_mtime_ns
+
+    run_filter([a], out, **kw)
+    first = stamp(0)
+    grown = run_filter([a, b], out, **kw)
+    assert not grown.stages["embed"].skipped and stamp(0) == first  # shard a: not embedded again
+    fresh = run_filter([a, b], tmp_path / "fresh", **kw)
+    pd.testing.assert_frame_equal(grown.keep, fresh.keep)
+    assert artifact_bytes(out / "embed") == artifact_bytes(tmp_path / "fresh" / "embed")
+
+    second = stamp(1)
+    os.utime(a, ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))  # shard a "replaced"
+    run_filter([a, b], out, **kw)
+    assert stamp(1) == second and stamp(0) != first
+    run_filter([a, b], out, **{**kw, "batch_size": 5})  # another parameter: every chunk again
+    assert stamp(1) != second
+
+
 def test_too_large_images_are_counted_and_reasoned(tmp_path):
     rng = np.random.default_rng(6)
     samples = [(f"small_{i}", {"jpg": jpeg(photo(rng, 100, 80))}) for i in range(6)]

@@ -20,7 +20,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from prunecore.io import atomic_write_json
+from prunecore.io import atomic_write_json, json_digest
 from prunecore.rows import ChunkedRows
 
 from .decode import TOO_LARGE, DecodeOptions, make_decoder
@@ -29,9 +29,11 @@ from .stage import (
     MISSING_IMAGE,
     STATUS_OK,
     UNDECODABLE,
+    VERSION,
     PipelineError,
     Stage,
     die_hook,
+    is_owned_file,
     read_parquet,
     save_npy,
     save_parquet,
@@ -459,6 +461,31 @@ class EmbedStage(Stage):
 
     def pending(self) -> list[int]:
         return [i for i in range(len(self.shards)) if not chunk_paths(self.dir, i)["keys"].exists()]
+
+    def reusable_chunks(self) -> set[int] | None:
+        """Chunks a previous run with the same parameters (and code version) left valid: those
+        of the shards still at the same index with the same path, size and mtime (a chunk
+        depends on its shard and the parameters only). None when the parameters changed."""
+        rec = self.record() or {}
+        old = rec.get("inputs", {}).get("shards")
+        params = json.loads(json.dumps(self.params))
+        made_here = rec.get("fingerprint") == json_digest(
+            {"stage": self.name, "version": VERSION, "params": params, "inputs": rec.get("inputs")}
+        )
+        if old is None or rec.get("params") != params or not made_here:
+            return None
+        return {i for i, (a, b) in enumerate(zip(old, self.inputs["shards"])) if a == b}
+
+    def clear(self) -> None:
+        """Shards added, removed or replaced, parameters unchanged: delete only the chunks of
+        the shards that changed (and the merged tables), so only those are embedded again.
+        Anything else: delete every file of the stage (:meth:`Stage.clear`)."""
+        kept = self.reusable_chunks()
+        rels = self.artifact_files()
+        if kept is None or not all(is_owned_file(rel, self.owned) for rel in rels):
+            return super().clear()
+        stale = [rel for rel in rels if not (rel.startswith("chunks/") and int(rel[7:].split(".")[0]) in kept)]
+        self.invalidate(stale)
 
     def compute(self, log):
         todo = self.pending()
