@@ -50,6 +50,7 @@ from pipelines.shards.embed import (
     check_embed_options,
     chunk_paths,
     embed_stream,
+    encode_in_slots,
     finalize_embed,
     save_chunk,
 )
@@ -62,6 +63,7 @@ from pipelines.shards.stage import (
     die_hook,
 )
 from pipelines.shards.tario import ShardScan, file_fingerprint, plan_output_shards
+from pipelines.shards.threads import resolve_threads
 from prunecore.io import atomic_path, atomic_write_json, file_digest
 
 DATA_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".tar": "webdataset"}
@@ -458,8 +460,9 @@ class DatasetEmbedStage(EmbedStage):
         decode: DecodeOptions | None = None,
         progress: bool = True,
         executor=None,
+        threads: int | None = None,
     ):
-        check_embed_options(batch_size, dtype)
+        check_embed_options(batch_size, dtype, threads)
         if chunk_rows < 1:
             raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
         if source.embedding_column:
@@ -487,6 +490,7 @@ class DatasetEmbedStage(EmbedStage):
         self.decode = decode or DecodeOptions()
         if not source.embedding_column:
             params["decode"] = self.decode.fingerprint()
+            params["threads"] = resolve_threads(threads)  # as the tar path's (EmbedStage)
         Stage.__init__(self, out, params, {"dataset": source.fingerprint()})
         self.source = source
         self.shards = [] if source.streaming else source.chunk_labels(chunk_rows, source.n_rows)
@@ -582,8 +586,9 @@ class ChunkEmbedder:
     """Embeds one chunk's rows, given in order as Arrow tables: :meth:`run`, then :meth:`finish`.
 
     Image column: cells go through the tar path's :func:`~pipelines.shards.embed.embed_stream`
-    with the stage's decoder (parallel decode workers, JPEG draft, pixel cap), in batches of
-    ``batch_size`` decodable images per chunk, as the tar path batches a shard. Embedding
+    with the stage's decoder (parallel decode workers, JPEG draft, pixel cap), in encoder
+    batches fixed by row index (row ``r`` in slot ``r % batch_size``), as the tar path's are
+    by a sample's index in its shard: a chunk boundary or a stream changes no row. Embedding
     column: the rows are taken from the Arrow buffers (:func:`embedding_rows`); null or
     non-finite ones get ``no_embedding``.
     """
@@ -619,8 +624,17 @@ class ChunkEmbedder:
                 self.keys.extend(row_keys(part, self.source.id_column, start))
                 self.feed_embeddings(part, start)
             return
+        parts = iter(parts)
+        first = next(parts, None)
+        if first is None:
+            return
         stream = embed_stream(
-            self.image_items(parts), self.encoder, self.decoder, batch_size=self.batch_size, timing=self.timing
+            self.image_items(itertools.chain([first], parts)),
+            self.encoder,
+            self.decoder,
+            batch_size=self.batch_size,
+            timing=self.timing,
+            first_position=first[0],  # batches fixed by row index, as the tar path's by sample index
         )
         for batch in stream:
             self.add_batch(batch)
@@ -658,7 +672,7 @@ class ChunkEmbedder:
         self.img_rows.append(batch.embeddings)
         if self.text:
             ok = [self.captions[first + j] for j, state in enumerate(batch.status) if state == STATUS_OK]
-            self.txt_rows.append(np.asarray(self.encoder.encode_texts(ok), dtype=np.float32))
+            self.txt_rows.append(encode_in_slots(self.encoder.encode_texts, ok, batch.slots, self.batch_size))
         if self.progress is not None:
             self.progress.update(len(batch.embeddings))
 
@@ -939,6 +953,7 @@ def dataset_embed_stage(out, cfg, encoder, *, text: bool, executor=None) -> tupl
         decode=decode_options_of(cfg),
         progress=cfg.progress,
         executor=executor,
+        threads=cfg.threads,
     )
     return source, stage
 

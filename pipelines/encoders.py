@@ -277,15 +277,21 @@ class PixelProjectionEncoder:
     then a seeded Gaussian random projection to ``dim``; rows (B, dim) unit norm.
 
     Not semantic (it sees pixels), but deterministic, instant and offline: good for exact and
-    near-exact duplicates, tests, and as a baseline encoder.
+    near-exact duplicates, tests, and as a baseline encoder. The projection is quantised to
+    integers (steps of 1/4096) and applied in exact integer arithmetic, so a row is bitwise
+    the same whatever the batch around it, the BLAS library, its thread count or the CPU.
     """
 
     has_text = False
+    max_size = 256  # n = 3 * size**2 pixels: n * 255 * max|weights| stays below 2**53
 
     def __init__(self, size: int = 16, dim: int = 64, seed: int = 0):
         self.size, self.dim, self.seed = int(size), int(dim), int(seed)
+        if not 1 <= self.size <= self.max_size or self.dim < 1:
+            raise ValueError(f"PixelProjectionEncoder needs 1 <= size <= {self.max_size} and dim >= 1")
         rng = np.random.default_rng(self.seed)
-        self.proj = rng.standard_normal((3 * self.size * self.size, self.dim)).astype(np.float32)
+        gauss = rng.standard_normal((3 * self.size * self.size, self.dim))
+        self.weights = np.rint(gauss * 4096).astype(np.int64)  # (3 size^2, dim)
         self.fingerprint = {"kind": "pixel_projection", "size": self.size, "dim": self.dim, "seed": self.seed}
 
     @property
@@ -300,13 +306,17 @@ class PixelProjectionEncoder:
         return self.encode_prepared([prepare(im) for im in images])
 
     def encode_prepared(self, items: Sequence) -> np.ndarray:
-        """(size, size, 3) uint8 grids -> (B, dim) unit rows."""
-        px = np.stack(items).reshape(len(items), -1).astype(np.float32) / 255.0
-        px -= px.mean(axis=1, keepdims=True)
-        feats = px @ self.proj
-        flat = np.linalg.norm(feats, axis=1) < 1e-9
+        """(size, size, 3) uint8 grids -> (B, dim) float32 unit rows."""
+        px = np.stack(items).reshape(len(items), -1)  # (B, n) uint8
+        n = px.shape[1]
+        # px @ W in float64 is exact in any summation order: every partial sum is an integer
+        # below n * 255 * max|W| < 2**53; then n * (px - mean(px)) @ W in exact int64
+        dots = (px.astype(np.float64) @ self.weights.astype(np.float64)).astype(np.int64)
+        sums = px.sum(axis=1, dtype=np.int64, keepdims=True)
+        feats = (n * dots - sums * self.weights.sum(axis=0)).astype(np.float64)
+        flat = ~feats.any(axis=1)
         feats[flat, 0] = 1.0  # a uniform image has no pattern: one shared direction
-        return feats / np.linalg.norm(feats, axis=1, keepdims=True)
+        return (feats / np.sqrt((feats * feats).sum(axis=1, keepdims=True))).astype(np.float32)
 
 
 def make_encoder(

@@ -39,6 +39,14 @@ def quiet(**options) -> dict:
     return {"clusters": K, "steps": STEPS, "batch_size": BATCH, "progress": False, "log": lambda *_: None, **options}
 
 
+@pytest.fixture(scope="module", params=[BATCH, 7], ids=lambda b: f"batch{b}")
+def batch(request) -> int:
+    """The batch size of the tests that compare input paths: a second size (7) that divides
+    neither the shard nor any chunk size, so that an equality cannot hold by the luck of one
+    batch layout on one machine."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
 def cifar_tar(shared_data, tmp_path_factory) -> Path:
     """One webdataset shard: the first N_SRC CIFAR-10 samples + N_DUP exact copies (new keys)."""
@@ -76,10 +84,10 @@ def wds(cifar_tar, cache_dir):
 
 
 @pytest.fixture(scope="module")
-def tar_run(cifar_tar, tmp_path_factory):
+def tar_run(cifar_tar, batch, tmp_path_factory):
     """The reference: the tar path on the same samples and parameters."""
     out = tmp_path_factory.mktemp("tar_out")
-    return run_filter(str(cifar_tar), out, **quiet(encoder=PixelProjectionEncoder(dim=DIM)))
+    return run_filter(str(cifar_tar), out, **quiet(encoder=PixelProjectionEncoder(dim=DIM), batch_size=batch))
 
 
 def kept_rows(dataset, keep: pd.DataFrame) -> pa.Table:
@@ -87,7 +95,7 @@ def kept_rows(dataset, keep: pd.DataFrame) -> pa.Table:
     return dataset.with_format("arrow")[keep.loc[keep["kept"], "index"].tolist()]
 
 
-def test_webdataset_dataset_keep_list_equals_tar_path(cifar_tar, cache_dir, wds, tar_run, tmp_path):
+def test_webdataset_dataset_keep_list_equals_tar_path(cifar_tar, cache_dir, wds, tar_run, batch, tmp_path):
     import datasets
 
     res = run_filter(
@@ -99,6 +107,7 @@ def test_webdataset_dataset_keep_list_equals_tar_path(cifar_tar, cache_dir, wds,
             id_column="__key__",
             hf_cache_dir=cache_dir,
             encoder=PixelProjectionEncoder(dim=DIM),
+            batch_size=batch,
         ),
     )
     keep = res.keep
@@ -166,12 +175,12 @@ def test_embedding_column_is_read_without_a_copy(emb_parquet, cache_dir):
     np.testing.assert_array_equal(rows, want)
 
 
-def test_save_to_disk_folder_and_dataset_object_give_the_same_keep_list(wds, tar_run, tmp_path):
+def test_save_to_disk_folder_and_dataset_object_give_the_same_keep_list(wds, tar_run, batch, tmp_path):
     folder = tmp_path / "disk"
     wds.save_to_disk(str(folder))
-    enc = PixelProjectionEncoder(dim=DIM)
-    a = run_filter(None, tmp_path / "a", **quiet(hf_dataset=str(folder), image_column="jpg", encoder=enc, write=False))
-    b = run_filter(None, tmp_path / "b", **quiet(hf_dataset=wds, image_column="jpg", encoder=enc, write=False))
+    opts = quiet(image_column="jpg", encoder=PixelProjectionEncoder(dim=DIM), write=False, batch_size=batch)
+    a = run_filter(None, tmp_path / "a", hf_dataset=str(folder), **opts)
+    b = run_filter(None, tmp_path / "b", hf_dataset=wds, **opts)
     # without an id column the keys are the row indices
     assert a.keep["key"].tolist() == [str(i) for i in range(N_SRC + N_DUP)]
     pd.testing.assert_frame_equal(a.keep, b.keep.assign(shard=a.keep["shard"]))
@@ -179,18 +188,12 @@ def test_save_to_disk_folder_and_dataset_object_give_the_same_keep_list(wds, tar
     assert "write" not in a.stages
 
 
-def test_image_column_goes_through_the_decode_workers_with_identical_rows(wds, tmp_path):
+def test_image_column_goes_through_the_decode_workers_with_identical_rows(wds, batch, tmp_path):
     """Dataset images are decoded by the embed stage's worker processes; the embeddings and the
     keep-list do not depend on how many there are."""
     enc = PixelProjectionEncoder(dim=DIM)
-    runs = {
-        workers: run_filter(
-            None,
-            tmp_path / f"w{workers}",
-            **quiet(hf_dataset=wds, image_column="jpg", encoder=enc, write=False, decode_workers=workers),
-        )
-        for workers in (0, 2)
-    }
+    opts = quiet(hf_dataset=wds, image_column="jpg", encoder=enc, write=False, batch_size=batch)
+    runs = {workers: run_filter(None, tmp_path / f"w{workers}", decode_workers=workers, **opts) for workers in (0, 2)}
     pd.testing.assert_frame_equal(runs[0].keep, runs[2].keep)
     chunks = [sorted((r.out / "embed" / "chunks").glob("*.img.npy")) for r in runs.values()]
     assert len(chunks[0]) == len(chunks[1]) >= 1
@@ -247,7 +250,7 @@ def test_captions_from_the_text_column_give_the_tar_paths_clip_scores(cifar_tar,
         np.testing.assert_array_equal(a, b)
 
 
-def test_ray_backend_embeds_dataset_chunks_like_the_local_backend(wds, tmp_path):
+def test_ray_backend_embeds_dataset_chunks_like_the_local_backend(wds, batch, tmp_path):
     ray = pytest.importorskip("ray", reason="ray is in the dev extra: pip install 'ray[data]'")
     import datasets
 
@@ -258,7 +261,8 @@ def test_ray_backend_embeds_dataset_chunks_like_the_local_backend(wds, tmp_path)
         runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}},
     )
     try:
-        opts = quiet(hf_dataset=wds, image_column="jpg", encoder=PixelProjectionEncoder(dim=DIM), chunk_rows=64)
+        encoder = PixelProjectionEncoder(dim=DIM)
+        opts = quiet(hf_dataset=wds, image_column="jpg", encoder=encoder, chunk_rows=64, batch_size=batch)
         local = run_filter(None, tmp_path / "local", **opts)
         remote = run_filter(None, tmp_path / "ray", backend="ray", **opts)
     finally:
@@ -321,9 +325,13 @@ def test_killed_mid_embed_and_mid_write_resumes_to_identical_output(streaming, w
 # --------------------------------------------------------------------------- streaming
 
 
-def test_streams_give_the_map_style_keep_list_and_rows(cifar_tar, emb_parquet, wds, tar_run, cache_dir, tmp_path):
+def test_streams_give_the_map_style_keep_list_and_rows(
+    cifar_tar, emb_parquet, wds, tar_run, batch, cache_dir, tmp_path
+):
     enc = PixelProjectionEncoder(dim=DIM)
-    opts = quiet(image_column="jpg", id_column="__key__", hf_cache_dir=cache_dir, streaming=True, chunk_rows=50)
+    opts = quiet(
+        image_column="jpg", id_column="__key__", hf_cache_dir=cache_dir, streaming=True, chunk_rows=50, batch_size=batch
+    )
     res = run_filter(None, tmp_path / "tar", hf_dataset=str(cifar_tar), encoder=enc, shard_max_count=40, **opts)
     pd.testing.assert_frame_equal(res.keep[COMPARED], tar_run.keep[COMPARED])
     assert res.keep["shard"].iloc[-1] == f"{cifar_tar}[200:208]"  # 5 chunks, the last one partial
@@ -339,6 +347,40 @@ def test_streams_give_the_map_style_keep_list_and_rows(cifar_tar, emb_parquet, w
     # an IterableDataset object in several shards
     obj = run_filter(None, tmp_path / "obj", hf_dataset=wds.to_iterable_dataset(num_shards=3), encoder=enc, **opts)
     pd.testing.assert_frame_equal(obj.keep[COMPARED], tar_run.keep[COMPARED])
+
+
+def test_rows_are_the_same_in_every_input_path_even_for_a_layout_sensitive_encoder(
+    cifar_tar, cache_dir, wds, batch, tmp_path
+):
+    """An encoder whose rows move with the batch layout (length, place) gives the same rows
+    and keep-list through the tar, a map-style dataset cut in chunks of 64 rows and a stream
+    cut in chunks of 50: encoder batches are fixed by row position in every input path."""
+    from test_embed_workers import LayoutSensitiveEncoder
+
+    opts = quiet(encoder=LayoutSensitiveEncoder(dim=DIM), batch_size=batch, dtype="float32", write=False)
+    columns = {"image_column": "jpg", "id_column": "__key__"}
+    runs = {
+        "tar": run_filter(str(cifar_tar), tmp_path / "tar", **opts),
+        "chunks": run_filter(None, tmp_path / "chunks", hf_dataset=wds, chunk_rows=64, **columns, **opts),
+        "stream": run_filter(
+            None,
+            tmp_path / "stream",
+            hf_dataset=str(cifar_tar),
+            streaming=True,
+            chunk_rows=50,
+            hf_cache_dir=cache_dir,
+            **columns,
+            **opts,
+        ),
+    }
+    rows = {
+        name: np.concatenate([np.load(p) for p in sorted((run.out / "embed" / "chunks").glob("*.img.npy"))])
+        for name, run in runs.items()
+    }
+    assert rows["tar"].shape == (N_SRC + N_DUP, DIM)
+    for name in ("chunks", "stream"):
+        assert rows[name].tobytes() == rows["tar"].tobytes(), name
+        pd.testing.assert_frame_equal(runs[name].keep[COMPARED], runs["tar"].keep[COMPARED])
 
 
 def test_resuming_a_stream_that_changed_is_refused(tmp_path):

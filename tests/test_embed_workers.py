@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from conftest import REPO, artifact_bytes
 from PIL import Image
@@ -236,7 +237,25 @@ def test_gpu_decode_needs_a_tensor_preparer():
 # --------------------------------------------------------------------------- stream + stage
 
 
-def test_embed_stream_keeps_input_order_and_full_batches(tiny_model):
+class LayoutSensitiveEncoder(PixelProjectionEncoder):
+    """The pixel projection, moved by the batch layout: a row shifts with the batch's length
+    and its place in it, as when a BLAS kernel picks another reduction order for another shape
+    or row (on some machines by a last bit; here always, and visibly). Records the lengths."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.fingerprint = {**self.fingerprint, "kind": "layout_sensitive"}
+        self.lengths = []
+
+    def encode_prepared(self, items):
+        self.lengths.append(len(items))
+        rows = super().encode_prepared(items)
+        rows[:, 0] += 1e-3 * len(items)
+        rows[:, 1] += 1e-3 * np.arange(len(items))
+        return rows
+
+
+def test_embed_stream_keeps_input_order_and_batches_by_position(tiny_model):
     rng = np.random.default_rng(5)
     enc = OpenClipEncoder(tiny_model, device="cpu")
     datas = [jpeg(photo(rng, 60 + i, 70)) for i in range(11)]
@@ -246,8 +265,10 @@ def test_embed_stream_keeps_input_order_and_full_batches(tiny_model):
     with DecodePool(ImageDecoder.for_encoder(enc, DecodeOptions(draft=0)), workers=1) as pool:
         batches = list(embed_stream(items, enc, pool, batch_size=4, timing=timing))
     assert [k for b in batches for k in b.keys] == [k for k, _ in items]
-    assert [len(b.embeddings) for b in batches] == [4, 4, 1]  # encoder batches count decoded images
-    assert batches[0].status == [STATUS_OK] * 3 + [UNDECODABLE] + [STATUS_OK]
+    assert [len(b.keys) for b in batches] == [4, 4, 3]  # batches are positions 0-3, 4-7, 8-10
+    assert [len(b.embeddings) for b in batches] == [3, 4, 2]
+    assert [b.slots for b in batches] == [[0, 1, 2], [0, 1, 2, 3], [1, 2]]
+    assert batches[0].status == [STATUS_OK] * 3 + [UNDECODABLE]
     assert batches[0].errors[3] and batches[0].errors[0] is None
     emb = np.concatenate([b.embeddings for b in batches])
     ok = [Image.open(io.BytesIO(d)).convert("RGB") for d in datas if d not in (b"junk", None)]
@@ -255,13 +276,49 @@ def test_embed_stream_keeps_input_order_and_full_batches(tiny_model):
     assert timing.images == 9 and timing.encode_s > 0
 
 
-def test_artifacts_identical_for_0_1_2_decode_workers(jpeg_shards, tiny_model, tmp_path):
+def test_rows_depend_on_their_position_not_on_neighbours_or_where_the_stream_starts():
+    """The encoder always gets ``batch_size`` rows and an image keeps its slot (position mod
+    batch size): undecodable neighbours, a shard end or a stream that starts mid-batch (a
+    dataset chunk) change no row, whatever the encoder's arithmetic does with the layout."""
+    rng = np.random.default_rng(8)
+    datas = [jpeg(photo(rng, 40 + i, 50)) for i in range(13)]
+    enc = LayoutSensitiveEncoder(dim=8)
+    decoder = ImageDecoder.for_encoder(enc, DecodeOptions(draft=0))
+
+    class Inline:  # the decoder protocol of embed_stream, in this process
+        wait_s = 0.0
+
+        def imap(self, items, chunk_size):
+            items = list(items)
+            for i in range(0, len(items), chunk_size):
+                part = items[i : i + chunk_size]
+                yield [k for k, _ in part], decoder.chunk([d for _, d in part])
+
+    def rows(items, first_position=0):
+        out = {}
+        for b in embed_stream(items, enc, Inline(), batch_size=5, first_position=first_position):
+            ok = [k for k, st in zip(b.keys, b.status) if st == STATUS_OK]
+            out.update(zip(ok, b.embeddings if b.embeddings is not None else []))
+        return out
+
+    whole = rows([(f"k{i}", d) for i, d in enumerate(datas)])
+    holes = rows([(f"k{i}", b"junk" if i in (1, 6, 7) else d) for i, d in enumerate(datas)])
+    tail = rows([(f"k{i}", datas[i]) for i in range(8, 13)], first_position=8)  # a chunk starting at row 8
+    assert set(enc.lengths) == {5}
+    assert len(holes) == 10 and len(tail) == 5
+    for part in (holes, tail):
+        for key, row in part.items():
+            assert row.tobytes() == whole[key].tobytes(), key
+
+
+@pytest.mark.parametrize("batch_size", [8, 5])
+def test_artifacts_identical_for_0_1_2_decode_workers(jpeg_shards, tiny_model, batch_size, tmp_path):
     """Embeddings, keep-list and output shards do not depend on the number of workers."""
     kw = dict(
         model=tiny_model,
         clusters=3,
         steps=[{"method": "semdedup", "eps": 0.01}, {"method": "dbp", "keep": 0.5}],
-        batch_size=8,
+        batch_size=batch_size,
         shard_max_count=30,
         progress=False,
         log=lambda *_: None,
@@ -280,6 +337,85 @@ def test_artifacts_identical_for_0_1_2_decode_workers(jpeg_shards, tiny_model, t
     full = run_filter(jpeg_shards, tmp_path / "w0", decode_workers=1, jpeg_draft=0, **kw)
     assert not full.stages["embed"].skipped
     assert (tmp_path / "w0/embed/chunks/00000.img.npy").read_bytes() != files[0]["embed/chunks/00000.img.npy"]
+
+
+class ThreadRecorder(PixelProjectionEncoder):
+    """The pixel projection, plus a record of torch's thread count at each batch."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.seen = set()
+
+    def encode_prepared(self, items):
+        import torch
+
+        self.seen.add(torch.get_num_threads())
+        return super().encode_prepared(items)
+
+
+def test_the_run_sets_records_and_restores_the_thread_count(jpeg_shards, tmp_path):
+    """Float results may depend on the BLAS thread count, so the run fixes it (``threads``),
+    runs the encoder, k-means and the steps under it, and records it in the fingerprints of
+    embed, cluster and select: another count reruns them; the caller's count is restored."""
+    import torch
+
+    kw = dict(clusters=3, steps=[{"method": "semdedup", "eps": 0.01}], batch_size=8, write=False, progress=False)
+    before = torch.get_num_threads()
+    runs = {}
+    for threads in (1, 2, 1):
+        enc = ThreadRecorder(dim=16)
+        runs[threads] = run_filter(
+            jpeg_shards, tmp_path / "out", encoder=enc, threads=threads, log=lambda *_: None, **kw
+        )
+        assert torch.get_num_threads() == before
+        assert enc.seen <= {threads}
+        for name in ("embed", "cluster", "select"):
+            record = json.loads((tmp_path / "out" / name / "_stage.json").read_text())
+            assert record["params"]["threads"] == threads
+    assert not any(st.skipped for st in runs[2].stages.values())  # 1 -> 2: every stage reran
+    # the pixel projection is exact integer arithmetic: its rows do not depend on the count
+    pd.testing.assert_frame_equal(runs[1].keep, runs[2].keep)
+    default = run_filter(jpeg_shards, tmp_path / "default", encoder=ThreadRecorder(dim=16), log=lambda *_: None, **kw)
+    assert default.stages["embed"].params["threads"] == before  # None: torch's count, recorded
+    with pytest.raises(ValueError, match="--threads must be an integer >= 1"):
+        run_filter(jpeg_shards, tmp_path / "bad", encoder=ThreadRecorder(dim=16), threads=0, **kw)
+
+
+def test_adding_or_replacing_a_shard_embeds_only_that_shard(jpeg_shards, tmp_path):
+    """A chunk depends only on its shard and the parameters: a rerun with one more shard
+    keeps the finished chunks (not rewritten) and embeds the new shard; a replaced shard is
+    embedded again; the result equals a fresh run's. Another parameter clears everything."""
+    import shutil
+
+    src = sorted(Path(jpeg_shards.split("{")[0]).glob("*.tar"))
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for p in src:
+        shutil.copy(p, shards / p.name)
+    a, b = (str(shards / p.name) for p in src)
+    kw = dict(encoder=PixelProjectionEncoder(dim=16), clusters=3, steps=[{"method": "random", "keep": 0.5}])
+    kw.update(batch_size=8, write=False, progress=False, log=lambda *_: None)
+    out = tmp_path / "out"
+    chunk = out / "embed" / "chunks"
+
+    def stamp(i):
+        st = (chunk / f"{i:05d}.img.npy").stat()
+        return st.st_ino, st.st_mtime_ns
+
+    run_filter([a], out, **kw)
+    first = stamp(0)
+    grown = run_filter([a, b], out, **kw)
+    assert not grown.stages["embed"].skipped and stamp(0) == first  # shard a: not embedded again
+    fresh = run_filter([a, b], tmp_path / "fresh", **kw)
+    pd.testing.assert_frame_equal(grown.keep, fresh.keep)
+    assert artifact_bytes(out / "embed") == artifact_bytes(tmp_path / "fresh" / "embed")
+
+    second = stamp(1)
+    os.utime(a, ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))  # shard a "replaced"
+    run_filter([a, b], out, **kw)
+    assert stamp(1) == second and stamp(0) != first
+    run_filter([a, b], out, **{**kw, "batch_size": 5})  # another parameter: every chunk again
+    assert stamp(1) != second
 
 
 def test_too_large_images_are_counted_and_reasoned(tmp_path):

@@ -32,6 +32,7 @@ import pandas as pd
 from pipelines.shards.embed import load_embed_artifact, throughput_summary
 from pipelines.shards.select import select_chain
 from pipelines.shards.steps import run_step
+from pipelines.shards.threads import compute_threads
 from pipelines.shards.write import output_name, write_outputs
 from prunecore.cluster import Clustering
 from prunecore.rows import RowSubset
@@ -106,12 +107,15 @@ class RayExecutor:
 
     # ----------------------------------------------------------------- select
     def select(self, embed, clustering, steps, *, device="auto", progress=False):
+        import torch
+
         embed_dir = str(embed.dir)
+        threads = torch.get_num_threads()  # the select stage's count (it calls this under it), for the tasks
 
         def runner(step, rows, clu, texts, device="auto", progress=False):
             if step["method"] == "semdedup" and step["order"] in ("hard", "easy"):
                 idx = rows.rows if isinstance(rows, RowSubset) else np.arange(rows.shape[0])
-                return ray_semdedup(embed_dir, step, idx, clu)
+                return ray_semdedup(embed_dir, step, idx, clu, threads=threads)
             return run_step(step, rows, clu, texts, device=device, progress=progress)
 
         return select_chain(embed, clustering, steps, step_runner=runner)
@@ -150,7 +154,8 @@ class EmbedActor:
         from pipelines.shards.embed import EmbedTiming
 
         timing, wait0 = EmbedTiming(), self.decoder.wait_s
-        self.stage.embed_many([int(i) for i in batch["i"]], self.decoder, timing=timing)
+        with compute_threads(self.stage.params.get("threads")):  # the driver's count, not Ray's OMP_NUM_THREADS=1
+            self.stage.embed_many([int(i) for i in batch["i"]], self.decoder, timing=timing)
         return {
             "images": np.array([timing.images]),
             "wall_s": np.array([time.perf_counter() - timing.start]),
@@ -175,8 +180,9 @@ def _embeddings(embed_dir: str):
     return _ART_CACHE[embed_dir]
 
 
-def _semdedup_group(group: pd.DataFrame, embed_dir: str, step: dict) -> pd.DataFrame:
-    """One cluster: rows (global ids, ascending) -> keep + score, via dataprune.semdedup."""
+def _semdedup_group(group: pd.DataFrame, embed_dir: str, step: dict, threads: int | None = None) -> pd.DataFrame:
+    """One cluster: rows (global ids, ascending) -> keep + score, via dataprune.semdedup, with
+    torch on ``threads`` CPU threads (the driver's: not the worker's OMP_NUM_THREADS=1)."""
     from dataprune import semdedup
 
     group = group.sort_values("local", kind="stable")
@@ -187,21 +193,23 @@ def _semdedup_group(group: pd.DataFrame, embed_dir: str, step: dict) -> pd.DataF
         labels=np.zeros(m, np.int64),
         sim=group["sim"].to_numpy(np.float32),
     )
-    sel = semdedup(
-        rows,
-        step["eps"],
-        clustering=clu,
-        order=step["order"],
-        rule=step["rule"],
-        block_size=step["block_size"],
-        device="cpu",
-    )
+    with compute_threads(threads):
+        sel = semdedup(
+            rows,
+            step["eps"],
+            clustering=clu,
+            order=step["order"],
+            rule=step["rule"],
+            block_size=step["block_size"],
+            device="cpu",
+        )
     return pd.DataFrame({"local": group["local"].to_numpy(np.int64), "keep": sel.keep, "score": sel.scores})
 
 
-def ray_semdedup(embed_dir: str, step: dict, idx: np.ndarray, clustering):
-    """SemDeDup over rows ``idx`` (m,) of the embeddings as a Ray groupby over clusters.
-    Returns the same Selection (m,) as :func:`dataprune.semdedup` with that clustering."""
+def ray_semdedup(embed_dir: str, step: dict, idx: np.ndarray, clustering, *, threads: int | None = None):
+    """SemDeDup over rows ``idx`` (m,) of the embeddings as a Ray groupby over clusters, torch
+    on ``threads`` CPU threads in each task (None: the worker's count). Returns the same
+    Selection (m,) as :func:`dataprune.semdedup` with that clustering on as many threads."""
     import ray
 
     from dataprune import Selection
@@ -218,7 +226,7 @@ def ray_semdedup(embed_dir: str, step: dict, idx: np.ndarray, clustering):
     ds = (
         ray.data.from_pandas(df)
         .groupby("cluster")
-        .map_groups(_semdedup_group, fn_args=(embed_dir, step), batch_format="pandas")
+        .map_groups(_semdedup_group, fn_args=(embed_dir, step, threads), batch_format="pandas")
     )
     out = ds.to_pandas()
     keep = np.ones(m, dtype=bool)

@@ -18,6 +18,7 @@ from prunecore.io import atomic_path
 
 from .embed import EmbedArtifact
 from .stage import ROW_GROUP_ROWS, PipelineError, Stage, release_scratch, save_npy
+from .threads import compute_threads, resolve_threads
 
 
 @dataclass
@@ -45,7 +46,8 @@ def save_assignment(path: Path, clu: Clustering, block: int = ROW_GROUP_ROWS) ->
 
 class ClusterStage(Stage):
     """Spherical k-means on a seeded sample (k * max_points_per_centroid rows), then
-    streaming assignment of every row (:func:`prunecore.kmeans`)."""
+    streaming assignment of every row (:func:`prunecore.kmeans`), with torch and faiss on
+    ``threads`` CPU threads (a parameter: faiss's centroids depend on it; None: torch's count)."""
 
     name = "cluster"
     owned = ("centroids.npy", "assign.parquet")
@@ -60,12 +62,14 @@ class ClusterStage(Stage):
         seed: int = 1234,
         max_points_per_centroid: int = 256,
         device: str = "auto",
+        threads: int | None = None,
     ):
         params = {
             "k": int(k),
             "niter": int(niter),
             "seed": int(seed),
             "max_points_per_centroid": int(max_points_per_centroid),
+            "threads": resolve_threads(threads),
         }
         super().__init__(out, params, {"embed": embed.fingerprint})
         self.embed = embed
@@ -77,14 +81,15 @@ class ClusterStage(Stage):
         if self.params["k"] > n:
             raise PipelineError(f"--clusters {self.params['k']} is more than the {n} embedded samples: lower it")
         log(f"[cluster] k-means k={self.params['k']} on {n:,d} rows")
-        clu = kmeans(
-            self.embed.images,
-            self.params["k"],
-            niter=self.params["niter"],
-            seed=self.params["seed"],
-            max_points_per_centroid=self.params["max_points_per_centroid"],
-            device=self.device,
-        )
+        with compute_threads(self.params["threads"]):
+            clu = kmeans(
+                self.embed.images,
+                self.params["k"],
+                niter=self.params["niter"],
+                seed=self.params["seed"],
+                max_points_per_centroid=self.params["max_points_per_centroid"],
+                device=self.device,
+            )
         save_npy(self.dir / "centroids.npy", clu.centroids)
         save_assignment(self.dir / "assign.parquet", clu)
         sizes = clu.sizes

@@ -20,7 +20,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from prunecore.io import atomic_write_json
+from prunecore.io import atomic_write_json, json_digest
 from prunecore.rows import ChunkedRows
 
 from .decode import TOO_LARGE, DecodeOptions, make_decoder
@@ -29,9 +29,11 @@ from .stage import (
     MISSING_IMAGE,
     STATUS_OK,
     UNDECODABLE,
+    VERSION,
     PipelineError,
     Stage,
     die_hook,
+    is_owned_file,
     read_parquet,
     save_npy,
     save_parquet,
@@ -47,6 +49,7 @@ from .tario import (
     iter_shard,
     sample_problem,
 )
+from .threads import compute_threads, resolve_threads
 
 
 @dataclass
@@ -104,7 +107,8 @@ class EmbeddedBatch:
 
     keys, status, errors: (n,) per sample in input order (``status`` ``"ok"`` or why it has
     no embedding; ``errors`` the message, None when ok). embeddings: (n_ok, d) float32 rows of
-    the ``ok`` samples in order, or None when none of them decoded. end: the run ends at a
+    the ``ok`` samples in order, or None when none of them decoded. slots: (n_ok,) the encoder
+    batch slot of each ``ok`` sample (see :func:`encode_in_slots`). end: the run ends at a
     :data:`SHARD_END` item.
     """
 
@@ -113,6 +117,22 @@ class EmbeddedBatch:
     errors: list
     embeddings: np.ndarray | None
     end: bool = False
+    slots: list = field(default_factory=list)
+
+
+def encode_in_slots(encode, items: Sequence, slots: Sequence[int], batch_size: int) -> np.ndarray:
+    """``encode`` one fixed-shape batch: item ``j`` in slot ``slots[j]`` of ``batch_size``
+    slots, the empty slots filled with copies of ``items[0]``; returns the rows of ``items``
+    (len(items), d) float32, in their order.
+
+    The encoder always sees ``batch_size`` rows and each item the same slot whatever else is
+    in the batch, so a BLAS/cuBLAS kernel choice that depends on the batch's shape, or a
+    reduction order that depends on the row's place in it, cannot change an item's row.
+    """
+    batch = [items[0]] * batch_size
+    for slot, item in zip(slots, items):
+        batch[slot] = item
+    return np.asarray(encode(batch), dtype=np.float32)[np.asarray(slots, dtype=np.int64)]
 
 
 @dataclass
@@ -145,43 +165,52 @@ def embed_stream(
     *,
     batch_size: int,
     timing: EmbedTiming | None = None,
+    first_position: int = 0,
 ) -> Iterator[EmbeddedBatch]:
     """Decode + encode a stream of ``(key, image bytes or None)`` **in input order**.
 
     ``decoder``: from :func:`~pipelines.shards.decode.make_decoder` (worker processes or
-    inline). The encoder sees batches of exactly ``batch_size`` decoded images (the last one
-    smaller, and one ends at each ``(SHARD_END, None)`` item), so the rows do not depend on
-    the number of decode workers. Yields consecutive :class:`EmbeddedBatch` runs covering
-    every item once (SHARD_END items excepted); memory holds at most the decoder's prefetch
-    plus one batch of prepared images. Decoding runs ahead across SHARD_END items.
+    inline). Batches are fixed by position: the item at position ``p`` (counted from
+    ``first_position``, and from 0 again after each ``(SHARD_END, None)`` item) belongs to
+    encoder batch ``p // batch_size`` in slot ``p % batch_size``, and every batch is encoded
+    with ``batch_size`` slots (:func:`encode_in_slots`). So a row depends only on its image,
+    ``batch_size`` and its position: not on where the stream or a chunk starts, on which
+    neighbours failed to decode, or on the number of decode workers. Yields consecutive
+    :class:`EmbeddedBatch` runs covering every item once (SHARD_END items excepted); memory
+    holds at most the decoder's prefetch plus one batch of prepared images. Decoding runs
+    ahead across SHARD_END items.
     """
     encode = getattr(encoder, "encode_prepared", None) or encoder.encode_images
     timing = timing if timing is not None else EmbedTiming()
-    keys, status, errors, ready = [], [], [], []
+    keys, status, errors, ready, slots = [], [], [], [], []
+    position = first_position
 
     def flush(end: bool = False) -> EmbeddedBatch:
         emb = None
         if ready:
             t0 = time.perf_counter()
-            emb = np.asarray(encode(ready), dtype=np.float32)
+            emb = encode_in_slots(encode, ready, slots, batch_size)
             timing.encode_s += time.perf_counter() - t0
             timing.images += len(ready)
-        batch = EmbeddedBatch(list(keys), list(status), list(errors), emb, end)
-        keys.clear(), status.clear(), errors.clear(), ready.clear()
+        batch = EmbeddedBatch(list(keys), list(status), list(errors), emb, end, list(slots))
+        keys.clear(), status.clear(), errors.clear(), ready.clear(), slots.clear()
         return batch
 
     for chunk_keys, results in decoder.imap(items, chunk_size=min(batch_size, DECODE_CHUNK)):
         for key, (st, item) in zip(chunk_keys, results):
             if key == SHARD_END:
                 yield flush(end=True)
+                position = 0
                 continue
             keys.append(key)
             status.append(st)
             errors.append(None if st == STATUS_OK else item)
             if st == STATUS_OK:
                 ready.append(item)
-                if len(ready) == batch_size:
-                    yield flush()
+                slots.append(position % batch_size)
+            position += 1
+            if position % batch_size == 0:
+                yield flush()
     if keys:
         yield flush()
 
@@ -262,7 +291,7 @@ def embed_shards(
             img_chunks.append(batch.embeddings)
             if text:
                 ok = [read.captions[start + j] for j, st in enumerate(batch.status) if st == STATUS_OK]
-                txt_chunks.append(np.asarray(encoder.encode_texts(ok), dtype=np.float32))
+                txt_chunks.append(encode_in_slots(encoder.encode_texts, ok, batch.slots, batch_size))
             if progress is not None:
                 progress.update(len(batch.embeddings))
                 progress.set_postfix_str(_timing_note(timing, decoder), refresh=False)
@@ -369,12 +398,14 @@ def check_duplicate_keys(keys: pd.DataFrame) -> None:
         )
 
 
-def check_embed_options(batch_size: int, dtype: str) -> None:
+def check_embed_options(batch_size: int, dtype: str, threads: int | None = None) -> None:
     """The embed stages' shared option checks (a clear error before any work)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if dtype not in ("float16", "float32"):
         raise ValueError(f"dtype must be float16 or float32, got {dtype!r}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
 
 
 class EmbedStage(Stage):
@@ -382,8 +413,10 @@ class EmbedStage(Stage):
 
     params: encoder fingerprint, batch_size, image_exts, text (embed captions too), dtype,
     strict, decode (the :class:`~pipelines.shards.decode.DecodeOptions` that change rows:
-    draft, max_pixels, gpu). Resume unit: one input shard. ``executor``: who embeds the
-    pending shards (``None``: this process; see :mod:`pipelines.executors`).
+    draft, max_pixels, gpu), threads (torch's CPU thread count, which the encoder runs under
+    in every process that embeds, local or Ray: BLAS reductions may depend on it; None: the
+    count torch has when the stage is made). Resume unit: one input shard. ``executor``: who
+    embeds the pending shards (``None``: this process; see :mod:`pipelines.executors`).
     """
 
     name = "embed"
@@ -404,8 +437,9 @@ class EmbedStage(Stage):
         decode: DecodeOptions | None = None,
         progress: bool = True,
         executor=None,
+        threads: int | None = None,
     ):
-        check_embed_options(batch_size, dtype)
+        check_embed_options(batch_size, dtype, threads)
         self.decode = decode or DecodeOptions()
         fp = encoder_fingerprint if encoder_fingerprint is not None else encoder.fingerprint
         params = {
@@ -416,6 +450,7 @@ class EmbedStage(Stage):
             "dtype": dtype,
             "strict": bool(strict),
             "decode": self.decode.fingerprint(),
+            "threads": resolve_threads(threads),
         }
         super().__init__(out, params, {"shards": file_fingerprint(shards)})
         self.shards = list(shards)
@@ -426,6 +461,31 @@ class EmbedStage(Stage):
 
     def pending(self) -> list[int]:
         return [i for i in range(len(self.shards)) if not chunk_paths(self.dir, i)["keys"].exists()]
+
+    def reusable_chunks(self) -> set[int] | None:
+        """Chunks a previous run with the same parameters (and code version) left valid: those
+        of the shards still at the same index with the same path, size and mtime (a chunk
+        depends on its shard and the parameters only). None when the parameters changed."""
+        rec = self.record() or {}
+        old = rec.get("inputs", {}).get("shards")
+        params = json.loads(json.dumps(self.params))
+        made_here = rec.get("fingerprint") == json_digest(
+            {"stage": self.name, "version": VERSION, "params": params, "inputs": rec.get("inputs")}
+        )
+        if old is None or rec.get("params") != params or not made_here:
+            return None
+        return {i for i, (a, b) in enumerate(zip(old, self.inputs["shards"])) if a == b}
+
+    def clear(self) -> None:
+        """Shards added, removed or replaced, parameters unchanged: delete only the chunks of
+        the shards that changed (and the merged tables), so only those are embedded again.
+        Anything else: delete every file of the stage (:meth:`Stage.clear`)."""
+        kept = self.reusable_chunks()
+        rels = self.artifact_files()
+        if kept is None or not all(is_owned_file(rel, self.owned) for rel in rels):
+            return super().clear()
+        stale = [rel for rel in rels if not (rel.startswith("chunks/") and int(rel[7:].split(".")[0]) in kept)]
+        self.invalidate(stale)
 
     def compute(self, log):
         todo = self.pending()
@@ -479,9 +539,10 @@ class EmbedStage(Stage):
 
     @contextlib.contextmanager
     def local_run(self):
-        """Embedding in this process: yields ``(decoder, hooks)`` where ``hooks`` are the
-        ``progress``/``on_sample``/``timing`` keywords of :meth:`embed_many`; records the
-        throughput on exit. ``on_sample`` is the kill/resume test hook."""
+        """Embedding in this process, torch on the stage's thread count: yields ``(decoder,
+        hooks)`` where ``hooks`` are the ``progress``/``on_sample``/``timing`` keywords of
+        :meth:`embed_many`; records the throughput on exit. ``on_sample`` is the kill/resume
+        test hook."""
         done = [0]
 
         def on_sample():
@@ -489,7 +550,11 @@ class EmbedStage(Stage):
             die_hook("embed", done[0])
 
         timing = EmbedTiming()
-        with tqdm(desc="embed", unit="img", disable=not self.progress) as bar, self.make_decoder() as decoder:
+        with (
+            compute_threads(self.params.get("threads")),
+            tqdm(desc="embed", unit="img", disable=not self.progress) as bar,
+            self.make_decoder() as decoder,
+        ):
             yield decoder, {"progress": bar, "on_sample": on_sample, "timing": timing}
             self.throughput = timing.summary(decoder.wait_s)
 

@@ -45,6 +45,7 @@ from .select import SelectStage
 from .stage import PipelineError
 from .steps import STEPS, normalize_steps
 from .tario import expand_shards, scan_headers
+from .threads import compute_threads, resolve_threads
 from .write import WriteStage
 
 # files prunekit writes under OUT, per folder (a stage's ``owned`` patterns; report/ by prunekit report)
@@ -228,6 +229,7 @@ class FilterConfig:
     hf_cache_dir: str | None = None  # load_dataset's Arrow cache
     # execution
     device: str = "auto"
+    threads: int | None = None  # CPU threads of torch/faiss for the whole run (None: torch's count); recorded
     backend: str = "local"
     ray_address: str | None = None
     progress: bool = True
@@ -273,7 +275,8 @@ def run_filter(shards=None, out="prunekit_out", config: FilterConfig | None = No
     files = [_glob_files(spec) for spec in (cfg.embeddings, cfg.metadata, cfg.text_embeddings)]
     check_inputs_outside(out, [*shard_list, *files[0], *files[1], *files[2], *_dataset_paths(cfg.hf_dataset)])
     claim_output(out, _owned_patterns(cfg))
-    with output_lock(out, wait=cfg.wait_lock, log=cfg.log):
+    cfg = replace(cfg, threads=resolve_threads(cfg.threads))  # recorded by the stages it can change
+    with output_lock(out, wait=cfg.wait_lock, log=cfg.log), compute_threads(cfg.threads):
         result = _run_stages(cfg, steps, out, shard_list, files)
     result.seconds = time.perf_counter() - t0
     return result
@@ -332,6 +335,7 @@ def _run_stages(cfg: FilterConfig, steps: list[dict], out: Path, shard_list: lis
             decode=decode_options_of(cfg),
             progress=progress,
             executor=executor,
+            threads=cfg.threads,
         )
         if not emb_stage.finished():
             preflight(emb_stage.shards, cfg, log)
@@ -349,10 +353,13 @@ def _run_stages(cfg: FilterConfig, steps: list[dict], out: Path, shard_list: lis
         seed=cfg.seed,
         max_points_per_centroid=cfg.max_points_per_centroid,
         device=cfg.device,
+        threads=cfg.threads,
     )
     cluster = cl_stage.run(log, verify=verify)
     result.stages["cluster"] = cl_stage
-    sel_stage = SelectStage(out, embed, cluster, steps, device=cfg.device, progress=progress, executor=executor)
+    sel_stage = SelectStage(
+        out, embed, cluster, steps, device=cfg.device, progress=progress, executor=executor, threads=cfg.threads
+    )
     select = sel_stage.run(log, verify=verify)
     result.stages["select"] = sel_stage
     result.keep = select.keep
@@ -434,6 +441,8 @@ def check_config(cfg: FilterConfig) -> list[dict]:
     _positive_int("--shard-max-size", cfg.shard_max_size)
     for name in ("seed", "model_seed"):
         _positive_int("--" + name.replace("_", "-"), getattr(cfg, name), 0)
+    if cfg.threads is not None:
+        _positive_int("--threads", cfg.threads)
     choices = {"dtype": ("float16", "float32"), "precision": ("fp32", "fp16", "bf16"), "backend": ("local", "ray")}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:

@@ -19,6 +19,7 @@ from .cluster import ClusterArtifact
 from .embed import EmbedArtifact
 from .stage import Stage, read_parquet, save_parquet
 from .steps import normalize_steps, run_step
+from .threads import compute_threads, resolve_threads
 
 
 def subset_rows(rows, idx: np.ndarray):
@@ -68,7 +69,9 @@ class SelectArtifact:
 
 class SelectStage(Stage):
     """Score/select chain -> keep-list parquet (every input sample, with its reason).
-    ``executor``: who runs the chain (``None``: :func:`select_chain` in this process)."""
+    ``executor``: who runs the chain (``None``: :func:`select_chain` in this process).
+    ``threads``: torch's CPU threads for the similarities (a parameter: the last bits of a
+    SemDeDup score depend on it; None: torch's count); an executor runs its tasks under it."""
 
     name = "select"
     owned = ("keep.parquet", "stats_*.parquet")
@@ -83,22 +86,25 @@ class SelectStage(Stage):
         device="auto",
         progress=True,
         executor=None,
+        threads: int | None = None,
     ):
         steps = normalize_steps(steps)
-        super().__init__(out, {"steps": steps}, {"embed": embed.fingerprint, "cluster": cluster.fingerprint})
+        params = {"steps": steps, "threads": resolve_threads(threads)}
+        super().__init__(out, params, {"embed": embed.fingerprint, "cluster": cluster.fingerprint})
         self.embed, self.cluster, self.steps = embed, cluster, steps
         self.device, self.progress, self.executor = device, progress, executor
         self.computed: pd.DataFrame | None = None
 
     def compute(self, log):
-        if self.executor is not None:
-            sel, stats = self.executor.select(
-                self.embed, self.cluster.clustering, self.steps, device=self.device, progress=self.progress
-            )
-        else:
-            sel, stats = select_chain(
-                self.embed, self.cluster.clustering, self.steps, device=self.device, progress=self.progress
-            )
+        with compute_threads(self.params["threads"]):
+            if self.executor is not None:
+                sel, stats = self.executor.select(
+                    self.embed, self.cluster.clustering, self.steps, device=self.device, progress=self.progress
+                )
+            else:
+                sel, stats = select_chain(
+                    self.embed, self.cluster.clustering, self.steps, device=self.device, progress=self.progress
+                )
         keep = build_keep_list(self.embed.keys, sel, self.cluster.clustering)
         del sel
         for name, df in stats.items():
