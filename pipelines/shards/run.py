@@ -311,7 +311,7 @@ def dataset_files(hf_dataset) -> list[str]:
         matched = [m for m in matched if os.path.exists(m)]
         if not matched:
             raise FileNotFoundError(
-                f"--hf-dataset {path!r} does not exist: give a save_to_disk folder, a folder of data files, "
+                f"no dataset at {path!r} (--hf-dataset): give a save_to_disk folder, a folder of data files, "
                 "or .parquet/.arrow/.tar files (globs allowed)"
             )
         for m in matched:
@@ -499,7 +499,7 @@ def check_config(cfg: FilterConfig) -> list[dict]:
         raise ValueError(f"--hf-output-format must be disk or parquet, got {cfg.hf_output_format!r}")
     if cfg.hf_output_format == "disk" and _streams(cfg):
         raise ValueError(
-            "--hf-output-format disk cannot be written from a stream (--streaming): use --hf-output-format "
+            "--hf-output-format disk: a streaming input is written as parquet shards: use --hf-output-format "
             "parquet, or drop --streaming"
         )
     steps = normalize_steps(list(default_steps() if cfg.steps is None else cfg.steps))
