@@ -2,7 +2,9 @@
 
 Plots: cluster size histogram; DBP complexity vs. quota; kept fraction per cluster (stacked
 by drop reason); kept vs. dropped example images for a few clusters; duplicate pairs found
-by SemDeDup (each dropped image next to its most similar earlier image). Writes
+by SemDeDup (each dropped image next to its most similar earlier image). Tables: why rows
+were dropped, the input problems (unreadable shards, undecodable or missing images with
+example keys, odd member names) and each stage's parameters and summary. Writes
 ``OUT/report/index.html`` + PNGs. Reads only the artifacts (and, for the grids, the few
 images shown: from the input shards, or by row index from the input Hugging Face dataset).
 """
