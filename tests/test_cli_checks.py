@@ -315,3 +315,14 @@ def test_report_shows_input_problems_as_a_readable_table(tmp_path):
     stages = {r[0]: r for r in page.tables["Stages"][1:]}
     summary_lines = stages["embed"][2].splitlines()
     assert "undecodable: 1" in summary_lines and "missing_image: 1" in summary_lines
+
+
+def test_a_corrupt_precomputed_embedding_file_is_named_before_out_is_created(tmp_path, capsys):
+    emb, meta = tmp_path / "img_emb_0.npy", tmp_path / "metadata_0.parquet"
+    emb.write_bytes(b"junk, not an array")
+    pq.write_table(pa.table({"key": ["a", "b"]}), meta)
+    out = tmp_path / "out"
+    rc = main(["filter", "--embeddings", str(emb), "--metadata", str(meta), "--out", str(out), *FAST])
+    err = one_error_line(capsys)
+    assert not out.exists()
+    assert rc == 2 and f"{emb} is not a readable .npy" in err

@@ -17,7 +17,8 @@ Output folder::
     OUT/write/    shard-000000.tar ..., plan.parquet, manifest.json, done/, _stage.json
     OUT/.prunekit.json, OUT/.prunekit.lock   the ownership marker and the run lock
 
-Before any work: every option is checked (:func:`check_config`), inputs inside ``OUT`` and
+Before any work: every option is checked (:func:`check_config`), then the inputs
+(:func:`check_inputs`: files exist and their headers/footers read), inputs inside ``OUT`` and
 files in ``OUT`` that prunekit did not write are refused, and ``OUT`` is locked for the run
 (:mod:`pipelines.shards.outdir`); tar headers are scanned for duplicate keys before embedding.
 """
@@ -37,6 +38,7 @@ from pathlib import Path
 
 from pipelines.encoders import EncoderSpec
 from prunecore.budget import check_keep
+from prunecore.rows import open_embeddings
 
 from .cluster import ClusterStage
 from .decode import DecodeOptions, decode_options_of
@@ -179,8 +181,9 @@ def _known(method: str, params: dict, names: Sequence[str] | None = None) -> dic
 class FilterConfig:
     """Every option of :func:`run_filter` (the CLI's flags), with its default.
 
-    Embedding source: ``encoder`` (an object, see :mod:`pipelines.encoders`, or a
-    zero-argument factory), or ``model``/``pretrained`` (open_clip name or config .json, or
+    Embedding source: ``encoder`` (an object, see :mod:`pipelines.encoders`, a
+    zero-argument factory, or an :class:`~pipelines.encoders.EncoderSpec`, imported only
+    after every check), or ``model``/``pretrained`` (open_clip name or config .json, or
     ``hf:PATH``), or precomputed ``embeddings`` + ``metadata`` files (globs; one metadata
     parquet with a ``key_column`` per ``.npy``). ``steps``: the selection chain (see
     :func:`default_steps`); each step runs on the survivors of the previous ones and a
@@ -282,14 +285,17 @@ def run_filter(shards=None, out="prunekit_out", config: FilterConfig | None = No
 
 def check_inputs(shards, cfg: FilterConfig) -> tuple[list[str], list[list[str]], list[str]]:
     """Check the inputs before any work (nothing is written, no user code runs): every shard
-    and precomputed file exists, the input kinds are not mixed, and every parquet file
-    (``--metadata``, the ``--hf-dataset`` files) has a readable footer; errors name the file.
+    and precomputed file exists, the input kinds are not mixed, every ``.npy`` has a readable
+    header and every parquet file (``--metadata``, the ``--hf-dataset`` files) a readable
+    footer; errors name the file.
     Returns (shard paths, [embedding, metadata, text embedding files], dataset paths)."""
     shard_list = expand_shards(shards) if shards is not None else []
     files = [_glob_files(spec) for spec in (cfg.embeddings, cfg.metadata, cfg.text_embeddings)]
     if cfg.hf_dataset is not None and (shard_list or cfg.embeddings is not None):
         raise ValueError("give either shards / precomputed embeddings or a Hugging Face dataset, not both")
     dataset_paths = dataset_files(cfg.hf_dataset)
+    for path in files[0] + files[2]:
+        open_embeddings(path)  # the .npy header only (memory-mapped)
     for path in files[1] + [p for p in dataset_paths if p.endswith(".parquet")]:
         parquet_columns(path)  # the footer only: a corrupt file is named here, not deep inside a loader
     return shard_list, files, dataset_paths
