@@ -8,7 +8,8 @@ import os
 import pickle
 import sys
 
-from .shards.run import FilterConfig, check_config, default_steps, filter_config, run_filter
+from .encoders import EncoderSpec
+from .shards.run import FilterConfig, default_steps, filter_config, run_filter
 from .shards.steps import STEPS
 
 DEFAULTS = FilterConfig()
@@ -248,6 +249,8 @@ def error_line(exc: BaseException, args) -> str:
 
 
 def _filter(args) -> int:
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be an integer >= 1, got {args.threads}")
     if args.threads:
         import torch
 
@@ -310,8 +313,8 @@ def _filter(args) -> int:
         verify=args.verify,
         wait_lock=args.wait_lock,
     )
-    check_config(config)  # every option, before the encoder is imported or any work starts
-    encoder = load_encoder_factory(args.encoder, args.encoder_kwargs) if args.encoder else None
+    # the encoder spec is only checked here: run_filter imports it after every option and input is checked
+    encoder = EncoderSpec.parse(args.encoder, args.encoder_kwargs) if args.encoder else None
     result = run_filter(args.shards or None, args.out, config, encoder=encoder)
     print()
     print(result.table())
@@ -321,33 +324,6 @@ def _filter(args) -> int:
     elif result.manifest:
         print(f"filtered shards: {result.out / 'write'} (manifest.json)")
     return 0
-
-
-def load_encoder_factory(spec: str, kwargs_json: str = "{}"):
-    """``"package.module:factory"`` -> ``factory(**kwargs)`` (an encoder object).
-
-    This imports ``package.module`` and calls ``factory``: it runs that code, like any
-    Python import (only pass code you trust)."""
-    import importlib
-    import json
-
-    module, _, attr = spec.partition(":")
-    if not module or not attr:
-        raise ValueError(f"--encoder must look like MODULE:FACTORY, got {spec!r}")
-    try:
-        factory = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(f"cannot import encoder factory {spec!r}: {exc}") from exc
-    try:
-        kwargs = json.loads(kwargs_json)
-    except ValueError as exc:
-        raise ValueError(f"--encoder-kwargs is not JSON ({exc}): pass an object such as '{{\"dim\": 64}}'") from None
-    if not isinstance(kwargs, dict):
-        raise ValueError(f"--encoder-kwargs must be a JSON object, got {kwargs_json!r}")
-    encoder = factory(**kwargs)
-    if not hasattr(encoder, "fingerprint") or not hasattr(encoder, "encode_images"):
-        raise TypeError(f"{spec} returned {type(encoder).__name__}, which lacks .fingerprint or .encode_images")
-    return encoder
 
 
 def _report(args) -> int:

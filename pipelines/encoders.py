@@ -326,3 +326,90 @@ def make_encoder(
     if model.startswith("hf:"):
         return HFImageEncoder(model[3:], device=device)
     return OpenClipEncoder(model, pretrained, device=device, precision=precision, seed=seed)
+
+
+class EncoderSpec:
+    """``--encoder MODULE:FACTORY`` with ``--encoder-kwargs JSON``, checked without running any
+    of that code: :meth:`parse` checks the spelling, that the module exists (found on the
+    import path, not imported) and that the keyword arguments are a JSON object; :meth:`load`
+    imports the module and calls ``FACTORY(**kwargs)`` (your code, with your permissions),
+    which the pipeline does only after every other option and input has been checked."""
+
+    def __init__(self, module: str, factory: str, kwargs: dict):
+        self.module, self.factory, self.kwargs = module, factory, dict(kwargs)
+
+    def __repr__(self) -> str:
+        return f"EncoderSpec({self.module}:{self.factory}, {self.kwargs})"
+
+    @classmethod
+    def parse(cls, spec: str, kwargs_json: str = "{}") -> EncoderSpec:
+        """Raise ValueError (naming the flag and the fix) for a malformed spec, a module that
+        is not on the import path, or kwargs that are not a JSON object."""
+        import json
+
+        module, _, factory = spec.partition(":")
+        if not all(part.isidentifier() for part in module.split(".")) or not factory.isidentifier():
+            raise ValueError(
+                f"--encoder must look like MODULE:FACTORY (e.g. mypkg.encoders:make_encoder), got {spec!r}"
+            )
+        if not module_on_path(module):
+            raise ValueError(
+                f"--encoder {spec}: no module {module!r} on the Python path: check the name, or add its folder "
+                "to PYTHONPATH"
+            )
+        try:
+            kwargs = json.loads(kwargs_json)
+        except ValueError as exc:
+            raise ValueError(
+                f"--encoder-kwargs is not JSON ({exc}): pass an object such as '{{\"dim\": 64}}'"
+            ) from None
+        if not isinstance(kwargs, dict):
+            raise ValueError(f"--encoder-kwargs must be a JSON object such as '{{\"dim\": 64}}', got {kwargs_json!r}")
+        return cls(module, factory, kwargs)
+
+    def load(self):
+        """Import the module, call the factory with the kwargs; the encoder object it returns."""
+        import importlib
+
+        spec = f"{self.module}:{self.factory}"
+        try:
+            factory = getattr(importlib.import_module(self.module), self.factory)
+        except (ImportError, AttributeError) as exc:
+            raise ValueError(f"cannot import encoder factory {spec!r}: {exc}") from exc
+        encoder = factory(**self.kwargs)
+        if not hasattr(encoder, "fingerprint") or not hasattr(encoder, "encode_images"):
+            raise TypeError(f"{spec} returned {type(encoder).__name__}, which lacks .fingerprint or .encode_images")
+        return encoder
+
+
+def module_on_path(name: str) -> bool:
+    """Whether the dotted module ``name`` can be imported, found without running any code:
+    the top-level module through the import system's finders, its submodules by file in the
+    parent package's folders (a package's ``__init__`` is not executed)."""
+    import importlib.machinery
+    import importlib.util
+    import sys
+
+    if name in sys.modules:
+        return True
+    parts = name.split(".")
+    try:
+        spec = importlib.util.find_spec(parts[0])  # a top-level name: found, not imported
+    except (ImportError, ValueError):
+        return False
+    if spec is None:
+        return False
+    locations = spec.submodule_search_locations
+    for depth in range(1, len(parts)):
+        if locations is None:  # a plain module has no submodules
+            return False
+        full = ".".join(parts[: depth + 1])
+        loaded = sys.modules.get(full)
+        if loaded is not None:
+            locations = getattr(loaded, "__path__", None)
+            continue
+        spec = importlib.machinery.PathFinder.find_spec(full, list(locations))
+        if spec is None:
+            return False
+        locations = spec.submodule_search_locations
+    return True

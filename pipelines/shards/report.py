@@ -2,7 +2,9 @@
 
 Plots: cluster size histogram; DBP complexity vs. quota; kept fraction per cluster (stacked
 by drop reason); kept vs. dropped example images for a few clusters; duplicate pairs found
-by SemDeDup (each dropped image next to its most similar earlier image). Writes
+by SemDeDup (each dropped image next to its most similar earlier image). Tables: why rows
+were dropped, the input problems (unreadable shards, undecodable or missing images with
+example keys, odd member names) and each stage's parameters and summary. Writes
 ``OUT/report/index.html`` + PNGs. Reads only the artifacts (and, for the grids, the few
 images shown: from the input shards, or by row index from the input Hugging Face dataset).
 """
@@ -87,6 +89,67 @@ def fetch_dataset_images(
         if data is not None and (thumb := thumbnail(data, limit_px)) is not None:
             found[key] = thumb
     return found, ""
+
+
+# per-row reasons that come from the input (not from a selection step): reason -> what it means
+INPUT_REASONS = {
+    "missing_image": "no image member",
+    "undecodable": "image could not be decoded",
+    "too_large": "image over --max-pixels",
+    "no_image": "only links/devices (no data)",
+    "non_utf8_name": "member name not UTF-8",
+    "no_embedding": "no precomputed embedding",
+}
+# tar member counters of the embed summary: counter -> (what it means, prefix of its examples)
+MEMBER_PROBLEMS = {
+    "unsafe_names": ("member names with ../ or an absolute path (copied as they are)", "unsafe name:"),
+    "special_members": ("link/device members (no data, not copied)", "special member:"),
+    "skipped_members": ("members without an extension (ignored, like webdataset)", None),
+}
+
+
+def input_problems(summary: dict, keep: pd.DataFrame, examples: int = 3) -> list[tuple[str, int, list[str]]]:
+    """What went wrong reading the input, as (problem, count, examples) rows: each unreadable
+    shard (its one-line message), each input reason of the keep-list with a few keys and their
+    shards, and the odd tar member names counted in the embed ``summary``."""
+    rows = [("unreadable shard", 1, [msg]) for msg in summary.get("corrupt_shards", [])]
+    for reason, label in INPUT_REASONS.items():
+        hit = keep[keep["reason"] == reason]
+        if len(hit):
+            where = [
+                f"{k} in {sh}" if sh else str(k)
+                for k, sh in hit[["key", "shard"]].head(examples).itertuples(index=False)
+            ]
+            rows.append((f"{label} ({reason})", len(hit), where))
+    notes = summary.get("name_examples", [])
+    for counter, (label, prefix) in MEMBER_PROBLEMS.items():
+        if summary.get(counter):
+            shown = [n for n in notes if prefix and n.startswith(prefix)][:examples]
+            rows.append((label, int(summary[counter]), shown))
+    return rows
+
+
+def problems_html(rows: list[tuple[str, int, list[str]]]) -> str:
+    """The rows of :func:`input_problems` as an HTML table (a sentence when there are none)."""
+    if not rows:
+        return "<p>None: every input shard was read and every sample had a usable image.</p>"
+    cells = "".join(
+        f"<tr><td>{html.escape(problem)}</td><td>{count:,}</td>"
+        f"<td>{'<br>'.join(html.escape(e) for e in shown)}</td></tr>"
+        for problem, count, shown in rows
+    )
+    return f"<table><tr><th>problem</th><th>count</th><th>examples</th></tr>{cells}</table>"
+
+
+def fields_html(record: dict, limit: int = 160) -> str:
+    """A stage's params or summary as one ``name: value`` line per field (long values cut at
+    ``limit`` characters; the input problems have their own table)."""
+    lines = []
+    for name, value in record.items():
+        text = value if isinstance(value, str) else json.dumps(value, default=str)
+        text = text if len(text) <= limit else text[: limit - 3] + "..."
+        lines.append(f"<b>{html.escape(str(name))}</b>: {html.escape(text)}")
+    return "<br>".join(lines)
 
 
 def _grid(plt, path: Path, rows: list[tuple[str, list[tuple[str, str]]]], images: dict, per_row: int) -> None:
@@ -244,13 +307,13 @@ def write_report(
     for name in ("embed", "cluster", "select", "write"):
         rec = _stage(out, name)
         if rec:
-            params = html.escape(json.dumps(rec.get("params", {}), default=str))[:600]
-            summary = html.escape(json.dumps(rec.get("summary", {}), default=str))[:600]
-            stage_html += f"<tr><td>{name}</td><td><code>{params}</code></td><td><code>{summary}</code></td></tr>"
+            params, summary = fields_html(rec.get("params", {})), fields_html(rec.get("summary", {}))
+            stage_html += f"<tr><td>{name}</td><td>{params}</td><td>{summary}</td></tr>"
     body = [
         f"<h1>prunekit filter report</h1><p>{html.escape(str(out.resolve()))}: "
         f"{len(keep):,} samples, {int(keep['kept'].sum()):,} kept.</p>",
         f"<h2>Why rows were dropped</h2><table><tr><th>reason</th><th>rows</th><th>share</th></tr>{rows_html}</table>",
+        f"<h2>Input problems</h2>{problems_html(input_problems(embed_record.get('summary', {}), keep))}",
         f"<h2>Stages</h2><table><tr><th>stage</th><th>params</th><th>summary</th></tr>{stage_html}</table>",
     ]
     for title, png, caption in sections:

@@ -17,7 +17,8 @@ Output folder::
     OUT/write/    shard-000000.tar ..., plan.parquet, manifest.json, done/, _stage.json
     OUT/.prunekit.json, OUT/.prunekit.lock   the ownership marker and the run lock
 
-Before any work: every option is checked (:func:`check_config`), inputs inside ``OUT`` and
+Before any work: every option is checked (:func:`check_config`), then the inputs
+(:func:`check_inputs`: files exist and their headers/footers read), inputs inside ``OUT`` and
 files in ``OUT`` that prunekit did not write are refused, and ``OUT`` is locked for the run
 (:mod:`pipelines.shards.outdir`); tar headers are scanned for duplicate keys before embedding.
 """
@@ -29,12 +30,15 @@ import math
 import numbers
 import os
 import re
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+from pipelines.encoders import EncoderSpec
 from prunecore.budget import check_keep
+from prunecore.rows import open_embeddings
 
 from .cluster import ClusterStage
 from .decode import DecodeOptions, decode_options_of
@@ -42,9 +46,9 @@ from .embed import EmbedStage
 from .ingest import IngestStage
 from .outdir import check_inputs_outside, claim_output, output_lock
 from .select import SelectStage
-from .stage import PipelineError
+from .stage import PipelineError, parquet_columns
 from .steps import STEPS, normalize_steps
-from .tario import expand_shards, scan_headers
+from .tario import ShardError, expand_shards, scan_headers
 from .threads import compute_threads, resolve_threads
 from .write import WriteStage
 
@@ -178,8 +182,9 @@ def _known(method: str, params: dict, names: Sequence[str] | None = None) -> dic
 class FilterConfig:
     """Every option of :func:`run_filter` (the CLI's flags), with its default.
 
-    Embedding source: ``encoder`` (an object, see :mod:`pipelines.encoders`, or a
-    zero-argument factory), or ``model``/``pretrained`` (open_clip name or config .json, or
+    Embedding source: ``encoder`` (an object, see :mod:`pipelines.encoders`, a
+    zero-argument factory, or an :class:`~pipelines.encoders.EncoderSpec`, imported only
+    after every check), or ``model``/``pretrained`` (open_clip name or config .json, or
     ``hf:PATH``), or precomputed ``embeddings`` + ``metadata`` files (globs; one metadata
     parquet with a ``key_column`` per ``.npy``). ``steps``: the selection chain (see
     :func:`default_steps`); each step runs on the survivors of the previous ones and a
@@ -271,9 +276,8 @@ def run_filter(shards=None, out="prunekit_out", config: FilterConfig | None = No
     t0 = time.perf_counter()
     steps = check_config(cfg)
     out = Path(out)
-    shard_list = expand_shards(shards) if shards is not None else []
-    files = [_glob_files(spec) for spec in (cfg.embeddings, cfg.metadata, cfg.text_embeddings)]
-    check_inputs_outside(out, [*shard_list, *files[0], *files[1], *files[2], *_dataset_paths(cfg.hf_dataset)])
+    shard_list, files, dataset_paths = check_inputs(shards, cfg)
+    check_inputs_outside(out, [*shard_list, *files[0], *files[1], *files[2], *dataset_paths])
     claim_output(out, _owned_patterns(cfg))
     cfg = replace(cfg, threads=resolve_threads(cfg.threads))  # recorded by the stages it can change
     with output_lock(out, wait=cfg.wait_lock, log=cfg.log), compute_threads(cfg.threads):
@@ -282,11 +286,53 @@ def run_filter(shards=None, out="prunekit_out", config: FilterConfig | None = No
     return result
 
 
-def _dataset_paths(hf_dataset) -> list[str]:
-    """The local files/folder of a ``--hf-dataset`` given by path (none for a Dataset object)."""
-    if not isinstance(hf_dataset, (str, os.PathLike)):
+def check_inputs(shards, cfg: FilterConfig) -> tuple[list[str], list[list[str]], list[str]]:
+    """Check the inputs before any work (nothing is written, no user code runs): every shard
+    and precomputed file exists, the input kinds are not mixed, every ``.npy`` has a readable
+    header and every parquet file (``--metadata``, the ``--hf-dataset`` files) a readable
+    footer; errors name the file.
+    Returns (shard paths, [embedding, metadata, text embedding files], dataset paths)."""
+    shard_list = expand_shards(shards) if shards is not None else []
+    files = [_glob_files(spec) for spec in (cfg.embeddings, cfg.metadata, cfg.text_embeddings)]
+    if cfg.hf_dataset is not None and (shard_list or cfg.embeddings is not None):
+        raise ValueError("give either shards / precomputed embeddings or a Hugging Face dataset, not both")
+    dataset_paths = dataset_files(cfg.hf_dataset)
+    for path in files[0] + files[2]:
+        open_embeddings(path)  # the .npy header only (memory-mapped)
+    for path in files[1] + [p for p in dataset_paths if p.endswith(".parquet")]:
+        parquet_columns(path)  # the footer only: a corrupt file is named here, not deep inside a loader
+    return shard_list, files, dataset_paths
+
+
+def dataset_files(hf_dataset) -> list[str]:
+    """The local files of a ``--hf-dataset`` given by path(s) (globs expanded; the data files
+    of a folder, recursively, without hidden ones); none for a Dataset object or a remote URL
+    (the loader refuses those). Raises FileNotFoundError naming a path that matches nothing."""
+    if not isinstance(hf_dataset, (str, os.PathLike, list, tuple)):
         return []
-    return glob.glob(os.fspath(hf_dataset)) or [os.fspath(hf_dataset)]
+    items = [hf_dataset] if isinstance(hf_dataset, (str, os.PathLike)) else list(hf_dataset)
+    found = []
+    for item in items:
+        path = os.fspath(item).removeprefix("file://")
+        if "://" in path:
+            continue
+        matched = sorted(glob.glob(path), key=_natural) if glob.has_magic(path) else [path]
+        matched = [m for m in matched if os.path.exists(m)]
+        if not matched:
+            raise FileNotFoundError(
+                f"no dataset at {path!r} (--hf-dataset): give a save_to_disk folder, a folder of data files, "
+                "or .parquet/.arrow/.tar files (globs allowed)"
+            )
+        for m in matched:
+            found.append(m)
+            if os.path.isdir(m):
+                found += [str(p) for p in sorted(Path(m).rglob("*")) if p.is_file() and not _hidden(p, m)]
+    return found
+
+
+def _hidden(path: Path, root: str) -> bool:
+    """Whether a file under ``root`` is hidden from a dataset loader (a ``.``/``__`` part)."""
+    return any(part.startswith((".", "__")) for part in path.relative_to(root).parts)
 
 
 def _owned_patterns(cfg: FilterConfig) -> dict:
@@ -309,8 +355,6 @@ def _run_stages(cfg: FilterConfig, steps: list[dict], out: Path, shard_list: lis
     if cfg.hf_dataset is not None:
         from pipelines.datasets import dataset_embed_stage
 
-        if shard_list or cfg.embeddings is not None:
-            raise ValueError("give either shards / precomputed embeddings or a Hugging Face dataset, not both")
         encoder = None if cfg.embedding_column else _encoder(cfg, [cfg.hf_dataset])
         dataset, emb_stage = dataset_embed_stage(out, cfg, encoder, text=text, executor=executor)
     elif cfg.embeddings is not None:
@@ -386,11 +430,20 @@ def _run_stages(cfg: FilterConfig, steps: list[dict], out: Path, shard_list: lis
 
 def preflight(shards: list[str], cfg: FilterConfig, log) -> None:
     """Before embedding: scan the tar headers (duplicate keys; with ``strict`` problem names
-    and corrupt tars) and check that ``--clusters`` can be met by the samples there."""
+    and corrupt tars) and check that ``--clusters`` can be met by the samples there. Shards
+    that are unreadable or hold no sample are named (not blamed on ``--clusters``)."""
     scans = scan_headers(shards, strict=cfg.strict, progress=cfg.progress)
     total = sum(s.n_samples for s in scans)
+    unusable = [
+        s.error or f"{s.shard} holds no sample (no member named <key>.<ext>)"
+        for s in scans
+        if s.error or not s.n_samples
+    ]
+    if total == 0:
+        raise ShardError(f"the shards hold no samples: {'; '.join(unusable[:3])}")
     if cfg.clusters > total:
-        raise PipelineError(f"--clusters {cfg.clusters} is more than the {total} samples in the shards: lower it")
+        bad = f" ({len(unusable)} shard(s) gave none: {'; '.join(unusable[:3])})" if unusable else ""
+        raise PipelineError(f"--clusters {cfg.clusters} is more than the {total} samples in the shards{bad}: lower it")
     log(f"[embed] {total:,} samples in {len(shards)} shard(s); keys unique")
 
 
@@ -451,10 +504,55 @@ def check_config(cfg: FilterConfig) -> list[dict]:
         raise ValueError(f"--key-column must be a column name, got {cfg.key_column!r}")
     if not isinstance(cfg.device, str) or not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):
         raise ValueError(f"--device must be auto, cpu, mps, cuda or cuda:N, got {cfg.device!r}")
+    check_device(cfg.device)
+    if cfg.decode_workers is not None:
+        _positive_int("--decode-workers", cfg.decode_workers, 0)
+    _in_range("--jpeg-draft", cfg.jpeg_draft, 0.0, math.inf, hi_open=True)
+    _positive_int("--max-pixels", cfg.max_pixels)
+    _positive_int("--chunk-rows", cfg.chunk_rows)
+    if cfg.hf_output_format not in (None, "disk", "parquet"):
+        raise ValueError(f"--hf-output-format must be disk or parquet, got {cfg.hf_output_format!r}")
+    if cfg.hf_output_format == "disk" and _streams(cfg):
+        raise ValueError(
+            "--hf-output-format disk: a streaming input is written as parquet shards: use --hf-output-format "
+            "parquet, or drop --streaming"
+        )
     steps = normalize_steps(list(default_steps() if cfg.steps is None else cfg.steps))
     for step in steps:
         check_step(step)
     return steps
+
+
+def check_device(device: str) -> None:
+    """Raise ValueError when this machine lacks the ``--device`` asked for (``cuda`` without a
+    CUDA device, ``cuda:N`` past the last one, ``mps`` without Metal)."""
+    import torch
+
+    kind, _, index = device.partition(":")
+    if kind == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise ValueError(
+                f"--device {device}: torch sees no CUDA device on this machine: use --device cpu (or auto)"
+            )
+        if index and int(index) >= count:
+            raise ValueError(
+                f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}: pick one "
+                "of those (or cpu/auto)"
+            )
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(
+            f"--device {device}: torch sees no Metal (mps) device on this machine: use --device cpu (or auto)"
+        )
+
+
+def _streams(cfg: FilterConfig) -> bool:
+    """Whether the ``hf_dataset`` input is read as a stream (``--streaming``, or an IterableDataset)."""
+    datasets = sys.modules.get("datasets")  # an IterableDataset object means the module is loaded
+    iterable = datasets is not None and isinstance(
+        cfg.hf_dataset, (datasets.IterableDataset, datasets.IterableDatasetDict)
+    )
+    return cfg.streaming or iterable
 
 
 def _encoder(cfg: FilterConfig, shard_list: list[str]):
@@ -462,6 +560,8 @@ def _encoder(cfg: FilterConfig, shard_list: list[str]):
     if not shard_list:
         raise ValueError("give shards to embed, or precomputed embeddings")
     encoder = cfg.encoder
+    if isinstance(encoder, EncoderSpec):  # --encoder: its code runs now, after every check
+        encoder = encoder.load()
     if encoder is None:
         if cfg.model is None:
             raise ValueError("give an encoder/model to embed with, or precomputed embeddings")

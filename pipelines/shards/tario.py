@@ -219,11 +219,26 @@ def iter_shard(shard: str, scan: ShardScan | None = None) -> Iterator[RawSample]
     except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
         if isinstance(exc, ShardError):
             raise
-        scan.error = f"corrupt tar {shard}: {type(exc).__name__}: {exc} (after {index} samples)"
+        scan.error = f"{tar_problem(shard, exc)} (after {index} samples)"
         return
     if current is not None:
         yield current
         scan.n_samples = index + 1
+
+
+def tar_problem(shard: str, exc: BaseException) -> str:
+    """One line naming ``shard`` and what is wrong with it, for an exception met reading it:
+    an empty file, a file that is not a tar at all, or a tar damaged part way."""
+    try:
+        size = os.path.getsize(shard)
+    except OSError:
+        size = None
+    if size == 0:
+        return f"corrupt tar {shard}: an empty file (0 bytes), not a tar: replace it or leave it out"
+    detail = " ".join(str(exc).split())  # tarfile's messages can span lines (one per method tried)
+    if isinstance(exc, tarfile.ReadError) and "could not be opened" in detail:
+        return f"corrupt tar {shard}: not a tar file (no valid tar header at its start): replace it or leave it out"
+    return f"corrupt tar {shard}: {type(exc).__name__}: {detail}"
 
 
 def _check_tar_end(tar: tarfile.TarFile, shard: str) -> None:
@@ -255,7 +270,7 @@ def iter_shard_headers(shard: str, scan: ShardScan | None = None) -> Iterator[tu
                 nbytes += tar_member_size(info.size) if info.isreg() else 0
             _check_tar_end(tar, shard)
     except (tarfile.TarError, EOFError, OSError) as exc:
-        scan.error = f"corrupt tar {shard}: {type(exc).__name__}: {exc}"
+        scan.error = tar_problem(shard, exc)
         return
     if key is not None:
         yield key, index, nbytes
