@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default=DEFAULTS.device, help="auto, cpu, cuda, cuda:1 ...")
     r.add_argument("--backend", default=DEFAULTS.backend, choices=["local", "ray"])
     r.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
-    r.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    r.add_argument("--threads", type=int, help="torch/faiss CPU threads for the whole run (default: torch's count); recorded in the fingerprints")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.add_argument(
         "--verify",
