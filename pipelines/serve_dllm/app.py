@@ -244,11 +244,15 @@ def create_app(engine: Engine, tokenizer, settings: ServeSettings, metrics: Metr
     def encode_prompt(prompt) -> list[int]:
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
             if len(prompt) != 1:
-                raise ApiError(400, "send one prompt per request (a list of several strings is a batch)", param="prompt")
+                raise ApiError(
+                    400, "send one prompt per request (a list of several strings is a batch)", param="prompt"
+                )
             prompt = prompt[0]
         if isinstance(prompt, str):
             if tokenizer is None:
-                raise ApiError(400, "this model folder ships no tokenizer: send the prompt as token ids", param="prompt")
+                raise ApiError(
+                    400, "this model folder ships no tokenizer: send the prompt as token ids", param="prompt"
+                )
             return list(tokenizer.encode(prompt))
         return list(prompt)
 

@@ -103,11 +103,11 @@ class Metrics:
             for (endpoint, status), n in sorted(self.requests.items()):
                 lines.append(f'dllm_requests_total{{endpoint="{endpoint}",status="{status}"}} {n}')
             scalars = [
-                ("dllm_requests_cancelled_total", "counter", "generations dropped (client gone, stop string)", self.cancelled),
+                ("dllm_requests_cancelled_total", "counter", "generations dropped: client gone", self.cancelled),
                 ("dllm_tokens_in_total", "counter", "prompt tokens of finished generations", self.tokens_in),
                 ("dllm_tokens_out_total", "counter", "generated tokens returned", self.tokens_out),
                 ("dllm_forward_passes_total", "counter", "batched forward passes", self.passes),
-                ("dllm_row_forward_passes_total", "counter", "forward passes summed over rows with masked tokens", self.row_passes),
+                ("dllm_row_forward_passes_total", "counter", "passes x rows with masked tokens", self.row_passes),
                 ("dllm_batch_size", "gauge", "rows in the running batch", self.batch_size),
                 ("dllm_queue_length", "gauge", "requests waiting to join the batch", self.queue_length),
             ]  # fmt: skip
