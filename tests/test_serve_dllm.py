@@ -7,6 +7,7 @@ reduction order of batched kernels (batch composition, padding, thread count).""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -173,6 +174,17 @@ def test_metrics_text_format():
     text = m.render()
     assert "dllm_row_forward_passes_total 2" in text and "dllm_tokens_out_total 4" in text
     assert 'dllm_forward_passes_per_token_bucket{le="0.5"} 1' in text
+
+
+def test_benchmark_quick_prints_its_table(capsys):
+    spec = importlib.util.spec_from_file_location("dllm_serve", ROOT / "benchmarks" / "dllm_serve.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    sequential, one, eight = bench.main(["--quick"])
+    out = capsys.readouterr().out
+    assert "| sequential dllm_generate |" in out and "| serve, concurrency 8 |" in out
+    assert sequential["tokens"] == one["tokens"] == eight["tokens"] > 0  # the same answers, batched or not
+    assert eight["passes"] < one["passes"]  # concurrent requests shared passes
 
 
 # ---- the server, started from the CLI ----
