@@ -27,7 +27,6 @@ fixed number of steps (``--steps``: passes per request are ``steps``, whatever t
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import threading
 import time
@@ -100,7 +99,13 @@ def run_sequential(model, prompts, opts: DecodeOptions, gen_length: int, device)
     for p in prompts:
         t0 = time.perf_counter()
         out = dllm_generate(
-            model, tok, " ".join(map(str, p)), gen_length=gen_length, block_length=block_length, early_stop=True, **kwargs
+            model,
+            tok,
+            " ".join(map(str, p)),
+            gen_length=gen_length,
+            block_length=block_length,
+            early_stop=True,
+            **kwargs,
         )
         sync(device)
         latencies.append(time.perf_counter() - t0)

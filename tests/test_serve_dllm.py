@@ -341,6 +341,8 @@ BAD = [
     ({"prompt": "w1", "threshold": 1.5}, 400, None),
     ({"prompt": "w1", "rule": "llada", "steps": 3}, 400, None),
     ({"prompt": "", "max_tokens": 4}, 400, "prompt"),
+    ({"prompt": [1, 99999]}, 400, None),  # token ids outside the vocabulary
+    ({"prompt": "w1", "seed": -1}, 400, None),
     ({"prompt": "w1", "model": "gpt-4"}, 404, "model"),
 ]
 

@@ -329,6 +329,8 @@ class Engine:
         self.positions_ok = accepts(model, "position_ids")
         self.ranged = accepts(model, "logits_range")
         self.dual_ok = accepts(model, "replace_position")
+        cfg = getattr(model, "config", None)
+        self.vocab = getattr(cfg, "embedding_size", None) or getattr(cfg, "vocab_size", None)
         try:
             self.device = next(model.parameters()).device
         except (AttributeError, StopIteration, TypeError):
@@ -350,6 +352,10 @@ class Engine:
             raise ValueError("the prompt is empty; give at least one token")
         if max_tokens <= 0:
             raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+        if self.vocab and not all(0 <= t < self.vocab for t in prompt):
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab}) (the model's vocabulary)")
+        if seed is not None and not 0 <= seed < 2**63:
+            raise ValueError(f"seed must be in [0, 2**63), got {seed}")
         req = Request(prompt, max_tokens, options, seed=seed, listener=listener)
         check_options(options, req.gen_length, dual_ok=self.dual_ok)
         with self._cv:
