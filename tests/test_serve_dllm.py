@@ -343,6 +343,7 @@ BAD = [
     ({"prompt": "", "max_tokens": 4}, 400, "prompt"),
     ({"prompt": [1, 99999]}, 400, None),  # token ids outside the vocabulary
     ({"prompt": "w1", "seed": -1}, 400, None),
+    ({"prompt": "w1", "block_length": 0}, 400, None),
     ({"prompt": "w1", "model": "gpt-4"}, 404, "model"),
 ]
 
@@ -447,3 +448,14 @@ def test_dream_queue_full_is_429_and_sigterm_drains_in_flight_requests(dream_ser
         assert results[name].status_code == 200 and results[name].json()["choices"][0]["text"] == expected
     with pytest.raises(httpx.ConnectError):
         httpx.get(dream_server.url + "/health")
+
+
+def test_cli_serve_dllm_refuses_a_bad_folder_or_option_in_one_line(tmp_path, capsys):
+    from pipelines.cli import build_parser, main
+
+    args = build_parser().parse_args(["serve-dllm", str(tmp_path)])
+    assert (args.host, args.port, args.rule, args.cache) == ("127.0.0.1", 8000, "localleap", "none")
+    assert main(["serve-dllm", str(tmp_path / "missing")]) == 2
+    assert "has no config.json" in capsys.readouterr().err
+    assert main(["serve-dllm", str(tmp_path), "--block-length", "0"]) == 2
+    assert "block_length must be positive" in capsys.readouterr().err

@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException
 
 from tokenprune.stats import TokenStats
 
-from .engine import DecodeOptions, Engine, EngineClosed, QueueFull, RequestResult, gen_length_for
+from .engine import DecodeOptions, Engine, EngineClosed, QueueFull, RequestResult, check_options, gen_length_for
 from .metrics import Metrics
 from .text import TextAssembler
 
@@ -228,6 +228,10 @@ def create_app(engine: Engine, tokenizer, settings: ServeSettings, metrics: Metr
         overrides = {k: getattr(body, k) for k in Overrides.model_fields}
         opts = settings.defaults.with_overrides(**overrides, temperature=body.temperature, top_p=body.top_p)
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        try:  # an option localleap_generate would refuse is the client's error
+            check_options(opts, gen_length_for(max_tokens, opts.block_length), dual_ok=engine.dual_ok)
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from None
         return opts, max_tokens, stops
 
     def check_context(prompt: list[int], max_tokens: int, opts: DecodeOptions) -> None:

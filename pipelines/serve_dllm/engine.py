@@ -106,6 +106,8 @@ class DecodeOptions:
 
 def gen_length_for(max_tokens: int, block_length: int) -> int:
     """The canvas length of a request: ``max_tokens`` rounded up to whole blocks."""
+    if block_length <= 0:
+        raise ValueError(f"block_length must be positive, got {block_length}")
     return math.ceil(max_tokens / block_length) * block_length
 
 
