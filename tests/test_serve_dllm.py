@@ -369,7 +369,7 @@ def test_server_chat_without_a_template_is_a_clear_400(llada_server):
 def test_server_disconnect_mid_stream_frees_the_slot(llada_server, loaded):
     model, tok = loaded["llada"]
     cancelled = llada_server.metric("dllm_requests_cancelled_total")
-    long = {"prompt": "w1 w2", "max_tokens": 1200, "stream": True, "rule": "llada"}
+    long = {"prompt": "w1 w2", "max_tokens": 3000, "stream": True, "rule": "llada"}  # minutes if not freed
     other = {}
 
     def ask_other():  # in flight at the same time, must be unaffected
@@ -382,10 +382,12 @@ def test_server_disconnect_mid_stream_frees_the_slot(llada_server, loaded):
             first = next(line for line in r.iter_lines() if line.startswith("data: "))
             assert json.loads(first[6:])["choices"][0]["finish_reason"] is None
     thread.join()
+    with pytest.raises(httpx.ReadTimeout):  # a non-streamed request whose client gives up
+        httpx.post(llada_server.url + "/v1/completions", json={**long, "stream": False}, timeout=1.0)
     deadline = time.monotonic() + 30
-    while llada_server.metric("dllm_requests_cancelled_total") < cancelled + 1 and time.monotonic() < deadline:
+    while llada_server.metric("dllm_requests_cancelled_total") < cancelled + 2 and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert llada_server.metric("dllm_requests_cancelled_total") == cancelled + 1
+    assert llada_server.metric("dllm_requests_cancelled_total") == cancelled + 2
     assert llada_server.metric("dllm_batch_size") == 0
     opts = DecodeOptions(block_length=4, cache="dual")
     assert other["resp"].json()["choices"][0]["text"] == expected_text(model, tok, "w5 w6", 8, opts)

@@ -320,8 +320,8 @@ class Engine:
         scaled_confidence: bool | None = None,
         metrics=None,
     ):
-        if max_batch < 1 or max_queue < 0:
-            raise ValueError("max_batch must be >= 1 and max_queue >= 0")
+        if max_batch < 1 or max_queue < 1:  # a request waits in the queue until the next block boundary
+            raise ValueError(f"max_batch and max_queue must be >= 1, got {max_batch} and {max_queue}")
         self.model = model
         self.mask_id, self.eos_id, self.pad_id = int(mask_id), eos_id, int(pad_id)
         self.max_batch, self.max_queue = max_batch, max_queue
