@@ -410,8 +410,13 @@ def test_dream_chat_and_completion_equal_dllm_generate(dream_server, loaded):
     chat = client.chat.completions.create(model="dream", messages=messages, max_tokens=16)
     out = dllm_generate(model, tok, messages, gen_length=16, block_length=8)
     assert chat.choices[0].message.content == out.text and chat.choices[0].message.role == "assistant"
-    stream = client.chat.completions.create(model="dream", messages=messages, max_tokens=16, stream=True)
-    assert "".join(c.choices[0].delta.content or "" for c in stream) == out.text
+    stream = list(
+        client.chat.completions.create(
+            model="dream", messages=messages, max_tokens=16, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == out.text
+    assert stream[-1].choices == [] and stream[-1].usage.completion_tokens == chat.usage.completion_tokens
     comp = client.completions.create(model="dream", prompt="abc def", max_tokens=16)
     assert comp.choices[0].text == dllm_generate(model, tok, "abc def", gen_length=16, block_length=8).text
     assert httpx.get(dream_server.url + "/health").json()["status"] == "ok"

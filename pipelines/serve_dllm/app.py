@@ -410,8 +410,10 @@ def create_app(engine: Engine, tokenizer, settings: ServeSettings, metrics: Metr
                     return
                 stats = token_stats(self.result, self.req, self.opts)
                 yield self.chunk(self.text.finish(), reason, usage=self.usage(), dllm=stats)
-                if include_usage:
-                    yield f"data: {json.dumps(self.envelope([], usage=self.usage()))}\n\n"
+                if include_usage:  # OpenAI's extra usage chunk (no choices)
+                    body = self.envelope([], usage=self.usage())
+                    body["object"] = "chat.completion.chunk" if self.chat else "text_completion"
+                    yield f"data: {json.dumps(body)}\n\n"
                 yield "data: [DONE]\n\n"
             finally:
                 self.abandon()
