@@ -1,4 +1,5 @@
-"""``prunekit`` command line: ``prunekit filter SHARDS --out OUT ...``, ``prunekit report OUT``."""
+"""``prunekit`` command line: ``prunekit filter SHARDS --out OUT ...``, ``prunekit report OUT``,
+``prunekit serve-dllm FOLDER``."""
 
 from __future__ import annotations
 
@@ -187,7 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default=DEFAULTS.device, help="auto, cpu, cuda, cuda:1 ...")
     r.add_argument("--backend", default=DEFAULTS.backend, choices=["local", "ray"])
     r.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
-    r.add_argument("--threads", type=int, help="torch/faiss CPU threads for the whole run (default: torch's count); recorded in the fingerprints")
+    r.add_argument(
+        "--threads",
+        type=int,
+        help="torch/faiss CPU threads for the whole run (default: torch's count); recorded in the fingerprints",
+    )
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.add_argument(
         "--verify",
@@ -205,7 +210,39 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("out", help="the folder given to `prunekit filter --out`")
     rep.add_argument("--clusters-shown", type=int, default=4, help="clusters in the kept-vs-dropped image grid")
     rep.add_argument("--images-per-row", type=int, default=8)
+    add_serve_dllm_parser(sub)
     return p
+
+
+def add_serve_dllm_parser(sub) -> None:
+    """``prunekit serve-dllm FOLDER``: the OpenAI-compatible dLLM server (docs/localleap.md, Serving)."""
+    sv = sub.add_parser(
+        "serve-dllm",
+        help="serve a LLaDA / Dream folder: OpenAI-compatible HTTP API with continuous batching",
+        formatter_class=_DefaultsHelp,
+    )
+    sv.add_argument("folder", help="checkpoint folder of LLaDA or Dream (published layout)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes the server)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--model-name", help="the model id clients send (default: the folder's name)")
+    d = sv.add_argument_group("decoding (defaults; requests may override them as extra body fields)")
+    d.add_argument("--rule", default="localleap", choices=["localleap", "fastdllm", "llada", "eb"])
+    d.add_argument("--threshold", type=float, default=0.9)
+    d.add_argument("--relaxed-threshold", type=float, default=0.75)
+    d.add_argument("--radius", type=int, default=4)
+    d.add_argument("--gamma", type=float, default=1e-3, help="EB-sampler entropy budget")
+    d.add_argument("--steps", type=int, help="LLaDA rule: total steps over the canvas (default: one token per step)")
+    d.add_argument("--block-length", type=int, default=32)
+    d.add_argument("--cache", default="none", choices=["none", "prefix", "dual"])
+    d.add_argument("--max-tokens", type=int, default=256, help="max_tokens of requests that give none")
+    b = sv.add_argument_group("batching and resources")
+    b.add_argument("--max-batch", type=int, default=8, help="rows in the running batch")
+    b.add_argument("--max-queue", type=int, default=64, help="waiting requests; more are answered 429")
+    b.add_argument("--max-context", type=int, help="prompt + canvas limit (default: the model's config)")
+    b.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    b.add_argument("--dtype", default="auto", help="auto, fp32, bf16, fp16 or float64")
+    b.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    b.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
 def main(argv=None) -> int:
@@ -213,6 +250,8 @@ def main(argv=None) -> int:
     try:
         if args.command == "filter":
             return _filter(args)
+        if args.command == "serve-dllm":
+            return serve_dllm(args)
         return _report(args)
     except KeyboardInterrupt:
         print(f"prunekit {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
@@ -323,6 +362,41 @@ def _filter(args) -> int:
         print(f"filtered dataset: {result.manifest['path']} ({result.manifest['format']})")
     elif result.manifest:
         print(f"filtered shards: {result.out / 'write'} (manifest.json)")
+    return 0
+
+
+def serve_dllm(args) -> int:
+    from .serve_dllm.engine import DecodeOptions
+    from .serve_dllm.server import serve
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    defaults = DecodeOptions(
+        rule=args.rule,
+        threshold=args.threshold,
+        relaxed_threshold=args.relaxed_threshold,
+        radius=args.radius,
+        gamma=args.gamma,
+        steps=args.steps,
+        block_length=args.block_length,
+        cache=args.cache,
+    )
+    serve(
+        args.folder,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        defaults=defaults,
+        max_tokens=args.max_tokens,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        max_context=args.max_context,
+        device=args.device,
+        dtype=args.dtype,
+        model_name=args.model_name,
+    )
     return 0
 
 
