@@ -427,6 +427,14 @@ class EmbedStage(Stage):
     def pending(self) -> list[int]:
         return [i for i in range(len(self.shards)) if not chunk_paths(self.dir, i)["keys"].exists()]
 
+    def chunk_files(self, i: int) -> list[str]:
+        """The files of chunk ``i`` (relative to the stage folder)."""
+        kinds = ("img", "txt", "keys") if self.params["text"] else ("img", "keys")
+        return [p.relative_to(self.dir).as_posix() for kind, p in chunk_paths(self.dir, i).items() if kind in kinds]
+
+    def planned_files(self) -> list[str]:
+        return ["keys.parquet", "embeddings.json", *(f for i in range(len(self.shards)) for f in self.chunk_files(i))]
+
     def compute(self, log):
         todo = self.pending()
         if todo and self.executor is not None:
