@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
@@ -508,6 +510,25 @@ class EmbedStage(Stage):
 
     def load(self) -> EmbedArtifact:
         return load_embed_artifact(self.dir, self.digest)
+
+    def inconsistent(self, files: dict) -> dict[str, str]:
+        """Chunks whose embedding rows disagree with their keys (rows with status ok), or that
+        are missing; :meth:`invalidate` then deletes the whole chunk and it is embedded again."""
+        bad = {}
+        for i in range(len(self.shards)):
+            rels = self.chunk_files(i)
+            if any(rel not in files for rel in rels):
+                bad[rels[0]] = "chunk incomplete"
+                continue
+            paths = chunk_paths(self.dir, i)
+            try:
+                n_ok = int(pc.sum(pc.equal(pq.read_table(paths["keys"], columns=["status"]).column(0), STATUS_OK)).as_py() or 0)
+                rows = {rel: np.load(self.dir / rel, mmap_mode="r").shape[0] for rel in rels if rel.endswith(".npy")}
+            except (OSError, ValueError, pa.ArrowException) as exc:
+                bad[rels[0]] = f"unreadable ({exc})"
+                continue
+            bad.update({rel: f"{n} rows, {n_ok} keys with an embedding" for rel, n in rows.items() if n != n_ok})
+        return bad
 
     def invalidate(self, rels: list[str]) -> None:
         """A changed chunk file: delete its whole chunk, so that input shard is embedded again."""
