@@ -794,12 +794,17 @@ class DatasetWriteStage(Stage):
     def compute(self, log):
         rows, plan, n_out = self.planned_rows()
         if self.params["format"] == "disk":
-            self.claim([f"{self.staging.name}/", f"{self.final.name}/"])  # save_to_disk names its files
             if not self.final.exists():
+                folders = {f"{self.staging.name}/", f"{self.final.name}/"}
+                self.claim(folders)  # save_to_disk names its files: the folders are claimed while it runs
                 if self.staging.exists():
                     shutil.rmtree(self.staging)
                 with hf_progress(self.progress):
                     self.source.dataset.select(rows).save_to_disk(str(self.staging), num_shards=n_out)
+                self.names -= folders  # then exactly the files it wrote
+                self.claim(
+                    f"{d}/{rel}" for rel in folder_files(self.staging) for d in (self.staging.name, self.final.name)
+                )
                 os.replace(self.staging, self.final)
         else:
             names = self.shard_names(n_out)

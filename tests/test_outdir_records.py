@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from test_pipeline_safety import CLI_OPTS, consistent, run, shards  # noqa: F401 - shards is a fixture
+from test_pipeline_safety import CLI_OPTS, PER_SHARD, consistent, run, sample, write_shard
 
 from pipelines.cli import main
 from pipelines.shards import PipelineError, run_filter
@@ -44,6 +44,18 @@ def flip_byte(path: Path, offset: int, *, keep_mtime: bool = False) -> None:
     path.write_bytes(bytes(data))
     if keep_mtime:
         os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> list[str]:
+    """Three shards of PER_SHARD generated PNG samples (as in ``test_pipeline_safety``)."""
+    root = tmp_path_factory.mktemp("record_shards")
+    paths = []
+    for s in range(3):
+        path = root / f"{s:05d}.tar"
+        write_shard(path, [m for i in range(PER_SHARD) for m in sample(f"s{s}_{i:04d}", s * 1000 + i)])
+        paths.append(str(path))
+    return paths
 
 
 # --------------------------------------------------------------------------- dataset output

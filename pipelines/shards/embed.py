@@ -522,7 +522,8 @@ class EmbedStage(Stage):
                 continue
             paths = chunk_paths(self.dir, i)
             try:
-                n_ok = int(pc.sum(pc.equal(pq.read_table(paths["keys"], columns=["status"]).column(0), STATUS_OK)).as_py() or 0)
+                status = pq.read_table(paths["keys"], columns=["status"]).column(0)
+                n_ok = int(pc.sum(pc.equal(status, STATUS_OK)).as_py() or 0)
                 rows = {rel: np.load(self.dir / rel, mmap_mode="r").shape[0] for rel in rels if rel.endswith(".npy")}
             except (OSError, ValueError, pa.ArrowException) as exc:
                 bad[rels[0]] = f"unreadable ({exc})"

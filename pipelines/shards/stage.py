@@ -113,7 +113,7 @@ def owns(rel: str, names: set[str]) -> bool:
     or a temporary publishing one of those."""
     if rel == STAGE_FILE or rel in names:
         return True
-    if any(rel.startswith(n) for n in names if n.endswith("/")):
+    if any(rel[: i + 1] in names for i, c in enumerate(rel) if c == "/"):
         return True
     target = temporary_target(rel)
     return target is not None and target != rel and owns(target, names)
@@ -455,31 +455,32 @@ class Stage:
         computed once more. ``redone``: files rebuilt in this run (hashed from disk). Returns
         the file table; raises :class:`PipelineError` (the record stays ``running``) when the
         artifact is still inconsistent."""
-        for attempt in (1, 2):
-            self.summary = self.compute(log) or {}
-            files = self.file_table(fresh=redone)
-            bad = self.inconsistent(files)
-            if not bad:
-                return files
+        self.summary = self.compute(log) or {}
+        files = self.file_table(fresh=redone)
+        bad = self.inconsistent(files)
+        if bad:
             shown = "; ".join(f"{rel} ({why})" for rel, why in list(bad.items())[:3])
-            if attempt == 2:
-                raise PipelineError(
-                    f"{self.dir}: the artifact is still inconsistent after redoing it ({shown}); it is not "
-                    "recorded as finished, so a rerun redoes it; if this repeats, check the inputs and the disk"
-                )
             log(f"[{self.name}] {len(bad)} artifact file(s) inconsistent: {shown}; redoing them")
             self.repaired += [f"{rel} ({why})" for rel, why in bad.items()]
             redone |= set(self.invalidate(list(bad)) or bad)
-        raise AssertionError("unreachable")  # pragma: no cover
+            self.summary = self.compute(log) or {}
+            files = self.file_table(fresh=redone)
+            bad = self.inconsistent(files)
+        if bad:
+            shown = "; ".join(f"{rel} ({why})" for rel, why in list(bad.items())[:3])
+            raise PipelineError(
+                f"{self.dir}: the artifact is still inconsistent after redoing it ({shown}); it is not "
+                "recorded as finished, so a rerun redoes it; if this repeats, check the inputs and the disk"
+            )
+        return files
 
     def artifact_files_by_pattern(self) -> list[str]:
         """Files matching the stage's patterns (the ledger of a record written before ledgers)."""
-        return sorted(
-            p.relative_to(self.dir).as_posix()
-            for p in self.dir.rglob("*")
-            if p.is_file() and is_owned_file(p.relative_to(self.dir).as_posix(), self.owned)
-            and not is_temporary(p.name)
-        )
+        return [
+            rel
+            for rel in folder_files(self.dir)
+            if rel != STAGE_FILE and is_owned_file(rel, self.owned) and not is_temporary(rel.rsplit("/", 1)[-1])
+        ]
 
     def _digest(self, files: dict) -> str:
         return json_digest({"fingerprint": self.fingerprint, "files": {rel: v[2] for rel, v in files.items()}})
