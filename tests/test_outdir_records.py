@@ -266,3 +266,22 @@ def test_an_artifact_that_stays_inconsistent_is_left_running(shards, tmp_path, m
     res = run(shards, out)
     assert not res.stages["write"].skipped
     consistent(out)
+
+
+def test_a_dataset_shard_broken_in_a_killed_run_is_rewritten_not_recorded_done(dataset_dir, tmp_path, monkeypatch):
+    import pipelines.datasets as datasets_mod
+
+    ref = tmp_path / "ref"
+    run_dataset(dataset_dir, ref, "parquet")
+    out = tmp_path / "o"
+    with monkeypatch.context() as m:
+        kill_after(m, datasets_mod, "write", 120)  # shards 0 and 1 (50 rows each) finished, 2 half
+        with pytest.raises(Killed):
+            run_dataset(dataset_dir, out, "parquet")
+    staged = out / "write" / "dataset.incomplete" / "train-00000-of-00004.parquet"
+    staged.write_bytes(staged.read_bytes()[:100])  # a torn file under a finished name
+    res = run_dataset(dataset_dir, out, "parquet")
+    assert any("train-00000-of-00004.parquet" in r for r in res.stages["write"].repaired)
+    assert files_of(out / "write" / "dataset") == files_of(ref / "write" / "dataset")
+    assert loaded_rows(out, "parquet") == N_ROWS // 2
+    assert all(st.skipped for st in run_dataset(dataset_dir, out, "parquet").stages.values())
