@@ -285,3 +285,27 @@ def test_a_dataset_shard_broken_in_a_killed_run_is_rewritten_not_recorded_done(d
     assert files_of(out / "write" / "dataset") == files_of(ref / "write" / "dataset")
     assert loaded_rows(out, "parquet") == N_ROWS // 2
     assert all(st.skipped for st in run_dataset(dataset_dir, out, "parquet").stages.values())
+
+
+def test_an_unreadable_stage_record_stops_the_run_naming_it(shards, tmp_path):
+    out = tmp_path / "o"
+    run(shards, out)
+    before = files_of(out / "select")
+    (out / "select" / "_stage.json").write_text('{"state": "do')  # torn by hand
+    with pytest.raises(PipelineError, match=r"select/_stage.json is unreadable.*move .*select away"):
+        run(shards, out)
+    assert files_of(out / "select") == before  # nothing deleted: prunekit cannot tell what is its own
+
+
+def test_a_running_record_from_before_ledgers_resumes_by_the_stage_patterns(shards, tmp_path):
+    out = tmp_path / "o"
+    run(shards, out)
+    record = out / "write" / "_stage.json"
+    old = json.loads(record.read_text())
+    old = {k: v for k, v in old.items() if k not in ("owned", "files", "summary")} | {"state": "running"}
+    record.write_text(json.dumps(old))
+    (out / "write" / "shard-000001.tar").unlink()
+    res = run(shards, out)
+    assert not res.stages["write"].skipped
+    consistent(out)
+    assert "shard-000001.tar" in json.loads(record.read_text())["files"]
