@@ -61,6 +61,9 @@ from pipelines.shards.stage import (
     PipelineError,
     Stage,
     die_hook,
+    folder_files,
+    is_temporary,
+    owns,
 )
 from pipelines.shards.tario import ShardScan, file_fingerprint, plan_output_shards
 from pipelines.shards.threads import resolve_threads
@@ -521,6 +524,7 @@ class DatasetEmbedStage(EmbedStage):
         return super().make_decoder(0 if self.source.embedding_column else workers, start_method)
 
     def save(self, i: int, embedder: ChunkEmbedder) -> None:
+        self.claim(self.chunk_files(i))  # a stream's chunks are known as they come (map-style: claimed up front)
         table, images, texts = embedder.finish()
         save_chunk(
             self.dir,
@@ -744,8 +748,12 @@ class DatasetWriteStage(Stage):
     The dataset is built in ``dataset.incomplete`` and renamed when whole. Parquet shards are
     planned up front (``--shard-max-count`` rows / ``--shard-max-size`` image bytes) and each
     is published atomically, so a killed run keeps its finished shards (resume unit: one
-    output shard); a ``save_to_disk`` folder is rebuilt whole. ``output_format`` None:
-    ``"disk"`` for a map-style dataset, ``"parquet"`` for a stream (the only one it can write).
+    output shard; a changed or missing shard of a finished dataset is rewritten in place); a
+    ``save_to_disk`` folder is one unit, rebuilt whole when any of its files changed. Before
+    the stage is recorded done the dataset is read back (:meth:`inconsistent`): every planned
+    shard there with its planned rows, the folder loading with as many rows as were kept.
+    ``output_format`` None: ``"disk"`` for a map-style dataset, ``"parquet"`` for a stream
+    (the only one it can write).
     """
 
     name = "write"
@@ -770,12 +778,18 @@ class DatasetWriteStage(Stage):
         params = {"format": output_format, "max_count": int(max_count), "max_size": int(max_size)}
         super().__init__(out, params, {"select": select.fingerprint, "dataset": source.fingerprint()})
         self.select, self.source, self.progress = select, source, progress
+        self.manifest: dict = {}
 
     @property
     def final(self) -> Path:
         return self.dir / "dataset"
 
-    def compute(self, log):
+    @property
+    def staging(self) -> Path:
+        return self.dir / "dataset.incomplete"
+
+    def planned_rows(self) -> tuple[np.ndarray, np.ndarray, int]:
+        """(kept row indices in input order, output shard of each, number of output shards)."""
         keep = self.select.keep
         kept = keep[keep["kept"]].sort_values("index", kind="stable")
         rows = kept["index"].to_numpy(np.int64)
@@ -785,30 +799,104 @@ class DatasetWriteStage(Stage):
             ),
             dtype=np.int64,
         )
-        n_out = int(plan.max()) + 1 if plan.size else 1
-        staging = self.dir / "dataset.incomplete"
-        if not self.final.exists():
-            if self.params["format"] == "disk":
-                if staging.exists():
-                    shutil.rmtree(staging)
+        return rows, plan, int(plan.max()) + 1 if plan.size else 1
+
+    def shard_names(self, n_out: int) -> list[str]:
+        """The parquet output's file names (inside ``dataset/``)."""
+        return [output_shard_name(self.source.split_name, j, n_out) for j in range(n_out)]
+
+    def compute(self, log):
+        rows, plan, n_out = self.planned_rows()
+        if self.params["format"] == "disk":
+            if not self.final.exists():
+                folders = {f"{self.staging.name}/", f"{self.final.name}/"}
+                self.claim(folders)  # save_to_disk names its files: the folders are claimed while it runs
+                if self.staging.exists():
+                    shutil.rmtree(self.staging)
                 with hf_progress(self.progress):
-                    self.source.dataset.select(rows).save_to_disk(str(staging), num_shards=n_out)
-            else:
-                self.write_parquet(staging, rows, plan, n_out)
-            os.replace(staging, self.final)
-        files = sorted(p for p in self.final.rglob("*") if p.is_file())
+                    self.source.dataset.select(rows).save_to_disk(str(self.staging), num_shards=n_out)
+                self.names -= folders  # then exactly the files it wrote
+                self.claim(
+                    f"{d}/{rel}" for rel in folder_files(self.staging) for d in (self.staging.name, self.final.name)
+                )
+                os.replace(self.staging, self.final)
+        else:
+            names = self.shard_names(n_out)
+            self.claim(f"{folder.name}/{name}" for folder in (self.staging, self.final) for name in names)
+            # a finished dataset missing a shard (repair) gets it back in place; else build, then publish
+            target = self.final if self.final.exists() else self.staging
+            self.write_parquet(target, rows, plan, n_out)
+            if target == self.staging:
+                os.replace(self.staging, self.final)
+        files = sorted(rel for rel in folder_files(self.final) if not is_temporary(rel.rsplit("/", 1)[-1]))
         manifest = {
             "format": self.params["format"],
             "dir": self.final.name,
             "samples": int(rows.size),
             "files": [
-                {"file": str(p.relative_to(self.final)), "bytes": p.stat().st_size, "sha256": file_digest(p)}
-                for p in files
+                {"file": rel, "bytes": (self.final / rel).stat().st_size, "sha256": file_digest(self.final / rel)}
+                for rel in files
             ],
         }
         manifest["bytes"] = int(sum(f["bytes"] for f in manifest["files"]))
         atomic_write_json(self.dir / "manifest.json", manifest)
+        self.manifest = manifest
         return {"output_shards": n_out, "samples": int(rows.size), "bytes": manifest["bytes"]}
+
+    def known_digests(self) -> dict[str, str]:
+        """The sha256 the manifest took of the dataset's files in this run."""
+        return {f"{self.final.name}/{f['file']}": f["sha256"] for f in self.manifest.get("files", [])}
+
+    def inconsistent(self, files: dict) -> dict[str, str]:
+        """Dataset files that do not add up to the kept rows: a planned parquet shard missing,
+        unreadable or with other than its planned rows; a ``save_to_disk`` folder that does not
+        load or loads with another row count (the whole folder is one unit)."""
+        rows, plan, n_out = self.planned_rows()
+        if self.params["format"] == "disk":
+            return self.disk_problems(files, rows.size)
+        counts = np.bincount(plan, minlength=n_out) if rows.size else np.zeros(1, np.int64)
+        bad = {}
+        for name, want in zip(self.shard_names(n_out), counts.tolist()):
+            rel = f"{self.final.name}/{name}"
+            try:
+                got = pq.read_metadata(self.dir / rel).num_rows if rel in files else None
+            except (OSError, pa.ArrowException) as exc:
+                bad[rel] = f"unreadable parquet ({exc})"
+                continue
+            if got != want:
+                bad[rel] = "missing" if got is None else f"{got} rows, {want} planned"
+        return bad
+
+    def disk_problems(self, files: dict, n_rows: int) -> dict[str, str]:
+        """:meth:`inconsistent` for a ``save_to_disk`` folder: every file of it when it does
+        not load with ``n_rows`` rows."""
+        import datasets
+
+        try:
+            with hf_progress(False):
+                got = len(datasets.load_from_disk(str(self.final), keep_in_memory=False))
+            problem = "" if got == n_rows else f"loads {got} rows, {n_rows} kept"
+        except Exception as exc:  # noqa: BLE001 - any failure to load means rebuild
+            problem = f"does not load ({type(exc).__name__}: {exc})".splitlines()[0]
+        if not problem:
+            return {}
+        prefix = self.final.name + "/"
+        return {rel: problem for rel in files if rel.startswith(prefix)} or {prefix: problem}
+
+    def invalidate(self, rels: list[str]) -> list[str]:
+        """Delete the changed files ``rels``; a ``save_to_disk`` folder goes whole (one unit)."""
+        prefix = self.final.name + "/"
+        if self.params["format"] == "disk" and any(rel.startswith(prefix) for rel in rels):
+            rels = [*rels, *(prefix + rel for rel in folder_files(self.final))]
+        deleted = []
+        for rel in dict.fromkeys(rels):
+            path = self.dir / rel
+            if owns(rel, self.names) and path.is_file():
+                path.unlink()
+                deleted.append(rel)
+        if self.params["format"] == "disk" and self.final.is_dir() and not folder_files(self.final):
+            shutil.rmtree(self.final)  # only empty folders left: compute builds it again
+        return deleted
 
     def write_parquet(self, staging: Path, rows: np.ndarray, plan: np.ndarray, n_out: int) -> None:
         """Parquet shard j holds ``rows[plan == j]``; finished shards of a killed run are kept."""

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
@@ -487,6 +489,14 @@ class EmbedStage(Stage):
         stale = [rel for rel in rels if not (rel.startswith("chunks/") and int(rel[7:].split(".")[0]) in kept)]
         self.invalidate(stale)
 
+    def chunk_files(self, i: int) -> list[str]:
+        """The files of chunk ``i`` (relative to the stage folder)."""
+        kinds = ("img", "txt", "keys") if self.params["text"] else ("img", "keys")
+        return [p.relative_to(self.dir).as_posix() for kind, p in chunk_paths(self.dir, i).items() if kind in kinds]
+
+    def planned_files(self) -> list[str]:
+        return ["keys.parquet", "embeddings.json", *(f for i in range(len(self.shards)) for f in self.chunk_files(i))]
+
     def compute(self, log):
         todo = self.pending()
         if todo and self.executor is not None:
@@ -565,6 +575,26 @@ class EmbedStage(Stage):
 
     def load(self) -> EmbedArtifact:
         return load_embed_artifact(self.dir, self.digest)
+
+    def inconsistent(self, files: dict) -> dict[str, str]:
+        """Chunks whose embedding rows disagree with their keys (rows with status ok), or that
+        are missing; :meth:`invalidate` then deletes the whole chunk and it is embedded again."""
+        bad = {}
+        for i in range(len(self.shards)):
+            rels = self.chunk_files(i)
+            if any(rel not in files for rel in rels):
+                bad[rels[0]] = "chunk incomplete"
+                continue
+            paths = chunk_paths(self.dir, i)
+            try:
+                status = pq.read_table(paths["keys"], columns=["status"]).column(0)
+                n_ok = int(pc.sum(pc.equal(status, STATUS_OK)).as_py() or 0)
+                rows = {rel: np.load(self.dir / rel, mmap_mode="r").shape[0] for rel in rels if rel.endswith(".npy")}
+            except (OSError, ValueError, pa.ArrowException) as exc:
+                bad[rels[0]] = f"unreadable ({exc})"
+                continue
+            bad.update({rel: f"{n} rows, {n_ok} keys with an embedding" for rel, n in rows.items() if n != n_ok})
+        return bad
 
     def invalidate(self, rels: list[str]) -> None:
         """A changed chunk file: delete its whole chunk, so that input shard is embedded again."""

@@ -4,11 +4,14 @@
   the same ``OUT`` exits with :class:`OutputLocked` naming the holder (pid, host, start
   time), or waits for it (``wait=True``, CLI ``--wait-lock``). The kernel drops the lock when
   the holder dies, so a killed run never leaves a stale lock.
-* **Ownership**: ``OUT/.prunekit.json`` marks a folder prunekit created. Every file under
-  ``OUT`` must be one prunekit writes (the stages' artifact patterns, their temporaries, the
-  marker, the lock); otherwise the run is refused before anything is written or deleted
-  (:class:`ForeignFiles`). Input files inside ``OUT`` are refused too (a rerun could
-  delete them).
+* **Ownership**: ``OUT/.prunekit.json`` marks a folder prunekit created. A stage folder's
+  files are prunekit's only when its record (``_stage.json``) lists them: the record is the
+  ledger of every file the stage claimed before writing it and, once done, of every file it
+  verified (name, size, sha256). Any other file under ``OUT`` (an extra ``shard-000099.tar``,
+  a ``my_backup.tar``, ``done/notes.json``) is foreign, whatever its name: the run is refused
+  before anything is written or deleted (:class:`ForeignFiles`), naming the files. Folders
+  without a record (``report/``) are judged by their file-name patterns. Input files inside
+  ``OUT`` are refused too (a rerun could delete them).
 """
 
 from __future__ import annotations
@@ -25,7 +28,17 @@ from pathlib import Path
 
 from prunecore.io import atomic_write_json
 
-from .stage import PipelineError, is_owned_file, is_temporary
+from .stage import (
+    STAGE_FOLDERS,
+    ForeignFiles,
+    PipelineError,
+    folder_files,
+    foreign_message,
+    is_owned_file,
+    is_temporary,
+    read_record,
+    stage_foreign_files,
+)
 
 MARKER = ".prunekit.json"
 LOCK = ".prunekit.lock"
@@ -36,39 +49,32 @@ class OutputLocked(PipelineError):
     """Another prunekit run holds the output folder."""
 
 
-class ForeignFiles(PipelineError):
-    """The output folder holds files prunekit did not create (or input files)."""
-
-
 def is_owned(rel: str, patterns: Mapping[str, Sequence[str]]) -> bool:
-    """Whether ``rel`` (a path relative to OUT, ``/``-separated) is a file prunekit writes:
-    the marker/lock, or ``folder/inner`` of a stage folder where ``inner`` is one of that
-    folder's patterns, its ``_stage.json`` or a temporary (the marker's own temporary too: a
-    concurrent run may be publishing it)."""
+    """Whether ``rel`` (a path relative to OUT, ``/``-separated) is a file prunekit writes,
+    by name: the marker/lock (and the marker's temporary: a concurrent run may be publishing
+    it), or ``folder/inner`` where ``inner`` matches that folder's patterns. Stage folders
+    are judged by their records instead (:func:`foreign_files`)."""
     if rel in TOP_LEVEL or (is_temporary(rel) and rel.startswith(tuple(f".{name}." for name in TOP_LEVEL))):
         return True
     folder, _, inner = rel.partition("/")
     return folder in patterns and bool(inner) and is_owned_file(inner, patterns[folder])
 
 
-def foreign_files(out: Path, patterns: Mapping[str, Sequence[str]], limit: int = 5) -> list[str]:
-    """Up to ``limit`` paths under ``out`` (relative) that prunekit does not own; folders
-    prunekit makes (stage folders and their sub-folders) are walked, any other entry counts."""
+def foreign_files(out: Path, patterns: Mapping[str, Sequence[str]]) -> list[str]:
+    """The paths under ``out`` (relative) that prunekit does not own. A stage
+    folder (:data:`~pipelines.shards.stage.STAGE_FOLDERS`) owns what its record lists (nothing
+    without a record); another folder in ``patterns`` what its patterns match; any other
+    top-level entry is foreign."""
     found: list[str] = []
-    for root, dirs, files in os.walk(out):
-        rel_root = os.path.relpath(root, out).replace(os.sep, "/")
-        prefix = "" if rel_root == "." else rel_root + "/"
-        for name in sorted(files):
-            rel = prefix + name
-            if not is_owned(rel, patterns):
-                found.append(rel)
-        if rel_root == ".":
-            foreign_dirs = [d for d in dirs if d not in patterns]
-            found.extend(d + "/" for d in sorted(foreign_dirs))
-            dirs[:] = [d for d in dirs if d in patterns]
-        if len(found) >= limit:
-            break
-    return found[:limit]
+    for entry in sorted(os.listdir(out)):
+        path = out / entry
+        if path.is_dir() and entry in STAGE_FOLDERS and entry in patterns:
+            found += [f"{entry}/{rel}" for rel in stage_foreign_files(path, read_record(path), patterns[entry])]
+        elif path.is_dir() and entry in patterns:
+            found += [f"{entry}/{rel}" for rel in folder_files(path) if not is_owned(f"{entry}/{rel}", patterns)]
+        elif not is_owned(entry, patterns):
+            found.append(entry + "/" if path.is_dir() else entry)
+    return found
 
 
 def check_inputs_outside(out: Path, inputs: Iterable[str | os.PathLike]) -> None:
@@ -91,11 +97,7 @@ def claim_output(out: Path, patterns: Mapping[str, Sequence[str]]) -> None:
     if out.is_dir():
         foreign = foreign_files(out, patterns)
         if foreign:
-            shown = ", ".join(foreign)
-            raise ForeignFiles(
-                f"--out {out} holds files prunekit did not create ({shown}); prunekit only deletes what it "
-                "wrote, so it refuses this folder: choose an empty or new --out, or move those files away"
-            )
+            raise ForeignFiles(foreign_message(f"--out {out}", foreign))
     out.mkdir(parents=True, exist_ok=True)
     if not (out / MARKER).exists():
         atomic_write_json(out / MARKER, {"tool": "prunekit", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})

@@ -411,7 +411,7 @@ def _run_stages(cfg: FilterConfig, steps: list[dict], out: Path, shard_list: lis
         from pipelines.datasets import dataset_write_stage
 
         wr_stage = dataset_write_stage(out, select, dataset, cfg)
-        result.manifest = wr_stage.run(log)
+        result.manifest = wr_stage.run(log, verify=verify)
         result.stages["write"] = wr_stage
     elif cfg.write and shard_list:
         wr_stage = WriteStage(

@@ -107,6 +107,7 @@ class SelectStage(Stage):
                 )
         keep = build_keep_list(self.embed.keys, sel, self.cluster.clustering)
         del sel
+        self.claim(f"stats_{name}.parquet" for name in stats)
         for name, df in stats.items():
             save_parquet(self.dir / f"stats_{name}.parquet", df.reset_index(drop=True))
         save_parquet(self.dir / "keep.parquet", keep)

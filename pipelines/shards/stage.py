@@ -15,6 +15,15 @@ upstream artifacts / input files). Its fingerprint is a hash of both. The folder
   mtime changed (or always, with ``verify=True``). A changed or missing file is deleted with
   the unit it belongs to (an embed chunk, an output shard) and the stage resumes, redoing
   just those units; its new digest then reruns the later stages if the repaired output differs.
+* Ownership: the record is also the ledger of what the stage wrote. Before a file is written
+  its name is claimed (``owned`` in the ``running`` record; a name ending in ``/`` claims a
+  folder the stage builds whole); a ``done`` record lists exactly the files it verified. Only
+  those files (and their temporaries) are the stage's: any other file in the folder is
+  foreign, never used, listed in the record or deleted, and stops the run (:class:`ForeignFiles`).
+* Consistency: before a stage is recorded ``done``, :meth:`Stage.inconsistent` checks the
+  artifact as a whole (every planned unit present and matching its own record, the rows
+  adding up); units that fail are redone once, and if the artifact still fails the record
+  stays ``running`` (a rerun redoes them again) instead of marking a broken artifact done.
 
 All files are written through :mod:`prunecore.io` (temporary name + rename), so a
 finished-looking file is a finished file. Inputs are opened read-only and never modified.
@@ -44,6 +53,25 @@ STATUS_OK = "ok"
 MISSING_IMAGE = "missing_image"
 UNDECODABLE = "undecodable"
 NO_EMBEDDING = "no_embedding"
+# folders under OUT that stages write (each registers its name): their record is their ledger
+STAGE_FOLDERS: set[str] = set()
+
+
+class PipelineError(ValueError):
+    """A pipeline input problem that stops the run (the message says what and where)."""
+
+
+class ForeignFiles(PipelineError):
+    """The output folder holds files prunekit did not write (or input files)."""
+
+
+def foreign_message(where, rels: list[str]) -> str:
+    """The one-line refusal for files prunekit did not write (``rels``, relative to ``where``)."""
+    shown = ", ".join(rels[:5]) + (f" and {len(rels) - 5} more" if len(rels) > 5 else "")
+    return (
+        f"{where} holds files prunekit did not write ({shown}): they are in no stage record, so prunekit "
+        "neither uses nor deletes them and stops here; move them out of that folder (or choose another --out)"
+    )
 
 
 def is_temporary(name: str) -> bool:
@@ -53,13 +81,78 @@ def is_temporary(name: str) -> bool:
 
 def is_owned_file(inner: str, patterns) -> bool:
     """Whether ``inner`` (a ``/``-separated path inside a stage folder) matches one of the
-    stage's artifact ``patterns`` (fnmatch), its record, or is a temporary."""
+    stage's artifact ``patterns`` (fnmatch), its record, or is a temporary. Used only for
+    folders without a ledger (``report/``, records written before ledgers existed)."""
     base = inner.rsplit("/", 1)[-1]
     return inner == STAGE_FILE or is_temporary(base) or any(fnmatch.fnmatchcase(inner, p) for p in patterns)
 
 
-class PipelineError(ValueError):
-    """A pipeline input problem that stops the run (the message says what and where)."""
+def temporary_target(rel: str) -> str | None:
+    """The file a temporary ``DIR/.NAME.XXXXXXXX.tmp`` is publishing (``DIR/NAME``), else None."""
+    folder, _, base = rel.rpartition("/")
+    if not is_temporary(base) or base.count(".") < 3:
+        return None
+    name = base[1 : -len(TMP_SUFFIX)].rsplit(".", 1)[0]
+    return f"{folder}/{name}" if folder else name
+
+
+def ledger(rec: dict | None) -> set[str] | None:
+    """The names a stage record says the stage wrote or claimed (``files`` of a ``done``
+    record, ``owned`` of any record); ``None`` for a ``running`` record written before
+    records kept a ledger (its files can only be judged by the stage's patterns)."""
+    if rec is None:
+        return set()
+    if "owned" not in rec and "files" not in rec:
+        return None
+    return set(rec.get("owned", ())) | set(rec.get("files", {}))
+
+
+def owns(rel: str, names: set[str]) -> bool:
+    """Whether ``rel`` (``/``-separated, inside a stage folder) is the stage's by its ledger
+    ``names``: the record itself, a claimed name, a file under a claimed folder (``dir/``),
+    or a temporary publishing one of those."""
+    if rel == STAGE_FILE or rel in names:
+        return True
+    if any(rel[: i + 1] in names for i, c in enumerate(rel) if c == "/"):
+        return True
+    target = temporary_target(rel)
+    return target is not None and target != rel and owns(target, names)
+
+
+def stage_foreign_files(stage_dir: Path, rec: dict | None, patterns=()) -> list[str]:
+    """Files under ``stage_dir`` (relative, sorted) that its record ``rec`` does not own
+    (``patterns``: the stage's artifact patterns, for a record without a ledger)."""
+    names = ledger(rec)
+    if names is None:
+        return [rel for rel in folder_files(stage_dir) if not is_owned_file(rel, patterns)]
+    return [rel for rel in folder_files(stage_dir) if not owns(rel, names)]
+
+
+def folder_files(folder: Path) -> list[str]:
+    """Every file under ``folder`` (relative, ``/``-separated, sorted); none when it is absent."""
+    found = []
+    for root, _, files in os.walk(folder):
+        rel_root = os.path.relpath(root, folder).replace(os.sep, "/")
+        found += [name if rel_root == "." else f"{rel_root}/{name}" for name in files]
+    return sorted(found)
+
+
+def read_record(stage_dir: Path) -> dict | None:
+    """A stage folder's ``_stage.json`` (None when absent); an unreadable one raises
+    :class:`PipelineError` (prunekit cannot tell which files there are its own)."""
+    path = stage_dir / STAGE_FILE
+    try:
+        rec = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise PipelineError(
+            f"{path} is unreadable ({exc}): prunekit cannot tell which files in {stage_dir} it wrote; "
+            f"move {stage_dir} away (or choose another --out) and rerun"
+        ) from None
+    if not isinstance(rec, dict):
+        raise PipelineError(f"{path} is not a stage record: move {stage_dir} away (or choose another --out) and rerun")
+    return rec
 
 
 def save_npy(path: Path, arr: np.ndarray) -> None:
@@ -182,6 +275,10 @@ class Stage:
     name = "stage"
     owned: tuple[str, ...] = ()
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        STAGE_FOLDERS.add(cls.name)
+
     def __init__(self, out: str | os.PathLike, params: dict, inputs: dict):
         self.out = Path(out)
         self.dir = self.out / self.name
@@ -192,15 +289,11 @@ class Stage:
         self.repaired: list[str] = []
         self.summary: dict = {}
         self.digest = ""
+        self.names: set[str] = set()  # the ledger: files the stage claimed (see :meth:`claim`)
 
     def record(self) -> dict | None:
-        path = self.dir / STAGE_FILE
-        if not path.exists():
-            return None
-        try:
-            return json.loads(path.read_text())
-        except ValueError:
-            return None
+        """The folder's ``_stage.json`` (None when absent; unreadable raises :class:`PipelineError`)."""
+        return read_record(self.dir)
 
     def finished(self) -> bool:
         """Whether a run with this fingerprint completed (its files are checked by :meth:`run`)."""
@@ -209,28 +302,56 @@ class Stage:
 
     def _write_record(self, state: str, **extra) -> None:
         rec = {"fingerprint": self.fingerprint, "state": state, "params": self.params, "inputs": self.inputs}
-        atomic_write_json(self.dir / STAGE_FILE, {**rec, **extra})
+        atomic_write_json(self.dir / STAGE_FILE, {**rec, "owned": sorted(self.names), **extra})
+
+    def claim(self, rels) -> None:
+        """Record ``rels`` (relative, ``/``-separated; ``dir/`` claims a folder built whole) as
+        the stage's before they are written: a killed run's files stay provably prunekit's.
+        Call it in the driver process (executors' workers write only claimed names)."""
+        new = set(rels) - self.names
+        if new:
+            self.names |= new
+            self._write_record("running")
+
+    def planned_files(self) -> list[str]:
+        """Files the stage will write that are known before :meth:`compute` (claimed up front;
+        compute claims the rest as it learns their names). Default: the patterns without wildcards."""
+        return [p for p in self.owned if not any(c in p for c in "*?[")]
+
+    def foreign_files(self) -> list[str]:
+        """Files in the stage folder that its ledger does not own (relative, sorted)."""
+        return stage_foreign_files(self.dir, self.record(), self.owned)
 
     def artifact_files(self) -> list[str]:
-        """The stage's files (relative, ``/``-separated), record and temporaries excluded."""
-        return sorted(
-            p.relative_to(self.dir).as_posix()
-            for p in self.dir.rglob("*")
-            if p.is_file() and p.name != STAGE_FILE and not is_temporary(p.name)
-        )
+        """The stage's existing files (relative, ``/``-separated): the claimed names, and the
+        files under claimed folders; the record and temporaries excluded."""
+        found = set()
+        for rel in self.names:
+            path = self.dir / rel
+            if rel.endswith("/"):
+                found.update(
+                    q.relative_to(self.dir).as_posix()
+                    for q in path.rglob("*")
+                    if q.is_file() and not is_temporary(q.name)
+                )
+            elif path.is_file():
+                found.add(rel)
+        return sorted(found)
 
     def known_digests(self) -> dict[str, str]:
         """sha256 of artifact files the stage hashed while writing them (not read again)."""
         return {}
 
-    def file_table(self) -> dict[str, list]:
-        """``{relative path: [size, mtime_ns, sha256]}`` of every artifact file."""
+    def file_table(self, fresh=()) -> dict[str, list]:
+        """``{relative path: [size, mtime_ns, sha256]}`` of every artifact file; files in
+        ``fresh`` (redone in this run) are hashed from disk, not trusted to a writer's hash."""
         known = self.known_digests()
         table = {}
         for rel in self.artifact_files():
             path = self.dir / rel
             st = path.stat()
-            table[rel] = [st.st_size, st.st_mtime_ns, known.get(rel) or file_digest(path)]
+            sha = None if rel in fresh else known.get(rel)
+            table[rel] = [st.st_size, st.st_mtime_ns, sha or file_digest(path)]
         return table
 
     def changed_files(self, files: dict, *, verify: bool = False) -> dict[str, str]:
@@ -251,38 +372,51 @@ class Stage:
                 bad[rel] = "sha256 differs from the record"
         return bad
 
-    def invalidate(self, rels: list[str]) -> None:
+    def inconsistent(self, files: dict) -> dict[str, str]:
+        """``{relative path: problem}`` of artifact files that disagree with the rest of the
+        artifact after :meth:`compute` (``files``: :meth:`file_table`); :meth:`invalidate`
+        deletes them with their units. Default: none (the stage rewrites its files whole)."""
+        return {}
+
+    def invalidate(self, rels: list[str]) -> list[str] | None:
         """Delete the changed files ``rels`` so that :meth:`compute` redoes them (subclasses
-        also delete the rest of the unit each belongs to)."""
+        also delete the rest of the unit each belongs to); returns the files deleted (None:
+        ``rels``). Only the stage's own files."""
         for rel in rels:
-            (self.dir / rel).unlink(missing_ok=True)
+            if owns(rel, self.names):
+                (self.dir / rel).unlink(missing_ok=True)
+        return None
 
     def clear(self) -> None:
-        """Delete the stage's own files; a file it does not own raises (nothing deleted)."""
-        foreign = [
-            p.relative_to(self.dir).as_posix()
-            for p in self.dir.rglob("*")
-            if p.is_file() and not is_owned_file(p.relative_to(self.dir).as_posix(), self.owned)
-        ]
+        """Delete the stage's own files (by its ledger) and the folders left empty; a file it
+        does not own raises :class:`ForeignFiles` (nothing deleted)."""
+        foreign = self.foreign_files()
         if foreign:
-            raise PipelineError(
-                f"{self.dir} holds files prunekit did not write ({', '.join(foreign[:5])}): it only deletes its own "
-                "files, so it stops here; move them away or choose another --out"
-            )
+            raise ForeignFiles(foreign_message(self.dir, foreign))
         for p in sorted(self.dir.rglob("*"), key=lambda q: len(q.parts), reverse=True):
             if p.is_dir():
-                p.rmdir()
+                if not any(p.iterdir()):
+                    p.rmdir()
             else:
                 p.unlink()
+        self.names = set()
 
     def run(self, log=print, *, verify: bool = False):
         """Run (or skip, or resume, or repair) the stage; return its artifact.
 
         ``verify``: check the sha256 of every recorded artifact file before skipping (by
-        default only files whose size or mtime changed are hashed)."""
+        default only files whose size or mtime changed are hashed). Files in the folder that
+        the record does not own stop the run (:class:`ForeignFiles`) before anything is deleted."""
         rec = self.record()
+        foreign = stage_foreign_files(self.dir, rec, self.owned)
+        if foreign:
+            raise ForeignFiles(foreign_message(self.dir, foreign))
         same = bool(rec and rec.get("fingerprint") == self.fingerprint)
-        if self.finished():
+        self.names = ledger(rec) or set()
+        if ledger(rec) is None:  # a record written before ledgers: its files by the patterns
+            self.names = set(self.artifact_files_by_pattern())
+        redone: set[str] = set()
+        if same and rec.get("state") == "done":
             changed = self.changed_files(rec.get("files", {}), verify=verify)
             if not changed:
                 self.skipped = True
@@ -293,7 +427,7 @@ class Stage:
             self.repaired = [f"{rel} ({why})" for rel, why in changed.items()]
             shown = "; ".join(self.repaired[:3])
             log(f"[{self.name}] {len(changed)} artifact file(s) changed since it finished: {shown}; redoing them")
-            self.invalidate(list(changed))
+            redone = set(self.invalidate(list(changed)) or changed)
         elif not same and self.dir.exists():
             log(f"[{self.name}] parameters or inputs changed: recomputing")
             self.clear()
@@ -301,17 +435,52 @@ class Stage:
             log(f"[{self.name}] resuming an interrupted run")
         self.dir.mkdir(parents=True, exist_ok=True)
         for stale in self.dir.rglob(f".*{TMP_SUFFIX}"):
-            stale.unlink()
+            if owns(stale.relative_to(self.dir).as_posix(), self.names):
+                stale.unlink()
+        self.names |= set(self.planned_files())
         self._write_record("running")
         t0 = time.perf_counter()
-        self.summary = self.compute(log) or {}
+        files = self.compute_checked(log, redone)
         self.summary["seconds"] = round(time.perf_counter() - t0, 3)
         if self.repaired:
             self.summary["repaired"] = self.repaired
-        files = self.file_table()
         self.digest = self._digest(files)
+        artifact = self.load()
+        self.names = set(files)
         self._write_record("done", summary=self.summary, files=files)
-        return self.load()
+        return artifact
+
+    def compute_checked(self, log, redone: set[str]) -> dict:
+        """:meth:`compute`, then :meth:`inconsistent`; units that fail are invalidated and
+        computed once more. ``redone``: files rebuilt in this run (hashed from disk). Returns
+        the file table; raises :class:`PipelineError` (the record stays ``running``) when the
+        artifact is still inconsistent."""
+        self.summary = self.compute(log) or {}
+        files = self.file_table(fresh=redone)
+        bad = self.inconsistent(files)
+        if bad:
+            shown = "; ".join(f"{rel} ({why})" for rel, why in list(bad.items())[:3])
+            log(f"[{self.name}] {len(bad)} artifact file(s) inconsistent: {shown}; redoing them")
+            self.repaired += [f"{rel} ({why})" for rel, why in bad.items()]
+            redone |= set(self.invalidate(list(bad)) or bad)
+            self.summary = self.compute(log) or {}
+            files = self.file_table(fresh=redone)
+            bad = self.inconsistent(files)
+        if bad:
+            shown = "; ".join(f"{rel} ({why})" for rel, why in list(bad.items())[:3])
+            raise PipelineError(
+                f"{self.dir}: the artifact is still inconsistent after redoing it ({shown}); it is not "
+                "recorded as finished, so a rerun redoes it; if this repeats, check the inputs and the disk"
+            )
+        return files
+
+    def artifact_files_by_pattern(self) -> list[str]:
+        """Files matching the stage's patterns (the ledger of a record written before ledgers)."""
+        return [
+            rel
+            for rel in folder_files(self.dir)
+            if rel != STAGE_FILE and is_owned_file(rel, self.owned) and not is_temporary(rel.rsplit("/", 1)[-1])
+        ]
 
     def _digest(self, files: dict) -> str:
         return json_digest({"fingerprint": self.fingerprint, "files": {rel: v[2] for rel, v in files.items()}})

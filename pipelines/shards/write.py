@@ -59,6 +59,7 @@ class WriteStage(Stage):
         super().__init__(out, params, {"select": select.fingerprint, "shards": file_fingerprint(shards)})
         self.select, self.shards = select, list(shards)
         self.progress, self.executor = progress, executor
+        self.unit_samples: list[int] = []  # samples per output shard, from the plan (set by compute)
 
     def out_name(self, j: int) -> str:
         return output_name(self.params["prefix"], j)
@@ -80,51 +81,93 @@ class WriteStage(Stage):
         )
         return plan.reset_index(drop=True)
 
+    def done_name(self, j: int) -> str:
+        """The record of output shard ``j`` (relative to the stage folder)."""
+        return f"done/{j:06d}.json"
+
     def compute(self, log):
         plan = self.plan()
         plan_path = self.dir / "plan.parquet"
         if not plan_path.exists():
             save_parquet(plan_path, plan)
         n_out = int(plan["out_shard"].max()) + 1 if len(plan) else 0
+        self.unit_samples = np.bincount(plan["out_shard"].to_numpy(), minlength=n_out).tolist()
+        self.claim(name for j in range(n_out) for name in (self.out_name(j), self.done_name(j)))
         (self.dir / "done").mkdir(exist_ok=True)
-        todo = [j for j in range(n_out) if not (self.dir / "done" / f"{j:06d}.json").exists()]
+        records = {j: self.unit_record(j) for j in range(n_out)}
+        todo = [j for j, rec in records.items() if rec is None]
+        self.invalidate([self.done_name(j) for j in todo])  # a half-finished unit: both files go
         if todo and self.executor is not None:
             self.executor.write(self, plan, todo)
         elif todo:
             write_outputs(self, plan, todo, progress=self.progress)
-        records = [json.loads((self.dir / "done" / f"{j:06d}.json").read_text()) for j in range(n_out)]
+        shards = [records[j] or json.loads((self.dir / self.done_name(j)).read_text()) for j in range(n_out)]
         manifest = {
-            "shards": records,
+            "shards": shards,
             "samples": int(len(plan)),
-            "bytes": int(sum(r["bytes"] for r in records)),
+            "bytes": int(sum(r["bytes"] for r in shards)),
             "max_count": self.params["max_count"],
             "max_size": self.params["max_size"],
         }
         atomic_write_json(self.dir / "manifest.json", manifest)
         return {"output_shards": n_out, "samples": int(len(plan)), "bytes": manifest["bytes"]}
 
+    def unit_record(self, j: int) -> dict | None:
+        """Output shard ``j``'s ``done`` record when the unit is finished: the record is
+        readable, names this shard, and the tar is there with the recorded size; else None."""
+        try:
+            rec = json.loads((self.dir / self.done_name(j)).read_text())
+            finished = rec["index"] == j and rec["file"] == self.out_name(j)
+            return rec if finished and (self.dir / rec["file"]).stat().st_size == rec["bytes"] else None
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
     def done_records(self) -> list[dict]:
-        """The ``done/j.json`` records of finished output shards (unreadable ones skipped)."""
+        """The readable ``done`` records of the output shards this stage claimed."""
         records = []
-        for p in sorted((self.dir / "done").glob("*.json")):
+        for rel in sorted(n for n in self.names if n.startswith("done/")):
             try:
-                records.append(json.loads(p.read_text()))
-            except ValueError:
+                rec = json.loads((self.dir / rel).read_text())
+            except (OSError, ValueError):
                 continue
+            if isinstance(rec, dict) and isinstance(rec.get("file"), str):
+                records.append(rec)
         return records
 
     def known_digests(self) -> dict[str, str]:
-        return {r["file"]: r["sha256"] for r in self.done_records()}
+        return {r["file"]: r["sha256"] for r in self.done_records() if r.get("sha256")}
 
-    def invalidate(self, rels: list[str]) -> None:
+    def inconsistent(self, files: dict) -> dict[str, str]:
+        """Output shards that disagree with their ``done`` record, the manifest or the plan
+        (missing, another size or sha256, another number of samples)."""
+        manifest = json.loads((self.dir / "manifest.json").read_text())
+        bad = {}
+        for j, want in enumerate(self.unit_samples):
+            name, rec = self.out_name(j), self.unit_record(j)
+            listed = manifest["shards"][j] if j < len(manifest["shards"]) else None
+            if name not in files or rec is None or rec != listed:
+                bad[name] = "missing, or its done record or manifest entry does not match it"
+            elif files[name][0] != rec["bytes"] or files[name][2] != rec["sha256"]:
+                bad[name] = "size or sha256 differs from its done record"
+            elif rec["samples"] != want:
+                bad[name] = f"{rec['samples']} samples, the plan puts {want} there"
+        return bad
+
+    def invalidate(self, rels: list[str]) -> list[str]:
         """A changed output shard or its done record: delete both, so the shard is rewritten."""
-        by_file = {r["file"]: r["index"] for r in self.done_records()}
+        deleted = []
         for rel in rels:
-            if rel in by_file:
-                (self.dir / "done" / f"{by_file[rel]:06d}.json").unlink(missing_ok=True)
-            elif rel.startswith("done/") and rel[5:-5].isdigit():
-                (self.dir / self.out_name(int(rel[5:-5]))).unlink(missing_ok=True)
-            (self.dir / rel).unlink(missing_ok=True)
+            unit = [rel]
+            if rel.startswith("done/") and rel[5:-5].isdigit():
+                unit.append(self.out_name(int(rel[5:-5])))
+            elif rel.startswith(self.params["prefix"] + "-") and rel.endswith(".tar"):
+                j = rel[len(self.params["prefix"]) + 1 : -4]
+                unit += [self.done_name(int(j))] if j.isdigit() else []
+            for name in unit:
+                if name in self.names:
+                    (self.dir / name).unlink(missing_ok=True)
+                    deleted.append(name)
+        return deleted
 
     def load(self) -> dict:
         manifest = json.loads((self.dir / "manifest.json").read_text())
