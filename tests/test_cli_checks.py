@@ -121,7 +121,7 @@ def test_a_missing_shard_or_a_foreign_out_fails_before_the_encoder_module_is_imp
     (foreign / "thesis.tex").write_text("mine")
     rc = main(["filter", shard, "--out", str(foreign), "--encoder", spec, *FAST])
     err = one_error_line(capsys)
-    assert rc == 2 and "thesis.tex" in err and "choose an empty or new --out" in err
+    assert rc == 2 and "thesis.tex" in err and "choose another --out" in err
     assert not marker.exists()
     assert sorted(p.name for p in foreign.iterdir()) == ["thesis.tex"]
 
