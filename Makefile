@@ -1,7 +1,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv demo test lint format bench
+.PHONY: venv demo test test-vllm lint format bench
 
 venv:
 	bash scripts/setup_venv.sh $(VENV)
@@ -13,6 +13,12 @@ demo: venv
 # The test suite (what CI runs).
 test: venv
 	$(PY) -m pytest -q
+
+# The vLLM plugin's tests in their own environment (.venv-vllm: vLLM's CPU build, prunekit
+# without dependencies); the main venv computes the transformers-side FoPru reference.
+test-vllm: venv
+	bash scripts/setup_vllm_venv.sh .venv-vllm
+	PRUNEKIT_MAIN_PYTHON=$(abspath $(PY)) .venv-vllm/bin/python -m pytest -q tests_vllm
 
 # ruff lint + format check (CI runs it before the tests).
 lint: venv

@@ -1,0 +1,14 @@
+"""The test images: two random RGB images of different sizes (merged grids 4x6 and 8x4)."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+SIZES = [(112, 168), (224, 112)]  # (height, width) in pixels; patch 14, merge 2
+PROMPT = "Hello <|vision_start|><|image_pad|><|vision_end|> what"
+
+
+def make_images(seed: int = 0) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8")) for h, w in SIZES]

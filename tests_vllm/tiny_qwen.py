@@ -1,0 +1,98 @@
+"""Write a tiny random Qwen2.5-VL folder that vLLM serves on a CPU (head_dim 64) and transformers loads.
+
+Usage: python tests_vllm/tiny_qwen.py FOLDER. The tokenizer is a byte-level BPE trained here on
+a few sentences, with Qwen's special tokens; the vision attention is made peaky (q and k rows of
+every block scaled) so that FoPru's scores are well separated and the kept indices of two
+runtimes can be compared exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+SPECIAL = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+TEXT = ["Describe the picture in a few words.", "What is in this image?", "Hello there, what do you see?"] * 20
+
+
+def write_tiny_qwen2_5_vl(out: Path, seed: int = 0) -> dict[str, int]:
+    """Write config, random safetensors weights, tokenizer and preprocessor to ``out``; returns the special ids."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    out.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(TEXT, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>").save_pretrained(
+        out
+    )
+    ids = {t: tok.token_to_id(t) for t in SPECIAL}
+    cfg = Qwen2_5_VLConfig(
+        vision_config=dict(
+            depth=2,
+            hidden_size=64,
+            out_hidden_size=256,
+            intermediate_size=128,
+            num_heads=1,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,
+            fullatt_block_indexes=[1],
+        ),
+        text_config=dict(
+            vocab_size=512,
+            hidden_size=256,
+            intermediate_size=512,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
+            rope_parameters={"rope_type": "default", "mrope_section": [8, 12, 12], "rope_theta": 1e4},
+            pad_token_id=ids["<|endoftext|>"],
+            bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|endoftext|>"],
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration._from_config(cfg)
+    with torch.no_grad():
+        for block in model.model.visual.blocks:
+            block.attn.qkv.weight[: 2 * 64] *= 8.0  # q and k rows: peaky attention
+    model.save_pretrained(out)
+    preprocessor = {
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "processor_class": "Qwen2_5_VLProcessor",
+        "patch_size": 14,
+        "merge_size": 2,
+        "temporal_patch_size": 2,
+        "min_pixels": 3136,
+        "max_pixels": 200704,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+    }
+    (out / "preprocessor_config.json").write_text(json.dumps(preprocessor))
+    return ids
+
+
+if __name__ == "__main__":
+    print(json.dumps(write_tiny_qwen2_5_vl(Path(sys.argv[1]))))
