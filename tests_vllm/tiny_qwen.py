@@ -24,8 +24,32 @@ SPECIAL = [
 TEXT = ["Describe the picture in a few words.", "What is in this image?", "Hello there, what do you see?"] * 20
 
 
-def write_tiny_qwen2_5_vl(out: Path, seed: int = 0) -> dict[str, int]:
-    """Write config, random safetensors weights, tokenizer and preprocessor to ``out``; returns the special ids."""
+# Qwen2.5-VL-3B-Instruct's shapes (for timing with vLLM's dummy weights; no weights written)
+SHAPE_3B = {
+    "vision": dict(
+        depth=32,
+        hidden_size=1280,
+        out_hidden_size=2048,
+        intermediate_size=3420,
+        num_heads=16,
+        fullatt_block_indexes=[7, 15, 23, 31],
+    ),
+    "text": dict(
+        vocab_size=151936,
+        hidden_size=2048,
+        intermediate_size=11008,
+        num_hidden_layers=36,
+        num_attention_heads=16,
+        num_key_value_heads=2,
+        rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6},
+    ),
+}
+
+
+def write_tiny_qwen2_5_vl(out: Path, seed: int = 0, shape: dict | None = None) -> dict[str, int]:
+    """Write config, random safetensors weights, tokenizer and preprocessor to ``out``; returns the
+    special ids. ``shape`` (e.g. :data:`SHAPE_3B`): vision/text config overrides, config only (no
+    weights: serve it with ``load_format="dummy"``)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
@@ -43,42 +67,51 @@ def write_tiny_qwen2_5_vl(out: Path, seed: int = 0) -> dict[str, int]:
     )
     ids = {t: tok.token_to_id(t) for t in SPECIAL}
     cfg = Qwen2_5_VLConfig(
-        vision_config=dict(
-            depth=2,
-            hidden_size=64,
-            out_hidden_size=256,
-            intermediate_size=128,
-            num_heads=1,
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            window_size=112,
-            fullatt_block_indexes=[1],
-        ),
-        text_config=dict(
-            vocab_size=512,
-            hidden_size=256,
-            intermediate_size=512,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=4096,
-            rope_parameters={"rope_type": "default", "mrope_section": [8, 12, 12], "rope_theta": 1e4},
-            pad_token_id=ids["<|endoftext|>"],
-            bos_token_id=ids["<|endoftext|>"],
-            eos_token_id=ids["<|endoftext|>"],
-        ),
+        vision_config={
+            **dict(
+                depth=2,
+                hidden_size=64,
+                out_hidden_size=256,
+                intermediate_size=128,
+                num_heads=1,
+                patch_size=14,
+                spatial_merge_size=2,
+                temporal_patch_size=2,
+                window_size=112,
+                fullatt_block_indexes=[1],
+            ),
+            **(shape or {}).get("vision", {}),
+        },
+        text_config={
+            **dict(
+                vocab_size=512,
+                hidden_size=256,
+                intermediate_size=512,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=4096,
+                rope_parameters={"rope_type": "default", "mrope_section": [8, 12, 12], "rope_theta": 1e4},
+                pad_token_id=ids["<|endoftext|>"],
+                bos_token_id=ids["<|endoftext|>"],
+                eos_token_id=ids["<|endoftext|>"],
+            ),
+            **(shape or {}).get("text", {}),
+        },
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
     )
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration._from_config(cfg)
-    with torch.no_grad():
-        for block in model.model.visual.blocks:
-            block.attn.qkv.weight[: 2 * 64] *= 8.0  # q and k rows: peaky attention
-    model.save_pretrained(out)
+    if shape is not None:
+        cfg.save_pretrained(out)
+    else:
+        torch.manual_seed(seed)
+        model = Qwen2_5_VLForConditionalGeneration._from_config(cfg)
+        with torch.no_grad():
+            for block in model.model.visual.blocks:
+                block.attn.qkv.weight[: 2 * 64] *= 8.0  # q and k rows: peaky attention
+        model.save_pretrained(out)
     preprocessor = {
         "image_processor_type": "Qwen2VLImageProcessor",
         "processor_class": "Qwen2_5_VLProcessor",
