@@ -58,7 +58,7 @@ from torch import nn
 from prunecore.budget import keep_count, keep_counts, torch_rank, torch_top_k
 from tokenprune.stats import TokenStats
 
-from .cache import CompactLayer, FTPCache
+from .cache import CompactLayer, FTPCache, adopt, stand_in_for
 from .router import RandomRouter, RouteInputs, Router, StaticRouter, keep_topk, normalised_positions, score_ranks
 from .schedule import sparsity_schedule
 
@@ -198,6 +198,7 @@ class FTPState:
     call_kept: list = field(default_factory=list)  # (layer, 0-d tensor) for the other layers
     call_phase: int = PREFILL
     index_cache: dict = field(default_factory=dict)
+    stand_ins: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)  # caller cache -> FTPCache
     # training buffers (per layer)
     probs: list = field(default_factory=list)
     keeps: list = field(default_factory=list)
@@ -750,11 +751,14 @@ def _base_pre_hook(state: FTPState, n_layers: int, cache_arg: str):
         B, T = x.shape[0], x.shape[1]
         given_key = next((k for k in ("cache", "past_key_values") if kwargs.get(k) is not None), None)
         given = kwargs.get(given_key) if given_key else None
+        am = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        own = None if given is None or isinstance(given, FTPCache) else given  # the caller's own cache
+        if own is not None:
+            given = stand_in_for(state.stand_ins, own, am, T)
         past = given.get_seq_length() if given is not None else 0
         routed = isinstance(given, FTPCache) or not state.dense_schedule()
         if routed and past and not isinstance(given, FTPCache):
             raise ValueError("FTP was attached after the cache was filled; attach before the prefill")
-        am = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         if am is not None:
             if am.ndim != 2:
                 raise ValueError(f"FTP needs a 2-D (B, S) attention_mask, got shape {tuple(am.shape)}")
@@ -779,6 +783,8 @@ def _base_pre_hook(state: FTPState, n_layers: int, cache_arg: str):
             state.begin_call(counted, phase, all_layers=True)
             return None
         seq = given if isinstance(given, FTPCache) else FTPCache(n_layers)
+        if own is not None and given is own:
+            adopt(state.stand_ins, own, seq)
         if past == 0 or T > 1 or state.host_cheap:
             state.n_new_host = new_valid.sum(1).tolist()
             state.new_all_valid = all(n == T for n in state.n_new_host)
