@@ -332,13 +332,11 @@ class RoutedLayer(nn.Module):
         past = st.past
         needs = st.router.needs_scores
         score = seq.score[:, past:]
-        if decode:  # one new token: its position is the last, its rank a count
-            n_before = (seq.n_valid - valid_new[:, 0].long()).float()
-            pos = torch.where(valid_new, (n_before / n_before.clamp_min(1.0))[:, None], 0.0)
+        if decode:  # one new token: its position is the last (1; 0 as its row's first valid token), its rank a count
+            pos = (valid_new & (seq.n_valid >= 2)[:, None]).float()
             if needs:
                 greater = ((seq.score[:, :past] > score) & seq.seq_valid[:, :past]).sum(1, keepdim=True)
-                n = (seq.n_valid.clamp_min(2) - 1)[:, None].float()
-                rank = torch.where(valid_new, greater.float() / n, 1.0)
+                rank = torch.where(valid_new, greater / (seq.n_valid.clamp_min(2) - 1)[:, None], 1.0)
             else:
                 rank = torch.zeros_like(pos)
         else:
@@ -579,7 +577,7 @@ class RoutedLayer(nn.Module):
         keys = lay.keys  # (B, Hkv, N, D)
         g = self.n_heads // keys.shape[1]
         qg = q_last.reshape(B, keys.shape[1], g, self.head_dim).to(keys.dtype)
-        logits = torch.einsum("bkgd,bknd->bkgn", qg, keys).float() * self.scaling
+        logits = torch.matmul(qg, keys.transpose(-1, -2)).float() * self.scaling  # (B, Hkv, g, N)
         window_bites = self.window is not None and seq.seq_valid.shape[1] > self.window
         slots = lay.slots
         if all_ok and not lay.holes and not window_bites:

@@ -230,8 +230,9 @@ class TokenRouter(nn.Module, Router):
         """(..., 4) features -> (...) keep probability."""
         if features.shape[-1] != N_FEATURES:
             raise ValueError(f"router features must end with {N_FEATURES}, got {tuple(features.shape)}")
-        w = self.net[0].weight
-        return torch.sigmoid(self.net(features.to(w.dtype)).squeeze(-1))
+        first, last = self.net[0], self.net[2]  # functional calls: no module-call overhead per decode step
+        hidden = nn.functional.gelu(nn.functional.linear(features.to(first.weight.dtype), first.weight, first.bias))
+        return torch.sigmoid(nn.functional.linear(hidden, last.weight, last.bias).squeeze(-1))
 
     def keep_prob(self, inputs: RouteInputs) -> torch.Tensor:
         return self(inputs.features())
