@@ -651,3 +651,54 @@ def test_cache_row_selection_moves_kv_and_routing_state_together():
     assert torch.equal(cache.score[0], score[1]) and cache.get_seq_length() == 9
     with pytest.raises(NotImplementedError, match="crop"):
         cache.crop(-1)
+
+
+def _manual_greedy(model, ids, cache, steps, with_mask):
+    """The plain decode loop: the caller passes its own ``cache`` at every call (prefill, then one token)."""
+    cur, am, toks = ids, torch.ones_like(ids), []
+    for _ in range(steps):
+        kw = _cache_kw(model, cache) | ({"attention_mask": am} if with_mask else {})
+        nxt = model(input_ids=cur, use_cache=True, **kw).logits[:, -1].argmax(-1, keepdim=True)
+        toks.append(int(nxt))
+        cur, am = nxt, torch.cat([am, torch.ones_like(nxt)], 1)
+    return toks
+
+
+@pytest.mark.parametrize("with_mask", [False, True], ids=["no_mask", "mask"])
+@pytest.mark.parametrize("router", [StaticRouter(), RandomRouter(5)], ids=["static", "random"])
+def test_manual_loop_with_callers_dynamic_cache_equals_generate(router, with_mask):
+    """Issue 22: a loop passing its own DynamicCache gave other tokens than generate (or raised on the mask)."""
+    from transformers import DynamicCache
+
+    model, ids, steps = _llama(), _ids(1, 20, seed=4), 8
+    with torch.no_grad(), attach_ftp(model, router, keep=0.7) as m:
+        ref = m.generate(ids, max_new_tokens=steps, do_sample=False, eos_token_id=None, pad_token_id=0)[0, 20:]
+        cache = DynamicCache()
+        assert _manual_greedy(m, ids, cache, steps, with_mask) == ref.tolist()
+        # the caller's cache holds the sequence (FTP's compact layers), not an empty dense cache
+        assert cache.get_seq_length() == 20 + steps - 1
+        dense_bytes = 4 * 2 * 2 * 16 * (20 + steps - 1) * 4  # layers, K/V, kv heads, head dim, slots, fp32
+        assert 0 < cache_nbytes(cache) < dense_bytes
+        cache.reset()  # a reset cache starts a new sequence
+        assert _manual_greedy(m, ids, cache, steps, with_mask) == ref.tolist()
+
+
+def test_manual_loop_with_callers_other_cache_is_refused():
+    """A cache FTP cannot fill (StaticCache) is refused for a continuation; generate with it still works."""
+    from transformers import StaticCache
+
+    model, ids = _llama(), _ids(1, 20, seed=4)
+    kw = {"do_sample": False, "eos_token_id": None, "pad_token_id": 0, "max_new_tokens": 5}
+    with torch.no_grad(), attach_ftp(model, StaticRouter(), keep=0.7) as m:
+        ref = m.generate(ids, **kw)
+        for _ in range(2):  # generate reuses its static cache object across calls
+            assert torch.equal(m.generate(ids, cache_implementation="static", **kw), ref)
+        cache = StaticCache(config=model.config, max_cache_len=64)
+        out = m(input_ids=ids, use_cache=True, **_cache_kw(m, cache))
+        nxt = out.logits[:, -1:].argmax(-1)
+        for mask in (None, torch.ones(1, 21, dtype=torch.long)):
+            with pytest.raises(ValueError, match="StaticCache was passed to an FTP prefill.*out.past_key_values"):
+                m(input_ids=nxt, use_cache=True, attention_mask=mask, **_cache_kw(m, cache))
+        # the returned cache continues the sequence
+        out2 = m(input_ids=nxt, use_cache=True, **_cache_kw(m, _out_cache(out)))
+        assert _out_cache(out2).get_seq_length() == 21

@@ -84,6 +84,25 @@ def test_random_router_seeded():
     assert torch.equal(a.keep_prob(_inputs(8, 0.3)), b2.keep_prob(_inputs(8, 0.3)))
 
 
+def test_token_router_init_is_seeded_and_ignores_global_rng():
+    """Issue 22: an untrained TokenRouter() depended on the global RNG (decode sparsity 0.0 or 0.48 by run)."""
+    torch.manual_seed(1)
+    a = TokenRouter()
+    torch.manual_seed(2)
+    state = torch.get_rng_state()
+    b = TokenRouter()
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG is neither read nor advanced
+    c, d = TokenRouter(seed=1), TokenRouter(hidden=8, seed=0)
+    for (name, x), y, z in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values()):
+        assert torch.equal(x, y) and not torch.equal(x, z), name
+    # torch's default Linear initialisation: weight and bias in (-1/sqrt(fan_in), 1/sqrt(fan_in))
+    for layer, fan_in in ((d.net[0], 4), (d.net[2], 8)):
+        assert layer.weight.abs().max() <= fan_in**-0.5 and layer.weight.std() > 0.2 * fan_in**-0.5
+        assert layer.bias.abs().max() <= fan_in**-0.5
+    f = torch.rand(3, 7, 4, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a(f), b(f))
+
+
 def test_token_router_shapes_save_load(tmp_path):
     torch.manual_seed(0)
     r = TokenRouter(hidden=64)

@@ -58,7 +58,7 @@ from torch import nn
 from prunecore.budget import keep_count, keep_counts, torch_rank, torch_top_k
 from tokenprune.stats import TokenStats
 
-from .cache import CompactLayer, FTPCache
+from .cache import CompactLayer, FTPCache, adopt, stand_in_for
 from .router import RandomRouter, RouteInputs, Router, StaticRouter, keep_topk, normalised_positions, score_ranks
 from .schedule import sparsity_schedule
 
@@ -198,6 +198,7 @@ class FTPState:
     call_kept: list = field(default_factory=list)  # (layer, 0-d tensor) for the other layers
     call_phase: int = PREFILL
     index_cache: dict = field(default_factory=dict)
+    stand_ins: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)  # caller cache -> FTPCache
     # training buffers (per layer)
     probs: list = field(default_factory=list)
     keeps: list = field(default_factory=list)
@@ -331,13 +332,11 @@ class RoutedLayer(nn.Module):
         past = st.past
         needs = st.router.needs_scores
         score = seq.score[:, past:]
-        if decode:  # one new token: its position is the last, its rank a count
-            n_before = (seq.n_valid - valid_new[:, 0].long()).float()
-            pos = torch.where(valid_new, (n_before / n_before.clamp_min(1.0))[:, None], 0.0)
+        if decode:  # one new token: its position is the last (1; 0 as its row's first valid token), its rank a count
+            pos = (valid_new & (seq.n_valid >= 2)[:, None]).float()
             if needs:
                 greater = ((seq.score[:, :past] > score) & seq.seq_valid[:, :past]).sum(1, keepdim=True)
-                n = (seq.n_valid.clamp_min(2) - 1)[:, None].float()
-                rank = torch.where(valid_new, greater.float() / n, 1.0)
+                rank = torch.where(valid_new, greater / (seq.n_valid.clamp_min(2) - 1)[:, None], 1.0)
             else:
                 rank = torch.zeros_like(pos)
         else:
@@ -578,7 +577,7 @@ class RoutedLayer(nn.Module):
         keys = lay.keys  # (B, Hkv, N, D)
         g = self.n_heads // keys.shape[1]
         qg = q_last.reshape(B, keys.shape[1], g, self.head_dim).to(keys.dtype)
-        logits = torch.einsum("bkgd,bknd->bkgn", qg, keys).float() * self.scaling
+        logits = torch.matmul(qg, keys.transpose(-1, -2)).float() * self.scaling  # (B, Hkv, g, N)
         window_bites = self.window is not None and seq.seq_valid.shape[1] > self.window
         slots = lay.slots
         if all_ok and not lay.holes and not window_bites:
@@ -750,11 +749,14 @@ def _base_pre_hook(state: FTPState, n_layers: int, cache_arg: str):
         B, T = x.shape[0], x.shape[1]
         given_key = next((k for k in ("cache", "past_key_values") if kwargs.get(k) is not None), None)
         given = kwargs.get(given_key) if given_key else None
+        am = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        own = None if given is None or isinstance(given, FTPCache) else given  # the caller's own cache
+        if own is not None:
+            given = stand_in_for(state.stand_ins, own, am, T)
         past = given.get_seq_length() if given is not None else 0
         routed = isinstance(given, FTPCache) or not state.dense_schedule()
         if routed and past and not isinstance(given, FTPCache):
             raise ValueError("FTP was attached after the cache was filled; attach before the prefill")
-        am = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         if am is not None:
             if am.ndim != 2:
                 raise ValueError(f"FTP needs a 2-D (B, S) attention_mask, got shape {tuple(am.shape)}")
@@ -779,6 +781,8 @@ def _base_pre_hook(state: FTPState, n_layers: int, cache_arg: str):
             state.begin_call(counted, phase, all_layers=True)
             return None
         seq = given if isinstance(given, FTPCache) else FTPCache(n_layers)
+        if own is not None and given is own:
+            adopt(state.stand_ins, own, seq)
         if past == 0 or T > 1 or state.host_cheap:
             state.n_new_host = new_valid.sum(1).tolist()
             state.new_all_valid = all(n == T for n in state.n_new_host)

@@ -13,12 +13,18 @@ end-of-sequence token), so that beam search reorders it together with the K/V
 
 ``get_seq_length()`` is the number of slots seen (prompt plus generated tokens), as with a
 dense cache, so ``generate``'s position bookkeeping and the model's mask sizes stay correct.
+
+A cache the caller passes to a routed prefill (``model(ids, cache=DynamicCache())``) is not
+filled with dense K/V: an :class:`FTPCache` stands in for it (:func:`stand_in_for`,
+:func:`adopt`). A plain ``DynamicCache`` is adopted (it shares the compact layers, so its
+length is right and passing it again continues the sequence); any other cache type stays
+empty and passing it again for a continuation is refused with an error.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
 
 class CompactLayer(CacheLayerMixin):
@@ -209,6 +215,52 @@ class FTPCache(Cache):
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("the FTP cache cannot be cropped (assisted decoding is not supported with FTP)")
+
+
+def adopt(stand_ins, own: Cache, seq: FTPCache) -> None:
+    """Let ``seq`` stand in for the caller's cache ``own`` passed to a routed prefill.
+
+    A plain ``DynamicCache`` takes ``seq``'s compact layers (one list shared by both), so its
+    ``get_seq_length()`` counts the sequence and passing it again continues with ``seq``;
+    any other cache type is only marked (it stays empty; :func:`stand_in_for` refuses it for
+    a continuation).
+
+    Args:
+        stand_ins: ``weakref.WeakKeyDictionary`` caller cache -> FTPCache (or None: marked).
+        own: the caller's empty cache; seq: the FTPCache the model runs with instead.
+    """
+    if type(own) is DynamicCache:
+        own.layers = seq.layers
+        stand_ins[own] = seq
+    else:
+        stand_ins[own] = None
+
+
+def stand_in_for(stand_ins, own: Cache, attention_mask: torch.Tensor | None, n_new: int) -> Cache:
+    """The cache a routed call runs with when the caller passes its own (non-FTP) cache ``own``.
+
+    Returns the adopted :class:`FTPCache` when ``own`` is a ``DynamicCache`` that FTP filled
+    (the plain manual decode loop), else ``own`` (a fresh prefill: FTP then swaps a new
+    FTPCache in and :func:`adopt` s ``own``).
+
+    Raises:
+        ValueError: ``own`` is another cache type that FTP left empty at a prefill and it comes
+            back for a continuation (an ``attention_mask`` longer than the ``n_new`` new
+            tokens, or no mask): decoding from it would silently restart the sequence.
+    """
+    if own not in stand_ins:
+        return own
+    seq = stand_ins[own]
+    if seq is not None:  # an adopted DynamicCache; after own.reset() its shared layers are empty again
+        return seq if own.layers is seq.layers and seq.get_seq_length() > 0 else own
+    if own.get_seq_length() == 0 and (attention_mask is None or attention_mask.shape[1] != n_new):
+        raise ValueError(
+            f"this {type(own).__name__} was passed to an FTP prefill and stays empty: FTP keeps the K/V in its own "
+            "FTPCache, returned as the output's `cache` (`past_key_values`). Pass that returned cache to the next "
+            "call (`cache = out.past_key_values`), or pass a DynamicCache (FTP fills it), or a new cache (with an "
+            "attention_mask of the new tokens only) to start a new sequence"
+        )
+    return own
 
 
 def cache_nbytes(cache) -> int:

@@ -30,6 +30,7 @@ the learned router, as in the paper).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -183,6 +184,20 @@ class RandomRouter(Router):
         return (prob >= inputs.sparsity) & inputs.valid
 
 
+def seeded_linear(n_in: int, n_out: int, generator: torch.Generator) -> nn.Linear:
+    """``nn.Linear(n_in, n_out)`` with torch's default initialisation drawn from ``generator``.
+
+    Weight ``(n_out, n_in)``: Kaiming-uniform with ``a = sqrt(5)``; bias ``(n_out,)``:
+    ``U(-1/sqrt(n_in), 1/sqrt(n_in))``. The global RNG is not used.
+    """
+    layer = torch.nn.utils.skip_init(nn.Linear, n_in, n_out)
+    with torch.no_grad():
+        nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
+        bound = 1.0 / math.sqrt(n_in)
+        layer.bias.uniform_(-bound, bound, generator=generator)
+    return layer
+
+
 class TokenRouter(nn.Module, Router):
     """The learned FTP router: one global 2-layer MLP shared by all blocks (paper).
 
@@ -194,25 +209,30 @@ class TokenRouter(nn.Module, Router):
         threshold: decode keep threshold.
         keep_sink: always keep the first (sink) token in prefill (reconstruction: the static
             router does; losing the attention sink in a block is very costly).
+        seed: seed of the initial weights (default 0): two routers built with the same seed are
+            identical whatever the global torch RNG state, which they neither read nor advance.
     """
 
     needs_scores = True
 
-    def __init__(self, hidden: int = 64, threshold: float = 0.5, keep_sink: bool = True):
+    def __init__(self, hidden: int = 64, threshold: float = 0.5, keep_sink: bool = True, seed: int = 0):
         nn.Module.__init__(self)
         if hidden < 1:
             raise ValueError(f"hidden must be >= 1, got {hidden}")
         self.hidden = int(hidden)
         self.threshold = float(threshold)
         self.keep_sink = bool(keep_sink)
-        self.net = nn.Sequential(nn.Linear(N_FEATURES, hidden), nn.GELU(), nn.Linear(hidden, 1))
+        gen = torch.Generator().manual_seed(int(seed))
+        first, last = (seeded_linear(n_in, n_out, gen) for n_in, n_out in ((N_FEATURES, hidden), (hidden, 1)))
+        self.net = nn.Sequential(first, nn.GELU(), last)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """(..., 4) features -> (...) keep probability."""
         if features.shape[-1] != N_FEATURES:
             raise ValueError(f"router features must end with {N_FEATURES}, got {tuple(features.shape)}")
-        w = self.net[0].weight
-        return torch.sigmoid(self.net(features.to(w.dtype)).squeeze(-1))
+        first, last = self.net[0], self.net[2]  # functional calls: no module-call overhead per decode step
+        hidden = nn.functional.gelu(nn.functional.linear(features.to(first.weight.dtype), first.weight, first.bias))
+        return torch.sigmoid(nn.functional.linear(hidden, last.weight, last.bias).squeeze(-1))
 
     def keep_prob(self, inputs: RouteInputs) -> torch.Tensor:
         return self(inputs.features())
