@@ -47,7 +47,7 @@ from .ingest import IngestStage
 from .outdir import check_inputs_outside, claim_output, output_lock
 from .select import SelectStage
 from .stage import PipelineError, parquet_columns
-from .steps import STEPS, chain_steps, cli_flags, method_choices, normalize_steps
+from .steps import STEPS, chain_steps, cli_flags, flag_params, method_choices, normalize_steps
 from .tario import ShardError, expand_shards, scan_headers
 from .threads import compute_threads, resolve_threads
 from .write import WriteStage
@@ -170,11 +170,6 @@ def default_steps(
     if not steps:
         raise ValueError("nothing to do: give --dedup-eps and/or a --method")
     return steps
-
-
-def flag_params(cls, params: dict) -> dict:
-    """``{param: value}`` of step class ``cls`` from its flags' values in ``params`` (by dest)."""
-    return {f.param: params[f.dest] for f in cls.flags if f.dest in params}
 
 
 @dataclass

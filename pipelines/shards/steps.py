@@ -369,6 +369,11 @@ def cli_flags() -> list[tuple[Flag, str]]:
     return [(flag, flag.help.format(default=flag_default(flag, owners[flag.name]))) for flag in ordered]
 
 
+def flag_params(cls: type[Step], values: dict) -> dict:
+    """``{param: value}`` of step class ``cls`` from its flags' values in ``values`` (by dest)."""
+    return {f.param: values[f.dest] for f in cls.flags if f.dest in values}
+
+
 def flag_default(flag: Flag, methods: Sequence[str]) -> str:
     """The default of ``flag`` in steps ``methods``: ``"hard"``, or ``"dbp 0.3, ssp 0.5"`` when they differ."""
     values = {m: STEPS[m].defaults()[flag.param] for m in methods}
