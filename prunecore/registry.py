@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Generic, TypeVar
 
@@ -152,6 +153,15 @@ class Registry(Mapping[str, T], Generic[T]):
             module, _, attr = self._targets[key].partition(":")
             self._entries[key] = getattr(importlib.import_module(module), attr)
         return self._entries[key]
+
+    def __setitem__(self, name: str, entry: T) -> None:
+        """Deprecated (the tables were dicts): ``table[name] = entry`` is :meth:`register`."""
+        warnings.warn(
+            f"assigning into the {self.kind} table is deprecated: use its register decorator",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        self.register(name)(entry)
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and bool(name) and self._key(name) in self._spelling

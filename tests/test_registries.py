@@ -115,6 +115,17 @@ def test_discover_imports_every_module_of_a_package(tmp_path, monkeypatch):
             sys.modules.pop(name)
 
 
+def test_old_names_still_work_with_a_deprecation_warning():
+    from pipelines.shards.run import check_step
+
+    reg = Registry("widget")
+    with pytest.warns(DeprecationWarning, match="register decorator"):
+        reg["a"] = int  # the tables were dicts
+    assert reg["a"] is int
+    with pytest.warns(DeprecationWarning, match="build_step"), pytest.raises(ValueError, match="--balance"):
+        check_step({"method": "dbp", "balance": 2})
+
+
 def test_unregister_removes_an_entry():
     reg = Registry("widget")
     reg.register("a")(int)

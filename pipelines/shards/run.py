@@ -31,6 +31,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -47,7 +48,7 @@ from .ingest import IngestStage
 from .outdir import check_inputs_outside, claim_output, output_lock
 from .select import SelectStage
 from .stage import PipelineError, parquet_columns
-from .steps import STEPS, chain_steps, cli_flags, flag_params, method_choices, normalize_steps
+from .steps import STEPS, build_step, chain_steps, cli_flags, flag_params, method_choices, normalize_steps
 from .tario import ShardError, expand_shards, scan_headers
 from .threads import compute_threads, resolve_threads
 from .write import WriteStage
@@ -439,6 +440,13 @@ def preflight(shards: list[str], cfg: FilterConfig, log) -> None:
         bad = f" ({len(unusable)} shard(s) gave none: {'; '.join(unusable[:3])})" if unusable else ""
         raise PipelineError(f"--clusters {cfg.clusters} is more than the {total} samples in the shards{bad}: lower it")
     log(f"[embed] {total:,} samples in {len(shards)} shard(s); keys unique")
+
+
+def check_step(step: dict) -> None:
+    """Deprecated (kept for one release): a step checks its parameters itself when it is built
+    (:meth:`~pipelines.shards.steps.Step.check`); use :func:`~pipelines.shards.steps.build_step`."""
+    warnings.warn("check_step is deprecated: build_step(step) checks the step", DeprecationWarning, stacklevel=2)
+    build_step(step)
 
 
 def check_config(cfg: FilterConfig) -> list[dict]:
