@@ -237,6 +237,7 @@ def test_selection_step_contract(method, problem):
     method_action = next(a for a in filter_parser._actions if "--method" in a.option_strings)
     assert (method in method_action.choices) == cls.method_choice
     # it runs, on (m, d) rows -> a Selection of m rows, the same twice
+    texts = texts if cls.needs_texts else None  # a step that does not say it reads captions gets none
     sel = step.run(rows, clustering, texts, device="cpu")
     again = step.run(rows, clustering, texts, device="cpu")
     assert sel.n == rows.shape[0] and sel.keep.dtype == bool and 0 < sel.n_kept <= sel.n

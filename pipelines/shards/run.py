@@ -197,7 +197,7 @@ class FilterConfig:
     text_embeddings: object = None
     key_column: str = "key"
     batch_size: int = 64
-    text: bool | None = None  # embed captions (default: when a clipscore step asks)
+    text: bool | None = None  # embed captions (default: when a step needs_texts, e.g. clipscore)
     dtype: str = "float16"
     strict: bool = False  # stop on bad samples/names/tars instead of counting them
     # decoding (pipelines.shards.decode.DecodeOptions)
@@ -341,7 +341,7 @@ def _owned_patterns(cfg: FilterConfig) -> dict:
 
 def _run_stages(cfg: FilterConfig, steps: list[dict], out: Path, shard_list: list[str], files: list) -> FilterResult:
     """The chain under the lock: embed/ingest -> cluster -> select -> write."""
-    text = any(s.get("method") == "clipscore" for s in steps) if cfg.text is None else cfg.text
+    text = any(STEPS[s["method"]].needs_texts for s in steps) if cfg.text is None else cfg.text
     executor = make_executor(cfg.backend, cfg.ray_address)
     log, progress, verify = cfg.log, cfg.progress, cfg.verify
 

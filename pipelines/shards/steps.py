@@ -85,14 +85,16 @@ class Step:
     Class attributes a step sets: ``method`` (its name), ``flags`` (its CLI flags),
     ``enabled_by`` (flag dests whose value adds the step to the CLI chain before the method
     step, e.g. SemDeDup's ``dedup_eps``; empty: the step is picked by ``--method``),
-    ``method_choice`` (whether ``--method`` offers it), ``example`` (parameters the contract
-    test builds it with, when the defaults alone are not a valid step).
+    ``method_choice`` (whether ``--method`` offers it), ``needs_texts`` (whether it reads the
+    caption embeddings: the embed stage then embeds captions), ``example`` (parameters the
+    contract test builds it with, when the defaults alone are not a valid step).
     """
 
     method: ClassVar[str]
     flags: ClassVar[tuple[Flag, ...]] = ()
     enabled_by: ClassVar[tuple[str, ...]] = ()
     method_choice: ClassVar[bool] = True
+    needs_texts: ClassVar[bool] = False
     example: ClassVar[dict] = {}
 
     def __post_init__(self):
@@ -156,6 +158,7 @@ class ClipScoreStep(Step):
     )
     enabled_by: ClassVar[tuple[str, ...]] = ("clip_score_min", "clip_score_keep")
     method_choice: ClassVar[bool] = False
+    needs_texts: ClassVar[bool] = True
     example: ClassVar[dict] = {"keep": 0.5}
     min: float | None = None
     keep: float | int | None = None
