@@ -11,7 +11,7 @@ import sys
 
 from .encoders import EncoderSpec
 from .shards.run import FilterConfig, default_steps, filter_config, run_filter
-from .shards.steps import STEPS
+from .shards.steps import STEPS, chain_steps, cli_flags, method_choices
 
 DEFAULTS = FilterConfig()
 
@@ -24,11 +24,6 @@ def _size(text: str) -> int:
         if low.endswith(u):
             return int(float(low[:-2]) * f)
     return int(float(low))
-
-
-def _keep(text: str):
-    value = float(text)
-    return int(value) if value > 1 and value.is_integer() else value
 
 
 class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
@@ -147,37 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--seed", type=int, default=DEFAULTS.seed, help="seed of k-means sampling and of the dbp/random steps"
     )
-    s = f.add_argument_group("selection (chain: clip score -> semdedup -> method)")
-    s.add_argument(
-        "--clip-score-min",
-        type=float,
-        help="drop rows whose image-caption cosine is below this (needs a CLIP model; embeds captions)",
-    )
-    s.add_argument("--clip-score-keep", type=_keep, help="keep this fraction/count by CLIP score")
-    s.add_argument(
-        "--dedup-eps", type=float, help="SemDeDup: drop rows with cosine > 1 - eps to an earlier row of their cluster"
-    )
-    s.add_argument("--method", default="dbp", choices=["dbp", "ssp", "random", "semdedup", "none"])
-    keeps = ", ".join(f"{m} {STEPS[m].defaults()['keep']}" for m in ("dbp", "ssp", "random"))
-    s.add_argument(
-        "--keep",
-        type=_keep,
-        help=f"fraction (or count) of the rows entering the method step to keep (default: {keeps})",
-    )
-    dbp = STEPS["dbp"].defaults()
-    s.add_argument(
-        "--temperature",
-        type=float,
-        help=f"DBP softmax temperature (default {dbp['temperature']}, as the reference code; "
-        "a reimplementation uses 0.1)",
-    )
-    s.add_argument("--n-neighbors", type=int, help=f"DBP neighbours for d_inter (default {dbp['n_neighbors']})")
-    s.add_argument("--balance", type=float, help=f"DBP per-cluster floor share (default {dbp['balance']})")
-    s.add_argument(
-        "--order", choices=["hard", "easy", "random"], help=f"DBP/SemDeDup walk order (default {dbp['order']})"
-    )
-    ssp_mode = STEPS["ssp"].defaults()["mode"]
-    s.add_argument("--ssp-mode", choices=["hard", "easy"], help=f"SSP: keep hard or easy rows (default {ssp_mode})")
+    add_step_flags(f)
     w = f.add_argument_group("output shards")
     w.add_argument("--no-write", action="store_true", help="stop after the keep-list")
     w.add_argument("--shard-max-count", type=int, default=DEFAULTS.shard_max_count)
@@ -212,6 +177,19 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--images-per-row", type=int, default=8)
     add_serve_dllm_parser(sub)
     return p
+
+
+def add_step_flags(parser) -> None:
+    """The selection group, built from the step registry (:data:`pipelines.shards.STEPS`): the
+    flags that add a chain step (``--clip-score-*``, ``--dedup-eps``), ``--method`` (every step
+    offered as one, or none), then the other step flags; each flag is declared by its step."""
+    group = parser.add_argument_group(f"selection (chain: {' -> '.join([*chain_steps(), 'method'])})")
+    enabling = {dest for name in chain_steps() for dest in STEPS[name].enabled_by}
+    flags = cli_flags()  # the enabling flags come first
+    for i, (flag, text) in enumerate(flags):
+        if flag.dest not in enabling and (i == 0 or flags[i - 1][0].dest in enabling):
+            group.add_argument("--method", default="dbp", choices=[*method_choices(), "none"])
+        group.add_argument(flag.name, type=flag.type, choices=flag.choices, help=text)
 
 
 def add_serve_dllm_parser(sub) -> None:
@@ -298,19 +276,8 @@ def _filter(args) -> int:
         raise ValueError("give shards and/or --embeddings, or --hf-dataset")
     if not args.encoder and args.embeddings is None and args.embedding_column is None and args.model is None:
         raise ValueError("give --model (and --pretrained) to embed, or --embeddings / --embedding-column")
-    steps = default_steps(
-        dedup_eps=args.dedup_eps,
-        method=args.method,
-        keep=args.keep,
-        temperature=args.temperature,
-        n_neighbors=args.n_neighbors,
-        balance=args.balance,
-        order=args.order,
-        ssp_mode=args.ssp_mode,
-        seed=args.seed,
-        clip_score_min=args.clip_score_min,
-        clip_score_keep=args.clip_score_keep,
-    )
+    flags = {flag.dest: getattr(args, flag.dest) for flag, _ in cli_flags()}
+    steps = default_steps(method=args.method, seed=args.seed, **flags)
     config = filter_config(
         model=args.model,
         pretrained=args.pretrained,

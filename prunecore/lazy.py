@@ -1,5 +1,17 @@
 """Lazy package exports: a name is imported from its module on first access, so importing a
-package never pulls in heavy libraries (transformers, a RAG framework) it may not need."""
+package never pulls in heavy libraries (transformers, a RAG framework) it may not need.
+
+A package lists its entry points in ``__all__``, resolves them with :func:`lazy_exports` and
+shows them to ``dir()`` (editors, REPL completion) with :func:`lazy_dir`; a ``TYPE_CHECKING``
+block imports the same names for type checkers::
+
+    _EXPORTS = {"FoPru": "tokenprune.fopru"}
+    if TYPE_CHECKING:
+        from .fopru import FoPru
+    __all__ = sorted(_EXPORTS)
+    __getattr__ = lazy_exports(__name__, _EXPORTS)
+    __dir__ = lazy_dir(globals(), _EXPORTS)
+"""
 
 from __future__ import annotations
 
@@ -28,3 +40,13 @@ def lazy_exports(package: str, exports: dict[str, str], *, install_hint: str | N
         return module if path.rsplit(".", 1)[-1] == name else getattr(module, name)
 
     return __getattr__
+
+
+def lazy_dir(namespace: dict, exports: dict[str, str]) -> Callable[[], list[str]]:
+    """A module ``__dir__``: the module's own names (``namespace``: its ``globals()``) plus the
+    lazy ``exports``, sorted, so ``dir(package)`` lists entry points not imported yet."""
+
+    def __dir__() -> list[str]:
+        return sorted(set(namespace) | set(exports))
+
+    return __dir__

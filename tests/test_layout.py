@@ -1,13 +1,17 @@
 """The layout's rules, checked from the source: no import cycle inside the project (imports
-inside functions count too), no ``_private`` name imported from another module, and
-``import prunecore`` loads no faiss, open_clip or transformers."""
+inside functions count too), no ``_private`` name imported from another module, importing any
+top-level package loads no faiss, open_clip or transformers, and ``tokenprune`` / ``pipelines``
+show their entry points to ``dir()`` and to type checkers."""
 
 from __future__ import annotations
 
 import ast
+import importlib
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("prunecore", "dataprune", "tokenprune", "pipelines")
@@ -98,7 +102,39 @@ def test_no_private_name_crosses_a_module():
     assert crossings == []
 
 
-def test_prunecore_import_is_light():
-    code = "import sys, prunecore; print(sorted(m for m in ('faiss', 'open_clip', 'transformers') if m in sys.modules))"
+@pytest.mark.parametrize("package", PACKAGES)
+def test_package_import_is_light(package):
+    heavy = "('faiss', 'open_clip', 'transformers', 'langchain_core', 'llama_index', 'haystack')"
+    code = f"import sys, {package}; print(sorted(m for m in {heavy} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def type_checking_imports(package: str) -> dict[str, str]:
+    """``{name: module}`` imported in the ``if TYPE_CHECKING:`` block of ``package/__init__.py``."""
+    path = ROOT / package / "__init__.py"
+    block = next(
+        node
+        for node in ast.parse(path.read_text()).body
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
+    )
+    names = {}
+    for node in block.body:
+        base = resolve_from(package, path, node)
+        for alias in node.names:
+            names[alias.name] = f"{base}.{alias.name}" if f"{base}.{alias.name}" in project_modules() else base
+    return names
+
+
+@pytest.mark.parametrize("package", ["tokenprune", "pipelines"])
+def test_entry_points_are_listed_shown_and_typed(package):
+    """``__all__`` lists the lazy exports, ``dir()`` shows them, the ``TYPE_CHECKING`` block
+    imports each from the module it resolves from, and each resolves."""
+    module = importlib.import_module(package)
+    assert module.__all__ == sorted(module._EXPORTS)
+    assert set(module.__all__) <= set(dir(module))
+    typed = type_checking_imports(package)
+    assert set(typed) == set(module.__all__)
+    for name, path in module._EXPORTS.items():
+        assert typed[name] == path, name
+        assert getattr(module, name) is not None

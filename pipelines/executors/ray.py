@@ -6,12 +6,14 @@
   chunks are the same files.
 * **cluster**: k-means runs on the driver on the seeded sample, assignment streams there too
   (faiss on the driver's GPU when there is one).
-* **select**: SemDeDup, the per-cluster O(m^2 d) part, is a ``groupby("cluster")
-  .map_groups(...)`` over clusters; each group reads its rows from the embedding memmaps and
-  runs :func:`dataprune.semdedup` on that one cluster (the walk order is the same as the
-  local one, so the decisions are identical). DBP/SSP/random/CLIP-score steps need global
-  quantities (quotas, a global ranking) and are linear-time: they run on the driver with the
-  same pure functions, streaming over the memmaps.
+* **select**: a step that says it runs per cluster (:attr:`Step.runs_per_cluster
+  <pipelines.shards.steps.Step.runs_per_cluster>`: SemDeDup with a hard/easy walk, the
+  O(m^2 d) part) is a ``groupby("cluster").map_groups(...)`` over clusters; each group reads
+  its rows from the embedding memmaps and runs the step on that one cluster, and the step
+  merges the groups (:meth:`~pipelines.shards.steps.Step.merge_clusters`), so the decisions
+  are the local ones. Other steps need global quantities (quotas, a global ranking) and are
+  linear-time: they run on the driver, streaming over the memmaps. The executor never reads
+  a step's name.
 * **write**: a Ray Data job over output shards; output shard j holds the same samples as in
   the local backend (the plan is computed on the driver), so the output files are the same.
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +34,7 @@ import pandas as pd
 
 from pipelines.shards.embed import load_embed_artifact, throughput_summary
 from pipelines.shards.select import select_chain
-from pipelines.shards.steps import run_step
+from pipelines.shards.steps import build_step
 from pipelines.shards.threads import compute_threads
 from pipelines.shards.write import output_name, write_outputs
 from prunecore.cluster import Clustering
@@ -113,10 +116,11 @@ class RayExecutor:
         threads = torch.get_num_threads()  # the select stage's count (it calls this under it), for the tasks
 
         def runner(step, rows, clu, texts, device="auto", progress=False):
-            if step["method"] == "semdedup" and step["order"] in ("hard", "easy"):
+            unit = build_step(step)
+            if unit.runs_per_cluster:
                 idx = rows.rows if isinstance(rows, RowSubset) else np.arange(rows.shape[0])
-                return ray_semdedup(embed_dir, step, idx, clu, threads=threads)
-            return run_step(step, rows, clu, texts, device=device, progress=progress)
+                return ray_per_cluster(embed_dir, step, idx, clu, threads=threads)
+            return unit.run(rows, clu, texts, device=device, progress=progress)
 
         return select_chain(embed, clustering, steps, step_runner=runner)
 
@@ -180,11 +184,10 @@ def _embeddings(embed_dir: str):
     return _ART_CACHE[embed_dir]
 
 
-def _semdedup_group(group: pd.DataFrame, embed_dir: str, step: dict, threads: int | None = None) -> pd.DataFrame:
-    """One cluster: rows (global ids, ascending) -> keep + score, via dataprune.semdedup, with
-    torch on ``threads`` CPU threads (the driver's: not the worker's OMP_NUM_THREADS=1)."""
-    from dataprune import semdedup
-
+def _cluster_group(group: pd.DataFrame, embed_dir: str, step: dict, threads: int | None = None) -> pd.DataFrame:
+    """One cluster: rows (global ids, ascending) -> keep + score of the step run on that
+    cluster alone, with torch on ``threads`` CPU threads (the driver's: not the worker's
+    OMP_NUM_THREADS=1)."""
     group = group.sort_values("local", kind="stable")
     m = len(group)
     rows = RowSubset(_embeddings(embed_dir), group["row"].to_numpy(np.int64))
@@ -194,25 +197,16 @@ def _semdedup_group(group: pd.DataFrame, embed_dir: str, step: dict, threads: in
         sim=group["sim"].to_numpy(np.float32),
     )
     with compute_threads(threads):
-        sel = semdedup(
-            rows,
-            step["eps"],
-            clustering=clu,
-            order=step["order"],
-            rule=step["rule"],
-            block_size=step["block_size"],
-            device="cpu",
-        )
+        sel = build_step(step).run(rows, clu, None, device="cpu")
     return pd.DataFrame({"local": group["local"].to_numpy(np.int64), "keep": sel.keep, "score": sel.scores})
 
 
-def ray_semdedup(embed_dir: str, step: dict, idx: np.ndarray, clustering, *, threads: int | None = None):
-    """SemDeDup over rows ``idx`` (m,) of the embeddings as a Ray groupby over clusters, torch
-    on ``threads`` CPU threads in each task (None: the worker's count). Returns the same
-    Selection (m,) as :func:`dataprune.semdedup` with that clustering on as many threads."""
+def ray_per_cluster(embed_dir: str, step: dict, idx: np.ndarray, clustering, *, threads: int | None = None):
+    """A per-cluster step over rows ``idx`` (m,) of the embeddings as a Ray groupby over
+    clusters, torch on ``threads`` CPU threads in each task (None: the worker's count).
+    Returns the same Selection (m,) as the step run locally with that clustering on as many
+    threads (the step merges the groups: :meth:`~pipelines.shards.steps.Step.merge_clusters`)."""
     import ray
-
-    from dataprune import Selection
 
     m = idx.shape[0]
     df = pd.DataFrame(
@@ -226,7 +220,7 @@ def ray_semdedup(embed_dir: str, step: dict, idx: np.ndarray, clustering, *, thr
     ds = (
         ray.data.from_pandas(df)
         .groupby("cluster")
-        .map_groups(_semdedup_group, fn_args=(embed_dir, step, threads), batch_format="pandas")
+        .map_groups(_cluster_group, fn_args=(embed_dir, step, threads), batch_format="pandas")
     )
     out = ds.to_pandas()
     keep = np.ones(m, dtype=bool)
@@ -234,13 +228,10 @@ def ray_semdedup(embed_dir: str, step: dict, idx: np.ndarray, clustering, *, thr
     local = out["local"].to_numpy(np.int64)
     keep[local] = out["keep"].to_numpy(bool)
     scores[local] = out["score"].to_numpy(np.float32)
-    sizes = clustering.sizes
-    stats = pd.DataFrame(
-        {
-            "cluster": np.arange(clustering.k),
-            "size": sizes,
-            "kept": np.bincount(clustering.labels[keep], minlength=clustering.k),
-            "eps": float(step["eps"]),
-        }
-    )
-    return Selection.from_mask(keep, "duplicate", scores=scores, stats={"semdedup": stats})
+    return build_step(step).merge_clusters(clustering, keep, scores)
+
+
+def ray_semdedup(embed_dir: str, step: dict, idx: np.ndarray, clustering, *, threads: int | None = None):
+    """Deprecated alias of :func:`ray_per_cluster` (kept for one release)."""
+    warnings.warn("ray_semdedup is deprecated: use ray_per_cluster", DeprecationWarning, stacklevel=2)
+    return ray_per_cluster(embed_dir, step, idx, clustering, threads=threads)

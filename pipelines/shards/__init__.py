@@ -7,7 +7,7 @@ chains them (:func:`run_filter`), ``report`` draws a finished run.
 
 from .run import FilterConfig, FilterResult, default_steps, filter_config, run_filter
 from .stage import PipelineError
-from .steps import STEPS, Step, register_step
+from .steps import STEPS, Flag, Step, register_step
 from .tario import (
     IMAGE_EXTS,
     TEXT_EXTS,
@@ -28,6 +28,7 @@ __all__ = [
     "TEXT_EXTS",
     "FilterConfig",
     "FilterResult",
+    "Flag",
     "PipelineError",
     "RawSample",
     "ShardError",

@@ -27,19 +27,20 @@ from __future__ import annotations
 
 import glob
 import math
-import numbers
 import os
 import re
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from pipelines.encoders import EncoderSpec
-from prunecore.budget import check_keep
 from prunecore.rows import open_embeddings
 
+from .checks import in_range as _in_range
+from .checks import positive_int as _positive_int
 from .cluster import ClusterStage
 from .decode import DecodeOptions, decode_options_of
 from .embed import EmbedStage
@@ -47,7 +48,7 @@ from .ingest import IngestStage
 from .outdir import check_inputs_outside, claim_output, output_lock
 from .select import SelectStage
 from .stage import PipelineError, parquet_columns
-from .steps import STEPS, normalize_steps
+from .steps import STEPS, build_step, chain_steps, cli_flags, flag_params, method_choices, normalize_steps
 from .tario import ShardError, expand_shards, scan_headers
 from .threads import compute_threads, resolve_threads
 from .write import WriteStage
@@ -136,46 +137,40 @@ def _glob_files(spec) -> list[str]:
 
 def default_steps(
     *,
-    dedup_eps=None,
     method="dbp",
-    clip_score_min=None,
-    clip_score_keep=None,
     **params,
 ) -> list[dict]:
-    """The CLI's chain: [clipscore] -> [semdedup] -> method (dbp/ssp/random/none).
+    """The CLI's chain: the steps that their own flags add, in registration order
+    ([clipscore] -> [semdedup]), then the ``method`` step (dbp/ssp/random/semdedup/none).
 
-    ``params``: parameters of the method step (``keep``, ``temperature``, ``seed``...; see
-    :mod:`pipelines.shards.steps`); ``None`` or a parameter the method does not have is
-    left out, so the step's own default applies. ``order`` also sets SemDeDup's walk order;
-    ``ssp_mode`` is SSP's ``mode``.
+    ``params``: the step flags' values by their ``default_steps`` keyword (``dedup_eps``,
+    ``clip_score_min``, ``keep``, ``ssp_mode``...; :func:`~pipelines.shards.steps.cli_flags`),
+    and for the method step any of its parameters by name (``seed``, ``min_per_cluster``...;
+    see :mod:`pipelines.shards.steps`). ``None`` or a parameter a step does not have is left
+    out, so the step's own default applies; ``--order`` sets both DBP's and SemDeDup's order.
     """
-    known = {"ssp_mode"}.union(*(cls.defaults() for cls in STEPS.values()))
+    flags = [flag for flag, _ in cli_flags()]
+    known = {f.dest for f in flags}.union(*(cls.defaults() for cls in STEPS.values()))
     if set(params) - known:
         raise TypeError(f"unknown step parameter(s) {sorted(set(params) - known)}; known: {sorted(known)}")
     params = {k: v for k, v in params.items() if v is not None}
-    if "ssp_mode" in params:
-        params["mode"] = params.pop("ssp_mode")
+    choices = method_choices()
+    if method not in (*choices, None, "none"):
+        raise ValueError(f"unknown method {method!r}: choose {', '.join(choices)} or none")
     steps = []
-    if clip_score_min is not None or clip_score_keep is not None:
-        steps.append({"method": "clipscore", "min": clip_score_min, "keep": clip_score_keep})
-    if dedup_eps is not None:
-        steps.append({"method": "semdedup", "eps": dedup_eps, **_known("semdedup", params, ("order",))})
-    if method in ("dbp", "ssp", "random"):
-        steps.append({"method": method, **_known(method, params)})
-    elif method == "semdedup":
-        if dedup_eps is None:
-            raise ValueError("--method semdedup needs --dedup-eps")
-    elif method not in (None, "none"):
-        raise ValueError(f"unknown method {method!r}: choose dbp, ssp, random, semdedup or none")
+    for name in chain_steps():
+        if any(dest in params for dest in STEPS[name].enabled_by):
+            steps.append({"method": name, **flag_params(STEPS[name], params)})
+        elif name == method:
+            enabling = " or ".join(f.name for f in STEPS[name].flags if f.dest in STEPS[name].enabled_by)
+            raise ValueError(f"--method {name} needs {enabling}")
+    if method in choices and method not in chain_steps():
+        fields = STEPS[method].defaults()
+        by_name = {k: v for k, v in params.items() if k in fields}
+        steps.append({"method": method, **by_name, **flag_params(STEPS[method], params)})
     if not steps:
         raise ValueError("nothing to do: give --dedup-eps and/or a --method")
     return steps
-
-
-def _known(method: str, params: dict, names: Sequence[str] | None = None) -> dict:
-    """The entries of ``params`` that step ``method`` has (restricted to ``names`` if given)."""
-    allowed = set(STEPS[method].defaults()) & set(params) & set(params if names is None else names)
-    return {k: params[k] for k in sorted(allowed)}
 
 
 @dataclass
@@ -202,7 +197,7 @@ class FilterConfig:
     text_embeddings: object = None
     key_column: str = "key"
     batch_size: int = 64
-    text: bool | None = None  # embed captions (default: when a clipscore step asks)
+    text: bool | None = None  # embed captions (default: when a step needs_texts, e.g. clipscore)
     dtype: str = "float16"
     strict: bool = False  # stop on bad samples/names/tars instead of counting them
     # decoding (pipelines.shards.decode.DecodeOptions)
@@ -346,7 +341,7 @@ def _owned_patterns(cfg: FilterConfig) -> dict:
 
 def _run_stages(cfg: FilterConfig, steps: list[dict], out: Path, shard_list: list[str], files: list) -> FilterResult:
     """The chain under the lock: embed/ingest -> cluster -> select -> write."""
-    text = any(s.get("method") == "clipscore" for s in steps) if cfg.text is None else cfg.text
+    text = any(STEPS[s["method"]].needs_texts for s in steps) if cfg.text is None else cfg.text
     executor = make_executor(cfg.backend, cfg.ray_address)
     log, progress, verify = cfg.log, cfg.progress, cfg.verify
 
@@ -447,42 +442,11 @@ def preflight(shards: list[str], cfg: FilterConfig, log) -> None:
     log(f"[embed] {total:,} samples in {len(shards)} shard(s); keys unique")
 
 
-def _positive_int(name: str, value, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _in_range(name: str, value, lo: float, hi: float, *, lo_open=False, hi_open=False) -> None:
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
-    ok = ok and (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
-    if not ok:
-        brackets = ("(" if lo_open else "[") + f"{lo}, {hi}" + (")" if hi_open else "]")
-        raise ValueError(f"{name} must be a number in {brackets}, got {value!r}")
-
-
 def check_step(step: dict) -> None:
-    """Raise ValueError (naming the CLI flag) for a step parameter the step would reject
-    later: ``keep``, SemDeDup's ``eps``, DBP's ``temperature``/``n_neighbors``/``balance``..."""
-    method = step["method"]
-    if step.get("keep") is not None:
-        try:
-            check_keep(step["keep"])
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"--keep of {method}: {exc}") from None
-    if method == "semdedup":
-        _in_range("--dedup-eps", step["eps"], 0.0, 2.0, lo_open=True, hi_open=True)
-        if step["block_size"] is not None:
-            _positive_int("semdedup block_size", step["block_size"])
-    if method == "dbp":
-        _in_range("--temperature", step["temperature"], 0.0, math.inf, lo_open=True, hi_open=True)
-        _positive_int("--n-neighbors", step["n_neighbors"])
-        _in_range("--balance", step["balance"], 0.0, 1.0)
-        _positive_int("dbp min_per_cluster", step["min_per_cluster"], 0)
-    if method == "clipscore" and step.get("min") is not None:
-        _in_range("--clip-score-min", step["min"], -1.0, 1.0)
-    for name, choices in (("order", ("hard", "easy", "random")), ("mode", ("hard", "easy"))):
-        if name in step and step[name] not in choices:
-            raise ValueError(f"{method} {name} must be one of {choices}, got {step[name]!r}")
+    """Deprecated (kept for one release): a step checks its parameters itself when it is built
+    (:meth:`~pipelines.shards.steps.Step.check`); use :func:`~pipelines.shards.steps.build_step`."""
+    warnings.warn("check_step is deprecated: build_step(step) checks the step", DeprecationWarning, stacklevel=2)
+    build_step(step)
 
 
 def check_config(cfg: FilterConfig) -> list[dict]:
@@ -517,10 +481,7 @@ def check_config(cfg: FilterConfig) -> list[dict]:
             "--hf-output-format disk: a streaming input is written as parquet shards: use --hf-output-format "
             "parquet, or drop --streaming"
         )
-    steps = normalize_steps(list(default_steps() if cfg.steps is None else cfg.steps))
-    for step in steps:
-        check_step(step)
-    return steps
+    return normalize_steps(list(default_steps() if cfg.steps is None else cfg.steps))  # each step checks itself
 
 
 def check_device(device: str) -> None:

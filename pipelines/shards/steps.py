@@ -1,44 +1,137 @@
 """Selection steps: one small class per method, registered in :data:`STEPS` by name.
 
 A step is written as a dict ``{"method": name, **params}`` (what the select stage stores
-and fingerprints). Each class declares its parameters and their defaults once, as
-dataclass fields; :func:`normalize_steps` fills them in and rejects unknown ones, and
-:func:`run_step` runs one step on rows (m, d) with their clustering -> a Selection (m,).
-A new step is one class with ``@register_step``.
+and fingerprints). Each class owns, declared once:
+
+* its parameters and their defaults, as dataclass fields; :func:`normalize_steps` fills them
+  in and rejects unknown ones;
+* its checks (:meth:`Step.check`, run at construction; errors name the CLI flag);
+* its command-line flags (:attr:`Step.flags`): ``prunekit filter`` builds ``--method`` and the
+  selection flags from :data:`STEPS` (:func:`method_choices`, :func:`cli_flags`), and
+  :func:`~pipelines.shards.run.default_steps` maps the flags' values back to steps;
+* how it runs: :meth:`Step.run` on rows (m, d) with their clustering -> a Selection (m,); a
+  step whose clusters are independent says so (:attr:`Step.runs_per_cluster`) and merges
+  per-cluster runs (:meth:`Step.merge_clusters`), so an executor can fan it out without
+  knowing its name.
+
+A new step is one class with ``@register_step`` (:data:`STEPS` is a :class:`prunecore.Registry`;
+``tests/test_registries.py`` runs every registered step through the same contract).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
+import pandas as pd
 
-from prunecore.budget import keep_count, top_k_mask
+from prunecore.budget import check_keep, keep_count, top_k_mask
 from prunecore.cluster import Clustering, l2_normalize
+from prunecore.registry import Registry
 
+from .checks import in_range, positive_int
 from .stage import PipelineError
 
-STEPS: dict[str, type[Step]] = {}
+STEPS: Registry[type[Step]] = Registry("selection method")
 
 
 def register_step(cls: type[Step]) -> type[Step]:
-    """Class decorator: make ``cls`` available under ``cls.method``."""
-    STEPS[cls.method] = cls
-    return cls
+    """Class decorator: make ``cls`` available under ``cls.method`` (a taken name is a ``ValueError``)."""
+    return STEPS.register(cls.method)(cls)
+
+
+def parse_keep(text: str) -> float | int:
+    """A ``--keep`` value: ``"0.3"`` -> 0.3 (a fraction), ``"5000"`` -> 5000 (a count)."""
+    value = float(text)
+    return int(value) if value > 1 and value.is_integer() else value
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One ``prunekit filter`` flag setting a step parameter: ``name`` (``"--ssp-mode"``) sets
+    ``param`` (``"mode"``). Its keyword in :func:`~pipelines.shards.run.default_steps` is
+    :attr:`dest` (``"ssp_mode"``). A flag shared by several steps (``--keep``, ``--order``) is
+    one object listed in each one's ``flags``; ``{default}`` in ``help`` becomes the default
+    (``"hard"``, or ``"dbp 0.3, ssp 0.5, random 0.5"`` when the steps' defaults differ)."""
+
+    name: str
+    param: str
+    help: str
+    type: Callable[[str], Any] | None = None
+    choices: tuple | None = None
+
+    @property
+    def dest(self) -> str:
+        return self.name.lstrip("-").replace("-", "_")
+
+
+KEEP = Flag(
+    "--keep",
+    "keep",
+    "fraction (or count) of the rows entering the method step to keep (default: {default})",
+    type=parse_keep,
+)
+ORDER = Flag("--order", "order", "DBP/SemDeDup walk order (default {default})", choices=("hard", "easy", "random"))
 
 
 @dataclass(frozen=True)
 class Step:
-    """Base of the selection steps; fields are the step's parameters with their defaults."""
+    """Base of the selection steps; fields are the step's parameters with their defaults.
+
+    Class attributes a step sets: ``method`` (its name), ``flags`` (its CLI flags),
+    ``enabled_by`` (flag dests whose value adds the step to the CLI chain before the method
+    step, e.g. SemDeDup's ``dedup_eps``; empty: the step is picked by ``--method``),
+    ``method_choice`` (whether ``--method`` offers it), ``needs_texts`` (whether it reads the
+    caption embeddings: the embed stage then embeds captions), ``example`` (parameters the
+    contract test builds it with, when the defaults alone are not a valid step).
+    """
 
     method: ClassVar[str]
+    flags: ClassVar[tuple[Flag, ...]] = ()
+    enabled_by: ClassVar[tuple[str, ...]] = ()
+    method_choice: ClassVar[bool] = True
+    needs_texts: ClassVar[bool] = False
+    example: ClassVar[dict] = {}
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self) -> None:
+        """Raise ``ValueError`` (naming the CLI flag) for a parameter the step would reject:
+        ``keep`` (the budget rule) and every flag with choices; subclasses add their own."""
+        keep = getattr(self, "keep", None)
+        if keep is not None:
+            try:
+                check_keep(keep)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"--keep of {self.method}: {exc}") from None
+        for flag in self.flags:
+            value = getattr(self, flag.param)
+            if flag.choices is not None and value not in flag.choices:
+                raise ValueError(f"{self.method} {flag.param} must be one of {flag.choices}, got {value!r}")
+
+    def label(self, param: str) -> str:
+        """How errors name ``param``: its CLI flag (``--dedup-eps``) or ``"<method> <param>"``."""
+        return next((f.name for f in self.flags if f.param == param), f"{self.method} {param}")
 
     def run(self, rows, clustering: Clustering, texts=None, *, device="auto", progress=False):
         """rows (m, d) with their clustering (and caption rows or None) -> Selection (m,)."""
         raise NotImplementedError
+
+    @property
+    def runs_per_cluster(self) -> bool:
+        """Whether :meth:`run` decides each cluster from that cluster's rows alone (then an
+        executor may run it once per cluster and combine with :meth:`merge_clusters`)."""
+        return False
+
+    def merge_clusters(self, clustering: Clustering, keep: np.ndarray, scores: np.ndarray):
+        """The Selection (m,) of per-cluster runs of :meth:`run`: ``keep`` (m,) bool and
+        ``scores`` (m,) float32 gathered from them; ``clustering`` labels the m rows."""
+        raise NotImplementedError(f"{self.method} does not run per cluster")
 
     def as_dict(self) -> dict:
         return {"method": self.method, **dataclasses.asdict(self)}
@@ -54,12 +147,28 @@ class ClipScoreStep(Step):
     """Keep rows whose image-caption cosine is >= ``min``, or the top ``keep`` by it."""
 
     method: ClassVar[str] = "clipscore"
+    flags: ClassVar[tuple[Flag, ...]] = (
+        Flag(
+            "--clip-score-min",
+            "min",
+            "drop rows whose image-caption cosine is below this (needs a CLIP model; embeds captions)",
+            type=float,
+        ),
+        Flag("--clip-score-keep", "keep", "keep this fraction/count by CLIP score", type=parse_keep),
+    )
+    enabled_by: ClassVar[tuple[str, ...]] = ("clip_score_min", "clip_score_keep")
+    method_choice: ClassVar[bool] = False
+    needs_texts: ClassVar[bool] = True
+    example: ClassVar[dict] = {"keep": 0.5}
     min: float | None = None
     keep: float | int | None = None
 
-    def __post_init__(self):
+    def check(self) -> None:
         if (self.min is None) == (self.keep is None):
             raise ValueError("clipscore needs exactly one of min (threshold) or keep (fraction)")
+        super().check()
+        if self.min is not None:
+            in_range(self.label("min"), self.min, -1.0, 1.0)
 
     def run(self, rows, clustering, texts=None, *, device="auto", progress=False):
         from dataprune import Selection
@@ -83,10 +192,45 @@ class SemDedupStep(Step):
     """SemDeDup: drop rows with cosine > 1 - eps to an earlier row of their cluster."""
 
     method: ClassVar[str] = "semdedup"
+    flags: ClassVar[tuple[Flag, ...]] = (
+        Flag(
+            "--dedup-eps",
+            "eps",
+            "SemDeDup: drop rows with cosine > 1 - eps to an earlier row of their cluster",
+            type=float,
+        ),
+        ORDER,
+    )
+    enabled_by: ClassVar[tuple[str, ...]] = ("dedup_eps",)
     eps: float = 0.05
     order: str = "hard"
     rule: str = "reference"
     block_size: int | None = None
+
+    def check(self) -> None:
+        super().check()
+        in_range(self.label("eps"), self.eps, 0.0, 2.0, lo_open=True, hi_open=True)
+        if self.block_size is not None:
+            positive_int(self.label("block_size"), self.block_size)
+
+    @property
+    def runs_per_cluster(self) -> bool:
+        """Hard/easy walks order each cluster by its own similarities; a random walk draws one
+        permutation over all rows, so its clusters are not independent."""
+        return self.order in ("hard", "easy")
+
+    def merge_clusters(self, clustering, keep, scores):
+        from dataprune import Selection
+
+        stats = pd.DataFrame(
+            {
+                "cluster": np.arange(clustering.k),
+                "size": clustering.sizes,
+                "kept": np.bincount(clustering.labels[keep], minlength=clustering.k),
+                "eps": float(self.eps),
+            }
+        )
+        return Selection.from_mask(keep, "duplicate", scores=scores, stats={"semdedup": stats})
 
     def run(self, rows, clustering, texts=None, *, device="auto", progress=False):
         from dataprune import semdedup
@@ -109,6 +253,18 @@ class DBPStep(Step):
     """Density-based pruning: per-cluster quotas from cluster complexity."""
 
     method: ClassVar[str] = "dbp"
+    flags: ClassVar[tuple[Flag, ...]] = (
+        KEEP,
+        Flag(
+            "--temperature",
+            "temperature",
+            "DBP softmax temperature (default {default}, as the reference code; a reimplementation uses 0.1)",
+            type=float,
+        ),
+        Flag("--n-neighbors", "n_neighbors", "DBP neighbours for d_inter (default {default})", type=int),
+        Flag("--balance", "balance", "DBP per-cluster floor share (default {default})", type=float),
+        ORDER,
+    )
     keep: float | int = 0.3
     temperature: float = 0.5
     n_neighbors: int = 20
@@ -116,6 +272,13 @@ class DBPStep(Step):
     order: str = "hard"
     min_per_cluster: int = 1
     seed: int = 1234
+
+    def check(self) -> None:
+        super().check()
+        in_range(self.label("temperature"), self.temperature, 0.0, math.inf, lo_open=True, hi_open=True)
+        positive_int(self.label("n_neighbors"), self.n_neighbors)
+        in_range(self.label("balance"), self.balance, 0.0, 1.0)
+        positive_int(self.label("min_per_cluster"), self.min_per_cluster, 0)
 
     def run(self, rows, clustering, texts=None, *, device="auto", progress=False):
         from dataprune import prune_dbp
@@ -130,6 +293,10 @@ class SSPStep(Step):
     """Self-supervised prototype pruning: keep the hardest (or easiest) rows by centroid distance."""
 
     method: ClassVar[str] = "ssp"
+    flags: ClassVar[tuple[Flag, ...]] = (
+        KEEP,
+        Flag("--ssp-mode", "mode", "SSP: keep hard or easy rows (default {default})", choices=("hard", "easy")),
+    )
     keep: float | int = 0.5
     mode: str = "hard"
 
@@ -145,6 +312,7 @@ class RandomStep(Step):
     """A seeded uniform random subset."""
 
     method: ClassVar[str] = "random"
+    flags: ClassVar[tuple[Flag, ...]] = (KEEP,)
     keep: float | int = 0.5
     seed: int = 1234
 
@@ -155,12 +323,11 @@ class RandomStep(Step):
 
 
 def build_step(step: dict) -> Step:
-    """``{"method": name, **params}`` -> the step object (unknown names/params raise ValueError)."""
+    """``{"method": name, **params}`` -> the checked step object (unknown names/params and
+    bad values raise ValueError)."""
     params = dict(step)
     method = params.pop("method", None)
-    if method not in STEPS:
-        raise ValueError(f"unknown selection method {method!r}; choose from {sorted(STEPS)}")
-    cls = STEPS[method]
+    cls = STEPS.lookup(method)
     unknown = set(params) - set(cls.defaults())
     if unknown:
         raise ValueError(f"unknown parameter(s) {sorted(unknown)} for {method}")
@@ -175,6 +342,47 @@ def normalize_steps(steps: Sequence[dict]) -> list[dict]:
 def run_step(step: dict, rows, clustering: Clustering, texts=None, *, device="auto", progress=False):
     """One selection step over ``rows`` (m, d) with their clustering: a Selection (m,)."""
     return build_step(step).run(rows, clustering, texts, device=device, progress=progress)
+
+
+def method_choices() -> list[str]:
+    """``--method`` choices: the registered steps offered as a method, those picked by
+    ``--method`` alone first (``dbp, ssp, random, semdedup``), in registration order."""
+    offered = [name for name, cls in STEPS.items() if cls.method_choice]
+    return sorted(offered, key=lambda name: bool(STEPS[name].enabled_by))
+
+
+def chain_steps() -> list[str]:
+    """Steps that their own flags add before the method step (``clipscore, semdedup``)."""
+    return [name for name, cls in STEPS.items() if cls.enabled_by]
+
+
+def cli_flags() -> list[tuple[Flag, str]]:
+    """Every step flag once, with its help's ``{default}`` filled: the flags that add a chain
+    step first (in :func:`chain_steps` order), then the others in :func:`method_choices` order."""
+    order = method_choices() + [m for m in chain_steps() if m not in method_choices()]
+    owners: dict[str, list[str]] = {}
+    flags: dict[str, Flag] = {}
+    for name in order:
+        for flag in STEPS[name].flags:
+            if flags.setdefault(flag.name, flag) is not flag:
+                raise ValueError(f"two different step flags are named {flag.name}: share one Flag object")
+            owners.setdefault(flag.name, []).append(name)
+    first = [f for m in chain_steps() for f in STEPS[m].flags if f.dest in STEPS[m].enabled_by]
+    ordered = first + [f for f in flags.values() if f not in first]
+    return [(flag, flag.help.format(default=flag_default(flag, owners[flag.name]))) for flag in ordered]
+
+
+def flag_params(cls: type[Step], values: dict) -> dict:
+    """``{param: value}`` of step class ``cls`` from its flags' values in ``values`` (by dest)."""
+    return {f.param: values[f.dest] for f in cls.flags if f.dest in values}
+
+
+def flag_default(flag: Flag, methods: Sequence[str]) -> str:
+    """The default of ``flag`` in steps ``methods``: ``"hard"``, or ``"dbp 0.3, ssp 0.5"`` when they differ."""
+    values = {m: STEPS[m].defaults()[flag.param] for m in methods}
+    if len(set(map(repr, values.values()))) == 1:
+        return str(next(iter(values.values())))
+    return ", ".join(f"{m} {v}" for m, v in values.items())
 
 
 def clip_scores(images, texts, batch_size: int = 65536) -> np.ndarray:

@@ -8,9 +8,7 @@ adding a family is one new file.
 
 from __future__ import annotations
 
-import importlib
 import importlib.metadata
-import pkgutil
 import re
 
 from .base import FoPruAdapter
@@ -61,9 +59,7 @@ def check_transformers_version(installed: str | None = None) -> None:
 
 check_transformers_version()
 
-for _info in pkgutil.iter_modules(__path__):
-    if _info.name not in ("base", "registry"):
-        importlib.import_module(f"{__name__}.{_info.name}")
+ADAPTERS.discover(__name__, skip=("base", "registry"))
 
 
 def make_adapter(model, **options) -> FoPruAdapter:

@@ -1,8 +1,8 @@
-"""The family table: ``config.model_type`` -> FoPru adapter class.
+"""The family table: ``config.model_type`` -> FoPru adapter class (a :class:`prunecore.Registry`).
 
 A family module registers its adapter with ``@register("model_type", ...)``; the adapters
-package imports every module beside this one at import time, so adding a family is one new
-file in ``tokenprune/fopru/adapters/`` and no edit elsewhere.
+package discovers every module beside this one at import time (:meth:`Registry.discover`), so
+adding a family is one new file in ``tokenprune/fopru/adapters/`` and no edit elsewhere.
 """
 
 from __future__ import annotations
@@ -11,22 +11,20 @@ from collections.abc import Callable
 
 from torch import nn
 
+from prunecore.registry import Registry
+
 __all__ = ["ADAPTERS", "adapter_class", "register", "supported_families"]
 
-ADAPTERS: dict[str, type] = {}
+ADAPTERS: Registry[type] = Registry("FoPru family (config.model_type)")
 
 
 def register(*model_types: str) -> Callable[[type], type]:
-    """Class decorator: file the adapter under each ``config.model_type`` in ``model_types``."""
-    if not model_types:
-        raise ValueError("register() needs at least one model_type")
+    """Class decorator: file the adapter under each ``config.model_type`` in ``model_types``
+    (a ``model_type`` already filed to another adapter is a ``ValueError``)."""
+    file = ADAPTERS.register(*model_types)
 
     def deco(cls: type) -> type:
-        for model_type in model_types:
-            other = ADAPTERS.get(model_type)
-            if other is not None and other is not cls:
-                raise ValueError(f"model_type {model_type!r} is already registered to {other.__name__}")
-            ADAPTERS[model_type] = cls
+        file(cls)
         cls.model_types = tuple(model_types)
         return cls
 

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prunecore.registry import Registry
+
 __all__ = [
     "DLLMConfig",
     "DLLMOutput",
@@ -47,14 +49,18 @@ __all__ = [
     "padded_positions",
 ]
 
-FAMILIES: dict[str, type[NativeDLLM]] = {}
+#: ``config.json`` ``model_type`` (any case) -> family class; filled by discovery of the
+#: ``models`` package (:meth:`prunecore.Registry.discover`), so a family module is never forgotten.
+FAMILIES: Registry[type[NativeDLLM]] = Registry("diffusion LLM family (model_type)", fold_case=True)
 
 
 def register_family(model_type: str):
-    """Class decorator: register a :class:`NativeDLLM` subclass under ``model_type`` (case-insensitive)."""
+    """Class decorator: register a :class:`NativeDLLM` subclass under ``model_type``
+    (case-insensitive; a ``model_type`` already filed to another class is a ``ValueError``)."""
+    file = FAMILIES.register(model_type)
 
     def add(cls):
-        FAMILIES[model_type.lower()] = cls
+        file(cls)
         cls.model_type = model_type
         return cls
 
@@ -63,13 +69,12 @@ def register_family(model_type: str):
 
 def family_for(model_type: str) -> type[NativeDLLM]:
     """The registered class for a ``config.json`` ``model_type``; a clear error otherwise."""
-    cls = FAMILIES.get(str(model_type).lower())
-    if cls is None:
+    if not isinstance(model_type, str) or model_type not in FAMILIES:
         raise ValueError(
             f"model_type {model_type!r} is not a supported diffusion LLM; supported: "
-            f"{sorted(c.model_type for c in FAMILIES.values())} (load other models yourself and pass them in)"
+            f"{FAMILIES.available()} (load other models yourself and pass them in)"
         )
-    return cls
+    return FAMILIES[model_type]
 
 
 @dataclass
