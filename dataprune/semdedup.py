@@ -243,3 +243,14 @@ def _resolve_block(edges: torch.Tensor, dropped_before: torch.Tensor) -> torch.T
         kept |= newly_kept
         undecided &= ~(newly_dropped | newly_kept)
     return drop
+
+
+def semdedup_flops(sizes: np.ndarray, d: int, block_size: int | None = None) -> float:
+    """Floating-point operations (2 x multiply-adds) of the row-block products that
+    :func:`semdedup` computes for clusters of these ``sizes`` (k,) at width ``d``."""
+    total = 0.0
+    for m in np.asarray(sizes)[np.asarray(sizes) > 1]:
+        b = auto_block_size(int(m), block_size)
+        ends = np.minimum(np.arange(0, m, b) + b, m)
+        total += 2.0 * d * float(((ends - np.arange(0, m, b)) * ends).sum())
+    return total
