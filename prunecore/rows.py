@@ -7,6 +7,8 @@ Every streaming stage (normalisation, assignment, scoring) reads rows through
 from __future__ import annotations
 
 import os
+import struct
+import zipfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -93,21 +95,25 @@ class NpyRows(LazyRows):
     Rows read are copied into fresh arrays and the file's pages stay in the OS page cache,
     outside this process's resident set, so streaming a file larger than memory keeps the
     peak RSS at O(batch) (a memmap would count every touched page as resident).
+    ``member``: a ``.npy`` member of an uncompressed ``.npz`` (``np.savez``), read in place.
     """
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
+    def __init__(self, path: str | os.PathLike, member: str | None = None):
+        self.path, self.member = Path(path), member
+        start = 0 if member is None else npz_member_offset(self.path, member)
         with open(self.path, "rb") as f:
+            f.seek(start)
             version = np.lib.format.read_magic(f)
             read_header = (
                 np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
             )
             shape, fortran, dtype = read_header(f, max_header_size=1 << 20)
             self.offset = f.tell()
+        name = self.path if member is None else f"{self.path}[{member}]"
         if len(shape) != 2:
-            raise ValueError(f"{self.path}: embeddings must be 2-D (n, d), got shape {shape}")
+            raise ValueError(f"{name}: embeddings must be 2-D (n, d), got shape {shape}")
         if fortran or dtype.hasobject:
-            raise ValueError(f"{self.path}: need a C-ordered numeric array, re-save it with np.save")
+            raise ValueError(f"{name}: need a C-ordered numeric array, re-save it with np.save")
         self.shape, self.dtype = (int(shape[0]), int(shape[1])), np.dtype(dtype)
         self.row_bytes = self.shape[1] * self.dtype.itemsize
         self.fd = os.open(self.path, os.O_RDONLY)
@@ -118,10 +124,10 @@ class NpyRows(LazyRows):
             os.close(fd)
 
     def __getstate__(self):  # picklable (Ray tasks): reopened by path
-        return {"path": self.path}
+        return {"path": self.path, "member": self.member}
 
     def __setstate__(self, state):
-        self.__init__(state["path"])
+        self.__init__(state["path"], state["member"])
 
     def read_range(self, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop`` as a new array (stop - start, d), one read."""
@@ -148,6 +154,24 @@ class NpyRows(LazyRows):
         for i, r in enumerate(rows.tolist()):
             out[i] = self.read_range(r, r + 1)[0]
         return out
+
+
+def npz_member_offset(path: Path, member: str) -> int:
+    """Byte offset of the ``member`` (``"b32_img"`` or ``"b32_img.npy"``) array inside an
+    uncompressed ``.npz``; a compressed member raises (it cannot be read in place)."""
+    name = member if member.endswith(".npy") else f"{member}.npy"
+    with zipfile.ZipFile(path) as archive:
+        try:
+            info = archive.getinfo(name)
+        except KeyError:
+            raise ValueError(f"{path} has no array {member!r} (arrays: {archive.namelist()})") from None
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise ValueError(f"{path}[{member}] is compressed (np.savez_compressed): re-save with np.savez")
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)  # local file header: name and extra-field lengths at bytes 26-29
+        name_len, extra_len = struct.unpack("<HH", local[26:30])
+    return info.header_offset + 30 + name_len + extra_len
 
 
 def open_embeddings(source, *, mmap: bool = True) -> np.ndarray | LazyRows:
