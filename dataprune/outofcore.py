@@ -51,7 +51,7 @@ class StageTiming:
 @dataclass
 class ScaleReport:
     """What a run measured: per-stage timings, the machine's ``torch.mm`` GFLOP/s, the
-    memory limit and the peak RSS (bytes), rows and kept rows."""
+    memory limit and the peak RSS (bytes), rows and kept rows, and the clustering used."""
 
     stages: dict[str, StageTiming] = field(default_factory=dict)
     mm_gflops: float = 0.0
@@ -59,6 +59,7 @@ class ScaleReport:
     peak_rss: int = 0
     n: int = 0
     kept: int = 0
+    clustering: Clustering | None = None  # the k-means result the chain used
 
     @property
     def seconds(self) -> float:
@@ -146,14 +147,14 @@ def prune_out_of_core(
     labels, sim = assign(rows, centroids, batch_size=batch, backend=params["backend"], device="cpu")
     report.stages["assign (streamed)"] = StageTiming(time.perf_counter() - t0, 2.0 * n * k * d)
     say(f"[assign] {n:,} rows, {report.stages['assign (streamed)'].seconds:.1f} s")
-    clustering = Clustering(centroids, labels, sim, params)
+    clustering = report.clustering = Clustering(centroids, labels, sim, params)
 
     t0 = time.perf_counter()
     sorted_rows = build_cluster_layout(rows, labels, Path(workdir) / "layout", memory_limit=limit)
     report.stages["cluster-sorted copy"] = StageTiming(time.perf_counter() - t0)
     say(f"[layout] {report.stages['cluster-sorted copy'].seconds:.1f} s")
     sel = run_chain(sorted_rows, clustering, eps, method, keep, method_params, seed, workers, report)
-    report.mm_gflops = measure_mm_gflops(256, max(256, int(np.median(clustering.sizes))), d)
+    report.mm_gflops = measure_mm_gflops(1024, max(1024, int(np.median(clustering.sizes))), d)
     report.peak_rss, report.kept = peak_rss_bytes(), sel.n_kept
     return sel, report
 
@@ -183,7 +184,7 @@ def prune_in_memory(
     batch = 65536
     labels, sim = assign(rows, centroids, batch_size=batch, backend=params["backend"], device="cpu")
     report.stages["kmeans + assign"] = StageTiming(time.perf_counter() - t0)
-    clustering = Clustering(centroids, labels, sim, params)
+    clustering = report.clustering = Clustering(centroids, labels, sim, params)
     sel = run_chain(rows, clustering, eps, method, keep, method_params, seed, workers, report)
     report.peak_rss, report.kept = peak_rss_bytes(), sel.n_kept
     return sel, report
