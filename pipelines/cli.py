@@ -187,6 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--backend", default=DEFAULTS.backend, choices=["local", "ray"])
     r.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     r.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    r.add_argument(
+        "--memory-limit",
+        help="buffers of the select stage, e.g. 4GB (default: half the machine's memory); embeddings larger "
+        "than a quarter of it get a cluster-sorted copy on disk so each cluster is one contiguous read",
+    )
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.add_argument(
         "--verify",
@@ -306,6 +311,7 @@ def _filter(args) -> int:
         device=args.device,
         backend=args.backend,
         ray_address=args.ray_address,
+        memory_limit=args.memory_limit,
         progress=not args.quiet,
         verify=args.verify,
         wait_lock=args.wait_lock,

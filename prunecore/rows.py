@@ -210,6 +210,23 @@ def _open_npy(path: Path, mmap: bool = True) -> np.ndarray | NpyRows:
     return arr
 
 
+def unmapped(rows):
+    """The same rows read with ``pread`` instead of through a memory map: a ``.npy`` memmap
+    (whole file) becomes a :class:`NpyRows`, a :class:`ChunkedRows` of them a ChunkedRows of
+    NpyRows; anything else is returned as is. Values are bitwise the same."""
+    if isinstance(rows, ChunkedRows):
+        chunks = [unmapped(c) for c in rows.chunks]
+        return rows if all(a is b for a, b in zip(chunks, rows.chunks)) else ChunkedRows(chunks)
+    if isinstance(rows, np.memmap) and getattr(rows, "filename", None) and str(rows.filename).endswith(".npy"):
+        try:
+            file_rows = NpyRows(rows.filename)
+        except (OSError, ValueError):
+            return rows
+        if file_rows.shape == rows.shape and file_rows.dtype == rows.dtype and file_rows.offset == rows.offset:
+            return file_rows
+    return rows
+
+
 def as_rows(x) -> np.ndarray | LazyRows:
     """Validate a row source: 2-D, floating, non-empty width. Lists become arrays."""
     if not isinstance(x, (np.ndarray, LazyRows)):

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from dataprune import semdedup
@@ -121,3 +122,32 @@ def test_parameter_errors(tmp_path):
         prune_out_of_core(x, k=3, workdir=tmp_path, method="dbp")
     with pytest.raises(ValueError, match="nothing to do"):
         prune_out_of_core(x, k=3, workdir=tmp_path, eps=None, method=None)
+
+
+def test_cli_memory_limit_gives_the_same_keep_list_through_a_cluster_sorted_copy(tmp_path):
+    from pipelines.cli import main
+
+    x = planted(3000, 16, dups=300)
+    write_chunks(x, tmp_path, parts=2)
+    for i, part in enumerate(np.array_split(np.arange(3000), 2)):
+        pd.DataFrame({"key": [f"s{j:05d}" for j in part]}).to_parquet(tmp_path / f"meta_{i}.parquet")
+    common = [
+        "filter", "--embeddings", str(tmp_path / "emb_*.npy"), "--metadata", str(tmp_path / "meta_*.parquet"),
+        "--clusters", "8", "--dedup-eps", "0.02", "--method", "dbp", "--keep", "0.5", "--no-write", "--quiet",
+    ]  # fmt: skip
+    assert main([*common, "--out", str(tmp_path / "plain")]) == 0
+    logged = []
+    from pipelines.shards.run import run_filter
+
+    run_filter(
+        None, tmp_path / "small", embeddings=str(tmp_path / "emb_*.npy"), metadata=str(tmp_path / "meta_*.parquet"),
+        clusters=8, steps=[{"method": "semdedup", "eps": 0.02}, {"method": "dbp", "keep": 0.5}], write=False,
+        progress=False, memory_limit="40kB", log=logged.append,
+    )  # fmt: skip
+    assert any("cluster-sorted copy" in line for line in logged) and any("peak RSS" in line for line in logged)
+    plain = pd.read_parquet(tmp_path / "plain" / "select" / "keep.parquet")
+    small = pd.read_parquet(tmp_path / "small" / "select" / "keep.parquet")
+    pd.testing.assert_frame_equal(plain, small)
+    assert (plain["reason"] == "duplicate").sum() >= 250
+    assert not (tmp_path / "small" / "select" / "layout").exists()  # the copy is scratch
+    assert main([*common, "--out", str(tmp_path / "bad"), "--memory-limit", "lots"]) == 2

@@ -47,6 +47,8 @@ class RayExecutor:
     """Connect to (or start) Ray. ``address=None`` starts a local Ray (``num_cpus`` CPUs)
     unless ``RAY_ADDRESS`` is set; ``"auto"`` or ``"ray://host:10001"`` joins a cluster."""
 
+    remote_semdedup = True  # SemDeDup runs in per-cluster tasks: the select stage needs no local copy
+
     def __init__(self, address: str | None = None, num_cpus: int | None = None, embed_actors: int | None = None):
         import ray
 

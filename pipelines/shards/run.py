@@ -35,6 +35,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from prunecore.budget import check_keep
+from prunecore.memory import parse_size
 
 from .cluster import ClusterStage
 from .decode import DecodeOptions, decode_options_of
@@ -230,6 +231,7 @@ class FilterConfig:
     device: str = "auto"
     backend: str = "local"
     ray_address: str | None = None
+    memory_limit: int | str | None = None  # select stage buffers (None: half the machine's memory)
     progress: bool = True
     log: Callable = print
     # safety
@@ -352,7 +354,16 @@ def _run_stages(cfg: FilterConfig, steps: list[dict], out: Path, shard_list: lis
     )
     cluster = cl_stage.run(log, verify=verify)
     result.stages["cluster"] = cl_stage
-    sel_stage = SelectStage(out, embed, cluster, steps, device=cfg.device, progress=progress, executor=executor)
+    sel_stage = SelectStage(
+        out,
+        embed,
+        cluster,
+        steps,
+        device=cfg.device,
+        progress=progress,
+        executor=executor,
+        memory_limit=cfg.memory_limit,
+    )
     select = sel_stage.run(log, verify=verify)
     result.stages["select"] = sel_stage
     result.keep = select.keep
@@ -442,6 +453,11 @@ def check_config(cfg: FilterConfig) -> list[dict]:
         raise ValueError(f"--key-column must be a column name, got {cfg.key_column!r}")
     if not isinstance(cfg.device, str) or not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):
         raise ValueError(f"--device must be auto, cpu, mps, cuda or cuda:N, got {cfg.device!r}")
+    if cfg.memory_limit is not None:
+        try:
+            parse_size(cfg.memory_limit)
+        except ValueError as exc:
+            raise ValueError(f"--memory-limit: {exc}") from None
     steps = normalize_steps(list(default_steps() if cfg.steps is None else cfg.steps))
     for step in steps:
         check_step(step)
