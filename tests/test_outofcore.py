@@ -151,3 +151,23 @@ def test_cli_memory_limit_gives_the_same_keep_list_through_a_cluster_sorted_copy
     assert (plain["reason"] == "duplicate").sum() >= 250
     assert not (tmp_path / "small" / "select" / "layout").exists()  # the copy is scratch
     assert main([*common, "--out", str(tmp_path / "bad"), "--memory-limit", "lots"]) == 2
+
+
+def test_ray_cluster_tasks_open_only_the_row_files(tmp_path):
+    """A Ray worker's SemDeDup group opens the embed folder's row files (read, not mapped)
+    and never its sample table: the folder here has no keys.parquet at all."""
+    pytest.importorskip("ray", reason="ray is in the dev extra")
+    from pipelines.executors import ray as ray_executor
+
+    x = planted(400, 8, dups=20)
+    folder = tmp_path / "embed"
+    (folder / "chunks").mkdir(parents=True)
+    np.save(folder / "chunks" / "0.img.npy", x[:250])
+    np.save(folder / "chunks" / "1.img.npy", np.zeros((0, 8), np.float16))  # a shard with no image
+    np.save(tmp_path / "elsewhere.npy", x[250:])
+    (folder / "embeddings.json").write_text(
+        f'{{"images": ["chunks/0.img.npy", "chunks/1.img.npy", "{tmp_path / "elsewhere.npy"}"], "texts": []}}'
+    )
+    rows = ray_executor._embeddings(str(folder))
+    assert rows.shape == (400, 8) and np.array_equal(rows[np.array([399, 0, 251])], x[[399, 0, 251]])
+    assert str(folder) not in Path("/proc/self/maps").read_text()
