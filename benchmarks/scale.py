@@ -9,9 +9,11 @@ under ``--memory-limit``. Printed: each stage's seconds and GFLOP/s against the 
 At n <= ``--check-up-to`` the in-memory path (:func:`prune_in_memory`, rows loaded whole, a
 separate process) must give the identical keep-list, reasons and scores.
 
-``--load`` adds a competing process that keeps one core busy, and the SemDeDup stage is
-also timed the way it ran before (clusters one after another, each small product spread
-over torch's threads), to show what the side-by-side clusters buy on a busy machine.
+``--load`` adds a competing process that keeps one core busy. Per size, SemDeDup's products
+on the 100 largest clusters are also timed both ways (:func:`compare_schemes`): clusters
+side by side on one thread each (now) and clusters in turn with each small product spread
+over torch's threads (before), to show what the former buys on a busy machine.
+``--eps none`` skips SemDeDup (DBP alone).
 
 Usage: ``python benchmarks/scale.py --n 1000000 3000000 10000000 --d 256``,
 ``--quick`` (seconds; what the test runs), ``--plot docs/dataprune_scale.png``.
@@ -37,7 +39,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dataprune.outofcore import prune_in_memory, prune_out_of_core  # noqa: E402
-from dataprune.semdedup import auto_block_size, max_similarity_to_earlier  # noqa: E402
+from dataprune.semdedup import (  # noqa: E402
+    auto_block_size,
+    cluster_parallel,
+    max_similarity_to_earlier,
+    semdedup_flops,
+)
 from prunecore.cluster import Clustering, l2_normalize  # noqa: E402
 from prunecore.layout import ClusterSortedRows  # noqa: E402
 from prunecore.memory import peak_rss_bytes  # noqa: E402
@@ -87,18 +94,30 @@ def busy_core(stop) -> None:
             x += 1
 
 
-def semdedup_intra_op(rows, clustering: Clustering) -> float:
-    """Seconds of SemDeDup's products done as before: clusters one after another, each block
-    product spread over torch's threads (the scheme a descheduled thread stalls)."""
+def compare_schemes(rows, clustering: Clustering, n_clusters: int = 100) -> dict:
+    """SemDeDup's per-cluster products on the ``n_clusters`` largest clusters, two ways, same
+    rows: ``new_s`` = clusters side by side, one thread each (what :func:`semdedup` does);
+    ``old_s`` = clusters one after another, each block product spread over torch's threads
+    (the scheme a descheduled thread stalls). Seconds of each, and the GFLOP done."""
     walk = np.lexsort((clustering.sim, clustering.labels))
     bounds = np.searchsorted(clustering.labels[walk], np.arange(clustering.k + 1))
+    largest = np.argsort(-np.diff(bounds), kind="stable")[:n_clusters]
+    clusters = [walk[bounds[c] : bounds[c + 1]] for c in largest if bounds[c + 1] - bounds[c] > 1]
+
+    def one(ids):
+        x = torch.from_numpy(l2_normalize(np.asarray(rows[ids], dtype=np.float32)))
+        return max_similarity_to_earlier(x, auto_block_size(ids.size, None))
+
     t0 = time.perf_counter()
-    for c in range(clustering.k):
-        ids = walk[bounds[c] : bounds[c + 1]]
-        if ids.size > 1:
-            x = torch.from_numpy(l2_normalize(np.asarray(rows[ids], dtype=np.float32)))
-            max_similarity_to_earlier(x, auto_block_size(ids.size, None))
-    return time.perf_counter() - t0
+    old = [one(ids) for ids in clusters]
+    old_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with cluster_parallel(torch.device("cpu")) as run_all:
+        new = list(run_all(one, clusters))
+    new_s = time.perf_counter() - t0
+    del old, new
+    flop = semdedup_flops(np.array([ids.size for ids in clusters]), rows.shape[1])
+    return {"clusters": len(clusters), "old_s": old_s, "new_s": new_s, "gflop": flop / 1e9}
 
 
 def run_size(
@@ -139,11 +158,9 @@ def run_size(
         )
         wall = time.perf_counter() - t0
         peak = peak_rss_bytes()
-        intra_op_s = None
-        if load or n <= 1_000_000:  # the old per-cluster scheme, same rows, clustering and reads
-            clu = report.clustering
-            layout = ClusterSortedRows(folder / "work" / "layout", open_embeddings(paths, mmap=False), clu.labels)
-            intra_op_s = semdedup_intra_op(layout, clu)
+        clu = report.clustering
+        layout = ClusterSortedRows(folder / "work" / "layout", open_embeddings(paths, mmap=False), clu.labels)
+        schemes = compare_schemes(layout, clu)
     finally:
         if competitor:
             stop.set()
@@ -166,7 +183,7 @@ def run_size(
         "stages": {
             name: {"s": s.seconds, "gflop": s.flop / 1e9, "gflops": s.gflops} for name, s in report.stages.items()
         },
-        "semdedup_intra_op_s": intra_op_s,
+        "schemes": schemes,
         "threads": torch.get_num_threads(),
         "identical": None,
     }
@@ -190,15 +207,17 @@ def in_memory_keep(folder: Path, k: int, eps: float, keep: float, seed: int = 0)
 def print_table(results: list[dict]) -> None:
     print(
         "\n| n | d | load | wall s | GEMM bound s | bound / wall | peak RSS GB (imports) | limit | kmeans s "
-        "| assign s (GFLOP/s) | layout s | SemDeDup s (GFLOP/s) | old scheme s | dbp s | torch.mm GFLOP/s "
+        "| assign s (GFLOP/s) | layout s | SemDeDup s (GFLOP/s) | per-cluster: new vs old scheme s | dbp s "
+        "| torch.mm GFLOP/s "
         "| kept | in-memory identical |"
     )
     print("|" + "---|" * 17)
     for r in results:
         st = r["stages"]
         km, asg, lay = st["kmeans (sample)"], st["assign (streamed)"], st["cluster-sorted copy"]
-        sd, dbp = st["semdedup"], st["dbp"]
-        old = f"{r['semdedup_intra_op_s']:.1f}" if r["semdedup_intra_op_s"] is not None else "-"
+        sd, dbp = st.get("semdedup", {"s": float("nan"), "gflops": float("nan")}), st["dbp"]
+        sch = r["schemes"]
+        old = f"{sch['new_s']:.1f} vs {sch['old_s']:.1f} ({sch['clusters']} largest)"
         same = {None: "-", True: "yes", False: "NO"}[r["identical"]]
         print(
             f"| {r['n']:,} | {r['d']} | {'1 core busy' if r['load'] else 'none'} | {r['wall_s']:.1f} | "
@@ -237,7 +256,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--n", type=int, nargs="*", default=[1_000_000, 3_000_000, 10_000_000])
     parser.add_argument("--d", type=int, nargs="*", default=[256])
     parser.add_argument("--k", type=int, default=1000)
-    parser.add_argument("--eps", type=float, default=0.05)
+    parser.add_argument("--eps", type=lambda t: None if t == "none" else float(t), default=0.05)
     parser.add_argument("--keep", type=float, default=0.5)
     parser.add_argument("--memory-limit", default="2GB", help="buffers of the out-of-core path (bookkeeping on top)")
     parser.add_argument("--check-up-to", type=int, default=1_000_000, help="compare with the in-memory path up to n")
@@ -302,7 +321,7 @@ def run_child(args, workdir: Path, n: int, d: int, load: bool) -> dict:
         "--k",
         str(args.k),
         "--eps",
-        str(args.eps),
+        "none" if args.eps is None else str(args.eps),
         "--keep",
         str(args.keep),
     ]

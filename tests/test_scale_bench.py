@@ -15,4 +15,5 @@ def test_scale_quick_out_of_core_equals_in_memory(capsys):
     assert result["identical"] is True
     assert result["dropped"]["duplicate"] >= 0.03 * 20_000  # 5% planted near-copies
     assert 0 < result["kept"] < 20_000 and result["peak_rss_gb"] > 0
-    assert result["semdedup_intra_op_s"] > 0 and result["stages"]["semdedup"]["gflop"] > 0
+    assert result["schemes"]["old_s"] > 0 and result["schemes"]["new_s"] > 0 and result["schemes"]["clusters"] == 20
+    assert result["stages"]["semdedup"]["gflop"] > 0
