@@ -25,7 +25,7 @@ import torch
 from prunecore.cluster import Clustering, assign, train_centroids
 from prunecore.layout import build_cluster_layout
 from prunecore.memory import default_memory_limit, parse_size, peak_rss_bytes
-from prunecore.rows import RowSubset, as_rows, open_embeddings
+from prunecore.rows import RowSubset, as_rows, open_embeddings, unmapped
 
 from .dbp import prune_dbp
 from .random_subset import random_subset
@@ -131,7 +131,7 @@ def prune_out_of_core(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if eps is None and method is None:
         raise ValueError("nothing to do: give eps (SemDeDup) and/or a method")
-    rows = as_rows(open_embeddings(embeddings, mmap=False))
+    rows = as_rows(unmapped(open_embeddings(embeddings, mmap=False)))  # a memmap given is read instead
     n, d = rows.shape
     say = log or (lambda _msg: None)
     report = ScaleReport(memory_limit=limit, n=n)
@@ -152,7 +152,7 @@ def prune_out_of_core(
     t0 = time.perf_counter()
     sorted_rows = build_cluster_layout(rows, labels, Path(workdir) / "layout", memory_limit=limit)
     report.stages["cluster-sorted copy"] = StageTiming(time.perf_counter() - t0)
-    say(f"[layout] {report.stages['cluster-sorted copy'].seconds:.1f} s")
+    say(f"[layout] cluster-sorted copy {report.stages['cluster-sorted copy'].seconds:.1f} s")
     sel = run_chain(sorted_rows, clustering, eps, method, keep, method_params, seed, workers, report)
     report.mm_gflops = measure_mm_gflops(1024, max(1024, int(np.median(clustering.sizes))), d)
     report.peak_rss, report.kept = peak_rss_bytes(), sel.n_kept
