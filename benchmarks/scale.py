@@ -10,7 +10,7 @@ At n <= ``--check-up-to`` the in-memory path (:func:`prune_in_memory`, rows load
 separate process) must give the identical keep-list, reasons and scores.
 
 ``--load`` adds a competing process that keeps one core busy. Per size, SemDeDup's products
-on the 100 largest clusters are also timed both ways (:func:`compare_schemes`): clusters
+on up to 100 median-size clusters are also timed both ways (:func:`compare_schemes`): clusters
 side by side on one thread each (now) and clusters in turn with each small product spread
 over torch's threads (before), to show what the former buys on a busy machine.
 ``--eps none`` skips SemDeDup (DBP alone).
@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dataprune.outofcore import prune_in_memory, prune_out_of_core  # noqa: E402
+from dataprune.outofcore import StageTiming, prune_in_memory, prune_out_of_core  # noqa: E402
 from dataprune.semdedup import (  # noqa: E402
     auto_block_size,
     cluster_parallel,
@@ -46,8 +46,8 @@ from dataprune.semdedup import (  # noqa: E402
     semdedup_flops,
 )
 from prunecore.cluster import Clustering, l2_normalize  # noqa: E402
-from prunecore.layout import ClusterSortedRows  # noqa: E402
-from prunecore.memory import peak_rss_bytes  # noqa: E402
+from prunecore.layout import ClusterSortedRows, build_cluster_layout  # noqa: E402
+from prunecore.memory import parse_size, peak_rss_bytes  # noqa: E402
 from prunecore.rows import open_embeddings  # noqa: E402
 
 TEMPERATURE = 0.1
@@ -94,15 +94,19 @@ def busy_core(stop) -> None:
             x += 1
 
 
-def compare_schemes(rows, clustering: Clustering, n_clusters: int = 100) -> dict:
-    """SemDeDup's per-cluster products on the ``n_clusters`` largest clusters, two ways, same
-    rows: ``new_s`` = clusters side by side, one thread each (what :func:`semdedup` does);
-    ``old_s`` = clusters one after another, each block product spread over torch's threads
-    (the scheme a descheduled thread stalls). Seconds of each, and the GFLOP done."""
+def compare_schemes(rows, clustering: Clustering, n_clusters: int = 100, max_gflop: float = 30.0) -> dict:
+    """SemDeDup's per-cluster products on up to ``n_clusters`` clusters of median size (fewer
+    when they would exceed ``max_gflop``), two ways, same rows. ``new_s``: clusters side by
+    side, one thread each (what :func:`semdedup` does); ``old_s``: clusters one after
+    another, each block product spread over torch's threads (the scheme a descheduled
+    thread stalls). Seconds of each, and the GFLOP done."""
     walk = np.lexsort((clustering.sim, clustering.labels))
     bounds = np.searchsorted(clustering.labels[walk], np.arange(clustering.k + 1))
-    largest = np.argsort(-np.diff(bounds), kind="stable")[:n_clusters]
-    clusters = [walk[bounds[c] : bounds[c + 1]] for c in largest if bounds[c + 1] - bounds[c] > 1]
+    sizes = np.diff(bounds)
+    typical = np.argsort(np.abs(sizes - np.median(sizes)), kind="stable")[:n_clusters]
+    work = np.cumsum([semdedup_flops(sizes[[c]], rows.shape[1]) for c in typical]) / 1e9
+    typical = typical[: max(2, int(np.searchsorted(work, max_gflop)))]
+    clusters = [walk[bounds[c] : bounds[c + 1]] for c in typical if sizes[c] > 1]
 
     def one(ids):
         x = torch.from_numpy(l2_normalize(np.asarray(rows[ids], dtype=np.float32)))
@@ -159,7 +163,14 @@ def run_size(
         wall = time.perf_counter() - t0
         peak = peak_rss_bytes()
         clu = report.clustering
-        layout = ClusterSortedRows(folder / "work" / "layout", open_embeddings(paths, mmap=False), clu.labels)
+        source = open_embeddings(paths, mmap=False)
+        if eps is None:  # the chain made no cluster-sorted copy: time the one SemDeDup would need
+            t0 = time.perf_counter()
+            build_cluster_layout(source, clu.labels, folder / "work" / "layout", memory_limit=parse_size(memory_limit))
+            report.stages["cluster-sorted copy"] = StageTiming(time.perf_counter() - t0)
+            wall += report.stages["cluster-sorted copy"].seconds
+            peak = peak_rss_bytes()
+        layout = ClusterSortedRows(folder / "work" / "layout", source, clu.labels)
         schemes = compare_schemes(layout, clu)
     finally:
         if competitor:
@@ -217,7 +228,7 @@ def print_table(results: list[dict]) -> None:
         km, asg, lay = st["kmeans (sample)"], st["assign (streamed)"], st["cluster-sorted copy"]
         sd, dbp = st.get("semdedup", {"s": float("nan"), "gflops": float("nan")}), st["dbp"]
         sch = r["schemes"]
-        old = f"{sch['new_s']:.1f} vs {sch['old_s']:.1f} ({sch['clusters']} largest)"
+        old = f"{sch['new_s']:.1f} vs {sch['old_s']:.1f} ({sch['clusters']} clusters)"
         same = {None: "-", True: "yes", False: "NO"}[r["identical"]]
         print(
             f"| {r['n']:,} | {r['d']} | {'1 core busy' if r['load'] else 'none'} | {r['wall_s']:.1f} | "
@@ -265,9 +276,16 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--plot", type=Path, help="write a log-log plot of time and memory vs n")
     parser.add_argument("--json", type=Path, help="append each result as a JSON line here")
     parser.add_argument("--quick", action="store_true", help="n=20000, d=32, k=20, in-process")
+    parser.add_argument("--from-json", type=Path, nargs="*", help="only print the table (and --plot) of saved results")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # child process: one size
     parser.add_argument("--in-memory", action="store_true", help=argparse.SUPPRESS)  # child: in-memory path
     args = parser.parse_args(argv)
+    if args.from_json:
+        results = [json.loads(line) for path in args.from_json for line in path.read_text().splitlines() if line]
+        print_table(results)
+        if args.plot:
+            plot(results, args.plot)
+        return results
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="prunekit_scale_"))
     if args.in_memory:
         print(json.dumps(in_memory_keep(workdir / f"n{args.n[0]}_d{args.d[0]}", args.k, args.eps, args.keep)))

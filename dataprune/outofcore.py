@@ -160,10 +160,12 @@ def prune_out_of_core(
     say(f"[assign] {n:,} rows, {report.stages['assign (streamed)'].seconds:.1f} s")
     clustering = report.clustering = Clustering(centroids, labels, sim, params)
 
-    t0 = time.perf_counter()
-    sorted_rows = build_cluster_layout(rows, labels, Path(workdir) / "layout", memory_limit=limit)
-    report.stages["cluster-sorted copy"] = StageTiming(time.perf_counter() - t0)
-    say(f"[layout] cluster-sorted copy {report.stages['cluster-sorted copy'].seconds:.1f} s")
+    sorted_rows = rows
+    if eps is not None:  # SemDeDup reads cluster by cluster: one contiguous read each
+        t0 = time.perf_counter()
+        sorted_rows = build_cluster_layout(rows, labels, Path(workdir) / "layout", memory_limit=limit)
+        report.stages["cluster-sorted copy"] = StageTiming(time.perf_counter() - t0)
+        say(f"[layout] cluster-sorted copy {report.stages['cluster-sorted copy'].seconds:.1f} s")
     sel = run_chain(sorted_rows, clustering, eps, method, keep, method_params, seed, workers, report)
     report.mm_gflops = max(mm_before, measure_mm_gflops(1024, max(1024, int(np.median(clustering.sizes))), d))
     report.peak_rss, report.kept = peak_rss_bytes(), sel.n_kept
