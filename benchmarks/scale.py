@@ -159,6 +159,7 @@ def run_size(
             method_params={"temperature": TEMPERATURE},
             memory_limit=memory_limit,
             seed=seed,
+            log=lambda line: print(f"{line} (peak RSS {peak_rss_bytes() / 1e9:.2f} GB)", file=sys.stderr, flush=True),
         )
         wall = time.perf_counter() - t0
         peak = peak_rss_bytes()
