@@ -229,14 +229,15 @@ def print_table(results: list[dict]) -> None:
         km, asg, lay = st["kmeans (sample)"], st["assign (streamed)"], st["cluster-sorted copy"]
         sd, dbp = st.get("semdedup", {"s": float("nan"), "gflops": float("nan")}), st["dbp"]
         sch = r["schemes"]
+        bound = f"{r['gemm_bound_s']:.1f} | {r['gemm_bound_s'] / r['wall_s']:.2f}" if r["gemm_bound_s"] else "- | -"
         old = f"{sch['new_s']:.1f} vs {sch['old_s']:.1f} ({sch['clusters']} clusters)"
         same = {None: "-", True: "yes", False: "NO"}[r["identical"]]
         print(
             f"| {r['n']:,} | {r['d']} | {'1 core busy' if r['load'] else 'none'} | {r['wall_s']:.1f} | "
-            f"{r['gemm_bound_s']:.1f} | {r['gemm_bound_s'] / r['wall_s']:.2f} | "
+            f"{bound} | "
             f"{r['peak_rss_gb']:.2f} ({r['import_rss_gb']:.2f}) | "
             f"{r['memory_limit']} | {km['s']:.1f} | {asg['s']:.1f} ({asg['gflops']:.0f}) | {lay['s']:.1f} | "
-            f"{sd['s']:.1f} ({sd['gflops']:.0f}) | {old} | {dbp['s']:.1f} | {r['mm_gflops']:.0f} | "
+            f"{sd['s']:.1f} ({sd['gflops']:.0f}) | {old} | {dbp['s']:.1f} | {r['mm_gflops'] or float('nan'):.0f} | "
             f"{r['kept']:,} | {same} |"
         )
 
@@ -252,7 +253,8 @@ def plot(results: list[dict], path: Path) -> None:
         rs = sorted((r for r in results if r["d"] == d and not r["load"]), key=lambda r: r["n"])
         ns = [r["n"] for r in rs]
         ax_t.loglog(ns, [r["wall_s"] for r in rs], "o-", label=f"wall, d={d}")
-        ax_t.loglog(ns, [r["gemm_bound_s"] for r in rs], "x--", label=f"GEMM bound, d={d}")
+        bounded = [r for r in rs if r.get("gemm_bound_s")]  # None: rate not measured
+        ax_t.loglog([r["n"] for r in bounded], [r["gemm_bound_s"] for r in bounded], "x--", label=f"GEMM bound, d={d}")
         ax_m.loglog(ns, [r["peak_rss_gb"] for r in rs], "o-", label=f"peak RSS, d={d}")
     ax_t.set(xlabel="rows n", ylabel="seconds", title="time (k=1000)")
     ax_m.set(xlabel="rows n", ylabel="GB", title="peak memory")
