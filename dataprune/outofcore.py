@@ -42,6 +42,7 @@ class StageTiming:
 
     seconds: float
     flop: float = 0.0
+    peak_rss: int = field(default_factory=peak_rss_bytes)  # process peak RSS (bytes) when the stage ended
 
     @property
     def gflops(self) -> float:
@@ -72,10 +73,15 @@ class ScaleReport:
 
     def table(self) -> str:
         """Markdown: one line per stage, then the total against the GEMM bound."""
-        lines = ["| stage | seconds | GFLOP | GFLOP/s | / torch.mm |", "|---|---:|---:|---:|---:|"]
+        lines = [
+            "| stage | seconds | GFLOP | GFLOP/s | / torch.mm | peak RSS GB after |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
         for name, s in self.stages.items():
             ratio = f"{s.gflops / self.mm_gflops:.2f}" if s.flop and self.mm_gflops else "-"
-            lines.append(f"| {name} | {s.seconds:.2f} | {s.flop / 1e9:.1f} | {s.gflops:.1f} | {ratio} |")
+            lines.append(
+                f"| {name} | {s.seconds:.2f} | {s.flop / 1e9:.1f} | {s.gflops:.1f} | {ratio} | {s.peak_rss / 1e9:.2f} |"
+            )
         bound = self.gemm_bound_s
         lines.append(
             f"| total | {self.seconds:.2f} | | | GEMM bound {bound:.2f} s = "
