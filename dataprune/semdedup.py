@@ -27,6 +27,7 @@ import torch
 
 from prunecore.cluster import Clustering, l2_normalize
 from prunecore.device import resolve_device
+from prunecore.memory import cap_mmap_threshold
 
 from ._clusters import check_embeddings, cluster_sorted_order, ensure_clustering, group_bounds
 from .selection import Selection
@@ -119,7 +120,9 @@ def cluster_parallel(device: torch.device, workers: int | None = None):
 
     On a CPU: ``workers`` (default: torch's thread count) Python threads, each item on one
     thread with torch's intra-op threads set to 1 for the duration (restored after). On a GPU:
-    items one after another in this thread.
+    items one after another in this thread. On glibc, large allocations are then served by
+    mmap (:func:`prunecore.memory.cap_mmap_threshold`), so what a worker frees leaves the
+    resident set.
     """
     if device.type != "cpu":
         yield lambda fn, items: (fn(item) for item in items)
@@ -128,6 +131,7 @@ def cluster_parallel(device: torch.device, workers: int | None = None):
     workers = previous if workers is None else workers
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    cap_mmap_threshold()  # per-cluster arrays freed in worker threads go back to the OS
     torch.set_num_threads(1)
     try:
         with ThreadPoolExecutor(max_workers=workers) as pool:
