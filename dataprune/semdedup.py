@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
 
 import numpy as np
 import pandas as pd
@@ -25,6 +27,7 @@ import torch
 
 from prunecore.cluster import Clustering, l2_normalize
 from prunecore.device import resolve_device
+from prunecore.memory import cap_mmap_threshold
 
 from ._clusters import check_embeddings, cluster_sorted_order, ensure_clustering, group_bounds
 from .selection import Selection
@@ -44,6 +47,7 @@ def semdedup(
     seed: int = 1234,
     device: str = "auto",
     progress: bool = False,
+    workers: int | None = None,
 ) -> Selection | dict[float, Selection]:
     """De-duplicate ``emb`` (n, d) within clusters.
 
@@ -55,6 +59,10 @@ def semdedup(
     Scores are ``M_j``, the highest cosine of row j to an earlier row of its cluster in walk
     order (NaN for the first row of each cluster). Dropped rows carry reason ``"duplicate"``;
     ``stats["semdedup"]`` has per-cluster size and kept counts (for the first eps).
+    workers: clusters processed at once on a CPU (None: torch's thread count). Each cluster
+    runs its small products on ONE thread and the clusters run side by side, so no product
+    waits at an OpenMP barrier for a thread another process has descheduled; results do not
+    depend on ``workers``.
     """
     emb = check_embeddings(emb)
     eps_list = _check_eps(eps)
@@ -71,12 +79,11 @@ def semdedup(
     bounds = group_bounds(clustering.labels[walk], clustering.k)
     max_prev = np.full(n, np.nan, dtype=np.float32)
     dropped = np.zeros((len(eps_list), n), dtype=bool)
-    clusters = np.flatnonzero(np.diff(bounds) > 1)
-    if progress:
-        from tqdm.auto import tqdm
+    sizes_in_walk = np.diff(bounds)
+    clusters = np.flatnonzero(sizes_in_walk > 1)
+    clusters = clusters[np.argsort(-sizes_in_walk[clusters], kind="stable")]  # largest first: balanced workers
 
-        clusters = tqdm(clusters, desc="semdedup clusters")
-    for c in clusters:
+    def dedup_cluster(c: int):
         rows = walk[bounds[c] : bounds[c + 1]]
         x = torch.from_numpy(_gather_unit_rows(emb, rows)).to(dev)
         block = auto_block_size(rows.shape[0], block_size)
@@ -85,8 +92,17 @@ def semdedup(
             drop = m.unsqueeze(0) > thresholds.unsqueeze(1)
         else:
             m, drop = greedy_duplicates(x, thresholds, block)
-        max_prev[rows[1:]] = m[1:].cpu().numpy()
-        dropped[:, rows] = drop.cpu().numpy()
+        return rows, m.cpu().numpy(), drop.cpu().numpy()
+
+    with cluster_parallel(dev, workers) as run_all:
+        done = run_all(dedup_cluster, clusters)
+        if progress:
+            from tqdm.auto import tqdm
+
+            done = tqdm(done, total=len(clusters), desc="semdedup clusters")
+        for rows, m, drop in done:
+            max_prev[rows[1:]] = m[1:]
+            dropped[:, rows] = drop
 
     sizes = clustering.sizes
     selections = {}
@@ -96,6 +112,42 @@ def semdedup(
         stats = pd.DataFrame({"cluster": np.arange(clustering.k), "size": sizes, "kept": kept_per_cluster, "eps": e})
         selections[e] = Selection.from_mask(keep, "duplicate", scores=max_prev, stats={"semdedup": stats})
     return selections[eps_list[0]] if isinstance(eps, numbers.Real) else selections
+
+
+@contextmanager
+def cluster_parallel(device: torch.device, workers: int | None = None):
+    """Yield ``run_all(fn, items)``: an iterator of ``fn(item)`` results, in completion order.
+
+    On a CPU: ``workers`` (default: torch's thread count) Python threads, each item on one
+    thread with torch's intra-op threads set to 1 for the duration (restored after). On a GPU:
+    items one after another in this thread. On glibc, large allocations are then served by
+    mmap (:func:`prunecore.memory.cap_mmap_threshold`), so what a worker frees leaves the
+    resident set.
+    """
+    if device.type != "cpu":
+        yield lambda fn, items: (fn(item) for item in items)
+        return
+    previous = torch.get_num_threads()
+    workers = previous if workers is None else workers
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    cap_mmap_threshold()  # per-cluster arrays freed in worker threads go back to the OS
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+
+            def run_all(fn, items):
+                futures = [pool.submit(fn, item) for item in items]
+                try:
+                    for future in as_completed(futures):
+                        yield future.result()
+                finally:
+                    for future in futures:
+                        future.cancel()
+
+            yield run_all
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _check_eps(eps) -> list[float]:
@@ -136,10 +188,11 @@ def max_similarity_to_earlier(x: torch.Tensor, block_size: int) -> torch.Tensor:
     """
     m = x.shape[0]
     out = torch.empty((m,), dtype=x.dtype, device=x.device)
+    diagonal = _not_earlier(0, min(block_size, m), x.device)  # one mask per cluster
     for r0 in range(0, m, block_size):
         r1 = min(r0 + block_size, m)
         sim = x[r0:r1] @ x[:r1].T
-        sim[:, r0:].masked_fill_(_not_earlier(r0, r1, x.device), float("-inf"))
+        sim[:, r0:].masked_fill_(diagonal[: r1 - r0, : r1 - r0], float("-inf"))
         out[r0:r1] = sim.amax(dim=1)
     return out
 
@@ -162,11 +215,11 @@ def greedy_duplicates(x: torch.Tensor, thresholds: torch.Tensor, block_size: int
     m = x.shape[0]
     max_prev = torch.empty((m,), dtype=x.dtype, device=x.device)
     drop = torch.zeros((thresholds.shape[0], m), dtype=torch.bool, device=x.device)
+    diagonal = _not_earlier(0, min(block_size, m), x.device)  # one mask per cluster
     for r0 in range(0, m, block_size):
         r1 = min(r0 + block_size, m)
         sim = x[r0:r1] @ x[:r1].T
-        earlier = ~_not_earlier(r0, r1, x.device)
-        sim[:, r0:].masked_fill_(~earlier, float("-inf"))
+        sim[:, r0:].masked_fill_(diagonal[: r1 - r0, : r1 - r0], float("-inf"))
         max_prev[r0:r1] = sim.amax(dim=1)
         over = sim.unsqueeze(0) > thresholds.view(-1, 1, 1)  # (E, b, r1)
         hit_kept = (over[:, :, :r0] & ~drop[:, :r0].unsqueeze(1)).any(dim=2)
@@ -194,3 +247,14 @@ def _resolve_block(edges: torch.Tensor, dropped_before: torch.Tensor) -> torch.T
         kept |= newly_kept
         undecided &= ~(newly_dropped | newly_kept)
     return drop
+
+
+def semdedup_flops(sizes: np.ndarray, d: int, block_size: int | None = None) -> float:
+    """Floating-point operations (2 x multiply-adds) of the row-block products that
+    :func:`semdedup` computes for clusters of these ``sizes`` (k,) at width ``d``."""
+    total = 0.0
+    for m in np.asarray(sizes)[np.asarray(sizes) > 1]:
+        b = auto_block_size(int(m), block_size)
+        ends = np.minimum(np.arange(0, m, b) + b, m)
+        total += 2.0 * d * float(((ends - np.arange(0, m, b)) * ends).sum())
+    return total

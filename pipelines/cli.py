@@ -158,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="torch/faiss CPU threads for the whole run (default: torch's count); recorded in the fingerprints",
     )
+    r.add_argument(
+        "--memory-limit",
+        help="buffers of the select stage, e.g. 4GB (default: half the machine's memory); embeddings larger "
+        "than a quarter of it get a cluster-sorted copy on disk so each cluster is one contiguous read",
+    )
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.add_argument(
         "--verify",
@@ -315,6 +320,7 @@ def _filter(args) -> int:
         device=args.device,
         backend=args.backend,
         ray_address=args.ray_address,
+        memory_limit=args.memory_limit,
         progress=not args.quiet,
         verify=args.verify,
         wait_lock=args.wait_lock,

@@ -7,6 +7,8 @@ Every streaming stage (normalisation, assignment, scoring) reads rows through
 from __future__ import annotations
 
 import os
+import struct
+import zipfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -87,11 +89,98 @@ class ChunkedRows(LazyRows):
         return out
 
 
-def open_embeddings(source) -> np.ndarray | LazyRows:
+class NpyRows(LazyRows):
+    """A 2-D C-ordered ``.npy`` file read with ``os.pread`` (no memory map): shape (n, d).
+
+    Rows read are copied into fresh arrays and the file's pages stay in the OS page cache,
+    outside this process's resident set, so streaming a file larger than memory keeps the
+    peak RSS at O(batch) (a memmap would count every touched page as resident).
+    ``member``: a ``.npy`` member of an uncompressed ``.npz`` (``np.savez``), read in place.
+    """
+
+    def __init__(self, path: str | os.PathLike, member: str | None = None):
+        self.path, self.member = Path(path), member
+        start = 0 if member is None else npz_member_offset(self.path, member)
+        with open(self.path, "rb") as f:
+            f.seek(start)
+            version = np.lib.format.read_magic(f)
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran, dtype = read_header(f, max_header_size=1 << 20)
+            self.offset = f.tell()
+        name = self.path if member is None else f"{self.path}[{member}]"
+        if len(shape) != 2:
+            raise ValueError(f"{name}: embeddings must be 2-D (n, d), got shape {shape}")
+        if fortran or dtype.hasobject:
+            raise ValueError(f"{name}: need a C-ordered numeric array, re-save it with np.save")
+        self.shape, self.dtype = (int(shape[0]), int(shape[1])), np.dtype(dtype)
+        self.row_bytes = self.shape[1] * self.dtype.itemsize
+        self.fd = os.open(self.path, os.O_RDONLY)
+
+    def __del__(self):
+        fd = getattr(self, "fd", None)
+        if fd is not None:
+            os.close(fd)
+
+    def __getstate__(self):  # picklable (Ray tasks): reopened by path
+        return {"path": self.path, "member": self.member}
+
+    def __setstate__(self, state):
+        self.__init__(state["path"], state["member"])
+
+    def read_range(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` as a new array (stop - start, d), one read."""
+        count = max(0, stop - start)
+        out = np.empty((count, self.shape[1]), dtype=self.dtype)
+        view, done = memoryview(out.reshape(-1).view(np.uint8)), 0
+        while done < count * self.row_bytes:
+            got = os.preadv(self.fd, [view[done:]], self.offset + start * self.row_bytes + done)
+            if got == 0:
+                raise OSError(f"{self.path} is shorter than its header says ({self.shape})")
+            done += got
+        return out
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """Rows (m,) -> array (m, d) in the order given: one read per run of consecutive ids
+        when the rows are dense, one per row when sparse."""
+        rows = self._check(rows)
+        if rows.size == 0:
+            return np.empty((0, self.shape[1]), dtype=self.dtype)
+        lo, hi = int(rows.min()), int(rows.max()) + 1
+        if hi - lo <= 4 * rows.size:  # dense: read the covering range once
+            return self.read_range(lo, hi)[rows - lo]
+        out = np.empty((rows.size, self.shape[1]), dtype=self.dtype)
+        for i, r in enumerate(rows.tolist()):
+            out[i] = self.read_range(r, r + 1)[0]
+        return out
+
+
+def npz_member_offset(path: Path, member: str) -> int:
+    """Byte offset of the ``member`` (``"b32_img"`` or ``"b32_img.npy"``) array inside an
+    uncompressed ``.npz``; a compressed member raises (it cannot be read in place)."""
+    name = member if member.endswith(".npy") else f"{member}.npy"
+    with zipfile.ZipFile(path) as archive:
+        try:
+            info = archive.getinfo(name)
+        except KeyError:
+            raise ValueError(f"{path} has no array {member!r} (arrays: {archive.namelist()})") from None
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise ValueError(f"{path}[{member}] is compressed (np.savez_compressed): re-save with np.savez")
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)  # local file header: name and extra-field lengths at bytes 26-29
+        name_len, extra_len = struct.unpack("<HH", local[26:30])
+    return info.header_offset + 30 + name_len + extra_len
+
+
+def open_embeddings(source, *, mmap: bool = True) -> np.ndarray | LazyRows:
     """Open precomputed embeddings without loading them.
 
-    ``source``: an array (returned as is), a path to one ``.npy`` (memmap), or a list of
-    ``.npy`` paths (a :class:`ChunkedRows`). A directory means its ``*.npy`` files, sorted.
+    ``source``: an array (returned as is), a path to one ``.npy``, or a list of ``.npy``
+    paths (a :class:`ChunkedRows`). A directory means its ``*.npy`` files, sorted.
+    ``mmap=True`` opens files as memmaps; ``False`` as :class:`NpyRows` (explicit reads:
+    the file's pages never count in this process's resident memory).
     """
     if isinstance(source, (np.ndarray, LazyRows)):
         return source
@@ -101,24 +190,41 @@ def open_embeddings(source) -> np.ndarray | LazyRows:
             paths = sorted(path.glob("*.npy"))
             if not paths:
                 raise FileNotFoundError(f"no .npy files in {path}")
-            return open_embeddings(paths)
-        return _open_npy(path)
+            return open_embeddings(paths, mmap=mmap)
+        return _open_npy(path, mmap)
     paths = list(source)
     if len(paths) == 1:
-        return _open_npy(Path(paths[0]))
-    return ChunkedRows([_open_npy(Path(p)) for p in paths])
+        return _open_npy(Path(paths[0]), mmap)
+    return ChunkedRows([_open_npy(Path(p), mmap) for p in paths])
 
 
-def _open_npy(path: Path) -> np.ndarray:
+def _open_npy(path: Path, mmap: bool = True) -> np.ndarray | NpyRows:
     if not path.exists():
         raise FileNotFoundError(f"embedding file not found: {path}")
     try:
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        arr = np.load(path, mmap_mode="r", allow_pickle=False) if mmap else NpyRows(path)
     except ValueError as exc:
         raise ValueError(f"{path} is not a readable .npy array: {exc}") from exc
     if arr.ndim != 2:
         raise ValueError(f"{path}: embeddings must be 2-D (n, d), got shape {arr.shape}")
     return arr
+
+
+def unmapped(rows):
+    """The same rows read with ``pread`` instead of through a memory map: a ``.npy`` memmap
+    (whole file) becomes a :class:`NpyRows`, a :class:`ChunkedRows` of them a ChunkedRows of
+    NpyRows; anything else is returned as is. Values are bitwise the same."""
+    if isinstance(rows, ChunkedRows):
+        chunks = [unmapped(c) for c in rows.chunks]
+        return rows if all(a is b for a, b in zip(chunks, rows.chunks)) else ChunkedRows(chunks)
+    if isinstance(rows, np.memmap) and getattr(rows, "filename", None) and str(rows.filename).endswith(".npy"):
+        try:
+            file_rows = NpyRows(rows.filename)
+        except (OSError, ValueError):
+            return rows
+        if file_rows.shape == rows.shape and file_rows.dtype == rows.dtype and file_rows.offset == rows.offset:
+            return file_rows
+    return rows
 
 
 def as_rows(x) -> np.ndarray | LazyRows:

@@ -25,6 +25,7 @@ the packages (``py_modules``) when ``address`` is given.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import warnings
 from pathlib import Path
@@ -32,13 +33,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipelines.shards.embed import load_embed_artifact, throughput_summary
+from pipelines.shards.embed import throughput_summary
 from pipelines.shards.select import select_chain
 from pipelines.shards.steps import build_step
 from pipelines.shards.threads import compute_threads
 from pipelines.shards.write import output_name, write_outputs
 from prunecore.cluster import Clustering
-from prunecore.rows import RowSubset
+from prunecore.rows import ChunkedRows, RowSubset, open_embeddings
 
 _ART_CACHE: dict = {}
 
@@ -50,6 +51,8 @@ def _repo_root() -> str:
 class RayExecutor:
     """Connect to (or start) Ray. ``address=None`` starts a local Ray (``num_cpus`` CPUs)
     unless ``RAY_ADDRESS`` is set; ``"auto"`` or ``"ray://host:10001"`` joins a cluster."""
+
+    remote_semdedup = True  # SemDeDup runs in per-cluster tasks: the select stage needs no local copy
 
     def __init__(self, address: str | None = None, num_cpus: int | None = None, embed_actors: int | None = None):
         import ray
@@ -179,8 +182,14 @@ class _WriterSpec:
 
 
 def _embeddings(embed_dir: str):
+    """The image rows of an embed folder, read with ``pread``: only ``embeddings.json`` and
+    the row files are opened (not the sample table), once per worker process."""
     if embed_dir not in _ART_CACHE:
-        _ART_CACHE[embed_dir] = load_embed_artifact(Path(embed_dir), "").images
+        folder = Path(embed_dir)
+        index = json.loads((folder / "embeddings.json").read_text())
+        paths = [p if os.path.isabs(p) else str(folder / p) for p in index["images"]]
+        chunks = [c for c in (open_embeddings(p, mmap=False) for p in paths) if c.shape[0] > 0]
+        _ART_CACHE[embed_dir] = chunks[0] if len(chunks) == 1 else ChunkedRows(chunks)
     return _ART_CACHE[embed_dir]
 
 

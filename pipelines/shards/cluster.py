@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 
 from prunecore.cluster import Clustering, kmeans
 from prunecore.io import atomic_path
+from prunecore.rows import unmapped
 
 from .embed import EmbedArtifact
 from .stage import ROW_GROUP_ROWS, PipelineError, Stage, release_scratch, save_npy
@@ -83,7 +84,7 @@ class ClusterStage(Stage):
         log(f"[cluster] k-means k={self.params['k']} on {n:,d} rows")
         with compute_threads(self.params["threads"]):
             clu = kmeans(
-                self.embed.images,
+                unmapped(self.embed.images),  # read, not mapped: the files' pages stay out of this process
                 self.params["k"],
                 niter=self.params["niter"],
                 seed=self.params["seed"],

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from pipelines.encoders import EncoderSpec
+from prunecore.memory import parse_size
 from prunecore.rows import open_embeddings
 
 from .checks import in_range as _in_range
@@ -232,6 +233,7 @@ class FilterConfig:
     threads: int | None = None  # CPU threads of torch/faiss for the whole run (None: torch's count); recorded
     backend: str = "local"
     ray_address: str | None = None
+    memory_limit: int | str | None = None  # select stage buffers (None: half the machine's memory)
     progress: bool = True
     log: Callable = print
     # safety
@@ -397,7 +399,15 @@ def _run_stages(cfg: FilterConfig, steps: list[dict], out: Path, shard_list: lis
     cluster = cl_stage.run(log, verify=verify)
     result.stages["cluster"] = cl_stage
     sel_stage = SelectStage(
-        out, embed, cluster, steps, device=cfg.device, progress=progress, executor=executor, threads=cfg.threads
+        out,
+        embed,
+        cluster,
+        steps,
+        device=cfg.device,
+        progress=progress,
+        executor=executor,
+        memory_limit=cfg.memory_limit,
+        threads=cfg.threads,
     )
     select = sel_stage.run(log, verify=verify)
     result.stages["select"] = sel_stage
@@ -481,6 +491,11 @@ def check_config(cfg: FilterConfig) -> list[dict]:
             "--hf-output-format disk: a streaming input is written as parquet shards: use --hf-output-format "
             "parquet, or drop --streaming"
         )
+    if cfg.memory_limit is not None:
+        try:
+            parse_size(cfg.memory_limit)
+        except ValueError as exc:
+            raise ValueError(f"--memory-limit: {exc}") from None
     return normalize_steps(list(default_steps() if cfg.steps is None else cfg.steps))  # each step checks itself
 
 

@@ -6,6 +6,8 @@ Artifact (``OUT/select/``): ``keep.parquet`` (key, shard, kept, reason, cluster,
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,7 +15,9 @@ import numpy as np
 import pandas as pd
 
 from prunecore.cluster import Clustering
-from prunecore.rows import RowSubset
+from prunecore.layout import build_cluster_layout
+from prunecore.memory import default_memory_limit, parse_size, peak_rss_bytes
+from prunecore.rows import RowSubset, unmapped
 
 from .cluster import ClusterArtifact
 from .embed import EmbedArtifact
@@ -71,10 +75,16 @@ class SelectStage(Stage):
     """Score/select chain -> keep-list parquet (every input sample, with its reason).
     ``executor``: who runs the chain (``None``: :func:`select_chain` in this process).
     ``threads``: torch's CPU threads for the similarities (a parameter: the last bits of a
-    SemDeDup score depend on it; None: torch's count); an executor runs its tasks under it."""
+    SemDeDup score depend on it; None: torch's count); an executor runs its tasks under it.
+
+    ``memory_limit`` (bytes or ``"4GB"``; default half the machine's memory): embeddings
+    are read with ``pread`` (never memory-mapped), and when they take more than a quarter of
+    the limit a cluster-sorted copy is written to ``layout/`` (in buckets within the limit)
+    so each cluster's SemDeDup reads its rows in one contiguous read; the copy is removed
+    when the keep-list is written. The limit does not change the result."""
 
     name = "select"
-    owned = ("keep.parquet", "stats_*.parquet")
+    owned = ("keep.parquet", "stats_*.parquet", "layout/*")
 
     def __init__(
         self,
@@ -87,24 +97,31 @@ class SelectStage(Stage):
         progress=True,
         executor=None,
         threads: int | None = None,
+        memory_limit=None,
     ):
         steps = normalize_steps(steps)
         params = {"steps": steps, "threads": resolve_threads(threads)}
         super().__init__(out, params, {"embed": embed.fingerprint, "cluster": cluster.fingerprint})
         self.embed, self.cluster, self.steps = embed, cluster, steps
         self.device, self.progress, self.executor = device, progress, executor
+        self.memory_limit = default_memory_limit() if memory_limit is None else parse_size(memory_limit)
         self.computed: pd.DataFrame | None = None
 
     def compute(self, log):
+        self.claim(["layout/"])  # the cluster-sorted scratch copy, if one is written
+        embed = self.out_of_core_rows(log)
         with compute_threads(self.params["threads"]):
             if self.executor is not None:
                 sel, stats = self.executor.select(
-                    self.embed, self.cluster.clustering, self.steps, device=self.device, progress=self.progress
+                    embed, self.cluster.clustering, self.steps, device=self.device, progress=self.progress
                 )
             else:
                 sel, stats = select_chain(
-                    self.embed, self.cluster.clustering, self.steps, device=self.device, progress=self.progress
+                    embed, self.cluster.clustering, self.steps, device=self.device, progress=self.progress
                 )
+        del embed
+        shutil.rmtree(self.dir / "layout", ignore_errors=True)
+        log(f"[select] peak RSS {peak_rss_bytes() / 1e9:.2f} GB (memory limit {self.memory_limit / 1e9:.2f} GB)")
         keep = build_keep_list(self.embed.keys, sel, self.cluster.clustering)
         del sel
         self.claim(f"stats_{name}.parquet" for name in stats)
@@ -118,6 +135,21 @@ class SelectStage(Stage):
             "kept": int(keep["kept"].sum()),
             "dropped": {str(k): int(v) for k, v in sorted(counts.items()) if v},
         }
+
+    def out_of_core_rows(self, log) -> EmbedArtifact:
+        """The embed artifact with its rows read by ``pread``, and grouped by cluster on disk
+        when they take more than a quarter of the memory limit."""
+        images = unmapped(self.embed.images)
+        texts = unmapped(self.embed.texts) if self.embed.texts is not None else None
+        n, d = images.shape
+        big = n * d * np.dtype(images.dtype).itemsize > self.memory_limit // 4
+        local_semdedup = not getattr(self.executor, "remote_semdedup", False)  # Ray tasks read their own rows
+        if big and local_semdedup and any(s["method"] == "semdedup" for s in self.steps):
+            log(f"[select] writing a cluster-sorted copy of {n:,} x {d} rows (memory limit {self.memory_limit:,} B)")
+            images = build_cluster_layout(
+                images, self.cluster.clustering.labels, self.dir / "layout", memory_limit=self.memory_limit
+            )
+        return dataclasses.replace(self.embed, images=images, texts=texts)
 
     def load(self) -> SelectArtifact:
         stats = {p.stem[len("stats_") :]: pd.read_parquet(p) for p in sorted(self.dir.glob("stats_*.parquet"))}
