@@ -257,7 +257,8 @@ def plot(results: list[dict], path: Path) -> None:
         ax_t.loglog([r["n"] for r in bounded], [r["gemm_bound_s"] for r in bounded], "x--", label=f"GEMM bound, d={d}")
         ax_m.loglog(ns, [r["peak_rss_gb"] for r in rs], "o-", label=f"peak RSS, d={d}")
     ax_t.set(xlabel="rows n", ylabel="seconds", title="time (k=1000)")
-    ax_m.set(xlabel="rows n", ylabel="GB", title="peak memory")
+    ax_m.axhline(4.0, color="grey", linestyle=":", label="target at 1e7 (4 GB)")
+    ax_m.set(xlabel="rows n", ylabel="GB", title="peak memory", ylim=(0.5, 16))
     for ax in (ax_t, ax_m):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
