@@ -14,7 +14,8 @@
 # Environment:
 #   GPU_ALL_DRY_RUN=1     print the commands only (the test uses it)
 #   GPU_ALL_ONLY="a b"    run only these names (e.g. a rerun of the ones that timed out)
-#   GPU_ALL_TIMEOUT=90    seconds per benchmark (6 x 90 s stays under the tool's 600 s per command)
+#   GPU_ALL_TIMEOUT=90    seconds per benchmark (8 x 90 s is over the tool's 600 s per command: run two
+#                         calls with GPU_ALL_ONLY, or lower the limit)
 set -o pipefail
 cd "$(dirname "$0")/.." || exit 1
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"  # keep /tmp/site (the wheels) behind the worktree
@@ -30,6 +31,9 @@ BENCHES=(
   "fopru_speed|benchmarks/fopru_speed.py --device cuda"
   "dllm_speed|benchmarks/dllm_speed.py --device cuda"
   "dataprune_scale|benchmarks/dataprune_scale.py --device cuda"
+  "dllm_serve|benchmarks/dllm_serve.py --device cuda"
+  # needs vLLM (a CUDA build) importable on the device: its wheels are not among device_wheels.sh's
+  "vllm_fopru|benchmarks/vllm_fopru.py --device cuda"
 )
 
 [ -n "$GPU_ALL_DRY_RUN" ] || mkdir -p "$OUT"
