@@ -4,6 +4,10 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
+
+from tokenprune.provence.model import ProvenceModel
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,3 +39,22 @@ def artifact_bytes(out: Path) -> dict[str, bytes]:
         for p in sorted(out.rglob("*"))
         if p.is_file() and p.name not in ("_stage.json", ".prunekit.json", ".prunekit.lock")
     }
+
+
+class KeywordProvence(ProvenceModel):
+    """Deterministic stand-in model: keep tokens of the word 'zebra'; score = their count."""
+
+    def __init__(self, tokenizer):
+        from transformers import BertConfig
+
+        nn.Module.__init__(self)
+        self.config = BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8)
+        self.zebra = tokenizer.convert_tokens_to_ids("zebra")
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        hit = (input_ids == self.zebra) & attention_mask.bool()
+        if token_type_ids is not None:
+            hit &= token_type_ids.bool()  # count context tokens only
+        logits = torch.stack([torch.zeros(hit.shape), torch.where(hit, 4.6, -4.6)], -1)
+        return hit.sum(1).float() + self.dummy, logits

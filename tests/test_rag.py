@@ -4,10 +4,9 @@ import asyncio
 import time
 
 import pytest
-import torch
-from torch import nn
+from conftest import KeywordProvence
 
-from tokenprune.provence.model import ProvenceModel, ProvencePruner
+from tokenprune.provence.model import ProvencePruner
 
 QUERY = "Where does the zebra live?"
 DOCS = [
@@ -15,25 +14,6 @@ DOCS = [
     "Habitat notes\nThe zebra lives in the savanna. Lions hunt there.",  # one zebra sentence
     "Savanna animals\nA zebra zebra herd is big. The zebra migrates. Birds sing.",
 ]
-
-
-class KeywordProvence(ProvenceModel):
-    """Deterministic stand-in model: keep tokens of the word 'zebra'; score = their count."""
-
-    def __init__(self, tokenizer):
-        from transformers import BertConfig
-
-        nn.Module.__init__(self)
-        self.config = BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8)
-        self.zebra = tokenizer.convert_tokens_to_ids("zebra")
-        self.dummy = nn.Parameter(torch.zeros(1))
-
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
-        hit = (input_ids == self.zebra) & attention_mask.bool()
-        if token_type_ids is not None:
-            hit &= token_type_ids.bool()  # count context tokens only
-        logits = torch.stack([torch.zeros(hit.shape), torch.where(hit, 4.6, -4.6)], -1)
-        return hit.sum(1).float() + self.dummy, logits
 
 
 @pytest.fixture(scope="module")

@@ -7,31 +7,13 @@ import threading
 
 import numpy as np
 import pytest
-import torch
-from torch import nn
+from conftest import KeywordProvence
 
 from tokenprune.provence.core import sentence_scores, token_sentence_spans
-from tokenprune.provence.model import ProvenceModel, ProvencePruner
+from tokenprune.provence.model import ProvencePruner
 
 QUERY = "Where does the zebra live?"
 WORDS = ["grass", "herd", "lion", "runs", "water", "big", "savanna", "eats", "zebra"]
-
-
-class KeywordProvence(ProvenceModel):
-    """Deterministic stand-in model: keep tokens of the word 'zebra'; score = their count."""
-
-    def __init__(self, tokenizer):
-        from transformers import BertConfig
-
-        nn.Module.__init__(self)
-        self.config = BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8)
-        self.zebra = tokenizer.convert_tokens_to_ids("zebra")
-        self.dummy = nn.Parameter(torch.zeros(1))
-
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
-        hit = (input_ids == self.zebra) & attention_mask.bool() & token_type_ids.bool()
-        logits = torch.stack([torch.zeros(hit.shape), torch.where(hit, 4.6, -4.6)], -1)
-        return hit.sum(1).float() + self.dummy, logits
 
 
 @pytest.fixture(scope="module")

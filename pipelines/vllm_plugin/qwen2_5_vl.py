@@ -115,17 +115,15 @@ class PrunedQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
         self.prunekit_attention = self.visual.blocks[block].attn.attn
         self.is_multimodal_pruning_enabled = True  # embeddings carry their M-RoPE positions
 
-    def prunekit_kept(self, q, k, cu_seqlens, window_index, grids: list[list[int]]) -> list[torch.Tensor]:
-        """Per image, the ``(K_i,)`` kept merged-token indices (raster order, ascending)."""
+    def prunekit_kept(self, q, k, cu_seqlens, window_index, merged_grids: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """Per image (merged grid ``(h, w)``; images have one frame), the ``(K_i,)`` kept
+        merged-token indices (raster order, ascending)."""
         attn = self.prunekit_attention
         rows = packed_colmean(q[0].transpose(0, 1), k[0].transpose(0, 1), cu_seqlens.cpu(), scale=attn.scale)
-        merge = self.visual.spatial_merge_size
-        merged = window_merged_scores(rows.mean(0), window_index, merge)
-        sizes = [t * h * w // merge**2 for t, h, w in grids]
+        merged = window_merged_scores(rows.mean(0), window_index, self.visual.spatial_merge_size)
         kept = []
-        for s, (_, h, w) in zip(merged.split(sizes), grids):
+        for s, grid in zip(merged.split([h * w for h, w in merged_grids]), merged_grids):
             k_i = served_token_count(s.numel(), self.prunekit.keep)
-            grid = (h // merge, w // merge)
             kept.append(fopru_select(s[None], k_i, strategy=self.prunekit.strategy, grid=grid, check_finite=False)[0])
         return kept
 
@@ -133,16 +131,16 @@ class PrunedQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
         if self.prunekit is None:
             return super()._process_image_input(image_input)
         grids = image_input["image_grid_thw"].tolist()
+        merge = self.visual.spatial_merge_size
+        merged_grids = [(h // merge, w // merge) for _, h, w in grids]
         meta = self.visual.prepare_encoder_metadata(grids)
         with AttentionQK(self.prunekit_attention) as cap:
             embeds = self.visual(image_input["pixel_values"], grid_thw=grids, encoder_metadata=meta)
         q, k, cu = cap.seen
-        kept = self.prunekit_kept(q, k, cu, meta["window_index"], grids)
-        merge = self.visual.spatial_merge_size
-        sizes = [t * h * w // merge**2 for t, h, w in grids]
+        kept = self.prunekit_kept(q, k, cu, meta["window_index"], merged_grids)
         out = []
-        for emb, idx, (_, h, w) in zip(embeds.split(sizes), kept, grids):
-            pos = image_position_channels((h // merge, w // merge), idx).to(emb.device, emb.dtype)
+        for emb, idx, grid in zip(embeds.split([h * w for h, w in merged_grids]), kept, merged_grids):
+            pos = image_position_channels(grid, idx).to(emb.device, emb.dtype)
             out.append(torch.cat([emb[idx], pos], dim=1))
         return tuple(out)
 
