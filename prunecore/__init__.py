@@ -6,7 +6,16 @@ Importing it loads no faiss, open_clip or transformers: those load inside the fu
 that need them.
 """
 
-from .budget import check_keep, keep_count, keep_counts, rank_order, top_k_mask, torch_rank, torch_top_k
+from .budget import (
+    check_keep,
+    keep_count,
+    keep_counts,
+    keep_from_sparsity,
+    rank_order,
+    top_k_mask,
+    torch_rank,
+    torch_top_k,
+)
 from .cluster import Clustering, assign, kmeans, l2_normalize, row_centroid_similarity, train_centroids
 from .device import faiss_use_gpu, resolve_device, resolve_dtype
 from .io import atomic_path, atomic_write_bytes, atomic_write_json, file_digest, json_digest
@@ -35,6 +44,7 @@ __all__ = [
     "json_digest",
     "keep_count",
     "keep_counts",
+    "keep_from_sparsity",
     "kmeans",
     "l2_normalize",
     "load_open_clip",

@@ -30,20 +30,22 @@ def check_keep(keep: float | int) -> None:
     raise TypeError(f"keep must be a float fraction or an int count, got {type(keep).__name__}")
 
 
-def keep_count(n: int, keep: float | int, *, minimum: int = 0) -> int:
+def keep_count(n: int, keep: float | int, *, minimum: int = 0, clamp: bool = False) -> int:
     """Number of items to keep out of ``n`` under the one budget rule.
 
     ``keep`` is a fraction in (0, 1] (``floor(keep * n + 0.5)``) or an integer count in
-    [0, n]. ``minimum`` (e.g. 1 for token methods, where keeping nothing is meaningless)
-    raises a ``ValueError`` naming the fix when the budget falls below it.
+    [0, n]; a count above ``n`` raises, or keeps all ``n`` with ``clamp=True`` (a per-row
+    budget "at most ``keep``", as token methods use it). ``minimum`` (e.g. 1 for token
+    methods, where keeping nothing is meaningless) raises a ``ValueError`` naming the fix
+    when the budget falls below it.
     """
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
         raise ValueError(f"n must be a non-negative integer, got {n!r}")
     check_keep(keep)
     if isinstance(keep, numbers.Integral):
-        if keep > n:
-            raise ValueError(f"keep count {keep} is outside [0, n={n}]")
-        k = int(keep)
+        if keep > n and not clamp:
+            raise ValueError(f"keep count {keep} is outside [0, n={n}] (pass clamp=True to keep at most n)")
+        k = min(int(keep), int(n))
     else:
         k = int(math.floor(float(keep) * n + 0.5))
     if k < minimum:
@@ -53,15 +55,41 @@ def keep_count(n: int, keep: float | int, *, minimum: int = 0) -> int:
     return k
 
 
-def keep_counts(n: torch.Tensor, keep: float) -> torch.Tensor:
-    """The budget rule per row: ``n`` (B,) integer counts, ``keep`` a fraction -> (B,) long.
+def keep_counts(n: torch.Tensor, keep: float | int, *, clamp: bool = False) -> torch.Tensor:
+    """The budget rule per row: ``n`` (B,) integer counts -> (B,) long, same rules as :func:`keep_count`.
 
-    Same rounding as :func:`keep_count`, computed on ``n``'s device without a host sync.
+    A fraction is computed on ``n``'s device without a host sync. An int count above a row's
+    ``n`` raises like :func:`keep_count` (one host read of ``n.min()``), or keeps that whole row
+    with ``clamp=True`` (no host read).
     """
     check_keep(keep)
     if isinstance(keep, numbers.Integral):
-        return torch.minimum(n.long(), torch.full_like(n.long(), int(keep)))
+        if not clamp and n.numel() and int(n.min()) < keep:
+            raise ValueError(
+                f"keep count {keep} is above a row count n={int(n.min())}; pass clamp=True to keep at most n"
+            )
+        return torch.clamp(n.long(), max=int(keep))
     return torch.floor(n.double() * float(keep) + 0.5).long()
+
+
+def keep_from_sparsity(sparsity):
+    """The one converter between the two spellings of a budget: ``keep = 1 - sparsity``.
+
+    ``sparsity`` (the fraction dropped) is a float in [0, 1], a sequence or an array of them;
+    the result has the same form (float, list, or float64 array). The map is its own inverse,
+    so ``keep_from_sparsity(keep)`` gives the sparsity of a keep fraction. Counts (ints) are
+    refused: a count has no sparsity.
+    """
+    values = np.asarray(sparsity.detach().cpu() if hasattr(sparsity, "detach") else sparsity, dtype=object)
+    for v in values.reshape(-1):
+        if isinstance(v, bool | np.bool_ | numbers.Integral):
+            raise TypeError(f"a sparsity is a fraction in [0, 1], got the count {v!r}")
+        if not (isinstance(v, numbers.Real) and 0.0 <= float(v) <= 1.0):
+            raise ValueError(f"sparsity {v!r} is outside [0, 1] (keep = 1 - sparsity)")
+    if values.ndim == 0:
+        return 1.0 - float(sparsity)
+    flipped = 1.0 - values.astype(np.float64)
+    return flipped.tolist() if isinstance(sparsity, (list, tuple)) else flipped
 
 
 def rank_order(scores: np.ndarray, *, descending: bool = True) -> np.ndarray:

@@ -11,7 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from prunecore.budget import check_keep, keep_count, keep_counts, rank_order, torch_rank, torch_top_k
+from prunecore.budget import (
+    check_keep,
+    keep_count,
+    keep_counts,
+    keep_from_sparsity,
+    rank_order,
+    torch_rank,
+    torch_top_k,
+)
 from prunecore.device import resolve_device, resolve_dtype
 from prunecore.io import atomic_path, atomic_write_json, file_digest, json_digest
 from prunecore.models import load_tokenizer, load_transformers
@@ -40,7 +48,24 @@ def test_keep_counts_per_row_equal_the_scalar_rule():
     n = torch.tensor([0, 1, 2, 3, 5, 7, 10, 101])
     for keep in (0.1, 0.25, 0.5, 0.7, 1.0):
         assert keep_counts(n, keep).tolist() == [keep_count(int(v), keep) for v in n]
-    assert keep_counts(n, 4).tolist() == [0, 1, 2, 3, 4, 4, 4, 4]
+    assert keep_counts(n, 4, clamp=True).tolist() == [0, 1, 2, 3, 4, 4, 4, 4]
+    assert [keep_count(int(v), 4, clamp=True) for v in n] == [0, 1, 2, 3, 4, 4, 4, 4]
+
+
+def test_a_count_above_n_raises_the_same_way_in_both_budget_functions():
+    for call in (lambda: keep_count(3, 4), lambda: keep_counts(torch.tensor([5, 3]), 4)):
+        with pytest.raises(ValueError, match="clamp=True"):
+            call()
+
+
+def test_keep_from_sparsity_is_the_one_converter_and_its_own_inverse():
+    assert keep_from_sparsity(0.25) == 0.75 and keep_from_sparsity(keep_from_sparsity(0.25)) == 0.25
+    assert keep_from_sparsity([0.0, 0.5]) == [1.0, 0.5]
+    assert keep_from_sparsity(np.array([0.1, 0.9])).tolist() == pytest.approx([0.9, 0.1])
+    with pytest.raises(TypeError, match="count"):
+        keep_from_sparsity(1)
+    with pytest.raises(ValueError, match=r"outside \[0, 1\]"):
+        keep_from_sparsity(1.5)
 
 
 def test_torch_rank_and_top_k_break_ties_towards_lower_indices():
@@ -111,3 +136,14 @@ def test_token_stats_add_up_and_flatten():
     assert flat["method"] == "ftp" and flat["tokens_saved"] == 6 and flat["layers"] == 5
     with pytest.raises(ValueError, match="cannot add fopru stats to ftp stats"):
         a + TokenStats("fopru")
+
+
+def test_generation_holds_the_prompt_and_names_the_generated_part():
+    from tokenprune import Generation
+
+    seq = torch.arange(10).reshape(2, 5)
+    g = Generation(seq, ["a", "b"], TokenStats("fopru", 4, 2, 3), prompt_length=3)
+    assert g.generated.tolist() == [[3, 4], [8, 9]]
+    with pytest.warns(DeprecationWarning, match="result.sequences"):
+        sequences, stats = g
+    assert sequences is seq and stats.forward_passes == 3

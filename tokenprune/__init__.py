@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from . import ftp
     from .fopru import FoPru, fopru_generate, fopru_scores, fopru_select
     from .ftp import attach_ftp
+    from .generation import Generation
     from .localleap.generate import localleap_generate
     from .localleap.models.loading import load_dllm
     from .localleap.rules import eb_sampler, fastdllm_threshold, llada_topk, localleap_transfer
@@ -35,11 +36,13 @@ _EXPORTS = {
     "provence_sentences": "tokenprune.provence.core",
     "ProvencePruner": "tokenprune.provence.model",
     "TokenStats": "tokenprune.stats",
+    "Generation": "tokenprune.generation",
     "ftp": "tokenprune.ftp",
 }
 
 __all__ = [
     "FoPru",
+    "Generation",
     "ProvencePruner",
     "TokenStats",
     "attach_ftp",

@@ -1,0 +1,56 @@
+"""One result type for every token method's ``generate`` entry point.
+
+:func:`tokenprune.fopru_generate`, :func:`pipelines.ftp_generate` and
+:func:`pipelines.dllm_generate` return a :class:`Generation`:
+
+* ``sequences`` — ``(B, P + T)`` int64 token ids, **the prompt included**: the (left-padded)
+  prompt of length ``P`` followed by the ``T`` generated positions, exactly as
+  ``model.generate`` returns them; ``generated`` is ``sequences[:, P:]``;
+* ``texts`` — one decoded continuation per row (the generated part only, cut at the first
+  end-of-sequence token); an empty list when no tokenizer was available to decode;
+* ``stats`` — one :class:`~tokenprune.stats.TokenStats` for the whole call
+  (``forward_passes`` = forward passes of the model being accelerated).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from .stats import TokenStats
+
+__all__ = ["Generation"]
+
+
+@dataclass
+class Generation:
+    """The output of a pruned ``generate`` call.
+
+    Attributes:
+        sequences: ``(B, P + T)`` int64 ids: prompt (left-padded to ``P``) + generated tokens.
+        texts: ``B`` decoded continuations (generated part only), or ``[]`` without a tokenizer.
+        stats: the call's :class:`~tokenprune.stats.TokenStats`.
+        prompt_length: ``P``, where the generated part starts in ``sequences``.
+    """
+
+    sequences: torch.Tensor
+    texts: list[str] = field(default_factory=list)
+    stats: TokenStats = field(default_factory=lambda: TokenStats("unknown"))
+    prompt_length: int = 0
+
+    @property
+    def generated(self) -> torch.Tensor:
+        """``(B, T)`` the generated part of ``sequences`` (a view)."""
+        return self.sequences[:, self.prompt_length :]
+
+    def __iter__(self):
+        """Deprecated tuple unpacking ``sequences, stats = result`` (the old ``fopru_generate``)."""
+        warnings.warn(
+            "unpacking a Generation is deprecated and will be removed in the next release: "
+            "use result.sequences and result.stats",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return iter((self.sequences, self.stats))
