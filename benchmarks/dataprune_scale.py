@@ -139,11 +139,11 @@ def run_one(
 
         t0 = time.perf_counter()
         survivors = dedup.indices
-        dbp = dataprune.prune_dbp(
+        dbp_sel = dataprune.dbp(
             RowSubset(emb, survivors), keep, clustering=clustering.subset(survivors), temperature=0.1
         )
         timings["dbp"] = time.perf_counter() - t0
-        final = dedup & dbp.lift(survivors, n)
+        final = dedup & dbp_sel.lift(survivors, n)
     return {
         "n": n,
         "d": d,

@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from dataprune import TeacherLogitCache, fill_teacher_cache, kd_alpha, prune_dbp, prune_ssp, random_subset, semdedup  # noqa: E402
+from dataprune import TeacherLogitCache, dbp, fill_teacher_cache, kd_alpha, random_subset, semdedup_sweep, ssp  # noqa: E402
 from dataprune.train import accuracy, train_classifier  # noqa: E402
 from prunecore import kmeans  # noqa: E402
 from prunecore.io import atomic_path  # noqa: E402
@@ -412,12 +412,12 @@ class Study:
         emb = self.embeddings(emb_kind)
         k = min(a.k, self.n // 4)
         if method in ("ssp_hard", "ssp_easy"):
-            mode = method.split("_")[1]
+            order = method.split("_")[1]
             labels = self.ytr.numpy() if emb_kind == "sup" else None
-            sel = prune_ssp(emb, n_keep, k=None if labels is not None else k, mode=mode, labels=labels, device="cpu")
+            sel = ssp(emb, n_keep, k=None if labels is not None else k, order=order, labels=labels, device="cpu")
             return sel.indices, info
         if method == "dbp":
-            sel = prune_dbp(emb, n_keep, k=k, temperature=a.dbp_temp, device="cpu")
+            sel = dbp(emb, n_keep, k=k, temperature=a.dbp_temp, device="cpu")
             p = sel.stats["dbp"]["p"]
             info["dbp_p_max_over_min"] = float(p.max() / p.min())
             return sel.indices, info
@@ -428,7 +428,7 @@ class Study:
             info["semdedup_kept"] = int(rows.size)
             if rows.size <= n_keep:
                 return rows, info
-            sub = prune_dbp(emb[rows], n_keep, k=min(k, rows.size // 4), temperature=a.dbp_temp, device="cpu")
+            sub = dbp(emb[rows], n_keep, k=min(k, rows.size // 4), temperature=a.dbp_temp, device="cpu")
             return (dedup & sub.lift(rows, self.n)).indices, info
         raise ValueError(f"unknown method {method!r}")
 
@@ -440,7 +440,7 @@ class Study:
             emb = self.embeddings(emb_kind)
             clustering = kmeans(emb, min(self.args.k, self.n // 4), seed=1234, device="cpu")
             eps_grid = [float(e) for e in np.round(np.geomspace(1e-4, 0.5, 40), 6)]
-            sels = semdedup(emb, eps_grid, clustering=clustering, device="cpu")
+            sels = semdedup_sweep(emb, eps_grid, clustering=clustering, device="cpu")
             kept = np.array([sels[e].n_kept for e in eps_grid]) / self.n
             best = eps_grid[int(np.argmin(np.abs(kept - self.args.dedup_keep)))]
             self._dedup[emb_kind] = (sels[best], best)

@@ -75,7 +75,7 @@ def child_pipeline(folder: Path, n: int) -> dict:
 
 
 def child_core(folder: Path, n: int) -> dict:
-    from dataprune import prune_dbp, semdedup
+    from dataprune import dbp, semdedup
     from prunecore import kmeans
 
     t0 = time.perf_counter()
@@ -85,7 +85,7 @@ def child_core(folder: Path, n: int) -> dict:
     clu = kmeans(x, max(n // 1000, 2), device="cpu")
     s1 = semdedup(x, EPS, clustering=clu, device="cpu")
     idx = s1.indices
-    s2 = prune_dbp(x[idx], KEEP, clustering=clu.subset(idx), temperature=TEMP, device="cpu")
+    s2 = dbp(x[idx], KEEP, clustering=clu.subset(idx), temperature=TEMP, device="cpu")
     sel = s1 & s2.lift(idx, x.shape[0])
     return {"seconds": time.perf_counter() - t0, "kept": sel.n_kept, "rss_mb": peak_rss_mb()}
 

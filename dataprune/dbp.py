@@ -19,6 +19,7 @@ from prunecore.budget import keep_count
 from prunecore.cluster import Clustering, l2_normalize
 
 from ._clusters import check_embeddings, cluster_sorted_order, ensure_clustering, group_bounds
+from .deprecation import renamed_function
 from .selection import Selection
 from .ssp import ssp_scores
 
@@ -188,7 +189,7 @@ def take_per_cluster(
     return keep
 
 
-def prune_dbp(
+def dbp(
     emb,
     keep: float | int,
     *,
@@ -204,8 +205,10 @@ def prune_dbp(
 ) -> Selection:
     """DBP over emb (n, d): keep ``keep`` (fraction or count) rows with complexity quotas.
 
-    Dropped rows carry reason ``"quota"``; the score is ``1 - cos`` to the own centroid;
-    ``stats["dbp"]`` holds per-cluster size, d_intra, d_inter, complexity, P and quota.
+    ``order``: which rows fill a cluster's quota first: ``"hard"`` the farthest from the
+    centroid, ``"easy"`` the nearest, ``"random"`` a seeded shuffle (as in :func:`semdedup`
+    and :func:`ssp`). Dropped rows carry reason ``"quota"``; the score is ``1 - cos`` to the
+    own centroid; ``stats["dbp"]`` holds per-cluster size, d_intra, d_inter, complexity, P and quota.
     """
     emb = check_embeddings(emb)
     n_keep = keep_count(emb.shape[0], keep)
@@ -228,3 +231,6 @@ def prune_dbp(
         }
     )
     return Selection.from_mask(mask, "quota", scores=1.0 - clustering.sim, stats={"dbp": stats})
+
+
+prune_dbp = renamed_function(dbp, "prune_dbp")

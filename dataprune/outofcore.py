@@ -22,16 +22,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from prunecore.budget import check_keep
 from prunecore.cluster import Clustering, assign, train_centroids
 from prunecore.layout import build_cluster_layout
 from prunecore.memory import default_memory_limit, parse_size, peak_rss_bytes
 from prunecore.rows import RowSubset, as_rows, open_embeddings, unmapped
 
-from .dbp import prune_dbp
+from .dbp import dbp
 from .random_subset import random_subset
 from .selection import Selection
 from .semdedup import cluster_parallel, semdedup, semdedup_flops
-from .ssp import prune_ssp
+from .ssp import ssp
 
 METHODS = ("dbp", "ssp", "random", None)
 
@@ -118,11 +119,11 @@ def measure_mm_gflops(rows: int, cols: int, d: int, *, seconds: float = 0.3) -> 
 def prune_out_of_core(
     embeddings,
     *,
+    keep: float | int = 0.5,
     k: int,
     workdir: str | Path,
     eps: float | None = 0.05,
     method: str | None = "dbp",
-    keep: float | int = 0.5,
     method_params: dict | None = None,
     memory_limit: int | str | None = None,
     niter: int = 20,
@@ -138,15 +139,13 @@ def prune_out_of_core(
     where the cluster-sorted copy goes (``workdir/layout``; reused when the labels match).
     ``memory_limit``: bytes or text (``"4GB"``; default half the machine's memory) for the
     buffers (layout buckets, batches); the O(n) bookkeeping comes on top (reported).
-    ``method_params``: extra keywords of :func:`~dataprune.prune_dbp` (``temperature``
-    required), :func:`~dataprune.prune_ssp` or :func:`~dataprune.random_subset`.
+    ``keep``: the budget of ``method`` (a fraction of the SemDeDup survivors, or a count),
+    checked before any work. ``method_params``: extra keywords of :func:`~dataprune.dbp`
+    (``temperature`` required), :func:`~dataprune.ssp` or :func:`~dataprune.random_subset`.
     Returns the Selection over all n rows and a :class:`ScaleReport`.
     """
     limit = default_memory_limit() if memory_limit is None else parse_size(memory_limit)
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if eps is None and method is None:
-        raise ValueError("nothing to do: give eps (SemDeDup) and/or a method")
+    check_chain(eps, method, keep)
     rows = as_rows(unmapped(open_embeddings(embeddings, mmap=False)))  # a memmap given is read instead
     n, d = rows.shape
     mm_before = measure_mm_gflops(1024, 1024, d)
@@ -181,10 +180,10 @@ def prune_out_of_core(
 def prune_in_memory(
     embeddings,
     *,
+    keep: float | int = 0.5,
     k: int,
     eps: float | None = 0.05,
     method: str | None = "dbp",
-    keep: float | int = 0.5,
     method_params: dict | None = None,
     niter: int = 20,
     seed: int = 1234,
@@ -194,6 +193,7 @@ def prune_in_memory(
 ) -> tuple[Selection, ScaleReport]:
     """The same chain as :func:`prune_out_of_core` on rows held in memory (an array (n, d)):
     k-means and assignment on the array, SemDeDup gathering each cluster's rows from it."""
+    check_chain(eps, method, keep)
     rows = as_rows(embeddings)
     report = ScaleReport(n=rows.shape[0])
     t0 = time.perf_counter()
@@ -207,6 +207,16 @@ def prune_in_memory(
     sel = run_chain(rows, clustering, eps, method, keep, method_params, seed, workers, report)
     report.peak_rss, report.kept = peak_rss_bytes(), sel.n_kept
     return sel, report
+
+
+def check_chain(eps, method, keep) -> None:
+    """Raise before any work for an unknown ``method``, nothing to do, or a bad ``keep``
+    (the same error as every method's: :func:`prunecore.budget.check_keep`)."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if eps is None and method is None:
+        raise ValueError("nothing to do: give eps (SemDeDup) and/or a method")
+    check_keep(keep)
 
 
 def run_chain(rows, clustering, eps, method, keep, method_params, seed, workers, report: ScaleReport) -> Selection:
@@ -228,9 +238,9 @@ def run_chain(rows, clustering, eps, method, keep, method_params, seed, workers,
     if method == "dbp":
         if "temperature" not in params:
             raise ValueError("method='dbp' needs method_params={'temperature': ...} (reference code 0.5)")
-        step = prune_dbp(sub_rows, keep, clustering=sub_clu, seed=seed, device="cpu", **params)
+        step = dbp(sub_rows, keep, clustering=sub_clu, seed=seed, device="cpu", **params)
     elif method == "ssp":
-        step = prune_ssp(sub_rows, keep, clustering=sub_clu, seed=seed, **params)
+        step = ssp(sub_rows, keep, clustering=sub_clu, seed=seed, **params)
     else:
         step = random_subset(survivors.size, keep, seed=params.get("seed", seed))
     report.stages[method] = StageTiming(time.perf_counter() - t0)

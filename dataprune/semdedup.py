@@ -1,7 +1,8 @@
 """SemDeDup: semantic de-duplication inside k-means clusters, exact and blockwise.
 
-Within each cluster rows are walked in an order (``hard``: farthest from the centroid
-first). Two rules (spec: specs/dataprune.md):
+Within each cluster rows are walked in an ``order`` (``hard``: farthest from the centroid
+first). :func:`semdedup` answers one eps with a :class:`Selection`, :func:`semdedup_sweep`
+several eps from one pass with ``{eps: Selection}``. Two rules (spec: specs/dataprune.md):
 
 * ``rule="reference"`` (facebookresearch/SemDeDup code): row j is dropped iff its cosine
   similarity to ANY earlier row of its cluster is ``> 1 - eps``, even a dropped one. This only
@@ -30,14 +31,35 @@ from prunecore.device import resolve_device
 from prunecore.memory import cap_mmap_threshold
 
 from ._clusters import check_embeddings, cluster_sorted_order, ensure_clustering, group_bounds
+from .deprecation import warn_renamed
 from .selection import Selection
 
 RULES = ("reference", "greedy")
 
 
-def semdedup(
+def semdedup(emb, eps: float, **options) -> Selection:
+    """De-duplicate ``emb`` (n, d) within clusters at one threshold ``eps``: a :class:`Selection`.
+
+    A pair is a duplicate when cosine ``> 1 - eps``. ``options`` are those of
+    :func:`semdedup_sweep`: ``clustering`` / ``k`` (a precomputed
+    :class:`~prunecore.cluster.Clustering` or a k for :func:`prunecore.kmeans`, seeded by
+    ``seed``), ``order`` (``"hard"``: each cluster walked farthest from the centroid first,
+    ``"easy"`` nearest first, ``"random"`` a seeded shuffle), ``rule``, ``block_size``,
+    ``seed``, ``device``, ``progress``, ``workers``.
+
+    Several thresholds at once (one pass) are :func:`semdedup_sweep`; a sequence given here
+    still returns its ``{eps: Selection}`` dict with a ``DeprecationWarning`` (removed in the
+    next release).
+    """
+    if hasattr(eps, "__iter__") and not isinstance(eps, str):
+        warn_renamed("semdedup(emb, [eps, ...])", "semdedup_sweep(emb, [eps, ...]) for {eps: Selection}")
+        return semdedup_sweep(emb, eps, **options)
+    return next(iter(semdedup_sweep(emb, [eps], **options).values()))
+
+
+def semdedup_sweep(
     emb,
-    eps: float | Sequence[float],
+    eps: Sequence[float],
     *,
     clustering: Clustering | None = None,
     k: int | None = None,
@@ -48,17 +70,20 @@ def semdedup(
     device: str = "auto",
     progress: bool = False,
     workers: int | None = None,
-) -> Selection | dict[float, Selection]:
-    """De-duplicate ``emb`` (n, d) within clusters.
+) -> dict[float, Selection]:
+    """SemDeDup of ``emb`` (n, d) at several thresholds from a single pass: ``{eps: Selection}``
+    (keys: the thresholds as floats, in the order given).
 
-    eps: one threshold (returns a :class:`Selection`) or several (returns ``{eps: Selection}``
-    from a single pass). A pair is a duplicate when cosine ``> 1 - eps``.
+    A pair is a duplicate when cosine ``> 1 - eps``.
     clustering / k: a precomputed :class:`~prunecore.cluster.Clustering` or a k for
     :func:`prunecore.kmeans` (seeded by ``seed``).
+    order: the walk inside each cluster (``"hard"``: farthest from the centroid first, so the
+    hardest copy of a duplicate group is kept; ``"easy"``: nearest first; ``"random"``: a
+    seeded shuffle); the same word and values as :func:`~dataprune.dbp` and :func:`~dataprune.ssp`.
     block_size: rows per similarity block (None = automatic, see :func:`auto_block_size`).
     Scores are ``M_j``, the highest cosine of row j to an earlier row of its cluster in walk
     order (NaN for the first row of each cluster). Dropped rows carry reason ``"duplicate"``;
-    ``stats["semdedup"]`` has per-cluster size and kept counts (for the first eps).
+    ``stats["semdedup"]`` has per-cluster size and kept counts at that eps.
     workers: clusters processed at once on a CPU (None: torch's thread count). Each cluster
     runs its small products on ONE thread and the clusters run side by side, so no product
     waits at an OpenMP barrier for a thread another process has descheduled; results do not
@@ -111,7 +136,7 @@ def semdedup(
         kept_per_cluster = np.bincount(clustering.labels[keep], minlength=clustering.k)
         stats = pd.DataFrame({"cluster": np.arange(clustering.k), "size": sizes, "kept": kept_per_cluster, "eps": e})
         selections[e] = Selection.from_mask(keep, "duplicate", scores=max_prev, stats={"semdedup": stats})
-    return selections[eps_list[0]] if isinstance(eps, numbers.Real) else selections
+    return selections
 
 
 @contextmanager

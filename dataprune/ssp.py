@@ -1,8 +1,9 @@
 """SSP: self-supervised prototypicality (Sorscher et al., NeurIPS 2022).
 
-Score = distance to the row's own prototype, ``1 - cos(x_i, c_{a(i)})``. ``mode="hard"``
-keeps the largest scores (abundant data), ``mode="easy"`` the smallest (scarce data).
-Global ranking over all rows; ties go to the lower row index.
+Score = distance to the row's own prototype, ``1 - cos(x_i, c_{a(i)})``. ``order="hard"``
+keeps the largest scores first (abundant data), ``order="easy"`` the smallest (scarce data):
+the same word and values as SemDeDup's and DBP's ``order`` (hard = farthest from the centroid
+first). Global ranking over all rows; ties go to the lower row index.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from prunecore.cluster import Clustering, l2_normalize, row_centroid_similarity
 from prunecore.rows import iter_row_batches
 
 from ._clusters import check_embeddings, ensure_clustering
+from .deprecation import renamed_function, warn_renamed
 from .selection import Selection
 
-MODES = {"hard": "prototypical", "easy": "atypical"}
+REASONS = {"hard": "prototypical", "easy": "atypical"}  # order -> reason of the dropped rows
 
 
 def ssp_scores(emb, clustering: Clustering) -> np.ndarray:
@@ -57,30 +59,39 @@ def class_prototypes(emb, labels: np.ndarray, *, batch_size: int = 65536) -> Clu
     return proto
 
 
-def prune_ssp(
+def ssp(
     emb,
     keep: float | int,
     *,
     k: int | None = None,
-    mode: str = "hard",
+    order: str = "hard",
     seed: int = 1234,
     clustering: Clustering | None = None,
     labels: np.ndarray | None = None,
     device: str = "auto",
+    mode: str | None = None,
 ) -> Selection:
     """Keep ``keep`` (fraction or count) of emb (n, d) by SSP score.
 
     Prototypes: ``clustering`` if given, else class means when ``labels`` (n,) are given
     (supervised variant), else k-means with ``k`` (required: the paper gives no k).
-    Dropped rows carry reason ``"prototypical"`` (hard mode) or ``"atypical"`` (easy mode).
+    ``order``: ``"hard"`` keeps the rows farthest from their prototype, ``"easy"`` the nearest.
+    Dropped rows carry reason ``"prototypical"`` (hard) or ``"atypical"`` (easy).
+    ``mode``: deprecated spelling of ``order`` (removed in the next release).
     """
+    if mode is not None:
+        warn_renamed("ssp(mode=...)", "order=...")
+        order = mode
     emb = check_embeddings(emb)
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {tuple(MODES)}, got {mode!r}")
+    if order not in REASONS:
+        raise ValueError(f"order must be one of {tuple(REASONS)}, got {order!r}")
     n_keep = keep_count(emb.shape[0], keep)
     if clustering is None and labels is not None:
         clustering = class_prototypes(emb, labels)
     clustering = ensure_clustering(emb, clustering, k, seed=seed, device=device)
     scores = ssp_scores(emb, clustering)
-    mask = top_k_mask(scores, n_keep, largest=(mode == "hard"))
-    return Selection.from_mask(mask, MODES[mode], scores=scores)
+    mask = top_k_mask(scores, n_keep, largest=(order == "hard"))
+    return Selection.from_mask(mask, REASONS[order], scores=scores)
+
+
+prune_ssp = renamed_function(ssp, "prune_ssp")

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.optimize import minimize
 
-from dataprune import cluster_complexity, dbp_quotas, prune_dbp
+from dataprune import cluster_complexity, dbp, dbp_quotas
 from dataprune.dbp import quota_bounds, softmax, waterfill
 from prunecore import kmeans
 
@@ -117,11 +117,11 @@ def test_quota_input_errors():
         dbp_quotas(np.array([3, 3, 3]), np.array([1.0, 1.0, 1.0]), 2, temperature=0.5)
 
 
-def test_prune_dbp_keeps_quota_rows_farthest_from_centroid():
+def test_dbp_keeps_quota_rows_farthest_from_centroid():
     rng = np.random.default_rng(2)
     x = rng.standard_normal((600, 10)).astype(np.float32)
     clustering = kmeans(x, 6, seed=0)
-    sel = prune_dbp(x, 0.25, clustering=clustering, temperature=0.1)
+    sel = dbp(x, 0.25, clustering=clustering, temperature=0.1)
     stats = sel.stats["dbp"]
     assert sel.n_kept == 150 == stats["quota"].sum()
     kept_per = np.bincount(clustering.labels[sel.keep], minlength=6)
@@ -132,7 +132,7 @@ def test_prune_dbp_keeps_quota_rows_farthest_from_centroid():
         dropped_sim = clustering.sim[members & ~sel.keep]
         if kept_sim.size and dropped_sim.size:
             assert kept_sim.max() <= dropped_sim.min()  # hard = farthest kept
-    easy = prune_dbp(x, 0.25, clustering=clustering, temperature=0.1, order="easy")
+    easy = dbp(x, 0.25, clustering=clustering, temperature=0.1, order="easy")
     for c in range(6):
         members = clustering.labels == c
         if (members & easy.keep).any() and (members & ~easy.keep).any():
@@ -140,13 +140,13 @@ def test_prune_dbp_keeps_quota_rows_farthest_from_centroid():
     assert set(sel.reason_counts()) == {"quota"}
 
 
-def test_prune_dbp_k1_and_determinism():
+def test_dbp_k1_and_determinism():
     rng = np.random.default_rng(4)
     x = rng.standard_normal((100, 5)).astype(np.float32)
-    one = prune_dbp(x, 30, k=1, temperature=0.5)
+    one = dbp(x, 30, k=1, temperature=0.5)
     assert one.n_kept == 30
-    a = prune_dbp(x, 0.5, k=4, temperature=0.5, seed=3)
-    b = prune_dbp(x, 0.5, k=4, temperature=0.5, seed=3)
+    a = dbp(x, 0.5, k=4, temperature=0.5, seed=3)
+    b = dbp(x, 0.5, k=4, temperature=0.5, seed=3)
     np.testing.assert_array_equal(a.keep, b.keep)
-    c = prune_dbp(x, 0.5, k=4, temperature=0.5, seed=4)
+    c = dbp(x, 0.5, k=4, temperature=0.5, seed=4)
     assert c.n_kept == 50

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dataprune import semdedup
+from dataprune import semdedup, semdedup_sweep
 from dataprune.outofcore import prune_in_memory, prune_out_of_core
 from prunecore import Clustering, kmeans
 from prunecore.layout import build_cluster_layout
@@ -80,7 +80,7 @@ def test_layout_is_the_source_grouped_by_cluster_and_rebuilt_after_an_interrupti
 
 @pytest.mark.parametrize(
     "method, params",
-    [("dbp", {"temperature": 0.1}), ("ssp", {"mode": "easy"}), ("random", {})],
+    [("dbp", {"temperature": 0.1}), ("ssp", {"order": "easy"}), ("random", {})],
 )
 def test_out_of_core_keep_list_equals_in_memory_bitwise(tmp_path, method, params):
     x = planted()
@@ -100,9 +100,9 @@ def test_out_of_core_keep_list_equals_in_memory_bitwise(tmp_path, method, params
 def test_semdedup_result_does_not_depend_on_workers():
     x = planted(4000, 16).astype(np.float32)
     clustering = kmeans(x, 6, seed=0)
-    base = semdedup(x, [0.01, 0.2], clustering=clustering, workers=1)
+    base = semdedup_sweep(x, [0.01, 0.2], clustering=clustering, workers=1)
     for workers in (2, 3):
-        other = semdedup(x, [0.01, 0.2], clustering=clustering, workers=workers)
+        other = semdedup_sweep(x, [0.01, 0.2], clustering=clustering, workers=workers)
         for e in base:
             assert np.array_equal(base[e].keep, other[e].keep)
             assert np.array_equal(base[e].scores, other[e].scores, equal_nan=True)

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dataprune import Selection, class_prototypes, prune_ssp, random_subset, semdedup, ssp_scores
+from dataprune import Selection, class_prototypes, random_subset, semdedup, ssp, ssp_scores
 from prunecore import kmeans
 
 
@@ -55,14 +55,14 @@ def brute_ssp_scores(x, clustering):
     return np.array([1 - unit[i] @ cents[clustering.labels[i]] for i in range(len(x))])
 
 
-def test_ssp_scores_and_modes_match_brute_force():
+def test_ssp_scores_and_orders_match_brute_force():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((300, 8)).astype(np.float32)
     clustering = kmeans(x, 5, seed=1)
     scores = ssp_scores(x, clustering)
     np.testing.assert_allclose(scores, brute_ssp_scores(x, clustering), atol=1e-5)
-    hard = prune_ssp(x, 0.2, clustering=clustering, mode="hard")
-    easy = prune_ssp(x, 60, clustering=clustering, mode="easy")
+    hard = ssp(x, 0.2, clustering=clustering, order="hard")
+    easy = ssp(x, 60, clustering=clustering, order="easy")
     order = sorted(range(300), key=lambda i: (-scores[i], i))
     assert sorted(hard.indices.tolist()) == sorted(order[:60])
     order = sorted(range(300), key=lambda i: (scores[i], i))
@@ -80,8 +80,8 @@ def test_supervised_prototypes_are_class_means():
     for c in range(3):
         mean = unit[labels == c].mean(0)
         np.testing.assert_allclose(proto.centroids[c], mean / np.linalg.norm(mean), atol=1e-5)
-    sel = prune_ssp(x, 0.5, labels=labels)
-    want = prune_ssp(x, 0.5, clustering=proto)
+    sel = ssp(x, 0.5, labels=labels)
+    want = ssp(x, 0.5, clustering=proto)
     np.testing.assert_array_equal(sel.keep, want.keep)
     with pytest.raises(ValueError, match=r"empty class\(es\) \[1\]"):
         class_prototypes(x, np.where(labels == 1, 2, labels))
@@ -89,13 +89,13 @@ def test_supervised_prototypes_are_class_means():
 
 def test_ssp_determinism_and_errors():
     x = np.random.default_rng(2).standard_normal((100, 4)).astype(np.float32)
-    a, b = prune_ssp(x, 0.3, k=3, seed=5), prune_ssp(x, 0.3, k=3, seed=5)
+    a, b = ssp(x, 0.3, k=3, seed=5), ssp(x, 0.3, k=3, seed=5)
     np.testing.assert_array_equal(a.keep, b.keep)
-    assert prune_ssp(x, 0.3, k=3, seed=6).n_kept == 30
-    with pytest.raises(ValueError, match="mode"):
-        prune_ssp(x, 0.3, k=3, mode="medium")
+    assert ssp(x, 0.3, k=3, seed=6).n_kept == 30
+    with pytest.raises(ValueError, match="order must be one of"):
+        ssp(x, 0.3, k=3, order="medium")
     with pytest.raises(ValueError, match="either a clustering or k"):
-        prune_ssp(x, 0.3)
+        ssp(x, 0.3)
 
 
 def test_random_subset_is_seeded_and_exact():
@@ -112,7 +112,7 @@ def test_semdedup_then_ssp_explains_every_drop():
     x = np.concatenate([x, x[:20]])
     dedup = semdedup(x, 0.01, k=4)
     survivors = x[dedup.indices]
-    ssp = prune_ssp(survivors, 0.5, k=4)
-    chained = dedup & ssp.lift(dedup.indices, dedup.n)
+    rest = ssp(survivors, 0.5, k=4)
+    chained = dedup & rest.lift(dedup.indices, dedup.n)
     assert chained.reason_counts() == {"duplicate": 20, "prototypical": 100}
     assert chained.n_kept == 100

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from dataprune import semdedup
+from dataprune import semdedup, semdedup_sweep
 from prunecore import Clustering, kmeans, l2_normalize
 
 
@@ -98,11 +98,11 @@ def test_several_eps_in_one_pass_equal_separate_runs_and_are_nested():
     clustering = kmeans(x, 6, seed=0)
     eps_list = [0.02, 0.1, 0.3]
     for rule in ("reference", "greedy"):
-        many = semdedup(x, eps_list, clustering=clustering, rule=rule, block_size=64)
+        many = semdedup_sweep(x, eps_list, clustering=clustering, rule=rule, block_size=64)
         for e in eps_list:
             single = semdedup(x, e, clustering=clustering, rule=rule)
             np.testing.assert_array_equal(many[e].keep, single.keep)
-    ref = semdedup(x, eps_list, clustering=clustering)
+    ref = semdedup_sweep(x, eps_list, clustering=clustering)
     assert ref[0.02].n_kept >= ref[0.1].n_kept >= ref[0.3].n_kept
     assert (ref[0.3].keep <= ref[0.1].keep).all()  # reference rule: larger eps drops a superset
 
@@ -183,7 +183,7 @@ def test_mixed_cluster_sizes_with_automatic_blocks(rule):
     x[1::3] = base[0::3][: len(x[1::3])] + 0.2 * rng.standard_normal((len(x[1::3]), 6))
     clustering = fixed_clustering(x, labels)
     eps_list = [0.05, 0.3]
-    got = semdedup(x, eps_list, clustering=clustering, rule=rule, device="cpu")
+    got = semdedup_sweep(x, eps_list, clustering=clustering, rule=rule, device="cpu")
     for e in eps_list:
         np.testing.assert_array_equal(got[e].keep, brute_semdedup(x, labels, clustering.sim, e, rule))
         assert got[e].n_kept < len(x)  # the planted near-copies exist in several clusters
