@@ -357,7 +357,9 @@ class Study:
         return model.eval()
 
     def teacher_logits(self) -> TeacherLogitCache:
-        cache = TeacherLogitCache.create(self.dir / "teacher_logits", self.keys, self.n_classes, dtype="float32")
+        cache = TeacherLogitCache.create(
+            self.dir / "teacher_logits", self.keys, self.n_classes, storage_dtype="float32"
+        )
         if not cache.complete:
             teacher = self.teacher()
             bs = 2048

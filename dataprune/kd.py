@@ -19,6 +19,8 @@ import torch.nn.functional as F
 
 from prunecore.io import atomic_path
 
+from .deprecation import warn_renamed
+
 
 def kd_loss(
     student_logits: torch.Tensor,
@@ -95,10 +97,20 @@ class TeacherLogitCache:
 
     @classmethod
     def create(
-        cls, folder: str | os.PathLike, keys: Sequence[str], n_classes: int, *, dtype: str = "float16"
+        cls,
+        folder: str | os.PathLike,
+        keys: Sequence[str],
+        n_classes: int,
+        *,
+        storage_dtype: str = "float16",
+        dtype: str | None = None,
     ) -> TeacherLogitCache:
-        """Create an empty cache for ``keys`` (unique) and ``n_classes`` logits, or reopen an
-        existing one made for the same keys and width."""
+        """Create an empty cache for ``keys`` (unique) and ``n_classes`` logits stored as
+        ``storage_dtype``, or reopen an existing one made for the same keys and width.
+        ``dtype``: deprecated name of ``storage_dtype`` (removed in the next release)."""
+        if dtype is not None:
+            warn_renamed("TeacherLogitCache.create(dtype=...)", "storage_dtype=...")
+            storage_dtype = dtype
         folder = Path(folder)
         keys = [str(k) for k in keys]
         if len(set(keys)) != len(keys):
@@ -110,7 +122,7 @@ class TeacherLogitCache:
             return cache
         folder.mkdir(parents=True, exist_ok=True)
         with atomic_path(folder / "logits.npy") as tmp:
-            arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(dtype), shape=(len(keys), n_classes))
+            arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(storage_dtype), shape=(len(keys), n_classes))
             arr.flush()
             del arr
         with atomic_path(folder / "filled.npy") as tmp:
@@ -119,7 +131,7 @@ class TeacherLogitCache:
         with atomic_path(folder / "keys.json") as tmp:
             tmp.write_text(json.dumps(keys))
         with atomic_path(folder / "meta.json") as tmp:
-            tmp.write_text(json.dumps({"n_classes": n_classes, "dtype": dtype}))
+            tmp.write_text(json.dumps({"n_classes": n_classes, "dtype": storage_dtype}))  # the key caches have
         return cls(folder)
 
     def rows(self, keys: Iterable[str]) -> np.ndarray:

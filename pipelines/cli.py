@@ -10,7 +10,7 @@ import pickle
 import sys
 
 from .encoders import EncoderSpec
-from .shards.run import FilterConfig, default_steps, filter_config, run_filter
+from .shards.run import FilterConfig, filter_config, run_filter, steps_from_flags
 from .shards.steps import STEPS, chain_steps, cli_flags, method_choices
 
 DEFAULTS = FilterConfig()
@@ -24,6 +24,25 @@ def _size(text: str) -> int:
         if low.endswith(u):
             return int(float(low[:-2]) * f)
     return int(float(low))
+
+
+class DeprecatedFlag(argparse.Action):
+    """A deprecated spelling of a flag, kept one release: it stores its value like before and
+    prints one warning line on stderr naming the flag to use (``replaced_by``)."""
+
+    def __init__(self, option_strings, dest, *, replaced_by: str, **kwargs):
+        kwargs.setdefault("default", argparse.SUPPRESS)  # the new flag's default stands
+        kwargs.setdefault("help", f"deprecated, removed in the next release: use {replaced_by}")
+        super().__init__(option_strings, dest, **kwargs)
+        self.replaced_by = replaced_by
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(
+            f"{parser.prog}: warning: {option_string} is deprecated and will be removed in the next release: "
+            f"use {self.replaced_by}",
+            file=sys.stderr,
+        )
+        setattr(namespace, self.dest, values)
 
 
 class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
@@ -62,11 +81,26 @@ def build_parser() -> argparse.ArgumentParser:
         "replaces --model",
     )
     g.add_argument("--encoder-kwargs", default="{}", help="JSON keyword arguments of the --encoder factory")
-    g.add_argument("--precision", default=DEFAULTS.precision, choices=["fp32", "fp16", "bf16"])
+    g.add_argument(
+        "--precision",
+        default=DEFAULTS.precision,
+        choices=["fp32", "fp16", "bf16"],
+        help="the encoder's compute precision",
+    )
     g.add_argument("--model-seed", type=int, default=DEFAULTS.model_seed, help="seed of random weights")
     g.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
     g.add_argument(
-        "--dtype", default=DEFAULTS.dtype, choices=["float16", "float32"], help="storage dtype of the embedding chunks"
+        "--storage-dtype",
+        default=DEFAULTS.storage_dtype,
+        choices=["float16", "float32"],
+        help="dtype the embedding chunks are stored in",
+    )
+    g.add_argument(
+        "--dtype",
+        dest="storage_dtype",
+        choices=["float16", "float32"],
+        action=DeprecatedFlag,
+        replaced_by="--storage-dtype",
     )
     g.add_argument(
         "--decode-workers",
@@ -194,7 +228,12 @@ def add_step_flags(parser) -> None:
     for i, (flag, text) in enumerate(flags):
         if flag.dest not in enabling and (i == 0 or flags[i - 1][0].dest in enabling):
             group.add_argument("--method", default="dbp", choices=[*method_choices(), "none"])
-        group.add_argument(flag.name, type=flag.type, choices=flag.choices, help=text)
+        if flag.replaced_by:
+            group.add_argument(
+                flag.name, type=flag.type, choices=flag.choices, action=DeprecatedFlag, replaced_by=flag.replaced_by
+            )
+        else:
+            group.add_argument(flag.name, type=flag.type, choices=flag.choices, help=text)
 
 
 def add_serve_dllm_parser(sub) -> None:
@@ -223,7 +262,10 @@ def add_serve_dllm_parser(sub) -> None:
     b.add_argument("--max-queue", type=int, default=64, help="waiting requests; more are answered 429")
     b.add_argument("--max-context", type=int, help="prompt + canvas limit (default: the model's config)")
     b.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    b.add_argument("--dtype", default="auto", help="auto, fp32, bf16, fp16 or float64")
+    b.add_argument(
+        "--precision", default="auto", help="the model's compute precision: auto, fp32, bf16, fp16 or float64"
+    )
+    b.add_argument("--dtype", dest="precision", action=DeprecatedFlag, replaced_by="--precision")
     b.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     b.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
@@ -281,8 +323,8 @@ def _filter(args) -> int:
         raise ValueError("give shards and/or --embeddings, or --hf-dataset")
     if not args.encoder and args.embeddings is None and args.embedding_column is None and args.model is None:
         raise ValueError("give --model (and --pretrained) to embed, or --embeddings / --embedding-column")
-    flags = {flag.dest: getattr(args, flag.dest) for flag, _ in cli_flags()}
-    steps = default_steps(method=args.method, seed=args.seed, **flags)
+    flags = {flag.dest: getattr(args, flag.dest, None) for flag, _ in cli_flags()}
+    steps = steps_from_flags(args.method, {"seed": args.seed, **flags})  # deprecated flags warned when parsed
     config = filter_config(
         model=args.model,
         pretrained=args.pretrained,
@@ -303,7 +345,7 @@ def _filter(args) -> int:
         hf_output_format=args.hf_output_format,
         hf_cache_dir=args.hf_cache_dir,
         batch_size=args.batch_size,
-        dtype=args.dtype,
+        storage_dtype=args.storage_dtype,
         decode_workers=args.decode_workers,
         jpeg_draft=args.jpeg_draft,
         max_pixels=args.max_pixels,
@@ -367,7 +409,7 @@ def serve_dllm(args) -> int:
         max_queue=args.max_queue,
         max_context=args.max_context,
         device=args.device,
-        dtype=args.dtype,
+        dtype=args.precision,
         model_name=args.model_name,
     )
     return 0

@@ -99,3 +99,12 @@ def test_the_same_bad_budget_gives_the_same_error_everywhere(data, keep, tmp_pat
         errors.append((type(info.value), str(info.value)))
     assert len(set(errors)) == 1, errors
     assert "keep" in errors[0][1]
+
+
+def test_teacher_cache_storage_dtype_and_its_deprecated_name(tmp_path):
+    cache = dataprune.TeacherLogitCache.create(tmp_path / "new", ["a", "b"], 3, storage_dtype="float32")
+    assert cache.logits.dtype == np.float32 and cache.meta["dtype"] == "float32"  # the file keeps its key
+    with pytest.warns(DeprecationWarning, match=r"create\(dtype=\.\.\.\) is deprecated.*storage_dtype="):
+        old = dataprune.TeacherLogitCache.create(tmp_path / "old", ["a", "b"], 3, dtype="float32")
+    assert old.logits.dtype == np.float32
+    assert dataprune.TeacherLogitCache.create(tmp_path / "default", ["a"], 2).logits.dtype == np.float16

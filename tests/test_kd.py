@@ -77,10 +77,10 @@ def test_teacher_cache_runs_teacher_once_and_resumes(tmp_path):
     inputs = torch.randn(10, 3)
     teacher = CountingTeacher()
     batches = [(keys[i : i + 4], inputs[i : i + 4]) for i in range(0, 10, 4)]
-    cache = TeacherLogitCache.create(tmp_path / "c", keys, 4, dtype="float32")
+    cache = TeacherLogitCache.create(tmp_path / "c", keys, 4, storage_dtype="float32")
     fill_teacher_cache(cache, teacher, batches[:1], progress=False)  # "killed" after 1 batch
     assert cache.missing() == keys[4:]
-    reopened = TeacherLogitCache.create(tmp_path / "c", keys, 4, dtype="float32")
+    reopened = TeacherLogitCache.create(tmp_path / "c", keys, 4, storage_dtype="float32")
     fill_teacher_cache(reopened, teacher, batches, progress=False)
     assert teacher.seen == 10 and reopened.complete
     got = reopened.read(["k7", "k0"])

@@ -120,7 +120,7 @@ def test_pure_distillation_follows_teacher_not_labels():
 def test_with_teacher_logit_cache_roundtrip(tmp_path):
     x, y = blobs(n=60)
     keys = [f"row{i}" for i in range(60)]
-    cache = TeacherLogitCache.create(tmp_path / "t", keys, 3, dtype="float32")
+    cache = TeacherLogitCache.create(tmp_path / "t", keys, 3, storage_dtype="float32")
     logits = torch.randn(60, 3)
     cache.write(keys, logits)
     subset = np.arange(0, 60, 3)

@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 from conftest import REPO, artifact_bytes, shared_data_dir
 
-from dataprune import prune_dbp, semdedup
+from dataprune import dbp, semdedup
 from pipelines.shards import (
     PipelineError,
     ShardError,
@@ -210,7 +210,7 @@ def test_keep_list_matches_brute_force_and_core_functions(e2e):
     s1 = semdedup(emb, EPS, clustering=clu)
     idx = s1.indices
     sub = Clustering(clu.centroids, clu.labels[idx], clu.sim[idx])
-    s2 = prune_dbp(emb[idx], KEEP, clustering=sub, temperature=0.5)
+    s2 = dbp(emb[idx], KEEP, clustering=sub, temperature=0.5)
     expected = s1 & s2.lift(idx, n)
     np.testing.assert_array_equal(keep["kept"].to_numpy(), expected.keep)
     assert keep["kept"].sum() == int(np.floor(KEEP * len(idx) + 0.5))

@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 from conftest import REPO
 
-from dataprune import prune_dbp, prune_ssp, semdedup
+from dataprune import dbp, semdedup, ssp
 from pipelines.cli import main
 from pipelines.encoders import PixelProjectionEncoder
 from pipelines.shards import ShardError, iter_shard, run_filter
@@ -446,10 +446,10 @@ def test_api_rejects_bad_cluster_labels_and_nan_similarities():
     )
     negative = Clustering(good.centroids, np.where(np.arange(20) == 4, -1, good.labels), good.sim)
     with pytest.raises(ValueError, match=r"cluster label -1 at row 4 is outside \[0, 3\)"):
-        prune_ssp(emb, 0.5, clustering=negative)
+        ssp(emb, 0.5, clustering=negative)
     too_big = Clustering(good.centroids, np.where(np.arange(20) == 7, 3, good.labels), good.sim)
     with pytest.raises(ValueError, match=r"cluster label 3 at row 7"):
-        prune_dbp(emb, 0.5, clustering=too_big, temperature=0.5)
+        dbp(emb, 0.5, clustering=too_big, temperature=0.5)
     nan_sim = Clustering(good.centroids, good.labels, np.where(np.arange(20) == 2, np.nan, good.sim))
     with pytest.raises(ValueError, match="non-finite value.*row 2"):
         semdedup(emb, 0.1, clustering=nan_sim)

@@ -26,8 +26,8 @@ def test_cli_without_step_flags_gives_the_step_defaults():
     args = build_parser().parse_args(["filter", "s.tar", "--out", "o", "--dedup-eps", "0.02"])
     steps = default_steps(dedup_eps=args.dedup_eps, method=args.method, keep=args.keep, order=args.order)
     assert normalize_steps(steps) == normalize_steps([{"method": "semdedup", "eps": 0.02}, {"method": "dbp"}])
-    (ssp,) = default_steps(method="ssp", ssp_mode="easy", temperature=0.1, seed=3)
-    assert ssp == {"method": "ssp", "mode": "easy"}  # dbp-only names are not passed to ssp
+    (ssp,) = default_steps(method="ssp", order="easy", temperature=0.1, seed=3)
+    assert ssp == {"method": "ssp", "order": "easy"}  # dbp-only names are not passed to ssp
     with pytest.raises(TypeError, match="unknown step parameter"):
         default_steps(method="dbp", temprature=0.1)
 

@@ -287,7 +287,8 @@ def test_cli_method_choices_and_flags_come_from_the_registry():
 def test_shared_flags_are_declared_once_with_each_steps_default():
     helps = {flag.name: text for flag, text in cli_flags()}
     assert helps["--keep"].endswith("(default: dbp 0.3, ssp 0.5, random 0.5)")
-    assert helps["--order"] == "DBP/SemDeDup walk order (default hard)"
+    assert helps["--order"].startswith("which rows go first: hard = farthest from their centroid")
+    assert helps["--order"].endswith("(default hard)")  # one default shared by SemDeDup, DBP and SSP
     assert list(helps)[:3] == ["--clip-score-min", "--clip-score-keep", "--dedup-eps"]
 
 
@@ -299,7 +300,8 @@ def test_steps_check_their_own_parameters_naming_the_flag():
         ({"method": "semdedup", "block_size": 0}, "semdedup block_size must be an integer >= 1"),
         ({"method": "clipscore", "min": 2}, "--clip-score-min must be a number in [-1.0, 1.0]"),
         ({"method": "ssp", "keep": 1.5}, "--keep of ssp: keep fraction 1.5 is outside"),
-        ({"method": "ssp", "mode": "random"}, "ssp mode must be one of ('hard', 'easy')"),
+        ({"method": "ssp", "order": "random"}, "ssp order must be one of ('hard', 'easy')"),
+        ({"method": "dbp", "order": "up"}, "dbp order must be one of ('hard', 'easy', 'random')"),
     ]:
         with pytest.raises(ValueError) as err:
             build_step(step)

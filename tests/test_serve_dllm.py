@@ -204,7 +204,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
         cmd = [sys.executable, "-m", "pipelines.cli", "serve-dllm", str(folder), "--port", str(self.port)]
-        cmd += ["--threads", "1", "--dtype", "float64", "--device", "cpu", "--log-level", "warning", *args]
+        cmd += ["--threads", "1", "--precision", "float64", "--device", "cpu", "--log-level", "warning", *args]
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:

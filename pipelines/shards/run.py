@@ -25,6 +25,7 @@ files in ``OUT`` that prunekit did not write are refused, and ``OUT`` is locked 
 
 from __future__ import annotations
 
+import functools
 import glob
 import math
 import os
@@ -145,13 +146,30 @@ def default_steps(
     ([clipscore] -> [semdedup]), then the ``method`` step (dbp/ssp/random/semdedup/none).
 
     ``params``: the step flags' values by their ``default_steps`` keyword (``dedup_eps``,
-    ``clip_score_min``, ``keep``, ``ssp_mode``...; :func:`~pipelines.shards.steps.cli_flags`),
+    ``clip_score_min``, ``keep``, ``order``...; :func:`~pipelines.shards.steps.cli_flags`),
     and for the method step any of its parameters by name (``seed``, ``min_per_cluster``...;
     see :mod:`pipelines.shards.steps`). ``None`` or a parameter a step does not have is left
-    out, so the step's own default applies; ``--order`` sets both DBP's and SemDeDup's order.
+    out, so the step's own default applies; ``order`` sets the order of every step that has
+    one (SemDeDup, DBP, SSP). A deprecated flag's keyword (``ssp_mode``: SSP's order only)
+    still works with a ``DeprecationWarning``.
     """
+    for flag, _ in cli_flags():
+        if flag.replaced_by and params.get(flag.dest) is not None:
+            new = flag.replaced_by.lstrip("-").replace("-", "_")
+            warnings.warn(
+                f"default_steps({flag.dest}=...) is deprecated and will be removed in the next release: use {new}=...",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+    return steps_from_flags(method, params)
+
+
+def steps_from_flags(method, params: dict) -> list[dict]:
+    """:func:`default_steps` without its deprecation warnings (the CLI warns on stderr itself)."""
     flags = [flag for flag, _ in cli_flags()]
-    known = {f.dest for f in flags}.union(*(cls.defaults() for cls in STEPS.values()))
+    known = {f.dest for f in flags}.union(
+        *(cls.defaults() for cls in STEPS.values()), *(c.renamed for c in STEPS.values())
+    )
     if set(params) - known:
         raise TypeError(f"unknown step parameter(s) {sorted(set(params) - known)}; known: {sorted(known)}")
     params = {k: v for k, v in params.items() if v is not None}
@@ -166,7 +184,7 @@ def default_steps(
             enabling = " or ".join(f.name for f in STEPS[name].flags if f.dest in STEPS[name].enabled_by)
             raise ValueError(f"--method {name} needs {enabling}")
     if method in choices and method not in chain_steps():
-        fields = STEPS[method].defaults()
+        fields = {**STEPS[method].defaults(), **STEPS[method].renamed}
         by_name = {k: v for k, v in params.items() if k in fields}
         steps.append({"method": method, **by_name, **flag_params(STEPS[method], params)})
     if not steps:
@@ -174,6 +192,42 @@ def default_steps(
     return steps
 
 
+RENAMED_OPTIONS = {"dtype": "storage_dtype"}  # deprecated FilterConfig names -> the names (kept one release)
+
+
+def renamed_options(options: dict) -> dict:
+    """``options`` with each deprecated name of :data:`RENAMED_OPTIONS` replaced by its new
+    name (a ``DeprecationWarning`` each; the old name wins over a new one given too, as in
+    ``dataclasses.replace``)."""
+    options = dict(options)
+    for old, new in RENAMED_OPTIONS.items():
+        if old in options:
+            warn_renamed_option(old, new, stacklevel=4)
+            options[new] = options.pop(old)
+    return options
+
+
+def warn_renamed_option(old: str, new: str, *, stacklevel: int) -> None:
+    warnings.warn(
+        f"the run_filter option {old!r} is deprecated and will be removed in the next release: use {new!r}",
+        DeprecationWarning,
+        stacklevel=stacklevel,
+    )
+
+
+def accepts_renamed_options(cls):
+    """Class decorator: ``cls(...)`` (and ``dataclasses.replace``) take the deprecated names too."""
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self, *args, **options):
+        init(self, *args, **renamed_options(options))
+
+    cls.__init__ = __init__
+    return cls
+
+
+@accepts_renamed_options
 @dataclass
 class FilterConfig:
     """Every option of :func:`run_filter` (the CLI's flags), with its default.
@@ -184,7 +238,9 @@ class FilterConfig:
     ``hf:PATH``), or precomputed ``embeddings`` + ``metadata`` files (globs; one metadata
     parquet with a ``key_column`` per ``.npy``). ``steps``: the selection chain (see
     :func:`default_steps`); each step runs on the survivors of the previous ones and a
-    fraction ``keep`` is relative to the rows entering that step.
+    fraction ``keep`` is relative to the rows entering that step. ``precision``: the
+    encoder's compute precision; ``storage_dtype``: the dtype the embedding chunks are stored
+    in (``dtype`` is its deprecated name, kept one release).
     """
 
     # embedding
@@ -199,7 +255,7 @@ class FilterConfig:
     key_column: str = "key"
     batch_size: int = 64
     text: bool | None = None  # embed captions (default: when a step needs_texts, e.g. clipscore)
-    dtype: str = "float16"
+    storage_dtype: str = "float16"  # of the stored embedding chunks (the model computes in ``precision``)
     strict: bool = False  # stop on bad samples/names/tars instead of counting them
     # decoding (pipelines.shards.decode.DecodeOptions)
     decode_workers: int | None = DecodeOptions.workers  # None: one process per core minus one
@@ -240,14 +296,25 @@ class FilterConfig:
     verify: bool = False  # check the sha256 of every finished artifact before trusting it
     wait_lock: bool = False  # wait for another run holding OUT instead of failing
 
+    @property
+    def dtype(self) -> str:
+        """Deprecated name of :attr:`storage_dtype` (removed in the next release)."""
+        warn_renamed_option("dtype", "storage_dtype", stacklevel=3)
+        return self.storage_dtype
+
+    @dtype.setter
+    def dtype(self, value: str) -> None:
+        warn_renamed_option("dtype", "storage_dtype", stacklevel=3)
+        self.storage_dtype = value
+
 
 def filter_config(config: FilterConfig | None = None, **options) -> FilterConfig:
     """``config`` (or the defaults) with ``options`` replaced; unknown names raise TypeError."""
     names = {f.name for f in fields(FilterConfig)}
-    unknown = sorted(set(options) - names)
+    unknown = sorted(set(options) - names - set(RENAMED_OPTIONS))
     if unknown:
         raise TypeError(f"unknown run_filter option(s) {unknown}; FilterConfig has {sorted(names)}")
-    return replace(config or FilterConfig(), **options)
+    return replace(config or FilterConfig(), **renamed_options(options))
 
 
 def make_executor(backend: str, ray_address: str | None = None):
@@ -371,7 +438,7 @@ def _run_stages(cfg: FilterConfig, steps: list[dict], out: Path, shard_list: lis
             _encoder(cfg, shard_list),
             batch_size=cfg.batch_size,
             text=text,
-            dtype=cfg.dtype,
+            dtype=cfg.storage_dtype,
             strict=cfg.strict,
             decode=decode_options_of(cfg),
             progress=progress,
@@ -470,10 +537,14 @@ def check_config(cfg: FilterConfig) -> list[dict]:
         _positive_int("--" + name.replace("_", "-"), getattr(cfg, name), 0)
     if cfg.threads is not None:
         _positive_int("--threads", cfg.threads)
-    choices = {"dtype": ("float16", "float32"), "precision": ("fp32", "fp16", "bf16"), "backend": ("local", "ray")}
+    choices = {
+        "storage_dtype": ("float16", "float32"),
+        "precision": ("fp32", "fp16", "bf16"),
+        "backend": ("local", "ray"),
+    }
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
-            raise ValueError(f"--{name} must be one of {allowed}, got {getattr(cfg, name)!r}")
+            raise ValueError(f"--{name.replace('_', '-')} must be one of {allowed}, got {getattr(cfg, name)!r}")
     if not isinstance(cfg.key_column, str) or not cfg.key_column:
         raise ValueError(f"--key-column must be a column name, got {cfg.key_column!r}")
     if not isinstance(cfg.device, str) or not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):

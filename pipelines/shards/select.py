@@ -22,7 +22,7 @@ from prunecore.rows import RowSubset, unmapped
 from .cluster import ClusterArtifact
 from .embed import EmbedArtifact
 from .stage import Stage, read_parquet, save_parquet
-from .steps import normalize_steps, run_step
+from .steps import normalize_steps, recorded_steps, run_step
 from .threads import compute_threads, resolve_threads
 
 
@@ -100,7 +100,7 @@ class SelectStage(Stage):
         memory_limit=None,
     ):
         steps = normalize_steps(steps)
-        params = {"steps": steps, "threads": resolve_threads(threads)}
+        params = {"steps": recorded_steps(steps), "threads": resolve_threads(threads)}  # renames keep old runs
         super().__init__(out, params, {"embed": embed.fingerprint, "cluster": cluster.fingerprint})
         self.embed, self.cluster, self.steps = embed, cluster, steps
         self.device, self.progress, self.executor = device, progress, executor

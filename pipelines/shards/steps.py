@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -37,6 +38,7 @@ from .checks import in_range, positive_int
 from .stage import PipelineError
 
 STEPS: Registry[type[Step]] = Registry("selection method")
+SSP_ORDERS = ("hard", "easy")
 
 
 def register_step(cls: type[Step]) -> type[Step]:
@@ -52,17 +54,20 @@ def parse_keep(text: str) -> float | int:
 
 @dataclass(frozen=True)
 class Flag:
-    """One ``prunekit filter`` flag setting a step parameter: ``name`` (``"--ssp-mode"``) sets
-    ``param`` (``"mode"``). Its keyword in :func:`~pipelines.shards.run.default_steps` is
-    :attr:`dest` (``"ssp_mode"``). A flag shared by several steps (``--keep``, ``--order``) is
+    """One ``prunekit filter`` flag setting a step parameter: ``name`` (``"--dedup-eps"``) sets
+    ``param`` (``"eps"``). Its keyword in :func:`~pipelines.shards.run.default_steps` is
+    :attr:`dest` (``"dedup_eps"``). A flag shared by several steps (``--keep``, ``--order``) is
     one object listed in each one's ``flags``; ``{default}`` in ``help`` becomes the default
-    (``"hard"``, or ``"dbp 0.3, ssp 0.5, random 0.5"`` when the steps' defaults differ)."""
+    (``"hard"``, or ``"dbp 0.3, ssp 0.5, random 0.5"`` when the steps' defaults differ).
+    ``replaced_by``: a deprecated flag (kept one release) names the flag to use instead; it
+    still sets ``param`` of its own steps only."""
 
     name: str
     param: str
     help: str
     type: Callable[[str], Any] | None = None
     choices: tuple | None = None
+    replaced_by: str | None = None
 
     @property
     def dest(self) -> str:
@@ -75,7 +80,13 @@ KEEP = Flag(
     "fraction (or count) of the rows entering the method step to keep (default: {default})",
     type=parse_keep,
 )
-ORDER = Flag("--order", "order", "DBP/SemDeDup walk order (default {default})", choices=("hard", "easy", "random"))
+ORDER = Flag(
+    "--order",
+    "order",
+    "which rows go first: hard = farthest from their centroid (SemDeDup's walk, DBP's quota fill, SSP's "
+    "ranking), easy = nearest, random = seeded shuffle (SemDeDup, DBP) (default {default})",
+    choices=("hard", "easy", "random"),
+)
 
 
 @dataclass(frozen=True)
@@ -87,7 +98,9 @@ class Step:
     step, e.g. SemDeDup's ``dedup_eps``; empty: the step is picked by ``--method``),
     ``method_choice`` (whether ``--method`` offers it), ``needs_texts`` (whether it reads the
     caption embeddings: the embed stage then embeds captions), ``example`` (parameters the
-    contract test builds it with, when the defaults alone are not a valid step).
+    contract test builds it with, when the defaults alone are not a valid step), ``renamed``
+    (``{old: new}`` deprecated parameter names: accepted for one release with a
+    ``DeprecationWarning``, and kept in :meth:`record` so finished runs stay valid).
     """
 
     method: ClassVar[str]
@@ -96,6 +109,7 @@ class Step:
     method_choice: ClassVar[bool] = True
     needs_texts: ClassVar[bool] = False
     example: ClassVar[dict] = {}
+    renamed: ClassVar[dict[str, str]] = {}
 
     def __post_init__(self):
         self.check()
@@ -111,7 +125,7 @@ class Step:
                 raise ValueError(f"--keep of {self.method}: {exc}") from None
         for flag in self.flags:
             value = getattr(self, flag.param)
-            if flag.choices is not None and value not in flag.choices:
+            if flag.choices is not None and flag.replaced_by is None and value not in flag.choices:
                 raise ValueError(f"{self.method} {flag.param} must be one of {flag.choices}, got {value!r}")
 
     def label(self, param: str) -> str:
@@ -135,6 +149,12 @@ class Step:
 
     def as_dict(self) -> dict:
         return {"method": self.method, **dataclasses.asdict(self)}
+
+    def record(self) -> dict:
+        """:meth:`as_dict` with each renamed parameter under the name runs were recorded with
+        (``renamed``): what the select stage fingerprints, so a rename never redoes a run."""
+        old_of = {new: old for old, new in self.renamed.items()}
+        return {old_of.get(name, name): value for name, value in self.as_dict().items()}
 
     @classmethod
     def defaults(cls) -> dict:
@@ -281,10 +301,10 @@ class DBPStep(Step):
         positive_int(self.label("min_per_cluster"), self.min_per_cluster, 0)
 
     def run(self, rows, clustering, texts=None, *, device="auto", progress=False):
-        from dataprune import prune_dbp
+        from dataprune import dbp
 
         params = dataclasses.asdict(self)
-        return prune_dbp(rows, params.pop("keep"), clustering=clustering, device=device, **params)
+        return dbp(rows, params.pop("keep"), clustering=clustering, device=device, **params)
 
 
 @register_step
@@ -295,15 +315,24 @@ class SSPStep(Step):
     method: ClassVar[str] = "ssp"
     flags: ClassVar[tuple[Flag, ...]] = (
         KEEP,
-        Flag("--ssp-mode", "mode", "SSP: keep hard or easy rows (default {default})", choices=("hard", "easy")),
+        ORDER,
+        Flag("--ssp-mode", "order", "deprecated: use --order", choices=SSP_ORDERS, replaced_by="--order"),
     )
+    renamed: ClassVar[dict[str, str]] = {"mode": "order"}
     keep: float | int = 0.5
-    mode: str = "hard"
+    order: str = "hard"
+
+    def check(self) -> None:
+        super().check()
+        if self.order not in SSP_ORDERS:
+            raise ValueError(
+                f"ssp order must be one of {SSP_ORDERS}, got {self.order!r} (a random subset is --method random)"
+            )
 
     def run(self, rows, clustering, texts=None, *, device="auto", progress=False):
-        from dataprune import prune_ssp
+        from dataprune import ssp
 
-        return prune_ssp(rows, self.keep, clustering=clustering, mode=self.mode)
+        return ssp(rows, self.keep, clustering=clustering, order=self.order)
 
 
 @register_step
@@ -328,6 +357,15 @@ def build_step(step: dict) -> Step:
     params = dict(step)
     method = params.pop("method", None)
     cls = STEPS.lookup(method)
+    for old, new in cls.renamed.items():
+        if old in params:
+            warnings.warn(
+                f"the {method} step parameter {old!r} is deprecated and will be removed in the next release: "
+                f"use {new!r}",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+            params.setdefault(new, params.pop(old))
     unknown = set(params) - set(cls.defaults())
     if unknown:
         raise ValueError(f"unknown parameter(s) {sorted(unknown)} for {method}")
@@ -337,6 +375,11 @@ def build_step(step: dict) -> Step:
 def normalize_steps(steps: Sequence[dict]) -> list[dict]:
     """Fill defaults and check step names/params. A step is ``{"method": name, ...params}``."""
     return [build_step(step).as_dict() for step in steps]
+
+
+def recorded_steps(steps: Sequence[dict]) -> list[dict]:
+    """The normalized ``steps`` as runs record and fingerprint them (:meth:`Step.record`)."""
+    return [build_step(step).record() for step in steps]
 
 
 def run_step(step: dict, rows, clustering: Clustering, texts=None, *, device="auto", progress=False):
