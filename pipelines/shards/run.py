@@ -25,7 +25,6 @@ files in ``OUT`` that prunekit did not write are refused, and ``OUT`` is locked 
 
 from __future__ import annotations
 
-import functools
 import glob
 import math
 import os
@@ -33,8 +32,7 @@ import re
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pipelines.encoders import EncoderSpec
@@ -44,7 +42,8 @@ from prunecore.rows import open_embeddings
 from .checks import in_range as _in_range
 from .checks import positive_int as _positive_int
 from .cluster import ClusterStage
-from .decode import DecodeOptions, decode_options_of
+from .config import FilterConfig, filter_config
+from .decode import decode_options_of
 from .embed import EmbedStage
 from .ingest import IngestStage
 from .outdir import check_inputs_outside, claim_output, output_lock
@@ -190,131 +189,6 @@ def steps_from_flags(method, params: dict) -> list[dict]:
     if not steps:
         raise ValueError("nothing to do: give --dedup-eps and/or a --method")
     return steps
-
-
-RENAMED_OPTIONS = {"dtype": "storage_dtype"}  # deprecated FilterConfig names -> the names (kept one release)
-
-
-def renamed_options(options: dict) -> dict:
-    """``options`` with each deprecated name of :data:`RENAMED_OPTIONS` replaced by its new
-    name (a ``DeprecationWarning`` each; the old name wins over a new one given too, as in
-    ``dataclasses.replace``)."""
-    options = dict(options)
-    for old, new in RENAMED_OPTIONS.items():
-        if old in options:
-            warn_renamed_option(old, new, stacklevel=4)
-            options[new] = options.pop(old)
-    return options
-
-
-def warn_renamed_option(old: str, new: str, *, stacklevel: int) -> None:
-    warnings.warn(
-        f"the run_filter option {old!r} is deprecated and will be removed in the next release: use {new!r}",
-        DeprecationWarning,
-        stacklevel=stacklevel,
-    )
-
-
-def accepts_renamed_options(cls):
-    """Class decorator: ``cls(...)`` (and ``dataclasses.replace``) take the deprecated names too."""
-    init = cls.__init__
-
-    @functools.wraps(init)
-    def __init__(self, *args, **options):
-        init(self, *args, **renamed_options(options))
-
-    cls.__init__ = __init__
-    return cls
-
-
-@accepts_renamed_options
-@dataclass
-class FilterConfig:
-    """Every option of :func:`run_filter` (the CLI's flags), with its default.
-
-    Embedding source: ``encoder`` (an object, see :mod:`pipelines.encoders`, a
-    zero-argument factory, or an :class:`~pipelines.encoders.EncoderSpec`, imported only
-    after every check), or ``model``/``pretrained`` (open_clip name or config .json, or
-    ``hf:PATH``), or precomputed ``embeddings`` + ``metadata`` files (globs; one metadata
-    parquet with a ``key_column`` per ``.npy``). ``steps``: the selection chain (see
-    :func:`default_steps`); each step runs on the survivors of the previous ones and a
-    fraction ``keep`` is relative to the rows entering that step. ``precision``: the
-    encoder's compute precision; ``storage_dtype``: the dtype the embedding chunks are stored
-    in (``dtype`` is its deprecated name, kept one release).
-    """
-
-    # embedding
-    encoder: object = None
-    model: str | None = None
-    pretrained: str | None = None
-    precision: str = "fp32"
-    model_seed: int = 0
-    embeddings: object = None
-    metadata: object = None
-    text_embeddings: object = None
-    key_column: str = "key"
-    batch_size: int = 64
-    text: bool | None = None  # embed captions (default: when a step needs_texts, e.g. clipscore)
-    storage_dtype: str = "float16"  # of the stored embedding chunks (the model computes in ``precision``)
-    strict: bool = False  # stop on bad samples/names/tars instead of counting them
-    # decoding (pipelines.shards.decode.DecodeOptions)
-    decode_workers: int | None = DecodeOptions.workers  # None: one process per core minus one
-    jpeg_draft: float = DecodeOptions.draft
-    max_pixels: int = DecodeOptions.max_pixels
-    gpu_decode: bool = DecodeOptions.gpu
-    # clustering
-    clusters: int = 100
-    kmeans_iter: int = 20
-    max_points_per_centroid: int = 256
-    seed: int = 1234
-    # selection
-    steps: Sequence[dict] | None = None  # None: default_steps()
-    # output shards
-    write: bool = True
-    shard_max_count: int = 10000
-    shard_max_size: int = 3_000_000_000
-    # Hugging Face dataset / parquet input (pipelines/datasets.py): a local path or a Dataset
-    hf_dataset: object = None
-    split: str | None = None
-    image_column: str = "image"
-    text_column: str | None = None
-    embedding_column: str | None = None
-    id_column: str | None = None
-    streaming: bool = False  # read the dataset as a stream (IterableDataset)
-    chunk_rows: int = 10_000  # rows per resume unit of the embed stage
-    hf_output_format: str | None = None  # "disk" (save_to_disk) or "parquet" (shards; streams)
-    hf_cache_dir: str | None = None  # load_dataset's Arrow cache
-    # execution
-    device: str = "auto"
-    threads: int | None = None  # CPU threads of torch/faiss for the whole run (None: torch's count); recorded
-    backend: str = "local"
-    ray_address: str | None = None
-    memory_limit: int | str | None = None  # select stage buffers (None: half the machine's memory)
-    progress: bool = True
-    log: Callable = print
-    # safety
-    verify: bool = False  # check the sha256 of every finished artifact before trusting it
-    wait_lock: bool = False  # wait for another run holding OUT instead of failing
-
-    @property
-    def dtype(self) -> str:
-        """Deprecated name of :attr:`storage_dtype` (removed in the next release)."""
-        warn_renamed_option("dtype", "storage_dtype", stacklevel=3)
-        return self.storage_dtype
-
-    @dtype.setter
-    def dtype(self, value: str) -> None:
-        warn_renamed_option("dtype", "storage_dtype", stacklevel=3)
-        self.storage_dtype = value
-
-
-def filter_config(config: FilterConfig | None = None, **options) -> FilterConfig:
-    """``config`` (or the defaults) with ``options`` replaced; unknown names raise TypeError."""
-    names = {f.name for f in fields(FilterConfig)}
-    unknown = sorted(set(options) - names - set(RENAMED_OPTIONS))
-    if unknown:
-        raise TypeError(f"unknown run_filter option(s) {unknown}; FilterConfig has {sorted(names)}")
-    return replace(config or FilterConfig(), **renamed_options(options))
 
 
 def make_executor(backend: str, ray_address: str | None = None):
