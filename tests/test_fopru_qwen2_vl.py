@@ -647,7 +647,7 @@ def test_qwen2_5_pruned_equals_bruteforce_reference(qwen25, layout, keep):
     assert torch.equal(out[:, -GEN["max_new_tokens"] :], new)
     assert st.extras["prompt_tokens_kept"] == n_prompt.tolist()
     assert st.tokens_kept == sum(k.numel() for k in kept) and st.tokens_in == sum(s.numel() for s in scores)
-    assert st.forward_passes == 1
+    assert st.forward_passes == GEN["max_new_tokens"] and st.extras["vision_encodings"] == 1  # LM calls; 1 encoding
 
 
 def test_unsupported_families_fail_at_construction():
