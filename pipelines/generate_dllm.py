@@ -179,10 +179,10 @@ def dllm_generate(
         gen_length, block_length: canvas and block sizes (defaults 256 / 32).
         mask_id, eos_id: override what the tokenizer/config say.
         chat: wrap a str prompt in the chat template (default: no).
-        **kwargs: passed to :func:`localleap_generate` (threshold, relaxed_threshold, radius,
-            gamma, steps, temperature, top_p, top_k, remasking, cfg_scale, early_stop,
-            use_cache, shift_logits, generator). Native models bring their own logit shift;
-            a loaded model with ``config.model_type == "dream"`` gets ``shift_logits=True``.
+        **kwargs: passed to :func:`localleap_generate` (``rule_options`` or its fields
+            threshold, relaxed_threshold, radius, gamma, steps, remasking; temperature, top_p,
+            top_k, cfg_scale, early_stop, use_cache, shift_logits, generator). Native models bring
+            their own logit shift; a loaded model with ``config.model_type == "dream"`` gets ``shift_logits=True``.
     Returns:
         :class:`DiffusionGeneration`: ``sequences`` ``(B, P + gen_length)``, ``texts`` (one per
         prompt, each stopped at the first EOS), ``stats`` (:class:`DLLMStats`: ``forward_passes``

@@ -171,6 +171,25 @@ def test_temperature_zero_deterministic_and_gumbel_seeded():
         assert not (r.generated == model.config.mask_token_id).any()
 
 
+@pytest.mark.parametrize("rule", ["localleap", "llada", "eb"])
+def test_rule_options_object_equals_the_keywords(rule):
+    from tokenprune.localleap import RuleOptions
+
+    model = tb.TestbedDLLM(tb.TestbedConfig(d_model=32, n_layers=1, n_heads=2))
+    prompt = torch.randint(0, 12, (2, 6), generator=torch.Generator().manual_seed(3))
+    kw = dict(gen_length=16, block_length=8, mask_id=model.config.mask_token_id, rule=rule)
+    values = dict(threshold=0.6, relaxed_threshold=0.3, radius=2, gamma=0.5, steps=8)
+    by_keywords = localleap_generate(model, prompt, **values, **kw)
+    by_object = localleap_generate(model, prompt, rule_options=RuleOptions(**values), **kw)
+    mixed = localleap_generate(model, prompt, rule_options=RuleOptions(**dict(values, radius=9)), radius=2, **kw)
+    for res in (by_object, mixed):
+        assert torch.equal(res.ids, by_keywords.ids) and res.block_nfe == by_keywords.block_nfe
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['treshold'\].*threshold"):
+        localleap_generate(model, prompt, treshold=0.5, **kw)
+    with pytest.raises(ValueError, match="relaxed_threshold must be <= threshold"):
+        localleap_generate(model, prompt, rule_options=RuleOptions(threshold=0.5), **dict(kw, rule="localleap"))
+
+
 def test_prefix_cache_matches_full_passes_on_position_model():
     P, gen, blk = 5, 24, 8
     m1, m2 = _toy(P, gen, 4), _toy(P, gen, 4)
