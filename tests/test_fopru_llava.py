@@ -155,10 +155,11 @@ def test_prune_mm_inputs_left_pad_and_order():
 def test_keep_one_identical_ids(llava):
     inp = _inputs()
     ref = llava.generate(**inp, **GEN)
-    out, st = fopru_generate(llava, inp, keep=1.0, **GEN)
+    result = fopru_generate(llava, inp, keep=1.0, **GEN)
+    out, st = result.sequences, result.stats
     assert torch.equal(out, ref)
     assert st.extras["image_tokens_in"] == [N, N] and st.extras["image_tokens_kept"] == [N, N] and st.tokens_saved == 0
-    out2, _ = fopru_generate(llava, inp, keep=1.0, feature_passing="inputs_embeds", **GEN)
+    out2 = fopru_generate(llava, inp, keep=1.0, feature_passing="inputs_embeds", **GEN).sequences
     assert torch.equal(out2, ref)
     with FoPru(llava, keep=1.0) as fp:
         out3 = llava.generate(**inp, **GEN)
@@ -172,9 +173,9 @@ def test_keep_one_identical_with_beams_and_return_sequences(llava):
     torch.manual_seed(0)
     ref = llava.generate(**inp, **kw)
     torch.manual_seed(0)
-    out, _ = fopru_generate(llava, inp, keep=1.0, **kw)
+    out = fopru_generate(llava, inp, keep=1.0, **kw).sequences
     assert out.shape[0] == 4 and torch.equal(out, ref)
-    out, _ = fopru_generate(llava, inp, keep=0.5, **dict(GEN, num_beams=2, num_return_sequences=2))
+    out = fopru_generate(llava, inp, keep=0.5, **dict(GEN, num_beams=2, num_return_sequences=2)).sequences
     assert torch.equal(out[::2, : inp["input_ids"].shape[1]], inp["input_ids"])
     assert torch.equal(out[1::2, : inp["input_ids"].shape[1]], inp["input_ids"])
 
@@ -191,7 +192,8 @@ def test_keep_one_identical_ids_eager_model():
 def test_pruned_equals_manual_reference(llava):
     """Pruned generate == plain generate on hand-built shrunk prompt + selected features."""
     inp = _inputs()
-    out, st = fopru_generate(llava, inp, keep=0.25, restore_prompt=False, **GEN)
+    result = fopru_generate(llava, inp, keep=0.25, restore_prompt=False, **GEN)
+    out, st = result.sequences, result.stats
     # reference: same features and selection, prompt shrunk by hand
     feats = llava.get_image_features(pixel_values=inp["pixel_values"], return_dict=True).pooler_output
     cap = AttentionRowCapture.for_model(llava, layer=-2)
@@ -218,12 +220,13 @@ def test_pruned_equals_manual_reference(llava):
 
 def test_batch_different_k_matches_single(llava):
     inp = _inputs(texts=((1, 2, 3), (1, 5, 6)), seed=5)
-    batch, st = fopru_generate(llava, inp, keep=[0.25, 10], **GEN)
+    result = fopru_generate(llava, inp, keep=[0.25, 10], **GEN)
+    batch, st = result.sequences, result.stats
     assert st.extras["image_tokens_kept"] == [16, 10]
     assert st.extras["prompt_tokens_kept"] == [16 + 6, 10 + 6]
     for b, kp in enumerate([0.25, 10]):
         single = {k: v[b : b + 1] for k, v in inp.items()}
-        one, _ = fopru_generate(llava, single, keep=kp, **GEN)
+        one = fopru_generate(llava, single, keep=kp, **GEN).sequences
         assert torch.equal(batch[b, -GEN["max_new_tokens"] :], one[0, -GEN["max_new_tokens"] :]), b
     # restored prompt: original ids + new tokens
     assert torch.equal(batch[:, : inp["input_ids"].shape[1]], inp["input_ids"])
@@ -234,9 +237,10 @@ def test_two_images_in_one_prompt(llava):
     pv = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(7))
     inp = {"input_ids": ids, "pixel_values": pv, "attention_mask": torch.ones_like(ids)}
     ref = llava.generate(**inp, **GEN)
-    out, _ = fopru_generate(llava, inp, keep=1.0, **GEN)
+    out = fopru_generate(llava, inp, keep=1.0, **GEN).sequences
     assert torch.equal(out, ref)
-    out, st = fopru_generate(llava, inp, keep=[8, 0.5], restore_prompt=False, **GEN)
+    result = fopru_generate(llava, inp, keep=[8, 0.5], restore_prompt=False, **GEN)
+    out, st = result.sequences, result.stats
     assert st.extras["image_tokens_kept"] == [8, 32]
     assert int((out[0] == IMG).sum()) == 40
 
