@@ -100,8 +100,8 @@ def run_sequential(model, prompts, opts: DecodeOptions, gen_length: int, device)
         t0 = time.perf_counter()
         out = dllm_generate(
             model,
-            tok,
             " ".join(map(str, p)),
+            tokenizer=tok,
             gen_length=gen_length,
             block_length=block_length,
             early_stop=True,
@@ -110,7 +110,7 @@ def run_sequential(model, prompts, opts: DecodeOptions, gen_length: int, device)
         sync(device)
         latencies.append(time.perf_counter() - t0)
         eos = model.config.eos_token_id
-        ids = out.ids[0].tolist()
+        ids = out.generated[0].tolist()
         tokens += ids.index(eos) if eos in ids else len(ids)
     return summary("sequential dllm_generate", 1, tokens, time.perf_counter() - start, latencies)
 

@@ -337,16 +337,16 @@ def evaluate(model, model_eager, x_te, y_te, keeps, *, batch, log, per_image=Non
                 inp = {"input_ids": ids, "pixel_values": pv, "attention_mask": torch.ones_like(ids)}
                 kw = dict(keep=k, max_new_tokens=6, do_sample=False, restore_prompt=False)
                 if meth == "fopru-rank":
-                    out, _ = fopru_generate(model, inp, strategy="rank", **kw)
+                    out = fopru_generate(model, inp, strategy="rank", **kw).sequences
                 elif meth.startswith("fopru-row"):
                     mode = "rows" if "(rows)" in meth else "per_row"
-                    out, _ = fopru_generate(model, inp, strategy="row", row_mode=mode, **kw)
+                    out = fopru_generate(model, inp, strategy="row", row_mode=mode, **kw).sequences
                 elif meth == "random":
                     kept = [torch.sort(torch.randperm(N_PATCH, generator=gen)[:k]).values for _ in range(len(ids))]
-                    out, _ = fopru_generate(model, inp, kept_indices=kept, **kw)
+                    out = fopru_generate(model, inp, kept_indices=kept, **kw).sequences
                 else:
                     kept = fastv_indices(model_eager, ids, pv, k)
-                    out, _ = fopru_generate(model, inp, kept_indices=kept, **kw)
+                    out = fopru_generate(model, inp, kept_indices=kept, **kw).sequences
                 new = out[:, -6:]
                 pred_tok = new[:, 4]
                 match = pred_tok[:, None] == cls_ids[None]

@@ -4,38 +4,90 @@ Thin adapter around :func:`tokenprune.localleap.localleap_generate`: it loads a 
 Dream checkpoint folder natively (:func:`tokenprune.load_dllm`, no remote code) or takes a
 loaded model, turns a prompt (or a chat ``messages`` list, or a batch of prompts) into ids with
 the tokenizer, finds the mask and EOS ids from the tokenizer/config, runs the loop and decodes.
+It returns a :class:`tokenprune.Generation` (a :class:`DiffusionGeneration`).
 
-    >>> out = dllm_generate("path/to/LLaDA-8B-Instruct", None, "What is 12*7?", gen_length=128)
-    >>> out.text, out.stats["nfe"], out.stats["tokens_per_forward"]
+    >>> out = dllm_generate("path/to/LLaDA-8B-Instruct", "What is 12*7?", gen_length=128)
+    >>> out.texts[0], out.stats.forward_passes, out.stats.extras["tokens_per_forward"]
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
+from tokenprune.generation import Generation, decode_continuations
 from tokenprune.localleap import RULES, load_dllm, localleap_generate
 from tokenprune.localleap.models import NativeDLLM
 from tokenprune.stats import TokenStats
 
-__all__ = ["DLLMGeneration", "resolve_mask_id", "resolve_eos_id", "dllm_generate"]
+__all__ = ["DiffusionGeneration", "DLLMStats", "resolve_mask_id", "resolve_eos_id", "resolve_pad_id", "dllm_generate"]
+
+
+def deprecated(old: str, new: str) -> None:
+    """Warn that ``old`` is deprecated in favour of ``new`` (removed in the next release)."""
+    warnings.warn(
+        f"{old} is deprecated and will be removed in the next release: use {new}", DeprecationWarning, stacklevel=3
+    )
+
+
+#: the old ``DLLMGeneration.stats`` dict keys that are read from another extras key
+OLD_STATS_KEYS = {"row_nfe": "nfe_per_row"}
 
 
 @dataclass
-class DLLMGeneration:
-    """``text`` (str, or list for a batch), ``ids`` (B, gen_length), ``stats`` and ``token_stats``.
+class DLLMStats(TokenStats):
+    """The loop's :class:`~tokenprune.stats.TokenStats` (``forward_passes`` = NFE) whose
+    ``extras`` add ``nfe``, ``nfe_per_row`` (list), ``block_nfe`` (list) and ``gen_length`` to
+    the loop's ``row_nfe`` (sum over rows), ``tokens_per_forward``, ``rule``, ``cache`` and
+    ``positions_computed``. ``stats["nfe"]`` (the old dict) is a deprecated spelling of
+    ``stats.extras["nfe"]`` (``stats["row_nfe"]``: the per-row list, ``extras["nfe_per_row"]``)."""
 
-    ``stats``: ``nfe``, ``row_nfe`` (list), ``block_nfe`` (list), ``tokens_per_forward``,
-    ``gen_length``, ``rule``, ``cache``. ``token_stats``: the loop's
-    :class:`~tokenprune.stats.TokenStats` (positions generated, tokens committed, NFE).
+    def __getitem__(self, key: str):
+        new = OLD_STATS_KEYS.get(key, key)
+        deprecated(f"stats[{key!r}]", f"stats.extras[{new!r}]")
+        return self.extras[new]
+
+
+@dataclass
+class DiffusionGeneration(Generation):
+    """What :func:`dllm_generate` returns: a :class:`~tokenprune.Generation` (``sequences`` =
+    left-padded prompt + generated canvas, ``texts``, ``stats`` a :class:`DLLMStats`).
+
+    The old ``DLLMGeneration`` spellings are deprecated properties: ``text`` (``texts[0]`` for
+    a single prompt, else ``texts``), ``ids`` (``generated``), ``token_stats`` (``stats``).
     """
 
-    text: str | list
-    ids: torch.Tensor
-    stats: dict = field(default_factory=dict)
-    token_stats: TokenStats | None = None
+    single: bool = False
+
+    @property
+    def text(self) -> str | list[str]:
+        deprecated("DLLMGeneration.text", "result.texts")
+        return self.texts[0] if self.single else self.texts
+
+    @property
+    def ids(self) -> torch.Tensor:
+        deprecated("DLLMGeneration.ids", "result.generated (result.sequences holds the prompt too)")
+        return self.generated
+
+    @property
+    def token_stats(self) -> TokenStats:
+        deprecated("DLLMGeneration.token_stats", "result.stats")
+        return self.stats
+
+
+if TYPE_CHECKING:
+    DLLMGeneration = DiffusionGeneration  # deprecated alias, resolved (with a warning) by __getattr__
+
+
+def __getattr__(name: str):
+    if name == "DLLMGeneration":
+        deprecated("pipelines.generate_dllm.DLLMGeneration", "tokenprune.Generation (DiffusionGeneration)")
+        return DiffusionGeneration
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _sources(model, tokenizer):
@@ -75,6 +127,12 @@ def resolve_eos_id(model, tokenizer=None, eos_id: int | None = None) -> int | No
     return None
 
 
+def resolve_pad_id(tokenizer, eos_id: int | None, mask_id: int) -> int:
+    """The id that left-pads prompts: the tokenizer's pad id, else EOS, else the mask id."""
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return pad if pad is not None else (eos_id if eos_id is not None else mask_id)
+
+
 def _encode(tokenizer, prompt, chat: bool | None):
     is_messages = isinstance(prompt, list) and prompt and isinstance(prompt[0], dict)
     if is_messages or (chat and isinstance(prompt, str)):
@@ -92,9 +150,9 @@ def _encode(tokenizer, prompt, chat: bool | None):
 
 def dllm_generate(
     model_or_path,
-    tokenizer,
     prompts,
-    *,
+    *legacy,
+    tokenizer=None,
     rule: str = "localleap",
     gen_length: int = 256,
     block_length: int = 32,
@@ -105,28 +163,39 @@ def dllm_generate(
     device="auto",
     dtype="auto",
     **kwargs,
-) -> DLLMGeneration:
+) -> DiffusionGeneration:
     """Generate text from a dLLM with a parallel-decoding rule.
 
     Args:
         model_or_path: a LLaDA / Dream checkpoint folder (loaded natively with
             :func:`tokenprune.load_dllm` on ``device`` in ``dtype``), or a loaded masked
             diffusion LM (``model(input_ids, attention_mask) -> .logits``).
-        tokenizer: its tokenizer (``encode``/``decode``; ``apply_chat_template`` for chats);
-            None = the folder's.
         prompts: a str, a list of chat messages (``[{"role": ..., "content": ...}]``), or a
             list of those for a batch (left-padded).
+        tokenizer: its tokenizer (``encode``/``decode``; ``apply_chat_template`` for chats);
+            None = the folder's. The old order ``dllm_generate(model, tokenizer, prompts)``
+            (three positionals) still works for one release, with a ``DeprecationWarning``.
         rule: ``"localleap"``, ``"fastdllm"``, ``"llada"`` or ``"eb"`` (or a callable).
         gen_length, block_length: canvas and block sizes (defaults 256 / 32).
         mask_id, eos_id: override what the tokenizer/config say.
         chat: wrap a str prompt in the chat template (default: no).
-        **kwargs: passed to :func:`localleap_generate` (threshold, relaxed_threshold, radius,
-            gamma, steps, temperature, top_p, top_k, remasking, cfg_scale, early_stop,
-            use_cache, shift_logits, generator). Native models bring their own logit shift;
-            a loaded model with ``config.model_type == "dream"`` gets ``shift_logits=True``.
+        **kwargs: passed to :func:`localleap_generate` (``rule_options`` or its fields
+            threshold, relaxed_threshold, radius, gamma, steps, remasking; temperature, top_p,
+            top_k, cfg_scale, early_stop, use_cache, shift_logits, generator). Native models bring
+            their own logit shift; a loaded model with ``config.model_type == "dream"`` gets ``shift_logits=True``.
     Returns:
-        :class:`DLLMGeneration`; the text stops at the first EOS.
+        :class:`DiffusionGeneration`: ``sequences`` ``(B, P + gen_length)``, ``texts`` (one per
+        prompt, each stopped at the first EOS), ``stats`` (:class:`DLLMStats`: ``forward_passes``
+        = NFE; ``extras`` ``nfe``, ``nfe_per_row``, ``block_nfe``, ``tokens_per_forward``,
+        ``gen_length``, ``rule``, ``cache``, ...), ``prompt_length`` ``P``.
     """
+    if legacy:
+        if len(legacy) > 1 or tokenizer is not None:
+            raise TypeError(
+                "dllm_generate(model_or_path, prompts, *, tokenizer=None, ...) takes two positional arguments"
+            )
+        deprecated("dllm_generate(model, tokenizer, prompts)", "dllm_generate(model, prompts, tokenizer=tokenizer)")
+        tokenizer, prompts = prompts, legacy[0]
     if isinstance(rule, str) and rule not in RULES:
         raise ValueError(f"unknown rule {rule!r}; expected one of {RULES}")
     model = model_or_path
@@ -134,13 +203,12 @@ def dllm_generate(
         model, folder_tokenizer = load_dllm(model_or_path, device=device, dtype=dtype)
         tokenizer = tokenizer if tokenizer is not None else folder_tokenizer
     if tokenizer is None:
-        raise ValueError("no tokenizer: pass one, or a checkpoint folder that ships its tokenizer files")
+        raise ValueError("no tokenizer: pass tokenizer=..., or a checkpoint folder that ships its tokenizer files")
     mid = resolve_mask_id(model, tokenizer, mask_id)
     eid = resolve_eos_id(model, tokenizer, eos_id)
     batch = isinstance(prompts, (list, tuple)) and prompts and not isinstance(prompts[0], dict)
     encoded = [_encode(tokenizer, p, chat) for p in (list(prompts) if batch else [prompts])]
-    pad = getattr(tokenizer, "pad_token_id", None)
-    pad = pad if pad is not None else (eid if eid is not None else mid)
+    pad = resolve_pad_id(tokenizer, eid, mid)
     cfg = getattr(model, "config", None)
     if not hasattr(model, "shift_logits") and str(getattr(cfg, "model_type", "")).lower() == "dream":
         kwargs.setdefault("shift_logits", True)  # Dream predicts token i from the logits at i - 1
@@ -155,19 +223,15 @@ def dllm_generate(
         pad_id=pad,
         **kwargs,
     )
-    gen = res.generated
-    texts = []
-    for row in gen.tolist():  # one decode per sequence
-        if eid is not None and eid in row:
-            row = row[: row.index(eid)]
-        texts.append(tokenizer.decode(row, skip_special_tokens=skip_special_tokens))
-    stats = {
+    eos = [] if eid is None else [eid]
+    texts = decode_continuations(tokenizer, res.generated, eos, skip_special_tokens=skip_special_tokens)
+    loop = res.stats
+    extras = {
+        **loop.extras,
         "nfe": res.nfe,
-        "row_nfe": res.row_nfe.tolist(),
+        "nfe_per_row": res.row_nfe.tolist(),
         "block_nfe": res.block_nfe,
-        "tokens_per_forward": res.tokens_per_forward,
         "gen_length": gen_length,
-        "rule": res.stats.extras["rule"],
-        "cache": res.stats.extras["cache"],
     }
-    return DLLMGeneration(text=texts if batch else texts[0], ids=gen, stats=stats, token_stats=res.stats)
+    stats = DLLMStats(loop.method, loop.tokens_in, loop.tokens_kept, loop.forward_passes, extras)
+    return DiffusionGeneration(res.ids, texts, stats, res.prompt_length, single=not batch)

@@ -9,7 +9,8 @@ transformers explicitly as ``False`` unless the caller turns it on, so a folder'
 :func:`read_json` and :func:`read_safetensors` read the checkpoint folders that prunekit loads
 itself (native LLaDA / Dream, Provence): every failure is a :class:`CheckpointError` (or a
 ``FileNotFoundError``) naming the file and the fix, and a NaN or infinite weight is found at
-load (one reduction per tensor), not at the first forward.
+load (one reduction per tensor), not at the first forward. :func:`save_safetensors_folder` writes
+such a folder (``config.json`` + ``model.safetensors``), each file published atomically.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .device import resolve_device, resolve_dtype
+from .io import atomic_path, atomic_write_json
 
 
 def load_open_clip(
@@ -246,3 +248,27 @@ def read_safetensors(folder, *, torch_bin: bool = False) -> dict[str, torch.Tens
         )
     check_finite_weights(state, origin)
     return state
+
+
+def save_safetensors_folder(folder, state_dict: dict[str, torch.Tensor], config: dict) -> Path:
+    """Write a checkpoint folder that :func:`read_safetensors` / :func:`read_json` read back.
+
+    Args:
+        folder: created if missing; only ``model.safetensors`` and ``config.json`` are written.
+        state_dict: ``{key: tensor}`` saved as-is under its keys (detached, made contiguous, on CPU).
+        config: JSON-serialisable dict written as ``config.json`` (sorted keys).
+    Returns:
+        ``folder`` as a :class:`~pathlib.Path`.
+
+    Each file is published atomically (:func:`prunecore.io.atomic_path`): the weights first, then
+    the config, so a killed save never leaves a half-written file under its final name.
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    with atomic_path(folder / "model.safetensors") as tmp:
+        save_file(state, str(tmp))
+    atomic_write_json(folder / "config.json", config)
+    return folder

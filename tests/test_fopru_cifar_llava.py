@@ -104,7 +104,7 @@ def test_masked_layout_matches_fopru_generate(bench):
             "pixel_values": pv[i : i + 1],
             "attention_mask": torch.ones_like(ids[i : i + 1]),
         }
-        seq, _ = fopru_generate(
+        seq = fopru_generate(
             model,
             inp,
             keep=len(kept_idx[i]),
@@ -112,7 +112,7 @@ def test_masked_layout_matches_fopru_generate(bench):
             max_new_tokens=1,
             do_sample=False,
             restore_prompt=False,
-        )
+        ).sequences
         assert int(seq[0, -1]) == int(first[i])
 
 

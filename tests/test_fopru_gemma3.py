@@ -147,7 +147,8 @@ def test_scores_on_the_pooled_grid(gemma):
 def test_keep_one_identical(gemma, rows, n):
     inp = _inputs(rows, n, seed=2)
     ref = gemma.generate(**inp, **STEP)
-    out, st = fopru_generate(gemma, inp, keep=1.0, **STEP)
+    result = fopru_generate(gemma, inp, keep=1.0, **STEP)
+    out, st = result.output, result.stats
     assert torch.equal(out.sequences, ref.sequences)
     for got, exp in zip(out.logits, ref.logits):
         torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-5)
@@ -162,7 +163,8 @@ def test_keep_one_identical(gemma, rows, n):
 @pytest.mark.parametrize("rows,n,keep", [(BATCH, 2, [0.25, 6]), (TWO, 2, 0.5)], ids=["batch", "two_images"])
 def test_pruned_equals_manual_reference(gemma, rows, n, keep):
     inp = _inputs(rows, n, seed=3)
-    out, st = fopru_generate(gemma, inp, keep=keep, restore_prompt=False, **STEP)
+    result = fopru_generate(gemma, inp, keep=keep, restore_prompt=False, **STEP)
+    out, st = result.output, result.stats
     scores = _reference_scores(gemma, inp["pixel_values"])
     keeps = keep if isinstance(keep, list) else [keep] * n
     kept = [fopru_select(scores[i : i + 1], kp)[0] for i, kp in enumerate(keeps)]

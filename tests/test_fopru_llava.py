@@ -1,4 +1,4 @@
-"""FoPru transformers adapter: hooks == eager attention, keep=1.0 identical ids, batching,
+"""FoPru transformers adapter: hooks == eager attention, keep=1.0 identical ids, batching, the Generation result,
 restore-on-exit. Tiny random models built from configs (no hub)."""
 
 import pytest
@@ -15,10 +15,11 @@ from transformers import (  # noqa: E402
     SiglipVisionModel,
 )
 
-from tokenprune import FoPru, fopru_scores, fopru_select  # noqa: E402
+from tokenprune import FoPru, Generation, fopru_scores, fopru_select  # noqa: E402
 from tokenprune.fopru import fopru_generate  # noqa: E402
 from tokenprune.fopru.capture import AttentionRowCapture, vision_layers  # noqa: E402
 from tokenprune.fopru.core import prune_mm_inputs  # noqa: E402
+from tokenprune.generation import decode_continuations  # noqa: E402
 
 IMG = 99
 N = 64  # 32x32 image, patch 4 -> 8x8 grid
@@ -154,10 +155,11 @@ def test_prune_mm_inputs_left_pad_and_order():
 def test_keep_one_identical_ids(llava):
     inp = _inputs()
     ref = llava.generate(**inp, **GEN)
-    out, st = fopru_generate(llava, inp, keep=1.0, **GEN)
+    result = fopru_generate(llava, inp, keep=1.0, **GEN)
+    out, st = result.sequences, result.stats
     assert torch.equal(out, ref)
     assert st.extras["image_tokens_in"] == [N, N] and st.extras["image_tokens_kept"] == [N, N] and st.tokens_saved == 0
-    out2, _ = fopru_generate(llava, inp, keep=1.0, feature_passing="inputs_embeds", **GEN)
+    out2 = fopru_generate(llava, inp, keep=1.0, feature_passing="inputs_embeds", **GEN).sequences
     assert torch.equal(out2, ref)
     with FoPru(llava, keep=1.0) as fp:
         out3 = llava.generate(**inp, **GEN)
@@ -171,9 +173,9 @@ def test_keep_one_identical_with_beams_and_return_sequences(llava):
     torch.manual_seed(0)
     ref = llava.generate(**inp, **kw)
     torch.manual_seed(0)
-    out, _ = fopru_generate(llava, inp, keep=1.0, **kw)
+    out = fopru_generate(llava, inp, keep=1.0, **kw).sequences
     assert out.shape[0] == 4 and torch.equal(out, ref)
-    out, _ = fopru_generate(llava, inp, keep=0.5, **dict(GEN, num_beams=2, num_return_sequences=2))
+    out = fopru_generate(llava, inp, keep=0.5, **dict(GEN, num_beams=2, num_return_sequences=2)).sequences
     assert torch.equal(out[::2, : inp["input_ids"].shape[1]], inp["input_ids"])
     assert torch.equal(out[1::2, : inp["input_ids"].shape[1]], inp["input_ids"])
 
@@ -190,7 +192,8 @@ def test_keep_one_identical_ids_eager_model():
 def test_pruned_equals_manual_reference(llava):
     """Pruned generate == plain generate on hand-built shrunk prompt + selected features."""
     inp = _inputs()
-    out, st = fopru_generate(llava, inp, keep=0.25, restore_prompt=False, **GEN)
+    result = fopru_generate(llava, inp, keep=0.25, restore_prompt=False, **GEN)
+    out, st = result.sequences, result.stats
     # reference: same features and selection, prompt shrunk by hand
     feats = llava.get_image_features(pixel_values=inp["pixel_values"], return_dict=True).pooler_output
     cap = AttentionRowCapture.for_model(llava, layer=-2)
@@ -217,12 +220,13 @@ def test_pruned_equals_manual_reference(llava):
 
 def test_batch_different_k_matches_single(llava):
     inp = _inputs(texts=((1, 2, 3), (1, 5, 6)), seed=5)
-    batch, st = fopru_generate(llava, inp, keep=[0.25, 10], **GEN)
+    result = fopru_generate(llava, inp, keep=[0.25, 10], **GEN)
+    batch, st = result.sequences, result.stats
     assert st.extras["image_tokens_kept"] == [16, 10]
     assert st.extras["prompt_tokens_kept"] == [16 + 6, 10 + 6]
     for b, kp in enumerate([0.25, 10]):
         single = {k: v[b : b + 1] for k, v in inp.items()}
-        one, _ = fopru_generate(llava, single, keep=kp, **GEN)
+        one = fopru_generate(llava, single, keep=kp, **GEN).sequences
         assert torch.equal(batch[b, -GEN["max_new_tokens"] :], one[0, -GEN["max_new_tokens"] :]), b
     # restored prompt: original ids + new tokens
     assert torch.equal(batch[:, : inp["input_ids"].shape[1]], inp["input_ids"])
@@ -233,9 +237,10 @@ def test_two_images_in_one_prompt(llava):
     pv = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(7))
     inp = {"input_ids": ids, "pixel_values": pv, "attention_mask": torch.ones_like(ids)}
     ref = llava.generate(**inp, **GEN)
-    out, _ = fopru_generate(llava, inp, keep=1.0, **GEN)
+    out = fopru_generate(llava, inp, keep=1.0, **GEN).sequences
     assert torch.equal(out, ref)
-    out, st = fopru_generate(llava, inp, keep=[8, 0.5], restore_prompt=False, **GEN)
+    result = fopru_generate(llava, inp, keep=[8, 0.5], restore_prompt=False, **GEN)
+    out, st = result.sequences, result.stats
     assert st.extras["image_tokens_kept"] == [8, 32]
     assert int((out[0] == IMG).sum()) == 40
 
@@ -336,3 +341,66 @@ def test_forward_inside_context_is_the_pruned_prefill(llava):
         ref = llava(inputs_embeds=emb, labels=ids.masked_fill(ids == IMG, -100))
     torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ fopru_generate's Generation
+FIXED = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)  # exactly 4 new tokens per row
+
+
+class JoinTokenizer:
+    """decode(ids) -> "i,j,k" (what a tokenizer's decode is asked for, made visible)."""
+
+    eos_token_id = None
+
+    def decode(self, ids, skip_special_tokens=True):
+        return ",".join(str(i) for i in ids)
+
+
+def test_generation_result_matches_the_context_manager(llava):
+    inp = _inputs()
+    res = fopru_generate(llava, inp, keep=0.25, **FIXED)
+    assert isinstance(res, Generation) and res.output is None and res.texts == []
+    with FoPru(llava, keep=0.25) as fp:
+        ref = llava.generate(**inp, **FIXED)
+    assert torch.equal(res.sequences, ref) and res.prompt_length == inp["input_ids"].shape[1]
+    assert torch.equal(res.generated, ref[:, inp["input_ids"].shape[1] :]) and res.generated.shape == (2, 4)
+    assert res.stats.as_dict().keys() == fp.stats.as_dict().keys()
+    assert (res.stats.tokens_kept, res.stats.forward_passes) == (fp.stats.tokens_kept, fp.stats.forward_passes)
+    texts = fopru_generate(llava, inp, tokenizer=JoinTokenizer(), keep=0.25, **FIXED).texts
+    assert texts == [",".join(map(str, row)) for row in res.generated.tolist()]
+
+
+def test_forward_passes_count_language_model_calls(llava):
+    st = fopru_generate(llava, _inputs(), keep=8, **FIXED).stats
+    # prefill + 3 decode steps of the LLM; the vision tower ran once
+    assert (st.forward_passes, st.extras["vision_encodings"], st.tokens_kept) == (4, 1, 16)
+    with FoPru(llava, keep=8) as fp:
+        llava(**_inputs())
+    assert (fp.stats.forward_passes, fp.stats.extras["vision_encodings"]) == (1, 1)
+    assert not llava.get_decoder()._forward_pre_hooks  # the counting hook is removed
+
+
+def test_deprecated_unpacking_keeps_the_old_values(llava):
+    res = fopru_generate(llava, _inputs(), keep=0.25, **FIXED)
+    with pytest.warns(DeprecationWarning, match="result.sequences"):
+        out, st = res
+    assert out is res.sequences and st is res.stats
+    step = dict(FIXED, output_logits=True, return_dict_in_generate=True)
+    res = fopru_generate(llava, _inputs(), keep=0.25, **step)
+    assert torch.equal(res.sequences, res.output.sequences) and len(res.output.logits) == 4
+    with pytest.warns(DeprecationWarning):
+        out, _ = res
+    assert out is res.output  # old callers still get generate's output object
+
+
+def test_model_folder_loads_without_remote_code(llava, tmp_path):
+    llava.save_pretrained(tmp_path / "llava")
+    res = fopru_generate(str(tmp_path / "llava"), _inputs(), keep=0.25, **FIXED)
+    assert torch.equal(res.sequences, fopru_generate(llava, _inputs(), keep=0.25, **FIXED).sequences)
+    assert res.texts == []  # the folder ships no processor
+
+
+def test_decode_continuations_cuts_at_the_first_eos():
+    gen = torch.tensor([[5, 6, 2, 7, 2], [8, 9, 9, 9, 9]])
+    assert decode_continuations(JoinTokenizer(), gen, [2, 3]) == ["5,6", "8,9,9,9,9"]
+    assert decode_continuations(JoinTokenizer(), gen, []) == ["5,6,2,7,2", "8,9,9,9,9"]

@@ -207,12 +207,13 @@ def test_anyres_select_errors():
 def test_keep_one_identical_ids(model):
     inp = _inputs(model)
     ref = model.generate(**inp, **GEN)
-    out, st = fopru_generate(model, inp, keep=1.0, **GEN)
+    result = fopru_generate(model, inp, keep=1.0, **GEN)
+    out, st = result.sequences, result.stats
     assert torch.equal(out, ref)
     lens = [len(anyres_layout(s, PINS, CROP, PATCH)) for s in SIZES]
     assert st.extras["image_tokens_in"] == lens and st.extras["image_tokens_kept"] == lens and st.tokens_saved == 0
     assert st.extras["newline_in"] == st.extras["newline_kept"] == [4, 8] and st.extras["visual_kept"] == [48, 48]
-    out2, _ = fopru_generate(model, inp, keep=1.0, feature_passing="inputs_embeds", **GEN)
+    out2 = fopru_generate(model, inp, keep=1.0, feature_passing="inputs_embeds", **GEN).sequences
     assert torch.equal(out2, ref)
     with FoPru(model, keep=1.0, anyres_norm="max", newline="row") as fp:
         out3 = model.generate(**inp, **GEN)
@@ -236,7 +237,8 @@ def _eager_scores(model, inp, layer=-2):
 def test_pruned_equals_manual_reference(model, passing):
     inp = _inputs(model)
     keep = [0.25, 10]
-    out, st = fopru_generate(model, inp, keep=keep, restore_prompt=False, feature_passing=passing, **GEN)
+    result = fopru_generate(model, inp, keep=keep, restore_prompt=False, feature_passing=passing, **GEN)
+    out, st = result.sequences, result.stats
     feats = model.get_image_features(
         pixel_values=inp["pixel_values"], image_sizes=inp["image_sizes"], return_dict=True
     ).pooler_output
@@ -266,16 +268,18 @@ def test_pruned_equals_manual_reference(model, passing):
 
 def test_batch_matches_single_and_kept_indices_bypass(model):
     inp = _inputs(model, seed=5)
-    batch, st = fopru_generate(model, inp, keep=[0.5, 7], newline="all", **GEN)
+    result = fopru_generate(model, inp, keep=[0.5, 7], newline="all", **GEN)
+    batch, st = result.sequences, result.stats
     assert st.extras["newline_kept"] == st.extras["newline_in"] and st.extras["visual_kept"] == [24, 7]
     for b, kp in enumerate([0.5, 7]):
         single = {k: v[b : b + 1] for k, v in inp.items()}
         m = single["attention_mask"][0].bool()
         single["input_ids"], single["attention_mask"] = single["input_ids"][:, m], single["attention_mask"][:, m]
-        one, _ = fopru_generate(model, single, keep=kp, newline="all", **GEN)
+        one = fopru_generate(model, single, keep=kp, newline="all", **GEN).sequences
         assert torch.equal(batch[b, -6:], one[0, -6:]), b
     # explicit packed positions reproduce the same run
-    again, st2 = fopru_generate(model, inp, kept_indices=st.extras["kept_indices"], **GEN)
+    result = fopru_generate(model, inp, kept_indices=st.extras["kept_indices"], **GEN)
+    again, st2 = result.sequences, result.stats
     assert torch.equal(again, batch) and st2.extras["image_tokens_kept"] == st.extras["image_tokens_kept"]
     assert torch.equal(batch[:, : inp["input_ids"].shape[1]], inp["input_ids"])
 
@@ -350,9 +354,9 @@ def test_siglip_tower_colmean_full_strategy():
     m = LlavaNextForConditionalGeneration._from_config(cfg).eval()
     inp = _inputs(m, seed=9)
     ref = m.generate(**inp, **GEN)
-    out, _ = fopru_generate(m, inp, keep=1.0, method="colmean", layer=-1, **GEN)
+    out = fopru_generate(m, inp, keep=1.0, method="colmean", layer=-1, **GEN).sequences
     assert torch.equal(out, ref)
     with pytest.raises(ValueError, match="CLS"):
         fopru_generate(m, inp, keep=0.5, method="cls", **GEN)
-    _, st = fopru_generate(m, inp, keep=0.3, method="colmean", layer=-1, **GEN)
+    st = fopru_generate(m, inp, keep=0.3, method="colmean", layer=-1, **GEN).stats
     assert st.extras["visual_kept"] == [14, 14]

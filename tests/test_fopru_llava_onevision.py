@@ -119,9 +119,10 @@ def test_downsampled_grid_scores_follow_the_features():
     grid_tokens = got[P:].reshape(small.shape[0], small.shape[1] + 1)
     torch.testing.assert_close(grid_tokens[:, :-1], small, rtol=1e-5, atol=1e-6)
     ref = model.generate(**inp, **GEN)
-    out, st = fopru_generate(model, inp, keep=1.0, **GEN)
+    result = fopru_generate(model, inp, keep=1.0, **GEN)
+    out, st = result.sequences, result.stats
     assert torch.equal(out, ref) and st.tokens_saved == 0
-    _, st = fopru_generate(model, inp, keep=0.5, **GEN)
+    st = fopru_generate(model, inp, keep=0.5, **GEN).stats
     assert st.extras["visual_kept"] == [int(0.5 * n + 0.5) for n in st.extras["visual_in"]]
 
 
@@ -130,7 +131,8 @@ def test_keep_one_identical_ids(model, multi):
     inp = _inputs(model, seed=5, batch_num_images=[2] if multi else None)
     ref = model.generate(**inp, **GEN)
     for passing in ("mm_encoder_outputs", "inputs_embeds"):
-        out, st = fopru_generate(model, inp, keep=1.0, feature_passing=passing, **GEN)
+        result = fopru_generate(model, inp, keep=1.0, feature_passing=passing, **GEN)
+        out, st = result.sequences, result.stats
         assert torch.equal(out, ref), passing
         assert st.tokens_in == st.tokens_kept
     if multi:  # each image of a multi-image prompt: one crop + one newline
@@ -144,7 +146,8 @@ def test_keep_one_identical_ids(model, multi):
 def test_pruned_equals_manual_reference(model, multi):
     inp = _inputs(model, seed=6, batch_num_images=[2] if multi else None)
     keep = [0.25, 5]
-    out, st = fopru_generate(model, inp, keep=keep, restore_prompt=False, **GEN)
+    result = fopru_generate(model, inp, keep=keep, restore_prompt=False, **GEN)
+    out, st = result.sequences, result.stats
     extra = {"batch_num_images": inp["batch_num_images"]} if multi else {}
     feats = model.get_image_features(
         pixel_values=inp["pixel_values"], image_sizes=inp["image_sizes"], return_dict=True, **extra

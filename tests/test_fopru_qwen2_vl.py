@@ -349,7 +349,8 @@ def test_keep_one_identical_ids(qwen, layout):
     inp = qwen_inputs(layout)
     ref = qwen.generate(**inp, **GEN)
     for fp in ("mm_encoder_outputs", "inputs_embeds"):
-        out, st = fopru_generate(qwen, inp, keep=1.0, method="colmean", feature_passing=fp, **GEN)
+        result = fopru_generate(qwen, inp, keep=1.0, method="colmean", feature_passing=fp, **GEN)
+        out, st = result.sequences, result.stats
         assert torch.equal(out, ref), fp
         assert st.tokens_saved == 0
     with FoPru(qwen, keep=1.0, method="colmean", strategy="row") as fp:
@@ -364,11 +365,11 @@ def test_keep_one_identical_with_beams_and_return_sequences(qwen):
         torch.manual_seed(0)
         ref = qwen.generate(**inp, max_new_tokens=4, **kw)
         torch.manual_seed(0)
-        out, _ = fopru_generate(qwen, inp, keep=1.0, method="colmean", max_new_tokens=4, **kw)
+        out = fopru_generate(qwen, inp, keep=1.0, method="colmean", max_new_tokens=4, **kw).sequences
         assert torch.equal(out, ref), kw
-    out, _ = fopru_generate(
+    out = fopru_generate(
         qwen, inp, keep=0.5, method="colmean", max_new_tokens=4, do_sample=True, num_return_sequences=2
-    )
+    ).sequences
     assert out.shape[0] == 4 and torch.equal(out[::2, : inp["input_ids"].shape[1]], inp["input_ids"])
 
 
@@ -380,7 +381,8 @@ def test_keep_one_identical_with_beams_and_return_sequences(qwen):
 def test_pruned_equals_bruteforce_reference(qwen, layout, keep):
     inp = qwen_inputs(layout, seed=2)
     grid = inp["image_grid_thw"]
-    out, st = fopru_generate(qwen, inp, keep=keep, method="colmean", restore_prompt=False, **GEN)
+    result = fopru_generate(qwen, inp, keep=keep, method="colmean", restore_prompt=False, **GEN)
+    out, st = result.sequences, result.stats
     # selection from brute-force attention at the default layer (-2 = block 0 of 2)
     probs = _bruteforce_vision_attention(qwen, inp["pixel_values"], grid, 0)
     keeps = keep if isinstance(keep, list) else [keep] * len(probs)
@@ -406,13 +408,15 @@ def test_pruned_equals_bruteforce_reference(qwen, layout, keep):
 
 def test_batch_different_k_matches_single(qwen):
     inp = qwen_inputs(BATCH, seed=5)
-    batch, st = fopru_generate(qwen, inp, keep=[0.5, 4], method="colmean", strategy="row", **GEN)
+    result = fopru_generate(qwen, inp, keep=[0.5, 4], method="colmean", strategy="row", **GEN)
+    batch, st = result.sequences, result.stats
     assert st.extras["image_tokens_kept"] == [3, 4]
     for b, kp in enumerate([0.5, 4]):
         single = qwen_inputs([BATCH[b]], seed=5)
         a = 0 if b == 0 else 24
         single["pixel_values"] = inp["pixel_values"][a : a + int(inp["image_grid_thw"][b].prod())]
-        one, st1 = fopru_generate(qwen, single, keep=kp, method="colmean", strategy="row", **GEN)
+        result = fopru_generate(qwen, single, keep=kp, method="colmean", strategy="row", **GEN)
+        one, st1 = result.sequences, result.stats
         assert torch.equal(st1.extras["kept_indices"][0], st.extras["kept_indices"][b])
         assert torch.equal(batch[b, -GEN["max_new_tokens"] :], one[0, -GEN["max_new_tokens"] :]), b
     assert torch.equal(batch[:, : inp["input_ids"].shape[1]], inp["input_ids"])  # restored prompt
@@ -421,9 +425,9 @@ def test_batch_different_k_matches_single(qwen):
 def test_row_strategy_uses_each_images_merged_grid(qwen):
     inp = qwen_inputs(BATCH, seed=6)
     grid = inp["image_grid_thw"]
-    _, st = fopru_generate(
+    st = fopru_generate(
         qwen, inp, keep=[3, 8], method="colmean", strategy="row", row_mode="rows", layer=-1, max_new_tokens=1
-    )
+    ).stats
     probs = _bruteforce_vision_attention(qwen, inp["pixel_values"], grid, 1)
     scores = _bruteforce_merged_scores(probs, grid)
     for s, (_, h, w), kp, got in zip(scores, grid.tolist(), [3, 8], st.extras["kept_indices"]):
@@ -445,7 +449,8 @@ def test_rope_deltas_continue_decode_without_position_ids(qwen):
     for a 1-token decode step, with or without pruning; generate never takes that path.)
     """
     inp = qwen_inputs(TWO_IMAGES, seed=7)
-    out, st = fopru_generate(qwen, inp, keep=[0.5, 2], method="colmean", restore_prompt=False, max_new_tokens=1)
+    result = fopru_generate(qwen, inp, keep=[0.5, 2], method="colmean", restore_prompt=False, max_new_tokens=1)
+    out, st = result.sequences, result.stats
     ids = out[:, :-1]
     feats = qwen.get_image_features(
         pixel_values=inp["pixel_values"], image_grid_thw=inp["image_grid_thw"]
@@ -507,8 +512,9 @@ def test_validation_errors(qwen):
         FoPru(qwen, keep=0.5, method="cls").__enter__()
     assert "generate" not in qwen.__dict__
     # no method given: the family default (colmean; the tower has no CLS token)
-    out, st = fopru_generate(qwen, inp, keep=0.5, **GEN)
-    ref, _ = fopru_generate(qwen, inp, keep=0.5, method="colmean", **GEN)
+    result = fopru_generate(qwen, inp, keep=0.5, **GEN)
+    out, st = result.sequences, result.stats
+    ref = fopru_generate(qwen, inp, keep=0.5, method="colmean", **GEN).sequences
     assert torch.equal(out, ref) and FoPru(qwen).adapter.method == "colmean"
     with pytest.raises(ValueError, match="image_grid_thw"):
         fopru_generate(qwen, {k: v for k, v in inp.items() if k != "image_grid_thw"}, method="colmean", **GEN)
@@ -535,9 +541,10 @@ def test_validation_errors(qwen):
             **GEN,
         )
     # explicit kept_indices bypass scoring and are used as given
-    out, st = fopru_generate(
+    result = fopru_generate(
         qwen, inp, kept_indices=[torch.tensor([5, 0]), torch.tensor([11])], method="colmean", max_new_tokens=2
     )
+    out, st = result.sequences, result.stats
     assert [k.tolist() for k in st.extras["kept_indices"]] == [[0, 5], [11]]
 
 
@@ -625,7 +632,8 @@ def test_qwen2_5_keep_one_identical_ids(qwen25, layout):
     inp = qwen_inputs(layout, seed=4)
     ref = qwen25.generate(**inp, **GEN)
     for fp in ("mm_encoder_outputs", "inputs_embeds"):
-        out, st = fopru_generate(qwen25, inp, keep=1.0, method="colmean", feature_passing=fp, **GEN)
+        result = fopru_generate(qwen25, inp, keep=1.0, method="colmean", feature_passing=fp, **GEN)
+        out, st = result.sequences, result.stats
         assert torch.equal(out, ref), fp
         assert st.tokens_saved == 0 and st.tokens_in == st.tokens_kept
     with FoPru(qwen25, keep=1.0, method="colmean") as fp:
@@ -637,7 +645,8 @@ def test_qwen2_5_keep_one_identical_ids(qwen25, layout):
 def test_qwen2_5_pruned_equals_bruteforce_reference(qwen25, layout, keep):
     inp = qwen_inputs(layout, seed=5)
     grid = inp["image_grid_thw"]
-    out, st = fopru_generate(qwen25, inp, keep=keep, method="colmean", restore_prompt=False, **GEN)
+    result = fopru_generate(qwen25, inp, keep=keep, method="colmean", restore_prompt=False, **GEN)
+    out, st = result.sequences, result.stats
     probs = _bruteforce_vision_attention(qwen25, inp["pixel_values"], grid, 1, ws=WS)
     keeps = keep if isinstance(keep, list) else [keep] * len(probs)
     scores = _bruteforce_merged_scores(probs, grid, ws=WS)
@@ -647,7 +656,7 @@ def test_qwen2_5_pruned_equals_bruteforce_reference(qwen25, layout, keep):
     assert torch.equal(out[:, -GEN["max_new_tokens"] :], new)
     assert st.extras["prompt_tokens_kept"] == n_prompt.tolist()
     assert st.tokens_kept == sum(k.numel() for k in kept) and st.tokens_in == sum(s.numel() for s in scores)
-    assert st.forward_passes == 1
+    assert st.forward_passes == GEN["max_new_tokens"] and st.extras["vision_encodings"] == 1  # LM calls; 1 encoding
 
 
 def test_unsupported_families_fail_at_construction():

@@ -142,7 +142,8 @@ def _reference_logits(model, inp, kept, wrong_deepstack=False):
 def test_keep_one_identical(qwen3, layout):
     inp = _inputs(layout, seed=1)
     ref = qwen3.generate(**inp, **STEP)
-    out, st = fopru_generate(qwen3, inp, keep=1.0, **STEP)
+    result = fopru_generate(qwen3, inp, keep=1.0, **STEP)
+    out, st = result.output, result.stats
     assert torch.equal(out.sequences, ref.sequences)
     torch.testing.assert_close(out.logits[0], ref.logits[0], rtol=1e-5, atol=1e-5)
     assert st.tokens_saved == 0 and st.tokens_in == sum(int(g.prod()) // 4 for g in inp["image_grid_thw"])
@@ -154,7 +155,8 @@ def test_keep_one_identical(qwen3, layout):
 @pytest.mark.parametrize("layout,keep", [(BATCH, [0.5, 5]), (TWO_IMAGES, 0.25)], ids=["batch", "two_images"])
 def test_pruned_equals_manual_reference_with_deepstack(qwen3, layout, keep):
     inp = _inputs(layout, seed=2)
-    out, st = fopru_generate(qwen3, inp, keep=keep, restore_prompt=False, **STEP)
+    result = fopru_generate(qwen3, inp, keep=keep, restore_prompt=False, **STEP)
+    out, st = result.output, result.stats
     scores = _reference_merged_scores(qwen3, inp, block=1)  # layer=None: -2 = block 1 of 3
     keeps = keep if isinstance(keep, list) else [keep] * len(scores)
     kept = [fopru_select(s[None], kp)[0] for s, kp in zip(scores, keeps)]

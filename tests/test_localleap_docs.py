@@ -30,5 +30,5 @@ def test_doc_examples_run(tmp_path, monkeypatch, capsys):
         exec(compile(code, str(DOC), "exec"), namespace)
     assert time.process_time() - t0 < 120  # seconds, not the 3,000-step training
     assert (tmp_path / "tiny-llada" / "config.json").exists()
-    assert namespace["slow"].stats["nfe"] == 16
+    assert namespace["slow"].stats.forward_passes == 16
     assert "tokens_per_forward" in capsys.readouterr().out

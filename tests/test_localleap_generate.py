@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_localleap_rules import ref_eb, ref_fast, ref_localleap, ref_topk
 
-from tokenprune import localleap_generate
+from tokenprune import Generation, localleap_generate
 from tokenprune.localleap.generate import DecodeResult
 from tokenprune.localleap.rules import llada_schedule
 
@@ -169,6 +169,25 @@ def test_temperature_zero_deterministic_and_gumbel_seeded():
     assert not torch.equal(s1.ids, s3.ids)  # random model: sampling differs by seed
     for r in (a, s1, s3):
         assert not (r.generated == model.config.mask_token_id).any()
+
+
+@pytest.mark.parametrize("rule", ["localleap", "llada", "eb"])
+def test_rule_options_object_equals_the_keywords(rule):
+    from tokenprune.localleap import RuleOptions
+
+    model = tb.TestbedDLLM(tb.TestbedConfig(d_model=32, n_layers=1, n_heads=2))
+    prompt = torch.randint(0, 12, (2, 6), generator=torch.Generator().manual_seed(3))
+    kw = dict(gen_length=16, block_length=8, mask_id=model.config.mask_token_id, rule=rule)
+    values = dict(threshold=0.6, relaxed_threshold=0.3, radius=2, gamma=0.5, steps=8)
+    by_keywords = localleap_generate(model, prompt, **values, **kw)
+    by_object = localleap_generate(model, prompt, rule_options=RuleOptions(**values), **kw)
+    mixed = localleap_generate(model, prompt, rule_options=RuleOptions(**dict(values, radius=9)), radius=2, **kw)
+    for res in (by_object, mixed):
+        assert torch.equal(res.ids, by_keywords.ids) and res.block_nfe == by_keywords.block_nfe
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['treshold'\].*threshold"):
+        localleap_generate(model, prompt, treshold=0.5, **kw)
+    with pytest.raises(ValueError, match="relaxed_threshold must be <= threshold"):
+        localleap_generate(model, prompt, rule_options=RuleOptions(threshold=0.5), **dict(kw, rule="localleap"))
 
 
 def test_prefix_cache_matches_full_passes_on_position_model():
@@ -339,14 +358,43 @@ def test_pipeline_dllm_generate_text_and_stats():
 
     tok = tb.TestbedTokenizer()
     model = tb.TestbedDLLM(tb.TestbedConfig(d_model=32, n_layers=1, n_heads=2)).eval()
-    out = dllm_generate(model, tok, "12+34=", gen_length=16, block_length=8)
-    assert isinstance(out.text, str)
-    assert set(out.text) <= set(tb.CHARS)
-    assert out.stats["rule"] == "localleap" and out.stats["nfe"] >= 2
-    assert out.ids.shape == (1, 16)
-    batch = dllm_generate(model, tok, ["1+2=", "123+4="], rule="llada", gen_length=16, block_length=8)
-    assert isinstance(batch.text, list) and len(batch.text) == 2
-    assert batch.stats["nfe"] == 16
+    out = dllm_generate(model, "12+34=", tokenizer=tok, gen_length=16, block_length=8)
+    assert isinstance(out, Generation) and len(out.texts) == 1
+    assert set(out.texts[0]) <= set(tb.CHARS)
+    assert out.stats.extras["rule"] == "localleap" and out.stats.forward_passes == out.stats.extras["nfe"] >= 2
+    P = len(tok.encode("12+34="))
+    assert out.sequences.shape == (1, P + 16) and out.prompt_length == P and out.generated.shape == (1, 16)
+    batch = dllm_generate(model, ["1+2=", "123+4="], tokenizer=tok, rule="llada", gen_length=16, block_length=8)
+    assert len(batch.texts) == 2 and batch.stats.forward_passes == 16
+    assert batch.stats.extras["nfe_per_row"] == [16, 16] and batch.stats.extras["block_nfe"] == [8, 8]
+
+
+def test_pipeline_dllm_generate_deprecated_spellings():
+    import pipelines.generate_dllm as gd
+
+    tok = tb.TestbedTokenizer()
+    model = tb.TestbedDLLM(tb.TestbedConfig(d_model=32, n_layers=1, n_heads=2)).eval()
+    new = gd.dllm_generate(model, ["1+2=", "123+4="], tokenizer=tok, gen_length=16, block_length=8)
+    with pytest.warns(DeprecationWarning, match="tokenizer=tokenizer"):
+        old = gd.dllm_generate(model, tok, ["1+2=", "123+4="], gen_length=16, block_length=8)
+    assert torch.equal(old.sequences, new.sequences) and old.texts == new.texts
+    with pytest.warns(DeprecationWarning, match="result.texts"):
+        assert old.text == new.texts  # a batch: the list
+    single = gd.dllm_generate(model, "1+2=", tokenizer=tok, gen_length=16, block_length=8)
+    with pytest.warns(DeprecationWarning, match="result.texts"):
+        assert single.text == single.texts[0]  # one prompt: the str
+    with pytest.warns(DeprecationWarning, match="result.generated"):
+        assert torch.equal(old.ids, new.generated)
+    with pytest.warns(DeprecationWarning, match="result.stats"):
+        assert old.token_stats is old.stats
+    with pytest.warns(DeprecationWarning, match=r"stats.extras\['nfe'\]"):
+        assert old.stats["nfe"] == new.stats.forward_passes
+    with pytest.warns(DeprecationWarning, match="nfe_per_row"):
+        assert old.stats["row_nfe"] == new.stats.extras["nfe_per_row"]
+    with pytest.warns(DeprecationWarning, match="tokenprune.Generation"):
+        assert gd.DLLMGeneration is gd.DiffusionGeneration
+    with pytest.raises(TypeError, match="two positional"):
+        gd.dllm_generate(model, tok, "1+2=", "x")
 
 
 def test_pipeline_mask_and_eos_resolution():

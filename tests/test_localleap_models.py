@@ -376,11 +376,12 @@ def test_dllm_generate_loads_a_folder_of_either_family(family, folders, models):
     from pipelines.generate import dllm_generate
 
     prompts = ["w1 w2 w3", "w7"] if family == "llada" else ["abc d", "e"]
-    out = dllm_generate(str(folders[family]), None, prompts, gen_length=16, block_length=8, use_cache="dual")
-    assert isinstance(out.text, list) and len(out.text) == 2 and all(isinstance(t, str) for t in out.text)
-    assert out.stats["cache"] == "dual" and out.stats["nfe"] == out.token_stats.forward_passes
-    assert out.stats["tokens_per_forward"] == pytest.approx(out.token_stats.tokens_kept / sum(out.stats["row_nfe"]))
-    assert out.token_stats.tokens_in == 32 and out.ids.shape == (2, 16)
+    out = dllm_generate(str(folders[family]), prompts, gen_length=16, block_length=8, use_cache="dual")
+    assert len(out.texts) == 2 and all(isinstance(t, str) for t in out.texts)
+    extras = out.stats.extras
+    assert extras["cache"] == "dual" and extras["nfe"] == out.stats.forward_passes
+    assert extras["tokens_per_forward"] == pytest.approx(out.stats.tokens_kept / sum(extras["nfe_per_row"]))
+    assert out.stats.tokens_in == 32 and out.generated.shape == (2, 16)
     # the same as the loop on the loaded model with the folder's tokenizer and ids from its config
     model, tok = load_dllm(folders[family])
     eos = model.config.eos_token_id
@@ -388,9 +389,9 @@ def test_dllm_generate_loads_a_folder_of_either_family(family, folders, models):
         model, [tok.encode(p) for p in prompts], gen_length=16, block_length=8,
         mask_id=model.config.mask_token_id, eos_id=eos, pad_id=tok.pad_token_id, use_cache="dual",
     )  # fmt: skip
-    assert torch.equal(out.ids, res.generated)
+    assert torch.equal(out.sequences, res.ids) and out.prompt_length == res.prompt_length
     with pytest.raises(ValueError, match="no tokenizer"):
-        dllm_generate(models[family], None, "x")
+        dllm_generate(models[family], "x")
     from pipelines.generate_dllm import resolve_mask_id
 
     class OtherMask:  # a tokenizer that disagrees: the native checkpoint's config wins

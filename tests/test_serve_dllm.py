@@ -103,6 +103,9 @@ def test_engine_batch_equals_each_request_alone(loaded, family, cache):
         res = req.wait(0)
         assert (res.tokens, res.forward_passes) == alone(model, prompt, max_tokens, opts, seed)
         assert res.finish_reason in ("stop", "length")
+        st = res.stats  # the request's TokenStats (the server's "dllm" field)
+        assert (st.method, st.tokens_in, st.tokens_kept) == ("localleap", req.gen_length, res.tokens_committed)
+        assert st.forward_passes == res.forward_passes == sum(st.extras["block_forward_passes"])
         row_passes += res.forward_passes
     assert engine.passes < row_passes  # rows really shared passes
 
@@ -250,12 +253,12 @@ def expected_text(model, tok, prompt: str, max_tokens: int, opts: DecodeOptions,
     block_length = kwargs.pop("block_length")
     if seed is not None:
         kwargs["generator"] = torch.Generator().manual_seed(seed)
-    out = dllm_generate(model, tok, prompt, gen_length=gen_length, block_length=block_length, **kwargs)
-    ids = out.ids[0].tolist()
+    out = dllm_generate(model, prompt, tokenizer=tok, gen_length=gen_length, block_length=block_length, **kwargs)
+    ids = out.generated[0].tolist()
     eos = model.config.eos_token_id
     cut = (ids[: ids.index(eos)] if eos in ids else ids)[:max_tokens]
     if max_tokens == gen_length:
-        assert tok.decode(cut, skip_special_tokens=True) == out.text
+        assert tok.decode(cut, skip_special_tokens=True) == out.texts[0]
     return tok.decode(cut, skip_special_tokens=True)
 
 
@@ -408,17 +411,18 @@ def test_dream_chat_and_completion_equal_dllm_generate(dream_server, loaded):
     assert [m.id for m in client.models.list().data] == ["dream"]
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
     chat = client.chat.completions.create(model="dream", messages=messages, max_tokens=16)
-    out = dllm_generate(model, tok, messages, gen_length=16, block_length=8)
-    assert chat.choices[0].message.content == out.text and chat.choices[0].message.role == "assistant"
+    out = dllm_generate(model, messages, tokenizer=tok, gen_length=16, block_length=8)
+    assert chat.choices[0].message.content == out.texts[0] and chat.choices[0].message.role == "assistant"
     stream = list(
         client.chat.completions.create(
             model="dream", messages=messages, max_tokens=16, stream=True, stream_options={"include_usage": True}
         )
     )
-    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == out.text
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == out.texts[0]
     assert stream[-1].choices == [] and stream[-1].usage.completion_tokens == chat.usage.completion_tokens
     comp = client.completions.create(model="dream", prompt="abc def", max_tokens=16)
-    assert comp.choices[0].text == dllm_generate(model, tok, "abc def", gen_length=16, block_length=8).text
+    alone = dllm_generate(model, "abc def", tokenizer=tok, gen_length=16, block_length=8)
+    assert comp.choices[0].text == alone.texts[0]
     assert httpx.get(dream_server.url + "/health").json()["status"] == "ok"
 
 
@@ -450,7 +454,7 @@ def test_dream_queue_full_is_429_and_sigterm_drains_in_flight_requests(dream_ser
     queued.join(120)
     # uvicorn re-raises the signal once the in-flight requests are done: the status of a SIGTERM exit
     assert dream_server.proc.wait(60) == -signal.SIGTERM
-    expected = dllm_generate(model, tok, "abc", gen_length=160, block_length=8, rule="llada").text
+    expected = dllm_generate(model, "abc", tokenizer=tok, gen_length=160, block_length=8, rule="llada").texts[0]
     for name in ("running", "queued"):
         assert results[name].status_code == 200 and results[name].json()["choices"][0]["text"] == expected
     with pytest.raises(httpx.ConnectError):

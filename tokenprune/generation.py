@@ -21,7 +21,7 @@ import torch
 
 from .stats import TokenStats
 
-__all__ = ["Generation"]
+__all__ = ["Generation", "decode_continuations"]
 
 
 @dataclass
@@ -54,3 +54,18 @@ class Generation:
             stacklevel=2,
         )
         return iter((self.sequences, self.stats))
+
+
+def decode_continuations(tokenizer, generated: torch.Tensor, eos_ids, *, skip_special_tokens: bool = True) -> list[str]:
+    """One text per row of ``generated`` ``(B, T)``, cut before the first of ``eos_ids``.
+
+    ``tokenizer``: anything with ``decode`` (a tokenizer, or a processor that delegates to its
+    tokenizer); ``eos_ids``: the end-of-sequence ids (an empty collection: no cut). One host
+    read of ``generated``, one ``decode`` per row.
+    """
+    stop = {int(e) for e in eos_ids}
+    texts = []
+    for row in generated.tolist():
+        cut = next((i for i, t in enumerate(row) if t in stop), len(row))
+        texts.append(tokenizer.decode(row[:cut], skip_special_tokens=skip_special_tokens))
+    return texts

@@ -24,10 +24,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
-from tokenprune.stats import TokenStats
-
-from .engine import DecodeOptions, Engine, EngineClosed, QueueFull, RequestResult, check_options, gen_length_for
+from .engine import Engine, EngineClosed, QueueFull, RequestResult
 from .metrics import Metrics
+from .options import DecodeOptions, check_options, gen_length_for
 from .text import TextAssembler
 
 __all__ = ["ServeSettings", "create_app", "ApiError"]
@@ -129,28 +128,6 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         return f"unknown field {'.'.join(loc)!r}: not an option of this server", loc[0] if loc else None
     where = ".".join(loc) or "body"
     return f"{where}: {err.get('msg')}", loc[0] if loc else None
-
-
-def token_stats(result: RequestResult, req, opts: DecodeOptions) -> dict:
-    """The ``dllm`` field: the request's TokenStats (``tokens_in`` = canvas positions,
-    ``tokens_kept`` = tokens committed, ``forward_passes`` = its passes) and extras."""
-    stats = TokenStats(
-        method="localleap",
-        tokens_in=req.gen_length,
-        tokens_kept=result.tokens_committed,
-        forward_passes=result.forward_passes,
-        extras={
-            "block_forward_passes": result.block_forward_passes,
-            "batch_forward_passes": result.batch_forward_passes,
-            "tokens_per_forward": result.tokens_committed / result.forward_passes if result.forward_passes else 0.0,
-            "rule": opts.rule,
-            "cache": opts.cache,
-            "block_length": opts.block_length,
-            "gen_length": req.gen_length,
-            "queue_seconds": result.queued_s,
-        },
-    )
-    return stats.as_dict()
 
 
 class StatusCounter:
@@ -378,7 +355,7 @@ def create_app(engine: Engine, tokenizer, settings: ServeSettings, metrics: Metr
                 choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
             else:
                 choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
-            return self.envelope([choice], usage=self.usage(), dllm=token_stats(self.result, self.req, self.opts))
+            return self.envelope([choice], usage=self.usage(), dllm=self.result.stats.as_dict())
 
         def chunk(self, delta: str, reason=None, **extra) -> str:
             if self.chat:
@@ -408,7 +385,7 @@ def create_app(engine: Engine, tokenizer, settings: ServeSettings, metrics: Metr
                 except ApiError as exc:
                     yield f"data: {exc.response().body.decode()}\n\n"
                     return
-                stats = token_stats(self.result, self.req, self.opts)
+                stats = self.result.stats.as_dict()
                 yield self.chunk(self.text.finish(), reason, usage=self.usage(), dllm=stats)
                 if include_usage:  # OpenAI's extra usage chunk (no choices)
                     body = self.envelope([], usage=self.usage())

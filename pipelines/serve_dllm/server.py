@@ -10,12 +10,13 @@ from pathlib import Path
 
 import torch
 
-from pipelines.generate_dllm import resolve_eos_id, resolve_mask_id
+from pipelines.generate_dllm import resolve_eos_id, resolve_mask_id, resolve_pad_id
 from tokenprune.localleap import load_dllm
 
 from .app import ServeSettings, create_app
-from .engine import DecodeOptions, Engine, check_options, gen_length_for
+from .engine import Engine
 from .metrics import Metrics
+from .options import DecodeOptions, check_options, gen_length_for
 
 __all__ = ["context_length", "build_app", "serve"]
 
@@ -53,8 +54,7 @@ def build_app(
     model, tokenizer = load_dllm(folder, device=device, dtype=torch.float64 if dtype in FLOAT64 else dtype)
     mask_id = resolve_mask_id(model, tokenizer)
     eos_id = resolve_eos_id(model, tokenizer)
-    pad = getattr(tokenizer, "pad_token_id", None)
-    pad = pad if pad is not None else (eos_id if eos_id is not None else mask_id)
+    pad = resolve_pad_id(tokenizer, eos_id, mask_id)
     metrics = Metrics()
     engine = Engine(
         model, mask_id=mask_id, eos_id=eos_id, pad_id=pad, max_batch=max_batch, max_queue=max_queue, metrics=metrics

@@ -3,58 +3,125 @@
 Both find the model's family adapter by ``config.model_type`` (one clear ``TypeError`` naming
 the supported families otherwise) and return / record one :class:`~tokenprune.stats.TokenStats`
 per call (``method="fopru"``; ``tokens_in``/``tokens_kept`` = visual tokens of all images;
-``forward_passes`` = vision-tower encodings FoPru ran; ``extras``: per-image and per-prompt
-counts, ``kept_indices``, family-specific counts).
+``forward_passes`` = the language model's forward calls during the call; ``extras``: per-image
+and per-prompt counts, ``kept_indices``, ``vision_encodings`` (1 per call), family-specific
+counts). :func:`fopru_generate` returns a :class:`~tokenprune.Generation`.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from prunecore.models import load_transformers
+from tokenprune.generation import Generation, decode_continuations
 from tokenprune.stats import TokenStats
 
 from .adapters import FoPruAdapter, adapter_class
+from .adapters.base import output_sequences
 
-__all__ = ["FoPru", "fopru_generate"]
+__all__ = ["FoPru", "FoPruGeneration", "fopru_generate"]
+
+
+@dataclass
+class FoPruGeneration(Generation):
+    """A :class:`~tokenprune.Generation` plus ``output``: ``model.generate``'s own output
+    object when it was asked for one (``return_dict_in_generate=True``: ``logits``, ``scores``
+    ..., its ``sequences`` are :attr:`sequences`), else None. The deprecated tuple unpacking
+    ``out, stats = fopru_generate(...)`` yields ``(output or sequences, stats)`` as before."""
+
+    output: Any = None
+
+    def __iter__(self):
+        warnings.warn(
+            "unpacking fopru_generate's result is deprecated and will be removed in the next release: "
+            "use result.sequences (result.output for return_dict_in_generate=True) and result.stats",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return iter((self.sequences if self.output is None else self.output, self.stats))
 
 
 def fopru_generate(
-    model: nn.Module,
-    processor_outputs: Mapping[str, Any],
+    model_or_path,
+    inputs: Mapping[str, Any],
     *,
+    tokenizer=None,
+    keep=0.25,
     kept_indices: Sequence[torch.Tensor] | None = None,
-    **kwargs,
-) -> tuple[Any, TokenStats]:
+    **options,
+) -> FoPruGeneration:
     """Generate with FoPru-pruned visual tokens.
 
     Args:
-        model: an LVLM of a registered family (LLaVA, LLaVA-NeXT, Qwen2-VL, ...).
-        processor_outputs: the processor's output mapping (``input_ids``, ``attention_mask``,
+        model_or_path: an LVLM of a registered family (LLaVA, LLaVA-NeXT, Qwen2-VL, ...), or a
+            local folder of one (loaded with :func:`prunecore.models.load_transformers`,
+            ``AutoModelForImageTextToText``, no remote code; its processor decodes the texts).
+        inputs: the processor's output mapping (``input_ids``, ``attention_mask``,
             ``pixel_values`` and the family's extras such as ``image_sizes``/``image_grid_thw``).
+        tokenizer: a tokenizer or processor to decode :attr:`~tokenprune.Generation.texts`
+            (None: the folder's processor, if any; else ``texts == []``).
+        keep: a fraction in (0, 1] (``K = floor(keep * N + 0.5)``), an int count or one of
+            those per image.
         kept_indices: bypass scoring with explicit per-image indices (baselines).
-        **kwargs: the FoPru options of :class:`~tokenprune.fopru.adapters.base.FoPruAdapter`
-            (``keep=0.25`` — a fraction in (0, 1] (``K = floor(keep * N + 0.5)``), an int count
-            or one of those per image; ``strategy="rank"``, ``row_mode``, ``grid`` — see
-            :func:`tokenprune.fopru_select`; ``layer=None`` — the vision layer (``hidden_states``
-            index) whose attention scores the tokens, None = the family default (LLaVA:
-            ``vision_feature_layer``; Qwen2-VL: -2; Qwen2.5-VL: its last full-attention block);
-            ``method`` — ``"cls"`` or ``"colmean"``, None = the family default (``"cls"`` for
-            CLIP towers, ``"colmean"`` for CLS-free towers); ``feature_passing="auto"``; ``restore_prompt=True`` —
-            return the caller's prompt followed by the new tokens) and the family's own options
-            (LLaVA-NeXT: ``anyres_norm``, ``newline``); everything else goes to ``model.generate``.
+        **options: the FoPru options of :class:`~tokenprune.fopru.adapters.base.FoPruAdapter`
+            (``strategy="rank"``, ``row_mode``, ``grid`` — see :func:`tokenprune.fopru_select`;
+            ``layer=None`` — the vision layer (``hidden_states`` index) whose attention scores
+            the tokens, None = the family default (LLaVA: ``vision_feature_layer``; Qwen2-VL: -2;
+            Qwen2.5-VL: its last full-attention block); ``method`` — ``"cls"`` or ``"colmean"``,
+            None = the family default (``"cls"`` for CLIP towers, ``"colmean"`` for CLS-free
+            towers); ``feature_passing="auto"``; ``restore_prompt=True`` — sequences start with
+            the caller's prompt, else with the shrunk prompt the LLM saw) and the family's own
+            options (LLaVA-NeXT: ``anyres_norm``, ``newline``); everything else goes to
+            ``model.generate``.
 
     Returns:
-        ``(sequences_or_generate_output, TokenStats)``.
+        :class:`FoPruGeneration`: ``sequences`` ``(B*R, P + T)`` (prompt included), ``texts``
+        (the continuations, cut at the first EOS), ``stats`` (``forward_passes`` = the language
+        model's forward calls; ``extras["vision_encodings"]``), ``prompt_length`` ``P`` and,
+        with ``return_dict_in_generate=True``, ``output`` (``generate``'s output object).
     """
+    model = model_or_path
+    if isinstance(model_or_path, (str, Path)):
+        model = load_transformers(model_or_path, auto_class="AutoModelForImageTextToText")
+        tokenizer = tokenizer if tokenizer is not None else folder_processor(model_or_path)
     cls = adapter_class(model)
     names = cls.option_names()
-    options = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
-    return cls(model, **options).generate(processor_outputs, kept_indices=kept_indices, **kwargs)
+    adapter_options = {k: options.pop(k) for k in list(options) if k in names}
+    res = cls(model, keep=keep, **adapter_options).generate(inputs, kept_indices=kept_indices, **options)
+    sequences = output_sequences(res.output)
+    texts = []
+    if tokenizer is not None:
+        texts = decode_continuations(tokenizer, sequences[:, res.prompt_length :], eos_token_ids(model, tokenizer))
+    output = None if isinstance(res.output, torch.Tensor) else res.output
+    return FoPruGeneration(sequences, texts, res.stats, res.prompt_length, output=output)
+
+
+def folder_processor(folder):
+    """The folder's processor (``AutoProcessor``, no remote code), or None when it has none."""
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(str(folder), trust_remote_code=False)
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+def eos_token_ids(model: nn.Module, tokenizer) -> list[int]:
+    """End-of-sequence ids: the model's ``generation_config`` (one or a list), else the tokenizer's."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = getattr(getattr(tokenizer, "tokenizer", tokenizer), "eos_token_id", None)
+    if eos is None:
+        return []
+    return [int(e) for e in eos] if isinstance(eos, (list, tuple)) else [int(eos)]
 
 
 class FoPru:
@@ -111,7 +178,7 @@ class FoPru:
         if self._active:
             raise RuntimeError("FoPru context is already active")
         self.adapter.attach()
-        self._wrap("generate", lambda kwargs, orig: self.adapter.generate(kwargs, generate_fn=orig))
+        self._wrap("generate", lambda kwargs, orig: self.adapter.generate(kwargs, generate_fn=orig)[:2])
         self._wrap("forward", lambda kwargs, orig: self.adapter.forward(kwargs, forward_fn=orig))
         self._active = True
         return self

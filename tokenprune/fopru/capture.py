@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from prunecore.rotary import apply_rotary
+
 from .core import METHODS, packed_colmean
 
 __all__ = [
@@ -180,11 +182,6 @@ class AttentionRowCapture(_Hooks):
         return cls(attn, method=method)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 class PackedQKVCapture(_Hooks):
     """Hooks on one packed-sequence vision ``attn`` (fused ``qkv``, 2-D rotary, ``cu_seqlens``).
 
@@ -246,11 +243,9 @@ class PackedQKVCapture(_Hooks):
         """qkv: ``(N, 3*heads*d)``; cos, sin: ``(N, d)``; cu_seqlens: ``(S+1,)`` -> ``(heads, N)``."""
         n = qkv.shape[0]
         q, k, _ = qkv.reshape(n, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)  # (N, heads, d)
-        dtype = q.dtype
-        c, s = cos.unsqueeze(-2).float(), sin.unsqueeze(-2).float()
-        q, k = q.float(), k.float()
-        q = (q * c + _rotate_half(q) * s).to(dtype).transpose(0, 1)  # (heads, N, d)
-        k = (k * c + _rotate_half(k) * s).to(dtype).transpose(0, 1)
+        c, s = cos.unsqueeze(-2).float(), sin.unsqueeze(-2).float()  # fp32 math, cast back to q's dtype
+        q = apply_rotary(q, c, s).transpose(0, 1)  # (heads, N, d)
+        k = apply_rotary(k, c, s).transpose(0, 1)
         return packed_colmean(q, k, cu_seqlens, scale=self.scale, max_block_elems=self.max_block_elems)
 
     def segment_scores(self) -> list[torch.Tensor]:

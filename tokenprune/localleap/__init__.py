@@ -9,6 +9,7 @@ from .generate import DecodeResult, localleap_generate
 from .models import load_dllm
 from .rules import (
     RULES,
+    RuleOptions,
     confidence_from_logits,
     eb_sampler,
     fastdllm_threshold,
@@ -19,6 +20,7 @@ from .rules import (
 
 __all__ = [
     "RULES",
+    "RuleOptions",
     "DecodeResult",
     "localleap_generate",
     "load_dllm",

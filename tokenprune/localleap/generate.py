@@ -25,12 +25,11 @@ import torch
 from tokenprune.stats import TokenStats
 
 from .models.base import padded_positions
-from .rules import RULES, check_threshold, commit_mask, confidence_from_logits, llada_step_counts
+from .rules import RULES, RuleOptions, commit_mask, confidence_from_logits, llada_step_counts
 
 __all__ = ["DecodeResult", "localleap_generate", "CACHE_MODES", "cache_mode", "pass_flags"]
 
 CACHE_MODES = ("none", "prefix", "dual")
-REMASKING = ("low_confidence", "random")
 
 
 @dataclass
@@ -217,15 +216,10 @@ def localleap_generate(
     block_length: int = 32,
     mask_id: int,
     rule: str | Callable = "localleap",
-    threshold: float = 0.9,
-    relaxed_threshold: float = 0.75,
-    radius: int = 4,
-    gamma: float = 1e-3,
-    steps: int | None = None,
+    rule_options: RuleOptions | None = None,
     temperature: float = 0.0,
     top_p: float | None = None,
     top_k: int | None = None,
-    remasking: str = "low_confidence",
     cfg_scale: float = 0.0,
     eos_id: int | None = None,
     early_stop: bool = False,
@@ -235,6 +229,7 @@ def localleap_generate(
     shift_logits: bool | None = None,
     scaled_confidence: bool | None = None,
     generator: torch.Generator | None = None,
+    **rule_keywords,
 ) -> DecodeResult:
     """Semi-autoregressive masked-diffusion decoding with a pluggable commit rule.
 
@@ -253,14 +248,18 @@ def localleap_generate(
         mask_id: the model's mask token id (from its tokenizer/config; never guessed here).
         rule: ``"localleap"`` (default), ``"fastdllm"``, ``"llada"``, ``"eb"`` or a callable
             ``rule(conf, masked) -> (B, L) bool`` over the current block.
-        threshold, relaxed_threshold, radius: LocalLeap / Fast-dLLM parameters.
-        gamma: EB-sampler entropy budget.
-        steps: LLaDA only; total steps over ``gen_length`` (default ``gen_length``: one token
-            per step), split evenly over blocks. Steps in which no row commits are skipped.
+        rule_options: the rule's parameters as one :class:`~tokenprune.localleap.rules.RuleOptions`
+            (default: its defaults); ``**rule_keywords`` (``threshold``, ``relaxed_threshold``,
+            ``radius``, ``gamma``, ``steps``, ``remasking``) replace single fields of it, so
+            ``localleap_generate(..., threshold=0.95)`` works as before; any other keyword is a
+            ``TypeError`` naming the rule options. ``threshold``, ``relaxed_threshold``,
+            ``radius``: LocalLeap / Fast-dLLM parameters; ``gamma``: EB-sampler entropy budget;
+            ``steps``: LLaDA only; total steps over ``gen_length`` (default ``gen_length``: one
+            token per step), split evenly over blocks, steps in which no row commits are
+            skipped; ``remasking``: ``"low_confidence"`` (commit by model confidence) or
+            ``"random"`` (LLaDA's random remasking: uniform random scores; ``rule="llada"`` only).
         temperature: 0 = greedy; > 0 Gumbel-max sampling in float64.
         top_p, top_k: nucleus / top-k filtering before choosing ``x0`` (Dream's options).
-        remasking: ``"low_confidence"`` (commit by model confidence) or ``"random"`` (LLaDA's
-            random remasking: uniform random scores; ``rule="llada"`` only).
         cfg_scale: LLaDA's classifier-free guidance (> 0: each pass also runs the canvas with
             the prompt masked, in the same batch; counted as one pass). Not with ``use_cache``.
         eos_id: end-of-sequence id. With ``early_stop=True``, once a finished block of a row
@@ -298,14 +297,10 @@ def localleap_generate(
         raise ValueError(f"unknown rule {rule!r}; expected one of {RULES} or a callable")
     if not isinstance(rule, str) and not callable(rule):
         raise TypeError("rule must be a rule name or a callable(conf, masked) -> bool mask")
-    if rule == "localleap":
-        check_threshold("threshold", threshold)
-        if relaxed_threshold > threshold:
-            raise ValueError("relaxed_threshold must be <= threshold")
-    if remasking not in REMASKING:
-        raise ValueError(f"remasking must be one of {REMASKING}, got {remasking!r}")
-    if remasking == "random" and rule != "llada":
-        raise ValueError("remasking='random' is LLaDA's top-k remasking; use it with rule='llada'")
+    opts = RuleOptions.resolve(rule_options, **rule_keywords)
+    opts.check(rule)
+    threshold, relaxed_threshold, radius, gamma = opts.threshold, opts.relaxed_threshold, opts.radius, opts.gamma
+    steps, remasking = opts.steps, opts.remasking
     if early_stop and eos_id is None:
         raise ValueError("early_stop=True needs eos_id")
     mode = cache_mode(use_cache)

@@ -25,15 +25,21 @@ Host reads: the rules are device-side except their value checks (NaN confidences
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from prunecore.budget import torch_rank
 
 RULES = ("llada", "fastdllm", "localleap", "eb")
+REMASKING = ("low_confidence", "random")
 
 __all__ = [
     "RULES",
+    "REMASKING",
+    "RuleOptions",
     "commit_mask",
     "llada_schedule",
     "llada_step_counts",
@@ -69,6 +75,48 @@ def check_threshold(name: str, value: float) -> None:
     """Raise a ValueError naming ``name`` unless ``value`` is in [0, 1]."""
     if not 0.0 <= float(value) <= 1.0:
         raise ValueError(f"{name} must be in [0, 1], got {value}")
+
+
+@dataclass(frozen=True)
+class RuleOptions:
+    """The parameters of the commit rules, in one value (what ``localleap_generate`` takes as
+    ``rule_options=`` or as keywords).
+
+    Attributes:
+        threshold, relaxed_threshold, radius: LocalLeap / Fast-dLLM (:func:`localleap_transfer`,
+            :func:`fastdllm_threshold`).
+        gamma: EB-sampler entropy budget (:func:`eb_sampler`).
+        steps: LLaDA only; total steps over ``gen_length`` (None: one token per step).
+        remasking: ``"low_confidence"`` or ``"random"`` (LLaDA's random remasking; ``rule="llada"`` only).
+    """
+
+    threshold: float = 0.9
+    relaxed_threshold: float = 0.75
+    radius: int = 4
+    gamma: float = 1e-3
+    steps: int | None = None
+    remasking: str = "low_confidence"
+
+    @classmethod
+    def resolve(cls, options: RuleOptions | None = None, **keywords) -> RuleOptions:
+        """``options`` (default: the defaults) with ``keywords`` replaced; an unknown keyword is a
+        ``TypeError`` naming it and the rule options."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(keywords) - set(names))
+        if unknown:
+            raise TypeError(f"unknown option(s) {unknown}: the rule options are {names} (see RuleOptions)")
+        return dataclasses.replace(options if options is not None else cls(), **keywords)
+
+    def check(self, rule) -> None:
+        """Raise a ValueError naming the first value ``rule`` (a name or a callable) cannot use."""
+        if rule == "localleap":
+            check_threshold("threshold", self.threshold)
+            if self.relaxed_threshold > self.threshold:
+                raise ValueError("relaxed_threshold must be <= threshold")
+        if self.remasking not in REMASKING:
+            raise ValueError(f"remasking must be one of {REMASKING}, got {self.remasking!r}")
+        if self.remasking == "random" and rule != "llada":
+            raise ValueError("remasking='random' is LLaDA's top-k remasking; use it with rule='llada'")
 
 
 def _masked_conf(conf: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:

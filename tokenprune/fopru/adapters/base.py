@@ -4,15 +4,17 @@
 attention-capture lifecycle, splitting a call's keyword arguments into the multimodal inputs
 it prunes and the rest, shrinking every image's placeholder run in ``input_ids`` /
 ``attention_mask`` (and any other per-token tensor), passing the pruned features to the
-model's own ``generate``/``forward``, restoring the caller's prompt and the stats.
+model's own ``generate``/``forward``, restoring the caller's prompt and the stats
+(``forward_passes`` = the language model's forward calls, counted by a hook: no host sync).
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -33,6 +35,9 @@ __all__ = [
     "Encoded",
     "FoPruAdapter",
     "Prepared",
+    "PrunedGeneration",
+    "count_forward_calls",
+    "language_model",
     "pad_token_id",
     "restore_original_prompt",
 ]
@@ -67,6 +72,38 @@ class Prepared:
     stats: TokenStats
 
 
+class PrunedGeneration(NamedTuple):
+    """What :meth:`FoPruAdapter.generate` returns: ``output`` is ``generate``'s output (a
+    ``(B*R, P + T)`` tensor or an output with ``.sequences``), ``stats`` the call's stats and
+    ``prompt_length`` ``P``, where the generated part starts in the sequences."""
+
+    output: Any
+    stats: TokenStats
+    prompt_length: int
+
+
+def language_model(model: nn.Module) -> nn.Module:
+    """The LVLM's language model (what ``forward_passes`` counts): ``model.get_decoder()``, else ``model``."""
+    get = getattr(model, "get_decoder", None)
+    return get() if callable(get) else model
+
+
+@contextlib.contextmanager
+def count_forward_calls(module: nn.Module) -> Iterator[list[int]]:
+    """Count ``module``'s forward calls while the block runs: yields a one-element list whose
+    value grows by one per call (a forward pre-hook; a Python counter, no host sync)."""
+    calls = [0]
+
+    def count(*_):
+        calls[0] += 1
+
+    handle = module.register_forward_pre_hook(count)
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
 def pad_token_id(model: nn.Module) -> int:
     """The pad id used to re-pad shrunk prompts (generation config, then the configs; 0 if none)."""
     gen_cfg = getattr(model, "generation_config", None)
@@ -77,6 +114,23 @@ def pad_token_id(model: nn.Module) -> int:
     if isinstance(pad, (list, tuple)):
         pad = pad[0]
     return int(pad) if pad is not None else 0
+
+
+def output_sequences(out) -> torch.Tensor:
+    """``generate``'s sequences: ``out`` itself or ``out.sequences``."""
+    return out if isinstance(out, torch.Tensor) else out.sequences
+
+
+def per_sequence(ids: torch.Tensor, seqs: torch.Tensor) -> torch.Tensor:
+    """``(B, L)`` prompt rows repeated for the ``(B*R, ...)`` returned sequences, on their device."""
+    rep = seqs.shape[0] // ids.shape[0]
+    ids = ids.to(seqs.device)
+    return ids.repeat_interleave(rep, 0) if rep > 1 else ids
+
+
+def starts_with(seqs: torch.Tensor, prefix: torch.Tensor) -> bool:
+    """True when every row of ``seqs`` ``(N, L)`` begins with its row of ``prefix`` ``(N, L1)``."""
+    return seqs.shape[1] >= prefix.shape[1] and torch.equal(seqs[:, : prefix.shape[1]], prefix)
 
 
 def restore_original_prompt(out, input_ids: torch.Tensor, new_ids: torch.Tensor):
@@ -90,14 +144,9 @@ def restore_original_prompt(out, input_ids: torch.Tensor, new_ids: torch.Tensor)
     Returns:
         ``out`` with sequences ``[input_ids, new tokens]`` of shape ``(B*R, L0 + new)``.
     """
-    seqs = out if isinstance(out, torch.Tensor) else out.sequences
-    rep = seqs.shape[0] // input_ids.shape[0]
-    input_ids = input_ids.to(seqs.device)
-    new_ids = new_ids.to(seqs.device)
-    if rep > 1:
-        input_ids = input_ids.repeat_interleave(rep, 0)
-        new_ids = new_ids.repeat_interleave(rep, 0)
-    if seqs.shape[1] >= new_ids.shape[1] and torch.equal(seqs[:, : new_ids.shape[1]], new_ids):
+    seqs = output_sequences(out)
+    input_ids, new_ids = per_sequence(input_ids, seqs), per_sequence(new_ids, seqs)
+    if starts_with(seqs, new_ids):
         seqs = torch.cat([input_ids, seqs[:, new_ids.shape[1] :]], dim=1)
     else:  # generate returned only the new tokens (inputs_embeds path on some versions)
         seqs = torch.cat([input_ids, seqs], dim=1)
@@ -105,6 +154,13 @@ def restore_original_prompt(out, input_ids: torch.Tensor, new_ids: torch.Tensor)
         return seqs
     out.sequences = seqs
     return out
+
+
+def shrunk_prompt_length(out, new_ids: torch.Tensor) -> int:
+    """Width of the shrunk prompt ``new_ids`` ``(B, L1)`` at the front of ``out``'s sequences,
+    or 0 when ``generate`` returned only the new tokens (inputs_embeds path on some versions)."""
+    seqs = output_sequences(out)
+    return new_ids.shape[1] if starts_with(seqs, per_sequence(new_ids, seqs)) else 0
 
 
 class FoPruAdapter:
@@ -183,6 +239,7 @@ class FoPruAdapter:
         self.options = {**self.family_options, **family_options}
         self.image_token_id = int(model.config.image_token_id)
         self.pad_id = pad_token_id(model)
+        self.language_model = language_model(model)
         if feature_passing == "auto":  # resolved once, not per call
             accepts = "mm_encoder_outputs" in inspect.signature(model.forward).parameters
             feature_passing = "mm_encoder_outputs" if accepts else "inputs_embeds"
@@ -313,9 +370,11 @@ class FoPruAdapter:
             "prompt_tokens_in": prompt_in,
             "prompt_tokens_kept": prompt_kept,
             "kept_indices": list(kept),
+            "vision_encodings": 1,
             **self.stats_extras(enc, kept),
         }
-        stats = TokenStats("fopru", sum(n_tokens), sum(kept_counts), forward_passes=1, extras=extras)
+        # forward_passes: the language model's calls, filled in by generate / forward
+        stats = TokenStats("fopru", sum(n_tokens), sum(kept_counts), extras=extras)
         return Prepared(call, input_ids, stats)
 
     def gather_features(self, enc: Encoded, kept: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -352,17 +411,22 @@ class FoPruAdapter:
         generate_fn: Callable | None = None,
         kept_indices: Sequence | None = None,
         **generate_kwargs,
-    ) -> tuple[Any, TokenStats]:
+    ) -> PrunedGeneration:
         """Pruned ``generate``: ``inputs`` (processor outputs) and ``generate_kwargs`` are split
         into what this family prunes and what goes to ``generate_fn`` (default ``model.generate``)
-        unchanged. Returns ``(sequences or generate output, TokenStats)``."""
+        unchanged. Returns the output (sequences or generate output), the stats and the prompt
+        length in the returned sequences (the caller's, or with ``restore_prompt=False`` the
+        shrunk prompt's; 0 when ``generate`` returned only the new tokens)."""
         mm, rest = self.split_inputs({**dict(inputs.items()), **generate_kwargs})
         prep = self.prepare(mm, kept_indices)
         gen = generate_fn if generate_fn is not None else self.model.generate
-        out = gen(**prep.call, **rest)
+        with count_forward_calls(self.language_model) as calls:
+            out = gen(**prep.call, **rest)
+        prep.stats.forward_passes = calls[0]
         if self.restore_prompt:
             out = restore_original_prompt(out, prep.input_ids, prep.call["input_ids"])
-        return out, prep.stats
+            return PrunedGeneration(out, prep.stats, prep.input_ids.shape[1])
+        return PrunedGeneration(out, prep.stats, shrunk_prompt_length(out, prep.call["input_ids"]))
 
     def forward(self, inputs: Mapping[str, Any], *, forward_fn: Callable | None = None) -> tuple[Any, TokenStats]:
         """Pruned ``forward`` — exactly the prefill of :meth:`generate`: same shrunk prompt,
@@ -374,7 +438,10 @@ class FoPruAdapter:
         if "inputs_embeds" in call:  # forward takes exactly one of input_ids / inputs_embeds
             call = {k: v for k, v in call.items() if k != "input_ids"}
         fwd = forward_fn if forward_fn is not None else self.model.forward
-        return fwd(**call, **rest), prep.stats
+        with count_forward_calls(self.language_model) as calls:
+            out = fwd(**call, **rest)
+        prep.stats.forward_passes = calls[0]
+        return out, prep.stats
 
 
 # the constructor's keyword options, read once

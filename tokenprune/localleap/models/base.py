@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunecore.registry import Registry
+from prunecore.rotary import apply_rotary, rotary_cos_sin
 
 __all__ = [
     "DLLMConfig",
@@ -140,23 +141,6 @@ class RMSNorm(nn.Module):
         if self.weight is not None:
             h = self.weight * h
         return h + self.bias if self.bias is not None else h
-
-
-def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate-half RoPE tables over the full head dim: ``(B, L)`` positions -> cos, sin ``(B, 1, L, D)`` float32."""
-    inv_freq = 1.0 / (
-        theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim)
-    )
-    freqs = position_ids.float().unsqueeze(-1) * inv_freq  # (B, L, D/2)
-    emb = torch.cat([freqs, freqs], dim=-1).unsqueeze(1)
-    return emb.cos(), emb.sin()
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``x * cos + rotate_half(x) * sin`` computed in the dtype of ``cos``; ``x`` ``(B, H, L, D)``."""
-    h = x.to(cos.dtype)
-    x1, x2 = h.chunk(2, dim=-1)
-    return (h * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
 
 
 def padded_positions(attention_mask: torch.Tensor) -> torch.Tensor:

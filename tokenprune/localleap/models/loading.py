@@ -18,8 +18,7 @@ from pathlib import Path
 import torch
 
 from prunecore.device import resolve_device, resolve_dtype
-from prunecore.io import atomic_path, atomic_write_json
-from prunecore.models import CheckpointError, load_tokenizer, read_json, read_safetensors
+from prunecore.models import CheckpointError, load_tokenizer, read_json, read_safetensors, save_safetensors_folder
 
 from .base import NativeDLLM, family_for
 
@@ -74,18 +73,11 @@ def save_dllm(model: NativeDLLM, folder) -> Path:
     """Write a native model as a checkpoint folder in its family's published layout.
 
     ``config.json`` (the config's fields, ``model_type`` and ``architectures``) and
-    ``model.safetensors`` (the published key names), both written atomically. Returns the folder.
+    ``model.safetensors`` (the published key names), both written atomically
+    (:func:`prunecore.models.save_safetensors_folder`). Returns the folder.
     """
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     values = {**model.config.to_dict(), "model_type": model.model_type, "architectures": [type(model).__name__]}
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    with atomic_path(folder / "model.safetensors") as tmp:
-        save_file(state, str(tmp))
-    atomic_write_json(folder / "config.json", values)
-    return folder
+    return save_safetensors_folder(folder, model.state_dict(), values)
 
 
 def load_family_tokenizer(folder: Path, model_type: str):
