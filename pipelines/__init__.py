@@ -12,7 +12,7 @@ from prunecore.lazy import lazy_dir, lazy_exports
 if TYPE_CHECKING:
     from tokenprune.fopru import FoPru, fopru_generate
 
-    from .generate_dllm import DLLMGeneration, dllm_generate
+    from .generate_dllm import DiffusionGeneration, dllm_generate
     from .generate_llm import ftp_generate
     from .rag import ProvenceCompressor, ProvencePostprocessor, ProvenceRanker, ProvenceSettings, prune_texts
     from .shards import STEPS, FilterConfig, FilterResult, default_steps, register_step, run_filter
@@ -30,7 +30,7 @@ _EXPORTS = {
     "fopru_generate": "tokenprune.fopru",
     "ftp_generate": "pipelines.generate_llm",
     "dllm_generate": "pipelines.generate_dllm",
-    "DLLMGeneration": "pipelines.generate_dllm",
+    "DiffusionGeneration": "pipelines.generate_dllm",
     "prune_texts": "pipelines.rag",
     "ProvenceSettings": "pipelines.rag",
     "ProvenceCompressor": "pipelines.rag",
@@ -39,7 +39,7 @@ _EXPORTS = {
 }
 
 __all__ = [
-    "DLLMGeneration",
+    "DiffusionGeneration",
     "FilterConfig",
     "FilterResult",
     "FoPru",

@@ -20,6 +20,7 @@ _EXPORTS = {
     "ftp_generate": "pipelines.generate_llm",
     "load_causal_lm": "pipelines.generate_llm",
     "dllm_generate": "pipelines.generate_dllm",
+    "DiffusionGeneration": "pipelines.generate_dllm",
     "DLLMGeneration": "pipelines.generate_dllm",
 }
 
