@@ -41,7 +41,7 @@ def test_train_router_learns_and_roundtrips(tmp_path):
     hist = train_router(
         model,
         router,
-        [[0.1, 0.3, 0.4, 0.2], [0.2, 0.4, 0.5, 0.3]],
+        [[0.9, 0.7, 0.6, 0.8], [0.8, 0.6, 0.5, 0.7]],  # keep fractions, positional
         batches,
         steps=30,
         lr=5e-3,
@@ -62,23 +62,23 @@ def test_train_router_learns_and_roundtrips(tmp_path):
     r2 = TokenRouter.load(path)
     x = batches[:2]
     with torch.no_grad():
-        with attach_ftp(model, router, 0.3):
+        with attach_ftp(model, router, schedule=0.3):
             a = model(x).logits
-        with attach_ftp(model, r2, 0.3):
+        with attach_ftp(model, r2, schedule=0.3):
             b = model(x).logits
     assert torch.equal(a, b)
     with pytest.raises(TypeError):
-        train_router(model, StaticRouter(), [0.1] * 4, batches, steps=1, progress=False)
+        train_router(model, StaticRouter(), schedules=[0.1] * 4, batches=batches, steps=1, progress=False)
 
 
 def test_ga_with_static_calibration_fitness():
     model = _tiny()
     ids = torch.randint(3, 64, (2000,), generator=torch.Generator().manual_seed(1))
     batches = calibration_windows(ids, 20, 4, seed=0)
-    with attach_ftp(model, StaticRouter(), 0.0):
+    with attach_ftp(model, StaticRouter(), schedule=0.0):
         fit = calibration_fitness(model, batches)
-        s1, h1 = search_schedule(fit, 4, 0.3, population=6, generations=2, seed=0, progress=False)
-        s2, h2 = search_schedule(fit, 4, 0.3, population=6, generations=2, seed=0, progress=False)
+        s1, h1 = search_schedule(fit, 4, target=0.3, population=6, generations=2, seed=0, progress=False)
+        s2, h2 = search_schedule(fit, 4, target=0.3, population=6, generations=2, seed=0, progress=False)
         assert fit(s1) == h1[-1]["best"]
     assert np.array_equal(s1, s2) and s1.mean() == pytest.approx(0.3)
     assert h1[-1]["best"] <= h1[0]["best"]
@@ -91,7 +91,8 @@ def test_continuation_fitness_equals_serving_eval():
     ids = torch.randint(3, 64, (2000,), generator=torch.Generator().manual_seed(2))
     batches = calibration_windows(ids, 20, 5, seed=0)
     sched = [0.0, 0.4, 0.5, 0.3]
-    with attach_ftp(model, StaticRouter(), 0.0) as m:
+    with attach_ftp(model, StaticRouter(), schedule=0.0) as handle:
+        m = handle.model
         fit = calibration_fitness(model, batches, n_ctx=14, batch_size=2)  # chunks of 2, 2, 1
         got = fit(np.array(sched))
         get_handle(m).set_schedule(sched)
@@ -114,7 +115,7 @@ def test_distill_tail_restricts_the_loss():
         hist = train_router(
             model,
             router,
-            [0.3] * 4,
+            [0.7] * 4,
             batches,
             steps=2,
             progress=False,
@@ -128,7 +129,9 @@ def test_distill_tail_restricts_the_loss():
     assert runs[24] == pytest.approx(runs[None], rel=1e-6)
     assert runs[4] != pytest.approx(runs[None], rel=1e-4)
     with pytest.raises(ValueError, match="distill_tail"):
-        train_router(model, TokenRouter(), [0.3] * 4, batches, steps=1, progress=False, distill_tail=25)
+        train_router(
+            model, TokenRouter(), schedules=[0.3] * 4, batches=batches, steps=1, progress=False, distill_tail=25
+        )
 
 
 def _word_tokenizer(tmp_path):
@@ -158,7 +161,7 @@ def test_ftp_generate_pipeline(tmp_path):
     res = ftp_generate(str(folder), prompts, router=str(rpath), schedule=0.3, max_new_tokens=5)
     assert len(res.texts) == 2 and res.sequences.shape[0] == 2
     pre = res.stats.extras["prefill"]
-    assert res.stats.extras["schedule"] == [0.1, 0.4, 0.4, 0.3]
+    assert res.stats.extras["target_per_block"] == [0.1, 0.4, 0.4, 0.3]
     assert pre["tokens"] == 11 + 3
     want = (11 - keep_count(11, 0.9) + 3 - keep_count(3, 0.9)) / 14
     assert pre["sparsity_per_block"][0] == pytest.approx(want)
@@ -179,7 +182,8 @@ def test_ftp_generate_pipeline(tmp_path):
     )
     from tokenprune.ftp import RandomRouter
 
-    with torch.no_grad(), attach_ftp(model, RandomRouter(0), sched, nested=True) as m:
+    with torch.no_grad(), attach_ftp(model, RandomRouter(0), schedule=sched, nested=True) as handle:
+        m = handle.model
         enc = tok(prompts[:1], return_tensors="pt")
         ref = m.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert torch.equal(nres.sequences, ref)
@@ -192,7 +196,8 @@ def test_ftp_generate_pipeline(tmp_path):
 def test_training_forward_equals_inference_forward():
     model = _tiny()
     x = torch.randint(3, 64, (2, 20), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad(), attach_ftp(model, TokenRouter(), [0.2, 0.5, 0.3, 0.4]) as m:
+    with torch.no_grad(), attach_ftp(model, TokenRouter(), schedule=[0.2, 0.5, 0.3, 0.4]) as handle:
+        m = handle.model
         h = get_handle(m)
         inf = m.model(input_ids=x).last_hidden_state
         h.state.training = True
@@ -212,9 +217,9 @@ def test_continuation_eval_matches_full_forward_when_dense():
         full = model(x).logits[:, 9:-1]
         want = torch.nn.functional.cross_entropy(full.reshape(-1, 64), x[:, 10:].reshape(-1)).item()
         dense = continuation_eval(model, x, 10)
-        with attach_ftp(model, StaticRouter(), 0.0):
+        with attach_ftp(model, StaticRouter(), schedule=0.0):
             routed0 = continuation_eval(model, x, 10, dense_argmax=dense["argmax"])
-        with attach_ftp(model, TokenRouter(), 0.4):
+        with attach_ftp(model, TokenRouter(), schedule=0.4):
             routed = continuation_eval(model, x, 10, dense_argmax=dense["argmax"])
     assert dense["nll"] == pytest.approx(want, rel=1e-4)
     assert routed0["agree"] == 1.0 and routed0["nll"] == pytest.approx(dense["nll"], rel=1e-6)
@@ -233,13 +238,15 @@ def test_keep_alias_in_train_router_and_generate(tmp_path):
         runs.append(train_router(model, router, batches=batches, steps=2, progress=False, log_every=1, **kw))
     assert [h["loss"] for h in runs[0]] == pytest.approx([h["loss"] for h in runs[1]], rel=1e-6)
     with pytest.raises(ValueError, match="exactly one"):
-        train_router(model, TokenRouter(), [0.1] * 4, batches, keep=[0.9] * 4, steps=1, progress=False)
+        train_router(
+            model, TokenRouter(), schedules=[0.1] * 4, batches=batches, keep=[0.9] * 4, steps=1, progress=False
+        )
     from pipelines.generate_llm import ftp_generate
 
     tok = _word_tokenizer(tmp_path)
     a = ftp_generate(model, "the cat sat on the mat", tokenizer=tok, keep=0.6, max_new_tokens=4)
     b = ftp_generate(model, "the cat sat on the mat", tokenizer=tok, schedule=0.4, max_new_tokens=4)
-    assert torch.equal(a.sequences, b.sequences) and a.stats.extras["keep"] == pytest.approx([0.6] * 4)
+    assert torch.equal(a.sequences, b.sequences) and a.stats.extras["keep_per_block"] == pytest.approx([0.6] * 4)
     with pytest.raises(ValueError, match="not both"):
         ftp_generate(model, "the cat", tokenizer=tok, keep=0.6, schedule=0.4)
 
