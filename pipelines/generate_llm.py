@@ -110,7 +110,10 @@ def resolve_router(router, keep=None, schedule=None):
     else:
         r = router
     if keep is None and schedule is None:
-        raise ValueError("give keep (fraction of tokens each block computes, or an int count per row)")
+        raise ValueError(
+            "give keep (fraction of tokens each block computes, or an int count per row) "
+            "or its alias schedule= (sparsity)"
+        )
     return r, keep, schedule
 
 

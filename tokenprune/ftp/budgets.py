@@ -46,8 +46,8 @@ def validate_schedule(schedule, n_layers: int, *, allow_full: bool = False) -> l
 
 def per_block(values, n_layers: int, name: str) -> list:
     """A scalar (uniform) or a sequence / array / tensor of ``n_layers`` values as a list (ints stay ints)."""
-    if hasattr(values, "detach"):
-        values = values.detach().cpu()
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().tolist()
     if np.ndim(values) == 0:
         return [values.item() if hasattr(values, "item") else values] * n_layers
     out = np.asarray(values, dtype=object).reshape(-1).tolist() if not isinstance(values, list) else list(values)
@@ -75,7 +75,10 @@ def block_budgets(keep, n_layers: int, *, sparsity=None, allow_full: bool = Fals
         raise ValueError("pass keep or its alias schedule= (a sparsity), not both (keep = 1 - sparsity)")
     if keep is None:
         if sparsity is None:
-            raise ValueError("give keep (fraction of tokens each block computes, or an int count per row)")
+            raise ValueError(
+                "give keep (fraction of tokens each block computes, or an int count per row) "
+                "or its alias schedule= (sparsity)"
+            )
         sparsities = validate_schedule(sparsity, n_layers, allow_full=allow_full)
         return sparsities, [keep_from_sparsity(s) for s in sparsities]
     keeps = per_block(keep, n_layers, "keep")

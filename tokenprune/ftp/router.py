@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from prunecore.budget import keep_counts, keep_from_sparsity, torch_rank
+from prunecore.budget import check_keep, keep_counts, keep_from_sparsity, torch_rank
 
 N_FEATURES = 4
 
@@ -123,6 +123,8 @@ def keep_topk(prob: torch.Tensor, valid: torch.Tensor, keep=None, *, sparsity: f
     """
     if (keep is None) == (sparsity is None):
         raise ValueError("pass exactly one of keep or its alias sparsity= (keep = 1 - sparsity)")
+    if keep is not None:
+        check_keep(keep)
     budget = keep if keep is not None else keep_from_sparsity(sparsity)
     if budget == 0:
         return torch.zeros_like(valid)
