@@ -196,13 +196,13 @@ def stage_ga(model, train_ids, cfg, out: Path, seed: int = 0) -> dict:
     cal = calibration_windows(train_ids, cfg["cal_len"], cfg["cal_n"], seed=seed + 11)
     n = len(find_decoder(model)[1])
     res, t0 = {}, time.time()
-    with attach_ftp(model, StaticRouter(), 0.0, nested=cfg["nested"]):
+    with attach_ftp(model, StaticRouter(), schedule=0.0, nested=cfg["nested"]):
         fit = calibration_fitness(model, cal, batch_size=cfg["cal_n"], n_ctx=cfg["cal_len"] - cfg["cal_tail"])
         for s in TARGETS:
             # with nesting, also start from "first block dense" (the uniform schedule is added too)
             init = dense_first_schedule(n, s) if cfg["nested"] else None
             sched, hist = search_schedule(
-                fit, n, s, population=cfg["pop"], generations=cfg["gens"], init=init, seed=seed, desc=f"GA s={s}"
+                fit, n, target=s, population=cfg["pop"], generations=cfg["gens"], init=init, seed=seed, desc=f"GA s={s}"
             )
             res[f"{s:.2f}"] = {"schedule": sched.tolist(), "history": hist, "uniform_fitness": fit(np.full(n, s))}
             print(
@@ -238,8 +238,8 @@ def stage_train(model, train_ids, cfg, out: Path, seed: int = 0) -> Path:
     hist = train_router(
         model,
         router,
-        sampler,
-        batches,
+        schedules=sampler,
+        batches=batches,
         steps=cfg["steps"],
         lr=cfg["lr"],
         guide_start=1.0,
@@ -316,7 +316,7 @@ def prefill_latency(
                         times[name].append(clock() - t)
                         continue
                     router, sched, full = spec
-                    with attach_ftp(model, router, sched, allow_full=full, nested=nested):
+                    with attach_ftp(model, router, schedule=sched, allow_full=full, nested=nested):
                         t = clock()
                         model(input_ids=x, logits_to_keep=1, use_cache=True)
                         times[name].append(clock() - t)
@@ -351,7 +351,7 @@ def stage_eval(
     elif len(refined) < len(TARGETS):
         if "refine" not in parts:
             raise SystemExit("schedules not refined yet: run the refine part first")
-        with attach_ftp(model, router, 0.0, nested=cfg["nested"]):
+        with attach_ftp(model, router, schedule=0.0, nested=cfg["nested"]):
             fit = calibration_fitness(model, cal, batch_size=cfg["cal_n"], n_ctx=cfg["cal_len"] - cfg["cal_tail"])
             for s in TARGETS:
                 key = f"{s:.2f}"
@@ -360,7 +360,7 @@ def stage_eval(
                 sched, hist = search_schedule(
                     fit,
                     n,
-                    s,
+                    target=s,
                     population=cfg["ref_pop"],
                     generations=cfg["ref_gens"],
                     init=ga[key]["schedule"],
@@ -419,7 +419,8 @@ def stage_eval(
             k2 = f"{key}|{name}"
             if k2 in quality or name[0] not in letters:
                 continue
-            with attach_ftp(model, r, sched, allow_full=full, nested=cfg["nested"]) as m:
+            with attach_ftp(model, r, schedule=sched, allow_full=full, nested=cfg["nested"]) as handle:
+                m = handle.model
                 q = lm_eval(m, ev, batch_size=1, dense_logits=dense_argmax)
                 c = continuation_eval(m, ev, n_ctx, dense_argmax=dense_cont)
             quality[k2] = {

@@ -20,6 +20,7 @@ needed); timing depends on shapes and decisions, not on what the weights mean.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import statistics
 import sys
@@ -31,6 +32,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from prunecore.budget import keep_from_sparsity  # noqa: E402
 from prunecore.device import resolve_device, resolve_dtype  # noqa: E402
 from tokenprune.ftp import StaticRouter, TokenRouter, attach_ftp, cache_nbytes  # noqa: E402
 from tokenprune.ftp.train import init_from_static  # noqa: E402
@@ -104,14 +106,15 @@ class Clock:
         return time.process_time() - t, out
 
 
+@contextlib.contextmanager
 def routed(model, variant: str, token_router, sparsity: float):
-    """Context: the plain model, or FTP attached with the variant's router at ``sparsity``."""
+    """Context yielding the model: plain, or with FTP attached (the variant's router at ``sparsity``)."""
     if variant == "dense":
-        import contextlib
-
-        return contextlib.nullcontext(model)
+        yield model
+        return
     router = StaticRouter() if variant == "static" else token_router
-    return attach_ftp(model, router, keep=1.0 - sparsity)
+    with attach_ftp(model, router, keep_from_sparsity(sparsity)) as handle:
+        yield handle.model
 
 
 def cache_of(out):

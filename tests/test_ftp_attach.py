@@ -123,7 +123,8 @@ def test_sparsity_zero_bit_identical(name, router):
     with torch.no_grad():
         ref = model(ids).logits
         r = StaticRouter() if router == "static" else TokenRouter()
-        with attach_ftp(model, r, 0.0) as m:
+        with attach_ftp(model, r, schedule=0.0) as handle:
+            m = handle.model
             out = m(ids).logits
             gen = m.generate(ids[:1], max_new_tokens=4, do_sample=False)
         dense_gen = model.generate(ids[:1], max_new_tokens=4, do_sample=False)
@@ -138,7 +139,7 @@ def test_routed_matches_brute_force_reference(name):
     ids = _ids(2, 12, seed=3)
     sched = [0.0, 0.5, 0.25, 0.4][:n]
     with torch.no_grad():
-        h = attach_ftp(model, TokenRouter(), sched)
+        h = attach_ftp(model, TokenRouter(), schedule=sched)
         with h.recording():
             out = model(ids).logits
         dec = h.decisions()
@@ -159,10 +160,10 @@ def test_achieved_sparsity_per_block(name):
     n = len(model.model.layers)
     sched = [0.1, 0.3, 0.55, 0.2][:n]
     ids = _ids(3, 40)
-    with torch.no_grad(), ftp_routing(model, TokenRouter(), sched) as h:
+    with torch.no_grad(), ftp_routing(model, TokenRouter(), schedule=sched) as h:
         with h.recording():
             model(ids)
-        st = h.stats()
+        st = h.stats
         dec = h.decisions()
     for l, s in enumerate(sched):
         assert st.extras["sparsity_per_block"][l] == pytest.approx(s, abs=0.5 / 40 + 1e-9)
@@ -176,7 +177,7 @@ def test_nested_routing_has_no_reentry(router):
     model = _llama(layers=4)
     sched = [0.2, 0.5, 0.3, 0.6]  # block 2 keeps more than block 1: some re-entry needed
     ids = _ids(2, 30)
-    with torch.no_grad(), ftp_routing(model, router, sched, nested=True) as h:
+    with torch.no_grad(), ftp_routing(model, router, schedule=sched, nested=True) as h:
         with h.recording():
             routed = model(ids).logits
         nested = h.decisions()
@@ -195,7 +196,7 @@ def test_nested_routing_has_no_reentry(router):
     if isinstance(router, TokenRouter):
         assert all(d[:, 0].all() for d in nested)
     # without nesting the same routers re-admit skipped tokens (the thing nesting prevents)
-    with torch.no_grad(), ftp_routing(model, RandomRouter(3), sched) as h:
+    with torch.no_grad(), ftp_routing(model, RandomRouter(3), schedule=sched) as h:
         with h.recording():
             model(ids)
         free = h.decisions()
@@ -207,19 +208,20 @@ def test_detach_restores_modules_and_context_manager():
     originals = list(model.model.layers)
     ids = _ids(1, 9)
     ref = model(ids).logits
-    h = attach_ftp(model, StaticRouter(), 0.3)
+    h = attach_ftp(model, StaticRouter(), schedule=0.3)
     assert get_handle(model) is h
     assert all(type(m).__name__ == "RoutedLayer" for m in model.model.layers)
     assert model.model.layers[1].self_attn is originals[1].self_attn
     assert model.model.layers[1].hidden_size == originals[1].hidden_size
     with pytest.raises(ValueError, match="already attached"):
-        attach_ftp(model, StaticRouter(), 0.3)
+        attach_ftp(model, StaticRouter(), schedule=0.3)
     detach_ftp(model)
     assert all(a is b for a, b in zip(model.model.layers, originals))
     assert get_handle(model) is None
     assert not model.model._forward_pre_hooks
     assert not any(m._forward_hooks for m in model.modules())
-    with attach_ftp(model, StaticRouter(), 0.5) as m:
+    with attach_ftp(model, StaticRouter(), schedule=0.5) as handle:
+        m = handle.model
         assert m is model and type(m.model.layers[0]).__name__ == "RoutedLayer"
         assert not torch.allclose(m(ids).logits, ref)
     assert all(a is b for a, b in zip(model.model.layers, originals))
@@ -230,7 +232,7 @@ def test_detach_restores_modules_and_context_manager():
 def test_bad_schedule_errors(bad):
     model = _llama()
     with pytest.raises(ValueError, match="schedule|outside"):
-        attach_ftp(model, StaticRouter(), bad)
+        attach_ftp(model, StaticRouter(), schedule=bad)
     assert get_handle(model) is None
     assert all(type(m).__name__ == "LlamaDecoderLayer" for m in model.model.layers)
 
@@ -256,7 +258,7 @@ def test_qwen2_sliding_layers_refused():
     qcfg._attn_implementation = "sdpa"
     q = Qwen2ForCausalLM(qcfg).eval()
     with pytest.raises(ValueError, match="sliding-window"):
-        attach_ftp(q, StaticRouter(), 0.3)
+        attach_ftp(q, StaticRouter(), schedule=0.3)
     assert all(type(m).__name__ == "Qwen2DecoderLayer" for m in q.model.layers)
 
 
@@ -266,7 +268,7 @@ def test_bad_router_and_model_errors():
         attach_ftp(model, "static", 0.2)
     with pytest.raises(ValueError, match="decoder layers"):
         attach_ftp(torch.nn.Linear(3, 3), StaticRouter(), 0.2)
-    h = attach_ftp(model, StaticRouter(), 0.2, allow_full=True)
+    h = attach_ftp(model, StaticRouter(), schedule=0.2, allow_full=True)
     with pytest.raises(ValueError, match="attention_mask"):
         model(_ids(1, 5), attention_mask=torch.ones(1, 1, 5, 5))
     with pytest.raises(ValueError, match="entries"):
@@ -290,9 +292,10 @@ def test_padded_batch_rows_match_single_rows(name):
     rows = [_ids(1, 14, seed=5)[0], _ids(1, 9, seed=6)[0], _ids(1, 3, seed=7)[0]]
     ids, am = _pad_left(rows)
     n = len(model.model.layers)
-    with torch.no_grad(), attach_ftp(model, StaticRouter(), [0.3, 0.5, 0.2, 0.4][:n]) as m:
+    with torch.no_grad(), attach_ftp(model, StaticRouter(), schedule=[0.3, 0.5, 0.2, 0.4][:n]) as handle:
+        m = handle.model
         batched = m(ids, attention_mask=am).logits
-        st = get_handle(m).stats()
+        st = get_handle(m).stats
         for i, r in enumerate(rows):
             single = m(r[None]).logits[0]
             assert torch.allclose(batched[i, -len(r) :], single, atol=1e-4), i
@@ -302,7 +305,8 @@ def test_padded_batch_rows_match_single_rows(name):
 
 
 def _greedy_replay_check(model, router, sched, ids, am=None, steps=6):
-    with torch.no_grad(), attach_ftp(model, router, sched) as m:
+    with torch.no_grad(), attach_ftp(model, router, schedule=sched) as handle:
+        m = handle.model
         h = get_handle(m)
         with h.recording():
             out = m.generate(
@@ -360,7 +364,8 @@ def test_compact_cache_stores_only_computed_tokens():
     ids = _ids(1, 12)
     with torch.no_grad():
         dense = model(ids, use_cache=True)
-        with attach_ftp(model, StaticRouter(), [0.0, 0.5, 0.5, 0.0]) as m:
+        with attach_ftp(model, StaticRouter(), schedule=[0.0, 0.5, 0.5, 0.0]) as handle:
+            m = handle.model
             out = m(ids, use_cache=True)
     cache = _out_cache(out)
     assert isinstance(cache, FTPCache) and cache.get_seq_length() == 12
@@ -373,7 +378,8 @@ def test_compact_cache_stores_only_computed_tokens():
 def test_compact_cache_grows_only_with_computed_tokens():
     model = _llama()
     ids = _ids(1, 11)
-    with torch.no_grad(), attach_ftp(model, RandomRouter(2), [0.2, 0.5, 0.4, 0.3]) as m:
+    with torch.no_grad(), attach_ftp(model, RandomRouter(2), schedule=[0.2, 0.5, 0.4, 0.3]) as handle:
+        m = handle.model
         h = get_handle(m)
         with h.recording():
             out = m.generate(ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True, pad_token_id=0)
@@ -390,7 +396,8 @@ def test_fully_skipped_block_allow_full():
     model = _llama()
     ids = _ids(1, 10)
     with torch.no_grad():
-        with attach_ftp(model, StaticRouter(), [0.0, 1.0, 0.0, 0.0], allow_full=True) as m:
+        with attach_ftp(model, StaticRouter(), schedule=[0.0, 1.0, 0.0, 0.0], allow_full=True) as handle:
+            m = handle.model
             out = m(ids).logits
             g = m.generate(ids, max_new_tokens=3, do_sample=False)
         # reference: block 1 replaced by identity
@@ -422,7 +429,8 @@ def test_learned_router_keeps_sink_in_prefill():
         r.net[2].bias.fill_(-5.0)
 
     def run(router):
-        with torch.no_grad(), attach_ftp(model, router, 0.6) as m:
+        with torch.no_grad(), attach_ftp(model, router, schedule=0.6) as handle:
+            m = handle.model
             h = get_handle(m)
             with h.recording():
                 m(ids, attention_mask=am)
@@ -447,7 +455,7 @@ def test_keep_is_the_budget_and_sparsity_its_alias():
             with h.recording():
                 outs.append(model(ids).logits)
             dec = h.decisions()
-            st = h.stats()
+            st = h.stats
         for l, k in enumerate([1.0, 0.5, 0.7, 0.6]):
             assert (dec[l].sum(1) == keep_count(15, k)).all()  # floor(k * n + 0.5): 8 of 15 at 0.5
         assert st.method == "ftp" and st.forward_passes == 1
@@ -455,9 +463,9 @@ def test_keep_is_the_budget_and_sparsity_its_alias():
         assert st.extras["keep_per_block"] == pytest.approx([1.0, 0.5, 0.7, 0.6])
     assert torch.equal(outs[0], outs[1])
     with pytest.raises(ValueError, match="not both"):
-        attach_ftp(model, StaticRouter(), 0.3, keep=0.7)
-    with pytest.raises(TypeError, match="fraction"):
-        attach_ftp(model, StaticRouter(), keep=1)
+        attach_ftp(model, StaticRouter(), schedule=0.3, keep=0.7)
+    with pytest.raises(TypeError, match="not bool"):
+        attach_ftp(model, StaticRouter(), True)
     with pytest.raises(ValueError, match="outside"):
         attach_ftp(model, StaticRouter(), keep=0.0)
     assert get_handle(model) is None
@@ -486,7 +494,7 @@ def test_score_feature_is_the_real_attention_with_partial_rotary(qk_layernorm):
         attn = model(ids, output_attentions=True).attentions[0]  # (B, H, T, T) of the dense layer 0
         want = torch.log1p(attn[:, :, -1, :].mean(1) * 13)
         r = _Recorder()
-        with attach_ftp(model, r, [0.0, 0.5, 0.5]):
+        with attach_ftp(model, r, schedule=[0.0, 0.5, 0.5]):
             model(ids)
     got = r.seen[0]  # what layer 1's router saw: layer 0's attention of the last token
     assert torch.allclose(got, want, atol=1e-5)
@@ -508,7 +516,8 @@ def _rank_router():
 def _replay_alone(model, router, sched, seq, T0):
     """Sum of log-probs of seq[T0:] when the row is decoded alone with the cache, token by token,
     and the same logits recomputed from scratch (no cache) with that run's decisions."""
-    with torch.no_grad(), attach_ftp(model, router, sched) as m:
+    with torch.no_grad(), attach_ftp(model, router, schedule=sched) as handle:
+        m = handle.model
         h = get_handle(m)
         with h.recording():
             out = m(seq[None, :T0], use_cache=True)
@@ -538,7 +547,8 @@ BEAM_SCHED, BEAM_T0 = [0.0, 0.4, 0.5, 0.3], 10
 
 def _beam_search(model):
     """3 beams, 7 new tokens, scores = sums of log-probs; returns (output, recorded decisions)."""
-    with torch.no_grad(), attach_ftp(model, _rank_router(), BEAM_SCHED) as m:
+    with torch.no_grad(), attach_ftp(model, _rank_router(), schedule=BEAM_SCHED) as handle:
+        m = handle.model
         h = get_handle(m)
         with h.recording():
             out = m.generate(
@@ -617,11 +627,12 @@ def test_gpu_decode_step_reads_nothing_back(monkeypatch):
     """With host reads treated as costly (as on a GPU), a routed decode step of the learned router
     (batch 2, blended decisions) makes no host read in tokenprune code, and still equals a full
     recompute with its decisions."""
-    import tokenprune.ftp.attach as attach_mod
+    import tokenprune.ftp.hooks as hooks_mod
 
-    monkeypatch.setattr(attach_mod, "reads_are_free", lambda device: False)
+    monkeypatch.setattr(hooks_mod, "reads_are_free", lambda device: False)
     model = _llama()
-    with torch.no_grad(), attach_ftp(model, _rank_router(), [0.0, 0.4, 0.5, 0.3]) as m:
+    with torch.no_grad(), attach_ftp(model, _rank_router(), schedule=[0.0, 0.4, 0.5, 0.3]) as handle:
+        m = handle.model
         out = m(_ids(2, 12, seed=5), use_cache=True)
         cache, nxt = _out_cache(out), out.logits[:, -1:].argmax(-1)
         spy = _ReadBackSpy()
@@ -630,7 +641,7 @@ def test_gpu_decode_step_reads_nothing_back(monkeypatch):
                 out = m(nxt, use_cache=True, **_cache_kw(m, cache))
                 cache, nxt = _out_cache(out), out.logits[:, -1:].argmax(-1)
         assert spy.hits == []
-        st = get_handle(m).stats()  # the one read
+        st = get_handle(m).stats  # the one read
     assert st.extras["decode"]["tokens"] == 2 * 3
     # blended decode on the "GPU" path is exact too
     _greedy_replay_check(model, _rank_router(), [0.0, 0.4, 0.5, 0.3], _ids(2, 11, seed=6))
@@ -639,7 +650,8 @@ def test_gpu_decode_step_reads_nothing_back(monkeypatch):
 def test_cache_row_selection_moves_kv_and_routing_state_together():
     model = _llama()
     ids = torch.cat([_ids(1, 9, seed=7), _ids(1, 9, seed=8)])
-    with torch.no_grad(), attach_ftp(model, TokenRouter(), keep=0.6) as m:
+    with torch.no_grad(), attach_ftp(model, TokenRouter(), keep=0.6) as handle:
+        m = handle.model
         cache = _out_cache(m(ids, use_cache=True))
     lay = cache.layers[2]
     keys, slots, score = lay.keys.clone(), lay.slots.clone(), cache.score.clone()
@@ -671,7 +683,8 @@ def test_manual_loop_with_callers_dynamic_cache_equals_generate(router, with_mas
     from transformers import DynamicCache
 
     model, ids, steps = _llama(), _ids(1, 20, seed=4), 8
-    with torch.no_grad(), attach_ftp(model, router, keep=0.7) as m:
+    with torch.no_grad(), attach_ftp(model, router, keep=0.7) as handle:
+        m = handle.model
         ref = m.generate(ids, max_new_tokens=steps, do_sample=False, eos_token_id=None, pad_token_id=0)[0, 20:]
         cache = DynamicCache()
         assert _manual_greedy(m, ids, cache, steps, with_mask) == ref.tolist()
@@ -689,7 +702,8 @@ def test_manual_loop_with_callers_other_cache_is_refused():
 
     model, ids = _llama(), _ids(1, 20, seed=4)
     kw = {"do_sample": False, "eos_token_id": None, "pad_token_id": 0, "max_new_tokens": 5}
-    with torch.no_grad(), attach_ftp(model, StaticRouter(), keep=0.7) as m:
+    with torch.no_grad(), attach_ftp(model, StaticRouter(), keep=0.7) as handle:
+        m = handle.model
         ref = m.generate(ids, **kw)
         for _ in range(2):  # generate reuses its static cache object across calls
             assert torch.equal(m.generate(ids, cache_implementation="static", **kw), ref)

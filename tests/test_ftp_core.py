@@ -49,10 +49,10 @@ def test_score_ranks_brute_force():
 def test_keep_topk_counts_and_choice():
     prob = torch.tensor([[0.9, 0.1, 0.5, 0.7, 0.2], [0.3, 0.3, 0.8, 0.1, 0.9]])
     valid = torch.tensor([[True] * 5, [False, True, True, True, True]])
-    keep = keep_topk(prob, valid, 0.4)
+    keep = keep_topk(prob, valid, sparsity=0.4)
     assert keep[0].tolist() == [True, False, True, True, False]  # floor(0.6*5+0.5)=3
     assert keep[1].tolist() == [False, False, True, False, True]  # floor(0.6*4+0.5)=2 among valid
-    assert keep_topk(prob, valid, 0.0).sum(1).tolist() == [5, 4]
+    assert keep_topk(prob, valid, sparsity=0.0).sum(1).tolist() == [5, 4]
 
 
 def _inputs(T, s, decode=False):
@@ -69,7 +69,7 @@ def _inputs(T, s, decode=False):
 
 def test_static_router_keeps_sink_then_recent():
     T = 10
-    keep = keep_topk(StaticRouter().keep_prob(_inputs(T, 0.6)), torch.ones(1, T, dtype=torch.bool), 0.6)
+    keep = keep_topk(StaticRouter().keep_prob(_inputs(T, 0.6)), torch.ones(1, T, dtype=torch.bool), sparsity=0.6)
     assert torch.nonzero(keep[0]).flatten().tolist() == [0, 7, 8, 9]
     inp = _inputs(1, 0.5, decode=True)
     r = StaticRouter()
@@ -192,9 +192,9 @@ def test_ga_mean_constraint_determinism_and_progress():
     def fit(s):
         return float(((s - target_shape) ** 2).sum())
 
-    s1, h1 = search_schedule(fit, 8, 0.3, population=12, generations=15, seed=4, progress=False)
-    s2, h2 = search_schedule(fit, 8, 0.3, population=12, generations=15, seed=4, progress=False)
-    s3, _ = search_schedule(fit, 8, 0.3, population=12, generations=15, seed=5, progress=False)
+    s1, h1 = search_schedule(fit, 8, target=0.3, population=12, generations=15, seed=4, progress=False)
+    s2, h2 = search_schedule(fit, 8, target=0.3, population=12, generations=15, seed=4, progress=False)
+    s3, _ = search_schedule(fit, 8, target=0.3, population=12, generations=15, seed=5, progress=False)
     assert np.array_equal(s1, s2) and h1 == h2
     assert not np.array_equal(s1, s3)
     assert s1.mean() == pytest.approx(0.3, abs=1e-9)
@@ -204,9 +204,9 @@ def test_ga_mean_constraint_determinism_and_progress():
     bests = [r["best"] for r in h1]
     assert all(a >= b for a, b in zip(bests, bests[1:]))  # elitism: never worse
     assert bests[-1] < 0.5 * bests[0]  # it actually searched
-    assert fit(s1) < fit(uniform_schedule(8, 0.3))
+    assert fit(s1) < fit(np.full(8, 0.3))  # the uniform sparsity schedule
     with pytest.raises(ValueError):
-        search_schedule(fit, 8, 0.95, bounds=(0.0, 0.9), progress=False)
+        search_schedule(fit, 8, target=0.95, bounds=(0.0, 0.9), progress=False)
 
 
 def test_windows():
@@ -227,10 +227,12 @@ def test_keep_alias_in_schedules():
     k, hist = search_schedule(fit, 4, keep=0.7, population=6, generations=3, seed=0, progress=False)
     assert k.mean() == pytest.approx(0.7) and k.min() >= 0.1 - 1e-9 and k.max() <= 1.0 + 1e-9
     assert fit(hist[-1]["best_schedule"]) == pytest.approx(hist[-1]["best"], rel=1e-4)  # memo rounds to 1e-6
-    s, _ = search_schedule(lambda v: fit(1.0 - v), 4, 0.3, population=6, generations=3, seed=0, progress=False)
+    s, _ = search_schedule(lambda v: fit(1.0 - v), 4, target=0.3, population=6, generations=3, seed=0, progress=False)
     assert np.allclose(1.0 - s, k)
     assert np.allclose(uniform_schedule(3, keep=0.75), 0.75) and np.allclose(uniform_schedule(3, 0.25), 0.25)
+    with pytest.deprecated_call():
+        assert np.allclose(uniform_schedule(3, target=0.25), 0.75)  # keep fractions whatever the spelling
     with pytest.raises(ValueError, match="not both"):
-        search_schedule(fit, 4, 0.3, keep=0.7, progress=False)
+        search_schedule(fit, 4, target=0.3, keep=0.7, progress=False)
     assert keep_topk(torch.ones(1, 5), torch.ones(1, 5, dtype=torch.bool), keep=0.5).sum() == 3  # 2.5 rounds up
-    assert keep_topk(torch.ones(1, 5), torch.ones(1, 5, dtype=torch.bool), 0.5).sum() == 3
+    assert keep_topk(torch.ones(1, 5), torch.ones(1, 5, dtype=torch.bool), sparsity=0.5).sum() == 3

@@ -2,22 +2,19 @@
 
 Modules: :mod:`.router` (TokenRouter MLP, static and random routers, features),
 :mod:`.schedule` (genetic search of per-block sparsities), :mod:`.losses`,
-:mod:`.attach` (routed layer wrappers for transformers decoder-only LLMs), :mod:`.cache`
-(the compact per-layer KV cache), :mod:`.train`.
+:mod:`.attach` (``attach_ftp``: routed layer wrappers for transformers decoder-only LLMs;
+its parts :mod:`.budgets`, :mod:`.state`, :mod:`.decisions`, :mod:`.layer`,
+:mod:`.train_forward`, :mod:`.hooks`, :mod:`.handle`), :mod:`.cache` (the compact per-layer
+KV cache), :mod:`.train`.
 """
 
-from .attach import (
-    FTPHandle,
-    RoutedLayer,
-    apply_rotary,
-    attach_ftp,
-    detach_ftp,
-    find_decoder,
-    ftp_routing,
-    get_handle,
-    validate_schedule,
-)
+from prunecore.rotary import apply_rotary
+
+from .attach import attach_ftp, detach_ftp, find_decoder, ftp_routing, get_handle
+from .budgets import validate_schedule
 from .cache import CompactLayer, FTPCache, cache_nbytes
+from .handle import FTPHandle
+from .layer import RoutedLayer
 from .router import (
     RandomRouter,
     RouteInputs,

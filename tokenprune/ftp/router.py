@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from prunecore.budget import keep_counts, torch_rank
+from prunecore.budget import check_keep, keep_counts, keep_from_sparsity, torch_rank
 
 N_FEATURES = 4
 
@@ -51,7 +51,8 @@ class RouteInputs:
         score: (B, T) float, latest attention score feature (``log1p(s * n_keys)``; 0 before any
             layer produced a score).
         rank: (B, T) float, normalised rank of the raw score in [0, 1] (0 = highest).
-        sparsity: float, target sparsity of the block in [0, 1].
+        sparsity: float, target sparsity of the block in [0, 1]; a (B, 1) float tensor (one per
+            row, ``1 - min(k, n) / n``) when the budget is a count ``k`` of each row's ``n`` tokens.
         valid: (B, T) bool, False for padding tokens.
         decode: True when the call routes single new tokens against a cache.
     """
@@ -59,13 +60,16 @@ class RouteInputs:
     position: torch.Tensor
     score: torch.Tensor
     rank: torch.Tensor
-    sparsity: float
+    sparsity: float | torch.Tensor
     valid: torch.Tensor
     decode: bool = False
 
     def features(self) -> torch.Tensor:
         """(B, T, 4) float tensor ``[position, score, rank, sparsity]``."""
-        sp = torch.full_like(self.position, float(self.sparsity))
+        if isinstance(self.sparsity, torch.Tensor):
+            sp = self.sparsity.to(self.position.dtype).expand_as(self.position)
+        else:
+            sp = torch.full_like(self.position, float(self.sparsity))
         return torch.stack([self.position, self.score, self.rank, sp], dim=-1)
 
 
@@ -102,26 +106,29 @@ def score_ranks(score: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return torch.where(valid, rank.float() / n.float(), torch.ones((), dtype=torch.float32, device=score.device))
 
 
-def keep_topk(prob: torch.Tensor, valid: torch.Tensor, sparsity: float | None = None, *, keep=None) -> torch.Tensor:
-    """Keep the ``floor(keep * n_valid + 0.5)`` highest-probability valid tokens per row.
+def keep_topk(prob: torch.Tensor, valid: torch.Tensor, keep=None, *, sparsity: float | None = None) -> torch.Tensor:
+    """Keep the ``keep`` highest-probability valid tokens of each row.
 
-    The count is :func:`prunecore.budget.keep_counts` (the one budget rule) with
-    ``keep = 1 - sparsity``; ``sparsity`` is the documented alias of ``keep``.
+    The count per row is :func:`prunecore.budget.keep_counts` (the one budget rule, clamped):
+    ``floor(keep * n_valid + 0.5)`` for a fraction, ``min(keep, n_valid)`` for an int count.
 
     Args:
         prob: (B, T) float priorities.
         valid: (B, T) bool.
-        sparsity: float in [0, 1] (alias: ``keep = 1 - sparsity``).
-        keep: float in [0, 1], the fraction of valid tokens kept per row.
+        keep: fraction in (0, 1] or int count per row (0 keeps nothing).
+        sparsity: keyword alias of ``keep``, converted by :func:`prunecore.budget.keep_from_sparsity`
+            (a sparsity of 1.0 keeps nothing).
     Returns:
         (B, T) bool keep mask (False on padding). Ties are broken towards earlier positions.
     """
     if (keep is None) == (sparsity is None):
-        raise ValueError("pass exactly one of keep= or sparsity= (keep = 1 - sparsity)")
-    frac = float(keep) if keep is not None else 1.0 - float(sparsity)
-    if frac <= 0.0:
+        raise ValueError("pass exactly one of keep or its alias sparsity= (keep = 1 - sparsity)")
+    if keep is not None:
+        check_keep(keep)
+    budget = keep if keep is not None else keep_from_sparsity(sparsity)
+    if budget == 0:
         return torch.zeros_like(valid)
-    k = keep_counts(valid.sum(1), min(frac, 1.0))
+    k = keep_counts(valid.sum(1), budget, clamp=True)
     p = torch.where(valid, prob.float(), torch.full((), -float("inf"), device=prob.device))
     return (torch_rank(p) < k[:, None]) & valid
 

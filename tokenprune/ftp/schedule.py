@@ -9,43 +9,12 @@ blend crossover, Gaussian mutation, elitism and the per-block bounds are paramet
 
 from __future__ import annotations
 
-import numbers
+import warnings
 from collections.abc import Callable
 
 import numpy as np
 
-
-def sparsity_schedule(keep=None, sparsity=None, *, allow_full: bool = False, required: bool = True):
-    """The per-block sparsity a caller meant, from ``keep=`` or its alias ``sparsity=``.
-
-    FTP budgets are per-block fractions: ``keep`` (fraction of tokens a block computes, in
-    (0, 1]; 0 allowed with ``allow_full``) or, as a documented alias, ``sparsity = 1 - keep``.
-    Either may be a float (uniform) or a sequence (one per block); passing both is an error.
-    Integer counts are refused (a block budget is a fraction of each row).
-
-    Returns:
-        the sparsity as given (float, list or array; validated per block later by
-        :func:`tokenprune.ftp.attach.validate_schedule`), or None when neither was passed and
-        ``required`` is False.
-    """
-    if keep is not None and sparsity is not None:
-        raise ValueError("pass keep= or its alias sparsity= (schedule=), not both (keep = 1 - sparsity)")
-    if keep is None:
-        if sparsity is None and required:
-            raise ValueError("give keep= (fraction of tokens each block computes) or sparsity= (1 - keep)")
-        return sparsity
-    values = np.asarray(keep.detach().cpu() if hasattr(keep, "detach") else keep, dtype=object)
-    for v in values.reshape(-1):
-        if isinstance(v, bool | np.bool_ | numbers.Integral):
-            raise TypeError(f"FTP keep is a fraction per block, got the count {v!r}; pass e.g. keep=1.0 or 0.7")
-        f = float(v)
-        lo_ok = f >= 0.0 if allow_full else f > 0.0
-        if not (lo_ok and f <= 1.0):
-            rng = "[0, 1]" if allow_full else "(0, 1]"
-            raise ValueError(f"keep {f} is outside {rng}: keep is the fraction of tokens a block computes")
-    if np.ndim(values) == 0:
-        return 1.0 - float(keep)
-    return [1.0 - float(v) for v in values.reshape(-1)]
+from prunecore.budget import check_keep, keep_from_sparsity
 
 
 def project_to_mean(x: np.ndarray, target: float, lo: float = 0.0, hi: float = 0.9, iters: int = 60) -> np.ndarray:
@@ -85,9 +54,9 @@ def project_to_mean(x: np.ndarray, target: float, lo: float = 0.0, hi: float = 0
 def search_schedule(
     fitness: Callable[[np.ndarray], float],
     n_layers: int,
-    target: float | None = None,
-    *,
     keep: float | None = None,
+    *,
+    target: float | None = None,
     population: int = 16,
     generations: int = 10,
     mutation_rate: float = 0.3,
@@ -102,15 +71,16 @@ def search_schedule(
     progress: bool = True,
     desc: str = "FTP schedule GA",
 ):
-    """Genetic search of a per-block schedule with ``mean == target`` (or ``mean == keep``).
+    """Genetic search of a per-block schedule with ``mean == keep`` (or ``mean == target``).
 
     Args:
         fitness: ``schedule (L,) float64 -> loss`` (lower is better); called once per distinct
             candidate (results are memoised). With ``keep=`` the schedules it receives and the
             one returned are per-block keep fractions, otherwise sparsities.
         n_layers: L.
-        target: global target sparsity (mean of the schedule); alias of ``keep = 1 - target``.
         keep: global target keep fraction (mean of the keep schedule); give this or ``target``.
+        target: keyword alias, the global target sparsity (mean of a sparsity schedule;
+            ``keep = 1 - target``); the schedules are then sparsities.
         population, generations, mutation_rate (per gene), mutation_scale (Gaussian std),
         crossover_rate, elite (kept unchanged), tournament (selection size): GA parameters.
         bounds: per-block (lo, hi) in the schedule's unit (default sparsity (0, 0.9), keep (0.1, 1)).
@@ -126,10 +96,11 @@ def search_schedule(
         if target is not None:
             raise ValueError("pass keep= or its alias target= (a sparsity), not both (keep = 1 - sparsity)")
         lo_k, hi_k = (0.1, 1.0) if bounds is None else map(float, bounds)
+        check_keep(keep)
         sparse, hist = search_schedule(
-            lambda s: fitness(1.0 - s),
+            lambda s: fitness(keep_from_sparsity(s)),
             n_layers,
-            1.0 - float(keep),
+            target=keep_from_sparsity(float(keep)),
             population=population,
             generations=generations,
             mutation_rate=mutation_rate,
@@ -137,15 +108,15 @@ def search_schedule(
             crossover_rate=crossover_rate,
             elite=elite,
             tournament=tournament,
-            bounds=(1.0 - hi_k, 1.0 - lo_k),
-            init=None if init is None else 1.0 - np.asarray(init, dtype=np.float64),
+            bounds=(keep_from_sparsity(hi_k), keep_from_sparsity(lo_k)),
+            init=None if init is None else keep_from_sparsity(np.asarray(init, dtype=np.float64)),
             init_scale=init_scale,
             seed=seed,
             progress=progress,
             desc=desc,
         )
-        hist = [h | {"best_schedule": [1.0 - v for v in h["best_schedule"]]} for h in hist]
-        return 1.0 - sparse, hist
+        hist = [h | {"best_schedule": keep_from_sparsity(h["best_schedule"])} for h in hist]
+        return keep_from_sparsity(sparse), hist
     if target is None:
         raise ValueError("give keep= (mean keep fraction) or target= (mean sparsity)")
     if n_layers < 1:
@@ -214,15 +185,25 @@ def search_schedule(
     return pop[b].copy(), history
 
 
-def uniform_schedule(n_layers: int, target: float | None = None, *, keep: float | None = None) -> np.ndarray:
-    """(L,) schedule with every block at sparsity ``target`` (or at keep fraction ``keep``)."""
-    if keep is not None:
-        if target is not None:
-            raise ValueError("pass keep= or its alias target= (a sparsity), not both (keep = 1 - sparsity)")
-        sparsity_schedule(keep)
-        return np.full(n_layers, float(keep))
-    if target is None:
-        raise ValueError("give keep= (keep fraction) or target= (sparsity)")
-    if not 0.0 <= target < 1.0:
-        raise ValueError(f"target sparsity {target} outside [0, 1)")
-    return np.full(n_layers, float(target))
+def uniform_schedule(n_layers: int, keep: float | int | None = None, *, target: float | None = None) -> np.ndarray:
+    """(L,) keep schedule with every block at ``keep``; always keep values, ready for ``attach_ftp``.
+
+    Args:
+        n_layers: L.
+        keep: the keep fraction (or int count per row) of every block.
+        target: deprecated alias, a sparsity converted with
+            :func:`prunecore.budget.keep_from_sparsity` (the result is still keep fractions).
+    """
+    if target is not None:
+        if keep is not None:
+            raise ValueError("pass keep or its alias target= (a sparsity), not both (keep = 1 - sparsity)")
+        warnings.warn(
+            "uniform_schedule(target=) is deprecated: pass keep=1 - target (the result is keep fractions)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        keep = keep_from_sparsity(target)
+    if keep is None:
+        raise ValueError("give keep (the keep fraction of every block)")
+    check_keep(keep)
+    return np.full(n_layers, keep)

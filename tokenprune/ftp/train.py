@@ -9,18 +9,19 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import numbers
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from prunecore.budget import keep_counts
+from prunecore.budget import keep_counts, keep_from_sparsity
 
-from .attach import FTPHandle, attach_ftp, get_handle
+from .attach import attach_ftp, get_handle
+from .handle import FTPHandle
 from .losses import distill_loss, guide_loss, guide_weight, sparsity_loss
 from .router import TokenRouter
-from .schedule import sparsity_schedule
 
 
 def calibration_windows(ids: torch.Tensor, seq_len: int, n: int, *, seed: int = 0) -> torch.Tensor:
@@ -138,7 +139,7 @@ def calibration_fitness(
         raise ValueError(f"budget must be 'sparsity' or 'keep', got {budget!r}")
     handle = get_handle(model)
     if handle is None:
-        raise ValueError("attach FTP first (attach_ftp(model, StaticRouter(), 0.0))")
+        raise ValueError("attach FTP first (attach_ftp(model, StaticRouter(), 1.0))")
     if n_ctx is not None and not 1 <= n_ctx < batches.shape[1]:
         raise ValueError(f"n_ctx must be in [1, {batches.shape[1] - 1}], got {n_ctx}")
     if router is not None:
@@ -147,9 +148,9 @@ def calibration_fitness(
     def fitness(schedule: np.ndarray) -> float:
         values = [float(s) for s in schedule]
         if budget == "keep":
-            handle.set_schedule(keep=values)
-        else:
             handle.set_schedule(values)
+        else:
+            handle.set_schedule(schedule=values)
         if n_ctx is None:
             return lm_eval(model, batches, batch_size=batch_size)["nll"]
         chunks = batches.split(batch_size)
@@ -188,7 +189,7 @@ def init_from_static(
         score = torch.log1p(raw / raw.sum(1, keepdim=True) * T)
         rank = raw.argsort(1, descending=True).argsort(1).float() / (T - 1)
         feats = torch.stack([pos, score, rank, s.expand(batch, T)], -1)
-        k = torch.stack([keep_counts(torch.tensor([T]), 1.0 - float(si)) for si in s])  # (B, 1), the budget rule
+        k = torch.stack([keep_counts(torch.tensor([T]), keep_from_sparsity(float(si))) for si in s])  # (B, 1)
         target = (ar[None] == 0) & (k >= 1) | (ar[None] >= T - (k - 1)) & (k >= 2)
         return feats, target.float(), k
 
@@ -210,13 +211,29 @@ def init_from_static(
     return {"bce": bce, "agreement": agree}
 
 
-def _keep_to_sparsity(keep):
-    """Keep schedules (one, a list, or a callable ``step -> schedule``) -> the sparsity form."""
-    if callable(keep):
-        return lambda step: sparsity_schedule(list(keep(step)))
-    if isinstance(keep, np.ndarray) and keep.ndim == 1 or len(keep) and isinstance(keep[0], int | float):
-        return [sparsity_schedule(list(keep))]
-    return [sparsity_schedule(list(k)) for k in keep]
+def budget_sampler(budgets):
+    """``step -> per-block budget list`` from one (L,) schedule, a list of them (cycled), or a callable.
+
+    The values are fractions (keep, or sparsity for the alias); an int count is refused: the
+    sparsity loss needs a target fraction per block.
+    """
+    if callable(budgets):
+        return lambda step: fractions(budgets(step))
+    if isinstance(budgets, np.ndarray) and budgets.ndim == 1 or len(budgets) and np.ndim(budgets[0]) == 0:
+        budgets = [budgets]
+    fixed = [fractions(b) for b in budgets]
+    return lambda step: fixed[step % len(fixed)]
+
+
+def fractions(schedule) -> list[float]:
+    """A per-block schedule of fractions as floats; ``(L,)`` -> list of L floats."""
+    values = list(np.asarray(schedule, dtype=object).reshape(-1))
+    for v in values:
+        if isinstance(v, numbers.Integral) and not isinstance(v, bool):
+            raise TypeError(
+                f"train_router budgets are fractions per block (the sparsity loss needs one), got the count {v!r}"
+            )
+    return [float(v) for v in values]
 
 
 @contextlib.contextmanager
@@ -234,10 +251,10 @@ def _frozen(model):
 def train_router(
     model,
     router: TokenRouter,
-    schedules=None,
+    keep=None,
     batches: torch.Tensor | None = None,
     *,
-    keep=None,
+    schedules=None,
     steps: int = 200,
     lr: float = 2e-3,
     weight_decay: float = 0.0,
@@ -261,11 +278,12 @@ def train_router(
         model: transformers causal LM (FTP not attached; it is attached for the run and
             detached after).
         router: :class:`TokenRouter` to train (in place).
-        schedules: per-block sparsities (the documented alias of ``keep``): one (L,) schedule,
-            a list of them (steps cycle through them), or a callable ``step -> schedule``; a
-            single router learns several targets (the target sparsity is one of its inputs).
+        keep: per-block keep fractions: one (L,) schedule, a list of them (steps cycle through
+            them), or a callable ``step -> schedule``; a single router learns several targets
+            (the target sparsity ``1 - keep`` is one of its inputs). Fractions only: the
+            sparsity loss needs a target fraction per block.
         batches: (N, T) long calibration windows; a step uses ``batch_size`` of them.
-        keep: the same as ``schedules`` in keep fractions (``keep = 1 - sparsity``); give one.
+        schedules: the keyword alias of ``keep`` in sparsities (``keep = 1 - sparsity``); give one.
         steps, lr, weight_decay: optimisation (AdamW).
         w_distill, w_sparsity: loss weights; the guide weight decays from ``guide_start`` to
             ``guide_end`` (``guide_curve``).
@@ -285,31 +303,17 @@ def train_router(
     if batches is None:
         raise ValueError("give batches= ((N, T) long calibration windows)")
     if (keep is None) == (schedules is None):
-        raise ValueError("pass keep= or its alias schedules= (sparsities), exactly one (keep = 1 - sparsity)")
-    if keep is not None:
-        schedules = _keep_to_sparsity(keep)
+        raise ValueError("pass keep or its alias schedules= (sparsities), exactly one (keep = 1 - sparsity)")
+    unit = "keep" if keep is not None else "schedule"  # the handle's name of the budget given
+    sampler = budget_sampler(keep if keep is not None else schedules)
     if distill_tail is not None and not 1 <= distill_tail <= batches.shape[1]:
         raise ValueError(f"distill_tail must be in [1, {batches.shape[1]}], got {distill_tail}")
-    if callable(schedules):
-        sampler = schedules
-    else:
-        if (
-            isinstance(schedules, np.ndarray)
-            and schedules.ndim == 1
-            or (len(schedules) and isinstance(schedules[0], (int, float)))
-        ):
-            schedules = [schedules]
-        fixed = [[float(s) for s in sch] for sch in schedules]
-
-        def sampler(step):
-            return fixed[step % len(fixed)]
-
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     base = model.model if hasattr(model, "model") else model
     head = getattr(model, "lm_head", None)
     opt = torch.optim.AdamW(router.parameters(), lr=lr, weight_decay=weight_decay)
-    handle: FTPHandle = attach_ftp(model, router, sampler(0), nested=nested)
+    handle: FTPHandle = attach_ftp(model, router, nested=nested, **{unit: sampler(0)})
     st = handle.state
     history, t0 = [], time.time()
     bar = None
@@ -325,8 +329,7 @@ def train_router(
             for step in range(steps):
                 idx = rng.choice(batches.shape[0], size=batch_size, replace=False)
                 x = batches[torch.as_tensor(idx)]
-                sched = [float(v) for v in sampler(step)]
-                handle.set_schedule(sched)
+                handle.set_schedule(**{unit: sampler(step)})
                 with torch.no_grad(), handle.paused():
                     teacher = base(input_ids=x, use_cache=False).last_hidden_state
                     if distill == "logits":
@@ -347,7 +350,7 @@ def train_router(
                 l_d = distill_loss(student, teacher, kind=distill)
                 wg = guide_weight(step, steps, start=guide_start, end=guide_end, curve=guide_curve)
                 l_g = guide_loss(probs, [st.static_keeps[i] for i in routed], valid) if routed else l_d * 0
-                l_s = sparsity_loss(probs, [sched[i] for i in routed], valid) if routed else l_d * 0
+                l_s = sparsity_loss(probs, [st.schedule[i] for i in routed], valid) if routed else l_d * 0
                 loss = w_distill * l_d + wg * l_g + w_sparsity * l_s
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
