@@ -321,3 +321,66 @@ def test_rag_adapter_contract(framework):
     for field in dataclasses.fields(ProvenceSettings):  # every shared setting, with the shared default
         assert field.name in params, (framework, field.name)
         assert params[field.name].default == field.default, (framework, field.name)
+
+
+# --------------------------------------------------------------------------- every registry is checked
+
+# Each ``Registry`` instance of the library -> the contract test that every entry of it must pass.
+CONTRACTS = {
+    "tokenprune.fopru.adapters.registry:ADAPTERS": test_fopru_family_contract,
+    "tokenprune.localleap.models.base:FAMILIES": test_dllm_family_contract,
+    "pipelines.shards.steps:STEPS": test_selection_step_contract,
+    "pipelines.rag:ADAPTERS": test_rag_adapter_contract,
+}
+
+
+def library_registries() -> list[str]:
+    """``module:NAME`` of every module-level ``NAME = Registry(...)`` in the library (read from
+    the source, nothing imported)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(prunecore.registry.__file__).resolve().parents[1]
+    found = []
+    for package in ("prunecore", "dataprune", "tokenprune", "pipelines"):
+        for path in sorted((root / package).rglob("*.py")):
+            for node in ast.parse(path.read_text()).body:
+                value = node.value if isinstance(node, (ast.Assign, ast.AnnAssign)) else None
+                if isinstance(value, ast.Call) and getattr(value.func, "id", None) == "Registry":
+                    targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                    module = ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+                    found += [f"{module}:{t.id}" for t in targets]
+    return found
+
+
+def test_every_registry_of_the_library_has_a_contract_test():
+    """A new ``Registry`` is added to CONTRACTS with a parametrized test over its entries."""
+    found = library_registries()
+    assert found, "no Registry found: the scan is broken"
+    assert sorted(found) == sorted(CONTRACTS), "a registry without a contract test (or a stale CONTRACTS entry)"
+    for test in CONTRACTS.values():
+        (marker,) = [m for m in test.pytestmark if m.name == "parametrize"]
+        assert marker.args[1], f"{test.__name__} is parametrized over no entries"
+
+
+@pytest.mark.parametrize("where", sorted(CONTRACTS))
+def test_every_entry_is_found_under_each_of_its_names(where):
+    import importlib
+
+    module, name = where.split(":")
+    registry = getattr(importlib.import_module(module), name)
+    if where == "tokenprune.fopru.adapters.registry:ADAPTERS":
+        pytest.importorskip("transformers")
+    assert isinstance(registry, Registry) and len(registry) == len(registry.available()) > 0
+    for key in registry.available():
+        if where == "pipelines.rag:ADAPTERS":
+            pytest.importorskip({"langchain": "langchain_core", "llamaindex": "llama_index.core"}.get(key, key))
+        entry = registry[key]
+        assert key in registry and registry.lookup(key) is entry and registry.get(key) is entry
+        declared = {
+            "tokenprune.fopru.adapters.registry:ADAPTERS": lambda e: set(e.model_types),
+            "tokenprune.localleap.models.base:FAMILIES": lambda e: {e.model_type},
+            "pipelines.shards.steps:STEPS": lambda e: {e.method},
+            "pipelines.rag:ADAPTERS": lambda e: {e.__module__.rsplit(".", 1)[-1]},
+        }[where](entry)
+        assert key in declared, (where, key, declared)  # the entry is filed under a name it declares

@@ -325,6 +325,7 @@ class ThreadRecorder(PixelProjectionEncoder):
         return super().encode_prepared(items)
 
 
+@pytest.mark.slow
 def test_the_run_sets_records_and_restores_the_thread_count(jpeg_shards, tmp_path):
     """Float results may depend on the BLAS thread count, so the run fixes it (``threads``),
     runs the encoder, k-means and the steps under it, and records it in the fingerprints of
@@ -353,6 +354,7 @@ def test_the_run_sets_records_and_restores_the_thread_count(jpeg_shards, tmp_pat
         run_filter(jpeg_shards, tmp_path / "bad", encoder=ThreadRecorder(dim=16), threads=0, **kw)
 
 
+@pytest.mark.slow
 def test_adding_or_replacing_a_shard_embeds_only_that_shard(jpeg_shards, tmp_path):
     """A chunk depends only on its shard and the parameters: a rerun with one more shard
     keeps the finished chunks (not rewritten) and embeds the new shard; a replaced shard is

@@ -197,6 +197,7 @@ def kill_after(monkeypatch, module, stage: str, count: int) -> None:
     monkeypatch.setattr(module, "die_hook", hook)
 
 
+@pytest.mark.slow
 def test_a_write_unit_broken_in_a_killed_run_is_redone_not_recorded_done(shards, tmp_path, monkeypatch):
     import pipelines.shards.write as write_mod
 
@@ -220,6 +221,7 @@ def test_a_write_unit_broken_in_a_killed_run_is_redone_not_recorded_done(shards,
         assert all(st.skipped for st in run(shards, out).stages.values())
 
 
+@pytest.mark.slow
 def test_an_embed_chunk_broken_in_a_killed_run_is_redone_not_recorded_done(shards, tmp_path, monkeypatch):
     import pipelines.shards.embed as embed_mod
 

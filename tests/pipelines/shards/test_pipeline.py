@@ -476,6 +476,7 @@ def test_kmeans_accepts_chunked_rows_when_all_rows_train():
     np.testing.assert_allclose(a.centroids, b.centroids)
 
 
+@pytest.mark.slow
 def test_report_writes_html_and_plots(e2e):
     from pipelines.cli import main
 
