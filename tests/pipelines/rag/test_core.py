@@ -47,6 +47,7 @@ def test_prune_texts_core(pruner):
         prune_texts(pruner, None, DOCS)
 
 
+@pytest.mark.slow
 def test_langchain_compressor_in_contextual_compression_retriever(pruner):
     from langchain_classic.retrievers import ContextualCompressionRetriever
     from langchain_core.documents import BaseDocumentCompressor, Document

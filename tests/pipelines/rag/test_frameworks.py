@@ -101,6 +101,7 @@ class MiniLMEmbeddings(Embeddings):
         return embed([text])[0].tolist()
 
 
+@pytest.mark.slow
 def test_langchain_pipeline_sync_async_pickle(provence_folder):
     from langchain_classic.retrievers import ContextualCompressionRetriever
     from langchain_core.vectorstores import InMemoryVectorStore
@@ -144,6 +145,7 @@ class MiniLMEmbedding(BaseEmbedding):
         return embed([text])[0].tolist()
 
 
+@pytest.mark.slow
 def test_llamaindex_pipeline_sync_async_serialise(provence_folder):
     from llama_index.core import VectorStoreIndex
     from llama_index.core.llms import MockLLM
@@ -191,6 +193,7 @@ class MiniLMTextEmbedder:
         return {"embedding": embed([text])[0].tolist()}
 
 
+@pytest.mark.slow
 def test_haystack_pipeline_connect_sync_async_yaml(provence_folder):
     from haystack import Document, Pipeline
     from haystack.components.retrievers.in_memory import InMemoryEmbeddingRetriever
