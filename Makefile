@@ -1,7 +1,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv demo test test-vllm lint format bench
+.PHONY: venv demo test test-fast test-vllm lint format bench
 
 venv:
 	bash scripts/setup_venv.sh $(VENV)
@@ -13,6 +13,11 @@ demo: venv
 # The test suite (what CI runs).
 test: venv
 	$(PY) -m pytest -q
+
+# The quick subset for the edit-test loop: everything but the tests marked slow (end-to-end
+# subprocess runs, script --quick runs, servers); `make test` still runs them all.
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow"
 
 # The vLLM plugin's tests in their own environment (.venv-vllm: vLLM's CPU build, prunekit
 # without dependencies); the main venv computes the transformers-side FoPru reference.

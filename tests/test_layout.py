@@ -102,6 +102,7 @@ def test_no_private_name_crosses_a_module():
     assert crossings == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("package", PACKAGES)
 def test_package_import_is_light(package):
     heavy = "('faiss', 'open_clip', 'transformers', 'langchain_core', 'llama_index', 'haystack')"
