@@ -6,6 +6,7 @@ Every streaming stage (normalisation, assignment, scoring) reads rows through
 
 from __future__ import annotations
 
+import glob
 import os
 import struct
 import zipfile
@@ -178,7 +179,8 @@ def open_embeddings(source, *, mmap: bool = True) -> np.ndarray | LazyRows:
     """Open precomputed embeddings without loading them.
 
     ``source``: an array (returned as is), a path to one ``.npy``, or a list of ``.npy``
-    paths (a :class:`ChunkedRows`). A directory means its ``*.npy`` files, sorted.
+    paths (a :class:`ChunkedRows`). A directory means its ``*.npy`` files, sorted; a glob
+    pattern (``"emb/img_emb_*.npy"``) the files it matches, sorted.
     ``mmap=True`` opens files as memmaps; ``False`` as :class:`NpyRows` (explicit reads:
     the file's pages never count in this process's resident memory).
     """
@@ -186,6 +188,11 @@ def open_embeddings(source, *, mmap: bool = True) -> np.ndarray | LazyRows:
         return source
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
+        if not path.exists() and glob.has_magic(str(source)):
+            paths = sorted(glob.glob(str(source)))
+            if not paths:
+                raise FileNotFoundError(f"no file matches the pattern {source}")
+            return open_embeddings(paths, mmap=mmap)
         if path.is_dir():
             paths = sorted(path.glob("*.npy"))
             if not paths:

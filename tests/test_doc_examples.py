@@ -48,14 +48,6 @@ attn = torch.rand(2, 4, 577, 577, generator=torch.Generator().manual_seed(0)).so
 """,
 }
 
-# (page, first line of a block) -> why it fails today. The block is still run and must fail
-# (so an entry goes away with its fix); the lead fixes the example and removes the entry.
-KNOWN_BROKEN = {
-    ("docs/dataprune.md", "from dataprune.outofcore import prune_out_of_core"): (
-        "a glob string is not a source: open_embeddings takes a .npy path, a list of paths or a folder"
-    ),
-}
-
 
 @dataclass(frozen=True)
 class Block:
@@ -129,12 +121,6 @@ def test_page_examples_run(page, tmp_path, monkeypatch):
     for block in ALL_BLOCKS:
         if block.page != page or block.not_run is not None:
             continue
-        code = compile(block.code, f"{page}:{block.line}", "exec")
-        broken = KNOWN_BROKEN.get((page, block.code.splitlines()[0]))
-        if broken is None:
-            exec(code, namespace)
-        else:
-            with pytest.raises(Exception):  # noqa: B017 -- fixed? remove the KNOWN_BROKEN entry
-                exec(code, namespace)
+        exec(compile(block.code, f"{page}:{block.line}", "exec"), namespace)
         ran += 1
     assert ran >= 1

@@ -15,7 +15,7 @@ and fingerprints). Each class owns, declared once:
   knowing its name.
 
 A new step is one class with ``@register_step`` (:data:`STEPS` is a :class:`prunecore.Registry`;
-``tests/test_registries.py`` runs every registered step through the same contract).
+``tests/prunecore/test_registries.py`` runs every registered step through the same contract).
 """
 
 from __future__ import annotations

@@ -205,3 +205,12 @@ def test_lazy_exports_resolve_on_access_and_name_missing_dependencies():
         getattr_("y")
     with pytest.raises(ImportError, match="x needs its optional dependencies: pip it"):
         getattr_("x")
+
+
+def test_open_embeddings_takes_a_glob_pattern(tmp_path):
+    for i in (1, 0):
+        np.save(tmp_path / f"img_emb_{i}.npy", np.full((2, 3), i, np.float32))
+    rows = open_embeddings(str(tmp_path / "img_emb_*.npy"))
+    assert np.asarray(rows[0:4])[:, 0].tolist() == [0, 0, 1, 1]
+    with pytest.raises(FileNotFoundError, match="no file matches"):
+        open_embeddings(str(tmp_path / "none_*.npy"))
