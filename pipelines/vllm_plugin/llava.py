@@ -22,6 +22,7 @@ import math
 from functools import partial
 
 import torch
+from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.model_executor.models.llava import (
     LlavaDummyInputsBuilder,
     LlavaForConditionalGeneration,
@@ -36,6 +37,7 @@ from tokenprune.fopru.core import fopru_scores, fopru_select
 
 from .llava_scores import LLAVA_METHODS, cls_attention_rows, feature_prefix, kept_run_length
 from .options import ServeOptions, read_options, served_token_count
+from .qwen2_5_vl import AttentionQK  # the q/k hook on a vLLM encoder attention
 
 __all__ = ["PrunedLlava", "PrunedLlavaProcessor"]
 
@@ -62,27 +64,6 @@ class PrunedLlavaProcessor(LlavaMultiModalProcessor):
         ]
 
 
-class QKCapture:
-    """Forward pre-hook on one CLIP layer's encoder attention: keeps its ``query`` and ``key``."""
-
-    def __init__(self, attn: torch.nn.Module):
-        self.attn = attn
-        self.seen: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def __call__(self, _mod, args, kwargs):
-        q = kwargs.get("query", args[0] if args else None)
-        k = kwargs.get("key", args[1] if len(args) > 1 else None)
-        self.seen = (q, k)
-
-    def __enter__(self):
-        self.seen = None
-        self.handle = self.attn.register_forward_pre_hook(self, with_kwargs=True)
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
-
-
 @MULTIMODAL_REGISTRY.register_processor(
     PrunedLlavaProcessor, info=LlavaProcessingInfo, dummy_inputs=LlavaDummyInputsBuilder
 )
@@ -104,6 +85,11 @@ class PrunedLlava(LlavaForConditionalGeneration):
             raise ValueError(
                 "prunekit vLLM plugin: --enable-mm-embeds passes image embeddings that FoPru cannot score "
                 "(it needs the vision encoder's attention); drop that flag or the prunekit option"
+            )
+        if get_tensor_model_parallel_world_size() > 1:
+            raise ValueError(
+                "prunekit vLLM plugin: a vision encoder split over several ranks is not supported; "
+                "serve with --tensor-parallel-size 1"
             )
         if not isinstance(self.config.vision_feature_layer, int):
             raise ValueError(
@@ -134,9 +120,10 @@ class PrunedLlava(LlavaForConditionalGeneration):
     def _process_image_input(self, image_input) -> tuple[torch.Tensor, ...]:
         if self.prunekit is None:
             return super()._process_image_input(image_input)
-        with QKCapture(self.prunekit_attention.attn) as cap:
+        with AttentionQK(self.prunekit_attention.attn) as cap:
             features = self._process_image_pixels(image_input)  # (B, prefix + N_patch, D)
-        kept = self.prunekit_kept(*cap.seen)
+        q, k, _ = cap.seen  # CLIP attends over the whole image: no segments
+        kept = self.prunekit_kept(q, k)
         n = self.prunekit_prefix
         head = torch.arange(n, device=kept.device).expand(kept.shape[0], n)
         rows = torch.cat([head, kept + n], dim=1)
