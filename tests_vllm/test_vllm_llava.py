@@ -34,7 +34,14 @@ def tiny_llava(tmp_path_factory) -> Path:
 
 
 def llava_run(*args: str, python: str = sys.executable) -> subprocess.Popen:
-    env = {**os.environ, "VLLM_ALLOW_INSECURE_SERIALIZATION": "1", "PYTHONPATH": str(ROOT)}
+    """tests_vllm/llava_run.py in a fresh process; vLLM's engine core and worker run inside it
+    (one start-up instead of three: the processes are test_vllm_plugin.py's concern)."""
+    env = {
+        **os.environ,
+        "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "PYTHONPATH": str(ROOT),
+    }
     cmd = [python, str(HERE / "llava_run.py"), *args]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
