@@ -33,7 +33,8 @@ class ServeOptions:
     ``keep``: a fraction in (0, 1] of each image's merged tokens, or an int count per image
     (an image with fewer tokens keeps them all). ``layer``: the vision block to score from,
     indexed like ``hidden_states`` as in :class:`tokenprune.FoPru` (``None``: the family's
-    default). ``method``: ``"colmean"``. ``strategy``: ``"rank"`` or ``"row"``.
+    default). ``method``: the family's scoring rule (``"colmean"`` for Qwen-VL, ``"cls"`` for
+    LLaVA's CLIP tower: see ``read_options(methods=...)``). ``strategy``: ``"rank"`` or ``"row"``.
     """
 
     keep: float | int
