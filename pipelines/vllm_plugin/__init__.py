@@ -16,7 +16,10 @@ import logging
 __all__ = ["FAMILIES", "SUPPORTED", "is_supported", "register"]
 
 SUPPORTED = ((0, 32),)  # (major, minor) of the vLLM releases this plugin was written and tested against
-FAMILIES = {"Qwen2_5_VLForConditionalGeneration": "pipelines.vllm_plugin.qwen2_5_vl:PrunedQwen2_5_VL"}
+FAMILIES = {
+    "Qwen2_5_VLForConditionalGeneration": "pipelines.vllm_plugin.qwen2_5_vl:PrunedQwen2_5_VL",
+    "LlavaForConditionalGeneration": "pipelines.vllm_plugin.llava:PrunedLlava",
+}
 RUNNERS = ("vllm.v1.worker.gpu_model_runner:GPUModelRunner", "vllm.v1.worker.cpu_model_runner:CPUModelRunner")
 
 logger = logging.getLogger("vllm.prunekit")

@@ -33,7 +33,8 @@ class ServeOptions:
     ``keep``: a fraction in (0, 1] of each image's merged tokens, or an int count per image
     (an image with fewer tokens keeps them all). ``layer``: the vision block to score from,
     indexed like ``hidden_states`` as in :class:`tokenprune.FoPru` (``None``: the family's
-    default). ``method``: ``"colmean"``. ``strategy``: ``"rank"`` or ``"row"``.
+    default). ``method``: the family's scoring rule (``"colmean"`` for Qwen-VL, ``"cls"`` for
+    LLaVA's CLIP tower: see ``read_options(methods=...)``). ``strategy``: ``"rank"`` or ``"row"``.
     """
 
     keep: float | int
@@ -46,8 +47,9 @@ def _fail(what: str, fix: str) -> OptionError:
     return OptionError(f"prunekit vLLM plugin: {what}; {fix}")
 
 
-def read_options(hf_config) -> ServeOptions | None:
-    """The :class:`ServeOptions` of ``hf_config`` (its ``prunekit`` attribute), or None when unset."""
+def read_options(hf_config, methods: tuple[str, ...] = METHODS) -> ServeOptions | None:
+    """The :class:`ServeOptions` of ``hf_config`` (its ``prunekit`` attribute), or None when unset.
+    ``methods``: the scoring rules of the family's tower (the first is its default)."""
     raw = getattr(hf_config, OPTION_KEY, None)
     if raw is None:
         return None
@@ -65,9 +67,9 @@ def read_options(hf_config) -> ServeOptions | None:
         raise _fail(f"keep={keep!r} is invalid ({e})", "pass a fraction in (0, 1] or an int count >= 1") from None
     if isinstance(keep, numbers.Integral) and keep < 1:
         raise _fail(f"keep={keep!r} keeps no token", "pass a fraction in (0, 1] or an int count >= 1")
-    method = raw.get("method", "colmean")
-    if method not in METHODS:
-        raise _fail(f"method={method!r} is not supported by the served towers", f"use one of {list(METHODS)}")
+    method = raw.get("method", methods[0])
+    if method not in methods:
+        raise _fail(f"method={method!r} is not supported by the served towers", f"use one of {list(methods)}")
     strategy = raw.get("strategy", "rank")
     if strategy not in STRATEGIES:
         raise _fail(f"strategy={strategy!r} is unknown", f"use one of {list(STRATEGIES)}")
