@@ -8,6 +8,7 @@ rule), :mod:`.pruner` (:class:`ProvencePruner`), :mod:`.result` (:class:`Provenc
 loss, training loop). Importing this package loads torch but not transformers.
 """
 
+from .checkpoint import load_provence_model, save_provence_model
 from .core import (
     MODES,
     apply_title_rule,
@@ -21,7 +22,6 @@ from .core import (
     stitch_blocks,
     token_sentence_spans,
 )
-from .checkpoint import load_provence_model, save_provence_model
 from .network import ProvenceModel
 from .pruner import ProvencePruner
 from .result import ProvenceResult

@@ -46,7 +46,10 @@ def call_budgets(keep, target_tokens, target_total_tokens, target_ratio):
     for name, value in (("target_tokens", target_tokens), ("target_total_tokens", target_total_tokens)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
             raise TypeError(f"{name} is a token count: pass an int, got {value!r}")
-    for name, value, kind in (("target_tokens", target_tokens, "an int token count"), ("target_ratio", target_ratio, "a fraction")):
+    for name, value, kind in (
+        ("target_tokens", target_tokens, "an int token count"),
+        ("target_ratio", target_ratio, "a fraction"),
+    ):
         if value is not None:
             warnings.warn(
                 f"{name}= is deprecated: pass keep={value!r} ({kind}; keep= is the one budget of every method)",
@@ -142,8 +145,6 @@ def check_int_budget(shortest: int | None, keep_int, target_tokens, target_total
         UserWarning,
         stacklevel=4,
     )
-
-
 
 
 def budget_keeps(

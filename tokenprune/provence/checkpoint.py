@@ -205,7 +205,6 @@ def save_provence_model(
     return folder
 
 
-
 def check_window(max_length, saved_window, config, n_special: int) -> int:
     """The window in tokens: ``max_length``, else the saved one, else ``min(512, limit)``.
 
@@ -226,4 +225,3 @@ def check_window(max_length, saved_window, config, n_special: int) -> int:
     if window < n_special + 8:
         raise ValueError(f"max_length={window} is too small for this tokenizer; pass at least {n_special + 8}")
     return window
-

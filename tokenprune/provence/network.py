@@ -122,4 +122,3 @@ def rebuild_provence_model(config, state: dict[str, torch.Tensor], training: boo
     model.to(device=first.device, dtype=first.dtype)
     model.load_state_dict(state)
     return model.train(training)
-

@@ -409,5 +409,6 @@ class ProvencePruner:
                     }
                 )
             out.append(new_row)
-        return ProvenceResult(**shape_outputs(out, scored["shape"], RESULT_KEYS, reorder=reorder, top_k=top_k), stats=stats)
-
+        return ProvenceResult(
+            **shape_outputs(out, scored["shape"], RESULT_KEYS, reorder=reorder, top_k=top_k), stats=stats
+        )

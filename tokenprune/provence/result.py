@@ -73,7 +73,7 @@ class ProvenceResult:
         if key not in self.keys():
             raise KeyError(key)
         warnings.warn(
-            f'ProvenceResult[{key!r}] is deprecated (process() returned a dict until this release); use result.{key}',
+            f"ProvenceResult[{key!r}] is deprecated (process() returned a dict until this release); use result.{key}",
             DeprecationWarning,
             stacklevel=2,
         )
