@@ -187,12 +187,12 @@ def test_long_context_blocks_repeat_query_and_stitch(minilm_tok):
         assert batch.shape[1] <= 32
         for row in batch:  # the query is repeated in every block, right after [CLS]
             assert row[1 : 1 + len(q_ids)].tolist() == q_ids
-    assert small["kept_sentences"] == big["kept_sentences"] == [7, 31, 40]
-    assert small["pruned_context"] == big["pruned_context"]
-    assert small["pruned_context"].endswith(long_sentence)
+    assert small.kept_sentences == big.kept_sentences == [7, 31, 40]
+    assert small.pruned_context == big.pruned_context
+    assert small.pruned_context.endswith(long_sentence)
     # the reranking score is the max over blocks: smaller windows see fewer keyword tokens
-    assert small["reranking_score"] < big["reranking_score"]
-    assert small["reranking_score"] >= 2
+    assert small.reranking_score < big.reranking_score
+    assert small.reranking_score >= 2
 
 
 # ------------------------------------------------------------------ tiny random model
@@ -244,7 +244,7 @@ def test_bf16_runs_close_to_fp32(minilm_tok):
     ctx = "Alpha beta gamma. Delta epsilon. Zeta eta theta iota."
     f32 = ProvencePruner(model, minilm_tok, max_length=64, dtype="float32").process("alpha", ctx)
     b16 = ProvencePruner(_tiny_bert(minilm_tok), minilm_tok, max_length=64, dtype="bfloat16").process("alpha", ctx)
-    assert abs(f32["reranking_score"] - b16["reranking_score"]) < 0.05
+    assert abs(f32.reranking_score - b16.reranking_score) < 0.05
     with pytest.raises(ValueError, match="precision"):
         ProvencePruner(model, minilm_tok, dtype="float8")
 

@@ -195,7 +195,7 @@ def test_no_false_indexing_warning_for_long_texts_in_any_thread(pruner, tok):
     finally:
         logger.removeHandler(handler)
     assert not [r for r in records if "indexing errors" in r.getMessage()]
-    assert outs[0]["pruned_context"][0] == long_text  # every sentence has 'zebra': kept
+    assert outs[0].pruned_context[0] == long_text  # every sentence has 'zebra': kept
 
 
 # ------------------------------------------------------------------ 5. generator's tokens

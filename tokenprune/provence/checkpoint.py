@@ -40,6 +40,7 @@ __all__ = [
     "NESTED_LAYOUTS",
     "POSITION_OFFSETS",
     "backbone_config",
+    "check_fast_tokenizer",
     "check_window",
     "load_provence_model",
     "position_limit",
@@ -225,3 +226,13 @@ def check_window(max_length, saved_window, config, n_special: int) -> int:
     if window < n_special + 8:
         raise ValueError(f"max_length={window} is too small for this tokenizer; pass at least {n_special + 8}")
     return window
+
+
+def check_fast_tokenizer(tokenizer) -> None:
+    """Offsets are needed to map tokens to sentences: only fast tokenizers give them."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise TypeError(
+            f"Provence needs a fast (Rust) tokenizer with offset mapping; got "
+            f"{type(tokenizer).__name__} (is_fast=False). Load it with "
+            "AutoTokenizer.from_pretrained(..., use_fast=True) or convert it."
+        )

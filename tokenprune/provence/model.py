@@ -12,6 +12,7 @@ from .checkpoint import (
     MARKER,
     NESTED_LAYOUTS,
     backbone_config,
+    check_fast_tokenizer,
     check_window,
     load_provence_model,
     position_limit,
@@ -19,7 +20,7 @@ from .checkpoint import (
     save_provence_model,
 )
 from .network import ProvenceModel, rebuild_provence_model
-from .pruner import ProvencePruner, check_fast_tokenizer
+from .pruner import ProvencePruner
 from .result import RESULT_KEYS, ProvenceResult
 
 __all__ = [

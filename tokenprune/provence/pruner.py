@@ -22,14 +22,12 @@ from prunecore.device import resolve_device, resolve_dtype
 from tokenprune.stats import TokenStats
 
 from .budget import budget_keeps, call_budgets, check_candidates, check_int_budget, token_counter
-from .checkpoint import check_window, load_provence_model
+from .checkpoint import check_fast_tokenizer, check_window, load_provence_model
 from .core import (
     MODES,
     apply_title_rule,
-    assemble_pruned,
     batch_inputs,
     batch_titles,
-    compression,
     kept_token_count,
     normalize_query,
     plan_blocks,
@@ -39,20 +37,10 @@ from .core import (
     token_sentence_spans,
 )
 from .network import ProvenceModel
-from .result import RESULT_KEYS, ProvenceResult
+from .result import RESULT_KEYS, ProvenceResult, context_fields
 from .sentences import split_sentences
 
-__all__ = ["ProvencePruner", "check_fast_tokenizer"]
-
-
-def check_fast_tokenizer(tokenizer) -> None:
-    """Offsets are needed to map tokens to sentences: only fast tokenizers give them."""
-    if not getattr(tokenizer, "is_fast", False):
-        raise TypeError(
-            f"Provence needs a fast (Rust) tokenizer with offset mapping; got "
-            f"{type(tokenizer).__name__} (is_fast=False). Load it with "
-            "AutoTokenizer.from_pretrained(..., use_fast=True) or convert it."
-        )
+__all__ = ["ProvencePruner"]
 
 
 class ProvencePruner:
@@ -387,7 +375,6 @@ class ProvencePruner:
             new_row = []
             for info, sp, keep in zip(row, spans, keeps):
                 keep = apply_title_rule(keep, title_index=info["title_idx"], always_select_title=always_select_title)
-                pruned = assemble_pruned(info["text"], info["sents"], keep)
                 n_kept = kept_token_count(sp, keep)
                 stats = stats + TokenStats(
                     "provence",
@@ -395,19 +382,7 @@ class ProvencePruner:
                     tokens_kept=n_kept,
                     extras={"contexts": 1, "blocks": info["n_blocks"]},
                 )
-                char_share = compression(info["text"], pruned)
-                in_ctx = info["sents"][keep] - info["ctx_start"]
-                new_row.append(
-                    {
-                        "pruned_context": pruned,
-                        "reranking_score": info["score"],
-                        "kept_sentences": np.flatnonzero(keep).tolist(),
-                        "kept_spans": [tuple(s) for s in in_ctx[in_ctx[:, 0] >= 0].tolist()],
-                        "compression": char_share,
-                        "compression_rate": 100.0 * char_share,
-                        "token_compression": 1.0 - n_kept / len(info["offsets"]) if len(info["offsets"]) else 0.0,
-                    }
-                )
+                new_row.append(context_fields(info, keep, n_kept))
             out.append(new_row)
         return ProvenceResult(
             **shape_outputs(out, scored["shape"], RESULT_KEYS, reorder=reorder, top_k=top_k), stats=stats

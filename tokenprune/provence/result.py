@@ -7,9 +7,13 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from tokenprune.stats import TokenStats
 
-__all__ = ["RESULT_KEYS", "ProvenceResult"]
+from .core import assemble_pruned, compression
+
+__all__ = ["RESULT_KEYS", "ProvenceResult", "context_fields"]
 
 #: Per-context fields of :class:`ProvenceResult` (the released ``process()`` dict keys).
 RESULT_KEYS = (
@@ -78,3 +82,26 @@ class ProvenceResult:
             stacklevel=2,
         )
         return getattr(self, key)
+
+
+def context_fields(info: dict, keep: np.ndarray, n_kept: int) -> dict[str, Any]:
+    """The :data:`RESULT_KEYS` of one context.
+
+    Args:
+        info: the context's scored item (``text``, ``sents`` (S, 2) character spans,
+            ``ctx_start``: where the context as passed starts in ``text``, ``offsets`` (T, 2),
+            ``score``). keep: (S,) bool kept sentences. n_kept: tokens inside them.
+    """
+    pruned = assemble_pruned(info["text"], info["sents"], keep)
+    char_share = compression(info["text"], pruned)
+    in_ctx = info["sents"][keep] - info["ctx_start"]
+    n_tokens = len(info["offsets"])
+    return {
+        "pruned_context": pruned,
+        "reranking_score": info["score"],
+        "kept_sentences": np.flatnonzero(keep).tolist(),
+        "kept_spans": [tuple(s) for s in in_ctx[in_ctx[:, 0] >= 0].tolist()],
+        "compression": char_share,
+        "compression_rate": 100.0 * char_share,
+        "token_compression": 1.0 - n_kept / n_tokens if n_tokens else 0.0,
+    }
