@@ -6,9 +6,10 @@ inherit: the pruner (a :class:`~tokenprune.provence.model.ProvencePruner` or a m
 loaded once: at construction by the pydantic adapters, in ``warm_up`` by Haystack's), the
 sync core method :meth:`~ProvenceAdapter.prune` and its async twin
 :meth:`~ProvenceAdapter.aprune`, which runs the pruner in a thread so the event loop is never
-blocked. A new framework adapter is one module: a class that inherits :class:`ProvenceAdapter`,
-declares the fields of :class:`ProvenceSettings` with these defaults, and translates the
-framework's documents to texts and the rows back.
+blocked. A new framework adapter is one module: a class that inherits :class:`ProvenceAdapter`
+(or :class:`pipelines.rag.fields.ProvenceFields` for a pydantic framework), takes the settings
+as ``**settings`` and builds them with :func:`build_settings`, and translates the framework's
+documents to texts and the rows back.
 """
 
 from __future__ import annotations
@@ -16,24 +17,31 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import warnings
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from tokenprune.provence.model import ProvencePruner
+from prunecore.budget import check_keep
+from tokenprune.provence.pruner import ProvencePruner
+from tokenprune.provence.result import ProvenceResult
 
 __all__ = [
     "DEFAULTS",
+    "DEPRECATED_SETTINGS",
     "METADATA_KEYS",
     "RETRIEVAL_SCORE_KEY",
     "ProvenceAdapter",
     "ProvenceSettings",
+    "SETTING_NAMES",
+    "build_settings",
     "load_pruner",
     "budget_tokenizer_source",
     "provence_metadata",
     "pruner_source",
     "retrieval_metadata",
     "prune_texts",
+    "settings_values",
 ]
 
 #: Metadata keys every adapter adds to a returned document.
@@ -43,44 +51,103 @@ METADATA_KEYS = ("reranking_score", "provence_compression", "provence_kept_sente
 RETRIEVAL_SCORE_KEY = "retrieval_score"
 
 
+def setting(default: Any, doc: str) -> Any:
+    """A field of :class:`ProvenceSettings` with its one-line description (the pydantic
+    adapters show it as the field's description)."""
+    return dataclasses.field(default=default, metadata={"doc": doc})
+
+
+#: Deprecated setting names -> what they mean as ``keep=`` (accepted for one release).
+DEPRECATED_SETTINGS = {"target_tokens": "an int token count", "target_ratio": "a fraction"}
+
+
 @dataclass(frozen=True)
 class ProvenceSettings:
-    """The pruning settings of every adapter (one place for their defaults).
+    """The pruning settings of every adapter, declared once (names, defaults, descriptions).
+
+    Every adapter builds them through :func:`build_settings`: LangChain's and LlamaIndex's
+    pydantic fields are generated from this class (:mod:`pipelines.rag.fields`) and Haystack's
+    component takes them as ``**settings``.
 
     Attributes:
-        threshold: sentence rule threshold (``provence_sentences``; Provence default 0.1).
+        threshold: the sentence rule's score threshold (``provence_sentences``; Provence
+            default 0.1). Not a budget: it applies when no budget is given.
         title: ``"first_sentence"`` (the first sentence of each document is its title) or None.
         always_select_title: keep the title iff another sentence is kept.
         reorder: sort the documents by reranking score (descending).
         top_k: keep at most this many documents after pruning (None: all).
         drop_empty: drop documents pruned to nothing.
         batch_size: (query, block) pairs per forward pass.
-        target_tokens: token budget per document (the budget rule replaces the threshold).
-        target_total_tokens: token budget over all documents of the query.
-        target_ratio: keep at most this share of each document's tokens.
+        keep: the token budget of each document (the budget rule replaces the threshold): a
+            fraction in (0, 1] of its tokens or an int token count.
+        target_total_tokens: a second budget, in tokens over all documents of the query.
         budget_tokenizer: count the budgets in the generator's tokens: a Hugging Face
             tokenizer, a tokenizer folder, or a callable ``text -> token count`` (None: the
             pruner's tokens).
+        target_tokens, target_ratio: deprecated spellings of ``keep=<int>`` and
+            ``keep=<fraction>`` (init-only: a DeprecationWarning, then stored as ``keep``).
 
     With ``top_k`` the budgets are spent on the documents that are returned: the ``top_k``
     first (by reranking score with ``reorder``, else in input order) that keep something.
     """
 
-    threshold: float = 0.1
-    title: str | None = "first_sentence"
-    always_select_title: bool = False
-    reorder: bool = False
-    top_k: int | None = None
-    drop_empty: bool = True
-    batch_size: int = 32
-    target_tokens: int | None = None
-    target_total_tokens: int | None = None
-    target_ratio: float | None = None
-    budget_tokenizer: Any = None
+    threshold: float = setting(0.1, "sentence rule score threshold (Provence default 0.1); not a budget")
+    title: str | None = setting("first_sentence", "'first_sentence' (first sentence is the title) or None")
+    always_select_title: bool = setting(False, "keep the title iff another sentence is kept")
+    reorder: bool = setting(False, "sort documents by reranking score, descending")
+    top_k: int | None = setting(None, "keep at most this many documents (None: all)")
+    drop_empty: bool = setting(True, "drop documents pruned to nothing")
+    batch_size: int = setting(32, "(query, block) pairs per forward pass")
+    keep: float | int | None = setting(
+        None, "token budget per document: a fraction in (0, 1] of its tokens or an int token count"
+    )
+    target_total_tokens: int | None = setting(None, "token budget over all documents of the query")
+    budget_tokenizer: Any = setting(
+        None, "count budgets in the generator's tokens: a HF tokenizer, a tokenizer folder or text -> int"
+    )
+    target_tokens: dataclasses.InitVar[int | None] = None
+    target_ratio: dataclasses.InitVar[float | None] = None
+
+    def __post_init__(self, target_tokens, target_ratio) -> None:
+        aliases = {k: v for k, v in (("target_tokens", target_tokens), ("target_ratio", target_ratio)) if v is not None}
+        for name, value in aliases.items():
+            warnings.warn(
+                f"ProvenceSettings({name}=) is deprecated: pass keep={value!r} ({DEPRECATED_SETTINGS[name]})",
+                DeprecationWarning,
+                stacklevel=4,
+            )
+        if len(aliases) + (self.keep is not None) > 1:
+            raise ValueError(
+                f"pass one per-document budget, keep=, not {sorted(aliases) + ['keep'] * (self.keep is not None)}"
+            )
+        if aliases:
+            object.__setattr__(self, "keep", next(iter(aliases.values())))
+        if self.keep is not None:
+            check_keep(self.keep)
+        if self.target_total_tokens is not None:
+            check_keep(self.target_total_tokens)
 
 
 DEFAULTS = ProvenceSettings()
 SETTING_NAMES = tuple(f.name for f in dataclasses.fields(ProvenceSettings))
+
+
+def build_settings(**settings) -> ProvenceSettings:
+    """The one way an adapter builds its settings from keyword values.
+
+    Unknown names raise a TypeError listing the known ones; the deprecated names
+    (:data:`DEPRECATED_SETTINGS`) are mapped to ``keep`` with a DeprecationWarning; a bad
+    ``keep`` raises the error of :func:`prunecore.budget.check_keep`.
+    """
+    unknown = sorted(set(settings) - set(SETTING_NAMES) - set(DEPRECATED_SETTINGS))
+    if unknown:
+        raise TypeError(f"unknown Provence setting(s) {unknown}; known: {list(SETTING_NAMES)}")
+    return ProvenceSettings(**settings)
+
+
+def settings_values(settings: ProvenceSettings) -> dict[str, Any]:
+    """``{name: value}`` of every setting (values not copied, unlike ``dataclasses.asdict``)."""
+    return {name: getattr(settings, name) for name in SETTING_NAMES}
 
 
 def load_pruner(pruner) -> ProvencePruner:
@@ -140,12 +207,12 @@ def prune_texts(
     """Prune ``texts`` for ``query``; the framework-independent core of the adapters.
 
     ``settings`` (default :data:`DEFAULTS`) with keyword ``overrides`` (``threshold=``,
-    ``reorder=``, ``top_k=``...). Returns one dict per surviving text (``index`` into
-    ``texts``, ``pruned_context``, ``reranking_score``, ``compression``, ``kept_sentences``),
-    in input order, or by score descending with ``reorder``; ``top_k`` (if given) keeps the
-    first ones.
+    ``keep=``, ``reorder=``, ``top_k=``..., built by :func:`build_settings`). Returns one dict
+    per surviving text (``index`` into ``texts``, ``pruned_context``, ``reranking_score``,
+    ``compression``, ``kept_sentences``), in input order, or by score descending with
+    ``reorder``; ``top_k`` (if given) keeps the first ones.
     """
-    settings = dataclasses.replace(settings or DEFAULTS, **overrides)
+    settings = build_settings(**{**settings_values(settings or DEFAULTS), **overrides})
     if not isinstance(query, str):
         raise TypeError(f"query must be a str, got {type(query).__name__}")
     if not texts:
@@ -154,9 +221,8 @@ def prune_texts(
     rule = {
         "threshold": settings.threshold,
         "always_select_title": settings.always_select_title,
-        "target_tokens": settings.target_tokens,
+        "keep": settings.keep,
         "target_total_tokens": settings.target_total_tokens,
-        "target_ratio": settings.target_ratio,
         "budget_tokenizer": settings.budget_tokenizer,
     }
     rows = decided_rows(pruner.decide(scored, **rule))
@@ -180,17 +246,17 @@ def prune_texts(
     return rows
 
 
-def decided_rows(out: dict) -> list[dict]:
+def decided_rows(out: ProvenceResult) -> list[dict]:
     """The one-query output of :meth:`ProvencePruner.decide` as one row per text."""
     return [
         {
             "index": i,
-            "pruned_context": out["pruned_context"][i],
-            "reranking_score": out["reranking_score"][i],
-            "compression": out["compression"][i],
-            "kept_sentences": out["kept_sentences"][i],
+            "pruned_context": out.pruned_context[i],
+            "reranking_score": out.reranking_score[i],
+            "compression": out.compression[i],
+            "kept_sentences": out.kept_sentences[i],
         }
-        for i in range(len(out["pruned_context"]))
+        for i in range(len(out.pruned_context))
     ]
 
 
@@ -223,7 +289,7 @@ class ProvenceAdapter:
         """The adapter's settings, with per-call ``overrides`` (None values ignored)."""
         values = {name: getattr(self, name) for name in SETTING_NAMES}
         values.update({k: v for k, v in overrides.items() if v is not None})
-        return ProvenceSettings(**values)
+        return build_settings(**values)
 
     def loaded_pruner(self) -> ProvencePruner:
         """The pruner, loaded from its folder on first use."""

@@ -8,21 +8,20 @@ annotations, so ``pipe.connect("retriever.documents", "provence.documents")`` ty
     pipe.connect("retriever.documents", "provence.documents")
 """
 
-import dataclasses
 from dataclasses import replace
 from typing import Any
 
 from haystack import Document, component, default_from_dict, default_to_dict
 
 from .core import (
-    DEFAULTS,
     ProvenceAdapter,
-    ProvenceSettings,
     budget_tokenizer_source,
+    build_settings,
     load_pruner,
     provence_metadata,
     pruner_source,
     retrieval_metadata,
+    settings_values,
 )
 
 __all__ = ["ProvenceRanker"]
@@ -35,9 +34,11 @@ class ProvenceRanker(ProvenceAdapter):
     Args:
         pruner: a ProvencePruner, or a model folder / cached hub id (loaded in ``warm_up()``
             or on the first run; ``to_dict`` stores the folder, before and after a run).
-        threshold, title, always_select_title, reorder, top_k, drop_empty, batch_size,
-        target_tokens, target_total_tokens, target_ratio, budget_tokenizer: the shared settings
-            of :class:`pipelines.rag.core.ProvenceSettings` (same defaults in every adapter).
+        **settings: ``threshold``, ``title``, ``always_select_title``, ``reorder``, ``top_k``,
+            ``drop_empty``, ``batch_size``, ``keep``, ``target_total_tokens``,
+            ``budget_tokenizer``: the shared settings of
+            :class:`pipelines.rag.core.ProvenceSettings` (same names and defaults in every
+            adapter; ``target_tokens`` / ``target_ratio`` are deprecated spellings of ``keep``).
 
     Every returned document is a copy whose ``content`` is the pruned text and whose
     ``score`` is the reranking score (it wins); its ``meta`` gains ``reranking_score``,
@@ -45,36 +46,10 @@ class ProvenceRanker(ProvenceAdapter):
     retriever's score (when the document had one and ``meta`` holds no earlier one).
     """
 
-    def __init__(
-        self,
-        pruner: Any,
-        threshold: float = DEFAULTS.threshold,
-        title: str | None = DEFAULTS.title,
-        always_select_title: bool = DEFAULTS.always_select_title,
-        reorder: bool = DEFAULTS.reorder,
-        top_k: int | None = DEFAULTS.top_k,
-        drop_empty: bool = DEFAULTS.drop_empty,
-        batch_size: int = DEFAULTS.batch_size,
-        target_tokens: int | None = DEFAULTS.target_tokens,
-        target_total_tokens: int | None = DEFAULTS.target_total_tokens,
-        target_ratio: float | None = DEFAULTS.target_ratio,
-        budget_tokenizer: Any = DEFAULTS.budget_tokenizer,
-    ):
+    def __init__(self, pruner: Any, **settings: Any):
         self.pruner = pruner
-        settings = ProvenceSettings(
-            threshold=threshold,
-            title=title,
-            always_select_title=always_select_title,
-            reorder=reorder,
-            top_k=top_k,
-            drop_empty=drop_empty,
-            batch_size=batch_size,
-            target_tokens=target_tokens,
-            target_total_tokens=target_total_tokens,
-            target_ratio=target_ratio,
-            budget_tokenizer=budget_tokenizer,
-        )
-        vars(self).update(dataclasses.asdict(settings))  # one attribute per setting
+        # one attribute per setting, built (and checked) by the one settings function
+        vars(self).update(settings_values(build_settings(**settings)))
         self._loaded = None
 
     def warm_up(self) -> None:
@@ -87,7 +62,7 @@ class ProvenceRanker(ProvenceAdapter):
         return self._loaded
 
     def to_dict(self) -> dict[str, Any]:
-        settings = dataclasses.asdict(self.settings())
+        settings = settings_values(self.settings())
         settings["budget_tokenizer"] = budget_tokenizer_source(self.budget_tokenizer)
         return default_to_dict(self, pruner=pruner_source(self.pruner), **settings)
 

@@ -144,12 +144,12 @@ def test_process_reorder_top_k_spends_the_total_budget_on_the_returned_contexts(
     table = sentence_table(pruner, docs)
     out = pruner.process(QUERY, docs, reorder=True, top_k=2, target_total_tokens=30)
     ranked = sorted(range(len(docs)), key=lambda d: -table[d][2])[:2]
-    assert out["context_index"] == ranked
+    assert out.context_index == ranked
     expected = brute_force_budget(table, ranked, 30)
-    assert [set(k) for k in out["kept_sentences"]] == [expected[d] for d in ranked]
+    assert [set(k) for k in out.kept_sentences] == [expected[d] for d in ranked]
     # without reorder nothing is cut, so the budget is spread over every context (as before)
     plain = pruner.process(QUERY, docs, target_total_tokens=30)
-    assert sum(table[d][1][k].sum() for d, k in enumerate(plain["kept_sentences"])) <= 30
+    assert sum(table[d][1][k].sum() for d, k in enumerate(plain.kept_sentences)) <= 30
 
 
 # ------------------------------------------------------------------ 2. integer budgets
@@ -158,18 +158,18 @@ def test_int_keep_that_drops_every_sentence_is_refused_and_names_keep_all(pruner
     with pytest.raises(ValueError, match=r"keep=1 is a budget of 1 token.*keep=1\.0"):
         pruner.process(QUERY, docs, keep=1)
     full = pruner.process(QUERY, docs, keep=1.0)
-    assert full["pruned_context"] == docs
+    assert full.pruned_context == docs
     # a count that fits the shortest sentence is a real budget: no error
-    assert pruner.process(QUERY, docs, keep=4)["pruned_context"][0] == "Zebra herd runs."
+    assert pruner.process(QUERY, docs, keep=4).pruned_context[0] == "Zebra herd runs."
 
 
 def test_explicit_token_budget_smaller_than_every_sentence_warns(pruner):
     from pipelines.rag import prune_texts
 
     docs = ["Zebra herd runs. Lion eats grass.", "The zebra lives in the savanna."]
-    with pytest.warns(UserWarning, match="smaller than every sentence.*at least 4"):
-        out = pruner.process(QUERY, docs, target_tokens=2)
-    assert out["pruned_context"] == ["", ""]
+    with pytest.warns(DeprecationWarning, match="keep=2"), pytest.warns(UserWarning, match="at least 4"):
+        out = pruner.process(QUERY, docs, target_tokens=2)  # the deprecated spelling warns, keep=2 raises
+    assert out.pruned_context == ["", ""]
     with pytest.warns(UserWarning, match="target_total_tokens=3"):
         assert prune_texts(pruner, QUERY, docs, target_total_tokens=3) == []
 
@@ -195,7 +195,7 @@ def test_no_false_indexing_warning_for_long_texts_in_any_thread(pruner, tok):
     finally:
         logger.removeHandler(handler)
     assert not [r for r in records if "indexing errors" in r.getMessage()]
-    assert outs[0]["pruned_context"][0] == long_text  # every sentence has 'zebra': kept
+    assert outs[0].pruned_context[0] == long_text  # every sentence has 'zebra': kept
 
 
 # ------------------------------------------------------------------ 5. generator's tokens
@@ -235,11 +235,11 @@ def test_budget_in_the_generators_tokens(pruner, tok):
         rows = prune_texts(pruner, QUERY, docs, target_total_tokens=60, budget_tokenizer=budget_tokenizer)
         used = sum(n_llama(r["pruned_context"]) for r in rows)
         assert 40 < used <= 60
-        per_doc = pruner.process(QUERY, docs, target_tokens=20, budget_tokenizer=budget_tokenizer)
-        assert all(n_llama(p) <= 20 for p in per_doc["pruned_context"])
-        assert any(n_llama(p) > 12 for p in per_doc["pruned_context"])
-        ratio = pruner.process(QUERY, docs, target_ratio=0.5, budget_tokenizer=budget_tokenizer)
-        assert all(n_llama(p) <= n_llama(d) * 0.5 + 0.5 for p, d in zip(ratio["pruned_context"], docs))
+        per_doc = pruner.process(QUERY, docs, keep=20, budget_tokenizer=budget_tokenizer)
+        assert all(n_llama(p) <= 20 for p in per_doc.pruned_context)
+        assert any(n_llama(p) > 12 for p in per_doc.pruned_context)
+        ratio = pruner.process(QUERY, docs, keep=0.5, budget_tokenizer=budget_tokenizer)
+        assert all(n_llama(p) <= n_llama(d) * 0.5 + 0.5 for p, d in zip(ratio.pruned_context, docs))
 
 
 def test_budget_never_exceeded_when_counts_do_not_add_up(pruner):
@@ -251,9 +251,9 @@ def test_budget_never_exceeded_when_counts_do_not_add_up(pruner):
         return len(text.split()) + 3 * text.count(". ")
 
     for budget in range(2, 14):
-        out = pruner.process(QUERY, docs, target_tokens=budget, budget_tokenizer=words_plus_joins)
-        assert words_plus_joins(out["pruned_context"][0]) <= budget, budget
-    assert pruner.process(QUERY, docs, target_tokens=9, budget_tokenizer=words_plus_joins)["pruned_context"] == [
+        out = pruner.process(QUERY, docs, keep=budget, budget_tokenizer=words_plus_joins)
+        assert words_plus_joins(out.pruned_context[0]) <= budget, budget
+    assert pruner.process(QUERY, docs, keep=9, budget_tokenizer=words_plus_joins).pruned_context == [
         "Zebra herd runs. Zebra eats grass."
     ]
 
@@ -264,9 +264,9 @@ def test_budget_tokenizer_errors_and_adapters(pruner, tmp_path):
     from pipelines.rag import ProvenceRanker
 
     with pytest.raises(TypeError, match="callable text -> token count"):
-        pruner.process(QUERY, ["Zebra runs."], target_tokens=3, budget_tokenizer=42)
+        pruner.process(QUERY, ["Zebra runs."], keep=3, budget_tokenizer=42)
     with pytest.raises(TypeError, match="non-negative int"):
-        pruner.process(QUERY, ["Zebra runs."], target_tokens=3, budget_tokenizer=lambda s: -1)
+        pruner.process(QUERY, ["Zebra runs."], keep=3, budget_tokenizer=lambda s: -1)
     ranker = ProvenceRanker(pruner=pruner, target_total_tokens=2, budget_tokenizer=lambda s: len(s.split()))
     docs = ranker.run(documents=[Document(content="Zebra runs. Lion eats grass. Zebra big.")], query=QUERY)
     assert [d.content for d in docs["documents"]] == ["Zebra runs."]
@@ -281,11 +281,8 @@ def test_budget_tokenizer_folder_counts_and_serialises(pruner, tok, tmp_path):
     folder = tmp_path / "generator-tokenizer"
     tok.save_pretrained(folder)
     docs = ["Zebra herd runs. Lion eats grass. Zebra big."]
-    by_folder = pruner.process(QUERY, docs, target_tokens=8, budget_tokenizer=str(folder))
-    assert (
-        by_folder["pruned_context"]
-        == pruner.process(QUERY, docs, target_tokens=8, budget_tokenizer=tok)["pruned_context"]
-    )
+    by_folder = pruner.process(QUERY, docs, keep=8, budget_tokenizer=str(folder))
+    assert by_folder.pruned_context == pruner.process(QUERY, docs, keep=8, budget_tokenizer=tok).pruned_context
     ranker = ProvenceRanker(pruner="some/folder", budget_tokenizer=tok)
     assert ranker.to_dict()["init_parameters"]["budget_tokenizer"] == tok.name_or_path
     post = ProvencePostprocessor(pruner=pruner, budget_tokenizer=str(folder))

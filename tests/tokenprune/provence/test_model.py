@@ -133,10 +133,10 @@ def test_keyword_model_keeps_keyword_sentences(tokenizer):
         "Zebra stripes confuse flies. Weather is warm today."
     )
     out = pruner.process("Where do zebras run?", ctx, title=None)
-    assert out["kept_sentences"] == [0, 1, 4]
-    assert out["pruned_context"] == ("Zebra facts\nThe zebra runs in the savanna.\nZebra stripes confuse flies.")
-    assert out["compression"] == pytest.approx(1 - len(out["pruned_context"]) / len(ctx))
-    stats = out["stats"]  # counted in the model's tokens: context tokens in, tokens of kept sentences
+    assert out.kept_sentences == [0, 1, 4]
+    assert out.pruned_context == ("Zebra facts\nThe zebra runs in the savanna.\nZebra stripes confuse flies.")
+    assert out.compression == pytest.approx(1 - len(out.pruned_context) / len(ctx))
+    stats = out.stats  # counted in the model's tokens: context tokens in, tokens of kept sentences
     off = np.array(tokenizer(ctx, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"])
     spans = token_sentence_spans(off, split_sentences(ctx))
     assert (stats.method, stats.tokens_in, stats.forward_passes) == ("provence", len(off), 1)
@@ -144,8 +144,8 @@ def test_keyword_model_keeps_keyword_sentences(tokenizer):
     assert stats.extras == {"contexts": 1, "blocks": 1}
     # title rule: with always_select_title the title follows the others
     only_title = "Zebra facts\nLions hunt at night. Cats sleep a lot."
-    assert pruner.process("q", only_title, always_select_title=True)["pruned_context"] == ""
-    assert pruner.process("q", only_title)["pruned_context"] == "Zebra facts"
+    assert pruner.process("q", only_title, always_select_title=True).pruned_context == ""
+    assert pruner.process("q", only_title).pruned_context == "Zebra facts"
 
 
 def test_long_context_blocks_repeat_query_and_stitch(minilm_tok):
@@ -166,12 +166,12 @@ def test_long_context_blocks_repeat_query_and_stitch(minilm_tok):
         assert batch.shape[1] <= 32
         for row in batch:  # the query is repeated in every block, right after [CLS]
             assert row[1 : 1 + len(q_ids)].tolist() == q_ids
-    assert small["kept_sentences"] == big["kept_sentences"] == [7, 31, 40]
-    assert small["pruned_context"] == big["pruned_context"]
-    assert small["pruned_context"].endswith(long_sentence)
+    assert small.kept_sentences == big.kept_sentences == [7, 31, 40]
+    assert small.pruned_context == big.pruned_context
+    assert small.pruned_context.endswith(long_sentence)
     # the reranking score is the max over blocks: smaller windows see fewer keyword tokens
-    assert small["reranking_score"] < big["reranking_score"]
-    assert small["reranking_score"] >= 2
+    assert small.reranking_score < big.reranking_score
+    assert small.reranking_score >= 2
 
 
 # ------------------------------------------------------------------ tiny random model
@@ -180,38 +180,38 @@ def test_tiny_random_model_end_to_end_shapes_and_batching(minilm_tok):
     pruner = ProvencePruner(model, minilm_tok, max_length=64, device="cpu")
     ctxs = ["Title A\nFirst sentence here. Second sentence there.", "", "Один. Два предложения здесь.", "x " * 300]
     one = pruner.process("What is first?", ctxs[0], threshold=0.5)
-    assert isinstance(one["pruned_context"], str) and isinstance(one["reranking_score"], float)
+    assert isinstance(one.pruned_context, str) and isinstance(one.reranking_score, float)
     lst = pruner.process("What is first?", ctxs, threshold=0.5)
-    assert len(lst["pruned_context"]) == 4
+    assert len(lst.pruned_context) == 4
     nested = pruner.process(
         ["What is first?", ""], [ctxs, ctxs[:2]], threshold=0.5, batch_size=1, enable_warnings=False
     )
-    assert [len(r) for r in nested["pruned_context"]] == [4, 2]
+    assert [len(r) for r in nested.pruned_context] == [4, 2]
     nested32 = pruner.process(
         ["What is first?", ""], [ctxs, ctxs[:2]], threshold=0.5, batch_size=32, enable_warnings=False
     )
     np.testing.assert_allclose(
-        np.concatenate(nested["reranking_score"]), np.concatenate(nested32["reranking_score"]), atol=1e-4
+        np.concatenate(nested.reranking_score), np.concatenate(nested32.reranking_score), atol=1e-4
     )
-    assert nested["kept_sentences"] == nested32["kept_sentences"]
-    assert lst["pruned_context"][1] == "" and lst["compression"][1] == 0.0
-    for ctx, pruned, kept in zip(ctxs, lst["pruned_context"], lst["kept_sentences"]):
+    assert nested.kept_sentences == nested32.kept_sentences
+    assert lst.pruned_context[1] == "" and lst.compression[1] == 0.0
+    for ctx, pruned, kept in zip(ctxs, lst.pruned_context, lst.kept_sentences):
         sents = split_sentences(ctx)
         pieces = [ctx[a:b] for a, b in (sents[i] for i in kept)]
         assert all(p in pruned for p in pieces) and all(p in ctx for p in pieces)
     # thresholds are monotone: a lower threshold keeps a superset
     lo = pruner.process("What is first?", ctxs, threshold=0.0)
-    assert all(k == list(range(len(split_sentences(c)))) for k, c in zip(lo["kept_sentences"], ctxs))
+    assert all(k == list(range(len(split_sentences(c)))) for k, c in zip(lo.kept_sentences, ctxs))
     hi = pruner.process("What is first?", ctxs, threshold=1.0)
-    assert all(k == [] for k in hi["kept_sentences"])
+    assert all(k == [] for k in hi.kept_sentences)
     # reorder + top_k
     ro = pruner.process("What is first?", ctxs, reorder=True, top_k=2)
-    assert len(ro["pruned_context"]) == 2
-    scores = lst["reranking_score"]
-    assert ro["context_index"] == list(np.argsort(-np.asarray(scores), kind="stable")[:2])
-    assert ro["reranking_score"] == sorted(ro["reranking_score"], reverse=True)
+    assert len(ro.pruned_context) == 2
+    scores = lst.reranking_score
+    assert ro.context_index == list(np.argsort(-np.asarray(scores), kind="stable")[:2])
+    assert ro.reranking_score == sorted(ro.reranking_score, reverse=True)
     pairs = pruner.process(["q1", "q2"], ["Ctx one.", "Ctx two."])
-    assert isinstance(pairs["pruned_context"], list) and len(pairs["pruned_context"]) == 2
+    assert isinstance(pairs.pruned_context, list) and len(pairs.pruned_context) == 2
     with pytest.raises(ValueError):
         pruner.process(["q1", "q2"], [["a"]])
     with pytest.raises(TypeError):
@@ -223,7 +223,7 @@ def test_bf16_runs_close_to_fp32(minilm_tok):
     ctx = "Alpha beta gamma. Delta epsilon. Zeta eta theta iota."
     f32 = ProvencePruner(model, minilm_tok, max_length=64, dtype="float32").process("alpha", ctx)
     b16 = ProvencePruner(_tiny_bert(minilm_tok), minilm_tok, max_length=64, dtype="bfloat16").process("alpha", ctx)
-    assert abs(f32["reranking_score"] - b16["reranking_score"]) < 0.05
+    assert abs(f32.reranking_score - b16.reranking_score) < 0.05
     with pytest.raises(ValueError, match="precision"):
         ProvencePruner(model, minilm_tok, dtype="float8")
 
@@ -241,7 +241,7 @@ def test_slow_tokenizer_is_rejected(minilm_tok):
 # ------------------------------------------------------------------ checkpoint layouts
 def _scores(pruner):
     out = pruner.process(["what is alpha"], [["Alpha is a letter. Beta too.", "Gamma rays."]])
-    return np.array(out["reranking_score"][0])
+    return np.array(out.reranking_score[0])
 
 
 def test_roundtrip_own_format(tmp_path, minilm_tok):
@@ -288,7 +288,7 @@ THREAD_CASES = [
 def _call(pruner, i):
     q, ctxs = THREAD_CASES[i % len(THREAD_CASES)]
     out = pruner.process(q, ctxs, threshold=0.5, batch_size=1 + i % 3)
-    return out["pruned_context"], out["kept_sentences"], out["reranking_score"]
+    return out.pruned_context, out.kept_sentences, out.reranking_score
 
 
 @pytest.mark.slow
@@ -334,15 +334,15 @@ def test_released_signature_outputs_and_warnings(minilm_tok):
     ctx = "Zebra facts\nLions hunt at night. The zebra runs in the savanna. Cats sleep."
     # the released positional order: title, batch_size, threshold, always_select_title, reorder, top_k, enable_warnings
     out = pruner.process("Where do zebras run?", ctx, "first_sentence", 32, 0.1, True, False, 5, True)
-    assert out["pruned_context"] == "Zebra facts\nThe zebra runs in the savanna."
-    assert out["compression_rate"] == pytest.approx(100 * out["compression"])
-    assert [ctx[a:b] for a, b in out["kept_spans"]] == ["Zebra facts", "The zebra runs in the savanna."]
+    assert out.pruned_context == "Zebra facts\nThe zebra runs in the savanna."
+    assert out.compression_rate == pytest.approx(100 * out.compression)
+    assert [ctx[a:b] for a, b in out.kept_spans] == ["Zebra facts", "The zebra runs in the savanna."]
     n_tok = len(minilm_tok(ctx, add_special_tokens=False)["input_ids"])
-    assert out["token_compression"] == pytest.approx(1 - out["stats"].tokens_kept / n_tok)
+    assert out.token_compression == pytest.approx(1 - out.stats.tokens_kept / n_tok)
     # a given title is placed before the context: kept_spans still index the context itself
     titled = pruner.process("zebra?", "Lions roar. The zebra runs.", title="Zebra notes", always_select_title=True)
-    assert titled["pruned_context"] == "Zebra notes\nThe zebra runs."
-    assert titled["kept_sentences"] == [0, 2] and titled["kept_spans"] == [(12, 27)]
+    assert titled.pruned_context == "Zebra notes\nThe zebra runs."
+    assert titled.kept_sentences == [0, 2] and titled.kept_spans == [(12, 27)]
     with pytest.warns(UserWarning, match="empty after normalisation"):
         pruner.process("?!", ctx)
     with warnings.catch_warnings():
@@ -355,8 +355,8 @@ def test_released_signature_outputs_and_warnings(minilm_tok):
 
 
 def test_token_budget_rule_end_to_end(minilm_tok):
-    """target_tokens / target_total_tokens / target_ratio keep the best sentences that fit,
-    exactly, counted in the model's tokens."""
+    """keep (a count or a fraction per context) and target_total_tokens keep the best
+    sentences that fit, exactly, counted in the model's tokens."""
     from prunecore.budget import keep_count
     from tokenprune.provence.core import budget_sentences, sentence_scores
 
@@ -368,20 +368,18 @@ def test_token_budget_rule_end_to_end(minilm_tok):
     q = "Where do zebras run?"
     scored = pruner.score(q, ctxs)
     for kwargs in (
-        {"target_tokens": 9},
+        {"keep": 9},
         {"target_total_tokens": 14},
-        {"target_ratio": 0.5},
-        {"target_tokens": 20, "target_total_tokens": 25, "target_ratio": 0.7},
+        {"keep": 0.5},
+        {"keep": 20, "target_total_tokens": 25},
+        {"keep": 0.7, "target_total_tokens": 25},
     ):
         out = pruner.decide(scored, **kwargs)
         items = scored["items"][0]
         spans = [token_sentence_spans(it["offsets"], it["sents"]) for it in items]
         caps = []
         for it in items:  # the budgets, written out
-            cap = kwargs.get("target_tokens", len(it["offsets"]))
-            if "target_ratio" in kwargs:
-                cap = min(cap, keep_count(len(it["offsets"]), kwargs["target_ratio"]))
-            caps.append(cap)
+            caps.append(keep_count(len(it["offsets"]), kwargs.get("keep", 1.0), clamp=True))
         expected = budget_sentences(
             np.concatenate([sentence_scores(it["probs"], sp) for it, sp in zip(items, spans)]),
             np.concatenate([sp[:, 1] - sp[:, 0] for sp in spans]),
@@ -390,30 +388,32 @@ def test_token_budget_rule_end_to_end(minilm_tok):
             total_budget=kwargs.get("target_total_tokens"),
         )
         n0 = len(spans[0])
-        assert out["kept_sentences"] == [np.flatnonzero(expected[:n0]).tolist(), np.flatnonzero(expected[n0:]).tolist()]
-        kept = [sum(b - a for a, b in sp[k]) for sp, k in zip(spans, out["kept_sentences"])]
+        assert out.kept_sentences == [np.flatnonzero(expected[:n0]).tolist(), np.flatnonzero(expected[n0:]).tolist()]
+        kept = [sum(b - a for a, b in sp[k]) for sp, k in zip(spans, out.kept_sentences)]
         assert all(k <= cap for k, cap in zip(kept, caps))
-        assert out["stats"].tokens_kept == sum(kept) <= kwargs.get("target_total_tokens", 10**9)
+        assert out.stats.tokens_kept == sum(kept) <= kwargs.get("target_total_tokens", 10**9)
 
     # the densest keyword sentence scores highest: a budget of its size keeps exactly it
     def n_tokens(text):
         return len(minilm_tok(text, add_special_tokens=False)["input_ids"])
 
     best = "A zebra zebra herd is big."
-    assert pruner.process(q, ctxs[1], target_tokens=n_tokens(best))["pruned_context"] == best
+    assert pruner.process(q, ctxs[1], keep=n_tokens(best)).pruned_context == best
     # with always_select_title the title is taken first, inside the budget
     budget = n_tokens("Zebra facts") + n_tokens("The zebra runs in the savanna.")
-    titled = pruner.process(q, ctxs[0], target_tokens=budget, always_select_title=True)
-    assert titled["pruned_context"] == "Zebra facts\nThe zebra runs in the savanna."
-    assert titled["stats"].tokens_kept == budget
+    titled = pruner.process(q, ctxs[0], keep=budget, always_select_title=True)
+    assert titled.pruned_context == "Zebra facts\nThe zebra runs in the savanna."
+    assert titled.stats.tokens_kept == budget
     with pytest.raises(ValueError, match="outside"):
-        pruner.process(q, ctxs[0], target_ratio=1.5)
-    # keep= is the same rule in prunekit's budget vocabulary: a fraction or a count
-    assert (
-        pruner.decide(scored, keep=0.5)["kept_sentences"] == pruner.decide(scored, target_ratio=0.5)["kept_sentences"]
-    )
-    assert pruner.decide(scored, keep=9)["kept_sentences"] == pruner.decide(scored, target_tokens=9)["kept_sentences"]
-    with pytest.raises(ValueError, match="not both"):
+        pruner.process(q, ctxs[0], keep=1.5)
+    # the deprecated spellings are the same rule, and warn naming keep=
+    with pytest.warns(DeprecationWarning, match=r"target_ratio= is deprecated: pass keep=0\.5"):
+        by_ratio = pruner.decide(scored, target_ratio=0.5)
+    assert pruner.decide(scored, keep=0.5).kept_sentences == by_ratio.kept_sentences
+    with pytest.warns(DeprecationWarning, match="target_tokens= is deprecated: pass keep=9"):
+        by_tokens = pruner.decide(scored, target_tokens=9)
+    assert pruner.decide(scored, keep=9).kept_sentences == by_tokens.kept_sentences
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="not both"):
         pruner.decide(scored, keep=9, target_tokens=5)
     with pytest.raises(TypeError, match="keep"):
         pruner.decide(scored, keep=True)

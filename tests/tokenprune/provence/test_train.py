@@ -142,7 +142,7 @@ def test_short_training_run_learns(shared_data, tok):
     assert len(losses) == 30 and np.isfinite(losses).all()
     assert np.mean(losses[-5:]) < 0.75 * np.mean(losses[:5])
     out = ProvencePruner(model, tok, max_length=96).process(recs[0]["query"], " ".join(recs[0]["sentences"]))
-    assert isinstance(out["pruned_context"], str)
+    assert isinstance(out.pruned_context, str)
 
 
 def test_trainable_layers_freezes_the_rest(tok):
@@ -180,9 +180,9 @@ def test_trained_minilm_keeps_answer_sentences(shared_data):
     pruner = ProvencePruner(str(CACHED))
     ctxs = [" ".join(r["sentences"]) for r in recs]
     out = pruner.process([r["query"] for r in recs], ctxs, threshold=0.1)
-    hits = [all(r["sentences"][i] in p for i in r["selected_sents"]) for r, p in zip(recs, out["pruned_context"])]
+    hits = [all(r["sentences"][i] in p for i in r["selected_sents"]) for r, p in zip(recs, out.pruned_context)]
     assert np.mean(hits) >= 0.8
-    assert np.mean(out["compression"]) >= 0.15  # measured: 0.30 at T=0.1 on 60 contexts
+    assert np.mean(out.compression) >= 0.15  # measured: 0.30 at T=0.1 on 60 contexts
 
 
 def test_rag_pruning_benchmark_quick(shared_data, monkeypatch):
