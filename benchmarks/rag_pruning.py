@@ -11,7 +11,7 @@ random place. Metrics per method:
 * compression: share of characters / tokens (MiniLM WordPiece) removed, mean over contexts;
 * contexts/s: wall-clock throughput of the method on this machine (model loading excluded).
 
-Provence's token-budget rule (``target_ratio``) runs on the same forward pass at the token share
+Provence's token-budget rule (``keep``) runs on the same forward pass at the token share
 the threshold rule kept at each threshold, so the two rules compare at equal tokens kept.
 Baselines run at the compression Provence reached at each threshold ("matching rate"): the
 bi-encoder and random selectors keep sentences (best-first / random order) within the same
@@ -213,7 +213,7 @@ def main(argv=None):
     comps, tok_comps = {}, {}
     thresholds = [float(x) for x in args.thresholds.split(",")]
     for t in thresholds:
-        out = pruner.decide(scored, threshold=t)["pruned_context"]
+        out = pruner.decide(scored, threshold=t).pruned_context
         out = [o if isinstance(o, str) else o[0] for o in out]
         m = evaluate(records, contexts, out, tok)
         comps[t], tok_comps[t] = m["char_comp"], m["tok_comp"]
@@ -223,10 +223,10 @@ def main(argv=None):
     # best-scoring sentences within the share of tokens the threshold rule kept
     for t in thresholds:
         ratio = float(np.clip(1 - tok_comps[t], 0.01, 1.0))
-        out = pruner.decide(scored, target_ratio=ratio)["pruned_context"]
+        out = pruner.decide(scored, keep=ratio).pruned_context
         out = [o if isinstance(o, str) else o[0] for o in out]
         m = evaluate(records, contexts, out, tok)
-        rows.append((f"{model_name} token budget", f"target_ratio={ratio:.2f} (T={t} rate)", m, len(records) / dt_prov))
+        rows.append((f"{model_name} token budget", f"keep={ratio:.2f} (T={t} rate)", m, len(records) / dt_prov))
 
     # ---- bi-encoder top-k sentences (MiniLM embeddings), random dropping, at matching rates
     enc = AutoModel.from_pretrained(minilm).eval()

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .device import resolve_device, resolve_dtype
-from .io import atomic_path, atomic_write_json
+from .io import atomic_path, atomic_write_bytes
 
 
 def load_open_clip(
@@ -256,7 +256,8 @@ def save_safetensors_folder(folder, state_dict: dict[str, torch.Tensor], config:
     Args:
         folder: created if missing; only ``model.safetensors`` and ``config.json`` are written.
         state_dict: ``{key: tensor}`` saved as-is under its keys (detached, made contiguous, on CPU).
-        config: JSON-serialisable dict written as ``config.json`` (sorted keys).
+        config: JSON-serialisable dict written as ``config.json`` the way transformers writes
+            one (indent 2, sorted keys, trailing newline).
     Returns:
         ``folder`` as a :class:`~pathlib.Path`.
 
@@ -270,5 +271,5 @@ def save_safetensors_folder(folder, state_dict: dict[str, torch.Tensor], config:
     state = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     with atomic_path(folder / "model.safetensors") as tmp:
         save_file(state, str(tmp))
-    atomic_write_json(folder / "config.json", config)
+    atomic_write_bytes(folder / "config.json", (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
     return folder

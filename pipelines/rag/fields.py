@@ -52,11 +52,12 @@ class ProvenceFieldsBase(ProvenceAdapter, BaseModel):
     @classmethod
     def settings_through_build_settings(cls, data: Any) -> Any:
         """Build the settings part of the keyword values with :func:`build_settings` (checks
-        ``keep``, maps the deprecated names to it)."""
+        ``keep``, maps the deprecated names to it); a name that is neither a setting nor a field
+        of the framework's class raises build_settings' TypeError instead of being dropped."""
         if not isinstance(data, dict):
             return data
         names = set(SETTING_NAMES) | set(DEPRECATED_SETTINGS)
-        settings = build_settings(**{k: v for k, v in data.items() if k in names})
+        settings = build_settings(**{k: v for k, v in data.items() if k in names or k not in cls.model_fields})
         return {**{k: v for k, v in data.items() if k not in names}, **settings_values(settings)}
 
     def model_post_init(self, context: Any, /) -> None:

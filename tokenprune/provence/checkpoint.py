@@ -26,11 +26,10 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from prunecore.device import resolve_device, resolve_dtype
-from prunecore.io import atomic_path, atomic_write_bytes, atomic_write_json
-from prunecore.models import CheckpointError, load_tokenizer, read_json, read_safetensors
+from prunecore.io import atomic_path, atomic_write_json
+from prunecore.models import CheckpointError, load_tokenizer, read_json, read_safetensors, save_safetensors_folder
 
 from .network import ProvenceModel
 
@@ -46,7 +45,6 @@ __all__ = [
     "position_limit",
     "resolve_checkpoint_dir",
     "save_provence_model",
-    "write_config_and_weights",
 ]
 
 MARKER = "prunekit_provence.json"
@@ -167,20 +165,6 @@ def load_provence_model(name_or_path, *, dtype=None, device=None):
     return model, tokenizer, meta
 
 
-def write_config_and_weights(folder: Path, state_dict: dict[str, torch.Tensor], config: dict) -> None:
-    """Write ``config.json`` and ``model.safetensors`` into ``folder``, each atomically.
-
-    Same signature as ``prunecore.models.save_safetensors_folder``: the one shared writer
-    replaces this function when it lands.
-    """
-    from safetensors.torch import save_file
-
-    atomic_write_bytes(folder / "config.json", (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
-    state = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    with atomic_path(folder / "model.safetensors") as tmp:
-        save_file(state, str(tmp))
-
-
 def save_provence_model(
     model: ProvenceModel, tokenizer, folder, *, max_length: int = 512, extra: dict | None = None
 ) -> Path:
@@ -193,7 +177,7 @@ def save_provence_model(
     folder.mkdir(parents=True, exist_ok=True)
     model.config.architectures = [type(model.ranker).__name__]
     config = json.loads(model.config.to_json_string())  # the diff against the defaults, as transformers saves it
-    write_config_and_weights(folder, model.released_state_dict(), config)
+    save_safetensors_folder(folder, model.released_state_dict(), config)
     if tokenizer is not None:
         with tempfile.TemporaryDirectory(dir=folder) as staging:
             tokenizer.save_pretrained(staging)

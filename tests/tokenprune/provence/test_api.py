@@ -8,9 +8,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import KeywordProvence
 
 from prunecore.budget import check_keep
+from tests.helpers.provence import KeywordProvence
 from tokenprune.provence import ProvenceResult
 from tokenprune.provence.model import ProvencePruner
 
