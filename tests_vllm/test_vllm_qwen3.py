@@ -107,3 +107,32 @@ def test_text_after_a_pruned_image_keeps_its_unpruned_positions():
         keep_cols[fo + k] = True
     assert torch.equal(positions, ref[:, keep_cols])
     assert delta == int(ref.max()) + 1 - len(ids)
+
+
+def test_the_served_class_is_the_pruning_subclass():
+    from vllm import ModelRegistry
+
+    import pipelines.vllm_plugin as plugin
+
+    assert plugin.register() is True
+    assert ModelRegistry._try_load_model_cls("Qwen3VLForConditionalGeneration").__name__ == "PrunedQwen3VL"
+
+
+def test_pruning_with_videos_allowed_stops_start_up_with_the_fix(monkeypatch):
+    """vLLM's Qwen3-VL video layout changes once its pruning flag is on: refused at build time."""
+    import pytest
+    from vllm.model_executor.models.qwen3_vl import Qwen3VLForConditionalGeneration
+
+    import pipelines.vllm_plugin.qwen2_5_vl as qwen2_5_vl
+    from pipelines.vllm_plugin.qwen3_vl import PrunedQwen3VL
+
+    def built(self, *, vllm_config, prefix=""):  # what vLLM's __init__ leaves that the check reads
+        torch.nn.Module.__init__(self)
+        self.config = SimpleNamespace(prunekit={"keep": 0.25})
+        self.multimodal_config = SimpleNamespace(enable_mm_embeds=False, get_limit_per_prompt=vllm_config.get)
+        self.use_data_parallel = False
+
+    monkeypatch.setattr(Qwen3VLForConditionalGeneration, "__init__", built)
+    monkeypatch.setattr(qwen2_5_vl, "get_tensor_model_parallel_world_size", lambda: 1)
+    with pytest.raises(ValueError, match=r"""Qwen3-VL videos .*--limit-mm-per-prompt '\{"video": 0\}'"""):
+        PrunedQwen3VL(vllm_config={"video": 1, "image": 2})
