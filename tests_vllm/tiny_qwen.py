@@ -65,6 +65,34 @@ def write_tokenizer(out: Path) -> dict[str, int]:
     return {t: tok.token_to_id(t) for t in SPECIAL}
 
 
+def text_config(ids: dict[str, int], shape: dict | None, **family) -> dict:
+    """The tiny language model's config (``head_dim`` 64 for vLLM's CPU attention), then the
+    family's keys, then ``shape``'s text overrides."""
+    tiny = dict(
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        pad_token_id=ids["<|endoftext|>"],
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|endoftext|>"],
+    )
+    return {**tiny, **family, **(shape or {}).get("text", {})}
+
+
+def vision_token_ids(ids: dict[str, int]) -> dict[str, int]:
+    """The config's image / video / vision start / vision end token ids."""
+    return {
+        "image_token_id": ids["<|image_pad|>"],
+        "video_token_id": ids["<|video_pad|>"],
+        "vision_start_token_id": ids["<|vision_start|>"],
+        "vision_end_token_id": ids["<|vision_end|>"],
+    }
+
+
 def save_config_or_weights(model_cls, cfg, out: Path, seed: int, *, config_only: bool) -> None:
     """Save ``cfg`` alone, or random weights of ``model_cls`` whose vision attention is peaky
     (every block's q and k rows scaled: FoPru's scores well separated)."""
@@ -104,26 +132,10 @@ def write_tiny_qwen2_5_vl(out: Path, seed: int = 0, shape: dict | None = None) -
             ),
             **(shape or {}).get("vision", {}),
         },
-        text_config={
-            **dict(
-                vocab_size=512,
-                hidden_size=256,
-                intermediate_size=512,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                max_position_embeddings=4096,
-                rope_parameters={"rope_type": "default", "mrope_section": [8, 12, 12], "rope_theta": 1e4},
-                pad_token_id=ids["<|endoftext|>"],
-                bos_token_id=ids["<|endoftext|>"],
-                eos_token_id=ids["<|endoftext|>"],
-            ),
-            **(shape or {}).get("text", {}),
-        },
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
+        text_config=text_config(
+            ids, shape, rope_parameters={"rope_type": "default", "mrope_section": [8, 12, 12], "rope_theta": 1e4}
+        ),
+        **vision_token_ids(ids),
     )
     save_config_or_weights(Qwen2_5_VLForConditionalGeneration, cfg, out, seed, config_only=shape is not None)
     preprocessor = {
@@ -193,32 +205,18 @@ def write_tiny_qwen3_vl(out: Path, seed: int = 0, shape: dict | None = None) -> 
             ),
             **(shape or {}).get("vision", {}),
         },
-        text_config={
-            **dict(
-                vocab_size=512,
-                hidden_size=256,
-                intermediate_size=512,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                head_dim=64,
-                max_position_embeddings=4096,
-                rope_parameters={
-                    "rope_type": "default",
-                    "mrope_section": [16, 8, 8],
-                    "mrope_interleaved": True,
-                    "rope_theta": 1e4,
-                },
-                pad_token_id=ids["<|endoftext|>"],
-                bos_token_id=ids["<|endoftext|>"],
-                eos_token_id=ids["<|endoftext|>"],
-            ),
-            **(shape or {}).get("text", {}),
-        },
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
+        text_config=text_config(
+            ids,
+            shape,
+            head_dim=64,
+            rope_parameters={
+                "rope_type": "default",
+                "mrope_section": [16, 8, 8],
+                "mrope_interleaved": True,
+                "rope_theta": 1e4,
+            },
+        ),
+        **vision_token_ids(ids),
     )
     save_config_or_weights(Qwen3VLForConditionalGeneration, cfg, out, seed, config_only=shape is not None)
     common = {
