@@ -24,6 +24,16 @@ def tiny_qwen(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def tiny_qwen3(tmp_path_factory) -> Path:
+    """A tiny random Qwen3-VL folder (written once per session)."""
+    from tiny_qwen import write_tiny_qwen3_vl
+
+    folder = tmp_path_factory.mktemp("qwen3_vl")
+    write_tiny_qwen3_vl(folder)
+    return folder
+
+
 def run_engine(folder: Path, options: dict, *, timeout: int = 900) -> subprocess.CompletedProcess:
     """Run tests_vllm/engine_run.py in a fresh process (vLLM starts its engine and worker processes)."""
     env = {**os.environ, "VLLM_ALLOW_INSECURE_SERIALIZATION": "1", "PYTHONPATH": str(ROOT)}
@@ -49,5 +59,17 @@ def engines(tiny_qwen) -> dict:
         "off": run_engine(tiny_qwen, {}),
         "keep1": run_engine(tiny_qwen, {"prunekit": {"keep": 1.0}}),
         "keep25": run_engine(tiny_qwen, {"prunekit": {"keep": 0.25}, "kept": True}),
+    }
+    return {name: (proc, engine_result(proc)) for name, proc in runs.items()}
+
+
+@pytest.fixture(scope="session")
+def engines_qwen3(tiny_qwen3) -> dict:
+    """The same three settings for the tiny Qwen3-VL."""
+    family = {"family": "qwen3_vl"}
+    runs = {
+        "off": run_engine(tiny_qwen3, family),
+        "keep1": run_engine(tiny_qwen3, {**family, "prunekit": {"keep": 1.0}}),
+        "keep25": run_engine(tiny_qwen3, {**family, "prunekit": {"keep": 0.25}, "kept": True}),
     }
     return {name: (proc, engine_result(proc)) for name, proc in runs.items()}

@@ -2,7 +2,8 @@
 
 Usage: python tests_vllm/engine_run.py FOLDER OPTIONS_JSON. OPTIONS_JSON: ``{"prunekit": {...}}``
 (passed as ``hf_overrides``; omitted: plain vLLM) and ``"kept": true`` to also read each
-image's kept merged-token indices from the served model (``LLM.apply_model``). Prints one line
+image's kept merged-token indices from the served model (``LLM.apply_model``); ``"family":
+"qwen3_vl"`` for Qwen3-VL's image sizes. Prints one line
 ``RESULT {json}``: prompt token ids and generated ids of a two-request batch, whether the
 plugin registered in this (main) process, and the kept indices.
 """
@@ -16,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from images import PROMPT, make_images  # noqa: E402
+from images import PROMPT, SIZES, SIZES_QWEN3, make_images  # noqa: E402
 
 
 def kept_indices(model, pixel_values, grid_thw) -> list[list[int]]:
@@ -51,7 +52,7 @@ def main() -> None:
         seed=0,
         **kwargs,
     )
-    images = make_images()
+    images = make_images(sizes=SIZES_QWEN3 if options.get("family") == "qwen3_vl" else SIZES)
     outs = llm.generate(
         [{"prompt": PROMPT, "multi_modal_data": {"image": im}} for im in images],
         SamplingParams(max_tokens=8, temperature=0),

@@ -3,8 +3,9 @@
 ``pip install "prunekit[vllm]"`` next to vLLM, then
 ``vllm serve Qwen/Qwen2.5-VL-3B-Instruct --hf-overrides '{"prunekit": {"keep": 0.25}}'``.
 vLLM calls :func:`register` in every process it starts (API server, engine core, workers);
-it swaps the served class of each supported family for a subclass that prunes visual tokens
-after the vision encoder (:mod:`.qwen2_5_vl`), and makes the model runner place the kept
+it swaps the served class of each family in :data:`FAMILIES` for a subclass that prunes
+visual tokens after the vision encoder (:mod:`.qwen2_5_vl`, :mod:`.qwen3_vl`), and makes the
+model runner place the kept
 tokens' M-RoPE positions. On a vLLM version outside :data:`SUPPORTED` it logs one line and
 changes nothing. Options and their errors: :mod:`.options`.
 """
@@ -13,13 +14,16 @@ from __future__ import annotations
 
 import logging
 
+from prunecore.registry import Registry
+
 __all__ = ["FAMILIES", "SUPPORTED", "is_supported", "register"]
 
 SUPPORTED = ((0, 32),)  # (major, minor) of the vLLM releases this plugin was written and tested against
-FAMILIES = {
-    "Qwen2_5_VLForConditionalGeneration": "pipelines.vllm_plugin.qwen2_5_vl:PrunedQwen2_5_VL",
-    "LlavaForConditionalGeneration": "pipelines.vllm_plugin.llava:PrunedLlava",
-}
+# vLLM architecture name -> "module:Class" of the pruning subclass (vLLM imports it lazily)
+FAMILIES: Registry[str] = Registry("vLLM family")
+FAMILIES.register("Qwen2_5_VLForConditionalGeneration")("pipelines.vllm_plugin.qwen2_5_vl:PrunedQwen2_5_VL")
+FAMILIES.register("Qwen3VLForConditionalGeneration")("pipelines.vllm_plugin.qwen3_vl:PrunedQwen3VL")
+FAMILIES.register("LlavaForConditionalGeneration")("pipelines.vllm_plugin.llava:PrunedLlava")
 RUNNERS = ("vllm.v1.worker.gpu_model_runner:GPUModelRunner", "vllm.v1.worker.cpu_model_runner:CPUModelRunner")
 
 logger = logging.getLogger("vllm.prunekit")
@@ -75,11 +79,11 @@ def register() -> bool:
 
     from vllm import ModelRegistry
 
-    for arch, cls_path in FAMILIES.items():
-        ModelRegistry.register_model(arch, cls_path)
+    for arch in FAMILIES.available():
+        ModelRegistry.register_model(arch, FAMILIES[arch])
     for path in RUNNERS:
         module, name = path.split(":")
         patch_runner(getattr(import_module(module), name))
     state["registered"] = True
-    logger.info("prunekit vLLM plugin active: FoPru for %s", ", ".join(FAMILIES))
+    logger.info("prunekit vLLM plugin active: FoPru for %s", ", ".join(FAMILIES.available()))
     return True

@@ -35,11 +35,12 @@ from tokenprune.fopru.core import fopru_select, packed_colmean, window_merged_sc
 from .options import ServeOptions, read_options, served_token_count
 from .positions import Media, grid_positions, image_position_channels, prompt_positions
 
-__all__ = ["PrunedQwen2_5_VL", "PrunedQwen2_5_VLProcessor"]
+__all__ = ["AttentionQK", "KeptImagePlaceholders", "PrunedQwen2_5_VL", "PrunedQwen2_5_VLProcessor", "check_servable"]
 
 
-class PrunedQwen2_5_VLProcessor(Qwen2_5_VLMultiModalProcessor):
-    """vLLM's Qwen2.5-VL processor with each image's placeholder run cut to the kept count."""
+class KeptImagePlaceholders:
+    """Processor mixin (before vLLM's Qwen-VL processor in the bases): each image's
+    placeholder run is cut to the kept count; videos and unset options pass unchanged."""
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
@@ -57,6 +58,10 @@ class PrunedQwen2_5_VLProcessor(Qwen2_5_VLMultiModalProcessor):
             else u
             for u in updates
         ]
+
+
+class PrunedQwen2_5_VLProcessor(KeptImagePlaceholders, Qwen2_5_VLMultiModalProcessor):
+    """vLLM's Qwen2.5-VL processor with each image's placeholder run cut to the kept count."""
 
 
 class AttentionQK:
@@ -81,6 +86,20 @@ class AttentionQK:
         self.handle.remove()
 
 
+def check_servable(model) -> None:
+    """Refuse, at start-up, a setting whose image embeddings FoPru cannot score."""
+    if getattr(model.multimodal_config, "enable_mm_embeds", False):
+        raise ValueError(
+            "prunekit vLLM plugin: --enable-mm-embeds passes image embeddings that FoPru cannot score "
+            "(it needs the vision encoder's attention); drop that flag or the prunekit option"
+        )
+    if model.use_data_parallel or get_tensor_model_parallel_world_size() > 1:
+        raise ValueError(
+            "prunekit vLLM plugin: a vision encoder split over several ranks is not supported; "
+            "serve with --tensor-parallel-size 1 and the default --mm-encoder-tp-mode"
+        )
+
+
 @MULTIMODAL_REGISTRY.register_processor(
     PrunedQwen2_5_VLProcessor, info=Qwen2_5_VLProcessingInfo, dummy_inputs=Qwen2_5_VLDummyInputsBuilder
 )
@@ -92,16 +111,7 @@ class PrunedQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
         self.prunekit: ServeOptions | None = read_options(self.config)
         if self.prunekit is None:
             return
-        if getattr(self.multimodal_config, "enable_mm_embeds", False):
-            raise ValueError(
-                "prunekit vLLM plugin: --enable-mm-embeds passes image embeddings that FoPru cannot score "
-                "(it needs the vision encoder's attention); drop that flag or the prunekit option"
-            )
-        if self.use_data_parallel or get_tensor_model_parallel_world_size() > 1:
-            raise ValueError(
-                "prunekit vLLM plugin: a vision encoder split over several ranks is not supported; "
-                "serve with --tensor-parallel-size 1 and the default --mm-encoder-tp-mode"
-            )
+        check_servable(self)
         full = sorted(int(i) for i in self.visual.fullatt_block_indexes)
         if self.prunekit.layer is None:
             block = full[-1]

@@ -1,5 +1,6 @@
 """The vLLM plugin's pure parts (no vLLM needed): options and their one-line errors, the served
-token count, and the M-RoPE rule for pruned images checked against transformers' Qwen2.5-VL."""
+token count, the family registry, and the M-RoPE rule for pruned images checked against
+transformers' Qwen2.5-VL and Qwen3-VL."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pipelines.vllm_plugin import is_supported
+from pipelines.vllm_plugin import FAMILIES, is_supported
 from pipelines.vllm_plugin.options import ServeOptions, read_options, served_token_count
 from pipelines.vllm_plugin.positions import Media, grid_positions, image_position_channels, prompt_positions
 from prunecore.budget import keep_count
@@ -57,10 +58,28 @@ def test_supported_versions():
     assert not is_supported("0.31.9") and not is_supported("0.33.0") and not is_supported("dev")
 
 
-def qwen25():
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+def test_families_are_a_registry_that_refuses_a_second_class_for_an_architecture():
+    assert FAMILIES.available() == [
+        "LlavaForConditionalGeneration",
+        "Qwen2_5_VLForConditionalGeneration",
+        "Qwen3VLForConditionalGeneration",
+    ]
+    assert FAMILIES["Qwen3VLForConditionalGeneration"] == "pipelines.vllm_plugin.qwen3_vl:PrunedQwen3VL"
+    with pytest.raises(ValueError, match="'Qwen3VLForConditionalGeneration' is already registered"):
+        FAMILIES.register("Qwen3VLForConditionalGeneration")("elsewhere:Other")
+    with pytest.raises(ValueError, match=r"unknown vLLM family 'Gemma3'; choose from \['LlavaFor"):
+        FAMILIES.lookup("Gemma3")
 
-    cfg = Qwen2_5_VLConfig(
+
+def qwen_vl(family: str):
+    """A one-layer random Qwen2.5-VL or Qwen3-VL (transformers) with the test's special ids."""
+    import transformers
+
+    config_cls, model_cls = {
+        "qwen2_5_vl": (transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration),
+        "qwen3_vl": (transformers.Qwen3VLConfig, transformers.Qwen3VLForConditionalGeneration),
+    }[family]
+    cfg = config_cls(
         vision_config=dict(depth=1, hidden_size=16, out_hidden_size=16, intermediate_size=16, num_heads=2),
         text_config=dict(
             vocab_size=100,
@@ -76,7 +95,7 @@ def qwen25():
         vision_start_token_id=VS,
         vision_end_token_id=VE,
     )
-    return Qwen2_5_VLForConditionalGeneration._from_config(cfg).eval()
+    return model_cls._from_config(cfg).eval()
 
 
 GRIDS = [(4, 6), (8, 4)]  # merged (h, w): one wide, one tall image
@@ -92,8 +111,8 @@ def prompt(counts):
     return ids + [10], offsets
 
 
-def hf_positions(ids, grids):
-    model = qwen25()
+def hf_positions(ids, grids, family):
+    model = qwen_vl(family)
     input_ids = torch.tensor([ids])
     thw = torch.tensor([[1, 2 * h, 2 * w] for h, w in grids])
     mm_types = (input_ids == IMG).int()
@@ -103,20 +122,25 @@ def hf_positions(ids, grids):
     return pos[:, 0]  # (3, L)
 
 
-def test_unpruned_prompt_positions_equal_transformers():
+FAMILY_NAMES = ["qwen2_5_vl", "qwen3_vl"]
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_unpruned_prompt_positions_equal_transformers(family):
     ids, offsets = prompt([h * w for h, w in GRIDS])
     media = [Media(o, grid_positions(1, h, w), max(h, w)) for o, (h, w) in zip(offsets, GRIDS)]
     ours, delta = prompt_positions(len(ids), media)
-    ref = hf_positions(ids, GRIDS)
+    ref = hf_positions(ids, GRIDS, family)
     assert torch.equal(ours, ref)
     assert delta == int(ref.max()) + 1 - len(ids)
 
 
-def test_pruned_positions_are_the_unpruned_ones_gathered_at_the_kept_tokens():
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_pruned_positions_are_the_unpruned_ones_gathered_at_the_kept_tokens(family):
     """FoPru's rule in both runtimes: nothing shifts. The plugin's text positions are exact before
     the encoder runs; vLLM's recompute then puts each kept token at base + its channels."""
     full_ids, full_offsets = prompt([h * w for h, w in GRIDS])
-    ref = hf_positions(full_ids, GRIDS)
+    ref = hf_positions(full_ids, GRIDS, family)
     kept = [torch.tensor([0, 5, 7, 23]), torch.tensor([1, 2, 30])]
     ids, offsets = prompt([len(k) for k in kept])
     media = [Media(o, grid_positions(1, 1, len(k)), max(h, w)) for o, k, (h, w) in zip(offsets, kept, GRIDS)]

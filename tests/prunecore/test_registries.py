@@ -20,6 +20,7 @@ from pipelines.cli import build_parser
 from pipelines.rag.core import ProvenceAdapter, ProvenceSettings, settings_values
 from pipelines.shards import STEPS, Step, default_steps, register_step
 from pipelines.shards.steps import build_step, cli_flags, method_choices, normalize_steps
+from pipelines.vllm_plugin import FAMILIES as VLLM_FAMILIES
 from prunecore import Registry
 from prunecore.cluster import Clustering, kmeans
 from tokenprune.localleap.models import FAMILIES, DLLMConfig, NativeDLLM, family_for
@@ -330,6 +331,29 @@ def test_rag_adapter_contract(framework):
         cls(pruner=pruner, no_such_setting=1)
 
 
+def vllm_class_bases(target: str) -> set[str]:
+    """Base class names of the ``"module:Class"`` a vLLM family entry names, read from the
+    plugin module's source (vLLM is not installed in this environment)."""
+    import ast
+    import importlib.util
+
+    module, _, class_name = target.partition(":")
+    assert module.startswith("pipelines.vllm_plugin."), target
+    with open(importlib.util.find_spec(module).origin) as source:
+        tree = ast.parse(source.read())
+    classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+    assert class_name in classes, target
+    return {ast.unparse(base) for base in classes[class_name].bases}
+
+
+@pytest.mark.parametrize("architecture", VLLM_FAMILIES.available())
+def test_vllm_family_contract(architecture):
+    """Each entry names a class of the plugin package that subclasses vLLM's class of the same
+    architecture."""
+    target = VLLM_FAMILIES[architecture]
+    assert architecture in vllm_class_bases(target), target
+
+
 # --------------------------------------------------------------------------- every registry is checked
 
 # Each ``Registry`` instance of the library -> the contract test that every entry of it must pass.
@@ -338,6 +362,7 @@ CONTRACTS = {
     "tokenprune.localleap.models.base:FAMILIES": test_dllm_family_contract,
     "pipelines.shards.steps:STEPS": test_selection_step_contract,
     "pipelines.rag:ADAPTERS": test_rag_adapter_contract,
+    "pipelines.vllm_plugin:FAMILIES": test_vllm_family_contract,
 }
 
 
@@ -389,5 +414,6 @@ def test_every_entry_is_found_under_each_of_its_names(where):
             "tokenprune.localleap.models.base:FAMILIES": lambda e: {e.model_type},
             "pipelines.shards.steps:STEPS": lambda e: {e.method},
             "pipelines.rag:ADAPTERS": lambda e: {e.__module__.rsplit(".", 1)[-1]},
+            "pipelines.vllm_plugin:FAMILIES": vllm_class_bases,
         }[where](entry)
         assert key in declared, (where, key, declared)  # the entry is filed under a name it declares
