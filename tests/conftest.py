@@ -1,6 +1,7 @@
 """Shared fixtures. Real data lives outside the project (``../shared/data`` or $PRUNEKIT_DATA)."""
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -58,3 +59,32 @@ class KeywordProvence(ProvenceModel):
             hit &= token_type_ids.bool()  # count context tokens only
         logits = torch.stack([torch.zeros(hit.shape), torch.where(hit, 4.6, -4.6)], -1)
         return hit.sum(1).float() + self.dummy, logits
+
+
+# the prunekit CLI in a child process that SIGKILLs itself once a stage reports ``count``
+# samples done (a progress observer: pipelines.shards.progress); argv: "STAGE:COUNT", CLI args
+KILL_AFTER_CLI = """
+import os, signal, sys
+from pipelines.cli import main
+from pipelines.shards.progress import watch_progress
+stage, _, count = sys.argv[1].partition(":")
+def kill(name, done):
+    if name == stage and done >= int(count):
+        os.kill(os.getpid(), signal.SIGKILL)
+with watch_progress(kill):
+    sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.fixture
+def cli_command():
+    """``cli_command(die)``: the argv prefix that runs ``prunekit`` in a child process; with
+    ``die="embed:120"`` the child SIGKILLs itself once the embed stage has done 120 samples
+    (the kill/resume tests)."""
+
+    def command(die: str | None = None) -> list[str]:
+        if die is None:
+            return [sys.executable, "-m", "pipelines.cli"]
+        return [sys.executable, "-c", KILL_AFTER_CLI, die]
+
+    return command

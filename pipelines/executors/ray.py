@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipelines.shards.embed import throughput_summary
+from pipelines.shards.batches import throughput_summary
 from pipelines.shards.select import select_chain
 from pipelines.shards.steps import build_step
 from pipelines.shards.threads import compute_threads
@@ -158,7 +158,7 @@ class EmbedActor:
         """Embed input shards ``batch["i"]`` as one stream; one row of timings back."""
         import time
 
-        from pipelines.shards.embed import EmbedTiming
+        from pipelines.shards.batches import EmbedTiming
 
         timing, wait0 = EmbedTiming(), self.decoder.wait_s
         with compute_threads(self.stage.params.get("threads")):  # the driver's count, not Ray's OMP_NUM_THREADS=1

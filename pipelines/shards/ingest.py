@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from prunecore.io import atomic_write_json
 from prunecore.rows import open_embeddings
 
-from .embed import EmbedArtifact, load_embed_artifact
+from .chunks import EmbedArtifact, load_embed_artifact
 from .stage import (
     NO_EMBEDDING,
     STATUS_OK,

@@ -20,8 +20,9 @@ from tqdm.auto import tqdm
 
 from prunecore.io import TMP_SUFFIX, atomic_write_json
 
+from .progress import report_progress
 from .select import SelectArtifact
-from .stage import PipelineError, Stage, die_hook, save_parquet
+from .stage import PipelineError, Stage, save_parquet
 from .tario import RawSample, ShardScan, add_sample, file_fingerprint, iter_shard, plan_output_shards
 
 
@@ -263,7 +264,7 @@ def write_outputs(stage, plan: pd.DataFrame, todo: Sequence[int], *, progress=Tr
                 bar.update(1)
                 if remaining[j] == 0:
                     open_shards.pop(j).close()
-                die_hook("write", written)
+                report_progress("write", written)
     unfinished = [j for j, v in remaining.items() if v > 0]
     if unfinished:
         raise PipelineError(

@@ -1,0 +1,30 @@
+"""The inputs of the shard pipeline, behind one interface (:class:`EmbedInput`).
+
+* :class:`TarShards`: webdataset tar shards, one resume unit per shard.
+* :class:`DatasetChunks` over a :class:`DatasetInput`: the rows of a local Hugging Face
+  dataset (map-style or a stream), one resume unit per ``chunk_rows`` rows.
+
+Precomputed embeddings (``.npy`` + metadata) need no embedding: the ingest stage
+(:class:`~pipelines.shards.ingest.IngestStage`) writes the same artifact from them.
+"""
+
+from __future__ import annotations
+
+from .dataset import DatasetInput, recorded_image_cells
+from .dataset_embed import DEFAULT_CHUNK_ROWS, ChunkEmbedder, DatasetChunks
+from .dataset_load import load_local_dataset
+from .protocol import EmbedInput, EmbedOptions, EmbedRun
+from .tar import TarShards
+
+__all__ = [
+    "DEFAULT_CHUNK_ROWS",
+    "ChunkEmbedder",
+    "DatasetChunks",
+    "DatasetInput",
+    "EmbedInput",
+    "EmbedOptions",
+    "EmbedRun",
+    "TarShards",
+    "load_local_dataset",
+    "recorded_image_cells",
+]
