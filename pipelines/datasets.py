@@ -12,10 +12,11 @@ same cluster and select stages as for tar shards, and writes the kept rows as a 
   batching, same resume unit semantics: one chunk of ``chunk_rows`` rows), or an embedding
   column is read straight from Arrow into the chunk files. Keys are the id column (as
   strings) or the row index.
-* **write** (:class:`~pipelines.shards.write_dataset.DatasetWriteStage`): the kept rows, in
-  input order, byte-identical (the Arrow rows are copied, never decoded), as a
-  ``save_to_disk`` folder or parquet shards under ``OUT/write/dataset``, built in
-  ``OUT/write/dataset.incomplete`` and renamed.
+* **write** (the one :class:`~pipelines.shards.write.WriteStage` with a
+  :class:`~pipelines.shards.write_dataset.DatasetOutput`): the kept rows, in input order,
+  byte-identical (the Arrow rows are copied, never decoded), as a ``save_to_disk`` folder
+  or parquet shards under ``OUT/write/dataset``, built in ``OUT/write/dataset.incomplete``
+  and renamed.
 
 Streaming inputs (an ``IterableDataset``, or ``--streaming`` to read local files without
 ``load_dataset``'s Arrow cache) go through the same stages in one sequential pass per stage:
@@ -41,7 +42,8 @@ from pipelines.shards.inputs import (
 )
 from pipelines.shards.inputs.dataset import embedding_rows
 from pipelines.shards.select import SelectArtifact
-from pipelines.shards.write_dataset import DatasetWriteStage
+from pipelines.shards.write import WriteStage
+from pipelines.shards.write_dataset import DatasetOutput
 
 
 def dataset_embed_stage(out, cfg, encoder, *, text: bool, executor=None) -> tuple[DatasetInput, EmbedStage]:
@@ -73,17 +75,12 @@ def dataset_embed_stage(out, cfg, encoder, *, text: bool, executor=None) -> tupl
     return source, stage
 
 
-def dataset_write_stage(out, select: SelectArtifact, source: DatasetInput, cfg) -> DatasetWriteStage:
+def dataset_write_stage(out, select: SelectArtifact, source: DatasetInput, cfg) -> WriteStage:
     """The write stage of ``run_filter`` for a dataset input (``cfg``: a FilterConfig)."""
-    return DatasetWriteStage(
-        out,
-        select,
-        source,
-        output_format=cfg.hf_output_format,
-        max_count=cfg.shard_max_count,
-        max_size=cfg.shard_max_size,
-        progress=cfg.progress,
+    output = DatasetOutput(
+        source, output_format=cfg.hf_output_format, max_count=cfg.shard_max_count, max_size=cfg.shard_max_size
     )
+    return WriteStage(out, select, output, progress=cfg.progress)
 
 
 def DatasetEmbedStage(out, source: DatasetInput, encoder=None, *, chunk_rows: int = DEFAULT_CHUNK_ROWS, **options):  # noqa: N802 - a deprecated class name
@@ -96,11 +93,22 @@ def DatasetEmbedStage(out, source: DatasetInput, encoder=None, *, chunk_rows: in
     return EmbedStage(out, DatasetChunks(source, chunk_rows), encoder, **options)
 
 
+def DatasetWriteStage(out, select: SelectArtifact, source: DatasetInput, *, progress: bool = True, **options):  # noqa: N802 - a deprecated class name
+    """Deprecated (kept for one release): ``WriteStage(out, select, DatasetOutput(source, ...))``."""
+    warnings.warn(
+        "DatasetWriteStage is deprecated: use WriteStage(out, select, DatasetOutput(source, ...))",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return WriteStage(out, select, DatasetOutput(source, **options), progress=progress)
+
+
 __all__ = [
     "ChunkEmbedder",
     "DatasetChunks",
     "DatasetEmbedStage",
     "DatasetInput",
+    "DatasetOutput",
     "DatasetWriteStage",
     "dataset_embed_stage",
     "dataset_write_stage",

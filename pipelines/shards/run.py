@@ -336,9 +336,9 @@ def _owned_patterns(cfg: FilterConfig) -> dict:
     """:data:`OWNED`, plus the dataset writer's files when the input is a Hugging Face dataset."""
     if cfg.hf_dataset is None:
         return OWNED
-    from pipelines.datasets import DatasetWriteStage
+    from .write_dataset import DatasetOutput
 
-    return {**OWNED, "write": OWNED["write"] + DatasetWriteStage.owned}
+    return {**OWNED, "write": OWNED["write"] + DatasetOutput.owned}
 
 
 def _run_stages(cfg: FilterConfig, steps: list[dict], out: Path, shard_list: list[str], files: list) -> FilterResult:

@@ -1,8 +1,8 @@
-"""The write stage for a Hugging Face dataset input: the kept rows as a new dataset.
+"""The write stage's output for a Hugging Face dataset input: the kept rows as a new dataset.
 
 Artifact (``OUT/write/``): ``dataset/`` (a ``save_to_disk`` folder or parquet shards, built
-in ``dataset.incomplete/`` and renamed) + ``manifest.json``. The tar input's writer is
-:class:`~pipelines.shards.write.WriteStage`; both are the ``write`` stage of a run.
+in ``dataset.incomplete/`` and renamed) + ``manifest.json``. The other output (tar shards)
+and the stage itself: :mod:`pipelines.shards.write`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
@@ -24,9 +25,9 @@ from prunecore.io import atomic_path, atomic_write_json, file_digest
 from .inputs.dataset import DatasetInput
 from .inputs.dataset_load import hf_progress
 from .progress import report_progress
-from .select import SelectArtifact
-from .stage import Stage, folder_files, is_temporary, owns
+from .stage import folder_files, is_temporary, owns
 from .tario import plan_output_shards
+from .write import WriteStage
 
 OUTPUT_FORMATS = ("disk", "parquet")
 WRITE_BATCH_ROWS = 1_000
@@ -37,9 +38,11 @@ def output_shard_name(split: str, j: int, n: int) -> str:
     return f"{split}-{j:05d}-of-{n:05d}.parquet"
 
 
-class DatasetWriteStage(Stage):
-    """Kept rows -> ``OUT/write/dataset`` (``save_to_disk`` folder or parquet shards), the
-    rows byte-identical to the input's and in input order, + ``manifest.json``.
+class DatasetOutput:
+    """The write stage's output for a dataset input (an
+    :class:`~pipelines.shards.write.OutputWriter`): kept rows -> ``OUT/write/dataset``
+    (``save_to_disk`` folder or parquet shards), the rows byte-identical to the input's and
+    in input order, + ``manifest.json``.
 
     The dataset is built in ``dataset.incomplete`` and renamed when whole. Parquet shards are
     planned up front (``--shard-max-count`` rows / ``--shard-max-size`` image bytes) and each
@@ -52,41 +55,34 @@ class DatasetWriteStage(Stage):
     (the only one it can write).
     """
 
-    name = "write"
     owned = ("manifest.json", "dataset/*", "dataset.incomplete/*")
 
     def __init__(
         self,
-        out,
-        select: SelectArtifact,
         source: DatasetInput,
         *,
         output_format: str | None = None,
         max_count: int = 10000,
         max_size: int = 3_000_000_000,
-        progress: bool = True,
     ):
         output_format = output_format or ("parquet" if source.streaming else "disk")
         if output_format not in OUTPUT_FORMATS:
             raise ValueError(f"output format must be one of {OUTPUT_FORMATS}, got {output_format!r}")
         if output_format == "disk" and source.streaming:
             raise ValueError("a streaming input is written as parquet shards: use --hf-output-format parquet")
-        params = {"format": output_format, "max_count": int(max_count), "max_size": int(max_size)}
-        super().__init__(out, params, {"select": select.fingerprint, "dataset": source.fingerprint()})
-        self.select, self.source, self.progress = select, source, progress
+        self.params = {"format": output_format, "max_count": int(max_count), "max_size": int(max_size)}
+        self.source = source
         self.manifest: dict = {}
 
-    @property
-    def final(self) -> Path:
-        return self.dir / "dataset"
+    def record_inputs(self) -> dict:
+        return {"dataset": self.source.fingerprint()}
 
-    @property
-    def staging(self) -> Path:
-        return self.dir / "dataset.incomplete"
+    def folders(self, stage: WriteStage) -> tuple[Path, Path]:
+        """(the finished dataset's folder, the folder it is built in)."""
+        return stage.dir / "dataset", stage.dir / "dataset.incomplete"
 
-    def planned_rows(self) -> tuple[np.ndarray, np.ndarray, int]:
+    def planned_rows(self, keep: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, int]:
         """(kept row indices in input order, output shard of each, number of output shards)."""
-        keep = self.select.keep
         kept = keep[keep["kept"]].sort_values("index", kind="stable")
         rows = kept["index"].to_numpy(np.int64)
         plan = np.asarray(
@@ -101,61 +97,62 @@ class DatasetWriteStage(Stage):
         """The parquet output's file names (inside ``dataset/``)."""
         return [output_shard_name(self.source.split_name, j, n_out) for j in range(n_out)]
 
-    def compute(self, log):
-        rows, plan, n_out = self.planned_rows()
+    def compute(self, stage: WriteStage) -> dict:
+        final, staging = self.folders(stage)
+        rows, plan, n_out = self.planned_rows(stage.select.keep)
         if self.params["format"] == "disk":
-            if not self.final.exists():
-                folders = {f"{self.staging.name}/", f"{self.final.name}/"}
-                self.claim(folders)  # save_to_disk names its files: the folders are claimed while it runs
-                if self.staging.exists():
-                    shutil.rmtree(self.staging)
-                with hf_progress(self.progress):
-                    self.source.dataset.select(rows).save_to_disk(str(self.staging), num_shards=n_out)
-                self.names -= folders  # then exactly the files it wrote
-                self.claim(
-                    f"{d}/{rel}" for rel in folder_files(self.staging) for d in (self.staging.name, self.final.name)
-                )
-                os.replace(self.staging, self.final)
+            if not final.exists():
+                folders = {f"{staging.name}/", f"{final.name}/"}
+                stage.claim(folders)  # save_to_disk names its files: the folders are claimed while it runs
+                if staging.exists():
+                    shutil.rmtree(staging)
+                with hf_progress(stage.progress):
+                    self.source.dataset.select(rows).save_to_disk(str(staging), num_shards=n_out)
+                stage.names -= folders  # then exactly the files it wrote
+                stage.claim(f"{d}/{rel}" for rel in folder_files(staging) for d in (staging.name, final.name))
+                os.replace(staging, final)
         else:
             names = self.shard_names(n_out)
-            self.claim(f"{folder.name}/{name}" for folder in (self.staging, self.final) for name in names)
+            stage.claim(f"{folder.name}/{name}" for folder in (staging, final) for name in names)
             # a finished dataset missing a shard (repair) gets it back in place; else build, then publish
-            target = self.final if self.final.exists() else self.staging
-            self.write_parquet(target, rows, plan, n_out)
-            if target == self.staging:
-                os.replace(self.staging, self.final)
-        files = sorted(rel for rel in folder_files(self.final) if not is_temporary(rel.rsplit("/", 1)[-1]))
+            target = final if final.exists() else staging
+            self.write_parquet(stage, target, rows, plan, n_out)
+            if target == staging:
+                os.replace(staging, final)
+        files = sorted(rel for rel in folder_files(final) if not is_temporary(rel.rsplit("/", 1)[-1]))
         manifest = {
             "format": self.params["format"],
-            "dir": self.final.name,
+            "dir": final.name,
             "samples": int(rows.size),
             "files": [
-                {"file": rel, "bytes": (self.final / rel).stat().st_size, "sha256": file_digest(self.final / rel)}
+                {"file": rel, "bytes": (final / rel).stat().st_size, "sha256": file_digest(final / rel)}
                 for rel in files
             ],
         }
         manifest["bytes"] = int(sum(f["bytes"] for f in manifest["files"]))
-        atomic_write_json(self.dir / "manifest.json", manifest)
+        atomic_write_json(stage.dir / "manifest.json", manifest)
         self.manifest = manifest
         return {"output_shards": n_out, "samples": int(rows.size), "bytes": manifest["bytes"]}
 
-    def known_digests(self) -> dict[str, str]:
+    def known_digests(self, stage: WriteStage) -> dict[str, str]:
         """The sha256 the manifest took of the dataset's files in this run."""
-        return {f"{self.final.name}/{f['file']}": f["sha256"] for f in self.manifest.get("files", [])}
+        final = self.folders(stage)[0]
+        return {f"{final.name}/{f['file']}": f["sha256"] for f in self.manifest.get("files", [])}
 
-    def inconsistent(self, files: dict) -> dict[str, str]:
+    def inconsistent(self, stage: WriteStage, files: dict) -> dict[str, str]:
         """Dataset files that do not add up to the kept rows: a planned parquet shard missing,
         unreadable or with other than its planned rows; a ``save_to_disk`` folder that does not
         load or loads with another row count (the whole folder is one unit)."""
-        rows, plan, n_out = self.planned_rows()
+        final = self.folders(stage)[0]
+        rows, plan, n_out = self.planned_rows(stage.select.keep)
         if self.params["format"] == "disk":
-            return self.disk_problems(files, rows.size)
+            return self.disk_problems(stage, files, rows.size)
         counts = np.bincount(plan, minlength=n_out) if rows.size else np.zeros(1, np.int64)
         bad = {}
         for name, want in zip(self.shard_names(n_out), counts.tolist()):
-            rel = f"{self.final.name}/{name}"
+            rel = f"{final.name}/{name}"
             try:
-                got = pq.read_metadata(self.dir / rel).num_rows if rel in files else None
+                got = pq.read_metadata(stage.dir / rel).num_rows if rel in files else None
             except (OSError, pa.ArrowException) as exc:
                 bad[rel] = f"unreadable parquet ({exc})"
                 continue
@@ -163,38 +160,40 @@ class DatasetWriteStage(Stage):
                 bad[rel] = "missing" if got is None else f"{got} rows, {want} planned"
         return bad
 
-    def disk_problems(self, files: dict, n_rows: int) -> dict[str, str]:
+    def disk_problems(self, stage: WriteStage, files: dict, n_rows: int) -> dict[str, str]:
         """:meth:`inconsistent` for a ``save_to_disk`` folder: every file of it when it does
         not load with ``n_rows`` rows."""
+        final = self.folders(stage)[0]
         import datasets
 
         try:
             with hf_progress(False):
-                got = len(datasets.load_from_disk(str(self.final), keep_in_memory=False))
+                got = len(datasets.load_from_disk(str(final), keep_in_memory=False))
             problem = "" if got == n_rows else f"loads {got} rows, {n_rows} kept"
         except Exception as exc:  # noqa: BLE001 - any failure to load means rebuild
             problem = f"does not load ({type(exc).__name__}: {exc})".splitlines()[0]
         if not problem:
             return {}
-        prefix = self.final.name + "/"
+        prefix = final.name + "/"
         return {rel: problem for rel in files if rel.startswith(prefix)} or {prefix: problem}
 
-    def invalidate(self, rels: list[str]) -> list[str]:
+    def invalidate(self, stage: WriteStage, rels: list[str]) -> list[str]:
         """Delete the changed files ``rels``; a ``save_to_disk`` folder goes whole (one unit)."""
-        prefix = self.final.name + "/"
+        final = self.folders(stage)[0]
+        prefix = final.name + "/"
         if self.params["format"] == "disk" and any(rel.startswith(prefix) for rel in rels):
-            rels = [*rels, *(prefix + rel for rel in folder_files(self.final))]
+            rels = [*rels, *(prefix + rel for rel in folder_files(final))]
         deleted = []
         for rel in dict.fromkeys(rels):
-            path = self.dir / rel
-            if owns(rel, self.names) and path.is_file():
+            path = stage.dir / rel
+            if owns(rel, stage.names) and path.is_file():
                 path.unlink()
                 deleted.append(rel)
-        if self.params["format"] == "disk" and self.final.is_dir() and not folder_files(self.final):
-            shutil.rmtree(self.final)  # only empty folders left: compute builds it again
+        if self.params["format"] == "disk" and final.is_dir() and not folder_files(final):
+            shutil.rmtree(final)  # only empty folders left: compute builds it again
         return deleted
 
-    def write_parquet(self, staging: Path, rows: np.ndarray, plan: np.ndarray, n_out: int) -> None:
+    def write_parquet(self, stage: WriteStage, staging: Path, rows: np.ndarray, plan: np.ndarray, n_out: int) -> None:
         """Parquet shard j holds ``rows[plan == j]``; finished shards of a killed run are kept."""
         staging.mkdir(exist_ok=True)
         paths = [staging / output_shard_name(self.source.split_name, j, n_out) for j in range(n_out)]
@@ -205,7 +204,7 @@ class DatasetWriteStage(Stage):
                 pq.write_table(schema.empty_table(), tmp)
             return
         written, shard, stack = 0, -1, contextlib.ExitStack()
-        with tqdm(total=int(todo[plan].sum()), desc="write", unit="row", disable=not self.progress) as bar:
+        with tqdm(total=int(todo[plan].sum()), desc="write", unit="row", disable=not stage.progress) as bar:
             for j, table in self.kept_tables(rows, plan, todo):
                 if j != shard:  # output shards come in order: publish the previous one
                     stack.close()
@@ -215,7 +214,7 @@ class DatasetWriteStage(Stage):
                 writer.write_table(table)
                 written += table.num_rows
                 bar.update(table.num_rows)
-                report_progress(self.name, written)
+                report_progress(stage.name, written)
             stack.close()
 
     def kept_tables(self, rows: np.ndarray, plan: np.ndarray, todo: np.ndarray) -> Iterator[tuple[int, pa.Table]]:
@@ -243,8 +242,8 @@ class DatasetWriteStage(Stage):
             if lo + table.num_rows > last:
                 return
 
-    def load(self) -> dict:
+    def load(self, stage: WriteStage) -> dict:
         """The manifest, with ``path``: the filtered dataset's folder."""
-        manifest = json.loads((self.dir / "manifest.json").read_text())
-        manifest["path"] = str(self.dir / manifest["dir"])
+        manifest = json.loads((stage.dir / "manifest.json").read_text())
+        manifest["path"] = str(stage.dir / manifest["dir"])
         return manifest
