@@ -82,6 +82,8 @@ class EmbedStage(Stage):
         self.decode = decode or DecodeOptions()
         options = EmbedOptions(batch_size, text, dtype, strict, self.decode, threads)
         super().__init__(out, source.embed_params(encoder, encoder_fingerprint, options), source.record_inputs())
+        if source.precomputed:
+            self.owned = source.owned
         self.source = source
         self.shards = source.units()
         self.encoder = encoder
@@ -110,7 +112,7 @@ class EmbedStage(Stage):
         """Shards added, removed or replaced, parameters unchanged: delete only the chunks of
         the shards that changed (and the merged tables), so only those are embedded again.
         Anything else: delete every file of the stage (:meth:`Stage.clear`)."""
-        kept = self.reusable_chunks()
+        kept = None if self.source.precomputed else self.reusable_chunks()
         rels = self.artifact_files()
         if kept is None or not all(is_owned_file(rel, self.owned) for rel in rels):
             return super().clear()
@@ -126,6 +128,8 @@ class EmbedStage(Stage):
         return ["keys.parquet", "embeddings.json", *(f for i in range(len(self.shards)) for f in self.chunk_files(i))]
 
     def compute(self, log):
+        if self.source.precomputed:
+            return self.source.write_artifact(self.dir)
         if self.source.streaming:
             self.embed_pass()
             return finalize_embed(self.dir, self.shards, text=self.params["text"])
@@ -221,6 +225,8 @@ class EmbedStage(Stage):
             self.embed_many(todo, decoder, **hooks)
 
     def load(self) -> EmbedArtifact:
+        if self.source.precomputed:
+            return self.source.load_artifact(self.dir, self.digest)
         return load_embed_artifact(self.dir, self.digest)
 
     def inconsistent(self, files: dict) -> dict[str, str]:

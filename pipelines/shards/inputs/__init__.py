@@ -3,9 +3,8 @@
 * :class:`TarShards`: webdataset tar shards, one resume unit per shard.
 * :class:`DatasetChunks` over a :class:`DatasetInput`: the rows of a local Hugging Face
   dataset (map-style or a stream), one resume unit per ``chunk_rows`` rows.
-
-Precomputed embeddings (``.npy`` + metadata) need no embedding: the ingest stage
-(:class:`~pipelines.shards.ingest.IngestStage`) writes the same artifact from them.
+* :class:`PrecomputedEmbeddings`: ``.npy`` embeddings + metadata parquet, referenced in
+  place (nothing to embed: the stage writes the sample table in one go).
 """
 
 from __future__ import annotations
@@ -13,6 +12,7 @@ from __future__ import annotations
 from .dataset import DatasetInput, recorded_image_cells
 from .dataset_embed import DEFAULT_CHUNK_ROWS, ChunkEmbedder, DatasetChunks
 from .dataset_load import load_local_dataset
+from .precomputed import PrecomputedEmbeddings
 from .protocol import EmbedInput, EmbedOptions, EmbedRun
 from .tar import TarShards
 
@@ -24,6 +24,7 @@ __all__ = [
     "EmbedInput",
     "EmbedOptions",
     "EmbedRun",
+    "PrecomputedEmbeddings",
     "TarShards",
     "load_local_dataset",
     "recorded_image_cells",

@@ -43,6 +43,8 @@ class DatasetChunks:
         self.label = source.label
         self.rows_read = 0  # a stream: rows read by the last pass
 
+    precomputed = False
+
     @property
     def streaming(self) -> bool:
         return self.source.streaming

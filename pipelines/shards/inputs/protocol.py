@@ -53,12 +53,16 @@ class EmbedInput(Protocol):
     ``streaming``: the units are read in one sequential pass in this process (their count is
     known after it: :meth:`embed_pass`); else any subset of units is embedded on demand
     (:meth:`embed_units`, by any executor). ``decodes_images``: False when the rows are read,
-    not encoded (no encoder, no decode workers).
+    not encoded (no encoder, no decode workers). ``precomputed``: the rows are embeddings
+    already: the input has no unit, writes the artifact itself (``write_artifact(stage_dir)
+    -> summary``, ``load_artifact(stage_dir, digest)``, its files ``owned``) and does not
+    implement :meth:`embed_units` / :meth:`embed_pass`.
     """
 
     label: str
     streaming: bool
     decodes_images: bool
+    precomputed: bool
 
     def units(self) -> list[str]:
         """One label per resume unit (a stream: those read so far)."""

@@ -25,6 +25,7 @@ class TarShards:
 
     streaming = False
     decodes_images = True
+    precomputed = False
 
     def __init__(self, shards: Sequence[str], image_exts: Sequence[str] = IMAGE_EXTS):
         self.shards = list(shards)

@@ -1,4 +1,8 @@
-"""The ingest stage: precomputed embeddings in place of the embed stage (same artifact)."""
+"""Precomputed embeddings (``.npy`` + metadata parquet) as the embed stage's input.
+
+Nothing is embedded: the embed stage's artifact (``keys.parquet`` + ``embeddings.json``)
+references the embedding files in place (not copied).
+"""
 
 from __future__ import annotations
 
@@ -11,37 +15,39 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
-from prunecore.io import atomic_write_json
-from prunecore.rows import open_embeddings
-
-from .chunks import EmbedArtifact, load_embed_artifact
-from .stage import (
+from pipelines.shards.chunks import EmbedArtifact, load_embed_artifact
+from pipelines.shards.stage import (
     NO_EMBEDDING,
     STATUS_OK,
     PipelineError,
-    Stage,
     parquet_columns,
     read_parquet,
     release_scratch,
     save_parquet,
     string_dtype,
 )
-from .tario import ShardScan, check_unique_keys, file_fingerprint, iter_shard_headers
+from pipelines.shards.tario import ShardScan, check_unique_keys, file_fingerprint, iter_shard_headers
+from prunecore.io import atomic_write_json
+from prunecore.rows import open_embeddings
+
+from .protocol import EmbedOptions
 
 
-class IngestStage(Stage):
+class PrecomputedEmbeddings:
     """Precomputed embeddings (LAION style ``img_emb_*.npy`` + ``metadata_*.parquet`` with a
     key column), referenced in place (not copied). When shards are given too, the tar headers
     are scanned for shard/index/size of every key (needed by the write stage), and every
-    embedding key must be found in the shards.
+    embedding key must be found in the shards. It has no resume unit: the stage writes the
+    sample table in one go (:meth:`write_artifact`).
     """
 
-    name = "embed"
+    streaming = False
+    decodes_images = False
+    precomputed = True  # the stage writes the artifact with :meth:`write_artifact`, nothing is embedded
     owned = ("keys.parquet", "embeddings.json")
 
     def __init__(
         self,
-        out,
         embeddings: Sequence[str],
         metadata: Sequence[str],
         *,
@@ -63,21 +69,29 @@ class IngestStage(Stage):
         if self.txt_files and len(self.txt_files) != len(self.emb_files):
             raise PipelineError("text embedding files must pair one-to-one with image ones")
         self.shards = list(shards or [])
-        params = {"key_column": key_column, "kind": "precomputed"}
-        inputs = {
+        self.key_column = key_column
+        self.label = f"{len(self.emb_files)} embedding file(s)"
+        self.progress = progress
+        self.computed: pa.Table | None = None
+
+    def units(self) -> list[str]:
+        return []
+
+    def embed_params(self, encoder, encoder_fingerprint, options: EmbedOptions) -> dict:
+        return {"key_column": self.key_column, "kind": "precomputed"}
+
+    def record_inputs(self) -> dict:
+        return {
             "embeddings": file_fingerprint(self.emb_files),
             "metadata": file_fingerprint(self.meta_files),
             "texts": file_fingerprint(self.txt_files),
             "shards": file_fingerprint(self.shards),
         }
-        super().__init__(out, params, inputs)
-        self.progress = progress
-        self.computed: pa.Table | None = None
 
     def read_keys(self) -> pa.ChunkedArray:
         """The key column of every metadata file (one chunk per file, Arrow strings), checked
         against its embedding file's row count and for repeated keys."""
-        key_col = self.params["key_column"]
+        key_col = self.key_column
         chunks = []
         for emb_path, meta_path in zip(self.emb_files, self.meta_files):
             arr = open_embeddings(emb_path)
@@ -100,7 +114,8 @@ class IngestStage(Stage):
         release_scratch()  # the parquet decode and sort scratch: the sample table reuses those pages
         return keys
 
-    def compute(self, log):
+    def write_artifact(self, stage_dir: Path) -> dict:
+        """Write the sample table and ``embeddings.json`` into ``stage_dir``; the stage's summary."""
         keys_arr = self.read_keys()
         n = len(keys_arr)
         errors = []
@@ -120,11 +135,11 @@ class IngestStage(Stage):
                     "row": rows,
                 }
             )
-        save_parquet(self.dir / "keys.parquet", keys)
+        save_parquet(stage_dir / "keys.parquet", keys)
         if isinstance(keys, pa.Table):
             self.computed = keys  # load() converts it without copies instead of reading the file back
         atomic_write_json(
-            self.dir / "embeddings.json", {"images": self.emb_files, "texts": self.txt_files, "shards": self.shards}
+            stage_dir / "embeddings.json", {"images": self.emb_files, "texts": self.txt_files, "shards": self.shards}
         )
         total = keys.num_rows if isinstance(keys, pa.Table) else len(keys)
         return {
@@ -166,11 +181,13 @@ class IngestStage(Stage):
         keys = keys.astype({"index": np.int64, "nbytes": np.int64, "shard_idx": np.int64})
         return keys.reset_index(drop=True)
 
-    def load(self) -> EmbedArtifact:
+    def load_artifact(self, stage_dir: Path, digest: str) -> EmbedArtifact:
+        """The artifact :meth:`write_artifact` wrote (its table converted without copies when
+        written in this process)."""
         keys, self.computed = self.computed, None
         if keys is not None:
             keys = keys.to_pandas(split_blocks=True, types_mapper=string_dtype)
-        art = load_embed_artifact(self.dir, self.digest, keys)
+        art = load_embed_artifact(stage_dir, digest, keys)
         if art.keys["row"].max() + 1 != art.n_rows:
             raise PipelineError("embedding rows and keys disagree")
         return art
