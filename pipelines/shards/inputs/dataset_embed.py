@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from pipelines.shards.batches import EmbeddedBatch, EmbedTiming, embed_stream, encode_in_slots
+from pipelines.shards.batches import EmbeddedBatch, embed_stream, encode_in_slots
 from pipelines.shards.chunks import EmbeddedUnit, chunk_paths
 from pipelines.shards.stage import NO_EMBEDDING, STATUS_OK, PipelineError
 from pipelines.shards.tario import ShardScan
@@ -96,7 +96,7 @@ class DatasetChunks:
         columns = self.source.embed_columns(run.text)
         for i in todo:
             start, stop = i * size, min((i + 1) * size, self.source.n_rows)
-            embedder = self.chunk_embedder(run)
+            embedder = ChunkEmbedder(self.source, run)
             embedder.run(self.source.iter_tables(columns, run.batch_size, start, stop))
             yield self.unit(i, embedder)
 
@@ -117,22 +117,9 @@ class DatasetChunks:
             if finished.exists():
                 FinishedChunk(finished, self.source.id_column).verify(parts)
                 continue
-            embedder = self.chunk_embedder(run)
+            embedder = ChunkEmbedder(self.source, run)
             embedder.run(parts)
             yield self.unit(i, embedder)
-
-    def chunk_embedder(self, run: EmbedRun) -> ChunkEmbedder:
-        return ChunkEmbedder(
-            self.source,
-            run.encoder,
-            run.decoder,
-            batch_size=run.batch_size,
-            text=run.text,
-            strict=run.strict,
-            progress=run.progress,
-            on_sample=run.on_sample,
-            timing=run.timing,
-        )
 
     def unit(self, i: int, embedder: ChunkEmbedder) -> EmbeddedUnit:
         table, images, texts = embedder.finish()
@@ -162,22 +149,10 @@ class ChunkEmbedder:
     non-finite ones get ``no_embedding``.
     """
 
-    def __init__(
-        self,
-        source: DatasetInput,
-        encoder,
-        decoder,
-        *,
-        batch_size: int,
-        text: bool,
-        strict: bool,
-        progress=None,
-        on_sample=None,
-        timing: EmbedTiming | None = None,
-    ):
-        self.source, self.encoder, self.decoder = source, encoder, decoder
-        self.batch_size, self.text, self.strict = batch_size, text, strict
-        self.progress, self.on_sample, self.timing = progress, on_sample, timing
+    def __init__(self, source: DatasetInput, run: EmbedRun):
+        self.source, self.encoder, self.decoder = source, run.encoder, run.decoder
+        self.batch_size, self.text, self.strict = run.batch_size, run.text, run.strict
+        self.progress, self.on_sample, self.timing = run.progress, run.on_sample, run.timing
         self.start: int | None = None
         self.keys: list[str] = []
         self.nbytes: list[int] = []
