@@ -77,7 +77,7 @@ class EmbedStage(Stage):
         threads: int | None = None,
     ):
         check_embed_options(batch_size, dtype, threads)
-        if isinstance(source, (list, tuple)):
+        if not hasattr(source, "embed_params"):  # paths of tar shards
             source = TarShards(source, image_exts)
         self.decode = decode or DecodeOptions()
         options = EmbedOptions(batch_size, text, dtype, strict, self.decode, threads)

@@ -235,7 +235,7 @@ class WriteStage(Stage):
         progress: bool = True,
         executor=None,
     ):
-        if isinstance(output, (list, tuple)):
+        if not hasattr(output, "compute"):  # paths of the input tar shards
             output = TarOutput(output, max_count=max_count, max_size=max_size, prefix=prefix)
         super().__init__(out, output.params, {"select": select.fingerprint, **output.record_inputs()})
         self.owned = output.owned

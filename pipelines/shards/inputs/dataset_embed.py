@@ -141,7 +141,7 @@ def split_at_chunks(tables: Iterable[tuple[int, pa.Table]], size: int) -> Iterat
 class ChunkEmbedder:
     """Embeds one chunk's rows, given in order as Arrow tables: :meth:`run`, then :meth:`finish`.
 
-    Image column: cells go through the tar path's :func:`~pipelines.shards.embed.embed_stream`
+    Image column: cells go through the tar path's :func:`~pipelines.shards.batches.embed_stream`
     with the stage's decoder (parallel decode workers, JPEG draft, pixel cap), in encoder
     batches fixed by row index (row ``r`` in slot ``r % batch_size``), as the tar path's are
     by a sample's index in its shard: a chunk boundary or a stream changes no row. Embedding
