@@ -121,3 +121,15 @@ def test_the_old_dataset_stage_names_warn_and_build_the_one_stages(tmp_path):
     assert isinstance(old_write, WriteStage)
     new = WriteStage(tmp_path, select, DatasetOutput(source, output_format="parquet"))
     assert old_write.fingerprint == new.fingerprint
+
+
+def test_the_old_ingest_stage_name_warns_and_builds_the_embed_stage(tmp_path):
+    from pipelines.shards.ingest import IngestStage
+
+    np.save(tmp_path / "e.npy", np.eye(3, dtype=np.float32))
+    pd.DataFrame({"id": ["a", "b", "c"]}).to_parquet(tmp_path / "m.parquet")
+    files = ([tmp_path / "e.npy"], [tmp_path / "m.parquet"])
+    with pytest.warns(DeprecationWarning, match=r"EmbedStage\(out, PrecomputedEmbeddings"):
+        old = IngestStage(tmp_path / "o", *files, key_column="id")
+    assert isinstance(old, EmbedStage)
+    assert old.fingerprint == EmbedStage(tmp_path / "o", PrecomputedEmbeddings(*files, key_column="id")).fingerprint
