@@ -18,5 +18,5 @@ class LocalExecutor:
         return select_chain(embed, clustering, steps, device=device, progress=progress)
 
     def write(self, stage, plan, todo: list[int]) -> None:
-        """Write output shards ``todo`` of a WriteStage in one pass over the inputs."""
-        write_outputs(stage, plan, todo, progress=stage.progress)
+        """Write output tar shards ``todo`` of a WriteStage in one pass over the inputs."""
+        write_outputs(stage.output.units(stage.dir), plan, todo, progress=stage.progress)

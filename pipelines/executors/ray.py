@@ -33,11 +33,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipelines.shards.embed import throughput_summary
+from pipelines.shards.batches import throughput_summary
 from pipelines.shards.select import select_chain
 from pipelines.shards.steps import build_step
 from pipelines.shards.threads import compute_threads
-from pipelines.shards.write import output_name, write_outputs
+from pipelines.shards.write import write_outputs
 from prunecore.cluster import Clustering
 from prunecore.rows import ChunkedRows, RowSubset, open_embeddings
 
@@ -132,7 +132,7 @@ class RayExecutor:
         import ray
         from tqdm.auto import tqdm
 
-        spec = _WriterSpec(stage.dir, stage.shards, stage.params["prefix"])
+        spec = stage.output.units(stage.dir)
         parts = {int(j): plan[plan["out_shard"] == j] for j in todo}
 
         def write_task(row):
@@ -158,7 +158,7 @@ class EmbedActor:
         """Embed input shards ``batch["i"]`` as one stream; one row of timings back."""
         import time
 
-        from pipelines.shards.embed import EmbedTiming
+        from pipelines.shards.batches import EmbedTiming
 
         timing, wait0 = EmbedTiming(), self.decoder.wait_s
         with compute_threads(self.stage.params.get("threads")):  # the driver's count, not Ray's OMP_NUM_THREADS=1
@@ -169,16 +169,6 @@ class EmbedActor:
             "decode_wait_s": np.array([self.decoder.wait_s - wait0]),
             "encode_s": np.array([timing.encode_s]),
         }
-
-
-class _WriterSpec:
-    """What a write task needs from the WriteStage (small to ship)."""
-
-    def __init__(self, dir, shards, prefix):
-        self.dir, self.shards, self.prefix = Path(dir), list(shards), prefix
-
-    def out_name(self, j: int) -> str:
-        return output_name(self.prefix, j)
 
 
 def _embeddings(embed_dir: str):

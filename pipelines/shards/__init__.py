@@ -1,7 +1,8 @@
 """Filtering webdataset shards: tar I/O, one module per stage, the selection steps, the runner.
 
-``tario`` (read/write tars) -> ``stage`` (fingerprint, skip/resume) -> ``embed``/``ingest``
--> ``cluster`` -> ``select`` (``steps``: one class per method) -> ``write``; ``run``
+``tario`` (read/write tars) -> ``stage`` (fingerprint, skip/resume) -> ``embed`` (over one
+of the ``inputs``: tar shards, dataset rows, precomputed embeddings) -> ``cluster`` ->
+``select`` (``steps``: one class per method) -> ``write`` (tar or dataset output); ``run``
 chains them (:func:`run_filter`), ``report`` draws a finished run.
 """
 

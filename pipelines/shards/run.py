@@ -45,7 +45,7 @@ from .cluster import ClusterStage
 from .config import FilterConfig, filter_config
 from .decode import decode_options_of
 from .embed import EmbedStage
-from .ingest import IngestStage
+from .inputs import PrecomputedEmbeddings
 from .outdir import check_inputs_outside, claim_output, output_lock
 from .select import SelectStage
 from .stage import PipelineError, parquet_columns
@@ -56,7 +56,7 @@ from .write import WriteStage
 
 # files prunekit writes under OUT, per folder (a stage's ``owned`` patterns; report/ by prunekit report)
 OWNED = {
-    "embed": tuple(dict.fromkeys(EmbedStage.owned + IngestStage.owned)),
+    "embed": tuple(dict.fromkeys(EmbedStage.owned + PrecomputedEmbeddings.owned)),
     "cluster": ClusterStage.owned,
     "select": SelectStage.owned,
     "write": WriteStage.owned,
@@ -277,9 +277,9 @@ def _owned_patterns(cfg: FilterConfig) -> dict:
     """:data:`OWNED`, plus the dataset writer's files when the input is a Hugging Face dataset."""
     if cfg.hf_dataset is None:
         return OWNED
-    from pipelines.datasets import DatasetWriteStage
+    from .write_dataset import DatasetOutput
 
-    return {**OWNED, "write": OWNED["write"] + DatasetWriteStage.owned}
+    return {**OWNED, "write": OWNED["write"] + DatasetOutput.owned}
 
 
 def _run_stages(cfg: FilterConfig, steps: list[dict], out: Path, shard_list: list[str], files: list) -> FilterResult:
@@ -296,8 +296,7 @@ def _run_stages(cfg: FilterConfig, steps: list[dict], out: Path, shard_list: lis
         encoder = None if cfg.embedding_column else _encoder(cfg, [cfg.hf_dataset])
         dataset, emb_stage = dataset_embed_stage(out, cfg, encoder, text=text, executor=executor)
     elif cfg.embeddings is not None:
-        emb_stage = IngestStage(
-            out,
+        precomputed = PrecomputedEmbeddings(
             files[0],
             files[1],
             shards=shard_list,
@@ -305,6 +304,7 @@ def _run_stages(cfg: FilterConfig, steps: list[dict], out: Path, shard_list: lis
             key_column=cfg.key_column,
             progress=progress,
         )
+        emb_stage = EmbedStage(out, precomputed, progress=progress)
     else:
         emb_stage = EmbedStage(
             out,

@@ -35,7 +35,6 @@ import ctypes
 import fnmatch
 import json
 import os
-import signal
 import time
 from pathlib import Path
 
@@ -250,17 +249,6 @@ def parquet_columns(path: str | os.PathLike) -> list[str]:
         return list(pq.read_schema(path).names)
     except (pa.ArrowException, OSError) as exc:
         raise _unreadable(path, exc, "re-export it") from exc
-
-
-def die_hook(stage: str, count: int) -> None:
-    """Test hook: ``PRUNEKIT_DIE_AFTER="embed:120"`` SIGKILLs this process once ``stage`` has
-    processed ``count`` samples in this process (used by the kill/resume tests)."""
-    spec = os.environ.get("PRUNEKIT_DIE_AFTER")
-    if not spec:
-        return
-    name, _, n = spec.partition(":")
-    if name == stage and count >= int(n):
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class Stage:

@@ -276,12 +276,9 @@ def test_ray_backend_embeds_dataset_chunks_like_the_local_backend(wds, batch, tm
 # --------------------------------------------------------------------------- kill / resume
 
 
-def cli(out: Path, dataset: Path, *extra: str, die: str | None = None) -> subprocess.CompletedProcess:
+def cli(command, out: Path, dataset: Path, *extra: str, die: str | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    env.pop("PRUNEKIT_DIE_AFTER", None)
-    if die:
-        env["PRUNEKIT_DIE_AFTER"] = die
-    cmd = [sys.executable, "-m", "pipelines.cli", "filter", "--out", str(out), "--hf-dataset", str(dataset), *extra]
+    cmd = [*command(die), "filter", "--out", str(out), "--hf-dataset", str(dataset), *extra]
     cmd += ["--image-column", "jpg", "--id-column", "__key__", "--chunk-rows", "64", "--hf-output-format", "parquet"]
     cmd += ["--encoder", "pipelines.encoders:PixelProjectionEncoder", "--encoder-kwargs", json.dumps({"dim": DIM})]
     cmd += ["--clusters", str(K), "--dedup-eps", "0.02", "--method", "dbp", "--keep", "0.5"]
@@ -291,32 +288,32 @@ def cli(out: Path, dataset: Path, *extra: str, die: str | None = None) -> subpro
 
 @pytest.mark.slow
 @pytest.mark.parametrize("streaming", [False, True], ids=["save_to_disk", "streamed_tar"])
-def test_killed_mid_embed_and_mid_write_resumes_to_identical_output(streaming, wds, cifar_tar, tmp_path):
+def test_killed_mid_embed_and_mid_write_resumes_to_identical_output(streaming, wds, cifar_tar, tmp_path, cli_command):
     if streaming:
         dataset, extra = cifar_tar, ("--streaming", "--hf-cache-dir", str(tmp_path / "cache"))
     else:
         dataset, extra = tmp_path / "disk", ()
         wds.save_to_disk(str(dataset))
     ref = tmp_path / "ref"
-    r0 = cli(ref, dataset, *extra)
+    r0 = cli(cli_command, ref, dataset, *extra)
     assert r0.returncode == 0, r0.stderr[-2000:]
     assert "filtered dataset:" in r0.stdout
 
     out = tmp_path / "killed"
-    r1 = cli(out, dataset, *extra, die="embed:130")  # dies inside chunk 2 (rows 128..191)
+    r1 = cli(cli_command, out, dataset, *extra, die="embed:130")  # dies inside chunk 2 (rows 128..191)
     assert r1.returncode == -9, r1.stderr[-2000:]
     chunks = out / "embed" / "chunks"
     assert (chunks / "00001.keys.parquet").exists() and not (chunks / "00002.keys.parquet").exists()
     assert json.loads((out / "embed" / "_stage.json").read_text())["state"] == "running"
 
-    r2 = cli(out, dataset, *extra, die="write:60")  # resumes embed, dies inside write
+    r2 = cli(cli_command, out, dataset, *extra, die="write:60")  # resumes embed, dies inside write
     assert r2.returncode == -9, r2.stderr[-2000:]
     assert "resuming" in r2.stdout
     staging = out / "write" / "dataset.incomplete"
     assert 1 <= len(list(staging.glob("*.parquet"))) < len(list((ref / "write" / "dataset").glob("*.parquet")))
     assert not (out / "write" / "dataset").exists()
 
-    r3 = cli(out, dataset, *extra)
+    r3 = cli(cli_command, out, dataset, *extra)
     assert r3.returncode == 0, r3.stderr[-2000:]
     assert "| embed | skipped" in r3.stdout and "| write | ran" in r3.stdout
     assert not staging.exists()
@@ -358,7 +355,7 @@ def test_rows_are_the_same_in_every_input_path_even_for_a_layout_sensitive_encod
     cut in chunks of 50: encoder batches are fixed by row position in every input path."""
     from tests.helpers.encoders import LayoutSensitiveEncoder
 
-    opts = quiet(encoder=LayoutSensitiveEncoder(dim=DIM), batch_size=batch, dtype="float32", write=False)
+    opts = quiet(encoder=LayoutSensitiveEncoder(dim=DIM), batch_size=batch, storage_dtype="float32", write=False)
     columns = {"image_column": "jpg", "id_column": "__key__"}
     runs = {
         "tar": run_filter(str(cifar_tar), tmp_path / "tar", **opts),

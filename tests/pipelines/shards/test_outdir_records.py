@@ -21,6 +21,7 @@ import pytest
 from pipelines.cli import main
 from pipelines.shards import PipelineError, run_filter
 from pipelines.shards.outdir import ForeignFiles
+from pipelines.shards.progress import watch_progress
 from tests.helpers.safe_shards import CLI_OPTS, consistent, run
 
 N_ROWS, DIM = 400, 8
@@ -187,28 +188,24 @@ class Killed(BaseException):
     """Stands in for SIGKILL in-process (the stage record stays ``running``)."""
 
 
-def kill_after(monkeypatch, module, stage: str, count: int) -> None:
-    """Make ``module``'s ``die_hook`` raise :class:`Killed` once ``stage`` reaches ``count``."""
+def kill_after(stage: str, count: int):
+    """A block in which a progress observer raises :class:`Killed` once ``stage`` reaches ``count``."""
 
     def hook(name, n):
         if name == stage and n >= count:
             raise Killed
 
-    monkeypatch.setattr(module, "die_hook", hook)
+    return watch_progress(hook)
 
 
 @pytest.mark.slow
-def test_a_write_unit_broken_in_a_killed_run_is_redone_not_recorded_done(shards, tmp_path, monkeypatch):
-    import pipelines.shards.write as write_mod
-
+def test_a_write_unit_broken_in_a_killed_run_is_redone_not_recorded_done(shards, tmp_path):
     ref = tmp_path / "ref"
     run(shards, ref)
     for broken in ("tar deleted", "done record garbled"):
         out = tmp_path / broken.replace(" ", "_")
-        with monkeypatch.context() as m:
-            kill_after(m, write_mod, "write", 25)  # output shards 0 and 1 finished, 2 half
-            with pytest.raises(Killed):
-                run(shards, out)
+        with kill_after("write", 25), pytest.raises(Killed):  # output shards 0 and 1 finished, 2 half
+            run(shards, out)
         assert json.loads((out / "write" / "_stage.json").read_text())["state"] == "running"
         if broken == "tar deleted":
             (out / "write" / "shard-000000.tar").unlink()
@@ -222,16 +219,12 @@ def test_a_write_unit_broken_in_a_killed_run_is_redone_not_recorded_done(shards,
 
 
 @pytest.mark.slow
-def test_an_embed_chunk_broken_in_a_killed_run_is_redone_not_recorded_done(shards, tmp_path, monkeypatch):
-    import pipelines.shards.embed as embed_mod
-
+def test_an_embed_chunk_broken_in_a_killed_run_is_redone_not_recorded_done(shards, tmp_path):
     ref = tmp_path / "ref"
     run(shards, ref)
     out = tmp_path / "o"
-    with monkeypatch.context() as m:
-        kill_after(m, embed_mod, "embed", 40)  # chunk 0 finished, chunk 1 half
-        with pytest.raises(Killed):
-            run(shards, out)
+    with kill_after("embed", 40), pytest.raises(Killed):  # chunk 0 finished, chunk 1 half
+        run(shards, out)
     chunk = out / "embed" / "chunks" / "00000.img.npy"
     np.save(chunk, np.load(chunk)[:5])  # rows no longer match the chunk's keys
     res = run(shards, out)
@@ -258,16 +251,12 @@ def test_an_artifact_that_stays_inconsistent_is_left_running(shards, tmp_path, m
     consistent(out)
 
 
-def test_a_dataset_shard_broken_in_a_killed_run_is_rewritten_not_recorded_done(dataset_dir, tmp_path, monkeypatch):
-    import pipelines.datasets as datasets_mod
-
+def test_a_dataset_shard_broken_in_a_killed_run_is_rewritten_not_recorded_done(dataset_dir, tmp_path):
     ref = tmp_path / "ref"
     run_dataset(dataset_dir, ref, "parquet")
     out = tmp_path / "o"
-    with monkeypatch.context() as m:
-        kill_after(m, datasets_mod, "write", 120)  # shards 0 and 1 (50 rows each) finished, 2 half
-        with pytest.raises(Killed):
-            run_dataset(dataset_dir, out, "parquet")
+    with kill_after("write", 120), pytest.raises(Killed):  # shards 0 and 1 (50 rows each) finished, 2 half
+        run_dataset(dataset_dir, out, "parquet")
     staged = out / "write" / "dataset.incomplete" / "train-00000-of-00004.parquet"
     staged.write_bytes(staged.read_bytes()[:100])  # a torn file under a finished name
     res = run_dataset(dataset_dir, out, "parquet")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -304,15 +303,10 @@ def test_precomputed_embeddings_give_the_same_keep_list(e2e, shard_dir, tmp_path
 # --------------------------------------------------------------------------- kill / resume
 
 
-def _cli(out: Path, shards: str, die: str | None = None) -> subprocess.CompletedProcess:
+def _cli(cli_command, out: Path, shards: str, die: str | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    env.pop("PRUNEKIT_DIE_AFTER", None)
-    if die:
-        env["PRUNEKIT_DIE_AFTER"] = die
     cmd = [
-        sys.executable,
-        "-m",
-        "pipelines.cli",
+        *cli_command(die),
         "filter",
         shards,
         "--out",
@@ -339,7 +333,7 @@ def _cli(out: Path, shards: str, die: str | None = None) -> subprocess.Completed
 
 
 @pytest.mark.slow
-def test_killed_mid_embed_and_mid_write_resumes_to_identical_output(shard_dir, tmp_path):
+def test_killed_mid_embed_and_mid_write_resumes_to_identical_output(shard_dir, tmp_path, cli_command):
     shards = pattern(shard_dir)
     ref = tmp_path / "ref"
     from pipelines.encoders import PixelProjectionEncoder
@@ -359,21 +353,21 @@ def test_killed_mid_embed_and_mid_write_resumes_to_identical_output(shard_dir, t
     )
 
     out = tmp_path / "killed"
-    r1 = _cli(out, shards, die="embed:130")  # dies inside shard 1
+    r1 = _cli(cli_command, out, shards, die="embed:130")  # dies inside shard 1
     assert r1.returncode == -9, r1.stderr[-2000:]
     assert (out / "embed" / "chunks" / "00000.keys.parquet").exists()
     assert not (out / "embed" / "chunks" / "00001.keys.parquet").exists()
     assert json.loads((out / "embed" / "_stage.json").read_text())["state"] == "running"
     assert not (out / "select").exists()
 
-    r2 = _cli(out, shards, die="write:60")  # resumes embed, dies inside write
+    r2 = _cli(cli_command, out, shards, die="write:60")  # resumes embed, dies inside write
     assert r2.returncode == -9, r2.stderr[-2000:]
     assert "resuming" in r2.stdout
     done = sorted((out / "write" / "done").glob("*.json"))
     assert 1 <= len(done) < len(list((ref / "write").glob("*.tar")))
     assert list((out / "write").glob(".shard-*.tar.*.tmp"))  # the shard being written when killed (unique name)
 
-    r3 = _cli(out, shards)
+    r3 = _cli(cli_command, out, shards)
     assert r3.returncode == 0, r3.stderr[-2000:]
     assert "| write | ran" in r3.stdout and "| embed | skipped" in r3.stdout
     assert not list((out / "write").glob(".*.tmp"))
