@@ -213,19 +213,22 @@ def max_similarity_to_earlier(x: torch.Tensor, block_size: int) -> torch.Tensor:
     """
     m = x.shape[0]
     out = torch.empty((m,), dtype=x.dtype, device=x.device)
-    diagonal = _not_earlier(0, min(block_size, m), x.device)  # one mask per cluster
-    for r0 in range(0, m, block_size):
-        r1 = min(r0 + block_size, m)
-        sim = x[r0:r1] @ x[:r1].T
-        sim[:, r0:].masked_fill_(diagonal[: r1 - r0, : r1 - r0], float("-inf"))
+    for r0, r1, sim in _similarity_to_earlier_blocks(x, block_size):
         out[r0:r1] = sim.amax(dim=1)
     return out
 
 
-def _not_earlier(r0: int, r1: int, device) -> torch.Tensor:
-    """Mask (r1-r0, r1-r0) over a diagonal tile: True where column >= row (not earlier)."""
-    ids = torch.arange(r0, r1, device=device)
-    return ids.unsqueeze(0) >= ids.unsqueeze(1)
+def _similarity_to_earlier_blocks(x: torch.Tensor, block_size: int):
+    """Yield ``(r0, r1, sim)`` per row block of unit rows x (m, d): ``sim`` (r1-r0, r1) holds
+    ``x_i . x_j`` for the block's rows i against rows j < r1, ``-inf`` where j is not earlier than i."""
+    m = x.shape[0]
+    ids = torch.arange(min(block_size, m), device=x.device)
+    not_earlier = ids.unsqueeze(0) >= ids.unsqueeze(1)  # one diagonal-tile mask per cluster
+    for r0 in range(0, m, block_size):
+        r1 = min(r0 + block_size, m)
+        sim = x[r0:r1] @ x[:r1].T
+        sim[:, r0:].masked_fill_(not_earlier[: r1 - r0, : r1 - r0], float("-inf"))
+        yield r0, r1, sim
 
 
 def greedy_duplicates(x: torch.Tensor, thresholds: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,11 +243,7 @@ def greedy_duplicates(x: torch.Tensor, thresholds: torch.Tensor, block_size: int
     m = x.shape[0]
     max_prev = torch.empty((m,), dtype=x.dtype, device=x.device)
     drop = torch.zeros((thresholds.shape[0], m), dtype=torch.bool, device=x.device)
-    diagonal = _not_earlier(0, min(block_size, m), x.device)  # one mask per cluster
-    for r0 in range(0, m, block_size):
-        r1 = min(r0 + block_size, m)
-        sim = x[r0:r1] @ x[:r1].T
-        sim[:, r0:].masked_fill_(diagonal[: r1 - r0, : r1 - r0], float("-inf"))
+    for r0, r1, sim in _similarity_to_earlier_blocks(x, block_size):
         max_prev[r0:r1] = sim.amax(dim=1)
         over = sim.unsqueeze(0) > thresholds.view(-1, 1, 1)  # (E, b, r1)
         hit_kept = (over[:, :, :r0] & ~drop[:, :r0].unsqueeze(1)).any(dim=2)
