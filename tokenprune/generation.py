@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -44,16 +43,6 @@ class Generation:
     def generated(self) -> torch.Tensor:
         """``(B, T)`` the generated part of ``sequences`` (a view)."""
         return self.sequences[:, self.prompt_length :]
-
-    def __iter__(self):
-        """Deprecated tuple unpacking ``sequences, stats = result`` (the old ``fopru_generate``)."""
-        warnings.warn(
-            "unpacking a Generation is deprecated and will be removed in the next release: "
-            "use result.sequences and result.stats",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return iter((self.sequences, self.stats))
 
 
 def decode_continuations(tokenizer, generated: torch.Tensor, eos_ids, *, skip_special_tokens: bool = True) -> list[str]:

@@ -143,7 +143,4 @@ def test_generation_holds_the_prompt_and_names_the_generated_part():
 
     seq = torch.arange(10).reshape(2, 5)
     g = Generation(seq, ["a", "b"], TokenStats("fopru", 4, 2, 3), prompt_length=3)
-    assert g.generated.tolist() == [[3, 4], [8, 9]]
-    with pytest.warns(DeprecationWarning, match="result.sequences"):
-        sequences, stats = g
-    assert sequences is seq and stats.forward_passes == 3
+    assert g.generated.tolist() == [[3, 4], [8, 9]] and g.stats.forward_passes == 3
