@@ -130,6 +130,21 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return f"{where}: {err.get('msg')}", loc[0] if loc else None
 
 
+class JobStream(StreamingResponse):
+    """A streamed generation whose chunk generator is closed as soon as the response ends.
+
+    When the client goes away, Starlette stops at a failed ``send`` and leaves the generator
+    suspended at its ``yield``; its ``finally`` (which frees the request's row) would then wait
+    for garbage collection. Closing it here frees the row at once.
+    """
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
 class StatusCounter:
     """Pure ASGI middleware: counts responses by endpoint and status (streaming-safe)."""
 
@@ -285,7 +300,7 @@ def create_app(engine: Engine, tokenizer, settings: ServeSettings, metrics: Metr
         jobs.append(job)
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(job.stream(include_usage), media_type="text/event-stream")
+            return JobStream(job.stream(include_usage), media_type="text/event-stream")
         return await job.complete(request)
 
     class Job:

@@ -393,7 +393,7 @@ def test_server_disconnect_mid_stream_frees_the_slot(llada_server, loaded):
     thread.join()
     with pytest.raises(httpx.ReadTimeout):  # a non-streamed request whose client gives up
         httpx.post(llada_server.url + "/v1/completions", json={**long, "stream": False}, timeout=1.0)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 120  # a loaded CI machine notices a gone client late
     while llada_server.metric("dllm_requests_cancelled_total") < cancelled + 2 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert llada_server.metric("dllm_requests_cancelled_total") == cancelled + 2
