@@ -20,10 +20,11 @@ test-fast: venv
 	$(PY) -m pytest -q -m "not slow"
 
 # The vLLM plugin's tests in their own environment (.venv-vllm: vLLM's CPU build, prunekit
-# without dependencies); the main venv computes the transformers-side FoPru reference.
+# without dependencies); the main venv computes the transformers-side FoPru reference. Its
+# modules import their conftest's helpers, so they keep pytest's default import mode.
 test-vllm: venv
 	bash scripts/setup_vllm_venv.sh .venv-vllm
-	PRUNEKIT_MAIN_PYTHON=$(abspath $(PY)) .venv-vllm/bin/python -m pytest -q tests_vllm
+	PRUNEKIT_MAIN_PYTHON=$(abspath $(PY)) .venv-vllm/bin/python -m pytest -q --import-mode=prepend tests_vllm
 
 # ruff lint + format check (CI runs it before the tests).
 lint: venv
