@@ -6,17 +6,11 @@ Each emits a ``DeprecationWarning`` naming the new spelling, then does what the 
 from __future__ import annotations
 
 import functools
-import warnings
 from collections.abc import Callable
 
+from prunecore.deprecation import warn_renamed
 
-def warn_renamed(old: str, new: str, *, stacklevel: int = 3) -> None:
-    """``DeprecationWarning``: ``old`` is deprecated (removed in the next release), use ``new``."""
-    warnings.warn(
-        f"{old} is deprecated and will be removed in the next release: use {new}",
-        DeprecationWarning,
-        stacklevel=stacklevel,
-    )
+__all__ = ["renamed_function", "warn_renamed"]
 
 
 def renamed_function(new: Callable, old_name: str) -> Callable:

@@ -12,26 +12,19 @@ It returns a :class:`tokenprune.Generation` (a :class:`DiffusionGeneration`).
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from prunecore.deprecation import warn_renamed as deprecated
 from tokenprune.generation import Generation, decode_continuations
 from tokenprune.localleap import RULES, load_dllm, localleap_generate
 from tokenprune.localleap.models import NativeDLLM
 from tokenprune.stats import TokenStats
 
 __all__ = ["DiffusionGeneration", "DLLMStats", "resolve_mask_id", "resolve_eos_id", "resolve_pad_id", "dllm_generate"]
-
-
-def deprecated(old: str, new: str) -> None:
-    """Warn that ``old`` is deprecated in favour of ``new`` (removed in the next release)."""
-    warnings.warn(
-        f"{old} is deprecated and will be removed in the next release: use {new}", DeprecationWarning, stacklevel=3
-    )
 
 
 #: the old ``DLLMGeneration.stats`` dict keys that are read from another extras key

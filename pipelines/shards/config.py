@@ -10,9 +10,10 @@ finished under an old name is not redone.
 from __future__ import annotations
 
 import functools
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
+
+from prunecore.deprecation import warn_renamed
 
 from .decode import DecodeOptions
 
@@ -32,11 +33,8 @@ def renamed_options(options: dict) -> dict:
 
 
 def warn_renamed_option(old: str, new: str, *, stacklevel: int) -> None:
-    warnings.warn(
-        f"the run_filter option {old!r} is deprecated and will be removed in the next release: use {new!r}",
-        DeprecationWarning,
-        stacklevel=stacklevel,
-    )
+    """The run_filter option ``old`` is deprecated: use ``new`` (``stacklevel`` as ``warnings.warn``'s)."""
+    warn_renamed(f"the run_filter option {old!r}", repr(new), stacklevel=stacklevel + 1)
 
 
 def accepts_renamed_options(cls):

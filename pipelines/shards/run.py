@@ -36,6 +36,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pipelines.encoders import EncoderSpec
+from prunecore.deprecation import warn_renamed
 from prunecore.memory import parse_size
 from prunecore.rows import open_embeddings
 
@@ -155,11 +156,7 @@ def default_steps(
     for flag, _ in cli_flags():
         if flag.replaced_by and params.get(flag.dest) is not None:
             new = flag.replaced_by.lstrip("-").replace("-", "_")
-            warnings.warn(
-                f"default_steps({flag.dest}=...) is deprecated and will be removed in the next release: use {new}=...",
-                DeprecationWarning,
-                stacklevel=2,
-            )
+            warn_renamed(f"default_steps({flag.dest}=...)", f"{new}=...")
     return steps_from_flags(method, params)
 
 

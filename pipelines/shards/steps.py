@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -32,6 +31,7 @@ import pandas as pd
 
 from prunecore.budget import check_keep, keep_count, top_k_mask
 from prunecore.cluster import Clustering, l2_normalize
+from prunecore.deprecation import warn_renamed
 from prunecore.registry import Registry
 
 from .checks import in_range, positive_int
@@ -359,12 +359,7 @@ def build_step(step: dict) -> Step:
     cls = STEPS.lookup(method)
     for old, new in cls.renamed.items():
         if old in params:
-            warnings.warn(
-                f"the {method} step parameter {old!r} is deprecated and will be removed in the next release: "
-                f"use {new!r}",
-                DeprecationWarning,
-                stacklevel=3,
-            )
+            warn_renamed(f"the {method} step parameter {old!r}", repr(new), stacklevel=4)
             params.setdefault(new, params.pop(old))
     unknown = set(params) - set(cls.defaults())
     if unknown:
